@@ -1,0 +1,178 @@
+"""The public pipeline: prune -> measure -> correct -> fold -> verify -> save, and ``repair()``."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import AsrError
+from .gains import METHODS
+from .graph import (check_output, find_layers, find_sites, fixed_batch, input_specs, load_model, save_model, to_graph,
+                    to_model)
+from .prune import Pattern, check_sparsity, prune_layers
+from .recal import correct, fold_bn, reference, train_norm, write
+from .stats import ChannelStats, measure, merge_all
+
+
+class Repair:
+    """One model's repair, stage by stage; every stage returns ``self``.
+
+    >>> Repair("model.onnx").prune(0.9).measure(calib).correct("asr").fold().save("out.onnx")
+
+    Args:
+        model: a path or an onnx.ModelProto. A path is read once and never written.
+        device: "auto", "cpu" or "cuda". Defaults to "auto".
+        batch_size: calibration samples per session run. Defaults to 64 (the model's own when fixed).
+        progress: progress bars on a TTY. Defaults to True.
+    """
+
+    def __init__(self, model, *, device: str = "auto", batch_size: int = 64, progress: bool = True):
+        self.source = None if isinstance(model, onnx.ModelProto) else Path(model)
+        self.dense = model if self.source is None else load_model(self.source)
+        self.device, self.progress = device, progress
+        self.specs = input_specs(self.dense)
+        self.batch_size = fixed_batch(self.specs) or int(batch_size)
+        if self.batch_size < 1:
+            raise AsrError(f"batch size must be >= 1, got {batch_size}")
+        self.pruned = self.dense
+        self.layers, self.settings, self.timings = [], {}, {}
+        self.dense_stats = self.pruned_stats = None
+        self.corrections, self.written, self.output, self.provider = {}, {}, None, None
+
+    @contextmanager
+    def _timed(self, stage: str):
+        start = time.perf_counter()
+        yield
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+    def prune(self, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
+              keep_last: bool = False) -> "Repair":
+        """Zeroes weights of Conv, ConvTranspose, Gemm and MatMul layers.
+
+        Args:
+            sparsity: fraction of eligible weights to zero, in [0, 1). Defaults to 0.9 (ignored for N:M).
+            pattern: "global", "uniform" or "N:M". Defaults to "global".
+            exclude: regexes of node or weight names to leave dense. Defaults to none.
+            keep_first: leave the first prunable layer dense. Defaults to False.
+            keep_last: leave the last prunable layer dense. Defaults to False.
+        """
+        sparsity, parsed = check_sparsity(sparsity), Pattern.parse(pattern)
+        with self._timed("prune"):
+            graph = to_graph(self.dense)
+            self.layers = prune_layers(find_layers(graph), sparsity, parsed, exclude, keep_first, keep_last)
+            self.pruned = to_model(graph, self.dense)
+        self.settings.update(sparsity=sparsity, pattern=str(parsed), exclude=list(exclude),
+                             keep_first=keep_first, keep_last=keep_last)
+        return self
+
+    def measure(self, calib, dense_stats: dict | None = None) -> "Repair":
+        """Per-channel statistics of the dense model, then of the pruned one with upstream renormalised.
+
+        Args:
+            calib: a calib.CalibSet (or anything with ``__len__`` and ``batches(batch_size)``).
+            dense_stats: site key -> ChannelStats from an earlier run (see stats cache). Defaults to None.
+
+        Raises:
+            AsrError: the calibration set is smaller than one batch.
+        """
+        if len(calib) < self.batch_size:
+            raise AsrError(f"the calibration set has {len(calib)} samples, fewer than the batch size {self.batch_size}")
+        options = dict(batch_size=self.batch_size, device=self.device, progress=self.progress)
+        with self._timed("measure_dense"):
+            if dense_stats is None:
+                batches, self.provider = measure(self.dense, calib, desc="dense", **options)
+                dense_stats = {key: merge_all(b) for key, b in batches.items()}
+            self.dense_stats = dense_stats
+        with self._timed("measure_pruned"):
+            graph = to_graph(self.pruned)
+            sites = find_sites(graph, find_layers(graph))
+            missing = [s.key for s in sites if s.key not in dense_stats]
+            if missing:
+                raise AsrError(f"the dense statistics have no entry for {missing[0]!r}: they belong to another model")
+            self._refs = {s.key: reference(s, dense_stats[s.key]) for s in sites}
+            self._sites = sites
+            norms = {key: train_norm(ref) for key, ref in self._refs.items()}
+            self.pruned_stats, self.provider = measure(self.pruned, calib, norms=norms, desc="pruned", **options)
+        self.settings.update(calib_size=len(calib), batch_size=self.batch_size)
+        return self
+
+    def correct(self, method: str = "bn", *, placement: str = "recal", recal: str = "exact", momentum: float = 0.1,
+                lambda_rule="median") -> "Repair":
+        """Computes every site's correction (see :func:`asr_onnx.recal.correct` for the options)."""
+        if method not in METHODS:
+            raise AsrError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if self.pruned_stats is None:
+            raise AsrError("measure() must run before correct()")
+        with self._timed("correct"):
+            self.corrections = {
+                s.key: correct(s, self._refs[s.key], self.pruned_stats[s.key], method, placement=placement,
+                               recal=recal, momentum=momentum, lambda_rule=lambda_rule)
+                for s in self._sites
+            }
+        self.settings.update(method=method, placement=placement, recal=recal, momentum=momentum,
+                             lambda_rule=lambda_rule)
+        return self
+
+    def fold(self, fold_bn_nodes: bool = False) -> "Repair":
+        """Writes the corrections into a copy of the pruned graph (BN nodes, or layer weights and biases).
+
+        Args:
+            fold_bn_nodes: afterwards fold every BN that directly follows its layer into that layer.
+                Defaults to False.
+        """
+        with self._timed("fold"):
+            graph = to_graph(self.pruned)
+            sites = find_sites(graph, find_layers(graph))
+            self.written = {s.key: write(graph, s, self._refs[s.key], self.corrections[s.key])
+                            for s in sites if s.key in self.corrections}
+            if fold_bn_nodes:
+                for site in sites:
+                    if site.bn is not None and site.layer is not None:
+                        fold_bn(graph, site)
+            graph.cleanup().toposort()
+            self.output = to_model(graph, self.dense)
+        self.settings.update(fold_bn=fold_bn_nodes)
+        return self
+
+    def verify(self) -> "Repair":
+        """Runs onnx.checker on the output and loads it in onnxruntime."""
+        with self._timed("verify"):
+            check_output(self.output)
+        return self
+
+    def save(self, path, *, overwrite: bool = False) -> "Repair":
+        """Checks and writes the output atomically; the input model is never overwritten unless ``overwrite``."""
+        with self._timed("save"):
+            save_model(self.output if self.output is not None else self.pruned, path, overwrite=overwrite,
+                       source=self.source)
+        return self
+
+    def report(self) -> dict:
+        """The JSON-ready report (see :mod:`asr_onnx.report`)."""
+        from .report import build_report
+
+        return build_report(self)
+
+
+def repair(model, calib, *, sparsity: float = 0.9, pattern: str = "global", method: str = "bn",
+           placement: str = "recal", recal: str = "exact", momentum: float = 0.1, lambda_rule="median",
+           exclude=(), keep_first: bool = False, keep_last: bool = False, batch_size: int = 64,
+           device: str = "auto", dense_stats=None, fold_bn_nodes: bool = False, progress: bool = True) -> Repair:
+    """Prunes and repairs a model in one call; see :class:`Repair` for each stage's options.
+
+    Returns:
+        the finished Repair: ``.output`` is the repaired onnx.ModelProto, ``.report()`` its report.
+    """
+    job = Repair(model, device=device, batch_size=batch_size, progress=progress)
+    job.prune(sparsity, pattern, exclude, keep_first, keep_last)
+    if method == "none":
+        job.output = job.pruned
+        job.settings.update(method="none")
+        return job
+    job.measure(calib, dense_stats)
+    job.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule)
+    return job.fold(fold_bn_nodes)

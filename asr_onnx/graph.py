@@ -1,0 +1,344 @@
+"""Loading and saving models, and finding prunable layers and what normalises each one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import AsrError
+
+PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def load_model(path) -> onnx.ModelProto:
+    """Reads and checks an ONNX file, with any external data beside it.
+
+    Raises:
+        AsrError: the path is missing, not a file, empty, not ONNX, fails onnx.checker,
+            or names external data that is missing.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AsrError(f"model not found: {path}")
+    if not path.is_file():
+        raise AsrError(f"model path is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise AsrError(f"model file is empty: {path}")
+    try:
+        model = onnx.load(str(path))
+    except FileNotFoundError as e:
+        raise AsrError(f"external data of {path} is missing: {e.filename or e}") from None
+    except Exception as e:  # protobuf raises DecodeError, RuntimeWarning and friends
+        raise AsrError(f"{path} is not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from None
+    if len(model.graph.node) == 0:
+        raise AsrError(f"{path} is not a readable ONNX model (no graph nodes)")
+    try:
+        # a path lets the checker handle models over 2 GB
+        onnx.checker.check_model(str(path) if model.ByteSize() > 2**31 - 1 else model)
+    except Exception as e:
+        raise AsrError(f"{path} fails onnx.checker: {_first_line(e)}") from None
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def to_graph(model: onnx.ModelProto):
+    """Imports a model into onnx-graphsurgeon, folding Constant-made weights into initializers."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    if any(n.op in ("Constant", "ConstantOfShape") for n in graph.nodes):
+        graph.fold_constants(error_ok=True).cleanup()
+    return graph
+
+
+def to_model(graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Exports a graph, keeping the opset imports, IR version and metadata of ``like``."""
+    import onnx_graphsurgeon as gs
+
+    model = gs.export_onnx(graph, do_type_check=False, opset_imports=list(like.opset_import))
+    model.ir_version = like.ir_version
+    for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, name, getattr(like, name))
+    model.graph.name = like.graph.name
+    del model.metadata_props[:]
+    model.metadata_props.extend(like.metadata_props)
+    return model
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def opset(model: onnx.ModelProto) -> int:
+    """The default-domain opset version."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+@dataclass
+class Layer:
+    """A Conv, ConvTranspose, Gemm or MatMul node whose weight is a constant.
+
+    Attributes:
+        node: the graph node.
+        weight: its weight constant (gs.Constant).
+        out_axis: the weight axis that indexes output channels (ConvTranspose: see ``groups``).
+        in_axis: the weight axis that is reduced over (the N:M axis).
+        groups: Conv/ConvTranspose groups, else 1.
+    """
+
+    node: object
+    weight: object
+    out_axis: int
+    in_axis: int
+    groups: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.outputs[0].name
+
+    @property
+    def op(self) -> str:
+        return self.node.op
+
+    @property
+    def output(self):
+        return self.node.outputs[0]
+
+    @property
+    def channels(self) -> int:
+        shape = self.weight.shape
+        if self.op == "ConvTranspose":
+            return shape[1] * self.groups
+        return shape[self.out_axis]
+
+    @property
+    def channel_last(self) -> bool:
+        """Whether the output's channel axis is the last one (Gemm, MatMul) rather than axis 1."""
+        return self.op in ("Gemm", "MatMul")
+
+    @property
+    def depthwise(self) -> bool:
+        return self.op == "Conv" and self.groups > 1 and self.weight.shape[1] == 1
+
+
+def find_layers(graph) -> list[Layer]:
+    """Every prunable layer, in topological order."""
+    import onnx_graphsurgeon as gs
+
+    graph.toposort()
+    layers = []
+    for node in graph.nodes:
+        if node.op not in PRUNABLE_OPS or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if not isinstance(weight, gs.Constant) or weight.values.dtype.kind != "f":
+            continue
+        rank = len(weight.shape)
+        groups = int(node.attrs.get("group", 1))
+        if node.op == "Conv" and rank >= 3:
+            layers.append(Layer(node, weight, out_axis=0, in_axis=1, groups=groups))
+        elif node.op == "ConvTranspose" and rank >= 3:
+            layers.append(Layer(node, weight, out_axis=1, in_axis=0, groups=groups))
+        elif node.op == "Gemm" and rank == 2 and not node.attrs.get("transA", 0):
+            trans_b = int(node.attrs.get("transB", 0))
+            layers.append(Layer(node, weight, out_axis=0 if trans_b else 1, in_axis=1 if trans_b else 0))
+        elif node.op == "MatMul" and rank >= 2:
+            layers.append(Layer(node, weight, out_axis=rank - 1, in_axis=rank - 2))
+    return layers
+
+
+@dataclass
+class Site:
+    """A point whose per-channel statistics are measured and corrected.
+
+    Either a BatchNormalization node (``bn``), whose input is recalibrated, or the output of a
+    layer with no BN after it, which gets a *virtual* BN folded into the layer's weight and bias.
+
+    Attributes:
+        tensor: the measured tensor (the BN's input, or the layer's output).
+        layer: the layer that produces ``tensor``, or None.
+        bn: the BatchNormalization node, or None for a virtual site.
+        after: what follows a virtual site's layer, for the report: "none" or "affine" (Mul/Add chain).
+    """
+
+    tensor: object
+    layer: Layer | None
+    bn: object | None
+    after: str = "none"
+    key: str = field(init=False)
+
+    def __post_init__(self):
+        self.key = self.tensor.name
+
+    @property
+    def channel_last(self) -> bool:
+        return self.bn is None and self.layer.channel_last
+
+    @property
+    def eps(self) -> float:
+        """The BN's own epsilon; 0 for a virtual site, whose floor comes from the data."""
+        return float(self.bn.attrs.get("epsilon", 1e-5)) if self.bn is not None else 0.0
+
+    @property
+    def dtype(self) -> np.dtype:
+        if self.bn is not None:
+            return self.bn.inputs[1].values.dtype
+        return self.layer.weight.values.dtype
+
+    @property
+    def kind(self) -> str:
+        if self.bn is not None:
+            return "bn"
+        return "folded-affine" if self.after == "affine" else "folded"
+
+
+def _bn_after(layer: Layer):
+    """The BatchNormalization that alone consumes ``layer``'s output on its channel axis, or None."""
+    import onnx_graphsurgeon as gs
+
+    consumers = layer.output.outputs
+    if len(consumers) != 1 or layer.op == "MatMul":
+        return None
+    node = consumers[0]
+    if node.op != "BatchNormalization" or not all(isinstance(t, gs.Constant) for t in node.inputs[1:5]):
+        return None
+    return node
+
+
+def _is_affine(node, channels: int) -> bool:
+    import onnx_graphsurgeon as gs
+
+    if node is None or node.op not in ("Mul", "Add", "Sub", "Div"):
+        return False
+    const = [t for t in node.inputs if isinstance(t, gs.Constant)]
+    return len(const) == 1 and const[0].values.size in (1, channels)
+
+
+def find_sites(graph, layers: list[Layer]) -> list[Site]:
+    """Every BatchNormalization, and every layer output that no BN normalises, in graph order."""
+    import onnx_graphsurgeon as gs
+
+    by_node = {id(layer.node): layer for layer in layers}
+    bn_layer = {id(bn): layer for layer in layers if (bn := _bn_after(layer)) is not None}
+    sites = []
+    for node in graph.nodes:
+        if node.op == "BatchNormalization" and all(isinstance(t, gs.Constant) for t in node.inputs[1:5]):
+            sites.append(Site(node.inputs[0], bn_layer.get(id(node)), node))
+        layer = by_node.get(id(node))
+        if layer is not None and _bn_after(layer) is None:
+            consumers = layer.output.outputs
+            after = "affine" if len(consumers) == 1 and _is_affine(consumers[0], layer.channels) else "none"
+            sites.append(Site(layer.output, layer, None, after))
+    return sites
+
+
+def check_destination(path, source=None, overwrite: bool = False) -> Path:
+    """Refuses an output path that is the input (unless ``overwrite``) or whose folder is missing or read-only."""
+    path = Path(path)
+    if source is not None and path.resolve() == Path(source).resolve() and not overwrite:
+        raise AsrError(f"output {path} is the input model; pass --overwrite to replace it")
+    folder = path.parent
+    if not folder.is_dir():
+        raise AsrError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise AsrError(f"output folder is not writable: {folder}")
+    return path
+
+
+def save_model(model: onnx.ModelProto, path, *, overwrite: bool = False, source=None, check: bool = True) -> Path:
+    """Checks a model and writes it atomically (temporary file, then rename).
+
+    Args:
+        model: the model to write.
+        path: the destination.
+        overwrite: allow ``path`` to be the ``source`` model. Defaults to False.
+        source: the input model's path, which is never overwritten unless ``overwrite``.
+        check: run onnx.checker and load the model in onnxruntime first. Defaults to True.
+
+    Raises:
+        AsrError: the destination is the input, its folder is missing or not writable, or the
+            model fails the checks. No file is left behind.
+    """
+    path = check_destination(path, source, overwrite)
+    folder = path.parent
+    large = model.ByteSize() > 2**31 - 1
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    data_name = f"{path.name}.data"
+    try:
+        if large:
+            onnx.save(model, tmp, save_as_external_data=True, location=data_name + ".tmp")
+        else:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
+        if check:
+            check_output(tmp if large else model)
+        if large:
+            os.replace(folder / (data_name + ".tmp"), folder / data_name)
+            _relocate_external(tmp, data_name)
+        os.replace(tmp, path)
+    except BaseException:
+        for leftover in (tmp, folder / (data_name + ".tmp")):
+            Path(leftover).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_output(model) -> None:
+    """Runs onnx.checker and loads the model in onnxruntime (a ModelProto, or a path for large models).
+
+    Raises:
+        AsrError: either check fails.
+    """
+    from .runtime import make_session
+
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise AsrError(f"the output model fails onnx.checker: {_first_line(e)}") from None
+    try:
+        make_session(model, device="cpu")
+    except Exception as e:
+        raise AsrError(f"onnxruntime cannot load the output model: {_first_line(e)}") from None
+
+
+def _relocate_external(model_path: str, data_name: str) -> None:
+    model = onnx.load(model_path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+    with open(model_path, "wb") as f:
+        f.write(model.SerializeToString())
+
+
+def input_specs(model: onnx.ModelProto):
+    """The model's real inputs (initializers excluded) as calib.InputSpec."""
+    from onnx import helper
+
+    from .calib import InputSpec
+
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+        specs.append(InputSpec(value.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))))
+    return specs
+
+
+def fixed_batch(specs) -> int | None:
+    """The batch size that every input fixes, or None when the batch axis is dynamic."""
+    sizes = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+    return sizes.pop() if len(sizes) == 1 else None

@@ -1,0 +1,180 @@
+"""Pruning masks: global magnitude, layer-uniform and N:M along the input-channel axis."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import AsrError
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A sparsity pattern: ``global``, ``uniform`` or ``N:M`` (``n`` kept of every ``m``)."""
+
+    kind: str
+    n: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "Pattern":
+        """Parses ``global``, ``uniform`` or ``N:M`` such as ``2:4``.
+
+        Raises:
+            AsrError: unknown text, or N:M with N < 1 or N >= M.
+        """
+        text = str(text).strip().lower()
+        if text in ("global", "uniform"):
+            return cls(text)
+        match = re.fullmatch(r"(\d+):(\d+)", text)
+        if not match:
+            raise AsrError(f"unknown pattern {text!r}; use global, uniform or N:M such as 2:4")
+        n, m = int(match[1]), int(match[2])
+        if not 0 < n < m:
+            raise AsrError(f"pattern {text}: N:M needs 0 < N < M")
+        return cls("nm", n, m)
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
+
+
+def check_sparsity(sparsity) -> float:
+    """Returns ``sparsity`` as a float in [0, 1), or raises AsrError."""
+    try:
+        value = float(sparsity)
+    except (TypeError, ValueError):
+        raise AsrError(f"sparsity must be a number in [0, 1), got {sparsity!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise AsrError(f"sparsity must be in [0, 1), got {value}")
+    return value
+
+
+def smallest(scores: np.ndarray, k: int) -> np.ndarray:
+    """A mask of exactly the ``k`` smallest entries of a flat array; ties go to the lower index."""
+    drop = np.zeros(scores.size, dtype=bool)
+    if k <= 0:
+        return drop
+    if k >= scores.size:
+        return ~drop
+    kth = np.partition(scores, k - 1)[k - 1]
+    drop = scores < kth
+    ties = np.flatnonzero(scores == kth)[: k - int(drop.sum())]
+    drop[ties] = True
+    return drop
+
+
+def global_masks(weights: list[np.ndarray], sparsity: float) -> list[np.ndarray]:
+    """Keep-masks that zero the ``sparsity`` fraction of smallest |w| across all weights together."""
+    scores = np.concatenate([np.abs(w.astype(np.float32, copy=False)).ravel() for w in weights])
+    drop = smallest(scores, round(sparsity * scores.size))
+    bounds = np.cumsum([0] + [w.size for w in weights])
+    return [~drop[a:b].reshape(w.shape) for w, a, b in zip(weights, bounds[:-1], bounds[1:])]
+
+
+def uniform_mask(weight: np.ndarray, sparsity: float) -> np.ndarray:
+    """A keep-mask that zeroes the ``sparsity`` fraction of smallest |w| of one weight."""
+    scores = np.abs(weight.astype(np.float32, copy=False)).ravel()
+    return ~smallest(scores, round(sparsity * scores.size)).reshape(weight.shape)
+
+
+def nm_mask(weight: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
+    """A keep-mask with the ``n`` largest |w| in each run of ``m`` consecutive entries along ``axis``."""
+    moved = np.moveaxis(np.abs(weight.astype(np.float32, copy=False)), axis, -1)
+    groups = moved.reshape(-1, m)
+    order = np.argsort(-groups, axis=1, kind="stable")
+    keep = np.zeros_like(groups, dtype=bool)
+    np.put_along_axis(keep, order[:, :n], True, axis=1)
+    return np.moveaxis(keep.reshape(moved.shape), -1, axis)
+
+
+def nm_reason(layer, m: int) -> str | None:
+    """Why a layer cannot take an N:M pattern along its input-channel axis, or None."""
+    if layer.depthwise:
+        return "depthwise conv"
+    channels = layer.weight.shape[layer.in_axis]
+    if channels % m:
+        return f"input channels ({channels}) not a multiple of {m}"
+    return None
+
+
+@dataclass
+class LayerPrune:
+    """What pruning did to one layer."""
+
+    name: str
+    weight: str
+    op: str
+    shape: tuple
+    pruned: bool
+    reason: str | None
+    sparsity: float
+
+
+def exclusion(layers, exclude=(), keep_first: bool = False, keep_last: bool = False) -> dict[int, str]:
+    """Maps layer index to the reason it stays dense."""
+    reasons = {}
+    for i, layer in enumerate(layers):
+        for pattern in exclude:
+            if re.search(pattern, layer.name) or re.search(pattern, layer.weight.name):
+                reasons[i] = f"--exclude {pattern}"
+                break
+    if layers and keep_first:
+        reasons.setdefault(0, "--keep-first")
+    if layers and keep_last:
+        reasons.setdefault(len(layers) - 1, "--keep-last")
+    return reasons
+
+
+def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_first=False, keep_last=False) -> list[LayerPrune]:
+    """Zeroes weights in place of the graph (new arrays, never in-place writes).
+
+    A weight shared by several layers is pruned once.
+
+    Args:
+        layers: graph.Layer list, in topological order.
+        sparsity: fraction of eligible weights to zero, in [0, 1); ignored for N:M.
+        pattern: global, uniform or N:M.
+        exclude: regexes matched against node and weight names. Defaults to none.
+        keep_first: leave the first layer dense. Defaults to False.
+        keep_last: leave the last layer dense. Defaults to False.
+
+    Raises:
+        AsrError: no prunable layer.
+    """
+    if not layers:
+        raise AsrError("the model has no prunable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight)")
+    skipped = exclusion(layers, exclude, keep_first, keep_last)
+    owner = {}  # weight name -> index of the first layer that uses it
+    for i, layer in enumerate(layers):
+        if i not in skipped and pattern.kind == "nm" and (reason := nm_reason(layer, pattern.m)):
+            skipped[i] = reason
+        owner.setdefault(layer.weight.name, i)
+    chosen = [i for i, layer in enumerate(layers) if i not in skipped and owner[layer.weight.name] == i]
+    weights = [layers[i].weight.values for i in chosen]
+    if pattern.kind == "global":
+        keeps = global_masks(weights, sparsity) if weights else []
+    elif pattern.kind == "uniform":
+        keeps = [uniform_mask(w, sparsity) for w in weights]
+    else:
+        keeps = [nm_mask(w, pattern.n, pattern.m, layers[i].in_axis) for w, i in zip(weights, chosen)]
+    for i, keep in zip(chosen, keeps):
+        weight = layers[i].weight
+        weight.values = np.where(keep, weight.values, np.zeros((), weight.values.dtype))
+    return [_summary(layer, i, skipped, owner) for i, layer in enumerate(layers)]
+
+
+def _summary(layer, i, skipped, owner) -> LayerPrune:
+    values = layer.weight.values
+    shared = owner[layer.weight.name] != i
+    reason = skipped.get(owner[layer.weight.name]) if shared else skipped.get(i)
+    return LayerPrune(
+        name=layer.name,
+        weight=layer.weight.name,
+        op=layer.op,
+        shape=tuple(values.shape),
+        pruned=reason is None,
+        reason=reason,
+        sparsity=float(np.count_nonzero(values == 0) / values.size),
+    )

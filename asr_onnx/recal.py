@@ -1,0 +1,228 @@
+"""Recalibration: each site's new normalisation, written into BN nodes or folded into layers.
+
+Every site is treated as a BatchNormalization. A real BN keeps its own parameters. A layer with no
+BN after it gets a *virtual* BN, ``scale = sqrt(dense_var + eps)``, ``bias = dense_mean``, running
+statistics equal to the dense ones, which is the identity on the dense model. Recalibrating a
+virtual BN and folding it into the layer's weight and bias is then the same operation as for a
+real BN, and the dense model's per-channel statistics are the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import AsrError
+from .gains import full_gain, gain, shrink_lambda
+from .stats import ChannelStats, ema
+
+PLACEMENTS = ("recal", "pre-bn")
+VIRTUAL_EPS = 1e-6  # a virtual BN's epsilon, relative to the layer's mean dense variance
+
+
+@dataclass
+class Norm:
+    """The original normalisation of a site: y = scale * (x - mean) / sqrt(var + eps) + bias."""
+
+    scale: np.ndarray
+    bias: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    eps: float
+
+
+def reference(site, dense: ChannelStats) -> Norm:
+    """A real BN's own parameters, or the virtual BN that the dense statistics define."""
+    if site.bn is not None:
+        scale, bias, mean, var = (np.asarray(t.values, np.float64) for t in site.bn.inputs[1:5])
+        return Norm(scale, bias, mean, var, site.eps)
+    eps = VIRTUAL_EPS * float(np.mean(dense.var)) + 1e-30
+    return Norm(np.sqrt(dense.var + eps), dense.mean.copy(), dense.mean.copy(), dense.var.copy(), eps)
+
+
+@dataclass
+class Correction:
+    """A site's new normalisation.
+
+    Attributes:
+        mean, var: the running statistics to store.
+        scale: the multiplier on the normalisation's scale (1 for exact recalibration).
+        pre_gain: the multiplier on the layer's output rows before normalisation, or None.
+        gain: the method's per-channel gain, for the report.
+        lam: ASR's lambda, or None.
+        collapsed: channels whose recalibrated variance is under the epsilon floor.
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
+    scale: np.ndarray
+    pre_gain: np.ndarray | None
+    gain: np.ndarray
+    lam: float | None
+    collapsed: np.ndarray
+
+
+def correct(site, ref: Norm, pruned: list[ChannelStats], method: str, *, placement: str = "recal",
+            recal: str = "exact", momentum: float = 0.1, lambda_rule="median") -> Correction:
+    """One site's correction.
+
+    Args:
+        site: the graph.Site.
+        ref: its original normalisation (:func:`reference`).
+        pruned: per-batch statistics of the site in the pruned network, upstream renormalised.
+        method: none, bn, lw, naive or asr.
+        placement: "recal" puts the gain into the recalibration's variance; "pre-bn" multiplies it
+            into the layer before an ordinary recalibration (the literal order). Defaults to "recal".
+        recal: "exact" (population statistics) or "momentum" (PyTorch's running average). Defaults to "exact".
+        momentum: the running-average momentum. Defaults to 0.1.
+        lambda_rule: ASR's lambda: median, mean or a number. Defaults to "median".
+    """
+    from .stats import merge_all
+
+    ones = np.ones_like(ref.var)
+    if method == "none":
+        return Correction(ref.mean, ref.var, ones, None, ones, None, np.zeros(0, np.int64))
+    exact = merge_all(pruned)
+    if recal == "exact":
+        rec_mean, rec_var, prior = exact.mean, exact.var, 0.0
+    elif recal == "momentum":
+        rec_mean, rec_var, prior = ema(pruned, ref.mean, ref.var, momentum)
+    else:
+        raise AsrError(f"unknown recalibration {recal!r}; use exact or momentum")
+    if placement == "pre-bn" and site.layer is not None:
+        lam = shrink_lambda(lambda_rule, exact.var, ref.eps) if method == "asr" else None
+        g = ones if method == "bn" else gain(method, ref.var, exact.var, ref.eps, lam)
+        # the gain scales every batch the recalibration sees, but not the prior it starts from
+        mean = prior * ref.mean + g * (rec_mean - prior * ref.mean)
+        var = prior * ref.var + g**2 * (rec_var - prior * ref.var)
+        return Correction(mean, var, ones, g, g, lam, np.flatnonzero(exact.var < ref.eps))
+    if placement not in PLACEMENTS:
+        raise AsrError(f"unknown placement {placement!r}; use recal or pre-bn")
+    lam = shrink_lambda(lambda_rule, rec_var, ref.eps) if method == "asr" else None
+    g = gain(method, ref.var, rec_var, ref.eps, lam)
+    scale = g / full_gain(ref.var, rec_var, ref.eps)
+    return Correction(rec_mean, rec_var, scale, None, g, lam, np.flatnonzero(rec_var < ref.eps))
+
+
+def train_norm(ref: Norm) -> tuple:
+    """(scale, bias, eps) for renormalising a site with batch statistics during measurement."""
+    return ref.scale, ref.bias, ref.eps
+
+
+def affine(ref: Norm, corr: Correction) -> tuple[np.ndarray, np.ndarray]:
+    """The corrected normalisation as y = a * x + c on the layer's raw output x."""
+    pre = 1.0 if corr.pre_gain is None else corr.pre_gain
+    inv_std = ref.scale * corr.scale / np.sqrt(corr.var + ref.eps)
+    return pre * inv_std, ref.bias - inv_std * corr.mean
+
+
+# ---------------------------------------------------------------- writing into the graph
+
+
+def write(graph, site, ref: Norm, corr: Correction) -> str:
+    """Writes one correction; returns how: "bn", "folded" or "unchanged"."""
+    if corr.pre_gain is None and np.array_equal(corr.mean, ref.mean) and np.array_equal(corr.var, ref.var) \
+            and np.all(corr.scale == 1):
+        return "unchanged"
+    if site.bn is None:
+        a, c = affine(ref, corr)
+        fold_affine(graph, site.layer, a, c)
+        return "folded"
+    scale_t, _, mean_t, var_t = site.bn.inputs[1:5]
+    dtype = scale_t.values.dtype
+    scale_t.values = (ref.scale * corr.scale).astype(dtype)
+    mean_t.values = np.asarray(corr.mean).astype(dtype)
+    var_t.values = np.asarray(corr.var).astype(dtype)
+    if corr.pre_gain is not None:
+        fold_affine(graph, site.layer, corr.pre_gain, np.zeros_like(corr.pre_gain))
+    return "bn"
+
+
+def fold_bn(graph, site) -> None:
+    """Folds a BN that directly follows its layer into the layer, and removes the BN node."""
+    scale, bias, mean, var = (np.asarray(t.values, np.float64) for t in site.bn.inputs[1:5])
+    inv_std = scale / np.sqrt(var + site.eps)
+    fold_affine(graph, site.layer, inv_std, bias - inv_std * mean)
+    out = site.bn.outputs[0]
+    site.bn.outputs.clear()
+    site.layer.node.outputs[0] = out
+
+
+def _own_weight(graph, layer):
+    """The layer's weight, copied first when other nodes share it, so that a fold stays local."""
+    import onnx_graphsurgeon as gs
+
+    weight = layer.weight
+    if len(weight.outputs) > 1:
+        weight = gs.Constant(f"{weight.name}.{layer.name}", weight.values.copy())
+        layer.node.inputs[1] = weight
+        layer.weight = weight
+    return weight
+
+
+def _row_factor(layer, a: np.ndarray) -> np.ndarray:
+    """``a`` shaped to broadcast over the weight's output-channel axis."""
+    shape = layer.weight.shape
+    if layer.op == "ConvTranspose":
+        cin_group, cout_group = shape[0] // layer.groups, shape[1]
+        factor = a.reshape(layer.groups, cout_group)[np.arange(shape[0]) // cin_group]
+        return factor.reshape(factor.shape + (1,) * (len(shape) - 2))
+    view = [1] * len(shape)
+    view[layer.out_axis] = a.size
+    return a.reshape(view)
+
+
+def fold_affine(graph, layer, a: np.ndarray, c: np.ndarray) -> None:
+    """Makes ``layer`` output ``a * x + c`` per channel, in its weight and bias (no node where a fold will do)."""
+    import onnx_graphsurgeon as gs
+
+    weight = _own_weight(graph, layer)
+    dtype = weight.values.dtype
+    weight.values = (weight.values.astype(np.float64) * _row_factor(layer, a)).astype(dtype)
+    node = layer.node
+    if layer.op in ("Conv", "ConvTranspose", "Gemm"):
+        # Gemm computes alpha * A @ B + beta * C: the scaled B carries alpha, so C takes beta now
+        beta = float(node.attrs.get("beta", 1.0)) if layer.op == "Gemm" else 1.0
+        old = beta * _bias(node, a.size)
+        bias = gs.Constant(f"{layer.name}.asr_bias", (a * old + c).astype(dtype))
+        if len(node.inputs) > 2:
+            node.inputs[2] = bias
+        else:
+            node.inputs.append(bias)
+        if layer.op == "Gemm":
+            node.attrs["beta"] = 1.0
+    elif np.any(c != 0):
+        _add_bias(graph, layer, c.astype(dtype))
+
+
+def _bias(node, channels: int) -> np.ndarray:
+    import onnx_graphsurgeon as gs
+
+    if len(node.inputs) <= 2 or not node.inputs[2].name:
+        return np.zeros(channels)
+    if not isinstance(node.inputs[2], gs.Constant):
+        raise AsrError(f"{node.name}: its bias is computed at run time, so a correction cannot be folded into it")
+    return node.inputs[2].values.astype(np.float64)
+
+
+def _add_bias(graph, layer, c: np.ndarray) -> None:
+    """A MatMul's shift goes into the Add that follows it when there is one, else into a new Add."""
+    import onnx_graphsurgeon as gs
+
+    out = layer.output
+    consumers = out.outputs
+    if len(consumers) == 1 and consumers[0].op == "Add":
+        add = consumers[0]
+        const = [t for t in add.inputs if isinstance(t, gs.Constant)]
+        if len(const) == 1 and const[0].values.shape[-1:] == c.shape and len(const[0].outputs) == 1:
+            const[0].values = (const[0].values.astype(np.float64) + c).astype(const[0].values.dtype)
+            return
+    shifted = gs.Variable(f"{out.name}.asr_shifted", dtype=out.dtype, shape=out.shape)
+    for node in list(consumers):
+        node.inputs[:] = [shifted if t is out else t for t in node.inputs]
+    graph.outputs = [shifted if t is out else t for t in graph.outputs]
+    if shifted in graph.outputs:
+        shifted.name, out.name = out.name, f"{out.name}.asr_raw"
+    graph.nodes.append(gs.Node("Add", f"{layer.name}.asr_shift", inputs=[out, gs.Constant(f"{layer.name}.asr_shift_c", c)],
+                               outputs=[shifted]))

@@ -1,0 +1,110 @@
+"""The JSON report and the one-screen terminal summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+
+def _floats(values) -> list[float]:
+    return [float(f"{v:.6g}") for v in np.asarray(values, np.float64).ravel()]
+
+
+def _spread(values) -> dict:
+    values = np.asarray(values, np.float64)
+    return {"min": float(f"{values.min():.6g}"), "median": float(f"{np.median(values):.6g}"),
+            "max": float(f"{values.max():.6g}")}
+
+
+def build_report(job) -> dict:
+    """The report of a Repair: settings, per-layer pruning, per-site statistics and gains, timings."""
+    import onnxruntime as ort
+
+    from . import __version__
+    from .stats import merge_all
+
+    sites = []
+    for site in getattr(job, "_sites", []):
+        corr = job.corrections.get(site.key)
+        dense = job.dense_stats[site.key]
+        pruned = merge_all(job.pruned_stats[site.key])
+        entry = {
+            "tensor": site.key,
+            "layer": site.layer.name if site.layer else None,
+            "norm": site.kind,
+            "written": job.written.get(site.key, "not written"),
+            "channels": int(dense.mean.size),
+            "eps": site.eps if site.bn is not None else job._refs[site.key].eps,
+            "dense_var": _floats(dense.var),
+            "pruned_var": _floats(pruned.var),
+            "dense_mean": _floats(dense.mean),
+            "pruned_mean": _floats(pruned.mean),
+        }
+        if corr is not None:
+            entry.update(lambda_=None if corr.lam is None else float(f"{corr.lam:.6g}"), gain=_spread(corr.gain),
+                         gains=_floats(corr.gain), collapsed=[int(i) for i in corr.collapsed])
+        sites.append(entry)
+    layers = [asdict(layer) for layer in job.layers]
+    total = sum(int(np.prod(layer["shape"])) for layer in layers if layer["pruned"])
+    zeros = sum(layer["sparsity"] * np.prod(layer["shape"]) for layer in layers if layer["pruned"])
+    return {
+        "tool": {"name": "asr-onnx", "version": __version__},
+        "onnxruntime": {"version": ort.__version__, "provider": job.provider},
+        "input": str(job.source) if job.source else None,
+        "settings": job.settings,
+        "totals": {"prunable_weights": total, "sparsity": round(float(zeros / total), 6) if total else 0.0},
+        "layers": layers,
+        "sites": sites,
+        "timings_s": {k: round(v, 4) for k, v in job.timings.items()},
+    }
+
+
+def write_json(report: dict, path) -> Path:
+    """Writes the report atomically (temporary file, then rename)."""
+    path = Path(path)
+    text = json.dumps(report, indent=1, sort_keys=False).replace('"lambda_"', '"lambda"')
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def summary(report: dict, width: int = 100) -> str:
+    """A one-screen, human-readable summary."""
+    s = report["settings"]
+    lines = [
+        f"asr-onnx {report['tool']['version']}  onnxruntime {report['onnxruntime']['version']}"
+        f" ({report['onnxruntime']['provider'] or 'no session'})",
+        f"pattern {s.get('pattern')}  sparsity {report['totals']['sparsity']:.3f} over "
+        f"{report['totals']['prunable_weights']:,} prunable weights  method {s.get('method')}"
+        + (f" (placement {s.get('placement')}, recal {s.get('recal')})" if s.get("method") != "none" else ""),
+    ]
+    skipped = [layer for layer in report["layers"] if not layer["pruned"]]
+    lines.append(f"layers: {len(report['layers'])} prunable, {len(skipped)} left dense")
+    for layer in skipped[:5]:
+        lines.append(f"  dense: {layer['name']} ({layer['reason']})")
+    if report["sites"]:
+        lines.append(f"{'site':<40} {'norm':<14} {'ch':>5} {'gain min/med/max':>22} {'collapsed':>9}")
+        rows = report["sites"]
+        shown = rows if len(rows) <= 24 else rows[:12] + [None] + rows[-11:]
+        for row in shown:
+            if row is None:
+                lines.append(f"  ... {len(rows) - 23} more sites in the JSON report")
+                continue
+            gain = row.get("gain")
+            spread = f"{gain['min']:.3g}/{gain['median']:.3g}/{gain['max']:.3g}" if gain else "-"
+            lines.append(f"{row['tensor'][:40]:<40} {row['norm']:<14} {row['channels']:>5} {spread:>22}"
+                         f" {len(row.get('collapsed', [])):>9}")
+    timings = "  ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items())
+    lines.append(f"time: {timings}")
+    return "\n".join(line[:width] for line in lines)

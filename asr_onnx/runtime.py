@@ -1,0 +1,63 @@
+"""onnxruntime sessions: provider choice and session creation."""
+
+from __future__ import annotations
+
+import warnings
+
+from .errors import AsrError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def providers(device: str = "auto") -> list[str]:
+    """The execution providers for a device.
+
+    Args:
+        device: "auto" (CUDA when onnxruntime offers it, else CPU), "cpu" or "cuda". Defaults to "auto".
+
+    Raises:
+        AsrError: "cuda" was asked for and onnxruntime has no CUDAExecutionProvider.
+    """
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise AsrError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if device == "cuda" and not has_cuda:
+        raise AsrError("--device cuda: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    if device == "auto" and not has_cuda and _cuda_device_visible():
+        warnings.warn("a CUDA device is visible but onnxruntime has no CUDAExecutionProvider; using the CPU")
+    if device != "cpu" and has_cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _cuda_device_visible() -> bool:
+    import os
+
+    return os.path.exists("/dev/nvidia0")
+
+
+def make_session(model, device: str = "auto", threads: int = 0):
+    """An InferenceSession over a ModelProto, serialized bytes or a path.
+
+    Args:
+        model: onnx.ModelProto, bytes, or a file path.
+        device: see :func:`providers`. Defaults to "auto".
+        threads: intra-op threads; 0 lets onnxruntime choose. Defaults to 0.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers(device))
+
+
+def provider_of(session) -> str:
+    return session.get_providers()[0]

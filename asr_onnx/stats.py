@@ -1,0 +1,241 @@
+"""Per-channel statistics: in-graph reductions, a session over the calibration set, Chan's merge.
+
+Only per-channel vectors leave the session: for each site, the batch mean, the batch's centred
+sum of squares (no catastrophic cancellation) and the element count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import AsrError
+
+FLOAT = 1  # onnx.TensorProto.FLOAT
+STAT_PREFIX = "asr_stat."
+
+
+@dataclass
+class ChannelStats:
+    """Count, mean and centred sum of squares per channel, in float64.
+
+    Attributes:
+        count: elements per channel.
+        mean: per-channel mean.
+        m2: per-channel sum of squared deviations from the mean.
+    """
+
+    count: float
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @property
+    def var(self) -> np.ndarray:
+        """Unbiased variance, the convention of BatchNormalization's running variance."""
+        return self.m2 / max(self.count - 1.0, 1.0)
+
+    def merge(self, other: "ChannelStats") -> "ChannelStats":
+        """Chan et al.'s parallel merge of two disjoint sets."""
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / count)
+        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / count)
+        return ChannelStats(count, mean, m2)
+
+    @classmethod
+    def of(cls, x: np.ndarray, axis: int = 1) -> "ChannelStats":
+        """Exact statistics of a full activation (a reference for tests and small data)."""
+        moved = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
+        flat = moved.reshape(-1, moved.shape[-1])
+        mean = flat.mean(axis=0)
+        return cls(float(flat.shape[0]), mean, ((flat - mean) ** 2).sum(axis=0))
+
+
+def merge_all(batches: list[ChannelStats]) -> ChannelStats:
+    total = batches[0]
+    for batch in batches[1:]:
+        total = total.merge(batch)
+    return total
+
+
+def ema(batches: list[ChannelStats], prior_mean, prior_var, momentum: float):
+    """PyTorch's running-statistics update over the batches, starting from the prior.
+
+    Returns:
+        (mean, var, prior_weight): the running mean and unbiased variance, and the weight
+        (1 - momentum) ** len(batches) that the prior keeps.
+    """
+    mean, var = np.asarray(prior_mean, np.float64), np.asarray(prior_var, np.float64)
+    for batch in batches:
+        mean = (1 - momentum) * mean + momentum * batch.mean
+        var = (1 - momentum) * var + momentum * batch.var
+    return mean, var, (1 - momentum) ** len(batches)
+
+
+# ---------------------------------------------------------------- the augmented graph
+
+
+class _Builder:
+    """Adds nodes to a gs graph, respecting the opset (Reduce* axes became an input at 18)."""
+
+    def __init__(self, graph, opset: int):
+        self.graph, self.opset, self.count = graph, opset, 0
+
+    def _name(self, hint):
+        self.count += 1
+        return f"asr_{hint}_{self.count}"
+
+    def op(self, op, inputs, attrs=None, dtype=np.float32, out=None):
+        import onnx_graphsurgeon as gs
+
+        out = out or gs.Variable(self._name(op.lower()), dtype=dtype)
+        self.graph.nodes.append(gs.Node(op, self._name(op), attrs or {}, inputs, [out]))
+        return out
+
+    def const(self, values, hint="c"):
+        import onnx_graphsurgeon as gs
+
+        return gs.Constant(self._name(hint), np.asarray(values))
+
+    def reduce(self, op, x, axes):
+        if self.opset >= 18:
+            return self.op(op, [x, self.const(np.array(axes, np.int64), "axes")], {"keepdims": 1})
+        return self.op(op, [x], {"axes": list(axes), "keepdims": 1})
+
+
+def _channel_view(b: _Builder, x, channels: int, channel_last: bool):
+    """Reshapes to (N, C, S) or (M, C) so that one reduction shape serves every rank."""
+    shape = [-1, channels] if channel_last else [0, 0, -1]
+    axes = [0] if channel_last else [0, 2]
+    return b.op("Reshape", [x, b.const(np.array(shape, np.int64), "shape")]), axes
+
+
+def _add_site(b: _Builder, site, index: int, norm=None) -> list:
+    """Adds the statistic outputs of one site; with ``norm``, also renormalises it with batch statistics.
+
+    Args:
+        norm: (scale, bias, eps) per-channel arrays for train-mode normalisation, or None.
+    """
+    import onnx_graphsurgeon as gs
+
+    x, channels = site.tensor, _channels(site)
+    if site.dtype != np.float32:
+        x = b.op("Cast", [x], {"to": FLOAT})
+    view, axes = _channel_view(b, x, channels, site.channel_last)
+    mean = b.reduce("ReduceMean", view, axes)
+    centred = b.op("Sub", [view, mean])
+    m2 = b.reduce("ReduceSumSquare", centred, axes)
+    size = b.op("Size", [view], dtype=np.int64)
+    outputs = []
+    for name, tensor in (("mean", mean), ("m2", m2), ("size", size)):
+        tensor.name = f"{STAT_PREFIX}{index}.{name}"
+        outputs.append(tensor)
+    if norm is not None:
+        scale, bias, eps = norm
+        shape = (1, channels) if site.channel_last else (1, channels, 1)
+        # unbiased, as the stored running variance will be, so that one batch reproduces it exactly
+        count = b.op("Div", [b.op("Cast", [size], {"to": FLOAT}), b.const(np.float32(channels))])
+        dof = b.op("Max", [b.op("Sub", [count, b.const(np.float32(1))]), b.const(np.float32(1))])
+        var = b.op("Div", [m2, dof])
+        inv_std = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(np.float32(eps))])])])
+        gain = b.op("Mul", [inv_std, b.const(scale.reshape(shape).astype(np.float32))])
+        normed = b.op("Add", [b.op("Mul", [centred, gain]), b.const(bias.reshape(shape).astype(np.float32))])
+        restored = b.op("Reshape", [normed, b.op("Shape", [site.tensor], dtype=np.int64)])
+        if site.dtype != np.float32:
+            restored = b.op("Cast", [restored], {"to": _onnx_type(site.dtype)})
+        _replace_uses(b.graph, site, restored)
+    return outputs
+
+
+def _onnx_type(dtype) -> int:
+    from onnx import helper
+
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def _channels(site) -> int:
+    return site.bn.inputs[1].shape[0] if site.bn is not None else site.layer.channels
+
+
+def _replace_uses(graph, site, new):
+    """Points the site's consumers at ``new``: the BN's output for a real BN, else the tensor's readers."""
+    if site.bn is not None:
+        out = site.bn.outputs[0]
+        site.bn.outputs.clear()
+        new_producer = new.inputs[0]
+        new_producer.outputs[0] = out
+        return
+    for node in list(site.tensor.outputs):
+        if node.name.startswith("asr_"):
+            continue
+        for i, t in enumerate(node.inputs):
+            if t is site.tensor:
+                node.inputs[i] = new
+    graph.outputs = [new if t is site.tensor else t for t in graph.outputs]
+
+
+def stats_model(model, norms: dict | None = None):
+    """A copy of ``model`` whose only outputs are per-channel statistics of every site.
+
+    Args:
+        model: onnx.ModelProto.
+        norms: site key -> (scale, bias, eps). When given, every site is renormalised with its batch
+            statistics, as a BatchNormalization in training mode does. Defaults to None (plain).
+
+    Returns:
+        (augmented onnx.ModelProto, the sites in output order).
+    """
+    from .graph import find_layers, find_sites, opset, to_graph, to_model
+
+    graph = to_graph(model)
+    sites = find_sites(graph, find_layers(graph))
+    builder = _Builder(graph, opset(model))
+    outputs = []
+    for index, site in enumerate(sites):
+        outputs += _add_site(builder, site, index, None if norms is None else norms[site.key])
+    graph.outputs = outputs
+    graph.cleanup().toposort()
+    return to_model(graph, model), sites
+
+
+def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, progress: bool = True, desc="measure"):
+    """Runs the calibration set through the augmented model.
+
+    Args:
+        model: onnx.ModelProto.
+        calib: a calib.CalibSet.
+        batch_size: samples per session run.
+        device: "auto", "cpu" or "cuda". Defaults to "auto".
+        norms: see :func:`stats_model`. Defaults to None.
+        progress: show a progress bar on a TTY. Defaults to True.
+        desc: the progress bar's label.
+
+    Returns:
+        (site key -> list of per-batch ChannelStats, the provider used).
+
+    Raises:
+        AsrError: a statistic is NaN or infinite.
+    """
+    from .progress import bar
+    from .runtime import make_session, provider_of
+
+    augmented, sites = stats_model(model, norms)
+    session = make_session(augmented, device)
+    names = [o.name for o in session.get_outputs()]
+    per_site = {site.key: [] for site in sites}
+    total = -(-len(calib) // batch_size)
+    for feed in bar(calib.batches(batch_size), total=total, desc=desc, enabled=progress):
+        values = dict(zip(names, session.run(names, feed)))
+        for index, site in enumerate(sites):
+            per_site[site.key].append(_batch_stats(values, index, site))
+    return per_site, provider_of(session)
+
+
+def _batch_stats(values: dict, index: int, site) -> ChannelStats:
+    mean = values[f"{STAT_PREFIX}{index}.mean"].astype(np.float64).ravel()
+    m2 = values[f"{STAT_PREFIX}{index}.m2"].astype(np.float64).ravel()
+    count = float(values[f"{STAT_PREFIX}{index}.size"]) / mean.size
+    if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
+        raise AsrError(f"NaN or Inf in the activations at {site.key!r}; check the calibration data and the model")
+    return ChannelStats(count, mean, m2)

@@ -1,0 +1,66 @@
+"""Options shared by several subcommands, and their translation into API objects."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+
+def _floats(text):
+    return None if text is None else tuple(float(v) for v in str(text).split(","))
+
+
+def _size(text):
+    if text is None:
+        return None
+    parts = str(text).lower().replace("x", ",").split(",")
+    return (int(parts[0]), int(parts[-1]))
+
+
+def preprocess_options(command):
+    """--size, --resize, --mean, --std, --scale, --channel-order, --layout, --preprocess, --strict."""
+    options = [
+        click.option("--size", help="Image size H,W fed to the model. Default: the model's input shape."),
+        click.option("--resize", type=int, help="Resize the shorter side to this, then centre-crop to --size."),
+        click.option("--mean", help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406. Default 0."),
+        click.option("--std", help="Per-channel std after scaling. Default 1."),
+        click.option("--scale", type=float, help="Pixel multiplier applied first. Default 1/255."),
+        click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), help="Default rgb."),
+        click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Default: inferred from the input shape."),
+        click.option("--preprocess", "hook", help="A module:function (or file.py:function) that makes one sample."),
+        click.option("--strict", is_flag=True, help="Refuse corrupt images instead of skipping them."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), command)
+
+
+def make_preprocess(model, size=None, resize=None, mean=None, std=None, scale=None, channel_order=None,
+                    layout=None, hook=None):
+    """A calib.Preprocess from the model's metadata defaults and the command-line overrides."""
+    from asr_onnx.calib import Preprocess
+    from asr_onnx.graph import metadata
+
+    try:
+        overrides = dict(size=_size(size), mean=_floats(mean), std=_floats(std))
+    except ValueError as e:
+        raise click.BadParameter(f"not a list of numbers: {e}") from None
+    return Preprocess.from_metadata(metadata(model), resize=resize, scale=scale, channel_order=channel_order,
+                                    layout=layout, hook=hook, **overrides)
+
+
+def open_data(path, model, options: dict, limit: int | None = None, seed: int = 0):
+    """Loads a calibration or evaluation set for ``model`` with the preprocess options in ``options``."""
+    from asr_onnx.calib import load_calib
+    from asr_onnx.graph import input_specs
+
+    keys = ("size", "resize", "mean", "std", "scale", "channel_order", "layout", "hook")
+    preprocess = make_preprocess(model, **{k: options.get(k) for k in keys})
+    data = load_calib(path, input_specs(model), preprocess, strict=options.get("strict", False))
+    return data.take(limit, seed) if limit else data
+
+
+def parse_list(text: str, kind=str) -> list:
+    try:
+        return [kind(v.strip()) for v in str(text).split(",") if v.strip()]
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None

@@ -1,0 +1,48 @@
+"""The ``asr-onnx`` entry point: one line per error, exit 1 for bad input and 2 for bad usage."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .repair import repair_command
+
+COMMANDS = {"repair": repair_command}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="asr-onnx")
+def cli():
+    """Prune an ONNX CNN in one shot and repair it without training."""
+
+
+for _name, _command in COMMANDS.items():
+    cli.add_command(_command, _name)
+
+
+def main(argv=None) -> int:
+    """Runs the CLI; every failure becomes one line on stderr."""
+    from asr_onnx.errors import AsrError
+
+    try:
+        cli.main(args=argv, prog_name="asr-onnx", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.ctx.get_help() if e.ctx else str(e))
+        return 2
+    except click.UsageError as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("error: aborted", err=True)
+        return 1
+    except AsrError as e:
+        click.echo(f"error: {e}", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

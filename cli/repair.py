@@ -1,0 +1,85 @@
+"""``asr-onnx repair``: prune and repair one model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import open_data, preprocess_options
+
+
+def default_output(model: str) -> Path:
+    path = Path(model)
+    return path.with_name(f"{path.stem}.repaired.onnx")
+
+
+@click.command("repair")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--calib", "calib_path", required=False, help="Calibration data: image folder, .npy/.npz, or IDX files.")
+@click.option("-o", "--output", help="Output model. Default: MODEL.repaired.onnx beside the input.")
+@click.option("--sparsity", default="0.9", show_default=True, help="Fraction of prunable weights set to zero.")
+@click.option("--pattern", default="global", show_default=True, help="global, uniform or N:M (e.g. 2:4).")
+@click.option("--method", default="bn", show_default=True,
+              type=click.Choice(["none", "bn", "lw", "naive", "asr"]), help="How lost variance is given back.")
+@click.option("--placement", default="recal", show_default=True, type=click.Choice(["recal", "pre-bn"]),
+              help="recal: the gain is the variance part of recalibration; pre-bn: the literal order.")
+@click.option("--recal", "recal_mode", default="exact", show_default=True,
+              help="exact, or momentum[=M] (PyTorch's running average, M defaults to 0.1).")
+@click.option("--lambda-rule", default="median", show_default=True, help="ASR's lambda: median, mean or a number.")
+@click.option("--exclude", multiple=True, help="Regex of node or weight names to leave dense (repeatable).")
+@click.option("--keep-first", is_flag=True, help="Leave the first prunable layer dense.")
+@click.option("--keep-last", is_flag=True, help="Leave the last prunable layer dense.")
+@click.option("--calib-size", default=1024, show_default=True, type=int, help="Calibration samples to use.")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration subset.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--fold-bn", is_flag=True, help="Fold every BatchNormalization into its Conv after recalibration.")
+@click.option("--report", "report_path", help="Write the JSON report here.")
+@click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
+@preprocess_options
+def repair_command(model, calib_path, output, sparsity, pattern, method, placement, recal_mode, lambda_rule,
+                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, fold_bn, report_path,
+                   overwrite, quiet, **preprocess):
+    """Prune MODEL and repair it with calibration data."""
+    from asr_onnx.api import Repair
+    from asr_onnx.errors import AsrError
+    from asr_onnx.graph import check_destination
+    from asr_onnx.report import summary, write_json
+
+    recal, momentum = parse_recal(recal_mode)
+    output = Path(output) if output else default_output(model)
+    job = Repair(model, device=device, batch_size=batch_size, progress=not quiet)
+    check_destination(output, job.source, overwrite)
+    job.prune(sparsity, pattern, exclude, keep_first, keep_last)
+    if method != "none":
+        if not calib_path:
+            raise AsrError(f"--calib is required for --method {method}")
+        calib = open_data(calib_path, job.dense, preprocess, limit=calib_size, seed=seed)
+        job.measure(calib).correct(method, placement=placement, recal=recal, momentum=momentum,
+                                   lambda_rule=lambda_rule)
+        job.fold(fold_bn)
+    else:
+        job.settings.update(method="none")
+    job.save(output, overwrite=overwrite)
+    report = job.report()
+    if report_path:
+        write_json(report, report_path)
+    if not quiet:
+        click.echo(summary(report))
+        click.echo(f"wrote {output}")
+
+
+def parse_recal(text: str) -> tuple[str, float]:
+    """``exact`` or ``momentum[=M]`` -> (mode, momentum)."""
+    mode, _, value = str(text).partition("=")
+    if mode not in ("exact", "momentum") or (value and mode == "exact"):
+        raise click.BadParameter(f"--recal must be exact or momentum[=M], got {text!r}")
+    try:
+        momentum = float(value) if value else 0.1
+    except ValueError:
+        raise click.BadParameter(f"--recal momentum must be a number, got {value!r}") from None
+    if not 0 < momentum <= 1:
+        raise click.BadParameter(f"--recal momentum must be in (0, 1], got {momentum}")
+    return mode, momentum

@@ -1,0 +1,100 @@
+"""Masks: global, uniform and N:M, against independent numpy computations."""
+
+import numpy as np
+import pytest
+
+from asr_onnx.errors import AsrError
+from asr_onnx.graph import find_layers, to_graph
+from asr_onnx.prune import Pattern, check_sparsity, global_masks, nm_mask, prune_layers, uniform_mask
+from models import conv_net
+
+
+def reference_smallest(scores, k):
+    """The k smallest by (value, index) through a full sort: the definition, written differently."""
+    order = np.lexsort((np.arange(scores.size), scores))
+    drop = np.zeros(scores.size, bool)
+    drop[order[:k]] = True
+    return drop
+
+
+def test_global_mask_is_exact_count_and_matches_sort():
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=(8, 3, 3, 3)), rng.normal(size=(16, 8)).round(1), rng.normal(size=(5,))]
+    keeps = global_masks(weights, 0.7)
+    scores = np.concatenate([np.abs(w).astype(np.float32).ravel() for w in weights])
+    expected = ~reference_smallest(scores, round(0.7 * scores.size))
+    assert np.array_equal(np.concatenate([k.ravel() for k in keeps]), expected)
+    assert sum((~k).sum() for k in keeps) == round(0.7 * scores.size)
+
+
+def test_global_mask_breaks_ties_by_index():
+    weights = [np.ones((4,)), np.ones((4,))]
+    keeps = global_masks(weights, 0.5)
+    assert keeps[0].tolist() == [False] * 4 and keeps[1].tolist() == [True] * 4
+
+
+def test_uniform_mask_prunes_each_layer_by_the_same_fraction():
+    rng = np.random.default_rng(1)
+    for shape in [(10, 4), (6, 2, 3, 3)]:
+        w = rng.normal(size=shape)
+        keep = uniform_mask(w, 0.6)
+        expected = ~reference_smallest(np.abs(w).astype(np.float32).ravel(), round(0.6 * w.size))
+        assert np.array_equal(keep.ravel(), expected)
+
+
+def test_nm_mask_keeps_n_largest_of_m_consecutive_input_channels():
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(4, 8, 3, 3))
+    keep = nm_mask(w, 2, 4, axis=1)
+    for o in range(4):
+        for i in range(3):
+            for j in range(3):
+                for g in range(0, 8, 4):
+                    block = np.abs(w[o, g:g + 4, i, j])
+                    expected = np.zeros(4, bool)
+                    expected[np.argsort(-block)[:2]] = True
+                    assert np.array_equal(keep[o, g:g + 4, i, j], expected)
+    gemm = rng.normal(size=(8, 5))  # (K, N): the reduction axis is 0
+    keep = nm_mask(gemm, 2, 4, axis=0)
+    assert (keep.reshape(2, 4, 5).sum(axis=1) == 2).all()
+
+
+def test_prune_layers_writes_masks_into_the_graph():
+    graph = to_graph(conv_net(bn=True))
+    layers = find_layers(graph)
+    before = [layer.weight.values.copy() for layer in layers]
+    result = prune_layers(layers, 0.5, Pattern.parse("global"))
+    after = [layer.weight.values for layer in layers]
+    total = sum(w.size for w in before)
+    assert sum((w == 0).sum() for w in after) == round(0.5 * total)
+    for b, a in zip(before, after):
+        assert np.array_equal(a[a != 0], b[a != 0])
+    assert [r.pruned for r in result] == [True] * 4
+
+
+def test_nm_skips_layers_whose_input_channels_do_not_divide():
+    graph = to_graph(conv_net(bn=True))  # conv1 has 3 input channels
+    result = prune_layers(find_layers(graph), 0.0, Pattern.parse("2:4"))
+    by_name = {r.name: r for r in result}
+    assert not by_name["conv1"].pruned and "not a multiple of 4" in by_name["conv1"].reason
+    assert by_name["conv2"].pruned and by_name["conv2"].sparsity == 0.5
+
+
+def test_exclude_keep_first_and_keep_last():
+    graph = to_graph(conv_net(bn=True))
+    result = prune_layers(find_layers(graph), 0.5, Pattern.parse("uniform"), exclude=["proj"], keep_first=True,
+                          keep_last=True)
+    assert [r.pruned for r in result] == [False, True, False, False]
+    assert [r.reason for r in result] == ["--keep-first", None, "--exclude proj", "--keep-last"]
+
+
+@pytest.mark.parametrize("text", ["4:4", "0:4", "5:4", "2-4", "magic"])
+def test_bad_patterns(text):
+    with pytest.raises(AsrError, match="pattern"):
+        Pattern.parse(text)
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, "abc", None])
+def test_bad_sparsity(value):
+    with pytest.raises(AsrError, match="sparsity"):
+        check_sparsity(value)

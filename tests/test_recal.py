@@ -1,0 +1,78 @@
+"""Recalibration: BN running statistics and folded corrections, checked in the repaired network."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from asr_onnx.api import repair
+from asr_onnx.stats import ChannelStats
+from test_stats import activations, sites_of
+from models import ArraySet, conv_net, random_inputs
+
+
+def run(model, x):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def test_bn_running_stats_are_the_population_stats_of_the_repaired_network():
+    """(c): one batch, so the one-pass measurement is exact."""
+    x = random_inputs(40)
+    job = repair(conv_net(bn=True), ArraySet(x), sparsity=0.8, method="bn", batch_size=40, device="cpu",
+                 progress=False)
+    sites = sites_of(job.output)
+    full = activations(job.output, [s.key for s in sites], x)
+    bn_sites = [s for s in sites if s.bn is not None]
+    assert len(bn_sites) == 3
+    for site in bn_sites:
+        ref = ChannelStats.of(full[site.key])
+        np.testing.assert_allclose(site.bn.inputs[3].values, ref.mean, rtol=1e-4, atol=1e-4 * np.abs(ref.mean).max())
+        np.testing.assert_allclose(site.bn.inputs[4].values, ref.var, rtol=1e-4)
+
+
+def test_folded_layers_match_the_dense_statistics():
+    """(d): on a BN-folded graph each corrected layer's output has the dense mean and variance."""
+    x = random_inputs(40)
+    dense = conv_net(bn=False)
+    job = repair(dense, ArraySet(x), sparsity=0.8, method="bn", batch_size=40, device="cpu", progress=False)
+    sites = sites_of(job.output)
+    names = [s.key for s in sites]
+    before, after = activations(dense, names, x), activations(job.output, names, x)
+    assert all(s.bn is None for s in sites) and len(sites) == 4
+    assert not any(n.op_type == "Add" and "asr" in n.name for n in job.output.graph.node)  # folded, no new nodes
+    for site in sites:
+        axis = -1 if site.channel_last else 1
+        ref, got = ChannelStats.of(before[site.key], axis), ChannelStats.of(after[site.key], axis)
+        np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-4, atol=1e-4 * np.abs(ref.mean).max())
+        np.testing.assert_allclose(got.var, ref.var, rtol=1e-4)
+
+
+def test_naive_equals_bn_and_pre_bn_gain_is_cancelled_by_exact_recalibration():
+    x = random_inputs(40)
+    model = conv_net(bn=True)
+    common = dict(sparsity=0.8, batch_size=20, device="cpu", progress=False)
+    bn = run(repair(model, ArraySet(x), method="bn", **common).output, x)
+    naive = run(repair(model, ArraySet(x), method="naive", **common).output, x)
+    literal = run(repair(model, ArraySet(x), method="asr", placement="pre-bn", **common).output, x)
+    asr = run(repair(model, ArraySet(x), method="asr", **common).output, x)
+    np.testing.assert_allclose(naive, bn, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(literal, bn, rtol=1e-3, atol=1e-3)  # only the epsilon differs
+    assert np.abs(asr - bn).max() > 1e-3  # the default placement makes the method matter
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_momentum_moves_part_way_from_the_original_statistics(bn):
+    x = random_inputs(40)
+    model = conv_net(bn=bn)
+    common = dict(sparsity=0.8, batch_size=10, device="cpu", progress=False, method="bn")
+    exact = repair(model, ArraySet(x), **common)
+    slow = repair(model, ArraySet(x), recal="momentum", momentum=0.1, **common)
+    key = exact._sites[1].key
+    ref, rec, moved = exact._refs[key], exact.corrections[key], slow.corrections[key]
+    mean, var = ref.mean.copy(), ref.var.copy()
+    for batch in slow.pruned_stats[key]:  # PyTorch's update, written out
+        mean = 0.9 * mean + 0.1 * batch.mean
+        var = 0.9 * var + 0.1 * batch.m2 / (batch.count - 1)
+    np.testing.assert_allclose(moved.mean, mean, rtol=1e-9)
+    np.testing.assert_allclose(moved.var, var, rtol=1e-9)
+    assert np.all(np.abs(moved.mean - rec.mean) <= np.abs(ref.mean - rec.mean) + 1e-12)
+    assert not np.allclose(moved.var, rec.var)
