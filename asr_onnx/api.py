@@ -18,6 +18,10 @@ from .recal import correct, fold_bn, reference, train_norm, write
 from .stats import ChannelStats, measure, merge_all
 
 
+AUTO_CANDIDATES = (("bn", "recal", "median"), ("lw", "recal", "median"), ("asr", "recal", "median"),
+                   ("asr", "recal", "mean"), ("asr", "pre-bn", "median"), ("lw", "pre-bn", "median"))
+
+
 class Repair:
     """One model's repair, stage by stage; every stage returns ``self``.
 
@@ -117,6 +121,45 @@ class Repair:
                              lambda_rule=lambda_rule)
         return self
 
+    def auto(self, calib, *, holdout: float = 0.25, seed: int = 0, recal: str = "exact", momentum: float = 0.1,
+             candidates=AUTO_CANDIDATES) -> "Repair":
+        """Picks the method that best agrees with the dense model on a held-out part of ``calib``.
+
+        The candidates are repaired with statistics from the fitting part only and scored, label-free, by
+        top-1 agreement with the dense model on the held-out part (logit error breaks ties). The winner
+        is then measured and applied on the whole calibration set.
+
+        Args:
+            calib: a calib.CalibSet (needs ``split``).
+            holdout: the held-out fraction. Defaults to 0.25.
+            seed: the split's seed. Defaults to 0.
+            recal, momentum: as in :meth:`correct`.
+            candidates: (method, placement, lambda_rule) triples. Defaults to AUTO_CANDIDATES.
+        """
+        from .verify import evaluate
+
+        fit, held = calib.split(1 - holdout, seed)
+        probe = Repair(self.dense, device=self.device, batch_size=min(self.batch_size, len(fit)), progress=False)
+        probe.pruned, probe.source = self.pruned, self.source
+        with self._timed("auto"):
+            probe.measure(fit)
+            scores, dense_logits = [], []
+            for method, placement, rule in candidates:
+                probe.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=rule).fold()
+                result = evaluate(probe.output, held, reference=self.dense, device=self.device, progress=False,
+                                  reference_logits=dense_logits)
+                scores.append({"method": method, "placement": placement, "lambda_rule": rule,
+                               "agreement": result["agreement"], "logit_rel_l2": result["logit_rel_l2"]})
+        best = max(scores, key=lambda s: (s["agreement"], -s["logit_rel_l2"]))
+        if self.pruned_stats is None:
+            self.measure(calib)
+        self.correct(best["method"], placement=best["placement"], recal=recal, momentum=momentum,
+                     lambda_rule=best["lambda_rule"])
+        self.settings.update(method="auto", auto={"picked": best, "candidates": scores, "holdout": holdout,
+                                                  "reason": "highest held-out top-1 agreement with the dense "
+                                                            "model, then lowest logit error"})
+        return self
+
     def fold(self, fold_bn_nodes: bool = False) -> "Repair":
         """Writes the corrections into a copy of the pruned graph (BN nodes, or layer weights and biases).
 
@@ -174,5 +217,8 @@ def repair(model, calib, *, sparsity: float = 0.9, pattern: str = "global", meth
         job.settings.update(method="none")
         return job
     job.measure(calib, dense_stats)
-    job.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule)
+    if method == "auto":
+        job.auto(calib, recal=recal, momentum=momentum)
+    else:
+        job.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule)
     return job.fold(fold_bn_nodes)

@@ -13,6 +13,8 @@ import onnx
 from .errors import AsrError
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+LARGE_BYTES = 2**31 - 1  # protobuf's limit on one serialized message
+INLINE_BYTES = 1024  # smaller tensors stay inside the model file when writing external data
 
 
 def load_model(path) -> onnx.ModelProto:
@@ -30,19 +32,54 @@ def load_model(path) -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise AsrError(f"model file is empty: {path}")
     try:
-        model = onnx.load(str(path))
-    except FileNotFoundError as e:
-        raise AsrError(f"external data of {path} is missing: {e.filename or e}") from None
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError, RuntimeWarning and friends
         raise AsrError(f"{path} is not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from None
     if len(model.graph.node) == 0:
         raise AsrError(f"{path} is not a readable ONNX model (no graph nodes)")
+    _load_external(model, path)
     try:
         # a path lets the checker handle models over 2 GB
-        onnx.checker.check_model(str(path) if model.ByteSize() > 2**31 - 1 else model)
+        onnx.checker.check_model(str(path) if is_large(model) else model)
     except Exception as e:
         raise AsrError(f"{path} fails onnx.checker: {_first_line(e)}") from None
     return model
+
+
+def _external_files(model: onnx.ModelProto) -> set[str]:
+    """The relative locations of the model's external data files."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    return {ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)}
+
+
+def _load_external(model: onnx.ModelProto, path: Path) -> None:
+    """Reads the external data beside ``path`` into ``model``, refusing missing files first."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    files = _external_files(model)
+    for location in sorted(files):
+        target = path.parent / location
+        if not target.is_file():
+            raise AsrError(f"external data of {path} is missing: {target}")
+    if files:
+        try:
+            load_external_data_for_model(model, str(path.parent))
+        except Exception as e:
+            raise AsrError(f"cannot read the external data of {path}: {_first_line(e)}") from None
+
+
+def has_external_data(path) -> bool:
+    """Whether the model file at ``path`` keeps its weights in external data files (reads no weights)."""
+    try:
+        return bool(_external_files(onnx.load(str(path), load_external_data=False)))
+    except Exception:
+        return False
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether a model is too big for one protobuf message (2 GB), so it must travel as a path with external data."""
+    return model.ByteSize() > LARGE_BYTES
 
 
 def _first_line(e: Exception) -> str:
@@ -255,10 +292,13 @@ def check_destination(path, source=None, overwrite: bool = False) -> Path:
 
 
 def save_model(model: onnx.ModelProto, path, *, overwrite: bool = False, source=None, check: bool = True) -> Path:
-    """Checks a model and writes it atomically (temporary file, then rename).
+    """Checks a model and writes it atomically (a temporary folder beside ``path``, then renames).
+
+    The weights go to ``<name>.data`` beside the model when the model is over 2 GB or the source model
+    kept its weights in external data.
 
     Args:
-        model: the model to write.
+        model: the model to write (never modified).
         path: the destination.
         overwrite: allow ``path`` to be the ``source`` model. Defaults to False.
         source: the input model's path, which is never overwritten unless ``overwrite``.
@@ -268,29 +308,63 @@ def save_model(model: onnx.ModelProto, path, *, overwrite: bool = False, source=
         AsrError: the destination is the input, its folder is missing or not writable, or the
             model fails the checks. No file is left behind.
     """
+    import shutil
+
     path = check_destination(path, source, overwrite)
-    folder = path.parent
-    large = model.ByteSize() > 2**31 - 1
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    data_name = f"{path.name}.data"
+    external = is_large(model) or (source is not None and has_external_data(source))
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        if large:
-            onnx.save(model, tmp, save_as_external_data=True, location=data_name + ".tmp")
+        staged = staging / path.name
+        if external:
+            write_external(model, staged)
         else:
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString())
+            staged.write_bytes(model.SerializeToString())
         if check:
-            check_output(tmp if large else model)
-        if large:
-            os.replace(folder / (data_name + ".tmp"), folder / data_name)
-            _relocate_external(tmp, data_name)
-        os.replace(tmp, path)
-    except BaseException:
-        for leftover in (tmp, folder / (data_name + ".tmp")):
-            Path(leftover).unlink(missing_ok=True)
-        raise
+            check_output(staged if external else model)
+        for item in sorted(staging.iterdir(), key=lambda p: p == staged):  # the model file last
+            os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def write_external(model: onnx.ModelProto, path: Path) -> None:
+    """Writes ``model`` to ``path`` with its weights in ``<name>.data`` beside it, one tensor at a time.
+
+    The model is not modified, and no second copy of the weights is made in memory.
+    """
+    from onnx import numpy_helper
+
+    data_name = f"{path.name}.data"
+    light, graph = _without(model, "graph"), _without(model.graph, "initializer")
+    with open(path.parent / data_name, "wb") as data:
+        for tensor in model.graph.initializer:
+            raw = tensor.raw_data or numpy_helper.to_array(tensor).tobytes()
+            if len(raw) < INLINE_BYTES:
+                graph.initializer.add().CopyFrom(tensor)
+                continue
+            stub = graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+            for key, value in (("location", data_name), ("offset", data.tell()), ("length", len(raw))):
+                stub.external_data.add(key=key, value=str(value))
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            data.write(raw)
+    light.graph.CopyFrom(graph)
+    path.write_bytes(light.SerializeToString())
+
+
+def _without(message, skip: str):
+    """A copy of a protobuf message without the field ``skip`` (which is never copied)."""
+    out = type(message)()
+    for descriptor, value in message.ListFields():
+        if descriptor.name == skip:
+            continue
+        if descriptor.is_repeated:
+            getattr(out, descriptor.name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(out, descriptor.name).CopyFrom(value)
+        else:
+            setattr(out, descriptor.name, value)
+    return out
 
 
 def check_output(model) -> None:
@@ -301,24 +375,18 @@ def check_output(model) -> None:
     """
     from .runtime import make_session
 
+    if isinstance(model, onnx.ModelProto) and is_large(model):
+        with tempfile.TemporaryDirectory() as folder:
+            write_external(model, Path(folder) / "model.onnx")
+            return check_output(Path(folder) / "model.onnx")
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(model) if isinstance(model, Path) else model)
     except Exception as e:
         raise AsrError(f"the output model fails onnx.checker: {_first_line(e)}") from None
     try:
         make_session(model, device="cpu")
     except Exception as e:
         raise AsrError(f"onnxruntime cannot load the output model: {_first_line(e)}") from None
-
-
-def _relocate_external(model_path: str, data_name: str) -> None:
-    model = onnx.load(model_path, load_external_data=False)
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = data_name
-    with open(model_path, "wb") as f:
-        f.write(model.SerializeToString())
 
 
 def input_specs(model: onnx.ModelProto):

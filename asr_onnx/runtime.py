@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 import warnings
+from pathlib import Path
 
 from .errors import AsrError
 
@@ -42,6 +44,9 @@ def _cuda_device_visible() -> bool:
 def make_session(model, device: str = "auto", threads: int = 0):
     """An InferenceSession over a ModelProto, serialized bytes or a path.
 
+    A ModelProto over 2 GB cannot be serialized, so it is written with external data to a temporary
+    folder and opened by path (onnxruntime reads the weights while the session is created).
+
     Args:
         model: onnx.ModelProto, bytes, or a file path.
         device: see :func:`providers`. Defaults to "auto".
@@ -50,10 +55,16 @@ def make_session(model, device: str = "auto", threads: int = 0):
     import onnx
     import onnxruntime as ort
 
+    from .graph import is_large, write_external
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if isinstance(model, onnx.ModelProto) and is_large(model):
+        with tempfile.TemporaryDirectory(prefix="asr-onnx.") as folder:
+            write_external(model, Path(folder) / "model.onnx")
+            return make_session(Path(folder) / "model.onnx", device, threads)
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers(device))

@@ -112,13 +112,12 @@ def _channel_view(b: _Builder, x, channels: int, channel_last: bool):
 
 
 def _add_site(b: _Builder, site, index: int, norm=None) -> list:
-    """Adds the statistic outputs of one site; with ``norm``, also renormalises it with batch statistics.
+    """Adds the statistic outputs of one site; with ``norm``, also renormalises the site.
 
     Args:
-        norm: (scale, bias, eps) per-channel arrays for train-mode normalisation, or None.
+        norm: None; (scale, bias, eps) for train-mode normalisation with the batch's statistics; or
+            (scale, bias, eps, mean, var) for eval-mode normalisation with fixed (population) statistics.
     """
-    import onnx_graphsurgeon as gs
-
     x, channels = site.tensor, _channels(site)
     if site.dtype != np.float32:
         x = b.op("Cast", [x], {"to": FLOAT})
@@ -132,20 +131,37 @@ def _add_site(b: _Builder, site, index: int, norm=None) -> list:
         tensor.name = f"{STAT_PREFIX}{index}.{name}"
         outputs.append(tensor)
     if norm is not None:
-        scale, bias, eps = norm
         shape = (1, channels) if site.channel_last else (1, channels, 1)
-        # unbiased, as the stored running variance will be, so that one batch reproduces it exactly
-        count = b.op("Div", [b.op("Cast", [size], {"to": FLOAT}), b.const(np.float32(channels))])
-        dof = b.op("Max", [b.op("Sub", [count, b.const(np.float32(1))]), b.const(np.float32(1))])
-        var = b.op("Div", [m2, dof])
-        inv_std = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(np.float32(eps))])])])
-        gain = b.op("Mul", [inv_std, b.const(scale.reshape(shape).astype(np.float32))])
-        normed = b.op("Add", [b.op("Mul", [centred, gain]), b.const(bias.reshape(shape).astype(np.float32))])
+        if len(norm) == 3:
+            normed = _train_norm(b, norm, centred, m2, size, channels, shape)
+        else:
+            normed = _eval_norm(b, norm, view, shape)
         restored = b.op("Reshape", [normed, b.op("Shape", [site.tensor], dtype=np.int64)])
         if site.dtype != np.float32:
-            restored = b.op("Cast", [restored], {"to": _onnx_type(site.dtype)})
+            restored = b.op("Cast", [restored], {"to": _onnx_type(site.dtype)}, dtype=site.dtype)
         _replace_uses(b.graph, site, restored)
     return outputs
+
+
+def _train_norm(b: _Builder, norm, centred, m2, size, channels: int, shape):
+    """scale * (x - batch mean) / sqrt(batch var + eps) + bias, as BatchNormalization in training mode."""
+    scale, bias, eps = norm
+    # unbiased, as the stored running variance will be, so that one batch reproduces it exactly
+    count = b.op("Div", [b.op("Cast", [size], {"to": FLOAT}), b.const(np.float32(channels))])
+    dof = b.op("Max", [b.op("Sub", [count, b.const(np.float32(1))]), b.const(np.float32(1))])
+    var = b.op("Div", [m2, dof])
+    inv_std = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(np.float32(eps))])])])
+    gain = b.op("Mul", [inv_std, b.const(scale.reshape(shape).astype(np.float32))])
+    return b.op("Add", [b.op("Mul", [centred, gain]), b.const(bias.reshape(shape).astype(np.float32))])
+
+
+def _eval_norm(b: _Builder, norm, view, shape):
+    """scale * (x - mean) / sqrt(var + eps) + bias with fixed statistics, as y = a * x + c."""
+    scale, bias, eps, mean, var = (np.asarray(v, np.float64) for v in norm)
+    a = scale / np.sqrt(var + eps)
+    c = bias - a * mean
+    scaled = b.op("Mul", [view, b.const(a.reshape(shape).astype(np.float32))])
+    return b.op("Add", [scaled, b.const(c.reshape(shape).astype(np.float32))])
 
 
 def _onnx_type(dtype) -> int:
@@ -180,8 +196,9 @@ def stats_model(model, norms: dict | None = None):
 
     Args:
         model: onnx.ModelProto.
-        norms: site key -> (scale, bias, eps). When given, every site is renormalised with its batch
-            statistics, as a BatchNormalization in training mode does. Defaults to None (plain).
+        norms: site key -> (scale, bias, eps) to renormalise that site with its batch statistics, as a
+            BatchNormalization in training mode does, or -> (scale, bias, eps, mean, var) to renormalise it
+            with fixed statistics (eval mode). Sites without an entry are left as they are. Defaults to None.
 
     Returns:
         (augmented onnx.ModelProto, the sites in output order).
@@ -193,14 +210,21 @@ def stats_model(model, norms: dict | None = None):
     builder = _Builder(graph, opset(model))
     outputs = []
     for index, site in enumerate(sites):
-        outputs += _add_site(builder, site, index, None if norms is None else norms[site.key])
+        outputs += _add_site(builder, site, index, (norms or {}).get(site.key))
     graph.outputs = outputs
     graph.cleanup().toposort()
     return to_model(graph, model), sites
 
 
+SMALL_BATCH = 8  # under this many samples per run, train-mode renormalisation is replaced by levels
+
+
 def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, progress: bool = True, desc="measure"):
     """Runs the calibration set through the augmented model.
+
+    With ``norms`` and fewer than :data:`SMALL_BATCH` samples per run (a model that fixes a batch of 1),
+    batch statistics are too noisy to renormalise with, so the sites are measured level by level
+    instead: see :func:`measure_levels`.
 
     Args:
         model: onnx.ModelProto.
@@ -215,20 +239,87 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
         (site key -> list of per-batch ChannelStats, the provider used).
 
     Raises:
-        AsrError: a statistic is NaN or infinite.
+        AsrError: a statistic is NaN or infinite, or no batch has the model's fixed batch size.
     """
+    if norms is not None and batch_size < SMALL_BATCH:
+        return measure_levels(model, calib, batch_size=batch_size, device=device, norms=norms, progress=progress,
+                              desc=desc)
+    augmented, sites = stats_model(model, norms)
+    return _run(augmented, sites, calib, batch_size, device, progress, desc)
+
+
+def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, progress: bool, desc: str):
+    """Train-mode measurement without batch statistics: one pass per level of the site graph.
+
+    A site's level is the largest number of sites on a path from the inputs to it. In pass ``k``,
+    every site of a lower level is renormalised with fixed statistics, its own population statistics
+    from the pass that measured it, and the sites of level ``k`` are measured. Their statistics are
+    then exactly those of the network whose upstream sites are recalibrated on the whole set, which
+    is what train-mode renormalisation approximates batch by batch.
+    """
+    from .graph import find_layers, find_sites, to_graph
+
+    graph = to_graph(model)
+    levels = site_levels(graph, find_sites(graph, find_layers(graph)))
+    done, provider = {}, None
+    for level in range(max(levels.values()) + 1):
+        fixed = {key: norms[key][:3] + _population(stats) for key, stats in done.items()}
+        augmented, sites = stats_model(model, fixed)
+        per_site, provider = _run(augmented, sites, calib, batch_size, device, progress, f"{desc} {level + 1}")
+        done.update({key: per_site[key] for key, at in levels.items() if at == level})
+    return done, provider
+
+
+def _population(batches: list["ChannelStats"]) -> tuple:
+    total = merge_all(batches)
+    return total.mean, total.var
+
+
+def site_levels(graph, sites) -> dict[str, int]:
+    """Site key -> the largest number of sites on any path from the graph inputs to the site."""
+    by_tensor = {site.tensor.name: site for site in sites}
+    bn_sites = {id(site.bn): site for site in sites if site.bn is not None}
+    depth, levels = {}, {}
+    graph.toposort()
+    for node in graph.nodes:
+        if id(node) in bn_sites:  # a BN's output lies one level past its input
+            level = levels[bn_sites[id(node)].key] + 1
+        else:
+            level = max((_after(t.name, depth, by_tensor) for t in node.inputs), default=0)
+        for t in node.outputs:
+            depth[t.name] = level
+            if t.name in by_tensor:
+                levels[t.name] = level
+    for key in by_tensor:  # a site tensor that is a graph input
+        levels.setdefault(key, 0)
+    return levels
+
+
+def _after(name: str, depth: dict, by_tensor: dict) -> int:
+    """The level that a node reading ``name`` sees: one more past a virtual site's tensor."""
+    site = by_tensor.get(name)
+    return depth.get(name, 0) + (1 if site is not None and site.bn is None else 0)
+
+
+def _run(augmented, sites, calib, batch_size: int, device: str, progress: bool, desc: str):
+    """Per-batch statistics of every site over the set; a last partial batch is skipped when the batch is fixed."""
+    from .graph import fixed_batch, input_specs
     from .progress import bar
     from .runtime import make_session, provider_of
 
-    augmented, sites = stats_model(model, norms)
+    fixed = fixed_batch(input_specs(augmented))
     session = make_session(augmented, device)
     names = [o.name for o in session.get_outputs()]
     per_site = {site.key: [] for site in sites}
     total = -(-len(calib) // batch_size)
     for feed in bar(calib.batches(batch_size), total=total, desc=desc, enabled=progress):
+        if fixed and len(next(iter(feed.values()))) != fixed:
+            continue  # the model cannot take a partial batch; the statistics do not need it
         values = dict(zip(names, session.run(names, feed)))
         for index, site in enumerate(sites):
             per_site[site.key].append(_batch_stats(values, index, site))
+    if sites and not per_site[sites[0].key]:
+        raise AsrError(f"the calibration set has no full batch of {fixed} samples, the model's fixed batch size")
     return per_site, provider_of(session)
 
 

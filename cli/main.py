@@ -6,9 +6,17 @@ import sys
 
 import click
 
+from .demo import demo_command
+from .eval import eval_command
+from .inspect import inspect_command
 from .repair import repair_command
+from .stats import stats_command
+from .sweep import sweep_command
+from .verify import verify_command
 
-COMMANDS = {"repair": repair_command}
+COMMANDS = {"repair": repair_command, "eval": eval_command, "stats": stats_command,
+            "sweep": sweep_command, "demo": demo_command, "inspect": inspect_command,
+            "verify": verify_command}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -21,7 +21,8 @@ def default_output(model: str) -> Path:
 @click.option("--sparsity", default="0.9", show_default=True, help="Fraction of prunable weights set to zero.")
 @click.option("--pattern", default="global", show_default=True, help="global, uniform or N:M (e.g. 2:4).")
 @click.option("--method", default="bn", show_default=True,
-              type=click.Choice(["none", "bn", "lw", "naive", "asr"]), help="How lost variance is given back.")
+              type=click.Choice(["none", "bn", "lw", "naive", "asr", "auto"]),
+              help="How lost variance is given back; auto picks on held-out calibration data.")
 @click.option("--placement", default="recal", show_default=True, type=click.Choice(["recal", "pre-bn"]),
               help="recal: the gain is the variance part of recalibration; pre-bn: the literal order.")
 @click.option("--recal", "recal_mode", default="exact", show_default=True,
@@ -35,15 +36,17 @@ def default_output(model: str) -> Path:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration subset.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--fold-bn", is_flag=True, help="Fold every BatchNormalization into its Conv after recalibration.")
+@click.option("--stats", "stats_path", type=click.Path(), help="Dense statistics saved by `asr-onnx stats`.")
 @click.option("--report", "report_path", help="Write the JSON report here.")
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @preprocess_options
 def repair_command(model, calib_path, output, sparsity, pattern, method, placement, recal_mode, lambda_rule,
-                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, fold_bn, report_path,
+                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, fold_bn, stats_path, report_path,
                    overwrite, quiet, **preprocess):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.api import Repair
+    from asr_onnx.cache import load_stats, stats_key
     from asr_onnx.errors import AsrError
     from asr_onnx.graph import check_destination
     from asr_onnx.report import summary, write_json
@@ -57,8 +60,12 @@ def repair_command(model, calib_path, output, sparsity, pattern, method, placeme
         if not calib_path:
             raise AsrError(f"--calib is required for --method {method}")
         calib = open_data(calib_path, job.dense, preprocess, limit=calib_size, seed=seed)
-        job.measure(calib).correct(method, placement=placement, recal=recal, momentum=momentum,
-                                   lambda_rule=lambda_rule)
+        dense_stats = load_stats(stats_path, stats_key(job.dense, calib)) if stats_path else None
+        job.measure(calib, dense_stats)
+        if method == "auto":
+            job.auto(calib, recal=recal, momentum=momentum, seed=seed)
+        else:
+            job.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule)
         job.fold(fold_bn)
     else:
         job.settings.update(method="none")

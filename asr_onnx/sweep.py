@@ -1,0 +1,210 @@
+"""A grid of repairs (pattern x sparsity x method x recalibration), evaluated against the dense model.
+
+Dense statistics are measured once per model and calibration set, pruned statistics once per
+(pattern, sparsity), and the dense model's logits once per evaluation set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .api import Repair
+from .verify import evaluate
+
+
+@dataclass
+class Grid:
+    """The axes of a sweep.
+
+    Attributes:
+        sparsities: fractions for global/uniform patterns. Defaults to (0.5, 0.7, 0.8, 0.9, 0.95).
+        patterns: "global", "uniform" or "N:M". Defaults to ("global",).
+        methods: none, bn, lw, naive, asr, auto. Defaults to all but auto.
+        regimes: (recal, placement) pairs, e.g. ("exact", "recal") or ("momentum", "pre-bn").
+            Defaults to (("exact", "recal"),).
+        lambda_rule: ASR's lambda rule. Defaults to "median".
+        momentum: for the momentum regime. Defaults to 0.1.
+    """
+
+    sparsities: tuple = (0.5, 0.7, 0.8, 0.9, 0.95)
+    patterns: tuple = ("global",)
+    methods: tuple = ("none", "bn", "lw", "naive", "asr")
+    regimes: tuple = (("exact", "recal"),)
+    lambda_rule: str = "median"
+    momentum: float = 0.1
+
+    def cells(self):
+        """(pattern, sparsity) pairs; an N:M pattern has one cell whatever the sparsity."""
+        for pattern in self.patterns:
+            if ":" in str(pattern):
+                yield pattern, None
+            else:
+                yield from ((pattern, s) for s in self.sparsities)
+
+
+@dataclass
+class SweepResult:
+    dense: dict
+    rows: list = field(default_factory=list)
+    channel_var: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"dense": self.dense, "rows": self.rows, "channel_var": self.channel_var}
+
+    def write(self, folder) -> tuple[Path, Path]:
+        """Writes results.json and results.md into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.json").write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        (folder / "results.md").write_text(markdown(self) + "\n")
+        return folder / "results.json", folder / "results.md"
+
+
+def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None = None, batch_size: int = 64,
+              device: str = "auto", progress: bool = True, dense_stats=None, on_row=None,
+              watch: bool = True) -> SweepResult:
+    """Runs every cell of ``grid`` on one model.
+
+    Args:
+        model: path or onnx.ModelProto of the dense model.
+        calib: calibration CalibSet.
+        eval_data: evaluation CalibSet (labels give top-1; agreement with the dense model is always given).
+        grid: the axes. Defaults to Grid().
+        name: the model's name in the rows. Defaults to the file name.
+        batch_size: calibration batch size. Defaults to 64.
+        device: "auto", "cpu" or "cuda". Defaults to "auto".
+        progress: progress bars on a TTY. Defaults to True.
+        dense_stats: cached dense statistics. Defaults to None (measured once here).
+        on_row: called with each row as it is produced (for live output). Defaults to None.
+        watch: record per-channel variances after each method at the sparsest cell (an extra short
+            pass per method, for the channel-variance plot). Defaults to True.
+    """
+    name = name or (Path(model).name if not hasattr(model, "graph") else "model")
+    dense_logits: list = []
+    base = Repair(model, device=device, batch_size=batch_size, progress=progress)
+    start = time.perf_counter()
+    dense = evaluate(base.dense, eval_data, reference=base.dense, device=device, progress=progress,
+                     reference_logits=dense_logits)
+    result = SweepResult({"model": name, "top1": dense.get("top1"), "eval_s": time.perf_counter() - start})
+    cells = list(grid.cells())
+    watched = max((c for c in cells if c[1] is not None), key=lambda c: c[1], default=None)
+    for pattern, sparsity in cells:
+        job = Repair(base.dense, device=device, batch_size=batch_size, progress=progress)
+        job.source = base.source
+        job.prune(0.0 if sparsity is None else sparsity, pattern)
+        start = time.perf_counter()
+        if any(m != "none" for m in grid.methods):
+            job.measure(calib, dense_stats)
+            dense_stats = job.dense_stats
+        measure_s = time.perf_counter() - start
+        ratio = variance_ratio(job) if job.pruned_stats is not None else None
+        for recal, placement in grid.regimes:
+            for method in grid.methods:
+                if method == "none" and (recal, placement) != grid.regimes[0]:
+                    continue  # pruning alone does not depend on the regime
+                if method == "auto" and placement != next(p for r, p in grid.regimes if r == recal):
+                    continue  # auto chooses its own placement
+                start = time.perf_counter()
+                if method == "none":
+                    output = job.pruned
+                else:
+                    if method == "auto":
+                        job.auto(calib, recal=recal, momentum=grid.momentum)
+                    else:
+                        job.correct(method, placement=placement, recal=recal, momentum=grid.momentum,
+                                    lambda_rule=grid.lambda_rule)
+                    output = job.fold().output
+                repair_s = time.perf_counter() - start
+                scores = evaluate(output, eval_data, reference=base.dense, device=device, progress=progress,
+                                  reference_logits=dense_logits)
+                row = {"model": name, "pattern": pattern, "sparsity": sparsity, "method": method, "recal": recal,
+                       "placement": placement, **scores, "variance_ratio": ratio, "measure_s": round(measure_s, 3),
+                       "repair_s": round(repair_s, 3)}
+                if method == "auto":
+                    row["picked"] = job.settings["auto"]["picked"]
+                result.rows.append(row)
+                if watch and (pattern, sparsity) == watched and (recal, placement) == grid.regimes[0]:
+                    _watch(result, job, output, method, calib, f"{pattern} {sparsity:g}", device)
+                if on_row:
+                    on_row(row)
+    return result
+
+
+def _watch(result, job, output, method, calib, cell: str, device: str, samples: int = 256) -> None:
+    """Records the measured per-channel variance after ``method`` at the most damaged site (Fig. 4)."""
+    import numpy as np
+
+    from .stats import merge_all
+
+    subset = calib.take(samples) if hasattr(calib, "take") else calib
+    if not result.channel_var:
+        ratios = {k: np.median(merge_all(job.pruned_stats[k]).var / np.maximum(ref.var, ref.eps))
+                  for k, ref in list(job._refs.items())[:-1] or job._refs.items()}
+        key = min(ratios, key=ratios.get)
+        result.channel_var = {"site": key, "cell": cell, "repaired": {},
+                              "dense": output_variance(job.dense, subset, key, job.batch_size, device).tolist()}
+    key = result.channel_var["site"]
+    result.channel_var["repaired"][method] = output_variance(output, subset, key, job.batch_size, device).tolist()
+
+
+def output_variance(model, data, key: str, batch_size: int, device: str):
+    """The measured per-channel variance after a site's normalisation (its BN output, or the layer output)."""
+    from .graph import find_layers, find_sites, to_graph
+    from .stats import measure, merge_all
+
+    batches, _ = measure(model, data, batch_size=min(batch_size, len(data)), device=device, progress=False)
+    var = merge_all(batches[key]).var
+    graph = to_graph(model)
+    site = next(s for s in find_sites(graph, find_layers(graph)) if s.key == key)
+    if site.bn is None:
+        return var
+    scale, _, _, running_var = (t.values.astype("float64") for t in site.bn.inputs[1:5])
+    return var * scale**2 / (running_var + site.eps)
+
+
+def variance_ratio(job) -> float:
+    """Pruning severity: the mean over sites and channels of pruned / reference variance (1 = no damage)."""
+    import numpy as np
+
+    from .stats import merge_all
+
+    ratios = [np.mean(np.minimum(merge_all(job.pruned_stats[k]).var / np.maximum(ref.var, ref.eps), 1.0))
+              for k, ref in job._refs.items()]
+    return round(float(np.mean(ratios)), 6)
+
+
+def _cell(row) -> str:
+    top1 = f"{100 * row['top1']:.2f}" if row.get("top1") is not None else "-"
+    return f"{top1} ({100 * row['agreement']:.1f})"
+
+
+def markdown(result: SweepResult) -> str:
+    """One table per model: a row per (pattern, sparsity, regime), a column per method.
+
+    Cells read ``top-1 (agreement with dense)`` in percent.
+    """
+    methods = list(dict.fromkeys(r["method"] for r in result.rows))
+    keys = list(dict.fromkeys((r["pattern"], r["sparsity"], r["recal"], r["placement"]) for r in result.rows))
+    none_rows = {(r["pattern"], r["sparsity"]): r for r in result.rows if r["method"] == "none"}
+    dense = result.dense
+    lines = [f"**{dense['model']}**: dense top-1 {100 * dense['top1']:.2f}%" if dense.get("top1") is not None
+             else f"**{dense['model']}**",
+             "",
+             "| pattern | sparsity | recal | placement | " + " | ".join(methods) + " | best |",
+             "|---|---|---|---|" + "---|" * (len(methods) + 1)]
+    for pattern, sparsity, recal, placement in keys:
+        cells, best, best_score = [], "-", None
+        for method in methods:
+            row = next((r for r in result.rows if (r["pattern"], r["sparsity"], r["recal"], r["placement"],
+                                                    r["method"]) == (pattern, sparsity, recal, placement, method)),
+                       none_rows.get((pattern, sparsity)) if method == "none" else None)
+            cells.append(_cell(row) if row else "")
+            score = row and (row.get("top1") if row.get("top1") is not None else row["agreement"])
+            if row and method != "none" and (best_score is None or score > best_score):
+                best, best_score = method, score
+        shown = "-" if sparsity is None else f"{sparsity:g}"
+        lines.append(f"| {pattern} | {shown} | {recal} | {placement} | " + " | ".join(cells) + f" | {best} |")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""``asr-onnx demo``: prune a bundled sample model and compare every repair method on bundled data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def find_samples(folder) -> Path:
+    """The sample_models folder: the one given, ./sample_models, or the one beside the source tree."""
+    from asr_onnx.errors import AsrError
+
+    import asr_onnx
+
+    candidates = [Path(folder)] if folder else [Path("sample_models"),
+                                                 Path(asr_onnx.__file__).resolve().parent.parent / "sample_models"]
+    for candidate in candidates:
+        if (candidate / "data" / "eval.npz").exists():
+            return candidate
+    raise AsrError("sample models not found: run from the repository root or pass --models-dir")
+
+
+@click.command("demo")
+@click.option("--model", default="resnet20_bn", show_default=True,
+              help="A sample model: resnet20, resnet50s, vgg_bn, mobilenetv2, with _bn to keep BN nodes.")
+@click.option("--sparsity", default=0.9, show_default=True, type=float)
+@click.option("--pattern", default="global", show_default=True)
+@click.option("--models-dir", help="The sample_models folder. Default: ./sample_models.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def demo_command(model, sparsity, pattern, models_dir, device):
+    """Prune a sample model and compare none, bn, lw, naive and asr on the bundled eval set."""
+    from asr_onnx.calib import Preprocess, load_calib
+    from asr_onnx.errors import AsrError
+    from asr_onnx.graph import input_specs, load_model, metadata
+    from asr_onnx.sweep import Grid, run_sweep
+
+    folder = find_samples(models_dir)
+    path = folder / f"{model}.onnx"
+    if not path.exists():
+        raise AsrError(f"no sample model {model!r} in {folder}")
+    proto = load_model(path)
+    specs, preprocess = input_specs(proto), Preprocess.from_metadata(metadata(proto))
+    calib = load_calib(folder / "data" / "calib", specs, preprocess)
+    eval_data = load_calib(folder / "data" / "eval.npz", specs, preprocess)
+    grid = Grid(sparsities=(sparsity,), patterns=(pattern,))
+    click.echo(f"{model}: {pattern} pruning at {sparsity:g}, {len(calib)} calibration images, "
+               f"{len(eval_data)} test images")
+    result = run_sweep(proto, calib, eval_data, grid, name=model, device=device, progress=False, watch=False)
+    click.echo(f"{'method':<8} {'top-1':>7} {'agree':>7} {'time':>7}")
+    click.echo(f"{'dense':<8} {100 * result.dense['top1']:>6.2f}% {'':>7} {result.dense['eval_s']:>6.2f}s")
+    for row in result.rows:
+        seconds = row["repair_s"] + (row["measure_s"] if row["method"] != "none" else 0)
+        click.echo(f"{row['method']:<8} {100 * row['top1']:>6.2f}% {100 * row['agreement']:>6.1f}% {seconds:>6.2f}s")
+    click.echo("time = measurement (shared by the methods) + correction + fold; top-1 on the bundled test subset")

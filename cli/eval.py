@@ -1,0 +1,43 @@
+"""``asr-onnx eval``: top-1 accuracy, and agreement with a reference model."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import open_data, preprocess_options
+
+
+@click.command("eval")
+@click.argument("model", type=click.Path())
+@click.option("--data", "data_path", required=True,
+              help="Image folder (class subfolders), .npz with x/y, IDX files, or fashion-mnist:test.")
+@click.option("--reference", type=click.Path(), help="A reference (dense) model for label-free agreement.")
+@click.option("--limit", type=int, help="Evaluate only the first N samples of a seeded subset.")
+@click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@preprocess_options
+def eval_command(model, data_path, reference, limit, batch_size, device, as_json, quiet, **preprocess):
+    """Evaluate MODEL on labelled or unlabelled data."""
+    from asr_onnx.errors import AsrError
+    from asr_onnx.graph import load_model
+    from asr_onnx.verify import evaluate, resolve_data
+
+    proto = load_model(model)
+    ref = load_model(reference) if reference else None
+    data = open_data(resolve_data(data_path), proto, preprocess, limit=limit)
+    if data.labels is None and ref is None:
+        raise AsrError(f"{data_path} has no labels; pass --reference to measure agreement instead")
+    result = evaluate(proto, data, reference=ref, batch_size=batch_size, device=device, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    parts = [f"samples {result['samples']}"]
+    if "top1" in result:
+        parts.append(f"top-1 {100 * result['top1']:.2f}%")
+    if "agreement" in result:
+        parts.append(f"agreement {100 * result['agreement']:.2f}%  logit rel-L2 {result['logit_rel_l2']:.4f}")
+    click.echo("  ".join(parts))

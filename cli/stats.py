@@ -1,0 +1,36 @@
+"""``asr-onnx stats``: measure and save the dense model's per-channel statistics."""
+
+from __future__ import annotations
+
+import click
+
+from .common import open_data, preprocess_options
+
+
+@click.command("stats")
+@click.argument("model", type=click.Path())
+@click.option("--calib", "calib_path", required=True, help="Calibration data, as for `repair`.")
+@click.option("-o", "--output", required=True, help="The .npz file to write.")
+@click.option("--calib-size", default=1024, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("-q", "--quiet", is_flag=True)
+@preprocess_options
+def stats_command(model, calib_path, output, calib_size, batch_size, seed, device, quiet, **preprocess):
+    """Measure MODEL's dense statistics once, for `repair --stats` and sweeps.
+
+    The file is keyed by the model's bytes, the data and the preprocessing: using it with anything
+    else is refused.
+    """
+    from asr_onnx.cache import save_stats, stats_key
+    from asr_onnx.graph import fixed_batch, input_specs, load_model
+    from asr_onnx.stats import measure, merge_all
+
+    proto = load_model(model)
+    calib = open_data(calib_path, proto, preprocess, limit=calib_size, seed=seed)
+    batch = fixed_batch(input_specs(proto)) or batch_size
+    batches, _ = measure(proto, calib, batch_size=batch, device=device, progress=not quiet, desc="dense")
+    save_stats(output, {key: merge_all(b) for key, b in batches.items()}, stats_key(proto, calib))
+    if not quiet:
+        click.echo(f"wrote statistics of {len(batches)} sites to {output}")

@@ -1,0 +1,80 @@
+"""``asr-onnx sweep``: a grid of repairs on one model, as JSON, Markdown and (optionally) plots."""
+
+from __future__ import annotations
+
+import click
+
+from .common import open_data, parse_list, preprocess_options
+
+
+def parse_regimes(recal: str, placement: str) -> tuple:
+    from .repair import parse_recal
+
+    regimes = []
+    for text in parse_list(recal):
+        mode, _ = parse_recal(text)
+        regimes += [(mode, p) for p in parse_list(placement)]
+    return tuple(regimes)
+
+
+@click.command("sweep")
+@click.argument("model", type=click.Path())
+@click.option("--calib", "calib_path", required=True, help="Calibration data, as for `repair`.")
+@click.option("--eval", "eval_path", required=True, help="Evaluation data, as for `eval` (fashion-mnist:test works).")
+@click.option("--sparsity", default="0.5,0.7,0.8,0.9,0.95", show_default=True)
+@click.option("--pattern", default="global", show_default=True, help="Comma list: global, uniform, N:M.")
+@click.option("--method", default="none,bn,lw,naive,asr", show_default=True, help="Comma list; auto allowed.")
+@click.option("--recal", "recal_modes", default="exact", show_default=True, help="Comma list: exact, momentum[=M].")
+@click.option("--placement", default="recal", show_default=True, help="Comma list: recal, pre-bn.")
+@click.option("--lambda-rule", default="median", show_default=True)
+@click.option("--calib-size", default=1024, show_default=True, type=int)
+@click.option("--eval-size", type=int, help="Evaluate on a seeded subset of this size. Default: all.")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--stats", "stats_path", type=click.Path(), help="Dense statistics from `asr-onnx stats`.")
+@click.option("-o", "--output", "out_dir", default="sweep", show_default=True, help="Folder for results and plots.")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="PNG plots (needs the plots extra).")
+@click.option("-q", "--quiet", is_flag=True)
+@preprocess_options
+def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal_modes, placement, lambda_rule,
+                  calib_size, eval_size, batch_size, seed, device, stats_path, out_dir, plots, quiet, **preprocess):
+    """Repair MODEL over a grid and write results.json, results.md and plots."""
+    from asr_onnx.cache import load_stats, stats_key
+    from asr_onnx.graph import load_model
+    from asr_onnx.prune import Pattern, check_sparsity
+    from asr_onnx.sweep import Grid, run_sweep
+    from asr_onnx.verify import resolve_data
+
+    proto = load_model(model)
+    grid = Grid(sparsities=tuple(check_sparsity(s) for s in parse_list(sparsity)),
+                patterns=tuple(str(Pattern.parse(p)) for p in parse_list(pattern)),
+                methods=tuple(parse_list(method)), regimes=parse_regimes(recal_modes, placement),
+                lambda_rule=lambda_rule, momentum=_momentum(recal_modes))
+    calib = open_data(calib_path, proto, preprocess, limit=calib_size, seed=seed)
+    eval_data = open_data(resolve_data(eval_path), proto, preprocess, limit=eval_size, seed=seed)
+    dense_stats = load_stats(stats_path, stats_key(proto, calib)) if stats_path else None
+
+    def show(row):
+        if not quiet:
+            top1 = f"{100 * row['top1']:.2f}%" if row.get("top1") is not None else "-"
+            click.echo(f"{row['pattern']:>7} {row['sparsity'] or '-':>5} {row['recal']:>8} {row['placement']:>6} "
+                       f"{row['method']:>5}  top-1 {top1}  agreement {100 * row['agreement']:.1f}%  "
+                       f"repair {row['repair_s']:.2f}s")
+
+    result = run_sweep(model, calib, eval_data, grid, batch_size=batch_size, device=device, progress=not quiet,
+                       dense_stats=dense_stats, on_row=show)
+    json_path, md_path = result.write(out_dir)
+    written = [json_path, md_path]
+    if plots:
+        from asr_onnx.plots import sweep_plots
+
+        written += sweep_plots(result, out_dir)
+    if not quiet:
+        click.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+def _momentum(recal_modes: str) -> float:
+    from .repair import parse_recal
+
+    return next((parse_recal(t)[1] for t in parse_list(recal_modes) if t.startswith("momentum")), 0.1)

@@ -1,0 +1,66 @@
+"""``asr-onnx verify``: compare a repaired model's outputs with the dense reference's; exit 1 when they disagree."""
+
+from __future__ import annotations
+
+import click
+
+from .common import open_data, preprocess_options
+
+
+@click.command("verify")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--reference", required=True, type=click.Path(dir_okay=True), help="The reference (dense) model.")
+@click.option("--data", "data_path", required=True, help="Input data: image folder, .npy/.npz, or IDX files.")
+@click.option("--atol", default=1e-5, show_default=True, type=float, help="Absolute tolerance.")
+@click.option("--rtol", default=1e-5, show_default=True, type=float, help="Relative tolerance (of the reference).")
+@click.option("--check-error-stat", default="elemwise", show_default=True,
+              type=click.Choice(["elemwise", "mean", "median", "max"]),
+              help="elemwise: every element within atol or rtol; mean/median/max: that statistic of the "
+                   "absolute error within atol or of the relative error within rtol (Polygraphy's rule).")
+@click.option("--limit", type=int, help="Compare on this many samples (a seeded subset). Default: all.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the --limit subset.")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@preprocess_options
+@click.pass_context
+def verify_command(ctx, model, reference, data_path, atol, rtol, check_error_stat, limit, seed, batch_size, device,
+                   as_json, **preprocess):
+    """Compare MODEL's outputs with --reference's on --data, with Polygraphy-style tolerances.
+
+    Exits 0 when every output is within tolerance and 1 when any is not, so it can gate a pipeline.
+    """
+    import json
+
+    from asr_onnx.compare import compare_models, format_comparison
+    from asr_onnx.errors import AsrError
+    from asr_onnx.graph import fixed_batch, input_specs, load_model
+
+    if limit is not None and limit < 1:
+        raise click.BadParameter(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise click.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
+    if atol < 0 or rtol < 0:
+        raise click.BadParameter("--atol and --rtol must be >= 0")
+    candidate, dense = load_model(model), load_model(reference)
+    data = open_data(data_path, dense, preprocess, limit=limit, seed=seed)
+    fixed = fixed_batch(input_specs(dense))
+    if fixed:
+        usable = len(data) // fixed * fixed
+        if usable == 0:
+            raise AsrError(f"the data has {len(data)} samples, fewer than the model's fixed batch size {fixed}")
+        if usable < len(data):
+            data = data.take(usable, seed)
+        batch_size = fixed
+    result = compare_models(candidate, dense, data, atol=atol, rtol=rtol, check_error_stat=check_error_stat,
+                            batch_size=batch_size, device=device)
+    result.update(model=str(model), reference=str(reference))
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        click.echo(format_comparison(result))
+    if not result["passed"]:
+        if as_json:
+            failed = [r["name"] for r in result["outputs"] if not r["passed"]]
+            click.echo(f"FAILED: output(s) {', '.join(failed)} exceed the tolerances", err=True)
+        ctx.exit(1)
