@@ -1,0 +1,72 @@
+"""Evaluation: top-1 on labelled data, agreement and logit error against a reference."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from asr_onnx.calib import InputSpec, load_calib
+from asr_onnx.errors import AsrError
+from asr_onnx.verify import evaluate, resolve_data
+from asr_onnx_cli.main import main
+from models import conv_net, random_inputs
+
+SPECS = [InputSpec("input", ("N", 3, 8, 8), np.float32)]
+
+
+@pytest.fixture
+def labelled(tmp_path):
+    x = random_inputs(50, seed=3)
+    logits = ort.InferenceSession(conv_net(bn=True).SerializeToString(),
+                                  providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    y = logits.argmax(1)
+    y[:10] = (y[:10] + 1) % 10  # exactly 10 of 50 wrong: 80% top-1
+    np.savez(tmp_path / "eval.npz", x=x, y=y.astype(np.int64))
+    return tmp_path / "eval.npz"
+
+
+def test_top1_on_labelled_npz(labelled):
+    result = evaluate(conv_net(bn=True), load_calib(labelled, SPECS), batch_size=16, device="cpu", progress=False)
+    assert result == {"samples": 50, "top1": pytest.approx(0.8)}
+
+
+def test_agreement_and_logit_error_against_reference(labelled):
+    model, other = conv_net(bn=True), conv_net(bn=True, seed=5)
+    data = load_calib(labelled, SPECS)
+    same = evaluate(model, data, reference=model, batch_size=16, device="cpu", progress=False)
+    assert same["agreement"] == 1.0 and same["logit_rel_l2"] == 0.0
+    diff = evaluate(other, data, reference=model, batch_size=16, device="cpu", progress=False)
+    a = ort.InferenceSession(other.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": data_x(labelled)})[0]
+    b = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": data_x(labelled)})[0]
+    assert diff["agreement"] == pytest.approx((a.argmax(1) == b.argmax(1)).mean())
+    assert diff["logit_rel_l2"] == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(b), rel=1e-5)
+
+
+def data_x(path):
+    return np.load(path)["x"]
+
+
+def test_eval_cli_json_and_label_free(labelled, tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_net(bn=True), model)
+    assert main(["eval", str(model), "--data", str(labelled), "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(0.8)
+    unlabelled = tmp_path / "u"
+    unlabelled.mkdir()
+    np.save(unlabelled / "x.npy", data_x(labelled))
+    assert main(["eval", str(model), "--data", str(unlabelled), "--reference", str(model), "--json", "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["agreement"] == 1.0 and "top1" not in out
+    assert main(["eval", str(model), "--data", str(unlabelled), "-q"]) == 1
+    assert "no labels" in capsys.readouterr().err
+
+
+def test_named_data_set_resolves_or_explains(monkeypatch, tmp_path):
+    import asr_onnx.verify as verify
+
+    monkeypatch.setitem(verify.NAMED_DATA, "fashion-mnist:test", tmp_path / "absent.gz")
+    with pytest.raises(AsrError, match="apt-get install -y dataset-fashion-mnist"):
+        resolve_data("fashion-mnist:test")
+    assert resolve_data("some/folder") == verify.Path("some/folder")
