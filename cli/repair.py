@@ -35,6 +35,9 @@ def default_output(model: str) -> Path:
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration subset.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--passes", default=2, show_default=True, type=click.IntRange(2, 100),
+              help="Calibration passes: 2 (dense + pruned) is the one-pass approximation; each extra pass "
+                   "re-measures inside the repaired network.")
 @click.option("--fold-bn", is_flag=True, help="Fold every BatchNormalization into its Conv after recalibration.")
 @click.option("--stats", "stats_path", type=click.Path(), help="Dense statistics saved by `asr-onnx stats`.")
 @click.option("--report", "report_path", help="Write the JSON report here.")
@@ -42,7 +45,7 @@ def default_output(model: str) -> Path:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @preprocess_options
 def repair_command(model, calib_path, output, sparsity, pattern, method, placement, recal_mode, lambda_rule,
-                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, fold_bn, stats_path, report_path,
+                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, passes, fold_bn, stats_path, report_path,
                    overwrite, quiet, **preprocess):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.api import Repair
@@ -66,6 +69,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, method, placeme
             job.auto(calib, recal=recal, momentum=momentum, seed=seed)
         else:
             job.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule)
+        if passes > 2:
+            job.refine(calib, passes - 2)
         job.fold(fold_bn)
     else:
         job.settings.update(method="none")
