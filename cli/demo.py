@@ -27,8 +27,9 @@ def find_samples(folder) -> Path:
 @click.option("--sparsity", default=0.9, show_default=True, type=float)
 @click.option("--pattern", default="global", show_default=True)
 @click.option("--models-dir", help="The sample_models folder. Default: ./sample_models.")
+@click.option("--eval-size", type=int, help="Evaluate on the first N bundled test images. Default: all 2,000.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-def demo_command(model, sparsity, pattern, models_dir, device):
+def demo_command(model, sparsity, pattern, models_dir, eval_size, device):
     """Prune a sample model and compare none, bn, lw, naive and asr on the bundled eval set."""
     from asr_onnx.calib import Preprocess, load_calib
     from asr_onnx.errors import AsrError
@@ -43,6 +44,8 @@ def demo_command(model, sparsity, pattern, models_dir, device):
     specs, preprocess = input_specs(proto), Preprocess.from_metadata(metadata(proto))
     calib = load_calib(folder / "data" / "calib", specs, preprocess)
     eval_data = load_calib(folder / "data" / "eval.npz", specs, preprocess)
+    if eval_size:
+        eval_data = eval_data.take(eval_size)
     grid = Grid(sparsities=(sparsity,), patterns=(pattern,))
     click.echo(f"{model}: {pattern} pruning at {sparsity:g}, {len(calib)} calibration images, "
                f"{len(eval_data)} test images")
