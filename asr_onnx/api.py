@@ -223,6 +223,19 @@ class Repair:
             check_output(self.output)
         return self
 
+    def to_fp16(self, keep_io: bool = True) -> "Repair":
+        """Casts the output's weights and arithmetic to float16 for deployment.
+
+        Args:
+            keep_io: keep float32 graph inputs and outputs (Casts at the edges). Defaults to True.
+        """
+        from .fp16 import to_fp16
+
+        with self._timed("fp16"):
+            self.output = to_fp16(self.output if self.output is not None else self.pruned, keep_io=keep_io)
+        self.settings.update(fp16=True, fp16_io=not keep_io)
+        return self
+
     def save(self, path, *, overwrite: bool = False) -> "Repair":
         """Checks and writes the output atomically; the input model is never overwritten unless ``overwrite``."""
         with self._timed("save"):

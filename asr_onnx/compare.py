@@ -212,7 +212,7 @@ def format_comparison(result: dict) -> str:
             lines.append(line)
     failed = [r for r in result["outputs"] if not r["passed"]]
     if failed:
-        lines.append("FAILED: " + "; ".join(f"output {r['name']}: {r['reason']}" for r in failed))
+        lines.append(f"FAILED: {len(failed)} of {len(result['outputs'])} output(s) exceed the tolerances")
     else:
         lines.append(f"PASSED: {len(result['outputs'])} output(s) within tolerance")
     return "\n".join(lines)

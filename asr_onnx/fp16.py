@@ -87,6 +87,8 @@ def to_fp16(model: onnx.ModelProto, keep_io: bool = True) -> onnx.ModelProto:
         warnings.warn(f"fp16: {clipped} weight value(s) outside the float16 range were clipped to ±{FP16_MAX:g}")
 
     # rewire consumers that want the other precision
+    taken = {n for node in graph.node for n in list(node.input) + list(node.output)} | set(inits)
+    taken |= {v.name for v in list(graph.input) + list(graph.output)}
     new_nodes, casts, extra_inits = [], {}, {}
     for node, want in zip(graph.node, wants):
         for i, name in enumerate(node.input):
@@ -95,14 +97,16 @@ def to_fp16(model: onnx.ModelProto, keep_io: bool = True) -> onnx.ModelProto:
             target = want[name]
             key = (name, target)
             if key not in casts:
-                alias = f"{name}_{_SUFFIX[target]}"
+                alias = _unique(f"{name}_{_SUFFIX[target]}", taken)
                 if name in constants:
                     extra_inits[alias] = _constant_as(constants[name], alias, target)
                 else:
                     new_nodes.append(helper.make_node("Cast", [name], [alias], name=f"{alias}_cast", to=target))
                 casts[key] = alias
             node.input[i] = casts[key]
-        new_nodes.append(node)
+        kept = onnx.NodeProto()
+        kept.CopyFrom(node)
+        new_nodes.append(kept)
     graph.ClearField("node")
     graph.node.extend(new_nodes)
     graph.initializer.extend(extra_inits.values())
@@ -117,7 +121,8 @@ def to_fp16(model: onnx.ModelProto, keep_io: bool = True) -> onnx.ModelProto:
         if types.get(value.name) != FLOAT:
             continue
         if home.get(value.name, FLOAT) != io_precision:
-            _cast_output(graph, value.name, home.get(value.name, FLOAT), io_precision)
+            inner = _unique(f"{value.name}_{_SUFFIX[home.get(value.name, FLOAT)]}", taken)
+            _cast_output(graph, value.name, inner, io_precision)
         value.type.tensor_type.elem_type = io_precision
     for value in graph.value_info:
         if value.name in home and value.type.tensor_type.elem_type == FLOAT:
@@ -259,9 +264,16 @@ def _constant_as(tensor, name, precision):
     return numpy_helper.from_array(values, name)
 
 
-def _cast_output(graph, name, have, want) -> None:
-    """Renames the producer's output and casts it back to ``name`` in precision ``want``."""
-    inner = f"{name}_{_SUFFIX[have]}"
+def _unique(name: str, taken: set) -> str:
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate, i = f"{name}_{i}", i + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _cast_output(graph, name, inner, want) -> None:
+    """Renames the producer's output to ``inner`` and casts it back to ``name`` in precision ``want``."""
     for node in graph.node:
         for i, n in enumerate(node.output):
             if n == name:
@@ -269,7 +281,9 @@ def _cast_output(graph, name, have, want) -> None:
         for i, n in enumerate(node.input):
             if n == name:
                 node.input[i] = inner
-    for value in graph.value_info:
-        if value.name == name:
-            value.name = inner
+    kept = [value for value in graph.value_info if value.name != name]
+    if len(kept) != len(graph.value_info):
+        copies = [onnx.ValueInfoProto.FromString(v.SerializeToString()) for v in kept]
+        graph.ClearField("value_info")
+        graph.value_info.extend(copies)
     graph.node.append(helper.make_node("Cast", [inner], [name], name=f"{name}_cast_out", to=want))

@@ -60,6 +60,8 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
     files = _external_files(model)
     for location in sorted(files):
         target = path.parent / location
+        if Path(location).is_absolute() or ".." in Path(location).parts:
+            raise AsrError(f"external data of {path} lies outside its folder: {location}")
         if not target.is_file():
             raise AsrError(f"external data of {path} is missing: {target}")
     if files:
@@ -92,7 +94,9 @@ def to_graph(model: onnx.ModelProto):
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(model)
-    if any(n.op in ("Constant", "ConstantOfShape") for n in graph.nodes):
+    # PyTorch routes some BN parameters through Identity: fold those too, or the BN looks non-constant
+    if any(n.op in ("Constant", "ConstantOfShape") or (n.op == "Identity" and isinstance(n.inputs[0], gs.Constant))
+           for n in graph.nodes):
         graph.fold_constants(error_ok=True).cleanup()
     return graph
 
@@ -106,6 +110,10 @@ def to_model(graph, like: onnx.ModelProto) -> onnx.ModelProto:
     for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, name, getattr(like, name))
     model.graph.name = like.graph.name
+    if like.ir_version < 4:  # IR 3 requires every initializer to be a graph input too
+        listed = {v.name for v in model.graph.input}
+        model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                 for t in model.graph.initializer if t.name not in listed)
     del model.metadata_props[:]
     model.metadata_props.extend(like.metadata_props)
     return model
@@ -283,6 +291,8 @@ def check_destination(path, source=None, overwrite: bool = False) -> Path:
     path = Path(path)
     if source is not None and path.resolve() == Path(source).resolve() and not overwrite:
         raise AsrError(f"output {path} is the input model; pass --overwrite to replace it")
+    if path.is_dir():
+        raise AsrError(f"output path is a folder: {path}")
     folder = path.parent
     if not folder.is_dir():
         raise AsrError(f"output folder does not exist: {folder}")
@@ -312,7 +322,10 @@ def save_model(model: onnx.ModelProto, path, *, overwrite: bool = False, source=
 
     path = check_destination(path, source, overwrite)
     external = is_large(model) or (source is not None and has_external_data(source))
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise AsrError(f"cannot write to {path.parent}: {e.strerror or e}") from None
     try:
         staged = staging / path.name
         if external:
@@ -323,6 +336,8 @@ def save_model(model: onnx.ModelProto, path, *, overwrite: bool = False, source=
             check_output(staged if external else model)
         for item in sorted(staging.iterdir(), key=lambda p: p == staged):  # the model file last
             os.replace(item, path.parent / item.name)
+    except OSError as e:  # a full disk, a file system that refuses the rename
+        raise AsrError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path

@@ -54,7 +54,7 @@ def inspect_model(model) -> dict:
 
 def _norm_text(norm: dict) -> str:
     if norm["kind"] == "BatchNormalization":
-        return "BN"
+        return "BN" if norm.get("constant_params", True) else "BN (params not constant)"
     if norm["kind"] == "affine":
         return "affine(" + ",".join(norm["ops"]) + ")"
     return "-"
@@ -62,7 +62,7 @@ def _norm_text(norm: dict) -> str:
 
 def format_inspection(info: dict, width: int = 120) -> str:
     """The human-readable table: one line per layer, then the model total."""
-    name_w = max([4] + [min(len(r["name"]), 36) for r in info["layers"]])
+    name_w = max([4] + [min(len(r["name"]), 48) for r in info["layers"]])
     header = (f"{'layer':<{name_w}} {'op':<13} {'weight shape':<18} {'params':>10} {'zeros':>10} {'sparsity':>8}"
               f" {'2:4':>4} {'sparse TC':>9}  {'after':<14}")
     lines = [f"{info['model'] or 'model'}  opset {info['opset']}", header]

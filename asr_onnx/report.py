@@ -26,6 +26,7 @@ def build_report(job) -> dict:
     import onnxruntime as ort
 
     from . import __version__
+    from .sparsecore import layer_rows
     from .stats import merge_all
 
     sites = []
@@ -60,6 +61,7 @@ def build_report(job) -> dict:
         "totals": {"prunable_weights": total, "sparsity": round(float(zeros / total), 6) if total else 0.0},
         "layers": layers,
         "sites": sites,
+        "sparse_core": layer_rows(job.output if job.output is not None else job.pruned),
         "timings_s": {k: round(v, 4) for k, v in job.timings.items()},
     }
 
@@ -105,6 +107,10 @@ def summary(report: dict, width: int = 100) -> str:
             spread = f"{gain['min']:.3g}/{gain['median']:.3g}/{gain['max']:.3g}" if gain else "-"
             lines.append(f"{row['tensor'][:40]:<40} {row['norm']:<14} {row['channels']:>5} {spread:>22}"
                          f" {len(row.get('collapsed', [])):>9}")
+    from .sparsecore import eligibility_summary
+
+    if report.get("sparse_core") is not None:
+        lines.extend(eligibility_summary(report["sparse_core"]))
     timings = "  ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items())
     lines.append(f"time: {timings}")
     return "\n".join(line[:width] for line in lines)

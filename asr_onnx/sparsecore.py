@@ -12,6 +12,8 @@ alignment rule, small layers). Whether the weights actually are 2:4 sparse is re
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 #: TensorRT rarely picks a sparse tactic below this many channels (input or output).
@@ -108,9 +110,21 @@ def _affine_chain(layer) -> list[str]:
 
 
 def _norm_after(layer, bn_of: dict) -> dict:
+    """What normalises the layer's output: its BatchNormalization, a per-channel Mul/Add chain, or nothing.
+
+    ``constant_params`` is False for a BN that alone follows the layer but whose parameters are not
+    plain constants (an Identity of an initializer, say): repair treats such a BN as an ordinary op.
+    """
     bn = bn_of.get(id(layer.node))
+    consumers = layer.output.outputs
+    if bn is None and len(consumers) == 1 and consumers[0].op == "BatchNormalization":
+        bn = consumers[0]
+        constant = False
+    else:
+        constant = True
     if bn is not None:
-        return {"kind": "BatchNormalization", "node": bn.name or bn.outputs[0].name, "ops": ["BatchNormalization"]}
+        return {"kind": "BatchNormalization", "node": bn.name or bn.outputs[0].name, "ops": ["BatchNormalization"],
+                "constant_params": constant}
     chain = _affine_chain(layer)
     if chain:
         return {"kind": "affine", "node": None, "ops": chain}
@@ -158,18 +172,25 @@ def layer_rows(model) -> list[dict]:
     return rows
 
 
-def eligibility_summary(rows: list[dict], limit: int = 8) -> list[str]:
-    """A few lines for a terminal summary: counts, then the ineligible and 2:4-failing layers."""
+def eligibility_summary(rows: list[dict], limit: int = 5) -> list[str]:
+    """A few lines for a terminal summary: counts, the advisory notes grouped by kind, the ineligible layers."""
     if not rows:
         return ["sparse tensor cores: no prunable layers"]
     counts = {v: sum(r["eligibility"] == v for r in rows) for v in ("yes", "maybe", "no")}
     conform = sum(r["nm_24"] == "yes" for r in rows)
     lines = [f"sparse tensor cores: {counts['yes']} eligible, {counts['maybe']} eligible with notes, "
              f"{counts['no']} not eligible; {conform}/{len(rows)} layers 2:4-sparse"]
-    flagged = [r for r in rows if r["eligibility"] != "yes"]
-    for row in flagged[:limit]:
-        word = "not eligible" if row["eligibility"] == "no" else "note"
-        lines.append(f"  {word}: {row['name']}: {'; '.join(row['reasons'])}")
-    if len(flagged) > limit:
-        lines.append(f"  ... {len(flagged) - limit} more in the JSON report")
+    kinds = {}
+    for row in rows:
+        if row["eligible"]:
+            for reason in row["reasons"]:
+                kind = re.sub(r" \([^)]*\)", "", reason)  # without this layer's K and C
+                kinds[kind] = kinds.get(kind, 0) + 1
+    for kind, count in kinds.items():
+        lines.append(f"  note: {count} layer(s): {kind}")
+    ineligible = [r for r in rows if not r["eligible"]]
+    for row in ineligible[:limit]:
+        lines.append(f"  not eligible: {row['name']}: {'; '.join(row['reasons'])}")
+    if len(ineligible) > limit:
+        lines.append(f"  ... {len(ineligible) - limit} more not eligible (see the JSON report)")
     return lines

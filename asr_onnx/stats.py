@@ -261,11 +261,12 @@ def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, p
 
     graph = to_graph(model)
     levels = site_levels(graph, find_sites(graph, find_layers(graph)))
-    done, provider = {}, None
-    for level in range(max(levels.values()) + 1):
-        fixed = {key: norms[key][:3] + _population(stats) for key, stats in done.items()}
+    done, provider, count = {}, None, max(levels.values()) + 1
+    for level in range(count):
+        fixed = {key: tuple(norms[key][:3]) + _population(stats) for key, stats in done.items()}
         augmented, sites = stats_model(model, fixed)
-        per_site, provider = _run(augmented, sites, calib, batch_size, device, progress, f"{desc} {level + 1}")
+        label = f"{desc} {level + 1}/{count}"
+        per_site, provider = _run(augmented, sites, calib, batch_size, device, progress, label)
         done.update({key: per_site[key] for key, at in levels.items() if at == level})
     return done, provider
 
@@ -283,7 +284,7 @@ def site_levels(graph, sites) -> dict[str, int]:
     graph.toposort()
     for node in graph.nodes:
         if id(node) in bn_sites:  # a BN's output lies one level past its input
-            level = levels[bn_sites[id(node)].key] + 1
+            level = levels.setdefault(bn_sites[id(node)].key, 0) + 1
         else:
             level = max((_after(t.name, depth, by_tensor) for t in node.inputs), default=0)
         for t in node.outputs:
@@ -303,19 +304,27 @@ def _after(name: str, depth: dict, by_tensor: dict) -> int:
 
 def _run(augmented, sites, calib, batch_size: int, device: str, progress: bool, desc: str):
     """Per-batch statistics of every site over the set; a last partial batch is skipped when the batch is fixed."""
-    from .graph import fixed_batch, input_specs
+    from .graph import _first_line, fixed_batch, input_specs
     from .progress import bar
     from .runtime import make_session, provider_of
 
     fixed = fixed_batch(input_specs(augmented))
-    session = make_session(augmented, device)
+    try:
+        session = make_session(augmented, device)
+    except AsrError:
+        raise
+    except Exception as e:  # onnxruntime's own errors: an unknown op, a bad graph
+        raise AsrError(f"onnxruntime cannot load the model: {_first_line(e)}") from None
     names = [o.name for o in session.get_outputs()]
     per_site = {site.key: [] for site in sites}
     total = -(-len(calib) // batch_size)
     for feed in bar(calib.batches(batch_size), total=total, desc=desc, enabled=progress):
         if fixed and len(next(iter(feed.values()))) != fixed:
             continue  # the model cannot take a partial batch; the statistics do not need it
-        values = dict(zip(names, session.run(names, feed)))
+        try:
+            values = dict(zip(names, session.run(names, feed)))
+        except Exception as e:
+            raise AsrError(f"onnxruntime failed on a calibration batch: {_first_line(e)}") from None
         for index, site in enumerate(sites):
             per_site[site.key].append(_batch_stats(values, index, site))
     if sites and not per_site[sites[0].key]:

@@ -39,13 +39,15 @@ def default_output(model: str) -> Path:
               help="Calibration passes: 2 (dense + pruned) is the one-pass approximation; each extra pass "
                    "re-measures inside the repaired network.")
 @click.option("--fold-bn", is_flag=True, help="Fold every BatchNormalization into its Conv after recalibration.")
+@click.option("--fp16", is_flag=True, help="Cast weights and arithmetic to float16; float I/O stays float32.")
+@click.option("--fp16-io", is_flag=True, help="With --fp16 (implied), make float inputs and outputs float16 too.")
 @click.option("--stats", "stats_path", type=click.Path(), help="Dense statistics saved by `asr-onnx stats`.")
 @click.option("--report", "report_path", help="Write the JSON report here.")
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @preprocess_options
 def repair_command(model, calib_path, output, sparsity, pattern, method, placement, recal_mode, lambda_rule,
-                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, passes, fold_bn, stats_path, report_path,
+                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, passes, fold_bn, fp16, fp16_io, stats_path, report_path,
                    overwrite, quiet, **preprocess):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.api import Repair
@@ -74,6 +76,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, method, placeme
         job.fold(fold_bn)
     else:
         job.settings.update(method="none")
+    if fp16 or fp16_io:
+        job.to_fp16(keep_io=not fp16_io)
     job.save(output, overwrite=overwrite)
     report = job.report()
     if report_path:
