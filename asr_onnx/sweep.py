@@ -6,6 +6,7 @@ Dense statistics are measured once per model and calibration set, pruned statist
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -89,7 +90,7 @@ def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None 
     dense = evaluate(base.dense, eval_data, reference=base.dense, device=device, progress=progress,
                      reference_logits=dense_logits)
     result = SweepResult({"model": name, "top1": dense.get("top1"), "eval_s": time.perf_counter() - start})
-    cells = list(grid.cells())
+    cells, scored = list(grid.cells()), {}
     watched = max((c for c in cells if c[1] is not None), key=lambda c: c[1], default=None)
     for pattern, sparsity in cells:
         job = Repair(base.dense, device=device, batch_size=batch_size, progress=progress)
@@ -118,8 +119,11 @@ def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None 
                                     lambda_rule=grid.lambda_rule)
                     output = job.fold().output
                 repair_s = time.perf_counter() - start
-                scores = evaluate(output, eval_data, reference=base.dense, device=device, progress=progress,
-                                  reference_logits=dense_logits)
+                digest = hashlib.sha256(output.SerializeToString(deterministic=True)).hexdigest()
+                if digest not in scored:  # identical models (bn and naive under recal) are evaluated once
+                    scored[digest] = evaluate(output, eval_data, reference=base.dense, device=device,
+                                              progress=progress, reference_logits=dense_logits)
+                scores = scored[digest]
                 row = {"model": name, "pattern": pattern, "sparsity": sparsity, "method": method, "recal": recal,
                        "placement": placement, **scores, "variance_ratio": ratio, "measure_s": round(measure_s, 3),
                        "repair_s": round(repair_s, 3)}
