@@ -259,13 +259,26 @@ def _bn_after(layer: Layer):
     return node
 
 
-def _is_affine(node, channels: int) -> bool:
+def _is_affine(node, layer: Layer) -> bool:
+    """Whether ``node`` is a Mul, Add, Sub or Div by a constant that is one value per channel of ``layer``."""
     import onnx_graphsurgeon as gs
 
     if node is None or node.op not in ("Mul", "Add", "Sub", "Div"):
         return False
     const = [t for t in node.inputs if isinstance(t, gs.Constant)]
-    return len(const) == 1 and const[0].values.size in (1, channels)
+    return len(const) == 1 and _per_channel(tuple(const[0].shape), layer)
+
+
+def _per_channel(shape: tuple, layer: Layer) -> bool:
+    """Whether a constant of ``shape`` broadcasts over the layer's output as a scalar or along its channel axis."""
+    if int(np.prod(shape)) == 1:
+        return True
+    rank = len(layer.weight.shape) if layer.op in ("Conv", "ConvTranspose") else len(shape)
+    if len(shape) > rank:
+        return False
+    full = (1,) * (rank - len(shape)) + shape  # numpy broadcasting aligns the trailing axes
+    axis = rank - 1 if layer.channel_last else 1
+    return full[axis] == layer.channels and int(np.prod(full)) == layer.channels
 
 
 def find_sites(graph, layers: list[Layer]) -> list[Site]:
@@ -281,7 +294,7 @@ def find_sites(graph, layers: list[Layer]) -> list[Site]:
         layer = by_node.get(id(node))
         if layer is not None and _bn_after(layer) is None:
             consumers = layer.output.outputs
-            after = "affine" if len(consumers) == 1 and _is_affine(consumers[0], layer.channels) else "none"
+            after = "affine" if len(consumers) == 1 and _is_affine(consumers[0], layer) else "none"
             sites.append(Site(layer.output, layer, None, after))
     return sites
 

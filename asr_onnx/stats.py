@@ -111,7 +111,7 @@ def _channel_view(b: _Builder, x, channels: int, channel_last: bool):
     return b.op("Reshape", [x, b.const(np.array(shape, np.int64), "shape")]), axes
 
 
-def _add_site(b: _Builder, site, index: int, norm=None) -> list:
+def _add_site(b: _Builder, site, index, norm=None) -> list:
     """Adds the statistic outputs of one site; with ``norm``, also renormalises the site.
 
     Args:
@@ -191,7 +191,7 @@ def _replace_uses(graph, site, new):
     graph.outputs = [new if t is site.tensor else t for t in graph.outputs]
 
 
-def stats_model(model, norms: dict | None = None):
+def stats_model(model, norms: dict | None = None, keys=None):
     """A copy of ``model`` whose only outputs are per-channel statistics of every site.
 
     Args:
@@ -199,6 +199,7 @@ def stats_model(model, norms: dict | None = None):
         norms: site key -> (scale, bias, eps) to renormalise that site with its batch statistics, as a
             BatchNormalization in training mode does, or -> (scale, bias, eps, mean, var) to renormalise it
             with fixed statistics (eval mode). Sites without an entry are left as they are. Defaults to None.
+        keys: the sites to measure; the graph past them is dropped. Defaults to None (every site).
 
     Returns:
         (augmented onnx.ModelProto, the sites in output order).
@@ -208,12 +209,16 @@ def stats_model(model, norms: dict | None = None):
     graph = to_graph(model)
     sites = find_sites(graph, find_layers(graph))
     builder = _Builder(graph, opset(model))
-    outputs = []
+    outputs, measured = [], []
     for index, site in enumerate(sites):
-        outputs += _add_site(builder, site, index, (norms or {}).get(site.key))
+        wanted = keys is None or site.key in keys
+        stats = _add_site(builder, site, len(measured) if wanted else f"unused{index}", (norms or {}).get(site.key))
+        if wanted:
+            outputs += stats
+            measured.append(site)
     graph.outputs = outputs
     graph.cleanup().toposort()
-    return to_model(graph, model), sites
+    return to_model(graph, model), measured
 
 
 SMALL_BATCH = 8  # under this many samples per run, train-mode renormalisation is replaced by levels
@@ -264,10 +269,10 @@ def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, p
     done, provider, count = {}, None, max(levels.values()) + 1
     for level in range(count):
         fixed = {key: tuple(norms[key][:3]) + _population(stats) for key, stats in done.items()}
-        augmented, sites = stats_model(model, fixed)
+        augmented, sites = stats_model(model, fixed, keys={key for key, at in levels.items() if at == level})
         label = f"{desc} {level + 1}/{count}"
         per_site, provider = _run(augmented, sites, calib, batch_size, device, progress, label)
-        done.update({key: per_site[key] for key, at in levels.items() if at == level})
+        done.update(per_site)
     return done, provider
 
 

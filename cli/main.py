@@ -29,9 +29,17 @@ for _name, _command in COMMANDS.items():
     cli.add_command(_command, _name)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv=None) -> int:
-    """Runs the CLI; every failure becomes one line on stderr."""
+    """Runs the CLI; every failure becomes one line on stderr, and so does every warning."""
+    import warnings
+
     from asr_onnx.errors import AsrError
+
+    warnings.formatwarning = _one_line_warning
 
     try:
         cli.main(args=argv, prog_name="asr-onnx", standalone_mode=False)

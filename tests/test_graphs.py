@@ -1,0 +1,219 @@
+"""Issue 6: every exporter's graph shape goes through the real pipeline and comes out right.
+
+For each class of graph in :mod:`zoo`: the output passes onnx.checker and loads in onnxruntime, the
+requested sparsity is reached over the pruned weights, ``sparsity 0 / method none`` changes nothing,
+and ``method="bn"`` with the whole set in one batch gives every corrected site exactly its target
+statistics (a BN's stored running statistics, or the dense model's for a folded site), which only
+holds when the correction landed on the channel axis that the layer really has.
+"""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+import zoo
+from asr_onnx.api import repair
+from asr_onnx.graph import find_layers, find_sites, fixed_batch, input_specs, to_graph
+from asr_onnx.stats import ChannelStats
+
+SPARSITY = 0.6
+
+
+def run(model, feeds, names=None):
+    """Runs ``model`` over ``feeds``, one sample at a time when the model fixes a batch of 1."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    types = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    for name in names or []:
+        elem = types[name].type.tensor_type.elem_type if name in types else onnx.TensorProto.FLOAT
+        exposed.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = names or [session.get_outputs()[0].name]
+    step = fixed_batch(input_specs(model)) or len(zoo.DictSet(feeds))
+    parts = [session.run(wanted, batch) for batch in zoo.DictSet(feeds).batches(step)]
+    return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(wanted)}
+
+
+def pruned_masks(model):
+    graph = to_graph(model)
+    return {layer.name: layer.weight.values == 0 for layer in find_layers(graph)}
+
+
+def float_dtypes(model):
+    arrays = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer]
+    arrays += [onnx.numpy_helper.to_array(a.t) for n in model.graph.node for a in n.attribute if a.type == a.TENSOR]
+    return {a.dtype for a in arrays if a.dtype.kind == "f"}
+
+
+def check_untouched(dense, out):
+    """Weights keep their dtype, and nodes of other domains come out exactly as they went in."""
+    assert float_dtypes(out) <= float_dtypes(dense)
+    custom = [n for n in dense.graph.node if n.domain not in ("", "ai.onnx")]
+    by_name = {n.name: n for n in out.graph.node}
+    for node in custom:
+        assert by_name[node.name] == node
+
+
+def check_sparsity(job):
+    graph = to_graph(job.pruned)
+    pruned = {p.name for p in job.layers if p.pruned}
+    weights = {layer.weight.name: layer.weight.values for layer in find_layers(graph) if layer.name in pruned}
+    total = sum(w.size for w in weights.values())
+    zeros = sum(int(np.count_nonzero(w == 0)) for w in weights.values())
+    assert weights and abs(zeros / total - SPARSITY) <= 1 / total
+    after = pruned_masks(job.output)
+    for name, mask in pruned_masks(job.pruned).items():
+        if name in pruned:
+            assert np.array_equal(after[name] & mask, mask), name  # folding keeps every pruned zero
+
+
+def corrected_tensor(site, names):
+    """The tensor that carries a folded site's correction, and the dense tensor it must match.
+
+    A MatMul's shift lands in the Add after it (an existing Add keeps its name; a new one is ``.asr_shifted``).
+    """
+    consumers = site.tensor.outputs
+    if site.layer.op == "MatMul" and len(consumers) == 1 and consumers[0].op == "Add":
+        out = consumers[0].outputs[0].name
+        return out, out if out in names else site.key
+    return site.key, site.key
+
+
+def check_statistics(dense, job, feeds):
+    graph = to_graph(job.output)
+    sites = find_sites(graph, find_layers(graph))
+    dense_names = {t for n in dense.graph.node for t in n.output}
+    pairs = {}
+    for site in sites:
+        if job.written.get(site.key) in ("bn", "folded"):
+            pairs[site.key] = (site,) + ((site.key, None) if site.bn is not None else corrected_tensor(site, dense_names))
+    assert pairs, "no site was corrected"
+    after = run(job.output, feeds, [p[1] for p in pairs.values()])
+    before = run(dense, feeds, sorted({p[2] for p in pairs.values() if p[2]}))
+    for site, out, ref_name in pairs.values():
+        rtol = 1e-2 if site.dtype == np.float16 else 1e-3  # float16 rounds each op to about 5e-4
+        axis = -1 if site.channel_last else 1
+        got = ChannelStats.of(after[out], axis)
+        if site.bn is not None:
+            target_mean, target_var = (np.asarray(t.values, np.float64) for t in site.bn.inputs[3:5])
+        else:
+            ref = ChannelStats.of(before[ref_name], axis)
+            target_mean, target_var = ref.mean, ref.var
+        live = np.setdiff1d(np.arange(got.mean.size), job.corrections[site.key].collapsed)  # all-zero rows stay 0
+        got, target_mean, target_var = ChannelStats(got.count, got.mean[live], got.m2[live]), target_mean[live], \
+            target_var[live]
+        scale = np.sqrt(target_var.mean())
+        np.testing.assert_allclose(got.mean, target_mean, rtol=rtol, atol=rtol * scale, err_msg=site.key)
+        np.testing.assert_allclose(got.var, target_var, rtol=rtol, atol=rtol * target_var.mean(), err_msg=site.key)
+    return sites
+
+
+@pytest.mark.parametrize("name", list(zoo.CLASSES))
+def test_graph_class(name):
+    check_class(*zoo.CLASSES[name]())
+
+
+@pytest.mark.parametrize("opset", range(9, onnx.defs.onnx_opset_version() + 1))
+def test_every_opset(opset):
+    """BN kept at odd opsets and folded at even ones, from opset 9 to the newest this onnx knows."""
+    dense = zoo.conv_net(bn=bool(opset % 2), opset=opset)
+    dense.ir_version = max(8, helper.find_min_ir_version_for(list(dense.opset_import)))
+    check_class(dense, {"input": zoo.random_inputs(zoo.N)})
+
+
+def check_class(dense, feeds):
+    calib = zoo.DictSet(feeds)
+    common = dict(device="cpu", progress=False, batch_size=len(calib))
+    same = repair(dense, calib, sparsity=0.0, method="none", **common).output
+    onnx.checker.check_model(same)
+    for out, ref in zip(run(same, feeds).values(), run(dense, feeds).values()):
+        np.testing.assert_allclose(out.astype(np.float64), ref.astype(np.float64), rtol=1e-6, atol=1e-6)
+
+    job = repair(dense, calib, sparsity=SPARSITY, method="bn", **common)
+    onnx.checker.check_model(job.output)
+    ort.InferenceSession(job.output.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [(o.domain, o.version) for o in job.output.opset_import] == \
+        [(o.domain, o.version) for o in dense.opset_import]
+    check_sparsity(job)
+    check_statistics(dense, job, feeds)
+    check_untouched(dense, job.output)
+    report = job.report()
+    assert {s["tensor"]: s["norm"] for s in report["sites"]} == {s.key: s.kind for s in job._sites}
+
+
+def test_fixed_batch_skips_the_last_partial_batch():
+    """A model that fixes a batch of 5 is fed 5 at a time; the 3 samples left over are not used."""
+    from models import conv_net
+
+    dense = conv_net(bn=True, batch=5)
+    feeds = {"input": zoo.random_inputs(23)}
+    job = repair(dense, zoo.DictSet(feeds), sparsity=SPARSITY, method="bn", device="cpu", progress=False)
+    assert job.batch_size == 5 and job.settings["calib_size"] == 23
+    check_statistics(dense, job, {"input": feeds["input"][:20]})
+
+
+def test_external_data_in_and_out(tmp_path, monkeypatch):
+    """The >2 GB path, exercised on a small model: external data is read, the ORT sessions and checks go
+    through a path, and the output is written with its weights in ``<name>.data`` beside it."""
+    import asr_onnx.graph
+
+    dense, feeds = zoo.bn_kept()
+    source = tmp_path / "big.onnx"
+    onnx.save(zoo.bn_kept()[0], source, save_as_external_data=True, size_threshold=0, location="big.weights")
+    monkeypatch.setattr(asr_onnx.graph, "LARGE_BYTES", 0)  # every model counts as over 2 GB
+    job = repair(source, zoo.DictSet(feeds), sparsity=SPARSITY, method="bn", batch_size=zoo.N, device="cpu",
+                 progress=False)
+    job.verify().save(tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.weights", "out.onnx", "out.onnx.data"]
+    assert asr_onnx.graph.has_external_data(tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx").stat().st_size < (tmp_path / "out.onnx.data").stat().st_size
+    onnx.checker.check_model(str(tmp_path / "out.onnx"))
+    expected = run(job.output, feeds)
+    session = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, feeds)[0], next(iter(expected.values())))
+    check_statistics(dense, job, feeds)
+
+
+@pytest.mark.parametrize("chain", [("Sub", "Mul", "Add"), ("Mul", "Add")])
+def test_decomposed_bn_is_reported_as_folded_affine(chain):
+    dense, feeds = zoo.decomposed_bn(chain)
+    job = repair(dense, zoo.DictSet(feeds), sparsity=SPARSITY, batch_size=zoo.N, device="cpu", progress=False)
+    norms = [s["norm"] for s in job.report()["sites"]]
+    assert norms == ["folded-affine", "folded-affine", "folded"]
+    kept = [n.op_type for n in job.output.graph.node if n.op_type in chain]
+    assert kept == list(chain) * 2  # the chain stays; the correction went into the Conv before it
+
+
+@pytest.mark.parametrize("name", ["odd_convs", "shared_branched", "nhwc", "two_inputs"])
+def test_one_sample_at_a_time_measures_what_one_full_batch_does(name):
+    """Level-by-level measurement (batch of 1) gives the statistics of train-mode renormalisation over
+    the whole set in one batch, on graphs with branches, shared weights, BNs behind Casts and two inputs."""
+    from asr_onnx.stats import merge_all
+
+    dense, feeds = zoo.CLASSES[name]()
+    common = dict(sparsity=SPARSITY, method="bn", device="cpu", progress=False)
+    full = repair(dense, zoo.DictSet(feeds), batch_size=zoo.N, **common)
+    single = repair(dense, zoo.DictSet(feeds), batch_size=1, **common)
+    assert full.pruned_stats.keys() == single.pruned_stats.keys()
+    for key, batches in single.pruned_stats.items():
+        assert len(batches) == zoo.N
+        one, ref = merge_all(batches), merge_all(full.pruned_stats[key])
+        assert one.count == ref.count
+        np.testing.assert_allclose(one.mean, ref.mean, rtol=1e-4, atol=1e-5 * np.sqrt(ref.var.mean()), err_msg=key)
+        np.testing.assert_allclose(one.var, ref.var, rtol=1e-4, atol=1e-6 * ref.var.mean(), err_msg=key)
+
+
+def test_a_constant_on_another_axis_is_not_taken_for_a_decomposed_bn():
+    """A (C,) vector on an NCHW tensor broadcasts along W, not the channels: not a per-channel affine."""
+    g = zoo.G(12)
+    h = g.conv("input", 3, 8)  # (N, 8, 8, 8): C == W, so only the shape tells the axes apart
+    h = g.relu(g.node("Mul", [h, g.init("w_axis", g.rng.uniform(0.5, 1.5, 8))]))
+    h2 = g.conv(h, 8, 8)
+    h2 = g.relu(g.node("Mul", [h2, g.init("c_axis", g.rng.uniform(0.5, 1.5, (8, 1, 1)))]))
+    dense = g.model([("input", ["N", 3, 8, 8], None)], g.head(h2, 8))
+    feeds = {"input": zoo.random_inputs(zoo.N)}
+    job = repair(dense, zoo.DictSet(feeds), sparsity=SPARSITY, batch_size=zoo.N, device="cpu", progress=False)
+    assert [s.kind for s in job._sites] == ["folded", "folded-affine", "folded"]
+    check_statistics(dense, job, feeds)

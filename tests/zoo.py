@@ -1,0 +1,336 @@
+"""Tiny ONNX graphs in the shapes that real exporters produce, built with onnx.helper.
+
+Each builder returns ``(model, feeds)``: a checked onnx.ModelProto and a dict of calibration arrays
+keyed by input name. Every graph has a few channels and 8x8 (or length-16) inputs, so a test runs in
+well under a second.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from models import conv_net, random_inputs
+
+N = 24  # calibration samples
+
+
+class G:
+    """A graph under construction: nodes, initializers and a seeded generator."""
+
+    def __init__(self, seed=0, dtype=np.float32):
+        self.rng, self.dtype = np.random.default_rng(seed), np.dtype(dtype)
+        self.nodes, self.inits, self.count = [], [], 0
+
+    def name(self, hint):
+        self.count += 1
+        return f"{hint}{self.count}"
+
+    def init(self, hint, array, dtype=None):
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(array, dtype or self.dtype), name))
+        return name
+
+    def weight(self, shape, fan_in):
+        return self.rng.normal(0, (2 / fan_in) ** 0.5, shape)
+
+    def node(self, op, inputs, hint=None, domain=None, **attrs):
+        out = self.name(hint or op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, domain=domain, **attrs))
+        return out
+
+    def conv(self, x, cin, cout, k=3, bias=True, group=1, shape=None, **attrs):
+        w = self.weight(shape or (cout, cin // group, k, k), cin // group * k * k)
+        ins = [x, self.init("w", w)] + ([self.init("b", self.rng.normal(0, 0.1, cout))] if bias else [])
+        pads = attrs.pop("pads", [k // 2 * attrs.get("dilations", [1])[0]] * 4)
+        return self.node("Conv", ins, "conv", group=group, pads=pads, **attrs)
+
+    def bn(self, x, c, eps=1e-5):
+        params = [self.rng.uniform(0.5, 1.5, c), self.rng.normal(0, 0.1, c), self.rng.normal(0, 0.1, c),
+                  self.rng.uniform(0.5, 2.0, c)]
+        return self.node("BatchNormalization", [x] + [self.init("bn", p) for p in params], "bn", epsilon=eps)
+
+    def relu(self, x):
+        return self.node("Relu", [x])
+
+    def head(self, x, c, classes=5):
+        flat = self.node("Flatten", [self.node("GlobalAveragePool", [x])])
+        w, b = self.init("fc", self.weight((classes, c), c)), self.init("fcb", np.zeros(classes))
+        return self.node("Gemm", [flat, w, b], "fc", transB=1)
+
+    def model(self, inputs, output, opset=17, out_shape=None, ir=8, extra_opsets=()):
+        elem = helper.np_dtype_to_tensor_dtype(self.dtype)
+        ins = [helper.make_tensor_value_info(n, t or elem, s) for n, s, t in inputs]
+        outs = [helper.make_tensor_value_info(output, elem, out_shape)]
+        graph = helper.make_graph(self.nodes, "zoo", ins, outs, self.inits)
+        opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in extra_opsets]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="zoo")
+        model.ir_version = ir
+        if out_shape is None:  # the exporter's declared output shape, as shape inference finds it
+            model.graph.output[0].CopyFrom(onnx.shape_inference.infer_shapes(model).graph.output[0])
+        onnx.checker.check_model(model)
+        return model
+
+
+def _feed(shape, n=N, seed=1, dtype=np.float32):
+    return np.random.default_rng(seed).normal(0, 1, (n, *shape)).astype(dtype)
+
+
+# ---------------------------------------------------------------- 1. BN kept or folded
+
+
+def bn_kept(opset=17):
+    return conv_net(bn=True, opset=opset), {"input": random_inputs(N)}
+
+
+def bn_folded(opset=17):
+    return conv_net(bn=False, opset=opset), {"input": random_inputs(N)}
+
+
+# ---------------------------------------------------------------- 2. decomposed BN
+
+
+def decomposed_bn(chain=("Sub", "Mul", "Add")):
+    """Conv (no bias) -> Sub/Mul/Add (or Mul/Add) with constant per-channel vectors -> Relu, twice."""
+    g = G(2)
+    h, cin = "input", 3
+    for cout, shape in ((6, (6, 1, 1)), (8, (1, 8, 1, 1))):
+        h = g.conv(h, cin, cout, bias=False)
+        for op in chain:
+            const = g.rng.uniform(0.5, 1.5, shape) if op == "Mul" else g.rng.normal(0, 0.1, shape)
+            h = g.node(op, [h, g.init(op.lower(), const)])
+        h, cin = g.relu(h), cout
+    return g.model([("input", ["N", 3, 8, 8], None)], g.head(h, cin)), {"input": random_inputs(N)}
+
+
+# ---------------------------------------------------------------- 3. NHWC with Transpose and Cast
+
+
+def nhwc():
+    """A Keras-style graph: NHWC input, Transpose around every Conv, no-op Casts in between (one between a
+    Conv and its BN), and a Dense layer (MatMul + Add) applied to the 4-D NHWC tensor."""
+    g = G(3)
+    h, cin = "input", 3
+    for cout in (6, 8):
+        h = g.node("Transpose", [g.node("Cast", [h], to=TensorProto.FLOAT)], perm=[0, 3, 1, 2])
+        h = g.conv(h, cin, cout)
+        if cout == 8:
+            h = g.bn(g.node("Cast", [h], to=TensorProto.FLOAT), cout)
+        h = g.node("Transpose", [h], perm=[0, 2, 3, 1])
+        h, cin = g.relu(g.node("Cast", [h], to=TensorProto.FLOAT)), cout
+    h = g.relu(g.node("Add", [g.node("MatMul", [h, g.init("pw", g.weight((8, 8), 8))]), g.init("pb", np.zeros(8))]))
+    h = g.node("ReduceMean", [h], axes=[1, 2], keepdims=0)
+    w, b = g.init("fc", g.weight((cin, 5), cin)), g.init("fcb", np.zeros(5))
+    out = g.node("Add", [g.node("MatMul", [h, w]), b])
+    return g.model([("input", ["N", 8, 8, 3], None)], out), {"input": _feed((8, 8, 3))}
+
+
+# ---------------------------------------------------------------- 4. Constant-made weights, old opsets
+
+
+def constant_weights(opset=11):
+    """Weights from Constant and ConstantOfShape nodes; Sum, LRN, Dropout and Softmax elsewhere."""
+    g = G(4)
+
+    def constant(array):
+        tensor = numpy_helper.from_array(np.asarray(array, np.float32), g.name("cval"))
+        return g.node("Constant", [], "const", value=tensor)
+
+    w1, b1 = constant(g.weight((6, 3, 3, 3), 27)), constant(g.rng.normal(0, 0.1, 6))
+    a = g.node("Conv", ["input", w1, b1], "conv", pads=[1, 1, 1, 1])
+    shape = g.node("Constant", [], "const", value=numpy_helper.from_array(np.array([6, 3, 1, 1], np.int64), "s"))
+    fill = numpy_helper.from_array(np.array([0.05], np.float32), "fill")
+    w2 = g.node("ConstantOfShape", [shape], "cos", value=fill)
+    w2 = g.node("Add", [w2, constant(g.weight((6, 3, 1, 1), 3))])  # a folded weight, not a uniform one
+    b = g.node("Conv", ["input", w2], "conv")
+    h = g.relu(g.node("Sum", [a, b]))
+    h = g.node("LRN", [h], size=3)
+    h = g.node("Dropout", [h]) if opset >= 12 else g.node("Dropout", [h], ratio=0.5)
+    w3, b3 = constant(g.weight((8, 6, 3, 3), 54)), constant(g.rng.normal(0, 0.1, 8))
+    h = g.relu(g.node("Conv", [h, w3, b3], "conv", pads=[1, 1, 1, 1]))
+    flat = g.node("Flatten", [g.node("GlobalAveragePool", [h])])
+    out = g.node("Softmax", [g.node("Gemm", [flat, constant(g.weight((8, 5), 8)), constant(np.zeros(5))], "fc")], axis=1)
+    return g.model([("input", ["N", 3, 8, 8], None)], out, opset=opset, ir=7 if opset >= 12 else 6), \
+        {"input": random_inputs(N)}
+
+
+# ---------------------------------------------------------------- 5. grouped and odd convs
+
+
+def odd_convs():
+    """Depthwise, grouped, dilated, strided, ConvTranspose (plain and grouped), with and without bias."""
+    g = G(5)
+    h = g.relu(g.conv("input", 3, 8, bias=False))
+    h = g.relu(g.conv(h, 8, 8, group=8))  # depthwise
+    h = g.relu(g.conv(h, 8, 8, group=2, bias=False, dilations=[2, 2]))
+    h = g.relu(g.conv(h, 8, 12, strides=[2, 2]))  # 4x4
+    w = g.init("wt", g.weight((12, 6, 2, 2), 12 * 4))
+    h = g.relu(g.node("ConvTranspose", [h, w], "deconv", strides=[2, 2]))  # 8x8, 6 channels
+    w, b = g.init("wt", g.weight((6, 4, 3, 3), 6 * 9 // 2)), g.init("bt", g.rng.normal(0, 0.1, 8))
+    h = g.relu(g.node("ConvTranspose", [h, w, b], "deconv", group=2, pads=[1, 1, 1, 1]))  # 8 channels
+    return g.model([("input", ["N", 3, 8, 8], None)], g.head(h, 8)), {"input": random_inputs(N)}
+
+
+def conv1d():
+    g = G(6)
+    h = g.relu(g.conv("input", 4, 8, shape=(8, 4, 3), pads=[1, 1]))
+    h = g.relu(g.conv(h, 8, 8, shape=(8, 4, 3), group=2, bias=False, pads=[2, 2], dilations=[2]))
+    flat = g.node("Flatten", [g.node("GlobalAveragePool", [h])])
+    out = g.node("Gemm", [flat, g.init("fc", g.weight((8, 5), 8)), g.init("b", np.zeros(5))], "fc")
+    return g.model([("input", ["N", 4, 16], None)], out), {"input": _feed((4, 16))}
+
+
+# ---------------------------------------------------------------- 6. fully connected heads
+
+
+def fc_heads():
+    """Reshape -> Gemm(transB=0) -> Relu -> Flatten -> Gemm(transB=1, alpha, beta) -> MatMul(+Add) -> MatMul."""
+    g = G(7)
+    h = g.relu(g.conv("input", 3, 4, strides=[2, 2]))  # (N, 4, 4, 4)
+    h = g.node("Reshape", [h, g.init("shape", [-1, 64], np.int64)])
+    h = g.relu(g.node("Gemm", [h, g.init("fc", g.weight((64, 16), 64)), g.init("b", g.rng.normal(0, .1, 16))], "fc"))
+    h = g.node("Flatten", [h])
+    w, b = g.init("fc", g.weight((12, 16), 16)), g.init("b", g.rng.normal(0, .1, 12))
+    h = g.relu(g.node("Gemm", [h, w, b], "fc", transB=1, alpha=0.5, beta=2.0))
+    h = g.relu(g.node("Add", [g.node("MatMul", [h, g.init("mm", g.weight((12, 10), 12))]),
+                              g.init("mb", g.rng.normal(0, .1, 10))]))
+    out = g.node("MatMul", [h, g.init("mm", g.weight((10, 5), 10))])
+    return g.model([("input", ["N", 3, 8, 8], None)], out), {"input": random_inputs(N)}
+
+
+# ---------------------------------------------------------------- 7. shared and branched
+
+
+def shared_branched():
+    """One weight used by two Convs, and a Conv output feeding a residual Add, a Conv and a Mul."""
+    g = G(8)
+    h = g.relu(g.conv("input", 3, 8))
+    shared = g.init("shared", g.weight((8, 8, 3, 3), 72))
+    a = g.node("Conv", [h, shared], "conv", pads=[1, 1, 1, 1])
+    b = g.node("Conv", [g.relu(a), shared], "conv", pads=[1, 1, 1, 1])
+    branch = g.node("Add", [a, g.relu(b)])  # a feeds a Relu and this residual Add
+    gate = g.node("Mul", [branch, g.node("Sigmoid", [a])])  # and a third consumer
+    return g.model([("input", ["N", 3, 8, 8], None)], g.head(g.relu(gate), 8)), {"input": random_inputs(N)}
+
+
+# ---------------------------------------------------------------- 8. batch and inputs
+
+
+def fixed_batch_1():
+    return conv_net(bn=False, batch=1), {"input": random_inputs(N)}
+
+
+def fixed_batch_1_bn():
+    return conv_net(bn=True, batch=1), {"input": random_inputs(N)}
+
+
+def input_bn_batch_1():
+    """A BN straight on a fixed-batch-of-1 input (a normalisation layer exported into the model)."""
+    g = G(11)
+    h = g.relu(g.conv(g.bn("input", 3), 3, 6))
+    return g.model([("input", [1, 3, 8, 8], None)], g.head(h, 6)), {"input": random_inputs(N)}
+
+
+def two_inputs():
+    g = G(9)
+    a = g.relu(g.conv("image", 3, 6))
+    b = g.relu(g.conv("mask", 1, 6, k=1))
+    h = g.relu(g.conv(g.node("Concat", [a, b], axis=1), 12, 8))
+    model = g.model([("image", ["N", 3, 8, 8], None), ("mask", ["N", 1, 8, 8], None)], g.head(h, 8))
+    return model, {"image": random_inputs(N), "mask": _feed((1, 8, 8), seed=2)}
+
+
+# ---------------------------------------------------------------- 9. fp16
+
+
+def to_fp16(model):
+    """A float32 model with every float initializer and value turned into float16."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i, init in enumerate(out.graph.initializer):
+        array = numpy_helper.to_array(init)
+        if array.dtype == np.float32:
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(array.astype(np.float16), init.name))
+    for value in list(out.graph.input) + list(out.graph.output):
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(out)
+    return out
+
+
+def half_bn():
+    return to_fp16(conv_net(bn=True)), {"input": random_inputs(N).astype(np.float16)}
+
+
+def half_folded():
+    return to_fp16(conv_net(bn=False)), {"input": random_inputs(N).astype(np.float16)}
+
+
+def half_inside():
+    """float32 inputs and outputs, float16 inside: a Cast after the input and before the output."""
+    model = to_fp16(conv_net(bn=True))
+    graph = model.graph
+    for value, cast_to, is_input in ((graph.input[0], TensorProto.FLOAT16, True),
+                                     (graph.output[0], TensorProto.FLOAT, False)):
+        inner = value.name + ".half"
+        for node in graph.node:
+            node.input[:] = [inner if t == value.name and is_input else t for t in node.input]
+            node.output[:] = [inner if t == value.name and not is_input else t for t in node.output]
+        src, dst = (value.name, inner) if is_input else (inner, value.name)
+        graph.node.insert(0 if is_input else len(graph.node), helper.make_node("Cast", [src], [dst], to=cast_to))
+        value.type.tensor_type.elem_type = TensorProto.FLOAT
+    onnx.checker.check_model(model)
+    return model, {"input": random_inputs(N)}
+
+
+# ---------------------------------------------------------------- 1b. initializers listed as inputs
+
+
+def inits_as_inputs():
+    """An old export (IR 3, opset 9): every initializer is also a graph input."""
+    model = conv_net(bn=True, opset=9)
+    model.ir_version = 3
+    for init in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    onnx.checker.check_model(model)
+    return model, {"input": random_inputs(N)}
+
+
+# ---------------------------------------------------------------- 11. opsets and custom domains
+
+
+def custom_domain():
+    """A com.microsoft Gelu (a contrib op onnxruntime runs) between two convs."""
+    g = G(10)
+    h = g.node("Gelu", [g.conv("input", 3, 6)], domain="com.microsoft")
+    h = g.relu(g.conv(h, 6, 8))
+    model = g.model([("input", ["N", 3, 8, 8], None)], g.head(h, 8), out_shape=["N", 5],
+                    extra_opsets=[("com.microsoft", 1)])
+    return model, {"input": random_inputs(N)}
+
+
+CLASSES = {
+    "bn_kept": bn_kept, "bn_folded": bn_folded, "bn_kept_opset9": lambda: bn_kept(9),
+    "decomposed_sub_mul_add": decomposed_bn, "decomposed_mul_add": lambda: decomposed_bn(("Mul", "Add")),
+    "nhwc": nhwc, "constant_weights_opset9": lambda: constant_weights(9),
+    "constant_weights_opset12": lambda: constant_weights(12), "odd_convs": odd_convs, "conv1d": conv1d,
+    "fc_heads": fc_heads, "shared_branched": shared_branched, "fixed_batch_1": fixed_batch_1,
+    "fixed_batch_1_bn": fixed_batch_1_bn, "input_bn_batch_1": input_bn_batch_1, "two_inputs": two_inputs, "fp16_bn": half_bn,
+    "fp16_folded": half_folded, "fp16_inside": half_inside, "custom_domain": custom_domain,
+    "inits_as_inputs": inits_as_inputs,
+}
+
+
+class DictSet:
+    """A calibration set over in-memory arrays keyed by input name (several inputs allowed)."""
+
+    def __init__(self, feeds: dict):
+        self.feeds = feeds
+
+    def __len__(self):
+        return len(next(iter(self.feeds.values())))
+
+    def batches(self, batch_size):
+        for i in range(0, len(self), batch_size):
+            yield {name: x[i : i + batch_size] for name, x in self.feeds.items()}
