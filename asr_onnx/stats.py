@@ -311,7 +311,7 @@ def _run(augmented, sites, calib, batch_size: int, device: str, progress: bool, 
     """Per-batch statistics of every site over the set; a last partial batch is skipped when the batch is fixed."""
     from .graph import _first_line, fixed_batch, input_specs
     from .progress import bar
-    from .runtime import make_session, provider_of
+    from .runtime import make_session, provider_of, runner
 
     fixed = fixed_batch(input_specs(augmented))
     try:
@@ -320,14 +320,14 @@ def _run(augmented, sites, calib, batch_size: int, device: str, progress: bool, 
         raise
     except Exception as e:  # onnxruntime's own errors: an unknown op, a bad graph
         raise AsrError(f"onnxruntime cannot load the model: {_first_line(e)}") from None
-    names = [o.name for o in session.get_outputs()]
+    names, run = [o.name for o in session.get_outputs()], runner(session)
     per_site = {site.key: [] for site in sites}
     total = -(-len(calib) // batch_size)
     for feed in bar(calib.batches(batch_size), total=total, desc=desc, enabled=progress):
         if fixed and len(next(iter(feed.values()))) != fixed:
             continue  # the model cannot take a partial batch; the statistics do not need it
         try:
-            values = dict(zip(names, session.run(names, feed)))
+            values = dict(zip(names, run(names, feed)))
         except Exception as e:
             raise AsrError(f"onnxruntime failed on a calibration batch: {_first_line(e)}") from None
         for index, site in enumerate(sites):

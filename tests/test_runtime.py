@@ -1,0 +1,50 @@
+"""Provider choice and IO binding, on the CPU (CI has no GPU)."""
+
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import asr_onnx.runtime as runtime
+from asr_onnx.errors import AsrError
+from models import conv_net, random_inputs
+
+
+def test_cpu_and_auto_fall_back_to_cpu_without_cuda():
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    assert runtime.providers("cpu") == ["CPUExecutionProvider"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no GPU visible here: auto is silent
+        if not runtime._cuda_device_visible():
+            assert runtime.providers("auto") == ["CPUExecutionProvider"]
+
+
+def test_cuda_without_the_provider_is_a_clear_error():
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(AsrError, match="no CUDAExecutionProvider.*onnxruntime-gpu"):
+        runtime.providers("cuda")
+
+
+def test_auto_warns_when_a_gpu_is_visible_but_the_provider_is_not(monkeypatch):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    monkeypatch.setattr(runtime, "_cuda_device_visible", lambda: True)
+    with pytest.warns(UserWarning, match="using the CPU"):
+        assert runtime.providers("auto") == ["CPUExecutionProvider"]
+
+
+def test_unknown_device():
+    with pytest.raises(AsrError, match="unknown device"):
+        runtime.providers("tpu")
+
+
+def test_io_binding_runner_matches_plain_run():
+    session = runtime.make_session(conv_net(bn=True), "cpu")
+    feed = {"input": random_inputs(5)}
+    plain = runtime.runner(session, io_binding=False)(["logits"], feed)[0]
+    bound = runtime.runner(session, io_binding=True)(["logits"], feed)[0]
+    np.testing.assert_array_equal(plain, bound)
+    assert runtime.runner(session) == session.run  # the CPU default needs no binding
