@@ -6,7 +6,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from .errors import AsrError

@@ -64,10 +64,7 @@ def to_fp16(model: onnx.ModelProto, keep_io: bool = True) -> onnx.ModelProto:
         wants.append(want)
         gives.append(give)
 
-    home = {}
-    for node, give in zip(graph.node, gives):
-        for name, precision in give.items():
-            home[name] = precision
+    home = {name: precision for give in gives for name, precision in give.items()}
     inits = {t.name: t for t in graph.initializer}
     io_precision = FLOAT if keep_io else HALF
     for value in graph.input:
