@@ -104,21 +104,57 @@ class Repair:
         return self
 
     def correct(self, method: str = "bn", *, placement: str = "recal", recal: str = "exact", momentum: float = 0.1,
-                lambda_rule="median") -> "Repair":
-        """Computes every site's correction (see :func:`asr_onnx.recal.correct` for the options)."""
+                lambda_rule="median", correct_head: bool = True) -> "Repair":
+        """Computes every site's correction (see :func:`asr_onnx.recal.correct` for the options).
+
+        Args:
+            correct_head: also match a classifier head's per-class logit mean and variance to the dense
+                model's (a BN-free layer whose output is a graph output). BN recalibration alone
+                (PyTorch's REFLOW) leaves the head as it is. Defaults to True.
+        """
         if method not in METHODS:
             raise AsrError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if self.pruned_stats is None:
             raise AsrError("measure() must run before correct()")
         with self._timed("correct"):
             self.corrections = {
-                s.key: correct(s, self._refs[s.key], self.pruned_stats[s.key], method, placement=placement,
+                s.key: correct(s, self._refs[s.key], self.pruned_stats[s.key],
+                               "none" if s.head and not correct_head else method, placement=placement,
                                recal=recal, momentum=momentum, lambda_rule=lambda_rule)
                 for s in self._sites
             }
         self.settings.update(method=method, placement=placement, recal=recal, momentum=momentum,
-                             lambda_rule=lambda_rule)
+                             lambda_rule=lambda_rule, correct_head=correct_head)
         return self
+
+    def run(self, calib, method: str = "bn", *, placement: str = "recal", recal: str = "exact",
+            momentum: float = 0.1, lambda_rule="median", correct_head: bool = True, dense_stats=None,
+            passes: int = 2, fold_bn_nodes: bool = False, seed: int = 0) -> "Repair":
+        """measure -> correct (or auto) -> refine -> fold, after :meth:`prune`.
+
+        Args:
+            calib: the calibration set.
+            method: none, bn, lw, naive, asr or auto. Defaults to "bn". With "none" nothing is measured
+                and the output is the pruned model.
+            placement, recal, momentum, lambda_rule, correct_head: as for :meth:`correct`.
+            dense_stats: cached dense statistics, as for :meth:`measure`. Defaults to None.
+            passes: calibration passes; more than 2 adds :meth:`refine` passes. Defaults to 2.
+            fold_bn_nodes: as for :meth:`fold`. Defaults to False.
+            seed: the held-out split's seed for "auto". Defaults to 0.
+        """
+        if method == "none":
+            self.output = self.pruned
+            self.settings.update(method="none")
+            return self
+        self.measure(calib, dense_stats)
+        if method == "auto":
+            self.auto(calib, recal=recal, momentum=momentum, seed=seed)
+        else:
+            self.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
+                         correct_head=correct_head)
+        if passes > 2:
+            self.refine(calib, passes - 2)
+        return self.fold(fold_bn_nodes)
 
     def refine(self, calib, passes: int = 1) -> "Repair":
         """Re-measures each site inside the repaired network and recomputes the corrections.
@@ -134,8 +170,7 @@ class Repair:
         """
         from .recal import affine
 
-        options = dict(placement=self.settings["placement"], recal=self.settings["recal"],
-                       momentum=self.settings["momentum"], lambda_rule=self.settings["lambda_rule"])
+        options = {k: self.settings[k] for k in ("placement", "recal", "momentum", "lambda_rule", "correct_head")}
         for _ in range(passes):
             self.fold()
             with self._timed("refine"):
@@ -249,27 +284,20 @@ class Repair:
         return build_report(self)
 
 
-def repair(model, calib, *, sparsity: float = 0.9, pattern: str = "global", method: str = "bn",
-           placement: str = "recal", recal: str = "exact", momentum: float = 0.1, lambda_rule="median",
-           exclude=(), keep_first: bool = False, keep_last: bool = False, batch_size: int = 64,
-           device: str = "auto", dense_stats=None, fold_bn_nodes: bool = False, passes: int = 2,
-           progress: bool = True) -> Repair:
-    """Prunes and repairs a model in one call; see :class:`Repair` for each stage's options.
+def repair(model, calib, *, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
+           keep_last: bool = False, batch_size: int = 64, device: str = "auto", progress: bool = True,
+           **options) -> Repair:
+    """Prunes and repairs a model in one call.
+
+    Args:
+        model, batch_size, device, progress: as for :class:`Repair`.
+        calib: the calibration set (unused with ``method="none"``).
+        sparsity, pattern, exclude, keep_first, keep_last: as for :meth:`Repair.prune`.
+        **options: as for :meth:`Repair.run` (method, placement, recal, momentum, lambda_rule,
+            correct_head, dense_stats, passes, fold_bn_nodes).
 
     Returns:
         the finished Repair: ``.output`` is the repaired onnx.ModelProto, ``.report()`` its report.
     """
     job = Repair(model, device=device, batch_size=batch_size, progress=progress)
-    job.prune(sparsity, pattern, exclude, keep_first, keep_last)
-    if method == "none":
-        job.output = job.pruned
-        job.settings.update(method="none")
-        return job
-    job.measure(calib, dense_stats)
-    if method == "auto":
-        job.auto(calib, recal=recal, momentum=momentum)
-    else:
-        job.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule)
-    if passes > 2:
-        job.refine(calib, passes - 2)
-    return job.fold(fold_bn_nodes)
+    return job.prune(sparsity, pattern, exclude, keep_first, keep_last).run(calib, **options)

@@ -213,12 +213,14 @@ class Site:
         layer: the layer that produces ``tensor``, or None.
         bn: the BatchNormalization node, or None for a virtual site.
         after: what follows a virtual site's layer, for the report: "none" or "affine" (Mul/Add chain).
+        head: a virtual site whose output reaches a graph output (a classifier head).
     """
 
     tensor: object
     layer: Layer | None
     bn: object | None
     after: str = "none"
+    head: bool = False
     key: str = field(init=False)
 
     def __post_init__(self):
@@ -295,8 +297,27 @@ def find_sites(graph, layers: list[Layer]) -> list[Site]:
         if layer is not None and _bn_after(layer) is None:
             consumers = layer.output.outputs
             after = "affine" if len(consumers) == 1 and _is_affine(consumers[0], layer) else "none"
-            sites.append(Site(layer.output, layer, None, after))
+            sites.append(Site(layer.output, layer, None, after, _reaches_output(layer.output, graph)))
     return sites
+
+
+HEAD_PASS_THROUGH = ("Identity", "Softmax", "LogSoftmax", "Flatten", "Reshape", "Squeeze", "Cast", "Add", "Mul")
+
+
+def _reaches_output(tensor, graph) -> bool:
+    """Whether a tensor becomes a graph output through a chain of single readers that only reshape,
+    add a constant bias or apply a softmax: the mark of a classifier head."""
+    import onnx_graphsurgeon as gs
+
+    outputs = {t.name for t in graph.outputs}
+    while tensor.name not in outputs:
+        readers = tensor.outputs
+        if len(readers) != 1 or readers[0].op not in HEAD_PASS_THROUGH:
+            return False
+        if readers[0].op in ("Add", "Mul") and not any(isinstance(t, gs.Constant) for t in readers[0].inputs):
+            return False
+        tensor = readers[0].outputs[0]
+    return True
 
 
 def check_destination(path, source=None, overwrite: bool = False) -> Path:

@@ -35,6 +35,8 @@ def default_output(model: str) -> Path:
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration subset.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--no-head", is_flag=True,
+              help="Leave the classifier head (a BN-free layer feeding a graph output) uncorrected, as REFLOW does.")
 @click.option("--passes", default=2, show_default=True, type=click.IntRange(2, 100),
               help="Calibration passes: 2 (dense + pruned) is the one-pass approximation; each extra pass "
                    "re-measures inside the repaired network.")
@@ -47,8 +49,8 @@ def default_output(model: str) -> Path:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @preprocess_options
 def repair_command(model, calib_path, output, sparsity, pattern, method, placement, recal_mode, lambda_rule,
-                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, passes, fold_bn, fp16, fp16_io, stats_path, report_path,
-                   overwrite, quiet, **preprocess):
+                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, no_head, passes, fold_bn,
+                   fp16, fp16_io, stats_path, report_path, overwrite, quiet, **preprocess):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.api import Repair
     from asr_onnx.cache import load_stats, stats_key
@@ -61,21 +63,14 @@ def repair_command(model, calib_path, output, sparsity, pattern, method, placeme
     job = Repair(model, device=device, batch_size=batch_size, progress=not quiet)
     check_destination(output, job.source, overwrite)
     job.prune(sparsity, pattern, exclude, keep_first, keep_last)
+    calib = dense_stats = None
     if method != "none":
         if not calib_path:
             raise AsrError(f"--calib is required for --method {method}")
         calib = open_data(calib_path, job.dense, preprocess, limit=calib_size, seed=seed)
         dense_stats = load_stats(stats_path, stats_key(job.dense, calib)) if stats_path else None
-        job.measure(calib, dense_stats)
-        if method == "auto":
-            job.auto(calib, recal=recal, momentum=momentum, seed=seed)
-        else:
-            job.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule)
-        if passes > 2:
-            job.refine(calib, passes - 2)
-        job.fold(fold_bn)
-    else:
-        job.settings.update(method="none")
+    job.run(calib, method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
+            correct_head=not no_head, dense_stats=dense_stats, passes=passes, fold_bn_nodes=fold_bn, seed=seed)
     if fp16 or fp16_io:
         job.to_fp16(keep_io=not fp16_io)
     job.save(output, overwrite=overwrite)

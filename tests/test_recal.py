@@ -93,3 +93,16 @@ def test_refinement_makes_the_mean_exact_for_every_method(method):
 
     assert mean_error(2) > 1e-2  # the approximation is visible on this net
     assert mean_error(3) < 1e-5  # two levels deep: one refinement pass is exact
+
+
+def test_the_classifier_head_is_found_and_can_be_left_alone():
+    x = random_inputs(32)
+    model = conv_net(bn=True)
+    assert [s.key for s in sites_of(model) if s.head] == ["logits"]
+    kept = repair(model, ArraySet(x), sparsity=0.5, method="bn", batch_size=16, device="cpu", progress=False,
+                  correct_head=False)
+    fixed = repair(model, ArraySet(x), sparsity=0.5, method="bn", batch_size=16, device="cpu", progress=False)
+    fc = {m: next(t for t in job.output.graph.initializer if t.name.startswith("fc.bias") or "fc.asr_bias" in t.name)
+          for m, job in (("kept", kept), ("fixed", fixed))}
+    assert fc["kept"].name == "fc.bias" and fc["fixed"].name == "fc.asr_bias"
+    assert kept.written["logits"] == "unchanged" and fixed.written["logits"] == "folded"
