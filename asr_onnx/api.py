@@ -148,7 +148,7 @@ class Repair:
             return self
         self.measure(calib, dense_stats)
         if method == "auto":
-            self.auto(calib, recal=recal, momentum=momentum, seed=seed)
+            self.auto(calib, recal=recal, momentum=momentum, seed=seed, correct_head=correct_head)
         else:
             self.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
                          correct_head=correct_head)
@@ -192,7 +192,7 @@ class Repair:
         return self
 
     def auto(self, calib, *, holdout: float = 0.25, seed: int = 0, recal: str = "exact", momentum: float = 0.1,
-             candidates=AUTO_CANDIDATES) -> "Repair":
+             correct_head: bool = True, candidates=AUTO_CANDIDATES) -> "Repair":
         """Picks the method that best agrees with the dense model on a held-out part of ``calib``.
 
         The candidates are repaired with statistics from the fitting part only and scored, label-free, by
@@ -203,7 +203,7 @@ class Repair:
             calib: a calib.CalibSet (needs ``split``).
             holdout: the held-out fraction. Defaults to 0.25.
             seed: the split's seed. Defaults to 0.
-            recal, momentum: as in :meth:`correct`.
+            recal, momentum, correct_head: as in :meth:`correct`.
             candidates: (method, placement, lambda_rule) triples. Defaults to AUTO_CANDIDATES.
         """
         from .verify import evaluate
@@ -215,7 +215,8 @@ class Repair:
             probe.measure(fit)
             scores, dense_logits = [], []
             for method, placement, rule in candidates:
-                probe.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=rule).fold()
+                probe.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=rule,
+                              correct_head=correct_head).fold()
                 result = evaluate(probe.output, held, reference=self.dense, device=self.device, progress=False,
                                   reference_logits=dense_logits)
                 scores.append({"method": method, "placement": placement, "lambda_rule": rule,
@@ -224,7 +225,7 @@ class Repair:
         if self.pruned_stats is None:
             self.measure(calib)
         self.correct(best["method"], placement=best["placement"], recal=recal, momentum=momentum,
-                     lambda_rule=best["lambda_rule"])
+                     lambda_rule=best["lambda_rule"], correct_head=correct_head)
         self.settings.update(method="auto", auto={"picked": best, "candidates": scores, "holdout": holdout,
                                                   "reason": "highest held-out top-1 agreement with the dense "
                                                             "model, then lowest logit error"})

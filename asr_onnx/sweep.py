@@ -28,6 +28,7 @@ class Grid:
             Defaults to (("exact", "recal"),).
         lambda_rule: ASR's lambda rule. Defaults to "median".
         momentum: for the momentum regime. Defaults to 0.1.
+        correct_head: as for Repair.correct. Defaults to True.
     """
 
     sparsities: tuple = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -36,6 +37,7 @@ class Grid:
     regimes: tuple = (("exact", "recal"),)
     lambda_rule: str = "median"
     momentum: float = 0.1
+    correct_head: bool = True
 
     def cells(self):
         """(pattern, sparsity) pairs; an N:M pattern has one cell whatever the sparsity."""
@@ -113,10 +115,10 @@ def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None 
                     output = job.pruned
                 else:
                     if method == "auto":
-                        job.auto(calib, recal=recal, momentum=grid.momentum)
+                        job.auto(calib, recal=recal, momentum=grid.momentum, correct_head=grid.correct_head)
                     else:
                         job.correct(method, placement=placement, recal=recal, momentum=grid.momentum,
-                                    lambda_rule=grid.lambda_rule)
+                                    lambda_rule=grid.lambda_rule, correct_head=grid.correct_head)
                     output = job.fold().output
                 repair_s = time.perf_counter() - start
                 digest = hashlib.sha256(output.SerializeToString(deterministic=True)).hexdigest()

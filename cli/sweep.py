@@ -27,6 +27,7 @@ def parse_regimes(recal: str, placement: str) -> tuple:
 @click.option("--recal", "recal_modes", default="exact", show_default=True, help="Comma list: exact, momentum[=M].")
 @click.option("--placement", default="recal", show_default=True, help="Comma list: recal, pre-bn.")
 @click.option("--lambda-rule", default="median", show_default=True)
+@click.option("--no-head", is_flag=True, help="Leave the classifier head uncorrected, as REFLOW does.")
 @click.option("--calib-size", default=1024, show_default=True, type=int)
 @click.option("--eval-size", type=int, help="Evaluate on a seeded subset of this size. Default: all.")
 @click.option("--batch-size", default=64, show_default=True, type=int)
@@ -38,7 +39,8 @@ def parse_regimes(recal: str, placement: str) -> tuple:
 @click.option("-q", "--quiet", is_flag=True)
 @preprocess_options
 def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal_modes, placement, lambda_rule,
-                  calib_size, eval_size, batch_size, seed, device, stats_path, out_dir, plots, quiet, **preprocess):
+                  no_head, calib_size, eval_size, batch_size, seed, device, stats_path, out_dir, plots, quiet,
+                  **preprocess):
     """Repair MODEL over a grid and write results.json, results.md and plots."""
     from asr_onnx.cache import load_stats, stats_key
     from asr_onnx.graph import load_model
@@ -50,7 +52,7 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
     grid = Grid(sparsities=tuple(check_sparsity(s) for s in parse_list(sparsity)),
                 patterns=tuple(str(Pattern.parse(p)) for p in parse_list(pattern)),
                 methods=tuple(parse_list(method)), regimes=parse_regimes(recal_modes, placement),
-                lambda_rule=lambda_rule, momentum=_momentum(recal_modes))
+                lambda_rule=lambda_rule, momentum=_momentum(recal_modes), correct_head=not no_head)
     calib = open_data(calib_path, proto, preprocess, limit=calib_size, seed=seed)
     eval_data = open_data(resolve_data(eval_path), proto, preprocess, limit=eval_size, seed=seed)
     dense_stats = load_stats(stats_path, stats_key(proto, calib)) if stats_path else None
