@@ -21,6 +21,14 @@ AUTO_CANDIDATES = (("bn", "recal", "median"), ("lw", "recal", "median"), ("asr",
                    ("asr", "recal", "mean"), ("asr", "pre-bn", "median"), ("lw", "pre-bn", "median"))
 
 
+def pick(scores: list[dict], samples: int) -> dict:
+    """The best candidate: top-1 agreement first; agreements within one standard error of the best
+    (the held-out set's sampling noise) count as ties, which the lower logit error breaks."""
+    top = max(s["agreement"] for s in scores)
+    margin = (top * (1 - top) / max(samples, 1)) ** 0.5
+    return min((s for s in scores if s["agreement"] >= top - margin), key=lambda s: s["logit_rel_l2"])
+
+
 class Repair:
     """One model's repair, stage by stage; every stage returns ``self``.
 
@@ -221,14 +229,15 @@ class Repair:
                                   reference_logits=dense_logits)
                 scores.append({"method": method, "placement": placement, "lambda_rule": rule,
                                "agreement": result["agreement"], "logit_rel_l2": result["logit_rel_l2"]})
-        best = max(scores, key=lambda s: (s["agreement"], -s["logit_rel_l2"]))
+        best = pick(scores, len(held))
         if self.pruned_stats is None:
             self.measure(calib)
         self.correct(best["method"], placement=best["placement"], recal=recal, momentum=momentum,
                      lambda_rule=best["lambda_rule"], correct_head=correct_head)
-        self.settings.update(method="auto", auto={"picked": best, "candidates": scores, "holdout": holdout,
-                                                  "reason": "highest held-out top-1 agreement with the dense "
-                                                            "model, then lowest logit error"})
+        self.settings.update(method="auto", auto={"picked": best, "candidates": scores, "holdout": len(held),
+                                                  "reason": "lowest held-out logit error among the candidates "
+                                                            "whose top-1 agreement with the dense model is within "
+                                                            "one standard error of the best"})
         return self
 
     def fold(self, fold_bn_nodes: bool = False) -> "Repair":
