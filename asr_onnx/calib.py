@@ -758,8 +758,9 @@ def _class_labels(folder: Path, paths: list[Path], all_paths: list[Path]) -> np.
         return None
     classes = sorted({path.relative_to(folder).parts[0] for path in all_paths})
     if all(re.fullmatch(r"\d+", name) for name in classes):
-        classes.sort(key=int)
-    index_of = {name: index for index, name in enumerate(classes)}
+        index_of = {name: int(name) for name in classes}  # "3" is class 3 even when other classes are absent
+    else:
+        index_of = {name: index for index, name in enumerate(classes)}
     return np.array([index_of[path.relative_to(folder).parts[0]] for path in paths], np.int64)
 
 

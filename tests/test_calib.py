@@ -75,7 +75,7 @@ def test_gray_class_subfolders_give_numeric_labels_and_exact_values(tmp_path):
     calib = load_calib(tmp_path, GRAY, pre)
 
     assert len(calib) == 4
-    np.testing.assert_array_equal(calib.labels, [0, 1, 3, 2])  # "10" sorts after "2"
+    np.testing.assert_array_equal(calib.labels, [0, 1, 10, 2])  # integer folder names are the labels
     assert calib.labels.dtype == np.int64
     got = all_batches(calib)["input"]
     for row, path in enumerate(images):
