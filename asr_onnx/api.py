@@ -14,7 +14,7 @@ from .graph import (check_output, find_layers, find_sites, fixed_batch, input_sp
                     to_model)
 from .prune import Pattern, check_sparsity, prune_layers
 from .recal import correct, fold_bn, reference, train_norm, write
-from .stats import ChannelStats, measure, merge_all
+from .stats import measure, measure_levels, merge_all
 
 
 AUTO_CANDIDATES = (("bn", "recal", "median"), ("lw", "recal", "median"), ("asr", "recal", "median"),
@@ -80,12 +80,15 @@ class Repair:
                              keep_first=keep_first, keep_last=keep_last)
         return self
 
-    def measure(self, calib, dense_stats: dict | None = None) -> "Repair":
+    def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False) -> "Repair":
         """Per-channel statistics of the dense model, then of the pruned one with upstream renormalised.
 
         Args:
             calib: a calib.CalibSet (or anything with ``__len__`` and ``batches(batch_size)``).
             dense_stats: site key -> ChannelStats from an earlier run (see stats cache). Defaults to None.
+            sequential: measure the pruned model level by level, each level with every shallower site
+                fixed at its whole-set statistics: exact layer-by-layer recalibration, at one pass per
+                depth of sites. Defaults to False (one pass, upstream renormalised with batch statistics).
 
         Raises:
             AsrError: the calibration set is smaller than one batch.
@@ -107,8 +110,12 @@ class Repair:
             self._refs = {s.key: reference(s, dense_stats[s.key]) for s in sites}
             self._sites = sites
             norms = {key: train_norm(ref) for key, ref in self._refs.items()}
-            self.pruned_stats, self.provider = measure(self.pruned, calib, norms=norms, desc="pruned", **options)
-        self.settings.update(calib_size=len(calib), batch_size=self.batch_size)
+            if sequential:
+                self.pruned_stats, self.provider = measure_levels(self.pruned, calib, norms=norms, desc="pruned",
+                                                                  **options)
+            else:
+                self.pruned_stats, self.provider = measure(self.pruned, calib, norms=norms, desc="pruned", **options)
+        self.settings.update(calib_size=len(calib), batch_size=self.batch_size, sequential=sequential)
         return self
 
     def correct(self, method: str = "bn", *, placement: str = "recal", recal: str = "exact", momentum: float = 0.1,
@@ -137,16 +144,15 @@ class Repair:
 
     def run(self, calib, method: str = "bn", *, placement: str = "recal", recal: str = "exact",
             momentum: float = 0.1, lambda_rule="median", correct_head: bool = True, dense_stats=None,
-            passes: int = 2, fold_bn_nodes: bool = False, seed: int = 0) -> "Repair":
-        """measure -> correct (or auto) -> refine -> fold, after :meth:`prune`.
+            sequential: bool = False, fold_bn_nodes: bool = False, seed: int = 0) -> "Repair":
+        """measure -> correct (or auto) -> fold, after :meth:`prune`.
 
         Args:
             calib: the calibration set.
             method: none, bn, lw, naive, asr or auto. Defaults to "bn". With "none" nothing is measured
                 and the output is the pruned model.
             placement, recal, momentum, lambda_rule, correct_head: as for :meth:`correct`.
-            dense_stats: cached dense statistics, as for :meth:`measure`. Defaults to None.
-            passes: calibration passes; more than 2 adds :meth:`refine` passes. Defaults to 2.
+            dense_stats, sequential: as for :meth:`measure`. Defaults to None and False.
             fold_bn_nodes: as for :meth:`fold`. Defaults to False.
             seed: the held-out split's seed for "auto". Defaults to 0.
         """
@@ -154,50 +160,13 @@ class Repair:
             self.output = self.pruned
             self.settings.update(method="none")
             return self
-        self.measure(calib, dense_stats)
+        self.measure(calib, dense_stats, sequential)
         if method == "auto":
             self.auto(calib, recal=recal, momentum=momentum, seed=seed, correct_head=correct_head)
         else:
             self.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
                          correct_head=correct_head)
-        if passes > 2:
-            self.refine(calib, passes - 2)
         return self.fold(fold_bn_nodes)
-
-    def refine(self, calib, passes: int = 1) -> "Repair":
-        """Re-measures each site inside the repaired network and recomputes the corrections.
-
-        The default measurement renormalises upstream sites with batch statistics, which is exact for
-        ``bn`` but only approximates the other methods' upstream repair. Each refinement pass costs one
-        more pass over the calibration set and measures every site with its upstream repaired by the
-        method itself; as many passes as the network is deep make it exactly layer by layer.
-
-        Args:
-            calib: the calibration set used by :meth:`measure`.
-            passes: refinement passes. Defaults to 1.
-        """
-        from .recal import affine
-
-        options = {k: self.settings[k] for k in ("placement", "recal", "momentum", "lambda_rule", "correct_head")}
-        for _ in range(passes):
-            self.fold()
-            with self._timed("refine"):
-                batches, _ = measure(self.output, calib, batch_size=self.batch_size, device=self.device,
-                                     progress=self.progress, desc="refine")
-                for site in self._sites:
-                    if site.key not in batches:
-                        continue
-                    corr = self.corrections[site.key]
-                    if site.bn is None:
-                        a, c = affine(self._refs[site.key], corr)
-                    else:
-                        a, c = (1.0 if corr.pre_gain is None else corr.pre_gain), 0.0
-                    # the measured tensor is a * raw + c: undo it to get the raw layer output's statistics
-                    self.pruned_stats[site.key] = [ChannelStats(b.count, (b.mean - c) / a, b.m2 / a**2)
-                                                   for b in batches[site.key]]
-            self.correct(self.settings["method"], **options)
-        self.settings.update(passes=2 + passes)
-        return self
 
     def auto(self, calib, *, holdout: float = 0.25, seed: int = 0, recal: str = "exact", momentum: float = 0.1,
              correct_head: bool = True, candidates=AUTO_CANDIDATES) -> "Repair":
@@ -304,7 +273,7 @@ def repair(model, calib, *, sparsity: float = 0.9, pattern: str = "global", excl
         calib: the calibration set (unused with ``method="none"``).
         sparsity, pattern, exclude, keep_first, keep_last: as for :meth:`Repair.prune`.
         **options: as for :meth:`Repair.run` (method, placement, recal, momentum, lambda_rule,
-            correct_head, dense_stats, passes, fold_bn_nodes).
+            correct_head, dense_stats, sequential, fold_bn_nodes).
 
     Returns:
         the finished Repair: ``.output`` is the repaired onnx.ModelProto, ``.report()`` its report.

@@ -37,9 +37,8 @@ def default_output(model: str) -> Path:
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--no-head", is_flag=True,
               help="Leave the classifier head (a BN-free layer feeding a graph output) uncorrected, as REFLOW does.")
-@click.option("--passes", default=2, show_default=True, type=click.IntRange(2, 100),
-              help="Calibration passes: 2 (dense + pruned) is the one-pass approximation; each extra pass "
-                   "re-measures inside the repaired network.")
+@click.option("--sequential", is_flag=True,
+              help="Exact layer-by-layer recalibration: one calibration pass per depth of sites (slower).")
 @click.option("--fold-bn", is_flag=True, help="Fold every BatchNormalization into its Conv after recalibration.")
 @click.option("--fp16", is_flag=True, help="Cast weights and arithmetic to float16; float I/O stays float32.")
 @click.option("--fp16-io", is_flag=True, help="With --fp16 (implied), make float inputs and outputs float16 too.")
@@ -49,7 +48,7 @@ def default_output(model: str) -> Path:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @preprocess_options
 def repair_command(model, calib_path, output, sparsity, pattern, method, placement, recal_mode, lambda_rule,
-                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, no_head, passes, fold_bn,
+                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, no_head, sequential, fold_bn,
                    fp16, fp16_io, stats_path, report_path, overwrite, quiet, **preprocess):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.api import Repair
@@ -70,7 +69,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, method, placeme
         calib = open_data(calib_path, job.dense, preprocess, limit=calib_size, seed=seed)
         dense_stats = load_stats(stats_path, stats_key(job.dense, calib)) if stats_path else None
     job.run(calib, method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
-            correct_head=not no_head, dense_stats=dense_stats, passes=passes, fold_bn_nodes=fold_bn, seed=seed)
+            correct_head=not no_head, dense_stats=dense_stats, sequential=sequential, fold_bn_nodes=fold_bn,
+            seed=seed)
     if fp16 or fp16_io:
         job.to_fp16(keep_io=not fp16_io)
     job.save(output, overwrite=overwrite)
