@@ -76,13 +76,17 @@ def main() -> int:
     args = parser.parse_args()
     names = args.models.split(",")
     with ProcessPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(run_one, names, [args] * len(names)))
+        list(pool.map(run_one, names, [args] * len(names)))
     command = "python benchmarks/paper_table.py " + " ".join(sys.argv[1:])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     from asr_onnx.sweep import SweepResult, markdown
 
-    tables = [markdown(SweepResult(r["dense"], r["rows"])) for r in results]
-    header = (f"Produced by `{command}` at commit {commit.strip()} on {machine()}.\n"
+    saved = {p.stem: json.loads(p.read_text()) for p in sorted((ROOT / "benchmarks" / "results").glob("*.json"))}
+    order = [f"{m}{s}" for m in MODELS for s in ("_bn", "")]
+    tables = [f"{markdown(SweepResult(r['dense'], r['rows']))}\n\n(calibration {r['dense']['calib']} training images, "
+              f"evaluation {r['dense']['eval']} test images, {r['dense']['seconds']} s)"
+              for name in order if (r := saved.get(name))]
+    header = (f"Last produced by `{command}` at commit {commit.strip()} on {machine()}.\n"
               f"Cells: top-1 % on the evaluation set (top-1 agreement with the dense model, %).\n")
     (ROOT / "benchmarks" / "paper_table.md").write_text(header + "\n" + "\n\n".join(tables) + "\n")
     print(header)
