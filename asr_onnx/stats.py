@@ -218,7 +218,34 @@ def stats_model(model, norms: dict | None = None, keys=None):
             measured.append(site)
     graph.outputs = outputs
     graph.cleanup().toposort()
-    return to_model(graph, model), measured
+    return _statistics_early(to_model(graph, model)), measured
+
+
+def _statistics_early(model):
+    """Moves the statistic nodes that nothing reads to the end of the node list, last site first.
+
+    onnxruntime orders execution by a reverse depth-first walk from the leaf nodes, expanding the
+    last-listed leaf first. With the last site's reduction listed last, the whole network would run
+    before any reduction and every site's activation would stay alive until the end (memory growing
+    with the number of sites). Listed last site first, each reduction runs right after its producer.
+    """
+    outputs = {o.name for o in model.graph.output}
+    read = {name for node in model.graph.node for name in node.input}
+
+    def site_index(node):
+        name = node.output[0] if len(node.output) == 1 else ""
+        return int(name.split(".")[1]) if name.startswith(STAT_PREFIX) and name not in read and name in outputs else None
+
+    nodes = list(model.graph.node)
+    leaves = sorted((n for n in nodes if site_index(n) is not None), key=site_index, reverse=True)
+    moved = {id(n) for n in leaves}
+    order = [n for n in nodes if id(n) not in moved] + leaves
+    copies = [type(n)() for n in order]
+    for copy, node in zip(copies, order):
+        copy.CopyFrom(node)
+    del model.graph.node[:]
+    model.graph.node.extend(copies)
+    return model
 
 
 SMALL_BATCH = 8  # under this many samples per run, train-mode renormalisation is replaced by levels
@@ -315,7 +342,7 @@ def _run(augmented, sites, calib, batch_size: int, device: str, progress: bool, 
 
     fixed = fixed_batch(input_specs(augmented))
     try:
-        session = make_session(augmented, device)
+        session = make_session(augmented, device, mem_pattern=False)
     except AsrError:
         raise
     except Exception as e:  # onnxruntime's own errors: an unknown op, a bad graph

@@ -60,3 +60,12 @@ def test_extra_outputs_are_per_channel_vectors_only():
     for value in outputs:
         assert value.size <= max(channels.values())
     assert {o.name for o in augmented.graph.output}.isdisjoint({"logits"})
+
+
+def test_statistic_leaves_are_listed_last_site_first():
+    """So that onnxruntime runs each site's reduction right after its producer and frees the activation."""
+    augmented, sites = stats_model(conv_net(bn=True))
+    tail = [n.output[0] for n in augmented.graph.node[-2 * len(sites):]]  # each site's m2 and size
+    assert all(name.startswith("asr_stat.") for name in tail)
+    indices = [int(name.split(".")[1]) for name in tail]
+    assert indices == sorted(indices, reverse=True) and set(indices) == set(range(len(sites)))
