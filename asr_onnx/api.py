@@ -39,12 +39,13 @@ class Repair:
         device: "auto", "cpu" or "cuda". Defaults to "auto".
         batch_size: calibration samples per session run. Defaults to 64 (the model's own when fixed).
         progress: progress bars on a TTY. Defaults to True.
+        threads: onnxruntime intra-op threads; 0 lets onnxruntime choose. Defaults to 0.
     """
 
-    def __init__(self, model, *, device: str = "auto", batch_size: int = 64, progress: bool = True):
+    def __init__(self, model, *, device: str = "auto", batch_size: int = 64, progress: bool = True, threads: int = 0):
         self.source = None if isinstance(model, onnx.ModelProto) else Path(model)
         self.dense = model if self.source is None else load_model(self.source)
-        self.device, self.progress = device, progress
+        self.device, self.progress, self.threads = device, progress, threads
         self.specs = input_specs(self.dense)
         self.batch_size = fixed_batch(self.specs) or int(batch_size)
         if self.batch_size < 1:
@@ -95,7 +96,7 @@ class Repair:
         """
         if len(calib) < self.batch_size:
             raise AsrError(f"the calibration set has {len(calib)} samples, fewer than the batch size {self.batch_size}")
-        options = dict(batch_size=self.batch_size, device=self.device, progress=self.progress)
+        options = dict(batch_size=self.batch_size, device=self.device, progress=self.progress, threads=self.threads)
         with self._timed("measure_dense"):
             if dense_stats is None:
                 batches, self.provider = measure(self.dense, calib, desc="dense", **options)
@@ -265,11 +266,11 @@ class Repair:
 
 def repair(model, calib, *, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
            keep_last: bool = False, batch_size: int = 64, device: str = "auto", progress: bool = True,
-           **options) -> Repair:
+           threads: int = 0, **options) -> Repair:
     """Prunes and repairs a model in one call.
 
     Args:
-        model, batch_size, device, progress: as for :class:`Repair`.
+        model, batch_size, device, progress, threads: as for :class:`Repair`.
         calib: the calibration set (unused with ``method="none"``).
         sparsity, pattern, exclude, keep_first, keep_last: as for :meth:`Repair.prune`.
         **options: as for :meth:`Repair.run` (method, placement, recal, momentum, lambda_rule,
@@ -278,5 +279,5 @@ def repair(model, calib, *, sparsity: float = 0.9, pattern: str = "global", excl
     Returns:
         the finished Repair: ``.output`` is the repaired onnx.ModelProto, ``.report()`` its report.
     """
-    job = Repair(model, device=device, batch_size=batch_size, progress=progress)
+    job = Repair(model, device=device, batch_size=batch_size, progress=progress, threads=threads)
     return job.prune(sparsity, pattern, exclude, keep_first, keep_last).run(calib, **options)

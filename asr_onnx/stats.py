@@ -251,7 +251,8 @@ def _statistics_early(model):
 SMALL_BATCH = 8  # under this many samples per run, train-mode renormalisation is replaced by levels
 
 
-def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, progress: bool = True, desc="measure"):
+def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, progress: bool = True, desc="measure",
+            threads: int = 0):
     """Runs the calibration set through the augmented model.
 
     With ``norms`` and fewer than :data:`SMALL_BATCH` samples per run (a model that fixes a batch of 1),
@@ -266,6 +267,7 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
         norms: see :func:`stats_model`. Defaults to None.
         progress: show a progress bar on a TTY. Defaults to True.
         desc: the progress bar's label.
+        threads: onnxruntime intra-op threads; 0 lets it choose. Defaults to 0.
 
     Returns:
         (site key -> list of per-batch ChannelStats, the provider used).
@@ -275,12 +277,13 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
     """
     if norms is not None and batch_size < SMALL_BATCH:
         return measure_levels(model, calib, batch_size=batch_size, device=device, norms=norms, progress=progress,
-                              desc=desc)
+                              desc=desc, threads=threads)
     augmented, sites = stats_model(model, norms)
-    return _run(augmented, sites, calib, batch_size, device, progress, desc)
+    return _run(augmented, sites, calib, batch_size, device, progress, desc, threads)
 
 
-def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, progress: bool, desc: str):
+def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, progress: bool, desc: str,
+                   threads: int = 0):
     """Train-mode measurement without batch statistics: one pass per level of the site graph.
 
     A site's level is the largest number of sites on a path from the inputs to it. In pass ``k``,
@@ -298,7 +301,7 @@ def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, p
         fixed = {key: tuple(norms[key][:3]) + _population(stats) for key, stats in done.items()}
         augmented, sites = stats_model(model, fixed, keys={key for key, at in levels.items() if at == level})
         label = f"{desc} {level + 1}/{count}"
-        per_site, provider = _run(augmented, sites, calib, batch_size, device, progress, label)
+        per_site, provider = _run(augmented, sites, calib, batch_size, device, progress, label, threads)
         done.update(per_site)
     return done, provider
 
@@ -334,7 +337,7 @@ def _after(name: str, depth: dict, by_tensor: dict) -> int:
     return depth.get(name, 0) + (1 if site is not None and site.bn is None else 0)
 
 
-def _run(augmented, sites, calib, batch_size: int, device: str, progress: bool, desc: str):
+def _run(augmented, sites, calib, batch_size: int, device: str, progress: bool, desc: str, threads: int = 0):
     """Per-batch statistics of every site over the set; a last partial batch is skipped when the batch is fixed."""
     from .graph import _first_line, fixed_batch, input_specs
     from .progress import bar
@@ -342,7 +345,7 @@ def _run(augmented, sites, calib, batch_size: int, device: str, progress: bool, 
 
     fixed = fixed_batch(input_specs(augmented))
     try:
-        session = make_session(augmented, device, mem_pattern=False)
+        session = make_session(augmented, device, threads, mem_pattern=False)
     except AsrError:
         raise
     except Exception as e:  # onnxruntime's own errors: an unknown op, a bad graph

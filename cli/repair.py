@@ -35,6 +35,7 @@ def default_output(model: str) -> Path:
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration subset.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--threads", default=0, show_default=True, type=int, help="onnxruntime intra-op threads; 0 = its default.")
 @click.option("--no-head", is_flag=True,
               help="Leave the classifier head (a BN-free layer feeding a graph output) uncorrected, as REFLOW does.")
 @click.option("--sequential", is_flag=True,
@@ -48,7 +49,7 @@ def default_output(model: str) -> Path:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @preprocess_options
 def repair_command(model, calib_path, output, sparsity, pattern, method, placement, recal_mode, lambda_rule,
-                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, no_head, sequential, fold_bn,
+                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, threads, no_head, sequential, fold_bn,
                    fp16, fp16_io, stats_path, report_path, overwrite, quiet, **preprocess):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.api import Repair
@@ -59,7 +60,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, method, placeme
 
     recal, momentum = parse_recal(recal_mode)
     output = Path(output) if output else default_output(model)
-    job = Repair(model, device=device, batch_size=batch_size, progress=not quiet)
+    job = Repair(model, device=device, batch_size=batch_size, progress=not quiet, threads=threads)
     check_destination(output, job.source, overwrite)
     job.prune(sparsity, pattern, exclude, keep_first, keep_last)
     calib = dense_stats = None
