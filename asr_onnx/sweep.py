@@ -23,7 +23,8 @@ class Grid:
     Attributes:
         sparsities: fractions for global/uniform patterns. Defaults to (0.5, 0.7, 0.8, 0.9, 0.95).
         patterns: "global", "uniform" or "N:M". Defaults to ("global",).
-        methods: none, bn, lw, naive, asr, auto. Defaults to all but auto.
+        methods: none, bn, lw, naive, asr, auto, and reflow (bn without the head correction,
+            i.e. BN recalibration only). Defaults to none, bn, lw, naive, asr.
         regimes: (recal, placement) pairs, e.g. ("exact", "recal") or ("momentum", "pre-bn").
             Defaults to (("exact", "recal"),).
         lambda_rule: ASR's lambda rule. Defaults to "median".
@@ -116,9 +117,10 @@ def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None 
                 else:
                     if method == "auto":
                         job.auto(calib, recal=recal, momentum=grid.momentum, correct_head=grid.correct_head)
-                    else:
-                        job.correct(method, placement=placement, recal=recal, momentum=grid.momentum,
-                                    lambda_rule=grid.lambda_rule, correct_head=grid.correct_head)
+                    else:  # "reflow" is bn with the head left alone: BN recalibration and nothing else
+                        job.correct("bn" if method == "reflow" else method, placement=placement, recal=recal,
+                                    momentum=grid.momentum, lambda_rule=grid.lambda_rule,
+                                    correct_head=grid.correct_head and method != "reflow")
                     output = job.fold().output
                 repair_s = time.perf_counter() - start
                 digest = hashlib.sha256(output.SerializeToString(deterministic=True)).hexdigest()

@@ -49,8 +49,15 @@ def run_one(name: str, args) -> dict:
                        watch=False)
     out = result.to_json()
     out["dense"].update(calib=len(calib), eval=len(eval_data), seconds=round(time.perf_counter() - start, 1))
-    (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
-    (ROOT / "benchmarks" / "results" / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    path = ROOT / "benchmarks" / "results" / f"{name}.json"
+    path.parent.mkdir(exist_ok=True)
+    if args.append and path.exists():  # more methods for the same cells: keep the earlier rows
+        earlier = json.loads(path.read_text())
+        new = {(r["pattern"], r["sparsity"], r["method"], r["recal"], r["placement"]) for r in out["rows"]}
+        out["rows"] = [r for r in earlier["rows"] if (r["pattern"], r["sparsity"], r["method"], r["recal"],
+                                                      r["placement"]) not in new] + out["rows"]
+        out["dense"]["seconds"] = round(earlier["dense"]["seconds"] + out["dense"]["seconds"], 1)
+    path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"{name}: done in {out['dense']['seconds']} s", flush=True)
     return out
 
@@ -65,7 +72,8 @@ def machine() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(f"{m}{s}" for m in MODELS for s in ("_bn", "")))
-    parser.add_argument("--methods", default="none,bn,lw,naive,asr,auto")
+    parser.add_argument("--methods", default="none,reflow,bn,lw,naive,asr,auto")
+    parser.add_argument("--append", action="store_true", help="merge these methods' rows into saved results")
     parser.add_argument("--calib", default="fashion-mnist:train")
     parser.add_argument("--calib-size", type=int, default=1024)
     parser.add_argument("--eval", default="fashion-mnist:test")
