@@ -25,11 +25,12 @@ class Grid:
         patterns: "global", "uniform" or "N:M". Defaults to ("global",).
         methods: none, bn, lw, naive, asr, auto, and reflow (bn without the head correction,
             i.e. BN recalibration only). Defaults to none, bn, lw, naive, asr.
-        regimes: (recal, placement) pairs, e.g. ("exact", "recal") or ("momentum", "pre-bn").
-            Defaults to (("exact", "recal"),).
+        regimes: (recal, placement) or (recal, placement, correct_head) tuples, e.g.
+            ("exact", "recal") or ("momentum", "pre-bn", False) for the paper's pipeline. A pair takes
+            ``correct_head``. Defaults to (("exact", "recal"),).
         lambda_rule: ASR's lambda rule. Defaults to "median".
         momentum: for the momentum regime. Defaults to 0.1.
-        correct_head: as for Repair.correct. Defaults to True.
+        correct_head: as for Repair.correct, for regimes that do not say. Defaults to True.
     """
 
     sparsities: tuple = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -94,6 +95,7 @@ def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None 
                      reference_logits=dense_logits)
     result = SweepResult({"model": name, "top1": dense.get("top1"), "eval_s": time.perf_counter() - start})
     cells, scored = list(grid.cells()), {}
+    regimes = [tuple(r) if len(r) == 3 else (*r, grid.correct_head) for r in grid.regimes]
     watched = max((c for c in cells if c[1] is not None), key=lambda c: c[1], default=None)
     for pattern, sparsity in cells:
         job = Repair(base.dense, device=device, batch_size=batch_size, progress=progress)
@@ -105,22 +107,22 @@ def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None 
             dense_stats = job.dense_stats
         measure_s = time.perf_counter() - start
         ratio = variance_ratio(job) if job.pruned_stats is not None else None
-        for recal, placement in grid.regimes:
+        for recal, placement, head in regimes:
             for method in grid.methods:
-                if method == "none" and (recal, placement) != grid.regimes[0]:
+                if method == "none" and (recal, placement, head) != regimes[0]:
                     continue  # pruning alone does not depend on the regime
-                if method == "auto" and placement != next(p for r, p in grid.regimes if r == recal):
+                if method == "auto" and placement != next(p for r, p, _ in regimes if r == recal):
                     continue  # auto chooses its own placement
                 start = time.perf_counter()
                 if method == "none":
                     output = job.pruned
                 else:
                     if method == "auto":
-                        job.auto(calib, recal=recal, momentum=grid.momentum, correct_head=grid.correct_head)
+                        job.auto(calib, recal=recal, momentum=grid.momentum, correct_head=head)
                     else:  # "reflow" is bn with the head left alone: BN recalibration and nothing else
                         job.correct("bn" if method == "reflow" else method, placement=placement, recal=recal,
                                     momentum=grid.momentum, lambda_rule=grid.lambda_rule,
-                                    correct_head=grid.correct_head and method != "reflow")
+                                    correct_head=head and method != "reflow")
                     output = job.fold().output
                 repair_s = time.perf_counter() - start
                 digest = hashlib.sha256(output.SerializeToString(deterministic=True)).hexdigest()
@@ -129,12 +131,12 @@ def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None 
                                               progress=progress, reference_logits=dense_logits)
                 scores = scored[digest]
                 row = {"model": name, "pattern": pattern, "sparsity": sparsity, "method": method, "recal": recal,
-                       "placement": placement, **scores, "variance_ratio": ratio, "measure_s": round(measure_s, 3),
+                       "placement": placement, "head": head and method != "reflow", **scores, "variance_ratio": ratio, "measure_s": round(measure_s, 3),
                        "repair_s": round(repair_s, 3)}
                 if method == "auto":
                     row["picked"] = job.settings["auto"]["picked"]
                 result.rows.append(row)
-                if watch and (pattern, sparsity) == watched and (recal, placement) == grid.regimes[0]:
+                if watch and (pattern, sparsity) == watched and (recal, placement, head) == regimes[0]:
                     _watch(result, job, output, method, calib, f"{pattern} {sparsity:g}", device)
                 if on_row:
                     on_row(row)
