@@ -52,10 +52,11 @@ def open_data(path, model, options: dict, limit: int | None = None, seed: int = 
     """Loads a calibration or evaluation set for ``model`` with the preprocess options in ``options``."""
     from asr_onnx.calib import load_calib
     from asr_onnx.graph import input_specs
+    from asr_onnx.verify import resolve_data
 
     keys = ("size", "resize", "mean", "std", "scale", "channel_order", "layout", "hook")
     preprocess = make_preprocess(model, **{k: options.get(k) for k in keys})
-    data = load_calib(path, input_specs(model), preprocess, strict=options.get("strict", False))
+    data = load_calib(resolve_data(path), input_specs(model), preprocess, strict=options.get("strict", False))
     return data.take(limit, seed) if limit else data
 
 

@@ -24,11 +24,11 @@ def eval_command(model, data_path, reference, limit, batch_size, device, as_json
     """Evaluate MODEL on labelled or unlabelled data."""
     from asr_onnx.errors import AsrError
     from asr_onnx.graph import load_model
-    from asr_onnx.verify import evaluate, resolve_data
+    from asr_onnx.verify import evaluate
 
     proto = load_model(model)
     ref = load_model(reference) if reference else None
-    data = open_data(resolve_data(data_path), proto, preprocess, limit=limit)
+    data = open_data(data_path, proto, preprocess, limit=limit)
     if data.labels is None and ref is None:
         raise AsrError(f"{data_path} has no labels; pass --reference to measure agreement instead")
     result = evaluate(proto, data, reference=ref, batch_size=batch_size, device=device, progress=not quiet)

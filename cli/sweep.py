@@ -46,7 +46,6 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
     from asr_onnx.graph import load_model
     from asr_onnx.prune import Pattern, check_sparsity
     from asr_onnx.sweep import Grid, run_sweep
-    from asr_onnx.verify import resolve_data
 
     proto = load_model(model)
     grid = Grid(sparsities=tuple(check_sparsity(s) for s in parse_list(sparsity)),
@@ -54,7 +53,7 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
                 methods=tuple(parse_list(method)), regimes=parse_regimes(recal_modes, placement),
                 lambda_rule=lambda_rule, momentum=_momentum(recal_modes), correct_head=not no_head)
     calib = open_data(calib_path, proto, preprocess, limit=calib_size, seed=seed)
-    eval_data = open_data(resolve_data(eval_path), proto, preprocess, limit=eval_size, seed=seed)
+    eval_data = open_data(eval_path, proto, preprocess, limit=eval_size, seed=seed)
     dense_stats = load_stats(stats_path, stats_key(proto, calib)) if stats_path else None
 
     def show(row):
