@@ -17,8 +17,10 @@ from .recal import correct, fold_bn, reference, train_norm, write
 from .stats import measure, measure_levels, merge_all
 
 
+# every method in both placements (bn/naive coincide under recal; pre-bn bn is plain BN recalibration)
 AUTO_CANDIDATES = (("bn", "recal", "median"), ("lw", "recal", "median"), ("asr", "recal", "median"),
-                   ("asr", "recal", "mean"), ("asr", "pre-bn", "median"), ("lw", "pre-bn", "median"))
+                   ("asr", "recal", "mean"), ("bn", "pre-bn", "median"), ("naive", "pre-bn", "median"),
+                   ("lw", "pre-bn", "median"), ("asr", "pre-bn", "median"))
 
 
 def pick(scores: list[dict], samples: int) -> dict:
