@@ -83,6 +83,24 @@ class Repair:
                              keep_first=keep_first, keep_last=keep_last)
         return self
 
+    def _check_size(self, calib) -> None:
+        if len(calib) < self.batch_size:
+            raise AsrError(f"the calibration set has {len(calib)} samples, fewer than the batch size {self.batch_size}")
+
+    def _session_options(self) -> dict:
+        return dict(batch_size=self.batch_size, device=self.device, progress=self.progress, threads=self.threads)
+
+    def measure_dense(self, calib) -> dict:
+        """The dense model's per-channel statistics over ``calib``: site key -> ChannelStats.
+
+        Raises:
+            AsrError: the calibration set is smaller than one batch.
+        """
+        self._check_size(calib)
+        with self._timed("measure_dense"):
+            batches, self.provider = measure(self.dense, calib, desc="dense", **self._session_options())
+        return {key: merge_all(b) for key, b in batches.items()}
+
     def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False) -> "Repair":
         """Per-channel statistics of the dense model, then of the pruned one with upstream renormalised.
 
@@ -96,14 +114,9 @@ class Repair:
         Raises:
             AsrError: the calibration set is smaller than one batch.
         """
-        if len(calib) < self.batch_size:
-            raise AsrError(f"the calibration set has {len(calib)} samples, fewer than the batch size {self.batch_size}")
-        options = dict(batch_size=self.batch_size, device=self.device, progress=self.progress, threads=self.threads)
-        with self._timed("measure_dense"):
-            if dense_stats is None:
-                batches, self.provider = measure(self.dense, calib, desc="dense", **options)
-                dense_stats = {key: merge_all(b) for key, b in batches.items()}
-            self.dense_stats = dense_stats
+        self._check_size(calib)
+        self.dense_stats = dense_stats if dense_stats is not None else self.measure_dense(calib)
+        dense_stats, options = self.dense_stats, self._session_options()
         with self._timed("measure_pruned"):
             graph = to_graph(self.pruned)
             sites = find_sites(graph, find_layers(graph))
@@ -189,7 +202,8 @@ class Repair:
         from .verify import evaluate
 
         fit, held = calib.split(1 - holdout, seed)
-        probe = Repair(self.dense, device=self.device, batch_size=min(self.batch_size, len(fit)), progress=False)
+        probe = Repair(self.dense, device=self.device, batch_size=min(self.batch_size, len(fit)), progress=False,
+                       threads=self.threads)
         probe.pruned, probe.source = self.pruned, self.source
         with self._timed("auto"):
             probe.measure(fit)

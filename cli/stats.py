@@ -23,14 +23,12 @@ def stats_command(model, calib_path, output, calib_size, batch_size, seed, devic
     The file is keyed by the model's bytes, the data and the preprocessing: using it with anything
     else is refused.
     """
+    from asr_onnx.api import Repair
     from asr_onnx.cache import save_stats, stats_key
-    from asr_onnx.graph import fixed_batch, input_specs, load_model
-    from asr_onnx.stats import measure, merge_all
 
-    proto = load_model(model)
-    calib = open_data(calib_path, proto, preprocess, limit=calib_size, seed=seed)
-    batch = fixed_batch(input_specs(proto)) or batch_size
-    batches, _ = measure(proto, calib, batch_size=batch, device=device, progress=not quiet, desc="dense")
-    save_stats(output, {key: merge_all(b) for key, b in batches.items()}, stats_key(proto, calib))
+    job = Repair(model, device=device, batch_size=batch_size, progress=not quiet)
+    calib = open_data(calib_path, job.dense, preprocess, limit=calib_size, seed=seed)
+    stats = job.measure_dense(calib)
+    save_stats(output, stats, stats_key(job.dense, calib))
     if not quiet:
-        click.echo(f"wrote statistics of {len(batches)} sites to {output}")
+        click.echo(f"wrote statistics of {len(stats)} sites to {output}")
