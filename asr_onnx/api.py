@@ -6,6 +6,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .errors import AsrError
@@ -23,12 +24,19 @@ AUTO_CANDIDATES = (("bn", "recal", "median"), ("lw", "recal", "median"), ("asr",
                    ("lw", "pre-bn", "median"), ("asr", "pre-bn", "median"))
 
 
-def pick(scores: list[dict], samples: int) -> dict:
-    """The best candidate: top-1 agreement first; agreements within one standard error of the best
-    (the held-out set's sampling noise) count as ties, which the lower logit error breaks."""
-    top = max(s["agreement"] for s in scores)
-    margin = (top * (1 - top) / max(samples, 1)) ** 0.5
-    return min((s for s in scores if s["agreement"] >= top - margin), key=lambda s: s["logit_rel_l2"])
+def pick(scores: list[dict], matches: list) -> dict:
+    """The best candidate: top-1 agreement first, where a candidate that trails the best by at most one
+    standard error of the paired difference (same held-out samples) ties; the lower logit error breaks ties.
+
+    Args:
+        scores: per candidate, a dict with "logit_rel_l2"; each gets "tied" (bool) set here.
+        matches: per candidate, a bool array over the held-out samples: agrees with the dense model.
+    """
+    best = max(range(len(matches)), key=lambda i: matches[i].mean())
+    for score, agrees in zip(scores, matches):
+        diff = matches[best].astype(np.float64) - agrees
+        score["tied"] = bool(diff.mean() <= diff.std() / np.sqrt(max(len(diff), 1)))
+    return min((s for s in scores if s["tied"]), key=lambda s: s["logit_rel_l2"])
 
 
 class Repair:
@@ -170,7 +178,7 @@ class Repair:
             placement, recal, momentum, lambda_rule, correct_head: as for :meth:`correct`.
             dense_stats, sequential: as for :meth:`measure`. Defaults to None and False.
             fold_bn_nodes: as for :meth:`fold`. Defaults to False.
-            seed: the held-out split's seed for "auto". Defaults to 0.
+            seed: the seed of "auto"'s folds. Defaults to 0.
         """
         if method == "none":
             self.output = self.pruned
@@ -184,46 +192,55 @@ class Repair:
                          correct_head=correct_head)
         return self.fold(fold_bn_nodes)
 
-    def auto(self, calib, *, holdout: float = 0.25, seed: int = 0, recal: str = "exact", momentum: float = 0.1,
+    def auto(self, calib, *, folds: int = 4, seed: int = 0, recal: str = "exact", momentum: float = 0.1,
              correct_head: bool = True, candidates=AUTO_CANDIDATES) -> "Repair":
-        """Picks the method that best agrees with the dense model on a held-out part of ``calib``.
+        """Picks the method that best agrees with the dense model on held-out calibration data.
 
-        The candidates are repaired with statistics from the fitting part only and scored, label-free, by
-        top-1 agreement with the dense model on the held-out part (logit error breaks ties). The winner
-        is then measured and applied on the whole calibration set.
+        Cross-fitted: ``calib`` is cut into ``folds`` parts; each part is held out in turn while every
+        candidate is repaired with statistics from the other parts. Each candidate is scored, label-free,
+        on every calibration sample it did not see: top-1 agreement with the dense model, with paired
+        ties broken by logit error (see :func:`pick`). The winner is then applied with the whole set.
 
         Args:
-            calib: a calib.CalibSet (needs ``split``).
-            holdout: the held-out fraction. Defaults to 0.25.
-            seed: the split's seed. Defaults to 0.
+            calib: a calib.CalibSet (needs ``folds``).
+            folds: how many parts; each sample is held out once. Defaults to 4.
+            seed: the parts' seed. Defaults to 0.
             recal, momentum, correct_head: as in :meth:`correct`.
             candidates: (method, placement, lambda_rule) triples. Defaults to AUTO_CANDIDATES.
         """
         from .verify import evaluate
 
-        fit, held = calib.split(1 - holdout, seed)
-        probe = Repair(self.dense, device=self.device, batch_size=min(self.batch_size, len(fit)), progress=False,
-                       threads=self.threads)
-        probe.pruned, probe.source = self.pruned, self.source
+        parts = calib.folds(folds, seed)
+        matches, err2, ref2 = [[] for _ in candidates], np.zeros(len(candidates)), np.zeros(len(candidates))
         with self._timed("auto"):
-            probe.measure(fit)
-            scores, dense_logits = [], []
-            for method, placement, rule in candidates:
-                probe.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=rule,
-                              correct_head=correct_head).fold()
-                result = evaluate(probe.output, held, reference=self.dense, device=self.device, progress=False,
-                                  reference_logits=dense_logits)
-                scores.append({"method": method, "placement": placement, "lambda_rule": rule,
-                               "agreement": result["agreement"], "logit_rel_l2": result["logit_rel_l2"]})
-        best = pick(scores, len(held))
+            for fit, held in parts:
+                probe = Repair(self.dense, device=self.device, batch_size=min(self.batch_size, len(fit)),
+                               progress=False, threads=self.threads)
+                probe.pruned, probe.source = self.pruned, self.source
+                probe.measure(fit)
+                dense_logits = []
+                for i, (method, placement, rule) in enumerate(candidates):
+                    probe.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=rule,
+                                  correct_head=correct_head).fold()
+                    result = evaluate(probe.output, held, reference=self.dense, device=self.device, progress=False,
+                                      reference_logits=dense_logits, per_sample=True)
+                    matches[i].append(result["matches"])
+                    err2[i] += result["err2"]
+                    ref2[i] += result["ref2"]
+        matches = [np.concatenate(m) for m in matches]
+        scores = [{"method": method, "placement": placement, "lambda_rule": rule, "agreement": float(m.mean()),
+                   "logit_rel_l2": float(np.sqrt(e / max(r, 1e-300)))}
+                  for (method, placement, rule), m, e, r in zip(candidates, matches, err2, ref2)]
+        best = pick(scores, matches)
         if self.pruned_stats is None:
             self.measure(calib)
         self.correct(best["method"], placement=best["placement"], recal=recal, momentum=momentum,
                      lambda_rule=best["lambda_rule"], correct_head=correct_head)
-        self.settings.update(method="auto", auto={"picked": best, "candidates": scores, "holdout": len(held),
+        self.settings.update(method="auto", auto={"picked": best, "candidates": scores, "folds": folds,
+                                                  "held_out": len(calib),
                                                   "reason": "lowest held-out logit error among the candidates "
-                                                            "whose top-1 agreement with the dense model is within "
-                                                            "one standard error of the best"})
+                                                            "whose top-1 agreement with the dense model trails "
+                                                            "the best by at most one paired standard error"})
         return self
 
     def fold(self, fold_bn_nodes: bool = False) -> "Repair":

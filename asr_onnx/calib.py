@@ -872,6 +872,19 @@ class CalibSet:
         fit_count = int(round(fraction * len(permuted)))
         return self._subset(permuted[:fit_count]), self._subset(permuted[fit_count:])
 
+    def folds(self, k: int, seed: int = 0) -> list[tuple["CalibSet", "CalibSet"]]:
+        """k disjoint held-out parts of a seeded permutation, each with the rest as its fit set.
+
+        Args:
+            k: Number of folds (2 <= k <= len).
+            seed: Permutation seed; default 0.
+        """
+        if not 2 <= k <= len(self._indices):
+            raise AsrError(f"cannot make {k} folds of {len(self._indices)} samples")
+        parts = np.array_split(self._permuted(seed), k)
+        return [(self._subset(np.concatenate(parts[:i] + parts[i + 1 :])), self._subset(part))
+                for i, part in enumerate(parts)]
+
     def fingerprint(self) -> str:
         """sha256 hex over source file names+contents, selected indices, preprocessing and input specs."""
         hasher = hashlib.sha256(self._source.digest())

@@ -38,7 +38,7 @@ def _run(session, feed: dict) -> np.ndarray:
 
 
 def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str = "auto", progress: bool = True,
-             reference_logits: list | None = None) -> dict:
+             reference_logits: list | None = None, per_sample: bool = False) -> dict:
     """Top-1 accuracy (when ``data`` has labels) and, with a reference, agreement and logit error.
 
     Args:
@@ -50,9 +50,11 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
         progress: a progress bar on a TTY. Defaults to True.
         reference_logits: a list to fill with (or, when full, reuse as) the reference's per-batch
             logits, so that a sweep runs the dense model once. Defaults to None.
+        per_sample: also return, with a reference, which samples agree ("matches") and the squared logit
+            error and reference norm summed ("err2", "ref2"), so that folds can be pooled. Defaults to False.
 
     Returns:
-        {"samples", "top1"?, "agreement"?, "logit_rel_l2"?}.
+        {"samples", "top1"?, "agreement"?, "logit_rel_l2"?, "matches"?, "err2"?, "ref2"?}.
     """
     from .graph import fixed_batch, input_specs
     from .progress import bar
@@ -67,6 +69,7 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
     labels = data.labels
     correct = agree = seen = 0
     err2 = ref2 = 0.0
+    matches = []
     batches = bar(data.batches(batch_size), total=-(-len(data) // batch_size), desc="eval", enabled=progress)
     for i, feed in enumerate(batches):
         logits = _run(session, feed)
@@ -80,7 +83,8 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
                     reference_logits.append(ref)
             else:
                 ref = reference_logits[i]
-            agree += int((logits.argmax(1) == ref.argmax(1)).sum())
+            matches.append(logits.argmax(1) == ref.argmax(1))
+            agree += int(matches[-1].sum())
             err2 += float(((logits - ref) ** 2).sum())
             ref2 += float((ref**2).sum())
         seen += n
@@ -90,4 +94,6 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
     if reference is not None or reference_logits:
         result["agreement"] = agree / seen
         result["logit_rel_l2"] = float(np.sqrt(err2 / max(ref2, 1e-300)))
+        if per_sample:
+            result.update(matches=np.concatenate(matches), err2=err2, ref2=ref2)
     return result

@@ -85,20 +85,40 @@ def test_auto_reports_its_choice_and_matches_a_candidate(data):
     job.auto(calib).fold()
     auto = job.settings["auto"]
     assert auto["picked"] in auto["candidates"] and len(auto["candidates"]) >= 4
-    best = max(c["agreement"] for c in auto["candidates"])
-    margin = (best * (1 - best) / auto["holdout"]) ** 0.5
-    tied = [c for c in auto["candidates"] if c["agreement"] >= best - margin]
-    assert auto["picked"] == min(tied, key=lambda c: c["logit_rel_l2"])
+    assert auto["held_out"] == len(calib)  # cross-fitting scores every calibration sample once
+    assert auto["picked"]["tied"]
+    assert auto["picked"] == min((c for c in auto["candidates"] if c["tied"]), key=lambda c: c["logit_rel_l2"])
+    best = max(auto["candidates"], key=lambda c: c["agreement"])
+    assert best["tied"] and auto["picked"]["agreement"] <= best["agreement"]
     assert job.settings["method"] == "auto"
 
 
-def test_pick_breaks_ties_within_sampling_noise_by_logit_error():
+def test_pick_uses_the_paired_difference_on_the_same_samples():
     from asr_onnx.api import pick
 
-    scores = [{"agreement": 0.80, "logit_rel_l2": 0.5}, {"agreement": 0.79, "logit_rel_l2": 0.2},
-              {"agreement": 0.60, "logit_rel_l2": 0.1}]
-    assert pick(scores, 256) == scores[1]  # 0.79 is within one standard error (0.025) of 0.80
-    assert pick(scores, 100000) == scores[0]  # with many samples 0.01 is a real difference
+    best = np.arange(400) % 10 < 8  # agrees on 80%
+    scores = [{"logit_rel_l2": 0.5}, {"logit_rel_l2": 0.2}, {"logit_rel_l2": 0.1}]
+    # candidate 1 differs from the best on 4 samples (paired SE 0.005): 0.01 behind is a real difference
+    near = best.copy()
+    near[:4] = False
+    worse = np.arange(400) % 10 < 6
+    assert pick(scores, [best, near, worse]) is scores[0] and not scores[1]["tied"]
+    # candidate 1 differs on 2 samples each way: same agreement, so it ties and its lower logit error wins
+    swap = best.copy()
+    swap[[0, 1]], swap[[8, 9]] = False, True
+    assert pick(scores, [best, swap, worse]) is scores[1] and scores[1]["tied"] and not scores[2]["tied"]
+
+
+def test_folds_hold_out_every_sample_exactly_once(data):
+    calib, _ = data
+    parts = calib.folds(4, seed=1)
+    held = np.concatenate([h._indices for _, h in parts])
+    assert sorted(held.tolist()) == sorted(calib._indices.tolist())
+    for fit, h in parts:
+        assert not set(fit._indices.tolist()) & set(h._indices.tolist())
+        assert len(fit) + len(h) == len(calib)
+    with pytest.raises(AsrError):
+        calib.folds(len(calib) + 1)
 
 
 def test_sweep_cli_writes_results_and_plots(tmp_path, capsys):
