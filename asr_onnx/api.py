@@ -98,19 +98,27 @@ class Repair:
     def _session_options(self) -> dict:
         return dict(batch_size=self.batch_size, device=self.device, progress=self.progress, threads=self.threads)
 
-    def measure_dense(self, calib) -> dict:
+    def measure_dense(self, calib, keys=None) -> dict:
         """The dense model's per-channel statistics over ``calib``: site key -> ChannelStats.
+
+        Args:
+            calib: the calibration set.
+            keys: the sites to measure. Defaults to None (every site).
 
         Raises:
             AsrError: the calibration set is smaller than one batch.
         """
         self._check_size(calib)
         with self._timed("measure_dense"):
-            batches, self.provider = measure(self.dense, calib, desc="dense", **self._session_options())
+            batches, self.provider = measure(self.dense, calib, desc="dense", keys=keys, **self._session_options())
         return {key: merge_all(b) for key, b in batches.items()}
 
-    def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False) -> "Repair":
+    def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False,
+                all_dense: bool = False) -> "Repair":
         """Per-channel statistics of the dense model, then of the pruned one with upstream renormalised.
+
+        A real BN's reference is its own running statistics, so the dense pass only measures the
+        sites that have no BN (layers that get a virtual one, such as a classifier head).
 
         Args:
             calib: a calib.CalibSet (or anything with ``__len__`` and ``batches(batch_size)``).
@@ -118,20 +126,23 @@ class Repair:
             sequential: measure the pruned model level by level, each level with every shallower site
                 fixed at its whole-set statistics: exact layer-by-layer recalibration, at one pass per
                 depth of sites. Defaults to False (one pass, upstream renormalised with batch statistics).
+            all_dense: measure every site of the dense model, BN sites too, for the report. Defaults to False.
 
         Raises:
             AsrError: the calibration set is smaller than one batch.
         """
         self._check_size(calib)
-        self.dense_stats = dense_stats if dense_stats is not None else self.measure_dense(calib)
-        dense_stats, options = self.dense_stats, self._session_options()
+        graph = to_graph(self.pruned)
+        sites = find_sites(graph, find_layers(graph))
+        needed = {s.key for s in sites if s.bn is None}
+        if dense_stats is None:
+            dense_stats = self.measure_dense(calib, None if all_dense else needed) if needed or all_dense else {}
+        self.dense_stats, options = dense_stats, self._session_options()
         with self._timed("measure_pruned"):
-            graph = to_graph(self.pruned)
-            sites = find_sites(graph, find_layers(graph))
-            missing = [s.key for s in sites if s.key not in dense_stats]
+            missing = sorted(needed - set(dense_stats))
             if missing:
                 raise AsrError(f"the dense statistics have no entry for {missing[0]!r}: they belong to another model")
-            self._refs = {s.key: reference(s, dense_stats[s.key]) for s in sites}
+            self._refs = {s.key: reference(s, dense_stats.get(s.key)) for s in sites}
             self._sites = sites
             norms = {key: train_norm(ref) for key, ref in self._refs.items()}
             if sequential:

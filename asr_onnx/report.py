@@ -31,21 +31,25 @@ def build_report(job) -> dict:
 
     sites = []
     for site in getattr(job, "_sites", []):
-        corr = job.corrections.get(site.key)
-        dense = job.dense_stats[site.key]
+        corr, ref = job.corrections.get(site.key), job._refs[site.key]
+        dense = job.dense_stats.get(site.key)
         pruned = merge_all(job.pruned_stats[site.key])
         entry = {
             "tensor": site.key,
             "layer": site.layer.name if site.layer else None,
             "norm": site.kind,
             "written": job.written.get(site.key, "not written"),
-            "channels": int(dense.mean.size),
-            "eps": site.eps if site.bn is not None else job._refs[site.key].eps,
-            "dense_var": _floats(dense.var),
+            "channels": int(ref.var.size),
+            "eps": ref.eps,
+            # what the correction restores: a BN's running statistics, else the measured dense ones
+            "reference": "bn running statistics" if site.bn is not None else "dense calibration statistics",
+            "reference_var": _floats(ref.var),
             "pruned_var": _floats(pruned.var),
-            "dense_mean": _floats(dense.mean),
+            "reference_mean": _floats(ref.mean),
             "pruned_mean": _floats(pruned.mean),
         }
+        if dense is not None:
+            entry.update(dense_var=_floats(dense.var), dense_mean=_floats(dense.mean))
         if corr is not None:
             entry.update(lambda_=None if corr.lam is None else float(f"{corr.lam:.6g}"), gain=_spread(corr.gain),
                          gains=_floats(corr.gain), collapsed=[int(i) for i in corr.collapsed])

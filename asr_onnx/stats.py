@@ -143,6 +143,56 @@ def _add_site(b: _Builder, site, index, norm=None) -> list:
     return outputs
 
 
+def bn_kernel_fits(site, norm, opset: int) -> bool:
+    """Whether one training-mode BatchNormalization can measure (and renormalise) the site.
+
+    It needs opset >= 14 (the ``training_mode`` attribute), a float32 tensor with its channels on axis 1
+    (a Gemm's 2-D output qualifies) and either no norm or a train-mode one.
+    """
+    on_axis_1 = not site.channel_last or site.layer.op == "Gemm"
+    return opset >= 14 and site.dtype == np.float32 and on_axis_1 and (norm is None or len(norm) == 3)
+
+
+def _add_site_bn(b: _Builder, site, index, norm=None) -> list:
+    """One site's statistics from a training-mode BatchNormalization (momentum 0): its optional outputs
+    are then the batch mean and the biased batch variance. With a train norm that node also does the
+    renormalisation (a real BN becomes it); without one it is a side branch on the site tensor.
+
+    BatchNormalization normalises with the biased variance; the scale is multiplied by
+    sqrt((n - 1) / n), n the batch's elements per channel, so that the unbiased one is used, as in
+    :func:`_train_norm` (up to eps / (n - 1) in the denominator).
+    """
+    import onnx_graphsurgeon as gs
+
+    channels = _channels(site)
+    scale, bias, eps = norm if norm is not None else (np.ones(channels), np.zeros(channels), 1e-5)
+    params = [b.const(np.asarray(v, np.float32).reshape(channels), "bn") for v in
+              (scale, bias, np.zeros(channels), np.ones(channels))]
+    size = b.op("Size", [site.tensor], dtype=np.int64)
+    if norm is not None:
+        count = b.op("Div", [b.op("Cast", [size], {"to": FLOAT}), b.const(np.float32(channels))])
+        dof = b.op("Max", [b.op("Sub", [count, b.const(np.float32(1))]), b.const(np.float32(1))])
+        params[0] = b.op("Mul", [params[0], b.op("Sqrt", [b.op("Div", [dof, count])])])
+    mean = gs.Variable(f"{STAT_PREFIX}{index}.mean", dtype=np.float32)
+    var = gs.Variable(f"{STAT_PREFIX}{index}.var", dtype=np.float32)
+    attrs = {"epsilon": float(eps), "momentum": 0.0, "training_mode": 1}
+    if norm is not None and site.bn is not None:
+        for i, param in enumerate(params):
+            site.bn.inputs[1 + i] = param
+        site.bn.attrs = attrs
+        while len(site.bn.outputs) > 1:
+            site.bn.outputs.pop()
+        site.bn.outputs.extend([mean, var])
+    else:
+        normed = gs.Variable(b._name("normed"), dtype=np.float32)
+        b.graph.nodes.append(gs.Node("BatchNormalization", b._name("TrainBN"), attrs, [site.tensor] + params,
+                                     [normed, mean, var]))
+        if norm is not None:
+            _replace_uses(b.graph, site, normed)
+    size.name = f"{STAT_PREFIX}{index}.size"
+    return [mean, var, size]
+
+
 def _train_norm(b: _Builder, norm, centred, m2, size, channels: int, shape):
     """scale * (x - batch mean) / sqrt(batch var + eps) + bias, as BatchNormalization in training mode."""
     scale, bias, eps = norm
@@ -191,7 +241,7 @@ def _replace_uses(graph, site, new):
     graph.outputs = [new if t is site.tensor else t for t in graph.outputs]
 
 
-def stats_model(model, norms: dict | None = None, keys=None):
+def stats_model(model, norms: dict | None = None, keys=None, kernel: str = "reduce"):
     """A copy of ``model`` whose only outputs are per-channel statistics of every site.
 
     Args:
@@ -200,6 +250,9 @@ def stats_model(model, norms: dict | None = None, keys=None):
             BatchNormalization in training mode does, or -> (scale, bias, eps, mean, var) to renormalise it
             with fixed statistics (eval mode). Sites without an entry are left as they are. Defaults to None.
         keys: the sites to measure; the graph past them is dropped. Defaults to None (every site).
+        kernel: "reduce" (ReduceMean, Sub, ReduceSumSquare: any provider, exact unbiased renormalisation)
+            or "bn" (one training-mode BatchNormalization per site where :func:`bn_kernel_fits`, the
+            reductions elsewhere; onnxruntime runs it on the CPU only). Defaults to "reduce".
 
     Returns:
         (augmented onnx.ModelProto, the sites in output order).
@@ -211,8 +264,11 @@ def stats_model(model, norms: dict | None = None, keys=None):
     builder = _Builder(graph, opset(model))
     outputs, measured = [], []
     for index, site in enumerate(sites):
-        wanted = keys is None or site.key in keys
-        stats = _add_site(builder, site, len(measured) if wanted else f"unused{index}", (norms or {}).get(site.key))
+        wanted, norm = keys is None or site.key in keys, (norms or {}).get(site.key)
+        if not wanted and norm is None:
+            continue
+        add = _add_site_bn if kernel == "bn" and bn_kernel_fits(site, norm, builder.opset) else _add_site
+        stats = add(builder, site, len(measured) if wanted else f"unused{index}", norm)
         if wanted:
             outputs += stats
             measured.append(site)
@@ -233,8 +289,10 @@ def _statistics_early(model):
     read = {name for node in model.graph.node for name in node.input}
 
     def site_index(node):
-        name = node.output[0] if len(node.output) == 1 else ""
-        return int(name.split(".")[1]) if name.startswith(STAT_PREFIX) and name not in read and name in outputs else None
+        if any(name in read for name in node.output):
+            return None
+        stat = next((name for name in node.output if name.startswith(STAT_PREFIX) and name in outputs), None)
+        return None if stat is None else int(stat.split(".")[1])
 
     nodes = list(model.graph.node)
     leaves = sorted((n for n in nodes if site_index(n) is not None), key=site_index, reverse=True)
@@ -252,7 +310,7 @@ SMALL_BATCH = 8  # under this many samples per run, train-mode renormalisation i
 
 
 def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, progress: bool = True, desc="measure",
-            threads: int = 0):
+            threads: int = 0, keys=None, kernel: str = "auto"):
     """Runs the calibration set through the augmented model.
 
     With ``norms`` and fewer than :data:`SMALL_BATCH` samples per run (a model that fixes a batch of 1),
@@ -268,6 +326,8 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
         progress: show a progress bar on a TTY. Defaults to True.
         desc: the progress bar's label.
         threads: onnxruntime intra-op threads; 0 lets it choose. Defaults to 0.
+        keys: the sites to measure. Defaults to None (every site).
+        kernel: see :func:`stats_model`; "auto" is "bn" on the CPU provider, else "reduce". Defaults to "auto".
 
     Returns:
         (site key -> list of per-batch ChannelStats, the provider used).
@@ -277,13 +337,23 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
     """
     if norms is not None and batch_size < SMALL_BATCH:
         return measure_levels(model, calib, batch_size=batch_size, device=device, norms=norms, progress=progress,
-                              desc=desc, threads=threads)
-    augmented, sites = stats_model(model, norms)
+                              desc=desc, threads=threads, kernel=kernel)
+    augmented, sites = stats_model(model, norms, keys, _kernel(kernel, device))
     return _run(augmented, sites, calib, batch_size, device, progress, desc, threads)
 
 
+def _kernel(kernel: str, device: str) -> str:
+    from .runtime import providers
+
+    if kernel == "auto":  # onnxruntime's CUDA BatchNormalization has no training mode
+        return "bn" if providers(device)[0] == "CPUExecutionProvider" else "reduce"
+    if kernel not in ("bn", "reduce"):
+        raise AsrError(f"unknown statistics kernel {kernel!r}; use auto, bn or reduce")
+    return kernel
+
+
 def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, progress: bool, desc: str,
-                   threads: int = 0):
+                   threads: int = 0, kernel: str = "auto"):
     """Train-mode measurement without batch statistics: one pass per level of the site graph.
 
     A site's level is the largest number of sites on a path from the inputs to it. In pass ``k``,
@@ -299,7 +369,8 @@ def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, p
     done, provider, count = {}, None, max(levels.values()) + 1
     for level in range(count):
         fixed = {key: tuple(norms[key][:3]) + _population(stats) for key, stats in done.items()}
-        augmented, sites = stats_model(model, fixed, keys={key for key, at in levels.items() if at == level})
+        augmented, sites = stats_model(model, fixed, {key for key, at in levels.items() if at == level},
+                                       _kernel(kernel, device))
         label = f"{desc} {level + 1}/{count}"
         per_site, provider = _run(augmented, sites, calib, batch_size, device, progress, label, threads)
         done.update(per_site)
@@ -369,8 +440,10 @@ def _run(augmented, sites, calib, batch_size: int, device: str, progress: bool, 
 
 def _batch_stats(values: dict, index: int, site) -> ChannelStats:
     mean = values[f"{STAT_PREFIX}{index}.mean"].astype(np.float64).ravel()
-    m2 = values[f"{STAT_PREFIX}{index}.m2"].astype(np.float64).ravel()
     count = float(values[f"{STAT_PREFIX}{index}.size"]) / mean.size
+    m2 = values.get(f"{STAT_PREFIX}{index}.m2")
+    # the BN kernel gives the biased variance, m2 / count
+    m2 = (values[f"{STAT_PREFIX}{index}.var"].astype(np.float64) * count if m2 is None else m2.astype(np.float64)).ravel()
     if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
         raise AsrError(f"NaN or Inf in the activations at {site.key!r}; check the calibration data and the model")
     return ChannelStats(count, mean, m2)

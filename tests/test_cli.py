@@ -34,7 +34,7 @@ def test_repair_writes_model_and_report(bn_model, calib_dir, tmp_path):
     assert data["settings"]["method"] == "asr" and data["totals"]["sparsity"] == pytest.approx(0.7, abs=1e-3)
     assert {s["norm"] for s in data["sites"]} == {"bn", "folded"}
     site = data["sites"][1]
-    assert len(site["dense_var"]) == site["channels"] == len(site["pruned_var"]) == len(site["gains"])
+    assert len(site["reference_var"]) == site["channels"] == len(site["pruned_var"]) == len(site["gains"])
     assert site["lambda"] > 0 and site["gain"]["min"] <= site["gain"]["median"] <= site["gain"]["max"]
     assert {"prune", "measure_dense", "measure_pruned", "fold", "save"} <= set(data["timings_s"])
     assert data["onnxruntime"]["provider"] == "CPUExecutionProvider"

@@ -3,6 +3,7 @@
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
 from asr_onnx.graph import find_layers, find_sites, to_graph
 from asr_onnx.stats import ChannelStats, measure, merge_all, stats_model
@@ -24,9 +25,10 @@ def sites_of(model):
     return find_sites(graph, find_layers(graph))
 
 
-def test_stats_equal_numpy_over_unequal_batches():
+@pytest.mark.parametrize("kernel", ["reduce", "bn"])
+def test_stats_equal_numpy_over_unequal_batches(kernel):
     model, x = conv_net(bn=True), random_inputs(30) * 3 + 5  # an offset that naive sums would cancel badly
-    per_batch, _ = measure(model, ArraySet(x), batch_size=7, device="cpu", progress=False)
+    per_batch, _ = measure(model, ArraySet(x), batch_size=7, device="cpu", progress=False, kernel=kernel)
     sites = sites_of(model)
     full = activations(model, [s.key for s in sites], x)
     for site in sites:
@@ -47,11 +49,14 @@ def test_chan_merge_equals_one_pass():
     np.testing.assert_allclose(merged.var, ref.var, rtol=1e-9)
 
 
-def test_extra_outputs_are_per_channel_vectors_only():
+@pytest.mark.parametrize("kernel", ["reduce", "bn"])
+@pytest.mark.parametrize("renormalise", [False, True])
+def test_extra_outputs_are_per_channel_vectors_only(kernel, renormalise):
     """The memory bound: nothing bigger than a per-channel vector leaves the session."""
     model, x = conv_net(bn=True), random_inputs(8)
-    augmented, sites = stats_model(model)
-    channels = {s.key: (s.bn.inputs[1].shape[0] if s.bn is not None else s.layer.channels) for s in sites}
+    channels = {s.key: (s.bn.inputs[1].shape[0] if s.bn is not None else s.layer.channels) for s in sites_of(model)}
+    norms = {key: (np.ones(c), np.zeros(c), 1e-5) for key, c in channels.items()}
+    augmented, sites = stats_model(model, norms if renormalise else None, kernel=kernel)
     session = ort.InferenceSession(augmented.SerializeToString(), providers=["CPUExecutionProvider"])
     outputs = session.run(None, {"input": x})
     assert len(outputs) == 3 * len(sites)
@@ -69,3 +74,24 @@ def test_statistic_leaves_are_listed_last_site_first():
     assert all(name.startswith("asr_stat.") for name in tail)
     indices = [int(name.split(".")[1]) for name in tail]
     assert indices == sorted(indices, reverse=True) and set(indices) == set(range(len(sites)))
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_bn_kernel_renormalises_as_the_reductions_do(opset):
+    """Train-mode renormalisation by one BatchNormalization (scale corrected to the unbiased variance)
+    gives the reduction graph's statistics at every site; below opset 14 the reductions are used."""
+    model, x = conv_net(bn=True, opset=opset), random_inputs(24) * 2 + 1
+    rng = np.random.default_rng(1)
+    norms = {}
+    for site in sites_of(model):
+        c = site.bn.inputs[1].shape[0] if site.bn is not None else site.layer.channels
+        norms[site.key] = (rng.uniform(0.5, 2, c), rng.normal(0, 1, c), 1e-3)
+    got = {k: measure(model, ArraySet(x), batch_size=8, device="cpu", norms=norms, progress=False, kernel=k)[0]
+           for k in ("reduce", "bn")}
+    ops = {n.op_type for n in stats_model(model, norms, kernel="bn")[0].graph.node}
+    assert ("ReduceSumSquare" in ops) == (opset < 14)
+    for key, batches in got["reduce"].items():
+        for ref, bn in zip(batches, got["bn"][key]):
+            assert ref.count == bn.count
+            np.testing.assert_allclose(bn.mean, ref.mean, rtol=1e-4, atol=1e-5 * np.abs(ref.mean).max())
+            np.testing.assert_allclose(bn.var, ref.var, rtol=1e-4)
