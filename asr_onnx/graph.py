@@ -123,6 +123,39 @@ def metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+def static_shapes(model: onnx.ModelProto, keep: int = 64) -> dict[str, tuple]:
+    """Tensor name -> dims (int, or a str for a symbolic one) from ONNX shape inference, {} if it fails.
+
+    Inference runs on a copy whose large initializers carry no data (their dims are all it needs),
+    so a big model is not copied.
+
+    Args:
+        keep: initializers up to this many elements keep their data (Reshape targets and the like).
+            Defaults to 64.
+    """
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import))
+    graph = stripped.graph
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.node.extend(model.graph.node)
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) <= keep and init.data_location != onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(init)
+        else:  # a graph input of the same type and dims stands in for the weight
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(stripped)
+    except Exception:  # noqa: BLE001 - shapes are an optimisation; without them the count is measured
+        return {}
+    shapes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if value.type.tensor_type.HasField("shape"):
+            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                       for d in value.type.tensor_type.shape.dim)
+    return shapes
+
+
 def opset(model: onnx.ModelProto) -> int:
     """The default-domain opset version."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)

@@ -6,6 +6,7 @@ sum of squares (no catastrophic cancellation) and the element count.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,7 @@ from .errors import AsrError
 
 FLOAT = 1  # onnx.TensorProto.FLOAT
 STAT_PREFIX = "asr_stat."
+PER_SAMPLE = "asr_onnx.per_sample"  # metadata of a statistics model: site index -> static count per sample
 
 
 @dataclass
@@ -193,6 +195,25 @@ def _add_site_bn(b: _Builder, site, index, norm=None) -> list:
     return [mean, var, size]
 
 
+def _add_site_moments(b: _Builder, site, index, per_sample: int | None = None) -> list:
+    """One conv site's batch mean and mean square from GlobalAveragePool, which onnxruntime runs in its
+    blocked (NCHWc) layout beside the Conv, so no layout copy and no centred copy of the tensor is made.
+    With ``per_sample`` (the static elements per channel and sample) there is no Size node either,
+    which would need the tensor in the plain layout.
+
+    The variance is then E[x^2] - E[x]^2 per batch; float32 rounding of E[x^2] bounds its error at
+    about 1e-7 * (mean^2 + var), negligible unless a channel's |mean| exceeds its std by 10^3.
+    """
+    mean = b.reduce("ReduceMean", b.op("GlobalAveragePool", [site.tensor]), [0])
+    square = b.reduce("ReduceMean", b.op("GlobalAveragePool", [b.op("Mul", [site.tensor, site.tensor])]), [0])
+    outputs = [mean, square]
+    if per_sample is None:  # else the host knows the count: batch size x per_sample
+        outputs.append(b.op("Size", [site.tensor], dtype=np.int64))
+    for name, tensor in zip(("mean", "square", "size"), outputs):
+        tensor.name = f"{STAT_PREFIX}{index}.{name}"
+    return outputs
+
+
 def _train_norm(b: _Builder, norm, centred, m2, size, channels: int, shape):
     """scale * (x - batch mean) / sqrt(batch var + eps) + bias, as BatchNormalization in training mode."""
     scale, bias, eps = norm
@@ -257,24 +278,47 @@ def stats_model(model, norms: dict | None = None, keys=None, kernel: str = "redu
     Returns:
         (augmented onnx.ModelProto, the sites in output order).
     """
-    from .graph import find_layers, find_sites, opset, to_graph, to_model
+    from .graph import find_layers, find_sites, input_specs, opset, static_shapes, to_graph, to_model
 
     graph = to_graph(model)
     sites = find_sites(graph, find_layers(graph))
     builder = _Builder(graph, opset(model))
-    outputs, measured = [], []
+    outputs, measured, counts = [], [], {}
+    shapes = static_shapes(model) if kernel == "bn" and norms is None else {}
+    batch_dims = {spec.shape[0] for spec in input_specs(model) if spec.shape and spec.shape[0] is not None}
     for index, site in enumerate(sites):
         wanted, norm = keys is None or site.key in keys, (norms or {}).get(site.key)
         if not wanted and norm is None:
             continue
-        add = _add_site_bn if kernel == "bn" and bn_kernel_fits(site, norm, builder.opset) else _add_site
-        stats = add(builder, site, len(measured) if wanted else f"unused{index}", norm)
+        label = len(measured) if wanted else f"unused{index}"
+        if kernel != "bn" or not bn_kernel_fits(site, norm, builder.opset):
+            stats = _add_site(builder, site, label, norm)
+        elif norm is not None or site.channel_last:
+            stats = _add_site_bn(builder, site, label, norm)
+        else:
+            per_sample = _per_sample(shapes.get(site.key), batch_dims)
+            stats = _add_site_moments(builder, site, label, per_sample)
+            if per_sample is not None:
+                counts[label] = per_sample
         if wanted:
             outputs += stats
             measured.append(site)
     graph.outputs = outputs
     graph.cleanup().toposort()
-    return _statistics_early(to_model(graph, model)), measured
+    augmented = _statistics_early(to_model(graph, model))
+    if counts:
+        entry = augmented.metadata_props.add()
+        entry.key, entry.value = PER_SAMPLE, json.dumps(counts)
+    return augmented, measured
+
+
+def _per_sample(shape, batch_dims: set) -> int | None:
+    """Elements per channel and sample of an (N, C, ...) tensor whose N is the inputs' batch dimension
+    and whose other dimensions are static, else None."""
+    if not shape or len(shape) < 3 or len(batch_dims) != 1 or shape[0] not in batch_dims:
+        return None
+    rest = shape[2:]
+    return int(np.prod(rest)) if all(isinstance(d, int) and d > 0 for d in rest) else None
 
 
 def _statistics_early(model):
@@ -410,7 +454,7 @@ def _after(name: str, depth: dict, by_tensor: dict) -> int:
 
 def _run(augmented, sites, calib, batch_size: int, device: str, progress: bool, desc: str, threads: int = 0):
     """Per-batch statistics of every site over the set; a last partial batch is skipped when the batch is fixed."""
-    from .graph import _first_line, fixed_batch, input_specs
+    from .graph import _first_line, fixed_batch, input_specs, metadata
     from .progress import bar
     from .runtime import make_session, provider_of, runner
 
@@ -422,6 +466,7 @@ def _run(augmented, sites, calib, batch_size: int, device: str, progress: bool, 
     except Exception as e:  # onnxruntime's own errors: an unknown op, a bad graph
         raise AsrError(f"onnxruntime cannot load the model: {_first_line(e)}") from None
     names, run = [o.name for o in session.get_outputs()], runner(session)
+    per_sample = {int(k): v for k, v in json.loads(metadata(augmented).get(PER_SAMPLE, "{}")).items()}
     per_site = {site.key: [] for site in sites}
     total = -(-len(calib) // batch_size)
     for feed in bar(calib.batches(batch_size), total=total, desc=desc, enabled=progress):
@@ -431,7 +476,10 @@ def _run(augmented, sites, calib, batch_size: int, device: str, progress: bool, 
             values = dict(zip(names, run(names, feed)))
         except Exception as e:
             raise AsrError(f"onnxruntime failed on a calibration batch: {_first_line(e)}") from None
+        samples = len(next(iter(feed.values())))
         for index, site in enumerate(sites):
+            if index in per_sample:
+                values[f"{STAT_PREFIX}{index}.size"] = samples * per_sample[index] * values[f"{STAT_PREFIX}{index}.mean"].size
             per_site[site.key].append(_batch_stats(values, index, site))
     if sites and not per_site[sites[0].key]:
         raise AsrError(f"the calibration set has no full batch of {fixed} samples, the model's fixed batch size")
@@ -442,8 +490,11 @@ def _batch_stats(values: dict, index: int, site) -> ChannelStats:
     mean = values[f"{STAT_PREFIX}{index}.mean"].astype(np.float64).ravel()
     count = float(values[f"{STAT_PREFIX}{index}.size"]) / mean.size
     m2 = values.get(f"{STAT_PREFIX}{index}.m2")
-    # the BN kernel gives the biased variance, m2 / count
-    m2 = (values[f"{STAT_PREFIX}{index}.var"].astype(np.float64) * count if m2 is None else m2.astype(np.float64)).ravel()
+    if m2 is None and f"{STAT_PREFIX}{index}.square" in values:  # E[x^2] - E[x]^2, floored at 0
+        var = np.maximum(values[f"{STAT_PREFIX}{index}.square"].astype(np.float64).ravel() - mean**2, 0.0)
+    elif m2 is None:  # the BN kernel gives the biased variance
+        var = values[f"{STAT_PREFIX}{index}.var"].astype(np.float64).ravel()
+    m2 = var * count if m2 is None else m2.astype(np.float64).ravel()
     if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
         raise AsrError(f"NaN or Inf in the activations at {site.key!r}; check the calibration data and the model")
     return ChannelStats(count, mean, m2)

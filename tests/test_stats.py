@@ -58,11 +58,12 @@ def test_extra_outputs_are_per_channel_vectors_only(kernel, renormalise):
     norms = {key: (np.ones(c), np.zeros(c), 1e-5) for key, c in channels.items()}
     augmented, sites = stats_model(model, norms if renormalise else None, kernel=kernel)
     session = ort.InferenceSession(augmented.SerializeToString(), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {"input": x})
-    assert len(outputs) == 3 * len(sites)
-    for value, site in zip(outputs[::3], sites):
-        assert value.size == channels[site.key]
-    for value in outputs:
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, {"input": x})))
+    assert len(outputs) >= 2 * len(sites)
+    for index, site in enumerate(sites):
+        assert outputs[f"asr_stat.{index}.mean"].size == channels[site.key]
+    for value in outputs.values():
         assert value.size <= max(channels.values())
     assert {o.name for o in augmented.graph.output}.isdisjoint({"logits"})
 
@@ -95,3 +96,19 @@ def test_bn_kernel_renormalises_as_the_reductions_do(opset):
             assert ref.count == bn.count
             np.testing.assert_allclose(bn.mean, ref.mean, rtol=1e-4, atol=1e-5 * np.abs(ref.mean).max())
             np.testing.assert_allclose(bn.var, ref.var, rtol=1e-4)
+
+
+def test_conv_moments_need_no_layout_copy_when_shapes_are_static():
+    """The dense pass on the CPU reads conv sites with GlobalAveragePool only: no Size node (which needs
+    the plain layout) where the count per sample is static, and the statistics still equal numpy's."""
+    model, x = conv_net(bn=False), random_inputs(20) * 2 + 3
+    augmented, sites = stats_model(model, kernel="bn")
+    conv_sites = {s.key for s in sites if not s.channel_last}
+    assert conv_sites and not [n for n in augmented.graph.node if n.op_type == "Size" and n.input[0] in conv_sites]
+    per_batch, _ = measure(model, ArraySet(x), batch_size=6, device="cpu", progress=False, kernel="bn")
+    full = activations(model, [s.key for s in sites], x)
+    for site in sites:
+        got, ref = merge_all(per_batch[site.key]), ChannelStats.of(full[site.key], -1 if site.channel_last else 1)
+        assert got.count == ref.count
+        np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-5, atol=1e-6 * np.abs(ref.mean).max())
+        np.testing.assert_allclose(got.var, ref.var, rtol=1e-4)
