@@ -400,7 +400,7 @@ def save_model(model: onnx.ModelProto, path, *, overwrite: bool = False, source=
         else:
             staged.write_bytes(model.SerializeToString())
         if check:
-            check_output(staged if external else model)
+            check_output(staged)
         for item in sorted(staging.iterdir(), key=lambda p: p == staged):  # the model file last
             os.replace(item, path.parent / item.name)
     except OSError as e:  # a full disk, a file system that refuses the rename
@@ -465,8 +465,8 @@ def check_output(model) -> None:
         onnx.checker.check_model(str(model) if isinstance(model, Path) else model)
     except Exception as e:
         raise AsrError(f"the output model fails onnx.checker: {_first_line(e)}") from None
-    try:
-        make_session(model, device="cpu")
+    try:  # loading is the check; optimising the graph for a run that never happens is not
+        make_session(model, device="cpu", optimize=False)
     except Exception as e:
         raise AsrError(f"onnxruntime cannot load the output model: {_first_line(e)}") from None
 

@@ -41,7 +41,7 @@ def _cuda_device_visible() -> bool:
     return os.path.exists("/dev/nvidia0")
 
 
-def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: bool = True):
+def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: bool = True, optimize: bool = True):
     """An InferenceSession over a ModelProto, serialized bytes or a path.
 
     A ModelProto over 2 GB cannot be serialized, so it is written with external data to a temporary
@@ -54,6 +54,8 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
         mem_pattern: onnxruntime's memory pattern. Statistics sessions turn it off: from the second
             batch on it allocates one more block beside the arena, up to 0.9 GB on a 224x224 ResNet-50,
             for no measurable speed. Defaults to True.
+        optimize: onnxruntime's graph optimisations; a session that only checks a model turns them
+            off. Defaults to True.
     """
     import onnx
     import onnxruntime as ort
@@ -65,10 +67,12 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
     if threads:
         options.intra_op_num_threads = threads
     options.enable_mem_pattern = mem_pattern
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if isinstance(model, onnx.ModelProto) and is_large(model):
         with tempfile.TemporaryDirectory(prefix="asr-onnx.") as folder:
             write_external(model, Path(folder) / "model.onnx")
-            return make_session(Path(folder) / "model.onnx", device, threads, mem_pattern)
+            return make_session(Path(folder) / "model.onnx", device, threads, mem_pattern, optimize)
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers(device))
