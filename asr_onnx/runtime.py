@@ -78,6 +78,22 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers(device))
 
 
+def release_memory() -> None:
+    """Hands the C heap's free pages back to the OS after a session is gone (glibc; elsewhere nothing).
+
+    A finished session frees its arena into the heap, where glibc keeps it, and the next session then
+    grows the process beyond what either needs alone (about 0.1 GB on a 224x224 ResNet-50).
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def provider_of(session) -> str:
     return session.get_providers()[0]
 

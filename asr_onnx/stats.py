@@ -382,8 +382,8 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
     if norms is not None and batch_size < SMALL_BATCH:
         return measure_levels(model, calib, batch_size=batch_size, device=device, norms=norms, progress=progress,
                               desc=desc, threads=threads, kernel=kernel)
-    augmented, sites = stats_model(model, norms, keys, _kernel(kernel, device))
-    return _run(augmented, sites, calib, batch_size, device, progress, desc, threads)
+    kernel = _kernel(kernel, device)
+    return _run(lambda: stats_model(model, norms, keys, kernel), calib, batch_size, device, progress, desc, threads)
 
 
 def _kernel(kernel: str, device: str) -> str:
@@ -413,10 +413,10 @@ def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, p
     done, provider, count = {}, None, max(levels.values()) + 1
     for level in range(count):
         fixed = {key: tuple(norms[key][:3]) + _population(stats) for key, stats in done.items()}
-        augmented, sites = stats_model(model, fixed, {key for key, at in levels.items() if at == level},
-                                       _kernel(kernel, device))
+        wanted = {key for key, at in levels.items() if at == level}
         label = f"{desc} {level + 1}/{count}"
-        per_site, provider = _run(augmented, sites, calib, batch_size, device, progress, label, threads)
+        per_site, provider = _run(lambda: stats_model(model, fixed, wanted, _kernel(kernel, device)), calib,
+                                  batch_size, device, progress, label, threads)
         done.update(per_site)
     return done, provider
 
@@ -452,22 +452,33 @@ def _after(name: str, depth: dict, by_tensor: dict) -> int:
     return depth.get(name, 0) + (1 if site is not None and site.bn is None else 0)
 
 
-def _run(augmented, sites, calib, batch_size: int, device: str, progress: bool, desc: str, threads: int = 0):
-    """Per-batch statistics of every site over the set; a last partial batch is skipped when the batch is fixed."""
+def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, threads: int = 0):
+    """Per-batch statistics of every site over the set; a last partial batch is skipped when the batch is fixed.
+
+    Args:
+        build: makes the (statistics model, sites); called here so that the model proto, a copy of
+            every weight, is freed once onnxruntime has its own.
+    """
     from .graph import _first_line, fixed_batch, input_specs, metadata
     from .progress import bar
-    from .runtime import make_session, provider_of, runner
+    from .runtime import make_session, provider_of, providers, release_memory, runner
 
+    augmented, sites = build()
+    keys = [site.key for site in sites]  # the sites hold the whole graph, weights and all: let it go
+    del sites
+    if not keys:  # no wanted site in this model: nothing to run
+        return {}, providers(device)[0]
     fixed = fixed_batch(input_specs(augmented))
+    per_sample = {int(k): v for k, v in json.loads(metadata(augmented).get(PER_SAMPLE, "{}")).items()}
     try:
         session = make_session(augmented, device, threads, mem_pattern=False)
     except AsrError:
         raise
     except Exception as e:  # onnxruntime's own errors: an unknown op, a bad graph
         raise AsrError(f"onnxruntime cannot load the model: {_first_line(e)}") from None
+    del augmented
     names, run = [o.name for o in session.get_outputs()], runner(session)
-    per_sample = {int(k): v for k, v in json.loads(metadata(augmented).get(PER_SAMPLE, "{}")).items()}
-    per_site = {site.key: [] for site in sites}
+    per_site = {key: [] for key in keys}
     total = -(-len(calib) // batch_size)
     for feed in bar(calib.batches(batch_size), total=total, desc=desc, enabled=progress):
         if fixed and len(next(iter(feed.values()))) != fixed:
@@ -477,16 +488,20 @@ def _run(augmented, sites, calib, batch_size: int, device: str, progress: bool, 
         except Exception as e:
             raise AsrError(f"onnxruntime failed on a calibration batch: {_first_line(e)}") from None
         samples = len(next(iter(feed.values())))
-        for index, site in enumerate(sites):
-            if index in per_sample:
-                values[f"{STAT_PREFIX}{index}.size"] = samples * per_sample[index] * values[f"{STAT_PREFIX}{index}.mean"].size
-            per_site[site.key].append(_batch_stats(values, index, site))
-    if sites and not per_site[sites[0].key]:
+        for index, key in enumerate(keys):
+            if index in per_sample:  # the count that a Size node would have given
+                channels = values[f"{STAT_PREFIX}{index}.mean"].size
+                values[f"{STAT_PREFIX}{index}.size"] = samples * per_sample[index] * channels
+            per_site[key].append(_batch_stats(values, index, key))
+    if not per_site[keys[0]]:
         raise AsrError(f"the calibration set has no full batch of {fixed} samples, the model's fixed batch size")
-    return per_site, provider_of(session)
+    provider = provider_of(session)
+    del session, run
+    release_memory()
+    return per_site, provider
 
 
-def _batch_stats(values: dict, index: int, site) -> ChannelStats:
+def _batch_stats(values: dict, index: int, key: str) -> ChannelStats:
     mean = values[f"{STAT_PREFIX}{index}.mean"].astype(np.float64).ravel()
     count = float(values[f"{STAT_PREFIX}{index}.size"]) / mean.size
     m2 = values.get(f"{STAT_PREFIX}{index}.m2")
@@ -496,5 +511,5 @@ def _batch_stats(values: dict, index: int, site) -> ChannelStats:
         var = values[f"{STAT_PREFIX}{index}.var"].astype(np.float64).ravel()
     m2 = var * count if m2 is None else m2.astype(np.float64).ravel()
     if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
-        raise AsrError(f"NaN or Inf in the activations at {site.key!r}; check the calibration data and the model")
+        raise AsrError(f"NaN or Inf in the activations at {key!r}; check the calibration data and the model")
     return ChannelStats(count, mean, m2)

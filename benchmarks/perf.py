@@ -350,9 +350,10 @@ def child_repair(args, t0: float) -> dict:
         t_end = time.perf_counter()
     stages = {"import": t_import - t0, "load": t_load - t_import, "calib_open": t_calib - t_load}
     stages.update(job.timings)
-    channels = max(len(s.mean) for s in job.dense_stats.values())
+    channels = max(len(batches[0].mean) for batches in job.pruned_stats.values())
     return {"total": t_end - t0, "stages": stages, "sub": sub, "samples": len(calib),
-            "largest_output": largest["elements"], "max_channels": channels, "sites": len(job.dense_stats)}
+            "largest_output": largest["elements"], "max_channels": channels, "sites": len(job.pruned_stats),
+            "dense_sites": len(job.dense_stats)}
 
 
 def child_torch(args, t0: float) -> dict:
@@ -701,7 +702,8 @@ def _model_report(bench: dict) -> list[str]:
                      f"took {median([r['sub']['stats_graph'] for r in results]):.2f} s and creating their sessions "
                      f"{median([r['sub']['session'] for r in results]):.2f} s; the largest tensor out of any session "
                      f"per batch had {r0['largest_output']} elements (largest per-channel vector: "
-                     f"{r0['max_channels']} channels, {r0['sites']} sites).")
+                     f"{r0['max_channels']} channels; {r0['sites']} sites in the pruned pass, "
+                     f"{r0.get('dense_sites', r0['sites'])} in the dense pass).")
     lines += ["", "Plain: the 'load' row is session creation and the 'measure_dense' row the inference loop.", ""]
     return lines
 
