@@ -382,8 +382,16 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
     if norms is not None and batch_size < SMALL_BATCH:
         return measure_levels(model, calib, batch_size=batch_size, device=device, norms=norms, progress=progress,
                               desc=desc, threads=threads, kernel=kernel)
+    if norms is None and keys and set(keys) <= _matrix_outputs(model):  # e.g. only a classifier head
+        return _run(lambda: (model, None), calib, batch_size, device, progress, desc, threads, outputs=sorted(keys))
     kernel = _kernel(kernel, device)
     return _run(lambda: stats_model(model, norms, keys, kernel), calib, batch_size, device, progress, desc, threads)
+
+
+def _matrix_outputs(model) -> set[str]:
+    """The model's (N, C) outputs: their statistics need no extra graph, the model returns them anyway."""
+    return {o.name for o in model.graph.output if len(o.type.tensor_type.shape.dim) == 2
+            and o.type.tensor_type.elem_type == FLOAT}
 
 
 def _kernel(kernel: str, device: str) -> str:
@@ -452,32 +460,35 @@ def _after(name: str, depth: dict, by_tensor: dict) -> int:
     return depth.get(name, 0) + (1 if site is not None and site.bn is None else 0)
 
 
-def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, threads: int = 0):
+def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, threads: int = 0,
+         outputs: list | None = None):
     """Per-batch statistics of every site over the set; a last partial batch is skipped when the batch is fixed.
 
     Args:
         build: makes the (statistics model, sites); called here so that the model proto, a copy of
             every weight, is freed once onnxruntime has its own.
+        outputs: measure these (N, C) graph outputs of an unchanged model on the host instead, with
+            the model's own session settings. Defaults to None.
     """
     from .graph import _first_line, fixed_batch, input_specs, metadata
     from .progress import bar
     from .runtime import make_session, provider_of, providers, release_memory, runner
 
     augmented, sites = build()
-    keys = [site.key for site in sites]  # the sites hold the whole graph, weights and all: let it go
+    keys = outputs or [site.key for site in sites]  # the sites hold the whole graph, weights and all: let it go
     del sites
     if not keys:  # no wanted site in this model: nothing to run
         return {}, providers(device)[0]
     fixed = fixed_batch(input_specs(augmented))
     per_sample = {int(k): v for k, v in json.loads(metadata(augmented).get(PER_SAMPLE, "{}")).items()}
     try:
-        session = make_session(augmented, device, threads, mem_pattern=False)
+        session = make_session(augmented, device, threads, mem_pattern=outputs is not None)
     except AsrError:
         raise
     except Exception as e:  # onnxruntime's own errors: an unknown op, a bad graph
         raise AsrError(f"onnxruntime cannot load the model: {_first_line(e)}") from None
     del augmented
-    names, run = [o.name for o in session.get_outputs()], runner(session)
+    names, run = outputs or [o.name for o in session.get_outputs()], runner(session)
     per_site = {key: [] for key in keys}
     total = -(-len(calib) // batch_size)
     for feed in bar(calib.batches(batch_size), total=total, desc=desc, enabled=progress):
@@ -489,6 +500,9 @@ def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, 
             raise AsrError(f"onnxruntime failed on a calibration batch: {_first_line(e)}") from None
         samples = len(next(iter(feed.values())))
         for index, key in enumerate(keys):
+            if outputs:
+                per_site[key].append(_checked(ChannelStats.of(values[key], -1), key))
+                continue
             if index in per_sample:  # the count that a Size node would have given
                 channels = values[f"{STAT_PREFIX}{index}.mean"].size
                 values[f"{STAT_PREFIX}{index}.size"] = samples * per_sample[index] * channels
@@ -510,6 +524,10 @@ def _batch_stats(values: dict, index: int, key: str) -> ChannelStats:
     elif m2 is None:  # the BN kernel gives the biased variance
         var = values[f"{STAT_PREFIX}{index}.var"].astype(np.float64).ravel()
     m2 = var * count if m2 is None else m2.astype(np.float64).ravel()
-    if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
+    return _checked(ChannelStats(count, mean, m2), key)
+
+
+def _checked(stats: ChannelStats, key: str) -> ChannelStats:
+    if not (np.isfinite(stats.mean).all() and np.isfinite(stats.m2).all()):
         raise AsrError(f"NaN or Inf in the activations at {key!r}; check the calibration data and the model")
-    return ChannelStats(count, mean, m2)
+    return stats

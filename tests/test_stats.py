@@ -112,3 +112,16 @@ def test_conv_moments_need_no_layout_copy_when_shapes_are_static():
         assert got.count == ref.count
         np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-5, atol=1e-6 * np.abs(ref.mean).max())
         np.testing.assert_allclose(got.var, ref.var, rtol=1e-4)
+
+
+def test_a_graph_output_is_measured_from_the_model_as_it_is():
+    """A classifier head whose output is the graph output needs no statistics graph: the logits that the
+    model returns anyway are reduced on the host. A key that names no site measures nothing."""
+    model, x = conv_net(bn=True), random_inputs(20)
+    per_batch, _ = measure(model, ArraySet(x), batch_size=8, device="cpu", progress=False, keys={"logits"})
+    logits = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    got, ref = merge_all(per_batch["logits"]), ChannelStats.of(logits, -1)
+    assert len(per_batch["logits"]) == 3 and got.count == ref.count == 20
+    np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-6)
+    np.testing.assert_allclose(got.var, ref.var, rtol=1e-6)
+    assert measure(model, ArraySet(x), batch_size=8, device="cpu", progress=False, keys={"nothing"})[0] == {}
