@@ -110,7 +110,8 @@ class Repair:
         """
         self._check_size(calib)
         with self._timed("measure_dense"):
-            batches, self.provider = measure(self.dense, calib, desc="dense", keys=keys, **self._session_options())
+            batches, self.provider = measure(self.dense, calib, desc="dense", keys=keys, source=self.source,
+                                             **self._session_options())
         return {key: merge_all(b) for key, b in batches.items()}
 
     def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False,

@@ -610,10 +610,14 @@ class _ArrayFiles(_Source):
         parts = {spec.name: [] for spec in self.specs}
         for file_index in np.unique(file_of_index):
             local = indices[file_of_index == file_index] - self.starts[file_index]
+            # a run of consecutive samples is a slice: a view of the memory map, no copy
+            run = len(local) and local[-1] - local[0] + 1 == len(local)
             for name, array in self._arrays(int(file_index)).items():
-                parts[name].append(array[local])
+                parts[name].append(array[local[0] : local[-1] + 1] if run else array[local])
         return {
-            spec.name: np.ascontiguousarray(np.concatenate(parts[spec.name]), dtype=spec.dtype) for spec in self.specs
+            spec.name: np.ascontiguousarray(parts[spec.name][0] if len(parts[spec.name]) == 1
+                                            else np.concatenate(parts[spec.name]), dtype=spec.dtype)
+            for spec in self.specs
         }
 
     def _arrays(self, file_index: int) -> dict[str, np.ndarray]:

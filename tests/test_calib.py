@@ -335,6 +335,19 @@ def test_npy_batch_and_single_sample_files(tmp_path):
     np.testing.assert_array_equal(got, np.concatenate([batch.astype(np.float32), single[np.newaxis]]))
 
 
+def test_npy_consecutive_samples_are_read_without_a_copy(tmp_path):
+    """A batch of consecutive samples of a model-ready .npy is a view of the memory map, as a plain
+    inference loop would slice it; a scattered subset is gathered into a new array."""
+    data = np.random.default_rng(3).normal(size=(10, 1, 6, 5)).astype(np.float32)
+    path = npy(tmp_path / "calib.npy", data)
+    calib = load_calib(path, GRAY)
+    first = next(calib.batches(4))["input"]
+    assert not first.flags["OWNDATA"] and not first.flags["WRITEABLE"]  # the read-only memory map itself
+    np.testing.assert_array_equal(first, data[:4])
+    subset = calib.take(3, seed=1)
+    np.testing.assert_array_equal(next(subset.batches(3))["input"], data[np.sort(subset._indices)])
+
+
 def test_npy_single_file_path_and_dynamic_dims_are_free(tmp_path):
     data = np.arange(2 * 7 * 4, dtype=np.float32).reshape(2, 7, 4)
     path = npy(tmp_path / "calib.npy", data)
