@@ -17,12 +17,14 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
-from PIL import Image
 
 from asr_onnx.errors import AsrError
+
+if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data never needs it
+    from PIL import Image
 
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -387,6 +389,8 @@ def _resize_then_crop(image: Image.Image, resize: int, size: tuple[int, int]) ->
             width, height = resize, int(resize * height / width)
         else:
             width, height = int(resize * width / height), resize
+        from PIL import Image
+
         image = image.resize((width, height), Image.Resampling.BILINEAR)
     crop_height, crop_width = size
     left, top = (width - crop_width) // 2, (height - crop_height) // 2
@@ -539,6 +543,8 @@ class _ImageFiles(_Source):
         return _stack_images(self._decoded(indices), self.plan)
 
     def _decoded(self, indices) -> Iterator[tuple[Image.Image, str]]:
+        from PIL import Image
+
         # Yield inside ``with`` so each file closes once its sample is built.
         for index in indices:
             path = self.files[index]
@@ -568,6 +574,8 @@ class _IdxImages(_Source):
             _check_image_size(f"0 of {images_path.name}", self.pixels.shape[2], self.pixels.shape[1], plan)
 
     def read(self, indices):
+        from PIL import Image
+
         name = self.files[0].name
         images = ((Image.fromarray(self.pixels[index]), f"{index} of {name}") for index in indices)
         return _stack_images(images, self.plan)
@@ -738,6 +746,8 @@ def _idx_labels_path(images_path: Path) -> Path | None:
 
 def _scan_images(folder: Path, paths: list[Path], plan: _ImagePlan, strict: bool) -> list[Path]:
     """Keep images that pass ``verify()`` and match the size; warn about (or refuse) corrupt ones."""
+    from PIL import Image
+
     good = []
     for path in paths:
         try:
