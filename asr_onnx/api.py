@@ -15,7 +15,8 @@ from .graph import (check_output, find_layers, find_sites, fixed_batch, input_sp
                     to_model)
 from .prune import Pattern, check_sparsity, prune_layers
 from .recal import correct, fold_bn, reference, train_norm, write
-from .stats import measure, measure_levels, merge_all
+from .measure import measure, measure_levels
+from .stats import merge_all
 
 
 # every method in both placements (bn/naive coincide under recal; pre-bn bn is plain BN recalibration)

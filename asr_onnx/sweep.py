@@ -163,7 +163,8 @@ def _watch(result, job, output, method, calib, cell: str, device: str, samples: 
 def output_variance(model, data, key: str, batch_size: int, device: str):
     """The measured per-channel variance after a site's normalisation (its BN output, or the layer output)."""
     from .graph import find_layers, find_sites, to_graph
-    from .stats import measure, merge_all
+    from .measure import measure
+    from .stats import merge_all
 
     batches, _ = measure(model, data, batch_size=min(batch_size, len(data)), device=device, progress=False)
     var = merge_all(batches[key]).var

@@ -94,187 +94,14 @@ class PeakSampler:
 
 # ------------------------------------------------------------------------------------------- variants
 #
-# Candidate library fixes, applied by monkeypatching asr_onnx.stats.stats_model in the repair subprocess
-# only (the library is not edited). See PERF.md for the measurements behind them.
-
-
-def leaf_order(model):
-    """Moves the statistic nodes that nothing consumes to the end of the node list, last site first.
-
-    onnxruntime's default execution order is a reverse DFS from the leaf nodes in node-index order,
-    taken from a stack: the leaf with the highest index is expanded first, so with the statistics of
-    the last site at the end of the list the whole network runs before any reduction and every
-    site's activation stays alive until the end. Reversed, each site's reductions run right after
-    its producer and its activation is freed at once.
-    """
-    import onnx
-
-    from asr_onnx.stats import STAT_PREFIX
-
-    graph = model.graph
-    consumed = {name for node in graph.node for name in node.input}
-    outputs = {o.name for o in graph.output}
-
-    def site(node):
-        name = node.output[0] if node.output else ""
-        index = name[len(STAT_PREFIX):].split(".")[0] if name.startswith(STAT_PREFIX) else ""
-        return int(index) if index.isdigit() else None
-
-    leaves = [n for n in graph.node
-              if n.output and site(n) is not None and all(o in outputs and o not in consumed for o in n.output)]
-    moved = {id(n) for n in leaves}
-    order = [n for n in graph.node if id(n) not in moved] + sorted(leaves, key=site, reverse=True)
-    copies = []
-    for node in order:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copies.append(copy)
-    del graph.node[:]
-    graph.node.extend(copies)
-    return model
-
-
-def train_bn_stats_model(model, norms):
-    """The pruned pass as one training-mode BatchNormalization per site (momentum 0), or None.
-
-    Its outputs are the batch mean and (biased) variance, and it normalises with them: what the
-    library builds from ReduceMean, Sub, ReduceSumSquare, Div, Sqrt, Mul and Add. Returns None where
-    it does not apply (opset < 14, a site without a train norm, a non-float32 or MatMul site).
-    """
-    import numpy as np
-    import onnx_graphsurgeon as gs
-
-    from asr_onnx.graph import find_layers, find_sites, opset, to_graph, to_model
-    from asr_onnx.stats import STAT_PREFIX, _Builder, _channels, _replace_uses
-
-    if opset(model) < 14:
-        return None
-    graph = to_graph(model)
-    sites = find_sites(graph, find_layers(graph))
-    if any(norms.get(s.key) is None or len(norms[s.key]) != 3 or s.dtype != np.float32
-           or (s.bn is None and s.layer.op == "MatMul") for s in sites):
-        return None
-    b = _Builder(graph, opset(model))
-    outputs = []
-    for index, site in enumerate(sites):
-        scale, bias, eps = norms[site.key]
-        channels = _channels(site)
-        mean = gs.Variable(f"{STAT_PREFIX}{index}.mean", dtype=np.float32)
-        var = gs.Variable(b._name("var"), dtype=np.float32)
-        params = [b.const(np.asarray(v, np.float32).reshape(channels)) for v in
-                  (scale, bias, np.zeros(channels), np.ones(channels))]
-        attrs = {"epsilon": float(eps), "momentum": 0.0, "training_mode": 1}
-        if site.bn is not None:  # the BN node itself becomes the training-mode one
-            for i, param in enumerate(params):
-                site.bn.inputs[1 + i] = param
-            site.bn.attrs = attrs
-            while len(site.bn.outputs) > 1:
-                site.bn.outputs.pop()
-            site.bn.outputs.append(mean)
-            site.bn.outputs.append(var)
-        else:
-            normed = gs.Variable(b._name("normed"), dtype=np.float32)
-            graph.nodes.append(gs.Node("BatchNormalization", b._name("TrainBN"), attrs,
-                                       [site.tensor] + params, [normed, mean, var]))
-            _replace_uses(graph, site, normed)
-        size = b.op("Size", [site.tensor], dtype=np.int64)
-        size.name = f"{STAT_PREFIX}{index}.size"
-        count = b.op("Div", [b.op("Cast", [size], {"to": 1}), b.const(np.float32(channels))])
-        m2 = b.op("Mul", [var, count])
-        m2.name = f"{STAT_PREFIX}{index}.m2"
-        outputs += [mean, m2, size]
-    graph.outputs = outputs
-    graph.cleanup().toposort()
-    return to_model(graph, model), sites
-
-
-def gap_dense_stats_model(model):
-    """The dense pass with each Conv->BN site measured on the BN's output by GlobalAveragePool.
-
-    In eval mode the BN output is y = a * x + c per channel (a = scale / sqrt(var + eps), c = bias - a * mean),
-    so x's statistics follow from y's: mean_x = (mean_y - c) / a, m2_x = m2_y / a^2. Measuring y keeps
-    Conv+BN fused and GlobalAveragePool and Mul run in onnxruntime's NCHWc layout (no reorder); the
-    variance is E[y^2] - E[y]^2 in float32, which loses precision when |mean| >> std (y is BN-normalised,
-    so |mean| ~ |bias| and std ~ |scale|). Other sites (no BN, a non-Conv layer, a zero scale) keep the
-    library's reductions.
-    """
-    import numpy as np
-
-    from asr_onnx.graph import find_layers, find_sites, opset, to_graph, to_model
-    from asr_onnx.stats import STAT_PREFIX, _add_site, _Builder, _channels
-
-    graph = to_graph(model)
-    sites = find_sites(graph, find_layers(graph))
-    b = _Builder(graph, opset(model))
-    outputs = []
-    for index, site in enumerate(sites):
-        bn = site.bn
-        if bn is not None:
-            scale, bias, mean, var = (np.asarray(t.values, np.float64) for t in bn.inputs[1:5])
-            a = scale / np.sqrt(var + site.eps)
-        if (bn is None or site.layer is None or site.layer.op != "Conv" or site.dtype != np.float32
-                or not np.all(np.abs(a) > 1e-6 * np.abs(a).max())):
-            outputs += _add_site(b, site, index)
-            continue
-        channels = _channels(site)
-        shape = (1, channels) + (1,) * (len(site.layer.weight.shape) - 2)  # a Conv weight has the input's rank
-        c = bias - a * mean
-        y = bn.outputs[0]
-        my = b.reduce("ReduceMean", b.op("GlobalAveragePool", [y]), [0])
-        ey2 = b.reduce("ReduceMean", b.op("GlobalAveragePool", [b.op("Mul", [y, y])]), [0])
-        mean_x = b.op("Div", [b.op("Sub", [my, b.const(c.reshape(shape).astype(np.float32))]),
-                              b.const(a.reshape(shape).astype(np.float32))])
-        size = b.op("Size", [y], dtype=np.int64)
-        count = b.op("Div", [b.op("Cast", [size], {"to": 1}), b.const(np.float32(channels))])
-        var_y = b.op("Max", [b.op("Sub", [ey2, b.op("Mul", [my, my])]), b.const(np.float32(0))])
-        m2 = b.op("Mul", [b.op("Div", [var_y, b.const((a * a).reshape(shape).astype(np.float32))]), count])
-        for name, tensor in (("mean", mean_x), ("m2", m2), ("size", size)):
-            tensor.name = f"{STAT_PREFIX}{index}.{name}"
-            outputs.append(tensor)
-    graph.outputs = outputs
-    graph.cleanup().toposort()
-    return to_model(graph, model), sites
-
-
-FIXES = ("leaf-order", "no-pattern", "train-bn", "gap-dense")
-VARIANTS = ("asis", "leaf-order", "leaf-order+train-bn", "leaf-order+train-bn+no-pattern",
-            "leaf-order+train-bn+gap-dense", "leaf-order+train-bn+no-pattern+gap-dense")
-
+# The first landing measured candidate fixes here by monkeypatching the library (leaf-order, no-pattern,
+# train-bn, gap-dense; see PERF.md's history). All are now in the library, so the only variant left is
+# the library as it is; the patching code is in git history (commit 2124b00 and before).
 
 def apply_variant(variant: str):
-    """Patches the library for a variant (see VARIANTS): "+"-joined candidate fixes.
-
-    leaf-order: :func:`leaf_order` on every statistics graph. train-bn: :func:`train_bn_stats_model`
-    for the pruned pass. no-pattern: ``enable_mem_pattern = False`` on the library's sessions.
-    gap-dense: :func:`gap_dense_stats_model` for the dense pass.
-    """
-    import onnxruntime as ort
-
-    from asr_onnx import stats
-
-    if variant == "asis":
-        return
-    if "no-pattern" in variant:  # asr_onnx.runtime.make_session builds ort.SessionOptions() itself
-        class Options(ort.SessionOptions):
-            def __init__(self):
-                super().__init__()
-                self.enable_mem_pattern = False
-
-        ort.SessionOptions = Options
-    original = stats.stats_model
-
-    def patched(model, norms=None, keys=None):
-        if "gap-dense" in variant and not norms and keys is None:
-            built = gap_dense_stats_model(model)
-            return leaf_order(built[0]), built[1]
-        if "train-bn" in variant and norms and keys is None:
-            built = train_bn_stats_model(model, norms)
-            if built is not None:  # its Size nodes read the site tensors: they need the order too
-                return leaf_order(built[0]), built[1]
-        augmented, sites = original(model, norms) if keys is None else original(model, norms, keys)
-        return leaf_order(augmented), sites
-
-    stats.stats_model = patched
+    """Only "asis" (the library as committed) remains."""
+    if variant != "asis":
+        raise SystemExit(f"unknown variant {variant!r}: only asis remains (the candidate fixes are merged)")
 
 
 # ------------------------------------------------------------------------------------------- children
@@ -304,7 +131,7 @@ def child_repair(args, t0: float) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from asr_onnx import runtime, stats
+    from asr_onnx import measure, runtime
     from asr_onnx.api import Repair
     from asr_onnx.calib import load_calib
 
@@ -334,8 +161,8 @@ def child_repair(args, t0: float) -> dict:
         return values
 
     apply_variant(args.variant)
-    make_session, stats_model = runtime.make_session, stats.stats_model
-    runtime.make_session, stats.stats_model, ort.InferenceSession.run = timed_session, timed_stats_model, watched_run
+    make_session, stats_model = runtime.make_session, measure.stats_model
+    runtime.make_session, measure.stats_model, ort.InferenceSession.run = timed_session, timed_stats_model, watched_run
 
     import inspect
 
@@ -770,9 +597,7 @@ def parse_args(argv=None):
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--method", default="asr")
     p.add_argument("--variants", default="asis",
-                   help="comma-separated repair variants: asis (the library as it is), or candidate fixes patched in, "
-                        "joined by '+': " + ", ".join(FIXES) + ", e.g. leaf-order+train-bn (see PERF.md) "
-                        "(default: %(default)s)")
+                   help="repair variants; only asis (the library as committed) remains (default: %(default)s)")
     p.add_argument("--variant", default="asis", help=argparse.SUPPRESS)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager reference")
     p.add_argument("--torch-runs", type=int, help="runs of the PyTorch reference (default: --runs)")
@@ -796,8 +621,8 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if any(v != "asis" and not set(v.split("+")) <= set(FIXES) for v in args.variants):
-        p.error(f"--variants: asis, or fixes joined by '+' among {', '.join(FIXES)}")
+    if any(v != "asis" for v in args.variants):
+        p.error("--variants: only asis remains (the candidate fixes of PERF.md's history are merged)")
     args.growth = [int(x) for x in args.growth.split(",") if x.strip()] if not args.no_growth else []
     return args
 

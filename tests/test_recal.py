@@ -6,7 +6,7 @@ import pytest
 
 from asr_onnx.api import repair
 from asr_onnx.stats import ChannelStats
-from test_stats import activations, sites_of
+from activations import activations, sites_of
 from models import ArraySet, conv_net, random_inputs
 
 

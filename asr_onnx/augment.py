@@ -1,0 +1,287 @@
+"""The statistics graph: a copy of the model whose only outputs are per-channel vectors of every site.
+
+Each site's spread leaves the graph as a centred sum of squares (reductions), a training-mode BN's
+variance, or a mean square (GlobalAveragePool moments), with the batch mean and the element count.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+FLOAT = 1  # onnx.TensorProto.FLOAT
+STAT_PREFIX = "asr_stat."
+PER_SAMPLE = "asr_onnx.per_sample"  # metadata of a statistics model: site index -> static count per sample
+
+
+class _Builder:
+    """Adds nodes to a gs graph, respecting the opset (Reduce* axes became an input at 18)."""
+
+    def __init__(self, graph, opset: int):
+        self.graph, self.opset, self.count = graph, opset, 0
+
+    def _name(self, hint):
+        self.count += 1
+        return f"asr_{hint}_{self.count}"
+
+    def op(self, op, inputs, attrs=None, dtype=np.float32, out=None):
+        import onnx_graphsurgeon as gs
+
+        out = out or gs.Variable(self._name(op.lower()), dtype=dtype)
+        self.graph.nodes.append(gs.Node(op, self._name(op), attrs or {}, inputs, [out]))
+        return out
+
+    def const(self, values, hint="c"):
+        import onnx_graphsurgeon as gs
+
+        return gs.Constant(self._name(hint), np.asarray(values))
+
+    def reduce(self, op, x, axes):
+        if self.opset >= 18:
+            return self.op(op, [x, self.const(np.array(axes, np.int64), "axes")], {"keepdims": 1})
+        return self.op(op, [x], {"axes": list(axes), "keepdims": 1})
+
+
+def _channel_view(b: _Builder, x, channels: int, channel_last: bool):
+    """Reshapes to (N, C, S) or (M, C) so that one reduction shape serves every rank."""
+    shape = [-1, channels] if channel_last else [0, 0, -1]
+    axes = [0] if channel_last else [0, 2]
+    return b.op("Reshape", [x, b.const(np.array(shape, np.int64), "shape")]), axes
+
+
+def _add_site(b: _Builder, site, index, norm=None) -> list:
+    """Adds the statistic outputs of one site; with ``norm``, also renormalises the site.
+
+    Args:
+        norm: None; (scale, bias, eps) for train-mode normalisation with the batch's statistics; or
+            (scale, bias, eps, mean, var) for eval-mode normalisation with fixed (population) statistics.
+    """
+    x, channels = site.tensor, _channels(site)
+    if site.dtype != np.float32:
+        x = b.op("Cast", [x], {"to": FLOAT})
+    view, axes = _channel_view(b, x, channels, site.channel_last)
+    mean = b.reduce("ReduceMean", view, axes)
+    centred = b.op("Sub", [view, mean])
+    m2 = b.reduce("ReduceSumSquare", centred, axes)
+    size = b.op("Size", [view], dtype=np.int64)
+    outputs = []
+    for name, tensor in (("mean", mean), ("m2", m2), ("size", size)):
+        tensor.name = f"{STAT_PREFIX}{index}.{name}"
+        outputs.append(tensor)
+    if norm is not None:
+        shape = (1, channels) if site.channel_last else (1, channels, 1)
+        if len(norm) == 3:
+            normed = _train_norm(b, norm, centred, m2, size, channels, shape)
+        else:
+            normed = _eval_norm(b, norm, view, shape)
+        restored = b.op("Reshape", [normed, b.op("Shape", [site.tensor], dtype=np.int64)])
+        if site.dtype != np.float32:
+            restored = b.op("Cast", [restored], {"to": _onnx_type(site.dtype)}, dtype=site.dtype)
+        _replace_uses(b.graph, site, restored)
+    return outputs
+
+
+def bn_kernel_fits(site, norm, opset: int) -> bool:
+    """Whether one training-mode BatchNormalization can measure (and renormalise) the site.
+
+    It needs opset >= 14 (the ``training_mode`` attribute), a float32 tensor with its channels on axis 1
+    (a Gemm's 2-D output qualifies) and either no norm or a train-mode one.
+    """
+    on_axis_1 = not site.channel_last or site.layer.op == "Gemm"
+    return opset >= 14 and site.dtype == np.float32 and on_axis_1 and (norm is None or len(norm) == 3)
+
+
+def _add_site_bn(b: _Builder, site, index, norm=None) -> list:
+    """One site's statistics from a training-mode BatchNormalization (momentum 0): its optional outputs
+    are then the batch mean and the biased batch variance. With a train norm that node also does the
+    renormalisation (a real BN becomes it); without one it is a side branch on the site tensor.
+
+    BatchNormalization normalises with the biased variance; the scale is multiplied by
+    sqrt((n - 1) / n), n the batch's elements per channel, so that the unbiased one is used, as in
+    :func:`_train_norm` (up to eps / (n - 1) in the denominator).
+    """
+    import onnx_graphsurgeon as gs
+
+    channels = _channels(site)
+    scale, bias, eps = norm if norm is not None else (np.ones(channels), np.zeros(channels), 1e-5)
+    params = [b.const(np.asarray(v, np.float32).reshape(channels), "bn") for v in
+              (scale, bias, np.zeros(channels), np.ones(channels))]
+    size = b.op("Size", [site.tensor], dtype=np.int64)
+    if norm is not None:
+        count = b.op("Div", [b.op("Cast", [size], {"to": FLOAT}), b.const(np.float32(channels))])
+        dof = b.op("Max", [b.op("Sub", [count, b.const(np.float32(1))]), b.const(np.float32(1))])
+        params[0] = b.op("Mul", [params[0], b.op("Sqrt", [b.op("Div", [dof, count])])])
+    mean = gs.Variable(f"{STAT_PREFIX}{index}.mean", dtype=np.float32)
+    var = gs.Variable(f"{STAT_PREFIX}{index}.var", dtype=np.float32)
+    attrs = {"epsilon": float(eps), "momentum": 0.0, "training_mode": 1}
+    if norm is not None and site.bn is not None:
+        for i, param in enumerate(params):
+            site.bn.inputs[1 + i] = param
+        site.bn.attrs = attrs
+        while len(site.bn.outputs) > 1:
+            site.bn.outputs.pop()
+        site.bn.outputs.extend([mean, var])
+    else:
+        normed = gs.Variable(b._name("normed"), dtype=np.float32)
+        b.graph.nodes.append(gs.Node("BatchNormalization", b._name("TrainBN"), attrs, [site.tensor] + params,
+                                     [normed, mean, var]))
+        if norm is not None:
+            _replace_uses(b.graph, site, normed)
+    size.name = f"{STAT_PREFIX}{index}.size"
+    return [mean, var, size]
+
+
+def _add_site_moments(b: _Builder, site, index, per_sample: int | None = None) -> list:
+    """One conv site's batch mean and mean square from GlobalAveragePool, which onnxruntime runs in its
+    blocked (NCHWc) layout beside the Conv, so no layout copy and no centred copy of the tensor is made.
+    With ``per_sample`` (the static elements per channel and sample) there is no Size node either,
+    which would need the tensor in the plain layout.
+
+    The variance is then E[x^2] - E[x]^2 per batch; float32 rounding of E[x^2] bounds its error at
+    about 1e-7 * (mean^2 + var), negligible unless a channel's |mean| exceeds its std by 10^3.
+    """
+    mean = b.reduce("ReduceMean", b.op("GlobalAveragePool", [site.tensor]), [0])
+    square = b.reduce("ReduceMean", b.op("GlobalAveragePool", [b.op("Mul", [site.tensor, site.tensor])]), [0])
+    outputs = [mean, square]
+    if per_sample is None:  # else the host knows the count: batch size x per_sample
+        outputs.append(b.op("Size", [site.tensor], dtype=np.int64))
+    for name, tensor in zip(("mean", "square", "size"), outputs):
+        tensor.name = f"{STAT_PREFIX}{index}.{name}"
+    return outputs
+
+
+def _train_norm(b: _Builder, norm, centred, m2, size, channels: int, shape):
+    """scale * (x - batch mean) / sqrt(batch var + eps) + bias, as BatchNormalization in training mode."""
+    scale, bias, eps = norm
+    # unbiased, as the stored running variance will be, so that one batch reproduces it exactly
+    count = b.op("Div", [b.op("Cast", [size], {"to": FLOAT}), b.const(np.float32(channels))])
+    dof = b.op("Max", [b.op("Sub", [count, b.const(np.float32(1))]), b.const(np.float32(1))])
+    var = b.op("Div", [m2, dof])
+    inv_std = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(np.float32(eps))])])])
+    gain = b.op("Mul", [inv_std, b.const(scale.reshape(shape).astype(np.float32))])
+    return b.op("Add", [b.op("Mul", [centred, gain]), b.const(bias.reshape(shape).astype(np.float32))])
+
+
+def _eval_norm(b: _Builder, norm, view, shape):
+    """scale * (x - mean) / sqrt(var + eps) + bias with fixed statistics, as y = a * x + c."""
+    scale, bias, eps, mean, var = (np.asarray(v, np.float64) for v in norm)
+    a = scale / np.sqrt(var + eps)
+    c = bias - a * mean
+    scaled = b.op("Mul", [view, b.const(a.reshape(shape).astype(np.float32))])
+    return b.op("Add", [scaled, b.const(c.reshape(shape).astype(np.float32))])
+
+
+def _onnx_type(dtype) -> int:
+    from onnx import helper
+
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def _channels(site) -> int:
+    return site.bn.inputs[1].shape[0] if site.bn is not None else site.layer.channels
+
+
+def _replace_uses(graph, site, new):
+    """Points the site's consumers at ``new``: the BN's output for a real BN, else the tensor's readers."""
+    if site.bn is not None:
+        out = site.bn.outputs[0]
+        site.bn.outputs.clear()
+        new_producer = new.inputs[0]
+        new_producer.outputs[0] = out
+        return
+    for node in list(site.tensor.outputs):
+        if node.name.startswith("asr_"):
+            continue
+        for i, t in enumerate(node.inputs):
+            if t is site.tensor:
+                node.inputs[i] = new
+    graph.outputs = [new if t is site.tensor else t for t in graph.outputs]
+
+
+def stats_model(model, norms: dict | None = None, keys=None, kernel: str = "reduce"):
+    """A copy of ``model`` whose only outputs are per-channel statistics of every site.
+
+    Args:
+        model: onnx.ModelProto.
+        norms: site key -> (scale, bias, eps) to renormalise that site with its batch statistics, as a
+            BatchNormalization in training mode does, or -> (scale, bias, eps, mean, var) to renormalise it
+            with fixed statistics (eval mode). Sites without an entry are left as they are. Defaults to None.
+        keys: the sites to measure; the graph past them is dropped. Defaults to None (every site).
+        kernel: "reduce" (ReduceMean, Sub, ReduceSumSquare: any provider, exact unbiased renormalisation)
+            or "bn" (one training-mode BatchNormalization per site where :func:`bn_kernel_fits`, the
+            reductions elsewhere; onnxruntime runs it on the CPU only). Defaults to "reduce".
+
+    Returns:
+        (augmented onnx.ModelProto, the sites in output order).
+    """
+    from .graph import find_layers, find_sites, input_specs, opset, static_shapes, to_graph, to_model
+
+    graph = to_graph(model)
+    sites = find_sites(graph, find_layers(graph))
+    builder = _Builder(graph, opset(model))
+    outputs, measured, counts = [], [], {}
+    shapes = static_shapes(model) if kernel == "bn" and norms is None else {}
+    batch_dims = {spec.shape[0] for spec in input_specs(model) if spec.shape and spec.shape[0] is not None}
+    for index, site in enumerate(sites):
+        wanted, norm = keys is None or site.key in keys, (norms or {}).get(site.key)
+        if not wanted and norm is None:
+            continue
+        label = len(measured) if wanted else f"unused{index}"
+        if kernel != "bn" or not bn_kernel_fits(site, norm, builder.opset):
+            stats = _add_site(builder, site, label, norm)
+        elif norm is not None or site.channel_last:
+            stats = _add_site_bn(builder, site, label, norm)
+        else:
+            per_sample = _per_sample(shapes.get(site.key), batch_dims)
+            stats = _add_site_moments(builder, site, label, per_sample)
+            if per_sample is not None:
+                counts[label] = per_sample
+        if wanted:
+            outputs += stats
+            measured.append(site)
+    graph.outputs = outputs
+    graph.cleanup().toposort()
+    augmented = _statistics_early(to_model(graph, model))
+    if counts:
+        entry = augmented.metadata_props.add()
+        entry.key, entry.value = PER_SAMPLE, json.dumps(counts)
+    return augmented, measured
+
+
+def _per_sample(shape, batch_dims: set) -> int | None:
+    """Elements per channel and sample of an (N, C, ...) tensor whose N is the inputs' batch dimension
+    and whose other dimensions are static, else None."""
+    if not shape or len(shape) < 3 or len(batch_dims) != 1 or shape[0] not in batch_dims:
+        return None
+    rest = shape[2:]
+    return int(np.prod(rest)) if all(isinstance(d, int) and d > 0 for d in rest) else None
+
+
+def _statistics_early(model):
+    """Moves the statistic nodes that nothing reads to the end of the node list, last site first.
+
+    onnxruntime orders execution by a reverse depth-first walk from the leaf nodes, expanding the
+    last-listed leaf first. With the last site's reduction listed last, the whole network would run
+    before any reduction and every site's activation would stay alive until the end (memory growing
+    with the number of sites). Listed last site first, each reduction runs right after its producer.
+    """
+    outputs = {o.name for o in model.graph.output}
+    read = {name for node in model.graph.node for name in node.input}
+
+    def site_index(node):
+        if any(name in read for name in node.output):
+            return None
+        stat = next((name for name in node.output if name.startswith(STAT_PREFIX) and name in outputs), None)
+        return None if stat is None else int(stat.split(".")[1])
+
+    nodes = list(model.graph.node)
+    leaves = sorted((n for n in nodes if site_index(n) is not None), key=site_index, reverse=True)
+    moved = {id(n) for n in leaves}
+    order = [n for n in nodes if id(n) not in moved] + leaves
+    copies = [type(n)() for n in order]
+    for copy, node in zip(copies, order):
+        copy.CopyFrom(node)
+    del model.graph.node[:]
+    model.graph.node.extend(copies)
+    return model

@@ -1,0 +1,198 @@
+"""Measurement: a statistics session over the calibration set, per-batch statistics out of it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .augment import FLOAT, PER_SAMPLE, STAT_PREFIX, stats_model
+from .errors import AsrError
+from .stats import ChannelStats, merge_all
+
+
+SMALL_BATCH = 8  # under this many samples per run, train-mode renormalisation is replaced by levels
+
+
+def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, progress: bool = True, desc="measure",
+            threads: int = 0, keys=None, kernel: str = "auto", source=None):
+    """Runs the calibration set through the augmented model.
+
+    With ``norms`` and fewer than :data:`SMALL_BATCH` samples per run (a model that fixes a batch of 1),
+    batch statistics are too noisy to renormalise with, so the sites are measured level by level
+    instead: see :func:`measure_levels`.
+
+    Args:
+        model: onnx.ModelProto.
+        calib: a calib.CalibSet.
+        batch_size: samples per session run.
+        device: "auto", "cpu" or "cuda". Defaults to "auto".
+        norms: see :func:`stats_model`. Defaults to None.
+        progress: show a progress bar on a TTY. Defaults to True.
+        desc: the progress bar's label.
+        threads: onnxruntime intra-op threads; 0 lets it choose. Defaults to 0.
+        keys: the sites to measure. Defaults to None (every site).
+        kernel: see :func:`stats_model`; "auto" is "bn" on the CPU provider, else "reduce". Defaults to "auto".
+        source: the file ``model`` was read from, for onnxruntime to open directly when the model runs
+            unchanged (faster than serializing it). Defaults to None.
+
+    Returns:
+        (site key -> list of per-batch ChannelStats, the provider used).
+
+    Raises:
+        AsrError: a statistic is NaN or infinite, or no batch has the model's fixed batch size.
+    """
+    if norms is not None and batch_size < SMALL_BATCH:
+        return measure_levels(model, calib, batch_size=batch_size, device=device, norms=norms, progress=progress,
+                              desc=desc, threads=threads, kernel=kernel)
+    if norms is None and keys and set(keys) <= _matrix_outputs(model):  # e.g. only a classifier head
+        return _run(lambda: (model, None), calib, batch_size, device, progress, desc, threads, outputs=sorted(keys),
+                    source=source)
+    kernel = _kernel(kernel, device)
+    return _run(lambda: stats_model(model, norms, keys, kernel), calib, batch_size, device, progress, desc, threads)
+
+
+def _matrix_outputs(model) -> set[str]:
+    """The model's (N, C) outputs: their statistics need no extra graph, the model returns them anyway."""
+    return {o.name for o in model.graph.output if len(o.type.tensor_type.shape.dim) == 2
+            and o.type.tensor_type.elem_type == FLOAT}
+
+
+def _kernel(kernel: str, device: str) -> str:
+    from .runtime import providers
+
+    if kernel == "auto":  # onnxruntime's CUDA BatchNormalization has no training mode
+        return "bn" if providers(device)[0] == "CPUExecutionProvider" else "reduce"
+    if kernel not in ("bn", "reduce"):
+        raise AsrError(f"unknown statistics kernel {kernel!r}; use auto, bn or reduce")
+    return kernel
+
+
+def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, progress: bool, desc: str,
+                   threads: int = 0, kernel: str = "auto"):
+    """Train-mode measurement without batch statistics: one pass per level of the site graph.
+
+    A site's level is the largest number of sites on a path from the inputs to it. In pass ``k``,
+    every site of a lower level is renormalised with fixed statistics, its own population statistics
+    from the pass that measured it, and the sites of level ``k`` are measured. Their statistics are
+    then exactly those of the network whose upstream sites are recalibrated on the whole set, which
+    is what train-mode renormalisation approximates batch by batch.
+    """
+    from .graph import find_layers, find_sites, to_graph
+
+    graph = to_graph(model)
+    levels = site_levels(graph, find_sites(graph, find_layers(graph)))
+    done, provider, count = {}, None, max(levels.values()) + 1
+    for level in range(count):
+        fixed = {key: tuple(norms[key][:3]) + _population(stats) for key, stats in done.items()}
+        wanted = {key for key, at in levels.items() if at == level}
+        label = f"{desc} {level + 1}/{count}"
+        per_site, provider = _run(lambda: stats_model(model, fixed, wanted, _kernel(kernel, device)), calib,
+                                  batch_size, device, progress, label, threads)
+        done.update(per_site)
+    return done, provider
+
+
+def _population(batches: list["ChannelStats"]) -> tuple:
+    total = merge_all(batches)
+    return total.mean, total.var
+
+
+def site_levels(graph, sites) -> dict[str, int]:
+    """Site key -> the largest number of sites on any path from the graph inputs to the site."""
+    by_tensor = {site.tensor.name: site for site in sites}
+    bn_sites = {id(site.bn): site for site in sites if site.bn is not None}
+    depth, levels = {}, {}
+    graph.toposort()
+    for node in graph.nodes:
+        if id(node) in bn_sites:  # a BN's output lies one level past its input
+            level = levels.setdefault(bn_sites[id(node)].key, 0) + 1
+        else:
+            level = max((_after(t.name, depth, by_tensor) for t in node.inputs), default=0)
+        for t in node.outputs:
+            depth[t.name] = level
+            if t.name in by_tensor:
+                levels[t.name] = level
+    for key in by_tensor:  # a site tensor that is a graph input
+        levels.setdefault(key, 0)
+    return levels
+
+
+def _after(name: str, depth: dict, by_tensor: dict) -> int:
+    """The level that a node reading ``name`` sees: one more past a virtual site's tensor."""
+    site = by_tensor.get(name)
+    return depth.get(name, 0) + (1 if site is not None and site.bn is None else 0)
+
+
+def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, threads: int = 0,
+         outputs: list | None = None, source=None):
+    """Per-batch statistics of every site over the set; a last partial batch is skipped when the batch is fixed.
+
+    Args:
+        build: makes the (statistics model, sites); called here so that the model proto, a copy of
+            every weight, is freed once onnxruntime has its own.
+        outputs: measure these (N, C) graph outputs of an unchanged model on the host instead, with
+            the model's own session settings. Defaults to None.
+        source: the unchanged model's file, opened by onnxruntime instead of the proto. Defaults to None.
+    """
+    from .graph import _first_line, fixed_batch, input_specs, metadata
+    from .progress import bar
+    from .runtime import make_session, provider_of, providers, release_memory, runner
+
+    augmented, sites = build()
+    keys = outputs or [site.key for site in sites]  # the sites hold the whole graph, weights and all: let it go
+    del sites
+    if not keys:  # no wanted site in this model: nothing to run
+        return {}, providers(device)[0]
+    fixed = fixed_batch(input_specs(augmented))
+    per_sample = {int(k): v for k, v in json.loads(metadata(augmented).get(PER_SAMPLE, "{}")).items()}
+    try:
+        session = make_session(source or augmented, device, threads, mem_pattern=outputs is not None)
+    except AsrError:
+        raise
+    except Exception as e:  # onnxruntime's own errors: an unknown op, a bad graph
+        raise AsrError(f"onnxruntime cannot load the model: {_first_line(e)}") from None
+    del augmented
+    names, run = outputs or [o.name for o in session.get_outputs()], runner(session)
+    per_site = {key: [] for key in keys}
+    total = -(-len(calib) // batch_size)
+    for feed in bar(calib.batches(batch_size), total=total, desc=desc, enabled=progress):
+        if fixed and len(next(iter(feed.values()))) != fixed:
+            continue  # the model cannot take a partial batch; the statistics do not need it
+        try:
+            values = dict(zip(names, run(names, feed)))
+        except Exception as e:
+            raise AsrError(f"onnxruntime failed on a calibration batch: {_first_line(e)}") from None
+        samples = len(next(iter(feed.values())))
+        for index, key in enumerate(keys):
+            if outputs:
+                per_site[key].append(_checked(ChannelStats.of(values[key], -1), key))
+                continue
+            if index in per_sample:  # the count that a Size node would have given
+                channels = values[f"{STAT_PREFIX}{index}.mean"].size
+                values[f"{STAT_PREFIX}{index}.size"] = samples * per_sample[index] * channels
+            per_site[key].append(_batch_stats(values, index, key))
+    if not per_site[keys[0]]:
+        raise AsrError(f"the calibration set has no full batch of {fixed} samples, the model's fixed batch size")
+    provider = provider_of(session)
+    del session, run
+    release_memory()
+    return per_site, provider
+
+
+def _batch_stats(values: dict, index: int, key: str) -> ChannelStats:
+    mean = values[f"{STAT_PREFIX}{index}.mean"].astype(np.float64).ravel()
+    count = float(values[f"{STAT_PREFIX}{index}.size"]) / mean.size
+    m2 = values.get(f"{STAT_PREFIX}{index}.m2")
+    if m2 is None and f"{STAT_PREFIX}{index}.square" in values:  # E[x^2] - E[x]^2, floored at 0
+        var = np.maximum(values[f"{STAT_PREFIX}{index}.square"].astype(np.float64).ravel() - mean**2, 0.0)
+    elif m2 is None:  # the BN kernel gives the biased variance
+        var = values[f"{STAT_PREFIX}{index}.var"].astype(np.float64).ravel()
+    m2 = var * count if m2 is None else m2.astype(np.float64).ravel()
+    return _checked(ChannelStats(count, mean, m2), key)
+
+
+def _checked(stats: ChannelStats, key: str) -> ChannelStats:
+    if not (np.isfinite(stats.mean).all() and np.isfinite(stats.m2).all()):
+        raise AsrError(f"NaN or Inf in the activations at {key!r}; check the calibration data and the model")
+    return stats
