@@ -1,0 +1,23 @@
+"""Calibration and evaluation data: image folders, .npy/.npz arrays and IDX files.
+
+``load_calib`` validates a source once, up front, and returns a ``CalibSet`` that streams
+model-ready batches without holding the whole set in memory.
+"""
+
+from .calibset import CalibSet, load_calib
+from .discovery import ARRAY_SUFFIXES, IMAGE_SUFFIXES
+from .idx import read_idx
+from .images import infer_layout
+from .specs import METADATA_KEY, InputSpec, Preprocess
+
+__all__ = [
+    "ARRAY_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "METADATA_KEY",
+    "CalibSet",
+    "InputSpec",
+    "Preprocess",
+    "infer_layout",
+    "load_calib",
+    "read_idx",
+]

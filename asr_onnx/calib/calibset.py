@@ -1,0 +1,152 @@
+"""The calibration set: a lazily read, seeded, splittable stream of model-ready batches."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from asr_onnx.errors import AsrError
+
+if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data never needs it
+    pass
+from .discovery import _file_source, _folder_source
+from .sources import _hash_file, _Source
+from .specs import InputSpec, Preprocess
+
+
+class CalibSet:
+    """A calibration/eval set over a folder or file: lazily loaded, streamed in batches.
+
+    Attributes:
+        specs: The model inputs each batch feeds.
+    """
+
+    def __init__(self, source: _Source, specs: list[InputSpec], preprocess: Preprocess, indices: np.ndarray):
+        self._source = source
+        self.specs = list(specs)
+        self.preprocess = preprocess
+        self._indices = np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __repr__(self) -> str:
+        return f"CalibSet({len(self)} samples from {self._source.root})"
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """int64 (N,) labels of the selected samples, or None when the source has none."""
+        if self._source.labels is None:
+            return None
+        return self._source.labels[self._indices]
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Yield ``{input_name: array (b, ...)}`` in the model's dtype, in source order.
+
+        Args:
+            batch_size: Samples per batch (>= 1); the last batch may be smaller.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise AsrError(f"batch size must be a positive integer, got {batch_size!r}")
+        for start in range(0, len(self._indices), batch_size):
+            yield self._source.read(self._indices[start : start + batch_size])
+
+    def take(self, n: int, seed: int = 0) -> "CalibSet":
+        """The first ``n`` of a seeded permutation (all if n >= len), kept in source order.
+
+        Args:
+            n: How many samples to keep (>= 0).
+            seed: Permutation seed; default 0.
+        """
+        if n < 0:
+            raise AsrError(f"cannot take {n} samples")
+        chosen = self._permuted(seed)[:n]
+        return self._subset(chosen)
+
+    def split(self, fraction: float, seed: int = 0) -> tuple["CalibSet", "CalibSet"]:
+        """Split into disjoint (fit, held-out) sets, each in source order.
+
+        Args:
+            fraction: Share of samples for the fit set, 0..1 (rounded to whole samples).
+            seed: Permutation seed; default 0.
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise AsrError(f"split fraction must be between 0 and 1, got {fraction}")
+        permuted = self._permuted(seed)
+        fit_count = int(round(fraction * len(permuted)))
+        return self._subset(permuted[:fit_count]), self._subset(permuted[fit_count:])
+
+    def folds(self, k: int, seed: int = 0) -> list[tuple["CalibSet", "CalibSet"]]:
+        """k disjoint held-out parts of a seeded permutation, each with the rest as its fit set.
+
+        Args:
+            k: Number of folds (2 <= k <= len).
+            seed: Permutation seed; default 0.
+        """
+        if not 2 <= k <= len(self._indices):
+            raise AsrError(f"cannot make {k} folds of {len(self._indices)} samples")
+        parts = np.array_split(self._permuted(seed), k)
+        return [
+            (self._subset(np.concatenate(parts[:i] + parts[i + 1 :])), self._subset(part))
+            for i, part in enumerate(parts)
+        ]
+
+    def fingerprint(self) -> str:
+        """sha256 hex over source file names+contents, selected indices, preprocessing and input specs."""
+        hasher = hashlib.sha256(self._source.digest())
+        hasher.update(self._indices.astype("<i8").tobytes())
+        hasher.update(self.preprocess.key().encode())
+        hasher.update(repr([(spec.name, spec.shape, spec.dtype.str) for spec in self.specs]).encode())
+        hook_file = _hook_source_file(self._source)
+        if hook_file is not None:
+            _hash_file(hasher, hook_file, hook_file.parent)  # edits to the hook change the data
+        return hasher.hexdigest()
+
+    def _permuted(self, seed: int) -> np.ndarray:
+        return self._indices[np.random.default_rng(seed).permutation(len(self._indices))]
+
+    def _subset(self, indices: np.ndarray) -> "CalibSet":
+        return CalibSet(self._source, self.specs, self.preprocess, np.sort(indices))
+
+
+def _hook_source_file(source: _Source) -> Path | None:
+    hook = getattr(getattr(source, "plan", None), "hook", None)
+    if hook is None:
+        return None
+    try:
+        return Path(inspect.getsourcefile(hook))
+    except (TypeError, OSError):
+        return None  # builtins and C functions have no source file
+
+
+def load_calib(path, specs: list[InputSpec], preprocess: Preprocess = Preprocess(), strict: bool = False) -> CalibSet:
+    """Open a calibration source and validate it against the model inputs.
+
+    Args:
+        path: Folder (images, .npy/.npz, or IDX files) or a single file of those kinds.
+        specs: The model's inputs.
+        preprocess: Image preprocessing; default ``Preprocess()``. Arrays ignore it.
+        strict: Refuse corrupt images instead of skipping them with a warning; default False.
+
+    Raises:
+        AsrError: Any problem with the path, its files or their fit to the model.
+    """
+    if not specs:
+        raise AsrError("model has no inputs")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise AsrError(f"calibration path {path} does not exist")
+    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+        raise AsrError(f"cannot read calibration path {path}: permission denied")
+    if path.is_dir():
+        source = _folder_source(path, specs, preprocess, strict)
+    else:
+        source = _file_source(path, specs, preprocess, strict)
+    if source.count == 0:
+        raise AsrError(f"no samples in {path}")
+    return CalibSet(source, specs, preprocess, np.arange(source.count))

@@ -1,0 +1,121 @@
+"""Finding the data in a folder or file, with labels and corrupt-file checks."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from asr_onnx.errors import AsrError
+
+if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data never needs it
+    pass
+from .images import _check_image_size, _ImagePlan, _plan_images
+from .sources import _ArrayFiles, _IdxImages, _ImageFiles, _Source
+from .specs import Preprocess
+
+_IDX_ANY = re.compile(r"idx\d-ubyte(\.gz)?$")
+_IDX_IMAGES = re.compile(r"images[-.]idx3-ubyte(\.gz)?$")
+ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _list_files(folder: Path) -> list[Path]:
+    try:
+        paths = [path for path in folder.rglob("*") if path.is_file() and not _is_hidden(path, folder)]
+    except OSError as exc:
+        raise AsrError(f"cannot read {folder}: {exc}") from None
+    return sorted(paths)
+
+
+def _idx_labels_path(images_path: Path) -> Path | None:
+    base = re.sub(r"images([-.])idx3-ubyte(\.gz)?$", r"labels\1idx1-ubyte", images_path.name)
+    for name in (base, base + ".gz"):
+        candidate = images_path.with_name(name)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _scan_images(folder: Path, paths: list[Path], plan: _ImagePlan, strict: bool) -> list[Path]:
+    """Keep images that pass ``verify()`` and match the size; warn about (or refuse) corrupt ones."""
+    from PIL import Image
+
+    good = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                image.verify()
+        except Exception as exc:  # Pillow plugins raise assorted types for bad data
+            if strict:
+                raise AsrError(f"corrupt image {path}: {exc}") from None
+            warnings.warn(f"skipping corrupt image {path}: {exc}", stacklevel=3)
+            continue
+        _check_image_size(str(path), width, height, plan)
+        good.append(path)
+    if not good:
+        raise AsrError(f"no readable images in {folder} ({len(paths)} corrupt)")
+    return good
+
+
+def _class_labels(folder: Path, paths: list[Path], all_paths: list[Path]) -> np.ndarray | None:
+    """Labels from first-level subfolders, or None when any image sits at the root."""
+    if any(len(path.relative_to(folder).parts) < 2 for path in all_paths):
+        return None
+    classes = sorted({path.relative_to(folder).parts[0] for path in all_paths})
+    if all(re.fullmatch(r"\d+", name) for name in classes):
+        index_of = {name: int(name) for name in classes}  # "3" is class 3 even when other classes are absent
+    else:
+        index_of = {name: index for index, name in enumerate(classes)}
+    return np.array([index_of[path.relative_to(folder).parts[0]] for path in paths], np.int64)
+
+
+def _folder_source(folder: Path, specs, preprocess: Preprocess, strict: bool) -> _Source:
+    paths = _list_files(folder)
+    images = [path for path in paths if path.suffix.lower() in IMAGE_SUFFIXES]
+    arrays = [path for path in paths if path.suffix.lower() in ARRAY_SUFFIXES]
+    idx_images = [path for path in paths if _IDX_IMAGES.search(path.name)]
+    candidates = (("images", images), (".npy/.npz files", arrays), ("IDX files", idx_images))
+    kinds = [name for name, found in candidates if found]
+    if len(kinds) > 1:
+        raise AsrError(f"{folder} mixes {' and '.join(kinds)}; keep one kind per folder")
+    if idx_images:
+        if len(idx_images) > 1:
+            listing = ", ".join(path.name for path in idx_images)
+            raise AsrError(f"{folder} has several IDX image files ({listing}); pass the path of one")
+        return _idx_source(idx_images[0], specs, preprocess)
+    if arrays:
+        return _ArrayFiles(folder, arrays, specs)
+    if not images:
+        found = f" (found {len(paths)} other file(s), e.g. {paths[0].name})" if paths else ""
+        raise AsrError(f"no images or .npy/.npz files in {folder}{found}")
+    plan = _plan_images(specs, preprocess)
+    good = _scan_images(folder, images, plan, strict)
+    return _ImageFiles(folder, good, _class_labels(folder, good, images), plan)
+
+
+def _idx_source(images_path: Path, specs, preprocess: Preprocess) -> _IdxImages:
+    plan = _plan_images(specs, preprocess)
+    return _IdxImages(images_path, _idx_labels_path(images_path), plan)
+
+
+def _file_source(path: Path, specs, preprocess: Preprocess, strict: bool) -> _Source:
+    suffix = path.suffix.lower()
+    if suffix in ARRAY_SUFFIXES:
+        return _ArrayFiles(path.parent, [path], specs)
+    if _IDX_ANY.search(path.name) and "label" in path.name:
+        raise AsrError(f"{path} is an IDX labels file; pass the images file (labels are found beside it)")
+    if _IDX_IMAGES.search(path.name) or _IDX_ANY.search(path.name):
+        return _idx_source(path, specs, preprocess)
+    if suffix in IMAGE_SUFFIXES:
+        plan = _plan_images(specs, preprocess)
+        return _ImageFiles(path.parent, _scan_images(path.parent, [path], plan, strict), None, plan)
+    raise AsrError(f"{path}: unsupported file type; expected a folder, an image, .npy/.npz or an IDX images file")

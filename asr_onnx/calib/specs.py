@@ -1,0 +1,187 @@
+"""Model input specs and image preprocessing settings (from metadata or the CLI)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from asr_onnx.errors import AsrError
+
+if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data never needs it
+    pass
+
+
+METADATA_KEY = "asr_onnx.preprocess"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input.
+
+    Attributes:
+        name: Input name in the graph.
+        shape: Dims; an int is static, None or a str is dynamic.
+        dtype: Numpy dtype the model expects.
+    """
+
+    name: str
+    shape: tuple
+    dtype: np.dtype
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(self.shape))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+
+    def describe(self) -> str:
+        """Shape as text, e.g. ``(N, 1, 28, 28)``; dynamic dims print as their name, N or ?."""
+        dims = [_dim_text(dim, axis) for axis, dim in enumerate(self.shape)]
+        return "(" + ", ".join(dims) + ")"
+
+
+def _dim_text(dim, axis: int) -> str:
+    if isinstance(dim, int):
+        return str(dim)
+    if isinstance(dim, str) and dim:
+        return dim
+    return "N" if axis == 0 else "?"
+
+
+def _is_static(dim) -> bool:
+    return isinstance(dim, (int, np.integer)) and dim >= 0
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images (and IDX pixels) become model input; arrays are fed as they are.
+
+    Attributes:
+        size: (H, W) target; None (default) takes the model input's static H, W.
+        resize: Resize the shorter side to this, then centre-crop to ``size``; None (default) = no resize.
+        mean: Per model channel (BGR order when ``channel_order="bgr"``), subtracted after scaling;
+            None (default) = 0.
+        std: Per model channel divisor; None (default) = 1.
+        scale: Pixel multiplier applied first; default 1/255.
+        channel_order: "rgb" (default) or "bgr".
+        layout: "nchw", "nhwc" or None (default) to infer from the input shape.
+        hook: "module:function" or "path/file.py:function" called as ``fn(pil_image, spec)`` returning
+            one sample without batch axis; replaces all other preprocessing. Default None.
+    """
+
+    size: tuple[int, int] | None = None
+    resize: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    scale: float = 1 / 255
+    channel_order: str = "rgb"
+    layout: str | None = None
+    hook: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "size", _as_size(self.size))
+        object.__setattr__(self, "resize", _as_positive_int("resize", self.resize))
+        object.__setattr__(self, "mean", _as_floats("mean", self.mean))
+        object.__setattr__(self, "std", _as_floats("std", self.std))
+        object.__setattr__(self, "scale", _as_finite_float("scale", self.scale))
+        object.__setattr__(self, "channel_order", _as_choice("channel_order", self.channel_order, ("rgb", "bgr")))
+        if self.layout is not None:
+            object.__setattr__(self, "layout", _as_choice("layout", self.layout, ("nchw", "nhwc")))
+        if self.std is not None and 0.0 in self.std:
+            raise AsrError(f"preprocessing std {self.std} contains 0")
+        if self.hook is not None and not isinstance(self.hook, str):
+            raise AsrError(f"preprocessing hook must be 'module:function', got {self.hook!r}")
+
+    def key(self) -> str:
+        """Stable JSON text of all fields, for cache keys."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str], **overrides) -> "Preprocess":
+        """Build from model metadata key ``asr_onnx.preprocess`` (JSON of any fields).
+
+        Args:
+            props: Model metadata_props as a dict; the key is optional.
+            **overrides: Field values that win over the metadata when not None.
+
+        Raises:
+            AsrError: Invalid JSON, unknown field names or invalid values.
+        """
+        known = {field.name for field in fields(cls)}
+        values = _metadata_fields(props, known)
+        for name, value in overrides.items():
+            if name not in known:
+                raise AsrError(f"unknown preprocessing option {name!r}")
+            if value is not None:
+                values[name] = value
+        return cls(**values)
+
+
+def _metadata_fields(props: dict[str, str], known: set[str]) -> dict:
+    text = (props or {}).get(METADATA_KEY)
+    if text is None:
+        return {}
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AsrError(f"model metadata {METADATA_KEY} is not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise AsrError(f"model metadata {METADATA_KEY} must be a JSON object, got {text!r}")
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise AsrError(f"model metadata {METADATA_KEY} has unknown fields: {', '.join(unknown)}")
+    return values
+
+
+def _as_size(size) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, (int, np.integer)):
+        size = (size, size)
+    try:
+        height, width = (int(dim) for dim in size)
+    except (TypeError, ValueError):
+        raise AsrError(f"preprocessing size must be (H, W), got {size!r}") from None
+    if height <= 0 or width <= 0:
+        raise AsrError(f"preprocessing size must be positive, got {size!r}")
+    return (height, width)
+
+
+def _as_positive_int(name: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise AsrError(f"preprocessing {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _as_floats(name: str, values) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    if isinstance(values, (int, float)):
+        values = (values,)
+    try:
+        floats = tuple(float(value) for value in values)
+    except (TypeError, ValueError):
+        raise AsrError(f"preprocessing {name} must be numbers, got {values!r}") from None
+    if not floats or not all(np.isfinite(floats)):
+        raise AsrError(f"preprocessing {name} must be finite numbers, got {values!r}")
+    return floats
+
+
+def _as_finite_float(name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise AsrError(f"preprocessing {name} must be a number, got {value!r}") from None
+    if not np.isfinite(number):
+        raise AsrError(f"preprocessing {name} must be finite, got {value!r}")
+    return number
+
+
+def _as_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    text = str(value).lower()
+    if text not in choices:
+        raise AsrError(f"preprocessing {name} must be one of {', '.join(choices)}, got {value!r}")
+    return text
