@@ -6,14 +6,12 @@ import hashlib
 import inspect
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from asr_onnx.errors import AsrError
 
-if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data never needs it
-    pass
 from .discovery import _file_source, _folder_source
 from .sources import _hash_file, _Source
 from .specs import InputSpec, Preprocess

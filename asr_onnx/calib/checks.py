@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from asr_onnx.errors import AsrError
 
-if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data never needs it
-    pass
 from .specs import InputSpec, _is_static
 
 _FINITE_CHUNK_ROWS = 256

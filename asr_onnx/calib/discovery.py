@@ -5,14 +5,11 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from asr_onnx.errors import AsrError
 
-if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data never needs it
-    pass
 from .images import _check_image_size, _ImagePlan, _plan_images
 from .sources import _ArrayFiles, _IdxImages, _ImageFiles, _Source
 from .specs import Preprocess

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from asr_onnx.errors import AsrError
-
-if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data never needs it
-    pass
-
 
 _IDX_DTYPES = {
     0x08: np.dtype(np.uint8),

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from asr_onnx.errors import AsrError
-
-if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data never needs it
-    pass
-
 
 METADATA_KEY = "asr_onnx.preprocess"
 
