@@ -109,8 +109,7 @@ def _add_site_bn(b: _Builder, site, index, norm=None) -> list:
               (scale, bias, np.zeros(channels), np.ones(channels))]
     size = b.op("Size", [site.tensor], dtype=np.int64)
     if norm is not None:
-        count = b.op("Div", [b.op("Cast", [size], {"to": FLOAT}), b.const(np.float32(channels))])
-        dof = b.op("Max", [b.op("Sub", [count, b.const(np.float32(1))]), b.const(np.float32(1))])
+        count, dof = _count_and_dof(b, size, channels)
         params[0] = b.op("Mul", [params[0], b.op("Sqrt", [b.op("Div", [dof, count])])])
     mean = gs.Variable(f"{STAT_PREFIX}{index}.mean", dtype=np.float32)
     var = gs.Variable(f"{STAT_PREFIX}{index}.var", dtype=np.float32)
@@ -155,12 +154,17 @@ def _train_norm(b: _Builder, norm, centred, m2, size, channels: int, shape):
     """scale * (x - batch mean) / sqrt(batch var + eps) + bias, as BatchNormalization in training mode."""
     scale, bias, eps = norm
     # unbiased, as the stored running variance will be, so that one batch reproduces it exactly
-    count = b.op("Div", [b.op("Cast", [size], {"to": FLOAT}), b.const(np.float32(channels))])
-    dof = b.op("Max", [b.op("Sub", [count, b.const(np.float32(1))]), b.const(np.float32(1))])
+    _, dof = _count_and_dof(b, size, channels)
     var = b.op("Div", [m2, dof])
     inv_std = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(np.float32(eps))])])])
     gain = b.op("Mul", [inv_std, b.const(scale.reshape(shape).astype(np.float32))])
     return b.op("Add", [b.op("Mul", [centred, gain]), b.const(bias.reshape(shape).astype(np.float32))])
+
+
+def _count_and_dof(b: _Builder, size, channels: int):
+    """Elements per channel n (from a Size node's total) and the unbiased divisor max(n - 1, 1), in-graph."""
+    count = b.op("Div", [b.op("Cast", [size], {"to": FLOAT}), b.const(np.float32(channels))])
+    return count, b.op("Max", [b.op("Sub", [count, b.const(np.float32(1))]), b.const(np.float32(1))])
 
 
 def _eval_norm(b: _Builder, norm, view, shape):

@@ -133,8 +133,7 @@ def static_shapes(model: onnx.ModelProto, keep: int = 64) -> dict[str, tuple]:
         keep: initializers up to this many elements keep their data (Reshape targets and the like).
             Defaults to 64.
     """
-    stripped = onnx.ModelProto()
-    stripped.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import))
+    stripped = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
     graph = stripped.graph
     graph.input.extend(model.graph.input)
     graph.output.extend(model.graph.output)

@@ -82,13 +82,13 @@ def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, p
 
     graph = to_graph(model)
     levels = site_levels(graph, find_sites(graph, find_layers(graph)))
-    done, provider, count = {}, None, max(levels.values()) + 1
+    done, provider, count, kernel = {}, None, max(levels.values()) + 1, _kernel(kernel, device)
     for level in range(count):
         fixed = {key: tuple(norms[key][:3]) + _population(stats) for key, stats in done.items()}
         wanted = {key for key, at in levels.items() if at == level}
         label = f"{desc} {level + 1}/{count}"
-        per_site, provider = _run(lambda: stats_model(model, fixed, wanted, _kernel(kernel, device)), calib,
-                                  batch_size, device, progress, label, threads)
+        per_site, provider = _run(lambda: stats_model(model, fixed, wanted, kernel), calib, batch_size, device,
+                                  progress, label, threads)
         done.update(per_site)
     return done, provider
 
@@ -166,12 +166,10 @@ def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, 
         samples = len(next(iter(feed.values())))
         for index, key in enumerate(keys):
             if outputs:
-                per_site[key].append(_checked(ChannelStats.of(values[key], -1), key))
-                continue
-            if index in per_sample:  # the count that a Size node would have given
-                channels = values[f"{STAT_PREFIX}{index}.mean"].size
-                values[f"{STAT_PREFIX}{index}.size"] = samples * per_sample[index] * channels
-            per_site[key].append(_batch_stats(values, index, key))
+                stats = ChannelStats.of(values[key], -1)
+            else:
+                stats = _batch_stats(values, index, samples * per_sample[index] if index in per_sample else None)
+            per_site[key].append(_checked(stats, key))
     if not per_site[keys[0]]:
         raise AsrError(f"the calibration set has no full batch of {fixed} samples, the model's fixed batch size")
     provider = provider_of(session)
@@ -180,16 +178,21 @@ def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, 
     return per_site, provider
 
 
-def _batch_stats(values: dict, index: int, key: str) -> ChannelStats:
-    mean = values[f"{STAT_PREFIX}{index}.mean"].astype(np.float64).ravel()
-    count = float(values[f"{STAT_PREFIX}{index}.size"]) / mean.size
-    m2 = values.get(f"{STAT_PREFIX}{index}.m2")
-    if m2 is None and f"{STAT_PREFIX}{index}.square" in values:  # E[x^2] - E[x]^2, floored at 0
-        var = np.maximum(values[f"{STAT_PREFIX}{index}.square"].astype(np.float64).ravel() - mean**2, 0.0)
-    elif m2 is None:  # the BN kernel gives the biased variance
-        var = values[f"{STAT_PREFIX}{index}.var"].astype(np.float64).ravel()
-    m2 = var * count if m2 is None else m2.astype(np.float64).ravel()
-    return _checked(ChannelStats(count, mean, m2), key)
+def _batch_stats(values: dict, index: int, count: float | None = None) -> ChannelStats:
+    """One site's batch statistics from its outputs; ``count`` (elements per channel) when the graph has
+    no Size output for it."""
+    def stat(name):
+        return values[f"{STAT_PREFIX}{index}.{name}"].astype(np.float64).ravel()
+
+    mean = stat("mean")
+    count = count if count is not None else float(values[f"{STAT_PREFIX}{index}.size"]) / mean.size
+    if f"{STAT_PREFIX}{index}.m2" in values:
+        m2 = stat("m2")
+    elif f"{STAT_PREFIX}{index}.square" in values:  # E[x^2] - E[x]^2, floored at 0
+        m2 = np.maximum(stat("square") - mean**2, 0.0) * count
+    else:  # the BN kernel gives the biased variance
+        m2 = stat("var") * count
+    return ChannelStats(count, mean, m2)
 
 
 def _checked(stats: ChannelStats, key: str) -> ChannelStats:

@@ -92,16 +92,9 @@ class PeakSampler:
                 "ru_maxrss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
-# ------------------------------------------------------------------------------------------- variants
-#
 # The first landing measured candidate fixes here by monkeypatching the library (leaf-order, no-pattern,
 # train-bn, gap-dense; see PERF.md's history). All are now in the library, so the only variant left is
-# the library as it is; the patching code is in git history (commit 2124b00 and before).
-
-def apply_variant(variant: str):
-    """Only "asis" (the library as committed) remains."""
-    if variant != "asis":
-        raise SystemExit(f"unknown variant {variant!r}: only asis remains (the candidate fixes are merged)")
+# "asis", the library as committed; the patching code is in git history (commit 2124b00 and before).
 
 
 # ------------------------------------------------------------------------------------------- children
@@ -160,7 +153,6 @@ def child_repair(args, t0: float) -> dict:
         largest["elements"] = max([largest["elements"]] + [int(np.size(v)) for v in values])
         return values
 
-    apply_variant(args.variant)
     make_session, stats_model = runtime.make_session, measure.stats_model
     runtime.make_session, measure.stats_model, ort.InferenceSession.run = timed_session, timed_stats_model, watched_run
 
