@@ -25,19 +25,31 @@ AUTO_CANDIDATES = (("bn", "recal", "median"), ("lw", "recal", "median"), ("asr",
                    ("lw", "pre-bn", "median"), ("asr", "pre-bn", "median"))
 
 
-def pick(scores: list[dict], matches: list) -> dict:
+def pick(scores: list[dict], matches: list, errors: list | None = None, default: int = 0) -> dict:
     """The best candidate: top-1 agreement first, where a candidate that trails the best by at most one
     standard error of the paired difference (same held-out samples) ties; the lower logit error breaks ties.
+    When the default candidate ties on agreement and its logit error too is within one paired standard
+    error of the winner's, the held-out data cannot tell them apart, and the default is kept.
 
     Args:
         scores: per candidate, a dict with "logit_rel_l2"; each gets "tied" (bool) set here.
         matches: per candidate, a bool array over the held-out samples: agrees with the dense model.
+        errors: per candidate, the squared logit error of each held-out sample. Defaults to None (no
+            fallback to the default).
+        default: the index of the default candidate. Defaults to 0.
     """
     best = max(range(len(matches)), key=lambda i: matches[i].mean())
     for score, agrees in zip(scores, matches):
-        diff = matches[best].astype(np.float64) - agrees
-        score["tied"] = bool(diff.mean() <= diff.std() / np.sqrt(max(len(diff), 1)))
-    return min((s for s in scores if s["tied"]), key=lambda s: s["logit_rel_l2"])
+        score["tied"] = _within_one_se(matches[best].astype(np.float64) - agrees)
+    winner = min((i for i, s in enumerate(scores) if s["tied"]), key=lambda i: scores[i]["logit_rel_l2"])
+    if errors is not None and scores[default]["tied"] and _within_one_se(errors[default] - errors[winner]):
+        return scores[default]
+    return scores[winner]
+
+
+def _within_one_se(diff: np.ndarray) -> bool:
+    """Does a candidate trail by at most one standard error? ``diff``: how much worse it is, sample by sample."""
+    return bool(diff.mean() <= diff.std() / np.sqrt(max(len(diff), 1)))
 
 
 class Repair:
@@ -224,7 +236,7 @@ class Repair:
         from .verify import evaluate
 
         parts = calib.folds(folds, seed)
-        matches, err2, ref2 = [[] for _ in candidates], np.zeros(len(candidates)), np.zeros(len(candidates))
+        matches, err2, ref2 = [[] for _ in candidates], [[] for _ in candidates], np.zeros(len(candidates))
         with self._timed("auto"):
             for fit, held in parts:
                 probe = Repair(self.dense, device=self.device, batch_size=min(self.batch_size, len(fit)),
@@ -238,13 +250,13 @@ class Repair:
                     result = evaluate(probe.output, held, reference=self.dense, device=self.device, progress=False,
                                       reference_logits=dense_logits, per_sample=True)
                     matches[i].append(result["matches"])
-                    err2[i] += result["err2"]
+                    err2[i].append(result["err2"])
                     ref2[i] += result["ref2"]
-        matches = [np.concatenate(m) for m in matches]
+        matches, err2 = [np.concatenate(m) for m in matches], [np.concatenate(e) for e in err2]
         scores = [{"method": method, "placement": placement, "lambda_rule": rule, "agreement": float(m.mean()),
-                   "logit_rel_l2": float(np.sqrt(e / max(r, 1e-300)))}
+                   "logit_rel_l2": float(np.sqrt(e.sum() / max(r, 1e-300)))}
                   for (method, placement, rule), m, e, r in zip(candidates, matches, err2, ref2)]
-        best = pick(scores, matches)
+        best = pick(scores, matches, err2)
         if self.pruned_stats is None:
             self.measure(calib)
         self.correct(best["method"], placement=best["placement"], recal=recal, momentum=momentum,
@@ -253,7 +265,8 @@ class Repair:
                                                   "held_out": len(calib),
                                                   "reason": "lowest held-out logit error among the candidates "
                                                             "whose top-1 agreement with the dense model trails "
-                                                            "the best by at most one paired standard error"})
+                                                            "the best by at most one paired standard error; the "
+                                                            "first candidate when it ties on both"})
         return self
 
     def fold(self, fold_bn_nodes: bool = False) -> "Repair":

@@ -50,8 +50,9 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
         progress: a progress bar on a TTY. Defaults to True.
         reference_logits: a list to fill with (or, when full, reuse as) the reference's per-batch
             logits, so that a sweep runs the dense model once. Defaults to None.
-        per_sample: also return, with a reference, which samples agree ("matches") and the squared logit
-            error and reference norm summed ("err2", "ref2"), so that folds can be pooled. Defaults to False.
+        per_sample: also return, with a reference, which samples agree ("matches"), each sample's squared
+            logit error ("err2") and the reference's squared norm summed ("ref2"), so that folds can be
+            pooled. Defaults to False.
 
     Returns:
         {"samples", "top1"?, "agreement"?, "logit_rel_l2"?, "matches"?, "err2"?, "ref2"?}.
@@ -68,8 +69,8 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
         ref_session = make_session(reference, device)
     labels = data.labels
     correct = agree = seen = 0
-    err2 = ref2 = 0.0
-    matches = []
+    ref2 = 0.0
+    matches, err2 = [], []
     batches = bar(data.batches(batch_size), total=-(-len(data) // batch_size), desc="eval", enabled=progress)
     for i, feed in enumerate(batches):
         logits = _run(session, feed)
@@ -85,7 +86,7 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
                 ref = reference_logits[i]
             matches.append(logits.argmax(1) == ref.argmax(1))
             agree += int(matches[-1].sum())
-            err2 += float(((logits - ref) ** 2).sum())
+            err2.append(((logits - ref) ** 2).sum(1))
             ref2 += float((ref**2).sum())
         seen += n
     result = {"samples": seen}
@@ -93,7 +94,8 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
         result["top1"] = correct / seen
     if reference is not None or reference_logits:
         result["agreement"] = agree / seen
-        result["logit_rel_l2"] = float(np.sqrt(err2 / max(ref2, 1e-300)))
+        err2 = np.concatenate(err2)
+        result["logit_rel_l2"] = float(np.sqrt(err2.sum() / max(ref2, 1e-300)))
         if per_sample:
             result.update(matches=np.concatenate(matches), err2=err2, ref2=ref2)
     return result

@@ -87,7 +87,8 @@ def test_auto_reports_its_choice_and_matches_a_candidate(data):
     assert auto["picked"] in auto["candidates"] and len(auto["candidates"]) >= 4
     assert auto["held_out"] == len(calib)  # cross-fitting scores every calibration sample once
     assert auto["picked"]["tied"]
-    assert auto["picked"] == min((c for c in auto["candidates"] if c["tied"]), key=lambda c: c["logit_rel_l2"])
+    lowest = min((c for c in auto["candidates"] if c["tied"]), key=lambda c: c["logit_rel_l2"])
+    assert auto["picked"] in (lowest, auto["candidates"][0])  # the first candidate, bn, is the default
     best = max(auto["candidates"], key=lambda c: c["agreement"])
     assert best["tied"] and auto["picked"]["agreement"] <= best["agreement"]
     assert job.settings["method"] == "auto"
@@ -107,6 +108,26 @@ def test_pick_uses_the_paired_difference_on_the_same_samples():
     swap = best.copy()
     swap[[0, 1]], swap[[8, 9]] = False, True
     assert pick(scores, [best, swap, worse]) is scores[1] and scores[1]["tied"] and not scores[2]["tied"]
+
+
+def test_pick_keeps_the_default_when_logit_error_cannot_separate_either():
+    from asr_onnx.api import pick
+
+    best = np.arange(400) % 10 < 8
+    swap = best.copy()
+    swap[[0, 1]], swap[[8, 9]] = False, True  # ties with best on agreement
+    behind = best & (np.arange(400) % 10 < 6)  # 20 points behind: no tie
+    scores = [{"logit_rel_l2": 0.51}, {"logit_rel_l2": 0.5}, {"logit_rel_l2": 0.9}]
+    rng = np.random.default_rng(0)
+    winner_err = rng.uniform(1.0, 2.0, 400)
+    close = winner_err + rng.normal(0.01, 0.5, 400)  # 0.01 worse on average, paired SE 0.025: a tie
+    apart = winner_err + rng.normal(0.5, 0.5, 400)  # 0.5 worse: a real difference
+    other = winner_err * 3
+    assert pick(scores, [best, swap, best], [close, winner_err, other]) is scores[0]
+    assert pick(scores, [best, swap, best], [apart, winner_err, other]) is scores[1]
+    assert pick(scores, [best, swap, best]) is scores[1]  # without per-sample errors: the lowest logit error
+    assert pick(scores, [behind, swap, best], [close, winner_err, other]) is scores[1]  # default not tied
+
 
 
 def test_folds_hold_out_every_sample_exactly_once(data):
