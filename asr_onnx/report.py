@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
@@ -95,6 +96,8 @@ def summary(report: dict, width: int = 100) -> str:
         f"{report['totals']['prunable_weights']:,} prunable weights  method {s.get('method')}"
         + (f" (placement {s.get('placement')}, recal {s.get('recal')})" if s.get("method") != "none" else ""),
     ]
+    if s.get("auto"):
+        lines.extend(_auto_lines(s["auto"]))
     skipped = [layer for layer in report["layers"] if not layer["pruned"]]
     lines.append(f"layers: {len(report['layers'])} prunable, {len(skipped)} left dense")
     for layer in skipped[:5]:
@@ -118,3 +121,19 @@ def summary(report: dict, width: int = 100) -> str:
     timings = "  ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items())
     lines.append(f"time: {timings}")
     return "\n".join(line[:width] for line in lines)
+
+
+def _auto_lines(auto: dict) -> list[str]:
+    """What ``auto`` picked, each candidate's held-out scores, and the rule."""
+    def name(c):
+        return f"{c['method']} ({c['placement']}" + (f", lambda {c['lambda_rule']})" if c["method"] == "asr" else ")")
+
+    picked = auto["picked"]
+    lines = [f"auto picked {name(picked)} on {auto['held_out']} held-out calibration samples ({auto['folds']} folds)",
+             f"  {'candidate':<28} {'agreement':>9} {'logit err':>9}  tied"]
+    for c in auto["candidates"]:
+        mark = "  <- picked" if c == picked else ""
+        lines.append(f"  {name(c):<28} {100 * c['agreement']:>8.1f}% {c['logit_rel_l2']:>9.3f}  "
+                     f"{'yes' if c['tied'] else 'no':<4}{mark}".rstrip())
+    return lines + textwrap.wrap(f"rule: {auto['reason']}", 96, initial_indent="  ", subsequent_indent="    ")
+

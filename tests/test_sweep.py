@@ -92,6 +92,12 @@ def test_auto_reports_its_choice_and_matches_a_candidate(data):
     best = max(auto["candidates"], key=lambda c: c["agreement"])
     assert best["tied"] and auto["picked"]["agreement"] <= best["agreement"]
     assert job.settings["method"] == "auto"
+    from asr_onnx.report import summary
+
+    text = summary(job.report())
+    chosen = [line for line in text.splitlines() if line.endswith("<- picked")]
+    assert f"auto picked {auto['picked']['method']} ({auto['picked']['placement']}" in text
+    assert len(chosen) == 1 and chosen[0].split()[0] == auto["picked"]["method"] and "rule: " in text
 
 
 def test_pick_uses_the_paired_difference_on_the_same_samples():
