@@ -236,7 +236,7 @@ class Repair:
         from .verify import evaluate
 
         parts = calib.folds(folds, seed)
-        matches, err2, ref2 = [[] for _ in candidates], [[] for _ in candidates], np.zeros(len(candidates))
+        matches, err2, ref2 = [[] for _ in candidates], [[] for _ in candidates], 0.0
         with self._timed("auto"):
             for fit, held in parts:
                 probe = Repair(self.dense, device=self.device, batch_size=min(self.batch_size, len(fit)),
@@ -251,11 +251,11 @@ class Repair:
                                       reference_logits=dense_logits, per_sample=True)
                     matches[i].append(result["matches"])
                     err2[i].append(result["err2"])
-                    ref2[i] += result["ref2"]
+                ref2 += result["ref2"]  # the dense logits' norm: the same for every candidate
         matches, err2 = [np.concatenate(m) for m in matches], [np.concatenate(e) for e in err2]
         scores = [{"method": method, "placement": placement, "lambda_rule": rule, "agreement": float(m.mean()),
-                   "logit_rel_l2": float(np.sqrt(e.sum() / max(r, 1e-300)))}
-                  for (method, placement, rule), m, e, r in zip(candidates, matches, err2, ref2)]
+                   "logit_rel_l2": float(np.sqrt(e.sum() / max(ref2, 1e-300)))}
+                  for (method, placement, rule), m, e in zip(candidates, matches, err2)]
         best = pick(scores, matches, err2)
         if self.pruned_stats is None:
             self.measure(calib)

@@ -114,15 +114,15 @@ def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None 
                 if method == "auto" and placement != next(p for r, p, _ in regimes if r == recal):
                     continue  # auto chooses its own placement
                 start = time.perf_counter()
+                corrects_head = head and method != "reflow"  # "reflow" is bn with the head left alone
                 if method == "none":
                     output = job.pruned
                 else:
                     if method == "auto":
                         job.auto(calib, recal=recal, momentum=grid.momentum, correct_head=head)
-                    else:  # "reflow" is bn with the head left alone: BN recalibration and nothing else
+                    else:
                         job.correct("bn" if method == "reflow" else method, placement=placement, recal=recal,
-                                    momentum=grid.momentum, lambda_rule=grid.lambda_rule,
-                                    correct_head=head and method != "reflow")
+                                    momentum=grid.momentum, lambda_rule=grid.lambda_rule, correct_head=corrects_head)
                     output = job.fold().output
                 repair_s = time.perf_counter() - start
                 digest = hashlib.sha256(output.SerializeToString(deterministic=True)).hexdigest()
@@ -131,8 +131,8 @@ def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None 
                                               progress=progress, reference_logits=dense_logits)
                 scores = scored[digest]
                 row = {"model": name, "pattern": pattern, "sparsity": sparsity, "method": method, "recal": recal,
-                       "placement": placement, "head": head and method != "reflow", **scores, "variance_ratio": ratio, "measure_s": round(measure_s, 3),
-                       "repair_s": round(repair_s, 3)}
+                       "placement": placement, "head": corrects_head, **scores, "variance_ratio": ratio,
+                       "measure_s": round(measure_s, 3), "repair_s": round(repair_s, 3)}
                 if method == "auto":
                     row["picked"] = job.settings["auto"]["picked"]
                 result.rows.append(row)

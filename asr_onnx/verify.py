@@ -68,7 +68,7 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
     if reference is not None and not reference_logits:
         ref_session = make_session(reference, device)
     labels = data.labels
-    correct = agree = seen = 0
+    correct = seen = 0
     ref2 = 0.0
     matches, err2 = [], []
     batches = bar(data.batches(batch_size), total=-(-len(data) // batch_size), desc="eval", enabled=progress)
@@ -85,7 +85,6 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
             else:
                 ref = reference_logits[i]
             matches.append(logits.argmax(1) == ref.argmax(1))
-            agree += int(matches[-1].sum())
             err2.append(((logits - ref) ** 2).sum(1))
             ref2 += float((ref**2).sum())
         seen += n
@@ -93,9 +92,9 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
     if labels is not None:
         result["top1"] = correct / seen
     if reference is not None or reference_logits:
-        result["agreement"] = agree / seen
-        err2 = np.concatenate(err2)
+        matches, err2 = np.concatenate(matches), np.concatenate(err2)
+        result["agreement"] = int(matches.sum()) / seen
         result["logit_rel_l2"] = float(np.sqrt(err2.sum() / max(ref2, 1e-300)))
         if per_sample:
-            result.update(matches=np.concatenate(matches), err2=err2, ref2=ref2)
+            result.update(matches=matches, err2=err2, ref2=ref2)
     return result
