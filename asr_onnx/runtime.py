@@ -75,7 +75,29 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
             return make_session(Path(folder) / "model.onnx", device, threads, mem_pattern, optimize)
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers(device))
+    wanted = providers(device)
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=wanted)
+    return check_provider(session, wanted[0], device)
+
+
+def check_provider(session, wanted: str, device: str = "auto"):
+    """The session, once it is known to run on ``wanted``.
+
+    onnxruntime-gpu lists CUDAExecutionProvider even when the CUDA or cuDNN libraries cannot be loaded,
+    and then silently runs on the CPU.
+
+    Raises:
+        AsrError: ``device`` is "cuda" and the session did not start on CUDA (under "auto": a warning).
+    """
+    got = provider_of(session)
+    if got == wanted:
+        return session
+    message = (f"onnxruntime could not start {wanted} and runs on {got}: are the CUDA and cuDNN libraries that "
+               f"this onnxruntime-gpu was built for on the library path?")
+    if device == "cuda":
+        raise AsrError(f"--device cuda: {message}")
+    warnings.warn(message)
+    return session
 
 
 def release_memory() -> None:

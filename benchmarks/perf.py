@@ -108,7 +108,9 @@ def child_plain(args, t0: float) -> dict:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = args.threads
-    session = ort.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
+    from asr_onnx.runtime import providers
+
+    session = ort.InferenceSession(args.model, options, providers=providers(args.device))
     t_session = time.perf_counter()
     data = np.load(args.data, mmap_mode="r")
     name = session.get_inputs()[0].name
@@ -153,13 +155,21 @@ def child_repair(args, t0: float) -> dict:
         largest["elements"] = max([largest["elements"]] + [int(np.size(v)) for v in values])
         return values
 
+    copy_out = ort.IOBinding.copy_outputs_to_cpu
+
+    def watched_copy(self):  # the same, for runs fed through IO binding (CUDA)
+        values = copy_out(self)
+        largest["elements"] = max([largest["elements"]] + [int(np.size(v)) for v in values])
+        return values
+
     make_session, stats_model = runtime.make_session, measure.stats_model
     runtime.make_session, measure.stats_model, ort.InferenceSession.run = timed_session, timed_stats_model, watched_run
+    ort.IOBinding.copy_outputs_to_cpu = watched_copy
 
     import inspect
 
     extra = {"threads": args.threads} if "threads" in inspect.signature(Repair).parameters else {}
-    job = Repair(args.model, device="cpu", batch_size=args.batch_size, progress=False, **extra)
+    job = Repair(args.model, device=args.device, batch_size=args.batch_size, progress=False, **extra)
     t_load = time.perf_counter()
     calib = load_calib(args.data, job.specs)
     t_calib = time.perf_counter()
@@ -318,7 +328,7 @@ def spawn(kind: str, args, model: str, data: str | None = None, torch_name: str 
           variant: str = "asis", **extra) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", kind, "--model", model,
            "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--sparsity", str(args.sparsity),
-           "--method", args.method, "--variant", variant]
+           "--method", args.method, "--variant", variant, "--device", args.device]
     if data:
         cmd += ["--data", data]
     if torch_name:
@@ -469,6 +479,13 @@ def machine() -> dict:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
+    try:  # the GPU, where there is one
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, check=False, timeout=30).stdout.strip()
+        if smi:
+            info["gpu"] = smi
+    except (OSError, subprocess.SubprocessError):
+        pass
     with open("/proc/meminfo") as f:
         info["ram_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
     info["loadavg_at_start"] = os.getloadavg()
@@ -530,11 +547,12 @@ def _model_report(bench: dict) -> list[str]:
 def report(results: dict, args) -> str:
     lines = []
     m = results["machine"]
-    machine_line = (f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM; Python {m['python']}, "
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    machine_line = (f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM{gpu}; Python {m['python']}, "
                     f"onnxruntime {m['onnxruntime']}, onnx {m.get('onnx')}, torch {m.get('torch')}; "
                     f"load average at start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}.")
     torch_runs = f", PyTorch reference {args.torch_runs} run(s)" if args.torch_runs is not None else ""
-    settings = (f"Settings: batch {args.batch_size}, {args.threads} intra-op threads, CPUExecutionProvider, "
+    settings = (f"Settings: batch {args.batch_size}, {args.threads} intra-op threads, {results.get('provider', 'CPUExecutionProvider')}, "
                 f"sparsity {args.sparsity}, method {args.method}, {args.runs} runs each (medians){torch_runs}.")
     lines += [machine_line, settings, ""]
     for bench in results["models"]:
@@ -587,6 +605,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for ORT and torch (default: 2)")
     p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="provider of both the plain pass and the repair (default: %(default)s)")
     p.add_argument("--method", default="asr")
     p.add_argument("--variants", default="asis",
                    help="repair variants; only asis (the library as committed) remains (default: %(default)s)")
@@ -625,7 +645,9 @@ def main(argv=None):
         return child_main(args)
     os.makedirs(args.cache, exist_ok=True)
     started = time.perf_counter()
-    results = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "one"}, "models": []}
+    from asr_onnx.runtime import providers
+
+    results = {"machine": machine(), "provider": providers(args.device)[0], "args": {k: v for k, v in vars(args).items() if k != "one"}, "models": []}
     print(f"machine: {results['machine']}", flush=True)
     if not args.no_host:
         results["help"] = bench_help(args)

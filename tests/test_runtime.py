@@ -48,3 +48,12 @@ def test_io_binding_runner_matches_plain_run():
     bound = runtime.runner(session, io_binding=True)(["logits"], feed)[0]
     np.testing.assert_array_equal(plain, bound)
     assert runtime.runner(session) == session.run  # the CPU default needs no binding
+
+
+def test_a_session_that_did_not_start_on_cuda_is_an_error_under_cuda_and_a_warning_under_auto():
+    session = runtime.make_session(conv_net(bn=True), "cpu")  # what onnxruntime-gpu gives when cuDNN is missing
+    with pytest.raises(AsrError, match="--device cuda: onnxruntime could not start CUDAExecutionProvider"):
+        runtime.check_provider(session, "CUDAExecutionProvider", "cuda")
+    with pytest.warns(UserWarning, match="runs on CPUExecutionProvider"):
+        assert runtime.check_provider(session, "CUDAExecutionProvider", "auto") is session
+    assert runtime.check_provider(session, "CPUExecutionProvider", "cpu") is session
