@@ -3,7 +3,7 @@
 For each sample model and method it runs ``Repair(device=...).prune(0.9).measure(calib).correct(method).fold()``
 once on the CPU provider and once on the other device, with the bundled calibration images, and prints:
 the provider each statistics session ran on, how many runs went through IO binding, the largest difference
-of any live channel's pruned mean and variance (in units of its site's mean variance) and of any folded
+of any live channel's pruned mean and variance (in units of its site's dense variance) and of any folded
 weight, top-1 of both repaired models on the bundled test images, and how often the two repaired models
 agree. CI has no GPU; this
 script is the check of the CUDA path (statistics by the reduction graph, batches fed by IO binding).
@@ -23,18 +23,18 @@ import numpy as np
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
 
-DEAD = 1e-6  # a channel whose CPU variance is under this fraction of its site's mean variance has collapsed
+DEAD = 1e-6  # a channel whose pruned variance is under this fraction of its site's dense variance has collapsed
 
 
-def stat_diffs(dev: dict, cpu: dict) -> dict:
-    """Largest mean and variance differences over live channels, in units of the site's mean variance.
+def stat_diffs(dev: dict, cpu: dict, dense_var: dict) -> dict:
+    """Largest mean and variance differences over live channels, in units of the site's dense variance.
 
     A channel that pruning collapsed holds float32 noise (variances of 1e-15 beside 0.1), which differs
     between any two kernels; those channels are counted, not compared.
     """
     mean_diff, var_diff, dead = 0.0, 0.0, 0
     for key, ref in cpu.items():
-        scale = float(np.mean(ref.var)) + 1e-30
+        scale = float(np.mean(dense_var[key])) + 1e-30
         live = ref.var >= DEAD * scale
         dead += int(np.sum(~live))
         if live.any():
@@ -99,7 +99,7 @@ def check(name: str, method: str, device: str, sequential: bool) -> dict:
     return {
         "model": name, "method": method, "sequential": sequential, "device": device,
         "provider": dev_job.provider, "cpu_provider": cpu_job.provider, "iobinding_runs": bound["runs"],
-        "sites": len(cpu_stats), **stat_diffs(dev_stats, cpu_stats), "max_weight_diff": weight_diff(dev_w, cpu_w),
+        "sites": len(cpu_stats), **stat_diffs(dev_stats, cpu_stats, {k: r.var for k, r in cpu_job._refs.items()}), "max_weight_diff": weight_diff(dev_w, cpu_w),
         "cpu_top1": cpu_eval["top1"], "dev_top1": dev_eval["top1"], "dense_top1_agree_cpu": cpu_eval["agreement"],
         "cpu_vs_dev_agreement": cross["agreement"], "cpu_vs_dev_logit_rel_l2": cross["logit_rel_l2"],
         "cpu_s": cpu_s, "dev_s": dev_s,
