@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -76,15 +80,30 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     wanted = providers(device)
-    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=wanted)
-    return check_provider(session, wanted[0], device)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:  # onnxruntime prints its fallback to the CPU
+        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=wanted)
+    if provider_of(session) == wanted[0]:
+        sys.stdout.write(printed.getvalue())
+    return check_provider(session, wanted[0], device, fallback_cause(printed.getvalue()))
 
 
-def check_provider(session, wanted: str, device: str = "auto"):
+def fallback_cause(printed: str) -> str:
+    """The reason in onnxruntime's "EP Error ... Falling back" printout, without its C++ source location."""
+    found = re.search(r"EP Error (.*?)(?: when using |\n|$)", printed)
+    if not found:
+        return ""
+    failure = re.search(r"(?:CUDA|CUDNN|CUBLAS) failure \d+: [^;]*", found.group(1))
+    return (failure.group(0) if failure else found.group(1)).strip()[:200]
+
+
+def check_provider(session, wanted: str, device: str = "auto", cause: str = ""):
     """The session, once it is known to run on ``wanted``.
 
-    onnxruntime-gpu lists CUDAExecutionProvider even when the CUDA or cuDNN libraries cannot be loaded,
-    and then silently runs on the CPU.
+    onnxruntime-gpu lists CUDAExecutionProvider even when the CUDA or cuDNN libraries cannot be loaded
+    or no GPU is visible, and then runs on the CPU.
+
+    Args:
+        cause: onnxruntime's own reason, when it gave one (see :func:`fallback_cause`). Defaults to "".
 
     Raises:
         AsrError: ``device`` is "cuda" and the session did not start on CUDA (under "auto": a warning).
@@ -92,8 +111,9 @@ def check_provider(session, wanted: str, device: str = "auto"):
     got = provider_of(session)
     if got == wanted:
         return session
-    message = (f"onnxruntime could not start {wanted} and runs on {got}: are the CUDA and cuDNN libraries that "
-               f"this onnxruntime-gpu was built for on the library path?")
+    hint = f"({cause})" if cause else ("(are the CUDA and cuDNN libraries that this onnxruntime-gpu was built "
+                                       "for on the library path?)")
+    message = f"onnxruntime could not start {wanted} and runs on {got} {hint}"
     if device == "cuda":
         raise AsrError(f"--device cuda: {message}")
     warnings.warn(message)

@@ -57,3 +57,23 @@ def test_a_session_that_did_not_start_on_cuda_is_an_error_under_cuda_and_a_warni
     with pytest.warns(UserWarning, match="runs on CPUExecutionProvider"):
         assert runtime.check_provider(session, "CUDAExecutionProvider", "auto") is session
     assert runtime.check_provider(session, "CPUExecutionProvider", "cpu") is session
+    with pytest.raises(AsrError, match=r"runs on CPUExecutionProvider \(CUDA failure 100: no CUDA-capable device"):
+        runtime.check_provider(session, "CUDAExecutionProvider", "cuda", runtime.fallback_cause(PRINTED))
+
+
+# onnxruntime-gpu 1.31.1's printout on an H100 machine run with CUDA_VISIBLE_DEVICES= (C++ signatures cut)
+PRINTED = """EP Error /onnxruntime_src/onnxruntime/core/providers/cuda/cuda_call.cc:154 std::conditional_t<THRW, void, \
+onnxruntime::common::Status> onnxruntime::CudaCall(ERRTYPE, const char*, const char*, SUCCTYPE, const char*, const char*, \
+int) [with ERRTYPE = cudaError; bool THRW = true; SUCCTYPE = cudaError] CUDA failure 100: no CUDA-capable device is \
+detected ; GPU=-1 ; hostname=vm ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/cuda_execution_provider.cc ; \
+line=355 ; expr=cudaSetDevice(info_.device_id); 
+ when using ['CUDAExecutionProvider', 'CPUExecutionProvider']
+Falling back to ['CPUExecutionProvider'] and retrying.
+****************************************
+"""
+
+
+def test_the_fallback_cause_is_onnxruntimes_reason_without_its_source_location():
+    assert runtime.fallback_cause(PRINTED) == "CUDA failure 100: no CUDA-capable device is detected"
+    assert runtime.fallback_cause("EP Error odd failure when using ['CUDAExecutionProvider']\n") == "odd failure"
+    assert runtime.fallback_cause("") == ""
