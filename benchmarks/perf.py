@@ -108,9 +108,8 @@ def child_plain(args, t0: float) -> dict:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = args.threads
-    from asr_onnx.runtime import providers
-
-    session = ort.InferenceSession(args.model, options, providers=providers(args.device))
+    wanted = ["CPUExecutionProvider"] if args.device == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    session = ort.InferenceSession(args.model, options, providers=wanted)
     t_session = time.perf_counter()
     data = np.load(args.data, mmap_mode="r")
     name = session.get_inputs()[0].name
@@ -552,7 +551,8 @@ def report(results: dict, args) -> str:
                     f"onnxruntime {m['onnxruntime']}, onnx {m.get('onnx')}, torch {m.get('torch')}; "
                     f"load average at start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}.")
     torch_runs = f", PyTorch reference {args.torch_runs} run(s)" if args.torch_runs is not None else ""
-    settings = (f"Settings: batch {args.batch_size}, {args.threads} intra-op threads, {results.get('provider', 'CPUExecutionProvider')}, "
+    provider = results.get("provider", "CPUExecutionProvider")
+    settings = (f"Settings: batch {args.batch_size}, {args.threads} intra-op threads, {provider}, "
                 f"sparsity {args.sparsity}, method {args.method}, {args.runs} runs each (medians){torch_runs}.")
     lines += [machine_line, settings, ""]
     for bench in results["models"]:
@@ -647,7 +647,8 @@ def main(argv=None):
     started = time.perf_counter()
     from asr_onnx.runtime import providers
 
-    results = {"machine": machine(), "provider": providers(args.device)[0], "args": {k: v for k, v in vars(args).items() if k != "one"}, "models": []}
+    results = {"machine": machine(), "provider": providers(args.device)[0],
+               "args": {k: v for k, v in vars(args).items() if k != "one"}, "models": []}
     print(f"machine: {results['machine']}", flush=True)
     if not args.no_host:
         results["help"] = bench_help(args)
