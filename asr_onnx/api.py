@@ -233,7 +233,7 @@ class Repair:
             recal, momentum, correct_head: as in :meth:`correct`.
             candidates: (method, placement, lambda_rule) triples. Defaults to AUTO_CANDIDATES.
         """
-        from .verify import evaluate
+        from .verify import evaluate, logit_rel_l2
 
         parts = calib.folds(folds, seed)
         matches, err2, ref2 = [[] for _ in candidates], [[] for _ in candidates], 0.0
@@ -254,7 +254,7 @@ class Repair:
                 ref2 += result["ref2"]  # the dense logits' norm: the same for every candidate
         matches, err2 = [np.concatenate(m) for m in matches], [np.concatenate(e) for e in err2]
         scores = [{"method": method, "placement": placement, "lambda_rule": rule, "agreement": float(m.mean()),
-                   "logit_rel_l2": float(np.sqrt(e.sum() / max(ref2, 1e-300)))}
+                   "logit_rel_l2": logit_rel_l2(e, ref2)}
                   for (method, placement, rule), m, e in zip(candidates, matches, err2)]
         best = pick(scores, matches, err2)
         if self.pruned_stats is None:

@@ -136,4 +136,3 @@ def _auto_lines(auto: dict) -> list[str]:
         lines.append(f"  {name(c):<28} {100 * c['agreement']:>8.1f}% {c['logit_rel_l2']:>9.3f}  "
                      f"{'yes' if c['tied'] else 'no':<4}{mark}".rstrip())
     return lines + textwrap.wrap(f"rule: {auto['reason']}", 96, initial_indent="  ", subsequent_indent="    ")
-

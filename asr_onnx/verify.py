@@ -37,6 +37,11 @@ def _run(session, feed: dict) -> np.ndarray:
     return out.reshape(out.shape[0], -1).astype(np.float64)
 
 
+def logit_rel_l2(err2: np.ndarray, ref2: float) -> float:
+    """Relative L2 logit error: sqrt(sum of squared errors / sum of the reference's squares)."""
+    return float(np.sqrt(np.sum(err2) / max(ref2, 1e-300)))
+
+
 def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str = "auto", progress: bool = True,
              reference_logits: list | None = None, per_sample: bool = False) -> dict:
     """Top-1 accuracy (when ``data`` has labels) and, with a reference, agreement and logit error.
@@ -94,7 +99,7 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
     if reference is not None or reference_logits:
         matches, err2 = np.concatenate(matches), np.concatenate(err2)
         result["agreement"] = int(matches.sum()) / seen
-        result["logit_rel_l2"] = float(np.sqrt(err2.sum() / max(ref2, 1e-300)))
+        result["logit_rel_l2"] = logit_rel_l2(err2, ref2)
         if per_sample:
             result.update(matches=matches, err2=err2, ref2=ref2)
     return result

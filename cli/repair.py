@@ -35,7 +35,8 @@ def default_output(model: str) -> Path:
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration subset.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--threads", default=0, show_default=True, type=int, help="onnxruntime intra-op threads; 0 = its default.")
+@click.option("--threads", default=0, show_default=True, type=int,
+              help="onnxruntime intra-op threads; 0 = its default.")
 @click.option("--no-head", is_flag=True,
               help="Leave the classifier head (a BN-free layer feeding a graph output) uncorrected, as REFLOW does.")
 @click.option("--sequential", is_flag=True,
@@ -49,8 +50,8 @@ def default_output(model: str) -> Path:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @preprocess_options
 def repair_command(model, calib_path, output, sparsity, pattern, method, placement, recal_mode, lambda_rule,
-                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, threads, no_head, sequential, fold_bn,
-                   fp16, fp16_io, stats_path, report_path, overwrite, quiet, **preprocess):
+                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, threads, no_head, sequential,
+                   fold_bn, fp16, fp16_io, stats_path, report_path, overwrite, quiet, **preprocess):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.api import Repair
     from asr_onnx.cache import load_stats, stats_key
