@@ -70,7 +70,7 @@ class SweepResult:
 
 def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None = None, batch_size: int = 64,
               device: str = "auto", progress: bool = True, dense_stats=None, on_row=None,
-              watch: bool = True) -> SweepResult:
+              watch: bool = True, watch_site: str | None = None) -> SweepResult:
     """Runs every cell of ``grid`` on one model.
 
     Args:
@@ -86,6 +86,8 @@ def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None 
         on_row: called with each row as it is produced (for live output). Defaults to None.
         watch: record per-channel variances after each method at the sparsest cell (an extra short
             pass per method, for the channel-variance plot). Defaults to True.
+        watch_site: the site to watch (its tensor, layer or short name). Defaults to None: the site whose
+            median pruned/reference variance ratio is lowest.
     """
     name = name or (Path(model).name if not hasattr(model, "graph") else "model")
     dense_logits: list = []
@@ -136,25 +138,33 @@ def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None 
                 if method == "auto":
                     row["picked"] = job.settings["auto"]["picked"]
                 result.rows.append(row)
-                if watch and (pattern, sparsity) == watched and (recal, placement, head) == regimes[0]:
-                    _watch(result, job, output, method, calib, f"{pattern} {sparsity:g}", device)
+                if watch and job.pruned_stats is not None and (pattern, sparsity) == watched and (recal, placement, head) == regimes[0]:
+                    _watch(result, job, output, method, calib, pattern, sparsity, device, watch_site)
                 if on_row:
                     on_row(row)
     return result
 
 
-def _watch(result, job, output, method, calib, cell: str, device: str, samples: int = 256) -> None:
-    """Records the measured per-channel variance after ``method`` at the most damaged site (Fig. 4)."""
-    import numpy as np
-
+def _watch(result, job, output, method, calib, pattern: str, sparsity: float, device: str, site: str | None = None,
+           samples: int = 256) -> None:
+    """Records the measured per-channel variance after ``method`` at one site: the named one, else the one
+    with the lowest median pruned/reference variance ratio (the paper's Fig. 4)."""
+    from .damage import most_damaged
+    from .errors import AsrError
     from .stats import merge_all
 
     subset = calib.take(samples) if hasattr(calib, "take") else calib
     if not result.channel_var:
-        ratios = {k: np.median(merge_all(job.pruned_stats[k]).var / np.maximum(ref.var, ref.eps))
-                  for k, ref in list(job._refs.items())[:-1] or job._refs.items()}
-        key = min(ratios, key=ratios.get)
-        result.channel_var = {"site": key, "cell": cell, "repaired": {},
+        entries = [{"tensor": s.key, "layer": s.layer.name if s.layer else None, "eps": job._refs[s.key].eps,
+                    "reference_var": job._refs[s.key].var, "pruned_var": merge_all(job.pruned_stats[s.key]).var}
+                   for s in job._sites]
+        try:
+            chosen = most_damaged(entries, site)
+        except KeyError:
+            raise AsrError(f"no site named {site!r}: name a site's tensor, layer or short name") from None
+        key = chosen["tensor"]
+        result.channel_var = {"site": key, "layer": chosen["layer"], "pattern": pattern, "sparsity": sparsity,
+                              "cell": f"{pattern} {sparsity:g}", "repaired": {},
                               "dense": output_variance(job.dense, subset, key, job.batch_size, device).tolist()}
     key = result.channel_var["site"]
     result.channel_var["repaired"][method] = output_variance(output, subset, key, job.batch_size, device).tolist()

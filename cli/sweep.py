@@ -36,11 +36,13 @@ def parse_regimes(recal: str, placement: str) -> tuple:
 @click.option("--stats", "stats_path", type=click.Path(), help="Dense statistics from `asr-onnx stats`.")
 @click.option("-o", "--output", "out_dir", default="sweep", show_default=True, help="Folder for results and plots.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="PNG plots (needs the plots extra).")
+@click.option("--plot-site", help="The site of the channel-variance plot (tensor, layer or short name). "
+                                  "Default: the most damaged one.")
 @click.option("-q", "--quiet", is_flag=True)
 @preprocess_options
 def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal_modes, placement, lambda_rule,
-                  no_head, calib_size, eval_size, batch_size, seed, device, stats_path, out_dir, plots, quiet,
-                  **preprocess):
+                  no_head, calib_size, eval_size, batch_size, seed, device, stats_path, out_dir, plots, plot_site,
+                  quiet, **preprocess):
     """Repair MODEL over a grid and write results.json, results.md and plots."""
     from asr_onnx.cache import load_stats, stats_key
     from asr_onnx.graph import load_model
@@ -64,7 +66,7 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
                        f"repair {row['repair_s']:.2f}s")
 
     result = run_sweep(model, calib, eval_data, grid, batch_size=batch_size, device=device, progress=not quiet,
-                       dense_stats=dense_stats, on_row=show)
+                       dense_stats=dense_stats, on_row=show, watch_site=plot_site)
     json_path, md_path = result.write(out_dir)
     written = [json_path, md_path]
     if plots:
