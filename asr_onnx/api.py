@@ -77,6 +77,7 @@ class Repair:
         self.layers, self.settings, self.timings = [], {}, {}
         self.dense_stats = self.pruned_stats = None
         self.corrections, self.written, self.output, self.provider = {}, {}, None, None
+        self.evaluation = None
 
     @contextmanager
     def _timed(self, stage: str):
@@ -288,6 +289,32 @@ class Repair:
             graph.cleanup().toposort()
             self.output = to_model(graph, self.dense)
         self.settings.update(fold_bn=fold_bn_nodes)
+        return self
+
+    def evaluate(self, data, *, name: str | None = None, batch_size: int = 256) -> "Repair":
+        """Scores the output against the dense model on ``data``, for the report's ``eval`` entry.
+
+        The dense model runs once: its logits give agreement, logit error and, with labels, its own top-1.
+
+        Args:
+            data: a calib.CalibSet, labelled or not.
+            name: what the report calls the data. Defaults to None ("given").
+            batch_size: samples per run. Defaults to 256.
+        """
+        from .verify import evaluate
+
+        dense_logits: list = []
+        with self._timed("eval"):
+            scores = evaluate(self.output if self.output is not None else self.pruned, data, reference=self.dense,
+                              batch_size=batch_size, device=self.device, progress=self.progress,
+                              reference_logits=dense_logits)
+        dense_top1 = None
+        if data.labels is not None:
+            dense_pred = np.concatenate(dense_logits).argmax(1)
+            dense_top1 = float(np.mean(dense_pred == np.asarray(data.labels)[: len(dense_pred)]))
+        self.evaluation = {"data": name or "given", "samples": scores["samples"], "top1": scores.get("top1"),
+                           "dense_top1": dense_top1, "agreement": scores.get("agreement"),
+                           "logit_rel_l2": scores["logit_rel_l2"]}
         return self
 
     def verify(self) -> "Repair":

@@ -22,6 +22,18 @@ def _spread(values) -> dict:
             "max": float(f"{values.max():.6g}")}
 
 
+def repaired_variance(ref, corr, pruned_var) -> np.ndarray:
+    """Each pruned channel's variance as the corrected normalisation passes it on, in the reference's units.
+
+    The corrected site computes pre_gain * scale * (x - mean) / sqrt(var + eps) where the reference
+    computed (x - ref_mean) / sqrt(ref_var + eps) (both times the BN's own scale), so a pruned variance
+    v reads as v * (pre_gain * scale)^2 * (ref_var + eps) / (var + eps): ref_var once fully restored,
+    v itself when nothing was corrected.
+    """
+    pre = 1.0 if corr.pre_gain is None else corr.pre_gain
+    return pruned_var * (pre * corr.scale) ** 2 * (ref.var + ref.eps) / (corr.var + ref.eps)
+
+
 def build_report(job) -> dict:
     """The report of a Repair: settings, per-layer pruning, per-site statistics and gains, timings."""
     import onnxruntime as ort
@@ -53,7 +65,8 @@ def build_report(job) -> dict:
             entry.update(dense_var=_floats(dense.var), dense_mean=_floats(dense.mean))
         if corr is not None:
             entry.update(lambda_=None if corr.lam is None else float(f"{corr.lam:.6g}"), gain=_spread(corr.gain),
-                         gains=_floats(corr.gain), collapsed=[int(i) for i in corr.collapsed])
+                         gains=_floats(corr.gain), collapsed=[int(i) for i in corr.collapsed],
+                         repaired_var=_floats(repaired_variance(ref, corr, pruned.var)))
         sites.append(entry)
     layers = [asdict(layer) for layer in job.layers]
     total = sum(int(np.prod(layer["shape"])) for layer in layers if layer["pruned"])
@@ -68,22 +81,53 @@ def build_report(job) -> dict:
         "sites": sites,
         "sparse_core": layer_rows(job.output if job.output is not None else job.pruned),
         "timings_s": {k: round(v, 4) for k, v in job.timings.items()},
-    }
+    } | ({"eval": job.evaluation} if getattr(job, "evaluation", None) else {})
 
 
 def write_json(report: dict, path) -> Path:
     """Writes the report atomically (temporary file, then rename)."""
-    path = Path(path)
     text = json.dumps(report, indent=1, sort_keys=False).replace('"lambda_"', '"lambda"')
+    return write_text(text + "\n", path)
+
+
+def write_text(text: str, path) -> Path:
+    """Writes ``text`` to a temporary file beside ``path``, then renames it into place."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+FORMATS = {".json": "json", ".html": "html", ".htm": "html"}
+
+
+def report_format(path) -> str:
+    """"json" or "html", from the file's extension.
+
+    Raises:
+        AsrError: any other extension.
+    """
+    from .errors import AsrError
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise AsrError(f"report {path}: the extension must be .json or .html, got {suffix or 'none'!r}")
+    return FORMATS[suffix]
+
+
+def write_report(report: dict, path) -> Path:
+    """Writes the report as JSON or as a self-contained HTML page, as the extension says (atomically)."""
+    if report_format(path) == "html":
+        from .html import write_html
+
+        return write_html(report, path)
+    return write_json(report, path)
 
 
 def summary(report: dict, width: int = 100) -> str:
@@ -118,9 +162,22 @@ def summary(report: dict, width: int = 100) -> str:
 
     if report.get("sparse_core") is not None:
         lines.extend(eligibility_summary(report["sparse_core"]))
+    if report.get("eval"):
+        lines.append(eval_line(report["eval"]))
     timings = "  ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items())
     lines.append(f"time: {timings}")
     return "\n".join(line[:width] for line in lines)
+
+
+def eval_line(scores: dict) -> str:
+    """``eval on DATA (N samples): top-1 a% (dense b%)  agreement c%  logit rel-L2 d``."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    top1 = f"top-1 {pct(scores.get('top1'))} (dense {pct(scores.get('dense_top1'))})  " \
+        if scores.get("top1") is not None else ""
+    return (f"eval on {scores.get('data')} ({scores.get('samples')} samples): {top1}agreement "
+            f"{pct(scores.get('agreement'))}  logit rel-L2 {scores.get('logit_rel_l2', float('nan')):.4f}")
 
 
 def _auto_lines(auto: dict) -> list[str]:

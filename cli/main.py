@@ -10,13 +10,14 @@ from .demo import demo_command
 from .eval import eval_command
 from .inspect import inspect_command
 from .repair import repair_command
+from .report import report_command
 from .stats import stats_command
 from .sweep import sweep_command
 from .verify import verify_command
 
 COMMANDS = {"repair": repair_command, "eval": eval_command, "stats": stats_command,
             "sweep": sweep_command, "demo": demo_command, "inspect": inspect_command,
-            "verify": verify_command}
+            "verify": verify_command, "report": report_command}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -45,21 +45,30 @@ def default_output(model: str) -> Path:
 @click.option("--fp16", is_flag=True, help="Cast weights and arithmetic to float16; float I/O stays float32.")
 @click.option("--fp16-io", is_flag=True, help="With --fp16 (implied), make float inputs and outputs float16 too.")
 @click.option("--stats", "stats_path", type=click.Path(), help="Dense statistics saved by `asr-onnx stats`.")
-@click.option("--report", "report_path", help="Write the JSON report here.")
+@click.option("--report", "report_path",
+              help="Write the report here: JSON for .json, a self-contained page for .html.")
+@click.option("--eval", "eval_path", help="Score the output against the dense model on this data (top-1 with labels).")
+@click.option("--eval-size", type=int, help="With --eval, a seeded subset of this size. Default: all.")
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @preprocess_options
 def repair_command(model, calib_path, output, sparsity, pattern, method, placement, recal_mode, lambda_rule,
                    exclude, keep_first, keep_last, calib_size, batch_size, seed, device, threads, no_head, sequential,
-                   fold_bn, fp16, fp16_io, stats_path, report_path, overwrite, quiet, **preprocess):
+                   fold_bn, fp16, fp16_io, stats_path, report_path, eval_path, eval_size, overwrite, quiet,
+                   **preprocess):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.api import Repair
     from asr_onnx.cache import load_stats, stats_key
     from asr_onnx.errors import AsrError
     from asr_onnx.graph import check_destination
-    from asr_onnx.report import summary, write_json
+    from asr_onnx.report import report_format, summary, write_report
 
     recal, momentum = parse_recal(recal_mode)
+    if report_path:
+        try:
+            report_format(report_path)  # refuse an unknown extension before any work
+        except AsrError as e:
+            raise click.BadParameter(str(e), param_hint="--report") from None
     output = Path(output) if output else default_output(model)
     job = Repair(model, device=device, batch_size=batch_size, progress=not quiet, threads=threads)
     check_destination(output, job.source, overwrite)
@@ -76,9 +85,11 @@ def repair_command(model, calib_path, output, sparsity, pattern, method, placeme
     if fp16 or fp16_io:
         job.to_fp16(keep_io=not fp16_io)
     job.save(output, overwrite=overwrite)
+    if eval_path:
+        job.evaluate(open_data(eval_path, job.dense, preprocess, limit=eval_size, seed=seed), name=eval_path)
     report = job.report()
     if report_path:
-        write_json(report, report_path)
+        write_report(report, report_path)
     if not quiet:
         click.echo(summary(report))
         click.echo(f"wrote {output}")

@@ -1,0 +1,22 @@
+"""``asr-onnx report``: the HTML page of a saved JSON report."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("report")
+@click.argument("report_path", metavar="REPORT.json", type=click.Path())
+@click.option("-o", "--output", required=True, help="The page to write (.html).")
+@click.option("--site", help="The site of the per-channel plot (tensor, layer or short name). "
+                             "Default: the most damaged one.")
+def report_command(report_path, output, site):
+    """Render a JSON report from `repair --report` as one self-contained HTML page."""
+    from pathlib import Path
+
+    from asr_onnx.html import load_report, write_html
+    from asr_onnx.report import FORMATS
+
+    if FORMATS.get(Path(output).suffix.lower()) != "html":
+        raise click.BadParameter(f"{output}: the page must end in .html", param_hint="-o")
+    write_html(load_report(report_path), output, site=site)
