@@ -126,7 +126,7 @@ def _settings(report: dict) -> str:
             ["onnxruntime", escape(f"{ort.get('version', '-')} ({ort.get('provider') or 'no session'})")]]
     rows += [[escape(k), escape(str(v))] for k, v in s.items() if not isinstance(v, dict)]
     pairs = [rows[i:i + 3] for i in range(0, len(rows), 3)]  # three settings a row keep the section short
-    html = _table(["setting", "value"] * 3, [sum(p, []) + ["", ""] * (3 - len(p)) for p in pairs])
+    html = _table(["setting", "value"] * 3, [[cell for row in p for cell in row] + ["", ""] * (3 - len(p)) for p in pairs])
     timings = report.get("timings_s") or {}
     if timings:
         html += f'<p class="note">time: {escape(", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))}</p>'
@@ -188,7 +188,9 @@ def _damage(report: dict, why_no_plots: str | None) -> str:
                      escape(str(site.get("norm", "-"))), str(site.get("channels", "-")), _bar(median, median is not None
                      and median < 0.1), _num(median), _num(None if ratio is None or not ratio.size
                                                             else float(ratio.min())), str(collapsed(site))])
-    if strips and not why_no_plots:
+    if why_no_plots:
+        html += f'<p class="note">No plot: {escape(why_no_plots)}</p>'
+    elif strips:
         from .plots import strip_figure
 
         html += _image(strip_figure(strips, "pruned / reference variance", f"{_model_name(report)}: damage per "
@@ -207,7 +209,9 @@ def _channels(report: dict, why_no_plots: str | None, site_name: str | None) -> 
     label = site_label(site)
     series = {f"dense ({site.get('reference', 'reference')})": site["reference_var"], "pruned": site["pruned_var"]}
     if site.get("repaired_var") is not None:
-        series[f"repaired ({s.get('method', '?')})"] = site["repaired_var"]
+        picked = (s.get("auto") or {}).get("picked") or {}
+        method = f"auto: {picked['method']}" if s.get("method") == "auto" and picked.get("method") else s.get("method")
+        series[f"repaired ({method or '?'})"] = site["repaired_var"]
     chosen = "the one named" if site_name else "the most damaged: lowest median pruned/reference variance"
     html = (f"<p>Site <code>{escape(str(site.get('tensor')))}</code> ({chosen}). Repaired: the pruned variance "
             "as the corrected normalisation passes it on, in the reference's units.</p>")
@@ -220,14 +224,18 @@ def _channels(report: dict, why_no_plots: str | None, site_name: str | None) -> 
         title = channel_title(_model_name(report), label, s.get("sparsity"), s.get("pattern", ""))
         return html + _image(channel_figure(series, title, eps), f"per-channel variance of {label}")
     values = {k: np.asarray(v, np.float64) for k, v in series.items()}
-    ratio = variance_ratio(site)
-    order = np.argsort(ratio, kind="stable")
+    ratio, dead = variance_ratio(site), _dead_mask(site)
+    order = [i for i in np.argsort(ratio, kind="stable") if not dead[i]]
+    html += f'<p class="note">No plot: {escape(why_no_plots)}</p>'
+    if dead.any():
+        html += (f"<p>{int(dead.sum())} dead channels (pruned variance under the epsilon {_num(eps)}): "
+                 f"{escape(', '.join(str(i) for i in np.flatnonzero(dead)))}.</p>")
     rows = [[str(i)] + [_num(float(v[i])) for v in values.values()] + [_num(float(ratio[i]))] for i in
             order[:MAX_ROWS]]
     if len(order) > MAX_ROWS:
         rows.append([f"… {len(order) - MAX_ROWS} more channels in the JSON report"] + [""] * (len(values) + 1))
-    return html + "<p>The most damaged channels first.</p>" + _table(["channel", *values, "ratio"], rows,
-                                                                      numeric=tuple(range(1, len(values) + 2)))
+    return html + "<p>The live channels, the most damaged first.</p>" + _table(
+        ["channel", *values, "ratio"], rows, numeric=tuple(range(1, len(values) + 2)))
 
 
 def _gains(report: dict, why_no_plots: str | None) -> str:
@@ -235,7 +243,9 @@ def _gains(report: dict, why_no_plots: str | None) -> str:
     if not sites:
         return '<p class="note">No gains in this report (--method none corrects nothing).</p>'
     html = "<p>The per-channel variance gain each site received (1 = left as it was).</p>"
-    if not why_no_plots and any(s.get("gains") for s in sites):
+    if why_no_plots:
+        html += f'<p class="note">No plot: {escape(why_no_plots)}</p>'
+    elif any(s.get("gains") for s in sites):
         from .plots import strip_figure
 
         html += _image(strip_figure([(site_label(s), s["gains"], None) for s in sites if s.get("gains")], "gain",
@@ -305,7 +315,7 @@ def render(report: dict, *, site: str | None = None, plots: bool = True) -> str:
         except KeyError:
             raise AsrError(f"no site named {site!r} in this report: name a site's tensor, layer or short name") \
                 from None
-    why_no_plots = _plots_missing() if plots else "Plots were not asked for: tables stand in for them."
+    why_no_plots = _plots_missing() if plots else "plots were not asked for, so tables stand in for them."
     s = report.get("settings") or {}
     bodies = {"summary": _summary(report, why_no_plots), "settings": _settings(report),
               "sparsity": _sparsity(report), "damage": _damage(report, why_no_plots),

@@ -170,14 +170,14 @@ def summary(report: dict, width: int = 100) -> str:
 
 
 def eval_line(scores: dict) -> str:
-    """``eval on DATA (N samples): top-1 a% (dense b%)  agreement c%  logit rel-L2 d``."""
+    """``eval (N samples): top-1 a% (dense b%)  agreement c%  logit rel-L2 d``."""
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}%"
 
-    top1 = f"top-1 {pct(scores.get('top1'))} (dense {pct(scores.get('dense_top1'))})  " \
-        if scores.get("top1") is not None else ""
-    return (f"eval on {scores.get('data')} ({scores.get('samples')} samples): {top1}agreement "
-            f"{pct(scores.get('agreement'))}  logit rel-L2 {scores.get('logit_rel_l2', float('nan')):.4f}")
+    top1 = (f"top-1 {pct(scores.get('top1'))} (dense {pct(scores.get('dense_top1'))})  "
+            if scores.get("top1") is not None else "")
+    return (f"eval ({scores.get('samples')} samples): {top1}agreement {pct(scores.get('agreement'))}  "
+            f"logit rel-L2 {scores.get('logit_rel_l2', float('nan')):.4f}")
 
 
 def _auto_lines(auto: dict) -> list[str]:

@@ -18,10 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import browser  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from asr_onnx_cli.main import main  # noqa: E402
+import browser
+from asr_onnx_cli.main import main
+from PIL import Image
 
 
 def make(out: Path = ROOT / "docs" / "report.png", height: int = 1840, width: int = 800) -> Path:

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import onnx
 import pytest
-
-from asr_onnx.damage import dead_threshold, most_damaged, short_name
 from asr_onnx_cli.main import main
 from models import conv_net, random_inputs
+
+from asr_onnx.damage import dead_threshold, most_damaged, short_name
 
 pytest.importorskip("matplotlib")
 

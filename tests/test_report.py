@@ -6,12 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import browser
 import numpy as np
 import pytest
-
-import browser
-from asr_onnx.html import SECTIONS, render
 from asr_onnx_cli.main import main
+
+from asr_onnx.html import SECTIONS, render
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
@@ -136,7 +136,10 @@ def test_without_matplotlib_the_page_has_tables_and_says_why(repaired):
     page = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "matplotlib is not installed" in page and "<img" not in page
     channels = page[page.index('<section id="channels">'):page.index('<section id="gains">')]
-    assert "<th>ratio</th>" in channels and channels.count("<tr>") > 10
+    assert "<th>ratio</th>" in channels and channels.count("<tr>") > 10 and "No plot: matplotlib" in channels
+    sites = json.loads((repaired / "r.json").read_text())["sites"]
+    dead = len(next(s for s in sites if s["tensor"] in channels)["collapsed"])
+    assert f"{dead} dead channels" in channels
 
 
 def test_bad_report_input_is_one_line_and_writes_nothing(repaired, tmp_path, capsys):
