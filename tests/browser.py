@@ -20,7 +20,11 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 class BrowserError(RuntimeError):
-    """Chromium is missing or did not answer."""
+    """Chromium is missing, or did not answer its first command: it cannot start here."""
+
+
+class PageError(RuntimeError):
+    """Chromium started, then failed or stopped answering."""
 
 
 def find_chromium() -> str | None:
@@ -50,11 +54,15 @@ class _Pipe:
         os.close(from_chrome_w)
         self._buffer, self._next_id, self.events = b"", 0, []
 
-    def _read_message(self) -> dict:
+    def _read_message(self, timeout_s: float = 60.0) -> dict:
+        import select
+
         while b"\0" not in self._buffer:
+            if not select.select([self._from_chrome], [], [], timeout_s)[0]:
+                raise PageError(f"chromium sent nothing for {timeout_s:g} s")
             chunk = os.read(self._from_chrome, 1 << 20)
             if not chunk:
-                raise BrowserError("chromium closed the DevTools pipe")
+                raise PageError("chromium closed the DevTools pipe")
             self._buffer += chunk
         message, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(message)
@@ -70,7 +78,7 @@ class _Pipe:
             message = self._read_message()
             if message.get("id") == self._next_id:
                 if "error" in message:
-                    raise BrowserError(f"{method}: {message['error']}")
+                    raise PageError(f"{method}: {message['error']}")
                 return message.get("result", {})
             self.events.append(message)
 
@@ -85,7 +93,7 @@ class _Pipe:
     def close(self):
         try:
             self.send("Browser.close")
-        except (BrowserError, OSError):
+        except (PageError, OSError):
             pass
         for fd in (self._to_chrome, self._from_chrome):
             os.close(fd)
@@ -111,7 +119,10 @@ def open_page(path, *, width: int = 1100, height: int = 900, full_page: bool = T
     with tempfile.TemporaryDirectory(prefix="asr-onnx-chromium-") as profile:
         browser = _Pipe(binary, profile, width, height)
         try:
-            target = browser.send("Target.createTarget", url="about:blank")["targetId"]
+            try:
+                target = browser.send("Target.createTarget", url="about:blank")["targetId"]
+            except PageError as e:
+                raise BrowserError(f"chromium did not start: {e}") from None
             session = browser.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
             for domain in ("Page", "Network", "Runtime", "Log"):
                 browser.send(f"{domain}.enable", session)
