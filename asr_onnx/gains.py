@@ -4,7 +4,7 @@ Every method is the variance part of a recalibration. For one channel with refer
 ``ref_var`` (what the original normalisation expects: a BN's running variance, or the dense
 model's measured variance) and recalibrated pruned variance ``rec_var``, the full restoration is
 ``sqrt((ref_var + eps) / (rec_var + eps))``. The epsilon (the BN's own, or a floor taken from the
-data) keeps every division away from zero.
+data) keeps every division away from zero; :func:`floor_eps` floors it, since a BN's own may be 0.
 """
 
 from __future__ import annotations
@@ -14,15 +14,30 @@ import numpy as np
 from .errors import AsrError
 
 METHODS = ("none", "bn", "lw", "naive", "asr")
+VAR_FLOOR = 1e-12  # the smallest epsilon any division uses, relative to the layer's mean reference variance
+TINY = float(np.finfo(np.float32).tiny)  # and in absolute terms: float32's smallest normal number
+
+
+def floor_eps(ref_var, eps: float) -> float:
+    """The epsilon that every variance is divided with: ``eps``, floored at ``VAR_FLOOR`` (1e-12) times the
+    layer's mean reference variance and at float32's smallest normal number.
+
+    ONNX allows a BatchNormalization with epsilon 0; a channel that pruning collapsed then has variance 0,
+    and the floor keeps its gain finite. A BN's usual epsilon (1e-5) lies above the floor, which then
+    changes nothing.
+    """
+    return max(float(eps), VAR_FLOOR * float(np.mean(ref_var)), TINY)
 
 
 def full_gain(ref_var, rec_var, eps: float) -> np.ndarray:
-    """The gain that restores each channel's variance exactly (exact REFLOW)."""
+    """The gain that restores each channel's variance exactly (exact REFLOW), ``eps`` floored (:func:`floor_eps`)."""
+    eps = floor_eps(ref_var, eps)
     return np.sqrt((ref_var + eps) / (rec_var + eps))
 
 
 def layer_gain(ref_var, rec_var, eps: float) -> np.ndarray:
     """One gain for the whole layer, sqrt(sum ref / sum rec), broadcast to every channel."""
+    eps = floor_eps(ref_var, eps)
     gain = np.sqrt(np.sum(ref_var + eps) / np.sum(rec_var + eps))
     return np.full(np.shape(ref_var), gain)
 
@@ -30,7 +45,8 @@ def layer_gain(ref_var, rec_var, eps: float) -> np.ndarray:
 def shrink_lambda(rule, rec_var, eps: float) -> float:
     """ASR's per-layer constant: ``median`` or ``mean`` of the layer's pruned variances, or a float.
 
-    Floored at ``eps`` so that the shrinkage is defined when most channels have collapsed.
+    Floored at ``eps`` (and float32's smallest normal number, for an epsilon-0 BN) so that the shrinkage
+    is defined when most channels have collapsed.
     """
     if rule == "median":
         lam = float(np.median(rec_var))
@@ -43,12 +59,12 @@ def shrink_lambda(rule, rec_var, eps: float) -> float:
             raise AsrError(f"unknown lambda rule {rule!r}; use median, mean or a number") from None
         if not lam >= 0:
             raise AsrError(f"lambda must be >= 0, got {rule}")
-    return max(lam, eps)
+    return max(lam, float(eps), TINY)
 
 
 def shrinkage(rec_var, lam: float) -> np.ndarray:
-    """s = v_p / (v_p + lambda): near 0 for collapsed channels, near 1 for healthy ones."""
-    return rec_var / (rec_var + lam)
+    """s = v_p / (v_p + lambda): near 0 for collapsed channels, near 1 for healthy ones (lambda floored)."""
+    return rec_var / (rec_var + max(lam, TINY))
 
 
 def asr_gain(ref_var, rec_var, eps: float, lam: float) -> np.ndarray:

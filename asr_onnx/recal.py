@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import AsrError
-from .gains import full_gain, gain, shrink_lambda
+from .gains import floor_eps, full_gain, gain, shrink_lambda
 from .stats import ChannelStats, ema
 
 PLACEMENTS = ("recal", "pre-bn")
@@ -83,6 +83,7 @@ def correct(site, ref: Norm, pruned: list[ChannelStats], method: str, *, placeme
     ones = np.ones_like(ref.var)
     if method == "none":
         return Correction(ref.mean, ref.var, ones, None, ones, None, np.zeros(0, np.int64))
+    eps = floor_eps(ref.var, ref.eps)  # a BN's own epsilon may be 0: every division uses the floored one
     exact = merge_all(pruned)
     if recal == "exact":
         rec_mean, rec_var, prior = exact.mean, exact.var, 0.0
@@ -91,23 +92,30 @@ def correct(site, ref: Norm, pruned: list[ChannelStats], method: str, *, placeme
     else:
         raise AsrError(f"unknown recalibration {recal!r}; use exact or momentum")
     if placement == "pre-bn" and site.layer is not None:
-        lam = shrink_lambda(lambda_rule, exact.var, ref.eps) if method == "asr" else None
-        g = ones if method == "bn" else gain(method, ref.var, exact.var, ref.eps, lam)
+        lam = shrink_lambda(lambda_rule, exact.var, eps) if method == "asr" else None
+        g = ones if method == "bn" else gain(method, ref.var, exact.var, eps, lam)
         # the gain scales every batch the recalibration sees, but not the prior it starts from
         mean = prior * ref.mean + g * (rec_mean - prior * ref.mean)
         var = prior * ref.var + g**2 * (rec_var - prior * ref.var)
-        return Correction(mean, var, ones, g, g, lam, np.flatnonzero(exact.var < ref.eps))
+        return Correction(mean, _stored_var(var, ref.eps, eps), ones, g, g, lam, np.flatnonzero(exact.var < eps))
     if placement not in PLACEMENTS:
         raise AsrError(f"unknown placement {placement!r}; use recal or pre-bn")
-    lam = shrink_lambda(lambda_rule, rec_var, ref.eps) if method == "asr" else None
-    g = gain(method, ref.var, rec_var, ref.eps, lam)
-    scale = g / full_gain(ref.var, rec_var, ref.eps)
-    return Correction(rec_mean, rec_var, scale, None, g, lam, np.flatnonzero(rec_var < ref.eps))
+    lam = shrink_lambda(lambda_rule, rec_var, eps) if method == "asr" else None
+    g = gain(method, ref.var, rec_var, eps, lam)
+    scale = g / full_gain(ref.var, rec_var, eps)
+    return Correction(rec_mean, _stored_var(rec_var, ref.eps, eps), scale, None, g, lam,
+                      np.flatnonzero(rec_var < eps))
+
+
+def _stored_var(var, own_eps: float, eps: float) -> np.ndarray:
+    """The running variance to store: at least ``eps - own_eps``, so that the BN, which adds its own
+    epsilon, never divides by less than the floored one (nothing changes when its own is above the floor)."""
+    return np.maximum(var, eps - own_eps)
 
 
 def train_norm(ref: Norm) -> tuple:
-    """(scale, bias, eps) for renormalising a site with batch statistics during measurement."""
-    return ref.scale, ref.bias, ref.eps
+    """(scale, bias, eps) for renormalising a site with batch statistics during measurement (eps floored)."""
+    return ref.scale, ref.bias, floor_eps(ref.var, ref.eps)
 
 
 def affine(ref: Norm, corr: Correction) -> tuple[np.ndarray, np.ndarray]:
@@ -121,32 +129,52 @@ def affine(ref: Norm, corr: Correction) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write(graph, site, ref: Norm, corr: Correction) -> str:
-    """Writes one correction; returns how: "bn", "folded" or "unchanged"."""
+    """Writes one correction; returns how: "bn", "folded" or "unchanged".
+
+    Raises:
+        AsrError: a value written would not be finite in the weights' dtype (named by the site).
+    """
     if corr.pre_gain is None and np.array_equal(corr.mean, ref.mean) and np.array_equal(corr.var, ref.var) \
             and np.all(corr.scale == 1):
         return "unchanged"
     if site.bn is None:
         a, c = affine(ref, corr)
-        fold_affine(graph, site.layer, a, c)
+        _check_finite(site, fold_affine(graph, site.layer, a, c))
         return "folded"
     scale_t, _, mean_t, var_t = site.bn.inputs[1:5]
     dtype = scale_t.values.dtype
-    scale_t.values = (ref.scale * corr.scale).astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by name below
+        scale_t.values = (ref.scale * corr.scale).astype(dtype)
     mean_t.values = np.asarray(corr.mean).astype(dtype)
     var_t.values = np.asarray(corr.var).astype(dtype)
+    written = [scale_t, mean_t, var_t]
     if corr.pre_gain is not None:
-        fold_affine(graph, site.layer, corr.pre_gain, np.zeros_like(corr.pre_gain))
+        written += fold_affine(graph, site.layer, corr.pre_gain, np.zeros_like(corr.pre_gain))
+    _check_finite(site, written)
     return "bn"
 
 
 def fold_bn(graph, site) -> None:
-    """Folds a BN that directly follows its layer into the layer, and removes the BN node."""
+    """Folds a BN that directly follows its layer into the layer, and removes the BN node.
+
+    Raises:
+        AsrError: a folded value would not be finite in the weights' dtype.
+    """
     scale, bias, mean, var = (np.asarray(t.values, np.float64) for t in site.bn.inputs[1:5])
-    inv_std = scale / np.sqrt(var + site.eps)
-    fold_affine(graph, site.layer, inv_std, bias - inv_std * mean)
+    inv_std = scale / np.sqrt(var + floor_eps(var, site.eps))
+    _check_finite(site, fold_affine(graph, site.layer, inv_std, bias - inv_std * mean))
     out = site.bn.outputs[0]
     site.bn.outputs.clear()
     site.layer.node.outputs[0] = out
+
+
+def _check_finite(site, constants) -> None:
+    """Never writes NaN or Inf: every value a correction wrote must be finite (float32 overflows at 3.4e38)."""
+    for const in constants:
+        if not np.isfinite(const.values).all():
+            raise AsrError(f"the correction at site {site.key!r} gives a non-finite value in {const.name!r}, "
+                           "which would be written into the model; its statistics exceed the range of "
+                           f"{const.values.dtype}")
 
 
 def _own_weight(graph, layer):
@@ -173,27 +201,39 @@ def _row_factor(layer, a: np.ndarray) -> np.ndarray:
     return a.reshape(view)
 
 
-def fold_affine(graph, layer, a: np.ndarray, c: np.ndarray) -> None:
-    """Makes ``layer`` output ``a * x + c`` per channel, in its weight and bias (no node where a fold will do)."""
+def fold_affine(graph, layer, a: np.ndarray, c: np.ndarray) -> list:
+    """Makes ``layer`` output ``a * x + c`` per channel, in its weight and bias (no node where a fold will do).
+
+    Each value is computed in float64 and rounded once to the weight's dtype.
+
+    Returns:
+        the gs.Constants written.
+    """
     import onnx_graphsurgeon as gs
 
     weight = _own_weight(graph, layer)
     dtype = weight.values.dtype
-    weight.values = (weight.values.astype(np.float64) * _row_factor(layer, a)).astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by name, not warned about
+        weight.values = (weight.values.astype(np.float64) * _row_factor(layer, a)).astype(dtype)
     node = layer.node
     if layer.op in ("Conv", "ConvTranspose", "Gemm"):
         # Gemm computes alpha * A @ B + beta * C: the scaled B carries alpha, so C takes beta now
         beta = float(node.attrs.get("beta", 1.0)) if layer.op == "Gemm" else 1.0
         old = beta * _bias(node, a.size)
-        bias = gs.Constant(f"{layer.name}.asr_bias", (a * old + c).astype(dtype))
+        with np.errstate(over="ignore", invalid="ignore"):
+            bias = gs.Constant(f"{layer.name}.asr_bias", (a * old + c).astype(dtype))
         if len(node.inputs) > 2:
             node.inputs[2] = bias
         else:
             node.inputs.append(bias)
         if layer.op == "Gemm":
             node.attrs["beta"] = 1.0
-    elif np.any(c != 0):
-        _add_bias(graph, layer, c.astype(dtype))
+        return [weight, bias]
+    if np.any(c != 0):
+        with np.errstate(over="ignore", invalid="ignore"):
+            shift = c.astype(dtype)
+        return [weight, _add_bias(graph, layer, shift)]
+    return [weight]
 
 
 def _bias(node, channels: int) -> np.ndarray:
@@ -206,8 +246,12 @@ def _bias(node, channels: int) -> np.ndarray:
     return node.inputs[2].values.astype(np.float64)
 
 
-def _add_bias(graph, layer, c: np.ndarray) -> None:
-    """A MatMul's shift goes into the Add that follows it when there is one, else into a new Add."""
+def _add_bias(graph, layer, c: np.ndarray):
+    """A MatMul's shift goes into the Add that follows it when there is one, else into a new Add.
+
+    Returns:
+        the gs.Constant that holds the shift.
+    """
     import onnx_graphsurgeon as gs
 
     out = layer.output
@@ -216,13 +260,15 @@ def _add_bias(graph, layer, c: np.ndarray) -> None:
         add = consumers[0]
         const = [t for t in add.inputs if isinstance(t, gs.Constant)]
         if len(const) == 1 and const[0].values.shape[-1:] == c.shape and len(const[0].outputs) == 1:
-            const[0].values = (const[0].values.astype(np.float64) + c).astype(const[0].values.dtype)
-            return
+            with np.errstate(over="ignore", invalid="ignore"):
+                const[0].values = (const[0].values.astype(np.float64) + c).astype(const[0].values.dtype)
+            return const[0]
     shifted = gs.Variable(f"{out.name}.asr_shifted", dtype=out.dtype, shape=out.shape)
     for node in list(consumers):
         node.inputs[:] = [shifted if t is out else t for t in node.inputs]
     graph.outputs = [shifted if t is out else t for t in graph.outputs]
     if shifted in graph.outputs:
         shifted.name, out.name = out.name, f"{out.name}.asr_raw"
-    graph.nodes.append(gs.Node("Add", f"{layer.name}.asr_shift", inputs=[out, gs.Constant(f"{layer.name}.asr_shift_c", c)],
-                               outputs=[shifted]))
+    shift = gs.Constant(f"{layer.name}.asr_shift_c", c)
+    graph.nodes.append(gs.Node("Add", f"{layer.name}.asr_shift", inputs=[out, shift], outputs=[shifted]))
+    return shift

@@ -47,3 +47,14 @@ def test_lambda_rules():
 def test_unknown_method():
     with pytest.raises(AsrError, match="unknown method"):
         gain("magic", REF, REC, 1e-5)
+
+
+@pytest.mark.parametrize("method", ["bn", "naive", "lw", "asr"])
+def test_an_epsilon_0_bn_with_a_dead_channel_gets_a_finite_gain(method):
+    """ONNX allows epsilon 0: a channel whose pruned variance is 0 (and one dead in both) must not divide by 0."""
+    ref, rec = np.array([1.0, 2.0, 0.5, 0.0]), np.array([0.5, 2.0, 0.0, 0.0])
+    lam = shrink_lambda("median", rec, 0.0) if method == "asr" else None
+    g = gain(method, ref, rec, 0.0, lam)
+    assert np.isfinite(g).all() and (g > 0).any()
+    if method in ("bn", "naive"):  # healthy channels keep their exact restoration
+        np.testing.assert_allclose(g[:2], np.sqrt(ref[:2] / rec[:2]), rtol=1e-9)

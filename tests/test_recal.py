@@ -1,8 +1,11 @@
 """Recalibration: BN running statistics and folded corrections, checked in the repaired network."""
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from asr_onnx.api import repair
 from asr_onnx.stats import ChannelStats
@@ -105,3 +108,53 @@ def test_the_classifier_head_is_found_and_can_be_left_alone():
           for m, job in (("kept", kept), ("fixed", fixed))}
     assert fc["kept"].name == "fc.bias" and fc["fixed"].name == "fc.asr_bias"
     assert kept.written["logits"] == "unchanged" and fixed.written["logits"] == "folded"
+
+
+def eps0_dead_channel_model():
+    """conv_net with epsilon-0 BNs, and conv1's first output channel dead (all its weights 0): after any
+    pruning its variance is 0, while its BN's running variance is not."""
+    model = conv_net(bn=True, eps=0.0)
+    weight = next(t for t in model.graph.initializer if t.name == "conv1.weight")
+    values = numpy_helper.to_array(weight).copy()
+    values[0] = 0
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    return model
+
+
+@pytest.mark.parametrize("method, placement", [("bn", "recal"), ("naive", "pre-bn"), ("lw", "recal"),
+                                               ("lw", "pre-bn"), ("asr", "recal"), ("asr", "pre-bn"),
+                                               ("none", "recal"), ("auto", "recal")])
+def test_an_epsilon_0_bn_with_a_dead_channel_repairs_to_finite_weights(method, placement, tmp_path):
+    from asr_onnx.calib import load_calib
+    from asr_onnx.graph import input_specs
+
+    model, x = eps0_dead_channel_model(), random_inputs(32)
+    np.save(tmp_path / "x.npy", x)
+    job = repair(model, load_calib(tmp_path / "x.npy", input_specs(model)), sparsity=0.5, method=method, placement=placement, batch_size=8,
+                 device="cpu", progress=False)
+    for init in job.output.graph.initializer:
+        assert np.isfinite(numpy_helper.to_array(init)).all(), init.name
+    out = ort.InferenceSession(job.output.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    assert np.isfinite(out[0]).all()
+    if method == "bn":
+        assert 0 in job.corrections["conv1.out"].collapsed
+
+
+def test_a_correction_that_overflows_float32_is_refused_by_site_name(folded_model, calib_dir, tmp_path, capsys):
+    """Dense statistics whose head mean is 1e39 (finite in the float64 file) give a head bias that is Inf in
+    float32. One error line names the site; nothing is written."""
+    from asr_onnx_cli.main import main
+
+    stats, out = tmp_path / "s.npz", tmp_path / "o.onnx"
+    common = ["--calib", str(calib_dir), "--batch-size", "16", "-q", "--device", "cpu"]
+    assert main(["stats", str(folded_model), "-o", str(stats)] + common) == 0
+    with np.load(stats) as data:
+        arrays = dict(data)
+    head = json.loads(str(arrays["__meta__"]))["sites"].index("logits")
+    arrays[f"{head}.mean"] = arrays[f"{head}.mean"] + 1e39
+    np.savez(stats, **arrays)
+    capsys.readouterr()
+    assert main(["repair", str(folded_model), "--stats", str(stats), "-o", str(out)] + common) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "'logits'" in err[0] and "non-finite" in err[0]
+    assert not out.exists()
