@@ -14,7 +14,8 @@ from .gains import METHODS
 from .graph import (check_output, find_layers, find_sites, fixed_batch, input_specs, load_model, save_model, to_graph,
                     to_model)
 from .prune import Pattern, check_sparsity, prune_layers
-from .recal import correct, fold_bn, reference, train_norm, write
+from .augment import scale_exponent
+from .recal import correct, fold_bn, magnitude, reference, train_norm, write
 from .measure import measure, measure_levels
 from .stats import merge_all
 
@@ -160,11 +161,14 @@ class Repair:
             self._refs = {s.key: reference(s, dense_stats.get(s.key)) for s in sites}
             self._sites = sites
             norms = {key: train_norm(ref) for key, ref in self._refs.items()}
+            # a site whose reference says its activations are too large to square is scaled from the first batch
+            scales = {key: k for key, ref in self._refs.items() if (k := scale_exponent(magnitude(ref)))}
             if sequential:
                 self.pruned_stats, self.provider = measure_levels(self.pruned, calib, norms=norms, desc="pruned",
-                                                                  **options)
+                                                                  scales=scales, **options)
             else:
-                self.pruned_stats, self.provider = measure(self.pruned, calib, norms=norms, desc="pruned", **options)
+                self.pruned_stats, self.provider = measure(self.pruned, calib, norms=norms, desc="pruned",
+                                                           scales=scales, **options)
         self.settings.update(calib_size=len(calib), batch_size=self.batch_size, sequential=sequential)
         return self
 

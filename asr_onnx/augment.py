@@ -2,6 +2,8 @@
 
 Each site's spread leaves the graph as a centred sum of squares (reductions), a training-mode BN's
 variance, or a mean square (GlobalAveragePool moments), with the batch mean and the element count.
+A site whose activations are too large to square in float32 is measured as x * 2**-k (``scales``), and
+the host multiplies the scale back in float64.
 """
 
 from __future__ import annotations
@@ -13,6 +15,22 @@ import numpy as np
 FLOAT = 1  # onnx.TensorProto.FLOAT
 STAT_PREFIX = "asr_stat."
 PER_SAMPLE = "asr_onnx.per_sample"  # metadata of a statistics model: site index -> static count per sample
+SCALE_FROM = 2.0**32  # a site whose activations reach this magnitude is scaled before it is squared
+
+
+def scale_exponent(magnitude: float) -> int:
+    """The k for which x * 2**-k is at most 1 in magnitude, or 0 below :data:`SCALE_FROM` (no scaling).
+
+    Squares of float32 values overflow above 1.8e19 (2**64) and sums of squares earlier; a power of two
+    scales without rounding, so x * 2**-k and its statistics are exact to float32 as x's would be.
+    """
+    if not magnitude >= SCALE_FROM:  # also NaN
+        return 0
+    return min(int(np.ceil(np.log2(min(float(magnitude), 2.0**128)))), 126)  # 2**-126: float32's smallest normal number
+
+
+def _scaled(b: "_Builder", x, k: int):
+    return x if k == 0 else b.op("Mul", [x, b.const(np.float32(2.0**-k), "scale")])
 
 
 class _Builder:
@@ -50,19 +68,21 @@ def _channel_view(b: _Builder, x, channels: int, channel_last: bool):
     return b.op("Reshape", [x, b.const(np.array(shape, np.int64), "shape")]), axes
 
 
-def _add_site(b: _Builder, site, index, norm=None) -> list:
+def _add_site(b: _Builder, site, index, norm=None, k: int = 0) -> list:
     """Adds the statistic outputs of one site; with ``norm``, also renormalises the site.
 
     Args:
         norm: None; (scale, bias, eps) for train-mode normalisation with the batch's statistics; or
             (scale, bias, eps, mean, var) for eval-mode normalisation with fixed (population) statistics.
+        k: the statistics are those of x * 2**-k (the renormalisation is not changed by it).
     """
     x, channels = site.tensor, _channels(site)
     if site.dtype != np.float32:
         x = b.op("Cast", [x], {"to": FLOAT})
     view, axes = _channel_view(b, x, channels, site.channel_last)
-    mean = b.reduce("ReduceMean", view, axes)
-    centred = b.op("Sub", [view, mean])
+    scaled = _scaled(b, view, k)
+    mean = b.reduce("ReduceMean", scaled, axes)
+    centred = b.op("Sub", [scaled, mean])
     m2 = b.reduce("ReduceSumSquare", centred, axes)
     size = b.op("Size", [view], dtype=np.int64)
     outputs = []
@@ -71,8 +91,9 @@ def _add_site(b: _Builder, site, index, norm=None) -> list:
         outputs.append(tensor)
     if norm is not None:
         shape = (1, channels) if site.channel_last else (1, channels, 1)
-        if len(norm) == 3:
-            normed = _train_norm(b, norm, centred, m2, size, channels, shape)
+        if len(norm) == 3:  # on the scaled tensor, with the epsilon scaled alike
+            scale, bias, eps = norm
+            normed = _train_norm(b, (scale, bias, eps * 4.0**-k), centred, m2, size, channels, shape)
         else:
             normed = _eval_norm(b, norm, view, shape)
         restored = b.op("Reshape", [normed, b.op("Shape", [site.tensor], dtype=np.int64)])
@@ -92,19 +113,21 @@ def bn_kernel_fits(site, norm, opset: int) -> bool:
     return opset >= 14 and site.dtype == np.float32 and on_axis_1 and (norm is None or len(norm) == 3)
 
 
-def _add_site_bn(b: _Builder, site, index, norm=None) -> list:
+def _add_site_bn(b: _Builder, site, index, norm=None, k: int = 0) -> list:
     """One site's statistics from a training-mode BatchNormalization (momentum 0): its optional outputs
     are then the batch mean and the biased batch variance. With a train norm that node also does the
     renormalisation (a real BN becomes it); without one it is a side branch on the site tensor.
 
     BatchNormalization normalises with the biased variance; the scale is multiplied by
     sqrt((n - 1) / n), n the batch's elements per channel, so that the unbiased one is used, as in
-    :func:`_train_norm` (up to eps / (n - 1) in the denominator).
+    :func:`_train_norm` (up to eps / (n - 1) in the denominator). With ``k``, the node reads x * 2**-k and
+    its epsilon is scaled alike, which leaves the renormalised output as it was.
     """
     import onnx_graphsurgeon as gs
 
     channels = _channels(site)
     scale, bias, eps = norm if norm is not None else (np.ones(channels), np.zeros(channels), 1e-5)
+    eps, source = eps * 4.0**-k, _scaled(b, site.tensor, k)
     params = [b.const(np.asarray(v, np.float32).reshape(channels), "bn") for v in
               (scale, bias, np.zeros(channels), np.ones(channels))]
     size = b.op("Size", [site.tensor], dtype=np.int64)
@@ -115,6 +138,7 @@ def _add_site_bn(b: _Builder, site, index, norm=None) -> list:
     var = gs.Variable(f"{STAT_PREFIX}{index}.var", dtype=np.float32)
     attrs = {"epsilon": float(eps), "momentum": 0.0, "training_mode": 1}
     if norm is not None and site.bn is not None:
+        site.bn.inputs[0] = source
         for i, param in enumerate(params):
             site.bn.inputs[1 + i] = param
         site.bn.attrs = attrs
@@ -123,7 +147,7 @@ def _add_site_bn(b: _Builder, site, index, norm=None) -> list:
         site.bn.outputs.extend([mean, var])
     else:
         normed = gs.Variable(b._name("normed"), dtype=np.float32)
-        b.graph.nodes.append(gs.Node("BatchNormalization", b._name("TrainBN"), attrs, [site.tensor] + params,
+        b.graph.nodes.append(gs.Node("BatchNormalization", b._name("TrainBN"), attrs, [source] + params,
                                      [normed, mean, var]))
         if norm is not None:
             _replace_uses(b.graph, site, normed)
@@ -131,23 +155,38 @@ def _add_site_bn(b: _Builder, site, index, norm=None) -> list:
     return [mean, var, size]
 
 
-def _add_site_moments(b: _Builder, site, index, per_sample: int | None = None) -> list:
+def _add_site_moments(b: _Builder, site, index, per_sample: int | None = None, k: int = 0) -> list:
     """One conv site's batch mean and mean square from GlobalAveragePool, which onnxruntime runs in its
     blocked (NCHWc) layout beside the Conv, so no layout copy and no centred copy of the tensor is made.
     With ``per_sample`` (the static elements per channel and sample) there is no Size node either,
     which would need the tensor in the plain layout.
 
-    The variance is then E[x^2] - E[x]^2 per batch; float32 rounding of E[x^2] bounds its error at
-    about 1e-7 * (mean^2 + var), negligible unless a channel's |mean| exceeds its std by 10^3.
+    The variance is then E[x^2] - E[x]^2 per batch, whose float32 error is about 1e-6 * (mean^2 + var):
+    the host checks mean^2 / var per batch and has a site whose mean is large against its spread measured
+    by the centred reductions instead (``centred`` in :func:`stats_model`).
     """
-    mean = b.reduce("ReduceMean", b.op("GlobalAveragePool", [site.tensor]), [0])
-    square = b.reduce("ReduceMean", b.op("GlobalAveragePool", [b.op("Mul", [site.tensor, site.tensor])]), [0])
+    x = _scaled(b, site.tensor, k)
+    mean = b.reduce("ReduceMean", b.op("GlobalAveragePool", [x]), [0])
+    square = b.reduce("ReduceMean", b.op("GlobalAveragePool", [b.op("Mul", [x, x])]), [0])
     outputs = [mean, square]
     if per_sample is None:  # else the host knows the count: batch size x per_sample
         outputs.append(b.op("Size", [site.tensor], dtype=np.int64))
     for name, tensor in zip(("mean", "square", "size"), outputs):
         tensor.name = f"{STAT_PREFIX}{index}.{name}"
     return outputs
+
+
+def _add_probe(b: _Builder, site, index) -> list:
+    """Two diagnostic outputs of a site: its largest |x| (for the scale) and, per sample, a sum that is
+    NaN exactly when the sample has a NaN or Inf there (x - x is 0 for every finite x, in every opset)."""
+    x = site.tensor if site.dtype == np.float32 else b.op("Cast", [site.tensor], {"to": FLOAT})
+    rows = b.op("Reshape", [x, b.const(np.array([0, -1], np.int64), "shape")])
+    bad = b.reduce("ReduceSumSquare", b.op("Sub", [rows, rows]), [1])
+    flat = b.op("Reshape", [x, b.const(np.array([-1], np.int64), "shape")])
+    absmax = b.reduce("ReduceMax", b.op("Abs", [flat]), [0])
+    for name, tensor in (("absmax", absmax), ("bad", bad)):
+        tensor.name = f"{STAT_PREFIX}{index}.{name}"
+    return [absmax, bad]
 
 
 def _train_norm(b: _Builder, norm, centred, m2, size, channels: int, shape):
@@ -203,7 +242,8 @@ def _replace_uses(graph, site, new):
     graph.outputs = [new if t is site.tensor else t for t in graph.outputs]
 
 
-def stats_model(model, norms: dict | None = None, keys=None, kernel: str = "reduce"):
+def stats_model(model, norms: dict | None = None, keys=None, kernel: str = "reduce", scales: dict | None = None,
+                centred=(), probe: bool = False):
     """A copy of ``model`` whose only outputs are per-channel statistics of every site.
 
     Args:
@@ -215,6 +255,12 @@ def stats_model(model, norms: dict | None = None, keys=None, kernel: str = "redu
         kernel: "reduce" (ReduceMean, Sub, ReduceSumSquare: any provider, exact unbiased renormalisation)
             or "bn" (one training-mode BatchNormalization per site where :func:`bn_kernel_fits`, the
             reductions elsewhere; onnxruntime runs it on the CPU only). Defaults to "reduce".
+        scales: site key -> k: that site's statistics are those of x * 2**-k (:func:`scale_exponent`),
+            for the host to scale back. Defaults to None (k = 0 everywhere).
+        centred: site keys that the GlobalAveragePool moments must not read (their mean is large against
+            their spread): the centred reductions measure them. Defaults to none.
+        probe: also output each site's largest |x| and per-sample NaN/Inf flags (:func:`_add_probe`), to
+            diagnose a batch whose statistics are not finite. Defaults to False.
 
     Returns:
         (augmented onnx.ModelProto, the sites in output order).
@@ -231,16 +277,18 @@ def stats_model(model, norms: dict | None = None, keys=None, kernel: str = "redu
         wanted, norm = keys is None or site.key in keys, (norms or {}).get(site.key)
         if not wanted and norm is None:
             continue
-        label = len(measured) if wanted else f"unused{index}"
-        if kernel != "bn" or not bn_kernel_fits(site, norm, builder.opset):
-            stats = _add_site(builder, site, label, norm)
+        label, k = len(measured) if wanted else f"unused{index}", (scales or {}).get(site.key, 0)
+        probed = _add_probe(builder, site, label) if probe and wanted else []
+        if kernel != "bn" or not bn_kernel_fits(site, norm, builder.opset) or (norm is None and site.key in centred):
+            stats = _add_site(builder, site, label, norm, k)
         elif norm is not None or site.channel_last:
-            stats = _add_site_bn(builder, site, label, norm)
+            stats = _add_site_bn(builder, site, label, norm, k)
         else:
             per_sample = _per_sample(shapes.get(site.key), batch_dims)
-            stats = _add_site_moments(builder, site, label, per_sample)
+            stats = _add_site_moments(builder, site, label, per_sample, k)
             if per_sample is not None:
                 counts[label] = per_sample
+        stats += probed
         if wanted:
             outputs += stats
             measured.append(site)

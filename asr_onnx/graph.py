@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,8 +111,26 @@ def to_graph(model: onnx.ModelProto):
     # PyTorch routes some BN parameters through Identity: fold those too, or the BN looks non-constant
     if any(n.op in ("Constant", "ConstantOfShape") or (n.op == "Identity" and isinstance(n.inputs[0], gs.Constant))
            for n in graph.nodes):
-        graph.fold_constants(error_ok=True).cleanup()
+        with _printed_to_log():
+            graph.fold_constants(error_ok=True).cleanup()
     return graph
+
+
+@contextmanager
+def _printed_to_log():
+    """onnx-graphsurgeon prints its notes (a subgraph it could not fold, hints) on stdout: they go to the
+    ``asr_onnx`` logger at INFO instead, since a fold that fails only leaves those nodes as they are."""
+    import contextlib
+    import io
+    import logging
+
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        for line in printed.getvalue().splitlines():
+            logging.getLogger("asr_onnx").info("onnx-graphsurgeon: %s", line)
 
 
 def to_model(graph, like: onnx.ModelProto) -> onnx.ModelProto:

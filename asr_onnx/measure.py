@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .augment import FLOAT, PER_SAMPLE, STAT_PREFIX, stats_model
+from .augment import FLOAT, PER_SAMPLE, STAT_PREFIX, scale_exponent, stats_model
 from .errors import AsrError
 from .stats import ChannelStats, merge_all
 
 
 SMALL_BATCH = 8  # under this many samples per run, train-mode renormalisation is replaced by levels
+CANCELLATION = 100.0  # above this mean^2 / var, E[x^2] - E[x]^2 in float32 loses more than about 1e-4
 
 
 def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, progress: bool = True, desc="measure",
-            threads: int = 0, keys=None, kernel: str = "auto", source=None):
+            threads: int = 0, keys=None, kernel: str = "auto", source=None, scales=None):
     """Runs the calibration set through the augmented model.
 
     With ``norms`` and fewer than :data:`SMALL_BATCH` samples per run (a model that fixes a batch of 1),
@@ -35,21 +37,32 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
         kernel: see :func:`stats_model`; "auto" is "bn" on the CPU provider, else "reduce". Defaults to "auto".
         source: the file ``model`` was read from, for onnxruntime to open directly when the model runs
             unchanged (faster than serializing it). Defaults to None.
+        scales: site key -> k, to measure x * 2**-k from the first batch on (see :func:`stats_model`); a
+            site whose statistics overflow is scaled anyway, from the batch where they do. Defaults to None.
 
     Returns:
         (site key -> list of per-batch ChannelStats, the provider used).
 
     Raises:
-        AsrError: a statistic is NaN or infinite, or no batch has the model's fixed batch size.
+        AsrError: an activation is NaN or infinite (naming the site and the first sample), or no batch
+            has the model's fixed batch size.
     """
     if norms is not None and batch_size < SMALL_BATCH:
         return measure_levels(model, calib, batch_size=batch_size, device=device, norms=norms, progress=progress,
-                              desc=desc, threads=threads, kernel=kernel)
+                              desc=desc, threads=threads, kernel=kernel, scales=scales)
     if norms is None and keys and set(keys) <= _matrix_outputs(model):  # e.g. only a classifier head
-        return _run(lambda: (model, None), calib, batch_size, device, progress, desc, threads, outputs=sorted(keys),
-                    source=source)
+        return _run(lambda plan, probe=False: (model, None), calib, batch_size, device, progress, desc, threads,
+                    outputs=sorted(keys), source=source)
     kernel = _kernel(kernel, device)
-    return _run(lambda: stats_model(model, norms, keys, kernel), calib, batch_size, device, progress, desc, threads)
+    return _run(_builder(model, norms, keys, kernel), calib, batch_size, device, progress, desc, threads,
+                scales=scales)
+
+
+def _builder(model, norms, keys, kernel):
+    """Makes the statistics model for a plan (its scales and centred sites), with the probe outputs or not."""
+    def build(plan: "_Plan", probe: bool = False):
+        return stats_model(model, norms, keys, kernel, scales=plan.scales, centred=plan.centred, probe=probe)
+    return build
 
 
 def _matrix_outputs(model) -> set[str]:
@@ -69,7 +82,7 @@ def _kernel(kernel: str, device: str) -> str:
 
 
 def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, progress: bool, desc: str,
-                   threads: int = 0, kernel: str = "auto"):
+                   threads: int = 0, kernel: str = "auto", scales=None):
     """Train-mode measurement without batch statistics: one pass per level of the site graph.
 
     A site's level is the largest number of sites on a path from the inputs to it. In pass ``k``,
@@ -87,8 +100,8 @@ def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, p
         fixed = {key: tuple(norms[key][:3]) + _population(stats) for key, stats in done.items()}
         wanted = {key for key, at in levels.items() if at == level}
         label = f"{desc} {level + 1}/{count}"
-        per_site, provider = _run(lambda: stats_model(model, fixed, wanted, kernel), calib, batch_size, device,
-                                  progress, label, threads)
+        per_site, provider = _run(_builder(model, fixed, wanted, kernel), calib, batch_size, device, progress,
+                                  label, threads, scales=scales)
         done.update(per_site)
     return done, provider
 
@@ -124,52 +137,73 @@ def _after(name: str, depth: dict, by_tensor: dict) -> int:
     return depth.get(name, 0) + (1 if site is not None and site.bn is None else 0)
 
 
+@dataclass
+class _Plan:
+    """How each site is read: site key -> k for x * 2**-k, and the sites the moments must not read."""
+
+    scales: dict = field(default_factory=dict)
+    centred: set = field(default_factory=set)
+
+
 def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, threads: int = 0,
-         outputs: list | None = None, source=None):
+         outputs: list | None = None, source=None, scales=None):
     """Per-batch statistics of every site over the set; a last partial batch is skipped when the batch is fixed.
 
+    A batch whose statistics are not finite, or whose GlobalAveragePool moments would cancel, is diagnosed
+    (:func:`_replan`) and run again with the sites concerned scaled or centred, and so are the batches after it.
+
     Args:
-        build: makes the (statistics model, sites); called here so that the model proto, a copy of
-            every weight, is freed once onnxruntime has its own.
+        build: makes the (statistics model, sites) of a :class:`_Plan`; called here so that the model proto,
+            a copy of every weight, is freed once onnxruntime has its own.
         outputs: measure these (N, C) graph outputs of an unchanged model on the host instead, with
             the model's own session settings. Defaults to None.
         source: the unchanged model's file, opened by onnxruntime instead of the proto. Defaults to None.
+        scales: the plan's first scales. Defaults to None.
     """
-    from .graph import _first_line, fixed_batch, input_specs, metadata
+    from .graph import fixed_batch, input_specs, metadata
     from .progress import bar
-    from .runtime import make_session, provider_of, providers, release_memory, runner
+    from .runtime import provider_of, providers, release_memory, runner
 
-    augmented, sites = build()
+    plan = _Plan(dict(scales or {}))
+    augmented, sites = build(plan)
     keys = outputs or [site.key for site in sites]  # the sites hold the whole graph, weights and all: let it go
     del sites
     if not keys:  # no wanted site in this model: nothing to run
         return {}, providers(device)[0]
     fixed = fixed_batch(input_specs(augmented))
     per_sample = {int(k): v for k, v in json.loads(metadata(augmented).get(PER_SAMPLE, "{}")).items()}
-    try:
-        session = make_session(source or augmented, device, threads, mem_pattern=outputs is not None)
-    except AsrError:
-        raise
-    except Exception as e:  # onnxruntime's own errors: an unknown op, a bad graph
-        raise AsrError(f"onnxruntime cannot load the model: {_first_line(e)}") from None
+    session = _session(source or augmented, device, threads, outputs is not None)
     del augmented
     names, run = outputs or [o.name for o in session.get_outputs()], runner(session)
     per_site = {key: [] for key in keys}
-    total = -(-len(calib) // batch_size)
+    total, start = -(-len(calib) // batch_size), 0
     for feed in bar(calib.batches(batch_size), total=total, desc=desc, enabled=progress):
-        if fixed and len(next(iter(feed.values()))) != fixed:
-            continue  # the model cannot take a partial batch; the statistics do not need it
-        try:
-            values = dict(zip(names, run(names, feed)))
-        except Exception as e:
-            raise AsrError(f"onnxruntime failed on a calibration batch: {_first_line(e)}") from None
         samples = len(next(iter(feed.values())))
-        for index, key in enumerate(keys):
+        if fixed and samples != fixed:
+            continue  # the model cannot take a partial batch; the statistics do not need it
+        while True:
+            values = _run_batch(run, names, feed)
             if outputs:
-                stats = ChannelStats.of(values[key], -1)
-            else:
-                stats = _batch_stats(values, index, samples * per_sample[index] if index in per_sample else None)
-            per_site[key].append(_checked(stats, key))
+                batch = {key: ChannelStats.of(values[key], -1) for key in keys}
+                for key in keys:
+                    _check_host(values[key], key, start)
+                break
+            batch = {key: _batch_stats(values, index, samples * per_sample[index] if index in per_sample else None,
+                                       plan.scales.get(key, 0)) for index, key in enumerate(keys)}
+            trouble = _trouble(batch, values, keys)
+            if not trouble:
+                break
+            del session, run
+            release_memory()
+            plan = _replan(build, plan, trouble, feed, keys, start, device, threads)
+            augmented = build(plan)[0]
+            per_sample = {int(k): v for k, v in json.loads(metadata(augmented).get(PER_SAMPLE, "{}")).items()}
+            session = _session(augmented, device, threads, False)
+            del augmented
+            names, run = [o.name for o in session.get_outputs()], runner(session)
+        for key in keys:
+            per_site[key].append(batch[key])
+        start += samples
     if not per_site[keys[0]]:
         raise AsrError(f"the calibration set has no full batch of {fixed} samples, the model's fixed batch size")
     provider = provider_of(session)
@@ -178,9 +212,30 @@ def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, 
     return per_site, provider
 
 
-def _batch_stats(values: dict, index: int, count: float | None = None) -> ChannelStats:
-    """One site's batch statistics from its outputs; ``count`` (elements per channel) when the graph has
-    no Size output for it."""
+def _session(model, device: str, threads: int, mem_pattern: bool):
+    from .graph import _first_line
+    from .runtime import make_session
+
+    try:
+        return make_session(model, device, threads, mem_pattern=mem_pattern)
+    except AsrError:
+        raise
+    except Exception as e:  # onnxruntime's own errors: an unknown op, a bad graph
+        raise AsrError(f"onnxruntime cannot load the model: {_first_line(e)}") from None
+
+
+def _run_batch(run, names, feed) -> dict:
+    from .graph import _first_line
+
+    try:
+        return dict(zip(names, run(names, feed)))
+    except Exception as e:
+        raise AsrError(f"onnxruntime failed on a calibration batch: {_first_line(e)}") from None
+
+
+def _batch_stats(values: dict, index: int, count: float | None = None, k: int = 0) -> ChannelStats:
+    """One site's batch statistics from its outputs, scaled back by 2**k in float64; ``count`` (elements
+    per channel) when the graph has no Size output for it."""
     def stat(name):
         return values[f"{STAT_PREFIX}{index}.{name}"].astype(np.float64).ravel()
 
@@ -192,10 +247,66 @@ def _batch_stats(values: dict, index: int, count: float | None = None) -> Channe
         m2 = np.maximum(stat("square") - mean**2, 0.0) * count
     else:  # the BN kernel gives the biased variance
         m2 = stat("var") * count
-    return ChannelStats(count, mean, m2)
+    return ChannelStats(count, np.ldexp(mean, k), np.ldexp(m2, 2 * k))
 
 
-def _checked(stats: ChannelStats, key: str) -> ChannelStats:
-    if not (np.isfinite(stats.mean).all() and np.isfinite(stats.m2).all()):
-        raise AsrError(f"NaN or Inf in the activations at {key!r}; check the calibration data and the model")
-    return stats
+def _trouble(batch: dict, values: dict, keys: list) -> dict:
+    """Site key -> "overflow" where a statistic is not finite, or "cancellation" where the moments'
+    E[x^2] - E[x]^2 lost too much to float32 (mean^2 above :data:`CANCELLATION` times the variance)."""
+    found = {}
+    for index, key in enumerate(keys):
+        stats = batch[key]
+        if not (np.isfinite(stats.mean).all() and np.isfinite(stats.m2).all()):
+            found[key] = "overflow"
+        elif f"{STAT_PREFIX}{index}.square" in values:
+            square = values[f"{STAT_PREFIX}{index}.square"].astype(np.float64).ravel()
+            spread = square - values[f"{STAT_PREFIX}{index}.mean"].astype(np.float64).ravel() ** 2
+            if np.any((square > 0) & (square > (CANCELLATION + 1) * np.maximum(spread, 0))):
+                found[key] = "cancellation"
+    return found
+
+
+def _replan(build, plan: _Plan, trouble: dict, feed: dict, keys: list, start: int, device: str,
+            threads: int) -> _Plan:
+    """The plan that measures a troubled batch right, from a probe run of that batch.
+
+    Raises:
+        AsrError: an activation itself is NaN or infinite: the first site (in graph order) where one is,
+            and the first calibration sample that has it.
+    """
+    from .runtime import release_memory
+
+    augmented = build(plan, probe=True)[0]
+    session = _session(augmented, device, threads, False)
+    del augmented
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(names, feed)))
+    del session
+    release_memory()
+    for index, key in enumerate(keys):
+        bad = np.flatnonzero(np.isnan(values[f"{STAT_PREFIX}{index}.bad"].ravel()))
+        if bad.size:
+            raise AsrError(f"NaN or Inf in the activations at {key!r}, first from calibration sample {start + bad[0]} "
+                           "(counting from 0); check the calibration data and the model")
+    scales, centred = dict(plan.scales), set(plan.centred)
+    for index, key in enumerate(keys):
+        absmax = float(values[f"{STAT_PREFIX}{index}.absmax"].max())
+        k = max(scales.get(key, 0), scale_exponent(absmax))
+        if trouble.get(key) == "overflow" and k == scales.get(key, 0):
+            k = scale_exponent(max(absmax, 2.0 ** (k + 32)))  # finite, yet it overflowed: scale further
+        if k:
+            scales[key] = k
+        if trouble.get(key) == "cancellation":
+            centred.add(key)
+    if scales == plan.scales and centred == plan.centred:
+        raise AsrError(f"the statistics at {next(iter(trouble))!r} are not finite although its activations are")
+    return _Plan(scales, centred)
+
+
+def _check_host(values: np.ndarray, key: str, start: int) -> None:
+    """A graph output reduced on the host in float64 cannot overflow: a NaN or Inf in it is the model's."""
+    finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if not finite.all():
+        raise AsrError(f"NaN or Inf in the activations at {key!r}, first from calibration sample "
+                       f"{start + int(np.flatnonzero(~finite)[0])} (counting from 0); check the calibration data "
+                       "and the model")

@@ -41,6 +41,11 @@ def reference(site, dense: ChannelStats) -> Norm:
     return Norm(np.sqrt(dense.var + eps), dense.mean.copy(), dense.mean.copy(), dense.var.copy(), eps)
 
 
+def magnitude(ref: Norm) -> float:
+    """The size of a site's activations that its reference implies: the largest |mean| + std of a channel."""
+    return float(np.max(np.abs(ref.mean) + np.sqrt(np.maximum(ref.var, 0.0)), initial=0.0))
+
+
 @dataclass
 class Correction:
     """A site's new normalisation.
@@ -108,9 +113,9 @@ def correct(site, ref: Norm, pruned: list[ChannelStats], method: str, *, placeme
 
 
 def _stored_var(var, own_eps: float, eps: float) -> np.ndarray:
-    """The running variance to store: at least ``eps - own_eps``, so that the BN, which adds its own
-    epsilon, never divides by less than the floored one (nothing changes when its own is above the floor)."""
-    return np.maximum(var, eps - own_eps)
+    """The running variance to store: ``var + eps - own_eps``, so that the BN, which adds its own epsilon,
+    divides by sqrt(var + eps) as the measurement did (the same ``var`` when its own is above the floor)."""
+    return var + (eps - own_eps) if eps > own_eps else var
 
 
 def train_norm(ref: Norm) -> tuple:

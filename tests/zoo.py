@@ -310,6 +310,26 @@ def custom_domain():
     return model, {"input": random_inputs(N)}
 
 
+# ---------------------------------------------------------------- 12. extreme activations
+
+
+def huge_activations(bn=False):
+    """Activations that reach 1e19 and then 1e30, finite in float32 though their squares are not, as in a
+    Caffe-era export whose constant Scale layers grow them: a Mul by 1e19 on the input, one by 1e11 between
+    the convs (1e30 after a BN, which normalises), and 1e-30 before the head. The weights themselves are
+    ordinary, so that global pruning ranks them as usual."""
+    g = G(12)
+    h = g.conv(g.node("Mul", ["input", g.init("up", np.float32(1e19))]), 3, 6)
+    if bn:
+        params = [g.rng.uniform(0.5, 1.5, 6), g.rng.normal(0, 0.1, 6), g.rng.normal(0, 1e18, 6),
+                  g.rng.uniform(0.5, 2.0, 6) * 1e38]
+        h = g.node("BatchNormalization", [h] + [g.init("bn", p) for p in params], "bn")
+    h = g.node("Mul", [g.relu(h), g.init("up", np.float32(1e30 if bn else 1e11))])
+    h = g.relu(g.conv(h, 6, 8))
+    h = g.node("Mul", [h, g.init("down", np.float32(1e-30))])
+    return g.model([("input", ["N", 3, 8, 8], None)], g.head(h, 8)), {"input": random_inputs(N)}
+
+
 CLASSES = {
     "bn_kept": bn_kept, "bn_folded": bn_folded, "bn_kept_opset9": lambda: bn_kept(9),
     "decomposed_sub_mul_add": decomposed_bn, "decomposed_mul_add": lambda: decomposed_bn(("Mul", "Add")),
@@ -318,7 +338,8 @@ CLASSES = {
     "fc_heads": fc_heads, "shared_branched": shared_branched, "fixed_batch_1": fixed_batch_1,
     "fixed_batch_1_bn": fixed_batch_1_bn, "input_bn_batch_1": input_bn_batch_1, "two_inputs": two_inputs, "fp16_bn": half_bn,
     "fp16_folded": half_folded, "fp16_inside": half_inside, "custom_domain": custom_domain,
-    "inits_as_inputs": inits_as_inputs,
+    "inits_as_inputs": inits_as_inputs, "huge_activations": huge_activations,
+    "huge_activations_bn": lambda: huge_activations(bn=True),
 }
 
 
