@@ -268,7 +268,8 @@ def _trouble(batch: dict, values: dict, keys: list) -> dict:
 
 def _replan(build, plan: _Plan, trouble: dict, feed: dict, keys: list, start: int, device: str,
             threads: int) -> _Plan:
-    """The plan that measures a troubled batch right, from a probe run of that batch.
+    """The plan that measures a troubled batch right: the moments' cancelling sites centred, and the scales
+    that a probe run of the batch finds where a statistic overflowed.
 
     Raises:
         AsrError: an activation itself is NaN or infinite: the first site (in graph order) where one is,
@@ -276,6 +277,8 @@ def _replan(build, plan: _Plan, trouble: dict, feed: dict, keys: list, start: in
     """
     from .runtime import release_memory
 
+    if "overflow" not in trouble.values():  # cancellation only: nothing to probe
+        return _Plan(dict(plan.scales), plan.centred | set(trouble))
     augmented = build(plan, probe=True)[0]
     session = _session(augmented, device, threads, False)
     del augmented
