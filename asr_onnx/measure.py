@@ -51,8 +51,8 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
         return measure_levels(model, calib, batch_size=batch_size, device=device, norms=norms, progress=progress,
                               desc=desc, threads=threads, kernel=kernel, scales=scales)
     if norms is None and keys and set(keys) <= _matrix_outputs(model):  # e.g. only a classifier head
-        return _run(lambda plan, probe=False: (model, None), calib, batch_size, device, progress, desc, threads,
-                    outputs=sorted(keys), source=source)
+        return _run(lambda plan: (model, None), calib, batch_size, device, progress, desc, threads,
+                    outputs=sorted(keys), source=source, model=model)
     kernel = _kernel(kernel, device)
     return _run(_builder(model, norms, keys, kernel), calib, batch_size, device, progress, desc, threads,
                 scales=scales)
@@ -146,7 +146,7 @@ class _Plan:
 
 
 def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, threads: int = 0,
-         outputs: list | None = None, source=None, scales=None):
+         outputs: list | None = None, source=None, scales=None, model=None):
     """Per-batch statistics of every site over the set; a last partial batch is skipped when the batch is fixed.
 
     A batch whose statistics are not finite, or whose GlobalAveragePool moments would cancel, is diagnosed
@@ -159,6 +159,7 @@ def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, 
             the model's own session settings. Defaults to None.
         source: the unchanged model's file, opened by onnxruntime instead of the proto. Defaults to None.
         scales: the plan's first scales. Defaults to None.
+        model: with ``outputs``, the model, to probe when an output is not finite. Defaults to None.
     """
     from .graph import fixed_batch, input_specs, metadata
     from .progress import bar
@@ -186,7 +187,7 @@ def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, 
             if outputs:
                 batch = {key: ChannelStats.of(values[key], -1) for key in keys}
                 for key in keys:
-                    _check_host(values[key], key, start)
+                    _check_host(model, values[key], key, feed, start, device, threads)
                 break
             batch = {key: _batch_stats(values, index, samples * per_sample[index] if index in per_sample else None,
                                        plan.scales.get(key, 0)) for index, key in enumerate(keys)}
@@ -272,25 +273,11 @@ def _replan(build, plan: _Plan, trouble: dict, feed: dict, keys: list, start: in
     that a probe run of the batch finds where a statistic overflowed.
 
     Raises:
-        AsrError: an activation itself is NaN or infinite: the first site (in graph order) where one is,
-            and the first calibration sample that has it.
+        AsrError: an activation itself is NaN or infinite (see :func:`_probe`).
     """
-    from .runtime import release_memory
-
     if "overflow" not in trouble.values():  # cancellation only: nothing to probe
         return _Plan(dict(plan.scales), plan.centred | set(trouble))
-    augmented = build(plan, probe=True)[0]
-    session = _session(augmented, device, threads, False)
-    del augmented
-    names = [o.name for o in session.get_outputs()]
-    values = dict(zip(names, session.run(names, feed)))
-    del session
-    release_memory()
-    for index, key in enumerate(keys):
-        bad = np.flatnonzero(np.isnan(values[f"{STAT_PREFIX}{index}.bad"].ravel()))
-        if bad.size:
-            raise AsrError(f"NaN or Inf in the activations at {key!r}, first from calibration sample {start + bad[0]} "
-                           "(counting from 0); check the calibration data and the model")
+    values = _probe(build(plan, probe=True)[0], keys, feed, start, device, threads)
     scales, centred = dict(plan.scales), set(plan.centred)
     for index, key in enumerate(keys):
         absmax = float(values[f"{STAT_PREFIX}{index}.absmax"].max())
@@ -306,10 +293,37 @@ def _replan(build, plan: _Plan, trouble: dict, feed: dict, keys: list, start: in
     return _Plan(scales, centred)
 
 
-def _check_host(values: np.ndarray, key: str, start: int) -> None:
-    """A graph output reduced on the host in float64 cannot overflow: a NaN or Inf in it is the model's."""
+def _probe(augmented, keys: list, feed: dict, start: int, device: str, threads: int) -> dict:
+    """Runs one batch through a statistics model built with ``probe``; returns its outputs.
+
+    Raises:
+        AsrError: an activation is NaN or infinite: the first site (in graph order) where one is, and the
+            first calibration sample that has it (``start`` is the batch's first).
+    """
+    from .runtime import release_memory
+
+    session = _session(augmented, device, threads, False)
+    del augmented
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(names, feed)))
+    del session
+    release_memory()
+    for index, key in enumerate(keys):
+        bad = np.flatnonzero(np.isnan(values[f"{STAT_PREFIX}{index}.bad"].ravel()))
+        if bad.size:
+            raise AsrError(f"NaN or Inf in the activations at {key!r}, first from calibration sample {start + bad[0]} "
+                           "(counting from 0); check the calibration data and the model")
+    return values
+
+
+def _check_host(model, values: np.ndarray, key: str, feed: dict, start: int, device: str, threads: int) -> None:
+    """A graph output reduced on the host in float64 cannot overflow: a NaN or Inf in it is the model's.
+    A probe of every site then finds where it starts."""
     finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
-    if not finite.all():
-        raise AsrError(f"NaN or Inf in the activations at {key!r}, first from calibration sample "
-                       f"{start + int(np.flatnonzero(~finite)[0])} (counting from 0); check the calibration data "
-                       "and the model")
+    if finite.all():
+        return
+    augmented, sites = stats_model(model, probe=True)
+    _probe(augmented, [site.key for site in sites], feed, start, device, threads)
+    raise AsrError(f"NaN or Inf in the activations at {key!r}, first from calibration sample "
+                   f"{start + int(np.flatnonzero(~finite)[0])} (counting from 0); check the calibration data "
+                   "and the model")

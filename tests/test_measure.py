@@ -72,12 +72,14 @@ def test_a_model_with_activations_of_1e30_repairs(bn):
         assert job.corrections[sites_of(model)[-2].key].var.max() > 1e50  # the 1e30 site, in float64
 
 
-def test_a_truly_non_finite_activation_names_the_site_and_the_first_sample():
+@pytest.mark.parametrize("bn", [False, True])
+def test_a_truly_non_finite_activation_names_the_site_and_the_first_sample(bn):
+    """Also where the dense pass reads only the logits (BN kept): a probe of every site finds the first."""
     x = random_inputs(24)
     x[13, 0, 2, 2], x[20, 1, 0, 0] = np.inf, np.nan
     with pytest.raises(AsrError, match=r"NaN or Inf in the activations at 'conv1.out', first from calibration "
                                        r"sample 13 "):
-        measure(conv_net(bn=False), ArraySet(x), batch_size=8, device="cpu", progress=False)
+        repair(conv_net(bn=bn), ArraySet(x), sparsity=0.5, batch_size=8, device="cpu", progress=False)
 
 
 @pytest.mark.parametrize("ratio", [100, 1000])
