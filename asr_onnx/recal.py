@@ -269,8 +269,10 @@ def _add_bias(graph, layer, c: np.ndarray):
                 const[0].values = (const[0].values.astype(np.float64) + c).astype(const[0].values.dtype)
             return const[0]
     shifted = gs.Variable(f"{out.name}.asr_shifted", dtype=out.dtype, shape=out.shape)
-    for node in list(consumers):
-        node.inputs[:] = [shifted if t is out else t for t in node.inputs]
+    for node in list(consumers):  # by index: graphsurgeon's synchronised lists refuse slice assignment
+        for i, tensor in enumerate(node.inputs):
+            if tensor is out:
+                node.inputs[i] = shifted
     graph.outputs = [shifted if t is out else t for t in graph.outputs]
     if shifted in graph.outputs:
         shifted.name, out.name = out.name, f"{out.name}.asr_raw"

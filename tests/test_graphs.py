@@ -249,3 +249,21 @@ def test_a_constant_on_another_axis_is_not_taken_for_a_decomposed_bn():
     job = repair(dense, zoo.DictSet(feeds), sparsity=SPARSITY, batch_size=zoo.N, device="cpu", progress=False)
     assert [s.kind for s in job._sites] == ["folded", "folded-affine", "folded"]
     check_statistics(dense, job, feeds)
+
+
+def test_a_bias_less_layer_read_by_several_nodes_and_a_graph_output_at_high_sparsity():
+    """Issue 14.13: the shift folded after a bias-less MatMul reaches every reader (graphsurgeon's lists
+    refuse slice assignment, so a Keras graph crashed here). Numpy oracle: the logits recomputed from the
+    corrected graph output ``features`` equal the model's, so the other readers see the same tensor."""
+    dense, feeds = zoo.keras_shared_output()
+    job = repair(dense, zoo.DictSet(feeds), sparsity=0.95, method="bn", batch_size=zoo.N, device="cpu",
+                 progress=False)
+    check_statistics(dense, job, feeds)
+    assert [o.name for o in job.output.graph.output] == [o.name for o in dense.graph.output]
+    session = ort.InferenceSession(job.output.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits, features = session.run(None, feeds)
+    weights = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in job.output.graph.initializer}
+    f = features.astype(np.float64)
+    gated = np.maximum(f * weights["s10"] + weights["t12"], 0) / (1 + np.exp(-f))  # relu(f * s + t) * sigmoid(f)
+    expected = gated.mean(axis=(1, 2)) @ weights["fc18"] + weights["fcb20"]
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)

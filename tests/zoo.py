@@ -126,6 +126,27 @@ def nhwc():
     return g.model([("input", ["N", 8, 8, 3], None)], out), {"input": _feed((8, 8, 3))}
 
 
+# ---------------------------------------------------------------- 3b. a bias-less layer read by several nodes
+
+
+def keras_shared_output():
+    """Keras-style NHWC: a bias-less MatMul whose output is a graph output and also feeds a decomposed
+    BN (Mul/Add) and a Sigmoid gate, so that a shift folded after it must rewire several consumers."""
+    g = G(12)
+    h = g.node("Transpose", [g.node("Cast", ["input"], to=TensorProto.FLOAT)], perm=[0, 3, 1, 2])
+    h = g.relu(g.node("Transpose", [g.conv(h, 3, 6)], perm=[0, 2, 3, 1]))
+    features = g.node("MatMul", [h, g.init("pw", g.weight((6, 8), 6))])
+    scaled = g.node("Add", [g.node("Mul", [features, g.init("s", g.rng.uniform(0.5, 1.5, 8))]),
+                            g.init("t", g.rng.normal(0, 0.1, 8))])
+    gated = g.node("Mul", [g.relu(scaled), g.node("Sigmoid", [features])])
+    pooled = g.node("ReduceMean", [gated], axes=[1, 2], keepdims=0)
+    out = g.node("Add", [g.node("MatMul", [pooled, g.init("fc", g.weight((8, 5), 8))]), g.init("fcb", np.zeros(5))])
+    model = g.model([("input", ["N", 8, 8, 3], None)], out)
+    model.graph.output.append(helper.make_tensor_value_info(features, TensorProto.FLOAT, ["N", 8, 8, 8]))
+    onnx.checker.check_model(model)
+    return model, {"input": _feed((8, 8, 3))}
+
+
 # ---------------------------------------------------------------- 4. Constant-made weights, old opsets
 
 
@@ -333,7 +354,7 @@ def huge_activations(bn=False):
 CLASSES = {
     "bn_kept": bn_kept, "bn_folded": bn_folded, "bn_kept_opset9": lambda: bn_kept(9),
     "decomposed_sub_mul_add": decomposed_bn, "decomposed_mul_add": lambda: decomposed_bn(("Mul", "Add")),
-    "nhwc": nhwc, "constant_weights_opset9": lambda: constant_weights(9),
+    "nhwc": nhwc, "keras_shared_output": keras_shared_output, "constant_weights_opset9": lambda: constant_weights(9),
     "constant_weights_opset12": lambda: constant_weights(12), "odd_convs": odd_convs, "conv1d": conv1d,
     "fc_heads": fc_heads, "shared_branched": shared_branched, "fixed_batch_1": fixed_batch_1,
     "fixed_batch_1_bn": fixed_batch_1_bn, "input_bn_batch_1": input_bn_batch_1, "two_inputs": two_inputs, "fp16_bn": half_bn,
