@@ -26,10 +26,10 @@ class Grid:
         methods: none, bn, lw, naive, asr, auto, and reflow (bn without the head correction,
             i.e. BN recalibration only). Defaults to none, bn, lw, naive, asr.
         regimes: (recal, placement) or (recal, placement, correct_head) tuples, e.g.
-            ("exact", "recal") or ("momentum", "pre-bn", False) for the paper's pipeline. A pair takes
-            ``correct_head``. Defaults to (("exact", "recal"),).
+            ("exact", "recal") or ("momentum", "pre-bn", False) for the paper's pipeline; recal may name
+            its own momentum, "momentum=0.3". A pair takes ``correct_head``. Defaults to (("exact", "recal"),).
         lambda_rule: ASR's lambda rule. Defaults to "median".
-        momentum: for the momentum regime. Defaults to 0.1.
+        momentum: for a regime that says "momentum" without a value. Defaults to 0.1.
         correct_head: as for Repair.correct, for regimes that do not say. Defaults to True.
     """
 
@@ -40,6 +40,11 @@ class Grid:
     lambda_rule: str = "median"
     momentum: float = 0.1
     correct_head: bool = True
+
+    def recal(self, text: str) -> tuple[str, float]:
+        """A regime's recal text, "exact", "momentum" or "momentum=M", as (mode, momentum)."""
+        mode, _, value = str(text).partition("=")
+        return mode, float(value) if value else self.momentum
 
     def cells(self):
         """(pattern, sparsity) pairs; an N:M pattern has one cell whatever the sparsity."""
@@ -116,15 +121,16 @@ def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None 
                 if method == "auto" and placement != next(p for r, p, _ in regimes if r == recal):
                     continue  # auto chooses its own placement
                 start = time.perf_counter()
+                mode, momentum = grid.recal(recal)
                 corrects_head = head and method != "reflow"  # "reflow" is bn with the head left alone
                 if method == "none":
                     output = job.pruned
                 else:
                     if method == "auto":
-                        job.auto(calib, recal=recal, momentum=grid.momentum, correct_head=head)
+                        job.auto(calib, recal=mode, momentum=momentum, correct_head=head)
                     else:
-                        job.correct("bn" if method == "reflow" else method, placement=placement, recal=recal,
-                                    momentum=grid.momentum, lambda_rule=grid.lambda_rule, correct_head=corrects_head)
+                        job.correct("bn" if method == "reflow" else method, placement=placement, recal=mode,
+                                    momentum=momentum, lambda_rule=grid.lambda_rule, correct_head=corrects_head)
                     output = job.fold().output
                 repair_s = time.perf_counter() - start
                 digest = hashlib.sha256(output.SerializeToString(deterministic=True)).hexdigest()

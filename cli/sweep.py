@@ -12,8 +12,8 @@ def parse_regimes(recal: str, placement: str) -> tuple:
 
     regimes = []
     for text in parse_list(recal):
-        mode, _ = parse_recal(text)
-        regimes += [(mode, p) for p in parse_list(placement)]
+        parse_recal(text)  # checked here; the text travels whole, so that each regime keeps its own momentum
+        regimes += [(text, p) for p in parse_list(placement)]
     return tuple(regimes)
 
 
@@ -53,7 +53,7 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
     grid = Grid(sparsities=tuple(check_sparsity(s) for s in parse_list(sparsity)),
                 patterns=tuple(str(Pattern.parse(p)) for p in parse_list(pattern)),
                 methods=tuple(parse_list(method)), regimes=parse_regimes(recal_modes, placement),
-                lambda_rule=lambda_rule, momentum=_momentum(recal_modes), correct_head=not no_head)
+                lambda_rule=lambda_rule, correct_head=not no_head)
     calib = open_data(calib_path, proto, preprocess, limit=calib_size, seed=seed)
     eval_data = open_data(eval_path, proto, preprocess, limit=eval_size, seed=seed)
     dense_stats = load_stats(stats_path, stats_key(proto, calib)) if stats_path else None
@@ -75,9 +75,3 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
         written += sweep_plots(result, out_dir)
     if not quiet:
         click.echo("wrote " + ", ".join(str(p) for p in written))
-
-
-def _momentum(recal_modes: str) -> float:
-    from .repair import parse_recal
-
-    return next((parse_recal(t)[1] for t in parse_list(recal_modes) if t.startswith("momentum")), 0.1)

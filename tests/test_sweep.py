@@ -163,3 +163,23 @@ def test_sweep_cli_writes_results_and_plots(tmp_path, capsys):
     assert len(rows) == 8 and (out / "results.md").read_text().count("| global |") == 2
     for name in ("accuracy_vs_sparsity.png", "asr_minus_lw_vs_severity.png", "channel_variance.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_momentum_regime_keeps_its_own_momentum(data, tmp_path):
+    """Issue 14.12: `--recal momentum=0.1,momentum=0.3` ran 0.1 twice. Each row must equal a repair at
+    its own momentum, and the two must differ."""
+    from asr_onnx.verify import evaluate
+    from asr_onnx_cli.sweep import parse_regimes
+
+    calib, eval_data = data
+    regimes = parse_regimes("momentum=0.1,momentum=0.3", "pre-bn")
+    grid = Grid(sparsities=(0.8,), methods=("bn",), regimes=regimes)
+    model = conv_net(bn=True)
+    rows = run_sweep(model, calib, eval_data, grid, batch_size=16, device="cpu", progress=False, watch=False).rows
+    assert [r["recal"] for r in rows] == ["momentum=0.1", "momentum=0.3"]
+    for row, momentum in zip(rows, (0.1, 0.3)):
+        job = Repair(model, device="cpu", batch_size=16, progress=False).prune(0.8).measure(calib)
+        job.correct("bn", placement="pre-bn", recal="momentum", momentum=momentum).fold()
+        direct = evaluate(job.output, eval_data, reference=model, device="cpu", progress=False)
+        assert row["logit_rel_l2"] == pytest.approx(direct["logit_rel_l2"], rel=1e-9)
+    assert rows[0]["logit_rel_l2"] != pytest.approx(rows[1]["logit_rel_l2"], rel=1e-6)
