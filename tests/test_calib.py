@@ -754,6 +754,7 @@ def test_from_metadata_without_key_gives_defaults():
         ('{"colour": "red"}', r"unknown fields: colour"),
         ('{"channel_order": "rbg"}', r"channel_order must be one of rgb, bgr"),
         ('{"std": [0.0]}', r"std .* contains 0"),
+        ('{"hook": "os:system"}', r"names a hook .* may only carry data"),  # a model file never runs code
     ],
 )
 def test_from_metadata_errors(text, message):

@@ -10,6 +10,8 @@ import numpy as np
 from asr_onnx.errors import AsrError
 
 METADATA_KEY = "asr_onnx.preprocess"
+# what a model file may say about its preprocessing: data only, never code (no hook: a model never runs anything)
+METADATA_FIELDS = ("size", "resize", "mean", "std", "scale", "channel_order", "layout")
 
 
 @dataclass(frozen=True)
@@ -94,17 +96,19 @@ class Preprocess:
 
     @classmethod
     def from_metadata(cls, props: dict[str, str], **overrides) -> "Preprocess":
-        """Build from model metadata key ``asr_onnx.preprocess`` (JSON of any fields).
+        """Build from model metadata key ``asr_onnx.preprocess`` (JSON of METADATA_FIELDS).
+
+        A hook comes only from ``overrides`` (the command line or the API), never from the model file.
 
         Args:
             props: Model metadata_props as a dict; the key is optional.
             **overrides: Field values that win over the metadata when not None.
 
         Raises:
-            AsrError: Invalid JSON, unknown field names or invalid values.
+            AsrError: Invalid JSON, a field that is not data (a hook), unknown field names or invalid values.
         """
         known = {field.name for field in fields(cls)}
-        values = _metadata_fields(props, known)
+        values = _metadata_fields(props)
         for name, value in overrides.items():
             if name not in known:
                 raise AsrError(f"unknown preprocessing option {name!r}")
@@ -113,7 +117,7 @@ class Preprocess:
         return cls(**values)
 
 
-def _metadata_fields(props: dict[str, str], known: set[str]) -> dict:
+def _metadata_fields(props: dict[str, str]) -> dict:
     text = (props or {}).get(METADATA_KEY)
     if text is None:
         return {}
@@ -123,7 +127,11 @@ def _metadata_fields(props: dict[str, str], known: set[str]) -> dict:
         raise AsrError(f"model metadata {METADATA_KEY} is not valid JSON: {exc}") from None
     if not isinstance(values, dict):
         raise AsrError(f"model metadata {METADATA_KEY} must be a JSON object, got {text!r}")
-    unknown = sorted(set(values) - known)
+    if "hook" in values:
+        raise AsrError(f"model metadata {METADATA_KEY} names a hook ({values['hook']!r}); a model file may "
+                       f"only carry data ({', '.join(METADATA_FIELDS)}) and never runs code: pass "
+                       "--preprocess to run a hook")
+    unknown = sorted(set(values) - set(METADATA_FIELDS))
     if unknown:
         raise AsrError(f"model metadata {METADATA_KEY} has unknown fields: {', '.join(unknown)}")
     return values
