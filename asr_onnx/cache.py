@@ -21,23 +21,14 @@ def stats_key(model, calib) -> str:
 
 def save_stats(path, stats: dict[str, ChannelStats], key: str) -> Path:
     """Writes per-site statistics to an .npz (atomically), with the key that makes them valid."""
-    import os
-    import tempfile
+    from .outputs import write_file
 
     path = Path(path)
     arrays = {"__meta__": np.array(json.dumps({"key": key, "sites": list(stats)}))}
     for i, entry in enumerate(stats.values()):
         arrays[f"{i}.count"] = np.array(entry.count)
         arrays[f"{i}.mean"], arrays[f"{i}.m2"] = entry.mean, entry.m2
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_file(path, lambda handle: np.savez(handle, **arrays))
 
 
 def load_stats(path, key: str) -> dict[str, ChannelStats]:

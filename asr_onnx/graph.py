@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -385,22 +384,20 @@ def _reaches_output(tensor, graph) -> bool:
 
 
 def check_destination(path, source=None, overwrite: bool = False) -> Path:
-    """Refuses an output path that is the input (unless ``overwrite``) or whose folder is missing or read-only."""
+    """Refuses an output path that is the input or its external data (unless ``overwrite``), a folder, or
+    whose folder is missing or read-only (see :class:`asr_onnx.outputs.Plan`, which also checks the rest)."""
+    from .outputs import Plan
+
     path = Path(path)
-    if source is not None and path.resolve() == Path(source).resolve() and not overwrite:
-        raise AsrError(f"output {path} is the input model; pass --overwrite to replace it")
-    if path.is_dir():
-        raise AsrError(f"output path is a folder: {path}")
-    folder = path.parent
-    if not folder.is_dir():
-        raise AsrError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise AsrError(f"output folder is not writable: {folder}")
+    plan = Plan()
+    inputs = plan.read_model(source) if source is not None else []
+    plan.write(path, "output", siblings=(f"{path.name}.data",), replaces=inputs if overwrite else ())
+    plan.check()
     return path
 
 
 def save_model(model: onnx.ModelProto, path, *, overwrite: bool = False, source=None, check: bool = True) -> Path:
-    """Checks a model and writes it atomically (a temporary folder beside ``path``, then renames).
+    """Checks a model and writes it atomically (a staging folder beside ``path``, then renames).
 
     The weights go to ``<name>.data`` beside the model when the model is over 2 GB or the source model
     kept its weights in external data.
@@ -409,35 +406,30 @@ def save_model(model: onnx.ModelProto, path, *, overwrite: bool = False, source=
         model: the model to write (never modified).
         path: the destination.
         overwrite: allow ``path`` to be the ``source`` model. Defaults to False.
-        source: the input model's path, which is never overwritten unless ``overwrite``.
+        source: the input model's path, which is never overwritten unless ``overwrite``, and whose
+            external data files never are. Defaults to None.
         check: run onnx.checker and load the model in onnxruntime first. Defaults to True.
 
     Raises:
-        AsrError: the destination is the input, its folder is missing or not writable, or the
-            model fails the checks. No file is left behind.
+        AsrError: the destination (or its ``<name>.data``) is an input file, its folder is missing or not
+            writable, or the model fails the checks. No file is left behind.
     """
-    import shutil
+    from .outputs import Plan
 
-    path = check_destination(path, source, overwrite)
+    path = Path(path)
+    plan = Plan()
+    inputs = plan.read_model(source) if source is not None else []
+    output = plan.write(path, "output", siblings=(f"{path.name}.data",), replaces=inputs if overwrite else ())
+    plan.check()
     external = is_large(model) or (source is not None and has_external_data(source))
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as e:
-        raise AsrError(f"cannot write to {path.parent}: {e.strerror or e}") from None
-    try:
-        staged = staging / path.name
+    with plan.staged():
+        staged = output.staged
         if external:
             write_external(model, staged)
         else:
             staged.write_bytes(model.SerializeToString())
         if check:
             check_output(staged)
-        for item in sorted(staging.iterdir(), key=lambda p: p == staged):  # the model file last
-            os.replace(item, path.parent / item.name)
-    except OSError as e:  # a full disk, a file system that refuses the rename
-        raise AsrError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
@@ -486,7 +478,7 @@ def check_output(model) -> None:
     Raises:
         AsrError: either check fails.
     """
-    from .runtime import make_session
+    from .runtime import load_error, make_session
 
     if isinstance(model, onnx.ModelProto) and is_large(model):
         with tempfile.TemporaryDirectory() as folder:
@@ -499,7 +491,7 @@ def check_output(model) -> None:
     try:  # loading is the check; optimising the graph for a run that never happens is not
         make_session(model, device="cpu", optimize=False)
     except Exception as e:
-        raise AsrError(f"onnxruntime cannot load the output model: {_first_line(e)}") from None
+        raise load_error(e, "the output model") from None
 
 
 def input_specs(model: onnx.ModelProto):

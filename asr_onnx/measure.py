@@ -214,15 +214,12 @@ def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, 
 
 
 def _session(model, device: str, threads: int, mem_pattern: bool):
-    from .graph import _first_line
-    from .runtime import make_session
+    from .runtime import load_error, make_session
 
     try:
         return make_session(model, device, threads, mem_pattern=mem_pattern)
-    except AsrError:
-        raise
-    except Exception as e:  # onnxruntime's own errors: an unknown op, a bad graph
-        raise AsrError(f"onnxruntime cannot load the model: {_first_line(e)}") from None
+    except Exception as e:  # onnxruntime's own errors (an unknown op, a bad graph), or what really failed
+        raise load_error(e) from None
 
 
 def _run_batch(run, names, feed) -> dict:

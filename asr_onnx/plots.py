@@ -190,13 +190,15 @@ def channel_title(model: str, site: str, sparsity, pattern: str) -> str:
     return f"{model} · {site} · {amount}{pattern}"
 
 
+PLOT_FILES = ("accuracy_vs_sparsity.png", "asr_minus_lw_vs_severity.png", "channel_variance.png")
+
+
 def sweep_plots(result, folder) -> list[Path]:
-    """Every plot the sweep's data supports, written into ``folder``."""
+    """Every plot the sweep's data supports (named in PLOT_FILES), written into ``folder``."""
     folder = Path(folder)
-    paths = [accuracy_vs_sparsity(result, folder / "accuracy_vs_sparsity.png"),
-             gain_vs_severity(result, folder / "asr_minus_lw_vs_severity.png")]
+    paths = [accuracy_vs_sparsity(result, folder / PLOT_FILES[0]), gain_vs_severity(result, folder / PLOT_FILES[1])]
     if result.channel_var:
-        paths.append(channel_variance(sweep_series(result.channel_var), folder / "channel_variance.png",
+        paths.append(channel_variance(sweep_series(result.channel_var), folder / PLOT_FILES[2],
                                       sweep_channel_title(result)))
     return paths
 

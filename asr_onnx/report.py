@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import textwrap
 from dataclasses import asdict
 from pathlib import Path
@@ -85,23 +83,16 @@ def build_report(job) -> dict:
 
 
 def write_json(report: dict, path) -> Path:
-    """Writes the report atomically (temporary file, then rename)."""
+    """Writes the report atomically (a staging file, then rename)."""
     text = json.dumps(report, indent=1, sort_keys=False).replace('"lambda_"', '"lambda"')
     return write_text(text + "\n", path)
 
 
 def write_text(text: str, path) -> Path:
-    """Writes ``text`` to a temporary file beside ``path``, then renames it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Writes ``text`` (UTF-8) to a staging file beside ``path``, then renames it into place."""
+    from .outputs import write_file
+
+    return write_file(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 FORMATS = {".json": "json", ".html": "html", ".htm": "html"}

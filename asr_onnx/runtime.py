@@ -82,9 +82,22 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
     wanted = providers(device)
     with contextlib.redirect_stdout(io.StringIO()) as printed:  # onnxruntime prints its fallback to the CPU
         session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=wanted)
-    if provider_of(session) == wanted[0]:
-        sys.stdout.write(printed.getvalue())
+    if provider_of(session) == wanted[0] and printed.getvalue():
+        with contextlib.suppress(OSError, AttributeError):  # a closed stdout (None) or /dev/full is no session error
+            sys.stdout.write(printed.getvalue())
     return check_provider(session, wanted[0], device, fallback_cause(printed.getvalue()))
+
+
+def load_error(e: Exception, what: str = "the model") -> AsrError:
+    """The one-line error for a failure while a session was being made: onnxruntime's own errors say
+    that onnxruntime cannot load ``what``; anything else says what really failed."""
+    from .graph import _first_line
+
+    if isinstance(e, AsrError):
+        return e
+    if type(e).__module__.startswith("onnxruntime"):
+        return AsrError(f"onnxruntime cannot load {what}: {_first_line(e)}")
+    return AsrError(f"cannot start an onnxruntime session for {what}: {type(e).__name__}: {_first_line(e)}")
 
 
 def fallback_cause(printed: str) -> str:

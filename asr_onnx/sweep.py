@@ -65,12 +65,17 @@ class SweepResult:
         return {"dense": self.dense, "rows": self.rows, "channel_var": self.channel_var}
 
     def write(self, folder) -> tuple[Path, Path]:
-        """Writes results.json and results.md into ``folder``."""
+        """Writes results.json and results.md into ``folder`` (each atomically)."""
+        from .outputs import write_file
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "results.json").write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        (folder / "results.md").write_text(markdown(self) + "\n")
+        for name, text in (("results.json", json.dumps(self.to_json(), indent=1)), ("results.md", markdown(self))):
+            write_file(folder / name, lambda handle, text=text: handle.write((text + "\n").encode()))
         return folder / "results.json", folder / "results.md"
+
+
+RESULT_FILES = ("results.json", "results.md")
 
 
 def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None = None, batch_size: int = 64,

@@ -60,6 +60,23 @@ def open_data(path, model, options: dict, limit: int | None = None, seed: int = 
     return data.take(limit, seed) if limit else data
 
 
+def say(text: str) -> None:
+    """Prints progress or a summary on stdout. A closed stdout, a broken pipe or a full disk (/dev/full)
+    never fails a command that did its work: the text is dropped, and so is all later stdout."""
+    import os
+    import sys
+
+    try:
+        click.echo(text)
+    except OSError:
+        try:  # later writes (and the flush at exit) go nowhere instead of failing again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
 def parse_list(text: str, kind=str) -> list:
     try:
         return [kind(v.strip()) for v in str(text).split(",") if v.strip()]

@@ -34,13 +34,29 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends a run as SIGINT does: its staging folders are removed on the way out
+
+
 def main(argv=None) -> int:
     """Runs the CLI; every failure becomes one line on stderr, and so does every warning."""
+    import signal
     import warnings
 
-    from asr_onnx.errors import AsrError
-
     warnings.formatwarning = _one_line_warning
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: signals cannot be caught here
+        previous = None
+    try:
+        return _run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv) -> int:
+    from asr_onnx.errors import AsrError
 
     try:
         cli.main(args=argv, prog_name="asr-onnx", standalone_mode=False)

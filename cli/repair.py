@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import open_data, preprocess_options
+from .common import open_data, preprocess_options, say
 
 
 def default_output(model: str) -> Path:
@@ -60,7 +60,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, method, placeme
     from asr_onnx.api import Repair
     from asr_onnx.cache import load_stats, stats_key
     from asr_onnx.errors import AsrError
-    from asr_onnx.graph import check_destination
+    from asr_onnx.outputs import Plan
     from asr_onnx.report import report_format, summary, write_report
 
     recal, momentum = parse_recal(recal_mode)
@@ -70,8 +70,17 @@ def repair_command(model, calib_path, output, sparsity, pattern, method, placeme
         except AsrError as e:
             raise click.BadParameter(str(e), param_hint="--report") from None
     output = Path(output) if output else default_output(model)
+    plan = Plan()  # every path read and written, checked for overlap before any work
+    inputs = plan.read_model(model)
+    plan.read(stats_path, "the --stats file")
+    if method != "none" and calib_path:
+        plan.read_data(calib_path, "the --calib data")
+    if eval_path:
+        plan.read_data(eval_path, "the --eval data")
+    model_out = plan.write(output, "-o", siblings=(f"{output.name}.data",), replaces=inputs if overwrite else ())
+    report_out = plan.write(report_path, "--report") if report_path else None
+    plan.check()
     job = Repair(model, device=device, batch_size=batch_size, progress=not quiet, threads=threads)
-    check_destination(output, job.source, overwrite)
     job.prune(sparsity, pattern, exclude, keep_first, keep_last)
     calib = dense_stats = None
     if method != "none":
@@ -84,15 +93,16 @@ def repair_command(model, calib_path, output, sparsity, pattern, method, placeme
             seed=seed)
     if fp16 or fp16_io:
         job.to_fp16(keep_io=not fp16_io)
-    job.save(output, overwrite=overwrite)
     if eval_path:
         job.evaluate(open_data(eval_path, job.dense, preprocess, limit=eval_size, seed=seed), name=eval_path)
-    report = job.report()
-    if report_path:
-        write_report(report, report_path)
+    with plan.staged():  # every output is staged, then all are renamed into place together
+        job.save(model_out.staged)
+        report = job.report()
+        if report_out:
+            write_report(report, report_out.staged)
     if not quiet:
-        click.echo(summary(report))
-        click.echo(f"wrote {output}")
+        say(summary(report))
+        say(f"wrote {output}")
 
 
 def parse_recal(text: str) -> tuple[str, float]:

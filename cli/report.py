@@ -15,8 +15,15 @@ def report_command(report_path, output, site):
     from pathlib import Path
 
     from asr_onnx.html import load_report, write_html
+    from asr_onnx.outputs import Plan
     from asr_onnx.report import FORMATS
 
     if FORMATS.get(Path(output).suffix.lower()) != "html":
         raise click.BadParameter(f"{output}: the page must end in .html", param_hint="-o")
-    write_html(load_report(report_path), output, site=site)
+    plan = Plan()
+    plan.read(report_path, "the JSON report")
+    page = plan.write(output, "-o")
+    plan.check()
+    report = load_report(report_path)
+    with plan.staged():
+        write_html(report, page.staged, site=site)

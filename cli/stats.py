@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import open_data, preprocess_options
+from .common import open_data, preprocess_options, say
 
 
 @click.command("stats")
@@ -25,10 +25,17 @@ def stats_command(model, calib_path, output, calib_size, batch_size, seed, devic
     """
     from asr_onnx.api import Repair
     from asr_onnx.cache import save_stats, stats_key
+    from asr_onnx.outputs import Plan
 
+    plan = Plan()
+    plan.read_model(model)
+    plan.read_data(calib_path, "the --calib data")
+    stats_out = plan.write(output, "-o")
+    plan.check()
     job = Repair(model, device=device, batch_size=batch_size, progress=not quiet)
     calib = open_data(calib_path, job.dense, preprocess, limit=calib_size, seed=seed)
     stats = job.measure_dense(calib)
-    save_stats(output, stats, stats_key(job.dense, calib))
+    with plan.staged():
+        save_stats(stats_out.staged, stats, stats_key(job.dense, calib))
     if not quiet:
-        click.echo(f"wrote statistics of {len(stats)} sites to {output}")
+        say(f"wrote statistics of {len(stats)} sites to {output}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import open_data, parse_list, preprocess_options
+from .common import open_data, parse_list, preprocess_options, say
 
 
 def parse_regimes(recal: str, placement: str) -> tuple:
@@ -46,9 +46,18 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
     """Repair MODEL over a grid and write results.json, results.md and plots."""
     from asr_onnx.cache import load_stats, stats_key
     from asr_onnx.graph import load_model
+    from asr_onnx.outputs import Plan
+    from asr_onnx.plots import PLOT_FILES
     from asr_onnx.prune import Pattern, check_sparsity
-    from asr_onnx.sweep import Grid, run_sweep
+    from asr_onnx.sweep import RESULT_FILES, Grid, run_sweep
 
+    plan = Plan()
+    plan.read_model(model)
+    plan.read_data(calib_path, "the --calib data")
+    plan.read_data(eval_path, "the --eval data")
+    plan.read(stats_path, "the --stats file")
+    folder = plan.write_folder(out_dir, "-o", RESULT_FILES + (PLOT_FILES if plots else ()))
+    plan.check()
     proto = load_model(model)
     grid = Grid(sparsities=tuple(check_sparsity(s) for s in parse_list(sparsity)),
                 patterns=tuple(str(Pattern.parse(p)) for p in parse_list(pattern)),
@@ -61,17 +70,17 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
     def show(row):
         if not quiet:
             top1 = f"{100 * row['top1']:.2f}%" if row.get("top1") is not None else "-"
-            click.echo(f"{row['pattern']:>7} {row['sparsity'] or '-':>5} {row['recal']:>8} {row['placement']:>6} "
+            say(f"{row['pattern']:>7} {row['sparsity'] or '-':>5} {row['recal']:>8} {row['placement']:>6} "
                        f"{row['method']:>5}  top-1 {top1}  agreement {100 * row['agreement']:.1f}%  "
                        f"repair {row['repair_s']:.2f}s")
 
     result = run_sweep(model, calib, eval_data, grid, batch_size=batch_size, device=device, progress=not quiet,
                        dense_stats=dense_stats, on_row=show, watch_site=plot_site)
-    json_path, md_path = result.write(out_dir)
-    written = [json_path, md_path]
-    if plots:
-        from asr_onnx.plots import sweep_plots
+    with plan.staged():  # results and plots appear together, or not at all
+        written = list(result.write(folder.staged))
+        if plots:
+            from asr_onnx.plots import sweep_plots
 
-        written += sweep_plots(result, out_dir)
+            written += sweep_plots(result, folder.staged)
     if not quiet:
-        click.echo("wrote " + ", ".join(str(p) for p in written))
+        say("wrote " + ", ".join(str(folder.path / p.name) for p in written))

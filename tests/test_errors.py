@@ -171,3 +171,214 @@ def test_same_inputs_give_identical_model_and_report(bn_model, calib_dir, tmp_pa
     assert main(["repair", str(bn_model), "--calib", str(calib_dir), "-o", str(other), "--method", "asr",
                  "--sparsity", "0.7", "--calib-size", "40", "--seed", "4", "--batch-size", "16", "-q"]) == 0
     assert other.read_bytes() != runs[0][0]
+
+
+# ---------------------------------------------------------------- issue 14: no model runs code
+
+
+def test_a_hook_in_model_metadata_never_runs(tmp_path, capsys):
+    """Issue 14.1: metadata may only carry data; a hook it names is refused, and never imported."""
+    marker = tmp_path / "ran"
+    hook = tmp_path / "evil.py"
+    hook.write_text(f"open({str(marker)!r}, 'w').close()\ndef prep(image, spec):\n    return image\n")
+    model = conv_net(bn=True)
+    onnx.helper.set_model_props(model, {"asr_onnx.preprocess": json.dumps({"hook": f"{hook}:prep"})})
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    folder = images(tmp_path / "img", 16)
+    runs = [["repair", str(path), "--calib", str(folder), "-o", str(tmp_path / "o.onnx"), "--batch-size", "8"],
+            ["stats", str(path), "--calib", str(folder), "-o", str(tmp_path / "s.npz"), "--batch-size", "8"],
+            ["eval", str(path), "--data", str(folder), "--reference", str(path)],
+            ["verify", str(path), "--reference", str(path), "--data", str(folder)]]
+    for argv in runs:
+        assert main([*argv, "-q"] if argv[0] in ("repair", "stats") else argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "names a hook" in err and "--preprocess" in err, err
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.py", "img", "m.onnx"]
+
+
+# ---------------------------------------------------------------- issue 14: outputs never alias inputs
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """A model with external data named as a default output's ``.data`` would be, calibration data, an
+    evaluation set and valid statistics: every kind of file a command reads. Returns (folder, paths)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    onnx.save(conv_net(bn=False), folder / "m.onnx", save_as_external_data=True, size_threshold=0,
+              location="aim.onnx.data")
+    (folder / "calib").mkdir()
+    np.save(folder / "calib" / "x.npy", random_inputs(32))
+    np.savez(folder / "eval.npz", x=random_inputs(16, seed=1), y=np.arange(16) % 5)
+    assert main(["stats", str(folder / "m.onnx"), "--calib", str(folder / "calib"), "-o", str(folder / "s.npz"),
+                 "--batch-size", "16", "-q"]) == 0
+    assert main(["repair", str(folder / "m.onnx"), "--calib", str(folder / "calib"), "-o", str(folder / "rep.onnx"),
+                 "--report", str(folder / "r.json"), "--batch-size", "16", "-q"]) == 0
+    (folder / "link.onnx").symlink_to(folder / "m.onnx")
+    (folder / "r.html").symlink_to(folder / "r.json")  # `report -o` takes only .html names, --report .json
+    for name, target in (("m.json", "m.onnx"), ("w.json", "aim.onnx.data"), ("x.json", "calib/x.npy"),
+                         ("s.json", "s.npz")):
+        (folder / name).symlink_to(folder / target)
+    return folder
+
+
+def commands(folder):
+    """Each subcommand that writes, with a path option as the placeholder {}, and the files it reads."""
+    model, calib, stats = str(folder / "m.onnx"), str(folder / "calib"), str(folder / "s.npz")
+    model_files = ["m.onnx", "aim.onnx.data", "calib/../m.onnx", "link.onnx"]  # also through `..` and a symlink
+    calib_files = ["calib/x.npy", "calib", "calib/new.onnx"]  # nothing may be written inside a data folder
+    repair = ["repair", model, "--calib", calib, "--stats", stats, "--batch-size", "16"]
+    return {
+        # aim.onnx is new, but the model's weights are its .data
+        "repair -o": ([*repair, "-o", "{}"], [*model_files, *calib_files, "s.npz", "aim.onnx"]),
+        "repair --report": ([*repair, "-o", str(folder.parent / "ok.onnx"), "--report", "{}"],
+                            [*model_files, *calib_files, "s.npz", "m.json", "w.json", "x.json", "s.json",
+                             "calib/new.json"]),
+        "stats -o": (["stats", model, "--calib", calib, "--batch-size", "16", "-o", "{}"],
+                     [*model_files, *calib_files]),
+        "sweep -o": (["sweep", model, "--calib", calib, "--eval", str(folder / "eval.npz"), "--stats", stats,
+                      "--sparsity", "0.5", "--method", "bn", "--batch-size", "16", "--no-plots", "-o", "{}"],
+                     [*model_files, *calib_files, "s.npz", "eval.npz"]),
+        "report -o": (["report", str(folder / "r.json"), "-o", "{}"], ["r.html", "calib/../r.html"]),
+    }
+
+
+def snapshot(folder):
+    return {p: (digest(p) if p.is_file() else None) for p in sorted(folder.parent.rglob("*"))}
+
+
+@pytest.mark.parametrize("command", ["repair -o", "repair --report", "stats -o", "sweep -o", "report -o"])
+def test_no_path_option_aimed_at_an_input_writes_anything(command, inputs, capsys):
+    """Issue 14.2: every subcommand with every path option aimed at every input file (and spelt through
+    `..` or a symlink) is refused with one line, and every input stays byte-identical."""
+    before = snapshot(inputs)
+    template, targets = commands(inputs)[command]
+    for target in targets:
+        code = main([*(str(inputs / target) if a == "{}" else a for a in template), "-q"])
+        err = capsys.readouterr().err.strip()
+        # 1: the path conflict; 2: a name the option refuses anyway (--report m.onnx is not .json or .html)
+        assert code in (1, 2) and len(err.splitlines()) == 1 and err.startswith("error: "), (target, err)
+        assert snapshot(inputs) == before, target
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["-o", "{out}/same.json", "--report", "{out}/same.json"], "both write"),
+    (["-o", "{out}/x.onnx", "--report", "{out}/alias.json"], "both write"),  # alias.json -> x.onnx
+    (["-o", "{out}/x.onnx", "--report", "{out}/missing/r.json"], "does not exist"),
+    (["-o", "{out}/x.onnx", "--report", "{out}/taken.json"], "is a folder"),
+])
+def test_two_outputs_that_collide_or_cannot_be_written_are_refused_before_any_work(argv, message, bn_model, calib_dir,
+                                                                                  tmp_path, capsys):
+    """Issue 14.2/14.3: --report equal to -o (or a symlink to it), or into a missing folder or onto a folder."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "alias.json").symlink_to(out / "x.onnx")
+    (out / "taken.json").mkdir()
+    argv = [a.format(out=out) for a in argv]
+    assert main(["repair", str(bn_model), "--calib", str(calib_dir), "--batch-size", "16", *argv, "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["alias.json", "taken.json"]
+
+
+def test_a_report_that_fails_after_the_model_is_staged_leaves_nothing(bn_model, calib_dir, tmp_path, capsys,
+                                                                      monkeypatch):
+    """Issue 14.3: a full disk while the report is written: neither the model nor the report appears."""
+    import errno
+
+    import asr_onnx.report
+
+    def full(report, path):
+        path.write_bytes(b"{")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(asr_onnx.report, "write_json", full)
+    out = tmp_path / "out"
+    out.mkdir()
+    code = main(["repair", str(bn_model), "--calib", str(calib_dir), "--batch-size", "16", "-o", str(out / "m.onnx"),
+                 "--report", str(out / "r.json"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "No space left" in err, err
+    assert list(out.iterdir()) == []
+
+
+def test_overwrite_may_replace_the_model_and_its_weights_but_never_the_report_onto_them(inputs, capsys):
+    model = inputs / "m.onnx"
+    before = snapshot(inputs)
+    assert main(["repair", str(model), "--calib", str(inputs / "calib"), "--batch-size", "16", "-o", str(model),
+                 "--overwrite", "--report", str(inputs / "m.json"), "-q"]) == 1  # m.json -> m.onnx
+    assert "--report" in capsys.readouterr().err and snapshot(inputs) == before
+    assert main(["repair", str(model), "--calib", str(inputs / "calib"), "--batch-size", "16", "-o", str(model),
+                 "--overwrite", "-q"]) == 0
+    onnx.checker.check_model(str(model))
+
+
+# ---------------------------------------------------------------- issue 14: signals and stdout
+
+
+def cli(args, **kwargs):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "asr_onnx_cli.main", *args], text=True, timeout=120, **kwargs)
+
+
+def test_a_staging_folder_left_by_sigkill_is_removed_by_the_next_run(bn_model, calib_dir, tmp_path):
+    """Issue 14.4: leftovers are named ``.<name>.<pid>.asr-staging``; a dead pid's are removed, a live
+    writer's are kept."""
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead, live = out / ".m.onnx.4194305.asr-staging", out / f".m.onnx.{os.getppid()}.asr-staging"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "m.onnx").write_bytes(b"half")
+    assert main(["repair", str(bn_model), "--calib", str(calib_dir), "--batch-size", "16", "-o", str(out / "m.onnx"),
+                 "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(["m.onnx", live.name])
+
+
+def test_sigterm_while_outputs_are_staged_leaves_nothing(bn_model, calib_dir, tmp_path):
+    """Issue 14.4: SIGTERM is handled as SIGINT: exit 1, one line, no output and no staging folder."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    slow_report = ("import sys, time\nimport asr_onnx.report as r\nreal = r.write_json\n"
+                   "def slow(report, path):\n    real(report, path)\n    print('staged', flush=True)\n"
+                   "    time.sleep(60)\nr.write_json = slow\nfrom asr_onnx_cli.main import main\n"
+                   "sys.exit(main(sys.argv[1:]))\n")
+    child = subprocess.Popen([sys.executable, "-c", slow_report, "repair", str(bn_model), "--calib", str(calib_dir),
+                              "--batch-size", "16", "-o", str(out / "m.onnx"), "--report", str(out / "r.json"), "-q"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "staged"
+        assert any(p.name.endswith(".asr-staging") for p in out.iterdir())
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 1 and err.strip() == "error: aborted", err
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("stdout", ["/dev/full", "closed"])
+def test_a_summary_that_cannot_be_printed_never_fails_a_repair(stdout, bn_model, calib_dir, tmp_path):
+    """Issue 14.5: the repair succeeded, so it exits 0 with its model, and no onnxruntime error is claimed."""
+    import os
+
+    out = tmp_path / "m.onnx"
+    argv = ["repair", str(bn_model), "--calib", str(calib_dir), "--batch-size", "16", "-o", str(out)]
+    if stdout == "closed":
+        result = cli(argv, stderr=-1, stdout=None, preexec_fn=lambda: os.close(1))
+    else:
+        with open(stdout, "w") as full:
+            result = cli(argv, stderr=-1, stdout=full)
+    assert result.returncode == 0 and "onnxruntime" not in result.stderr and "Traceback" not in result.stderr, \
+        result.stderr
+    onnx.checker.check_model(str(out))

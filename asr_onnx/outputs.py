@@ -1,0 +1,282 @@
+"""Every path a run reads and writes: checked for overlap before any work, then written all at once.
+
+A command registers what it reads (the model and its external data, statistics, data sets) and what
+it writes (the model and its ``<name>.data``, a report, statistics, a sweep folder) in a
+:class:`Plan`, calls :meth:`Plan.check` before any work, and writes every output inside
+:meth:`Plan.staged`: each output goes to a staging folder beside its destination, and only when all
+are written are they renamed into place. A failure (or SIGINT/SIGTERM) removes every staging folder;
+one left by SIGKILL is removed by the next run to the same destination.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import AsrError
+
+STAGING_SUFFIX = ".asr-staging"
+
+
+def real(path) -> Path:
+    """The absolute path with every symlink and ``..`` resolved (the target need not exist)."""
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def staging_path(path) -> Path:
+    """A staging name beside ``path`` that says which process owns it: ``.<name>.<pid>.asr-staging``."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{os.getpid()}{STAGING_SUFFIX}"
+
+
+def remove_stale_staging(path) -> None:
+    """Removes staging leftovers of ``path`` whose process is gone (a run killed by SIGKILL)."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(STAGING_SUFFIX)):
+            continue
+        pid = name[len(prefix) : -len(STAGING_SUFFIX)]
+        if pid.isdigit() and not _alive(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this run has not started staging yet: anything of its pid is a leftover
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@dataclass
+class Output:
+    """One destination.
+
+    Attributes:
+        path: where it goes.
+        what: how the user named it, for messages ("-o", "--report").
+        folder: a folder of ``files`` (a sweep) rather than one file.
+        files: for a folder, the names written into it; for a file, the sibling names it may write
+            beside itself (a model's ``<name>.data``).
+        replaces: read paths that this output may replace (``--overwrite``).
+    """
+
+    path: Path
+    what: str
+    folder: bool = False
+    files: tuple = ()
+    replaces: set = field(default_factory=set)
+    staging: Path | None = None
+
+    @property
+    def staged(self) -> Path:
+        """Where a writer writes this output during :meth:`Plan.staged`."""
+        if self.staging is None:
+            raise RuntimeError("outputs are written inside Plan.staged()")
+        return self.staging / self.path.name
+
+    def targets(self) -> list[Path]:
+        """Every real path this output may write."""
+        base = real(self.path)
+        if self.folder:
+            return [base / name for name in self.files]
+        return [base] + [base.parent / name for name in self.files]
+
+
+class Plan:
+    """The paths one run reads and writes. Register inputs and outputs, :meth:`check`, then :meth:`staged`."""
+
+    def __init__(self):
+        self.reads: list[tuple[Path, str]] = []
+        self.folders: list[tuple[Path, str]] = []  # data folders: nothing may be written inside them
+        self.outputs: list[Output] = []
+
+    def read(self, path, what: str) -> None:
+        """Registers a file that the run reads."""
+        if path is not None:
+            self.reads.append((real(path), what))
+
+    def read_model(self, path, what: str = "the input model") -> list[Path]:
+        """Registers a model file and the external data files it names; returns their real paths."""
+        files = [path] + [Path(path).parent / location for location in _external_locations(path)]
+        self.read(path, what)
+        for location in files[1:]:
+            self.read(location, f"the external data of {what}")
+        return [real(f) for f in files]
+
+    def read_data(self, path, what: str) -> None:
+        """Registers a data set: a folder, a file (an IDX images file with its labels), or a named set."""
+        from .calib.discovery import _idx_labels_path
+        from .verify import NAMED_DATA
+
+        path = NAMED_DATA.get(str(path), path)
+        self.read(path, what)
+        if Path(path).is_dir():  # a file written there would be read as data by the next run
+            self.folders.append((real(path), what))
+        labels = _idx_labels_path(Path(path)) if Path(path).is_file() else None
+        if labels is not None:
+            self.read(labels, what)
+
+    def write(self, path, what: str, *, siblings=(), replaces=()) -> Output:
+        """Registers an output file (and ``siblings`` it may write beside itself)."""
+        output = Output(Path(path), what, files=tuple(siblings), replaces={real(p) for p in replaces})
+        self.outputs.append(output)
+        return output
+
+    def write_folder(self, path, what: str, files) -> Output:
+        """Registers an output folder into which ``files`` are written (it is made when missing)."""
+        output = Output(Path(path), what, folder=True, files=tuple(files))
+        self.outputs.append(output)
+        return output
+
+    def check(self) -> Plan:
+        """Refuses, with one error, any output that is or lies inside an input, or that another output
+        also writes, and any destination whose folder is missing or read-only.
+
+        Raises:
+            AsrError: the first conflict found.
+        """
+        for output in self.outputs:
+            _check_destination(output)
+        written: dict[Path, Output] = {}
+        for output in self.outputs:
+            for target in output.targets():
+                for read, what in self.reads:
+                    if target in output.replaces:
+                        continue
+                    if target == read or _same_file(target, read):
+                        raise AsrError(_overlap(output, target, read, what))
+                for read, what in self.folders:
+                    if read in target.parents:
+                        raise AsrError(f"{output.what} {output.path} writes {target.name} inside {what} ({read})")
+                other = written.get(target)
+                if other is not None and other is not output:
+                    raise AsrError(f"{output.what} and {other.what} both write {target}")
+                written[target] = output
+            if output.folder:
+                for read, what in self.folders:
+                    if real(output.path) == read:
+                        raise AsrError(f"{output.what} {output.path} is {what}")
+        return self
+
+    @contextmanager
+    def staged(self):
+        """Within the block every output is written to its :attr:`Output.staged` path; after it, all are
+        renamed into place together. On any failure, or SIGINT/SIGTERM, no staged file is left."""
+        try:
+            for output in self.outputs:
+                remove_stale_staging(output.path)
+                output.staging = staging_path(output.path)
+                output.staging.mkdir()
+            yield self
+            for output in self.outputs:
+                _commit(output)
+        except OSError as e:  # a full disk, a file system that refuses the rename
+            raise AsrError(f"cannot write {_failed(e, self.outputs)}: {e.strerror or e}") from None
+        finally:
+            for output in self.outputs:
+                if output.staging is not None:
+                    shutil.rmtree(output.staging, ignore_errors=True)
+                    output.staging = None
+
+
+def write_file(path, write) -> Path:
+    """Writes one file atomically: ``write(handle)`` fills a staging file beside ``path``, which is then
+    renamed to ``path``; on any failure no file is left.
+
+    Raises:
+        AsrError: the file cannot be written (a full disk, a missing folder).
+    """
+    path = Path(path)
+    remove_stale_staging(path)
+    staged = staging_path(path)
+    try:
+        with open(staged, "wb") as handle:
+            write(handle)
+        os.replace(staged, path)
+    except OSError as e:
+        raise AsrError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        staged.unlink(missing_ok=True)
+    return path
+
+
+def _external_locations(path) -> list[str]:
+    try:
+        import onnx
+
+        from .graph import _external_files
+
+        return sorted(_external_files(onnx.load(str(path), load_external_data=False)))
+    except Exception:  # noqa: BLE001 - an unreadable model is refused when it is loaded, with its own message
+        return []
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def _overlap(output: Output, target: Path, read: Path, what: str) -> str:
+    if target == real(output.path) and what == "the input model" and output.what in ("-o", "output"):
+        return f"output {output.path} is the input model; pass --overwrite to replace it"
+    if target == real(output.path):
+        return f"{output.what} {output.path} is {what} ({read})"
+    return f"{output.what} {output.path} would write {target.name}, which is {what} ({read})"
+
+
+def _check_destination(output: Output) -> None:
+    path = output.path
+    if output.folder:
+        if path.exists() and not path.is_dir():
+            raise AsrError(f"{output.what} {path} is an existing file, not a folder")
+    elif path.is_dir():
+        raise AsrError(f"{output.what} {path} is a folder")
+    folder = path.parent
+    if not folder.is_dir():
+        raise AsrError(f"the folder of {output.what} {path} does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise AsrError(f"the folder of {output.what} {path} is not writable: {folder}")
+
+
+def _commit(output: Output) -> None:
+    """Renames a staged output into place: siblings first, the named file last, so that a model never
+    appears before its weights."""
+    staged = output.staged
+    if output.folder:
+        if not staged.exists():
+            return
+        if not output.path.exists():
+            os.replace(staged, output.path)
+            return
+        for item in sorted(staged.iterdir()):
+            os.replace(item, output.path / item.name)
+        return
+    for item in sorted(output.staging.iterdir(), key=lambda p: p.name == output.path.name):
+        os.replace(item, output.path.parent / item.name)
+
+
+def _failed(error: OSError, outputs: list[Output]) -> str:
+    name = getattr(error, "filename", None)
+    for output in outputs:
+        if name and output.staging is not None and str(output.staging) in str(name):
+            return str(output.path)
+    return ", ".join(str(o.path) for o in outputs)
