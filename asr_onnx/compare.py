@@ -176,7 +176,14 @@ def compare_models(candidate, reference, data, *, atol: float = 1e-5, rtol: floa
 
     Returns:
         {"passed", "samples", "settings", "outputs": [OutputComparison.as_dict(), ...]}.
+
+    Raises:
+        AsrError: a tolerance is NaN or negative (it would pass any two models), or the models' inputs
+            or outputs differ.
     """
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if not value >= 0:  # NaN fails this too
+            raise AsrError(f"{name} must be a number >= 0, got {value}")
     out_a, out_b = run_both(candidate, reference, data, batch_size=batch_size, device=device, limit=limit)
     labels = getattr(data, "labels", None)
     samples = len(next(iter(out_a.values())))

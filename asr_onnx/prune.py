@@ -113,11 +113,21 @@ class LayerPrune:
 
 
 def exclusion(layers, exclude=(), keep_first: bool = False, keep_last: bool = False) -> dict[int, str]:
-    """Maps layer index to the reason it stays dense."""
+    """Maps layer index to the reason it stays dense.
+
+    Raises:
+        AsrError: a pattern of ``exclude`` is not a regular expression.
+    """
+    compiled = []
+    for pattern in exclude:
+        try:
+            compiled.append((pattern, re.compile(pattern)))
+        except re.error as e:
+            raise AsrError(f"--exclude {pattern!r} is not a regular expression: {e}") from None
     reasons = {}
     for i, layer in enumerate(layers):
-        for pattern in exclude:
-            if re.search(pattern, layer.name) or re.search(pattern, layer.weight.name):
+        for pattern, regex in compiled:
+            if regex.search(layer.name) or regex.search(layer.weight.name):
                 reasons[i] = f"--exclude {pattern}"
                 break
     if layers and keep_first:

@@ -3,8 +3,31 @@
 from __future__ import annotations
 
 import functools
+import math
+import re
 
 import click
+
+COUNT = click.IntRange(min=1)  # sizes: --batch-size, --calib-size, --limit (0 never means "all")
+NON_NEGATIVE = click.IntRange(min=0)  # --seed, --threads
+
+
+def tolerance(ctx, param, value):
+    """A click callback: a tolerance is a number >= 0 (NaN would pass any comparison, so a gate with it
+    could never fail)."""
+    if value is not None and (math.isnan(value) or value < 0):
+        raise click.BadParameter(f"must be a number >= 0, got {value}")
+    return value
+
+
+def regexes(ctx, param, values):
+    """A click callback: every value compiles as a regular expression."""
+    for value in values:
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise click.BadParameter(f"{value!r} is not a regular expression: {e}") from None
+    return values
 
 
 def _floats(text):

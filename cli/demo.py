@@ -27,7 +27,7 @@ def find_samples(folder) -> Path:
 @click.option("--sparsity", default=0.9, show_default=True, type=float)
 @click.option("--pattern", default="global", show_default=True)
 @click.option("--models-dir", help="The sample_models folder. Default: ./sample_models.")
-@click.option("--eval-size", type=int, help="Evaluate on the first N bundled test images. Default: all 2,000.")
+@click.option("--eval-size", type=click.IntRange(min=1), help="Evaluate on the first N bundled test images. Default: all 2,000.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 def demo_command(model, sparsity, pattern, models_dir, eval_size, device):
     """Prune a sample model and compare none, bn, lw, naive and asr on the bundled eval set."""

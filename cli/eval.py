@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .common import open_data, preprocess_options
+from .common import COUNT, open_data, preprocess_options
 
 
 @click.command("eval")
@@ -14,8 +14,8 @@ from .common import open_data, preprocess_options
 @click.option("--data", "data_path", required=True,
               help="Image folder (class subfolders), .npz with x/y, IDX files, or fashion-mnist:test.")
 @click.option("--reference", type=click.Path(), help="A reference (dense) model for label-free agreement.")
-@click.option("--limit", type=int, help="Evaluate only the first N samples of a seeded subset.")
-@click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option("--limit", type=COUNT, help="Evaluate only the first N samples of a seeded subset.")
+@click.option("--batch-size", default=256, show_default=True, type=COUNT)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")

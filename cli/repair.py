@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import open_data, preprocess_options, say
+from .common import COUNT, NON_NEGATIVE, open_data, preprocess_options, regexes, say
 
 
 def default_output(model: str) -> Path:
@@ -28,14 +28,14 @@ def default_output(model: str) -> Path:
 @click.option("--recal", "recal_mode", default="exact", show_default=True,
               help="exact, or momentum[=M] (PyTorch's running average, M defaults to 0.1).")
 @click.option("--lambda-rule", default="median", show_default=True, help="ASR's lambda: median, mean or a number.")
-@click.option("--exclude", multiple=True, help="Regex of node or weight names to leave dense (repeatable).")
+@click.option("--exclude", multiple=True, callback=regexes, help="Regex of node or weight names to leave dense (repeatable).")
 @click.option("--keep-first", is_flag=True, help="Leave the first prunable layer dense.")
 @click.option("--keep-last", is_flag=True, help="Leave the last prunable layer dense.")
-@click.option("--calib-size", default=1024, show_default=True, type=int, help="Calibration samples to use.")
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration subset.")
+@click.option("--calib-size", default=1024, show_default=True, type=COUNT, help="Calibration samples to use.")
+@click.option("--batch-size", default=64, show_default=True, type=COUNT)
+@click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE, help="Seed of the calibration subset.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--threads", default=0, show_default=True, type=int,
+@click.option("--threads", default=0, show_default=True, type=NON_NEGATIVE,
               help="onnxruntime intra-op threads; 0 = its default.")
 @click.option("--no-head", is_flag=True,
               help="Leave the classifier head (a BN-free layer feeding a graph output) uncorrected, as REFLOW does.")
@@ -48,7 +48,7 @@ def default_output(model: str) -> Path:
 @click.option("--report", "report_path",
               help="Write the report here: JSON for .json, a self-contained page for .html.")
 @click.option("--eval", "eval_path", help="Score the output against the dense model on this data (top-1 with labels).")
-@click.option("--eval-size", type=int, help="With --eval, a seeded subset of this size. Default: all.")
+@click.option("--eval-size", type=COUNT, help="With --eval, a seeded subset of this size. Default: all.")
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @preprocess_options

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import click
 
-from .common import open_data, preprocess_options, say
+from .common import COUNT, NON_NEGATIVE, open_data, preprocess_options, say
 
 
 @click.command("stats")
 @click.argument("model", type=click.Path())
 @click.option("--calib", "calib_path", required=True, help="Calibration data, as for `repair`.")
 @click.option("-o", "--output", required=True, help="The .npz file to write.")
-@click.option("--calib-size", default=1024, show_default=True, type=int)
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--calib-size", default=1024, show_default=True, type=COUNT)
+@click.option("--batch-size", default=64, show_default=True, type=COUNT)
+@click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("-q", "--quiet", is_flag=True)
 @preprocess_options

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import open_data, parse_list, preprocess_options, say
+from .common import COUNT, NON_NEGATIVE, open_data, parse_list, preprocess_options, say
 
 
 def parse_regimes(recal: str, placement: str) -> tuple:
@@ -28,10 +28,10 @@ def parse_regimes(recal: str, placement: str) -> tuple:
 @click.option("--placement", default="recal", show_default=True, help="Comma list: recal, pre-bn.")
 @click.option("--lambda-rule", default="median", show_default=True)
 @click.option("--no-head", is_flag=True, help="Leave the classifier head uncorrected, as REFLOW does.")
-@click.option("--calib-size", default=1024, show_default=True, type=int)
-@click.option("--eval-size", type=int, help="Evaluate on a seeded subset of this size. Default: all.")
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--calib-size", default=1024, show_default=True, type=COUNT)
+@click.option("--eval-size", type=COUNT, help="Evaluate on a seeded subset of this size. Default: all.")
+@click.option("--batch-size", default=64, show_default=True, type=COUNT)
+@click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--stats", "stats_path", type=click.Path(), help="Dense statistics from `asr-onnx stats`.")
 @click.option("-o", "--output", "out_dir", default="sweep", show_default=True, help="Folder for results and plots.")

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import click
 
-from .common import open_data, preprocess_options
+from .common import COUNT, NON_NEGATIVE, open_data, preprocess_options, tolerance
 
 
 @click.command("verify")
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("--reference", required=True, type=click.Path(dir_okay=True), help="The reference (dense) model.")
 @click.option("--data", "data_path", required=True, help="Input data: image folder, .npy/.npz, or IDX files.")
-@click.option("--atol", default=1e-5, show_default=True, type=float, help="Absolute tolerance.")
-@click.option("--rtol", default=1e-5, show_default=True, type=float, help="Relative tolerance (of the reference).")
+@click.option("--atol", default=1e-5, show_default=True, type=float, callback=tolerance, help="Absolute tolerance.")
+@click.option("--rtol", default=1e-5, show_default=True, type=float, callback=tolerance,
+              help="Relative tolerance (of the reference).")
 @click.option("--check-error-stat", default="elemwise", show_default=True,
               type=click.Choice(["elemwise", "mean", "median", "max"]),
               help="elemwise: every element within atol or rtol; mean/median/max: that statistic of the "
                    "absolute error within atol or of the relative error within rtol (Polygraphy's rule).")
-@click.option("--limit", type=int, help="Compare on this many samples (a seeded subset). Default: all.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the --limit subset.")
-@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--limit", type=COUNT, help="Compare on this many samples (a seeded subset). Default: all.")
+@click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE, help="Seed of the --limit subset.")
+@click.option("--batch-size", default=64, show_default=True, type=COUNT)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @preprocess_options
@@ -35,12 +36,6 @@ def verify_command(model, reference, data_path, atol, rtol, check_error_stat, li
     from asr_onnx.errors import AsrError
     from asr_onnx.graph import fixed_batch, input_specs, load_model
 
-    if limit is not None and limit < 1:
-        raise click.BadParameter(f"--limit must be >= 1, got {limit}")
-    if batch_size < 1:
-        raise click.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
-    if atol < 0 or rtol < 0:
-        raise click.BadParameter("--atol and --rtol must be >= 0")
     candidate, dense = load_model(model), load_model(reference)
     data = open_data(data_path, dense, preprocess, limit=limit, seed=seed)
     fixed = fixed_batch(input_specs(dense))

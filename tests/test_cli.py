@@ -148,3 +148,68 @@ def test_console_script_help_runs():
     result = subprocess.run([sys.executable, "-c", "from asr_onnx_cli.main import main; raise SystemExit(main())",
                              "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "repair" in result.stdout
+
+
+# issue 14.6: every bad option is one line with status 2 (usage), before any work
+BAD_OPTIONS = [
+    ("repair", ["--exclude", "conv("], "not a regular expression"),
+    ("repair", ["--seed", "-1"], "--seed"),
+    ("stats", ["--seed", "-1"], "--seed"),
+    ("sweep", ["--seed", "-1"], "--seed"),
+    ("verify", ["--seed", "-1"], "--seed"),
+    ("repair", ["--threads", "-2"], "--threads"),
+    *((command, ["--batch-size", size], "--batch-size") for command in ("repair", "stats", "sweep", "eval", "verify")
+      for size in ("0", "-4")),
+    ("repair", ["--calib-size", "0"], "--calib-size"),
+    ("stats", ["--calib-size", "0"], "--calib-size"),
+    ("sweep", ["--calib-size", "0"], "--calib-size"),
+    ("sweep", ["--eval-size", "0"], "--eval-size"),
+    ("eval", ["--limit", "0"], "--limit"),
+    ("verify", ["--atol", "nan"], "--atol"),
+    ("verify", ["--rtol", "nan"], "--rtol"),
+    ("verify", ["--atol", "-1e-3"], "--atol"),
+    ("verify", ["--rtol", "-1"], "--rtol"),
+]
+
+
+def command_line(command, bn_model, calib_dir, tmp_path):
+    model, calib = str(bn_model), str(calib_dir)
+    return {"repair": ["repair", model, "--calib", calib, "-o", str(tmp_path / "o.onnx")],
+            "stats": ["stats", model, "--calib", calib, "-o", str(tmp_path / "s.npz")],
+            "sweep": ["sweep", model, "--calib", calib, "--eval", calib, "-o", str(tmp_path / "sweep")],
+            "eval": ["eval", model, "--data", calib, "--reference", model],
+            "verify": ["verify", model, "--reference", model, "--data", calib]}[command]
+
+
+@pytest.mark.parametrize(("command", "option", "message"), BAD_OPTIONS)
+def test_bad_option_is_one_usage_line_and_writes_nothing(command, option, message, bn_model, calib_dir, tmp_path,
+                                                         capsys):
+    before = files(tmp_path)
+    assert main([*command_line(command, bn_model, calib_dir, tmp_path), *option]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert files(tmp_path) == before
+
+
+def test_sweep_output_that_is_an_existing_file_is_refused(bn_model, calib_dir, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("keep")
+    argv = command_line("sweep", bn_model, calib_dir, tmp_path)
+    assert main([*argv[:-1], str(taken), "--sparsity", "0.5", "--method", "bn", "--batch-size", "16"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is an existing file" in err, err
+    assert taken.read_text() == "keep"
+
+
+def test_the_api_refuses_a_bad_regex_and_a_nan_tolerance():
+    from asr_onnx.api import Repair
+    from asr_onnx.compare import compare_models
+    from asr_onnx.errors import AsrError
+    from models import conv_net
+    from zoo import DictSet
+
+    model = conv_net(bn=True)
+    with pytest.raises(AsrError, match="not a regular expression"):
+        Repair(model, progress=False).prune(0.5, exclude=["conv("])
+    with pytest.raises(AsrError, match="atol must be a number >= 0"):
+        compare_models(model, model, DictSet({"input": random_inputs(8)}), atol=float("nan"))
