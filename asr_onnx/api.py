@@ -158,6 +158,11 @@ class Repair:
             missing = sorted(needed - set(dense_stats))
             if missing:
                 raise AsrError(f"the dense statistics have no entry for {missing[0]!r}: they belong to another model")
+            for site in sites:
+                given = dense_stats.get(site.key)
+                if given is not None and given.mean.size != site.channels:
+                    raise AsrError(f"the dense statistics of {site.key!r} have {given.mean.size} channels, the "
+                                   f"model has {site.channels}: they belong to another model")
             self._refs = {s.key: reference(s, dense_stats.get(s.key)) for s in sites}
             self._sites = sites
             norms = {key: train_norm(ref) for key, ref in self._refs.items()}

@@ -152,6 +152,9 @@ def run_both(candidate, reference, data, *, batch_size: int = 64, device: str = 
         out_a = dict(zip(names_a, sa.run(None, feeds_a)))
         out_b = dict(zip(names_b, sb.run(None, feeds_b)))
         for na, nb in pairs:
+            if out_a[na].shape != out_b[nb].shape:
+                raise AsrError(f"output {na} has shape {list(out_a[na].shape)} and the reference's {nb} "
+                               f"{list(out_b[nb].shape)}: they cannot be compared")
             got_a[na].append(out_a[na])
             got_b[na].append(out_b[nb])
         seen += len(next(iter(batch.values())))

@@ -43,7 +43,27 @@ def load_model(path) -> onnx.ModelProto:
         onnx.checker.check_model(str(path) if is_large(model) else model)
     except Exception as e:
         raise AsrError(f"{path} fails onnx.checker: {_first_line(e)}") from None
+    _check_contents(model, path)
     return model
+
+
+def _check_contents(model: onnx.ModelProto, path) -> None:
+    """What onnx.checker lets through: an initializer holding more data than its dims, two nodes of one name."""
+    from collections import Counter
+
+    from onnx import numpy_helper
+
+    for tensor in model.graph.initializer:
+        try:  # raw bytes are viewed, not copied: cheap even for a large model
+            numpy_helper.to_array(tensor)
+        except Exception as e:  # noqa: BLE001 - numpy's reshape error, or an unknown type
+            raise AsrError(f"{path}: initializer {tensor.name!r} holds data that does not fit its dims "
+                           f"{list(tensor.dims)} ({_first_line(e)})") from None
+    names = Counter(node.name for node in model.graph.node if node.name)
+    repeated = sorted(name for name, count in names.items() if count > 1)
+    if repeated:
+        raise AsrError(f"{path}: {len(repeated)} node name(s) are used by several nodes, e.g. {repeated[0]!r} "
+                       f"({names[repeated[0]]} nodes); node names must be unique")
 
 
 def _external_files(model: onnx.ModelProto) -> set[str]:
@@ -297,6 +317,10 @@ class Site:
     def eps(self) -> float:
         """The BN's own epsilon; 0 for a virtual site, whose floor comes from the data."""
         return float(self.bn.attrs.get("epsilon", 1e-5)) if self.bn is not None else 0.0
+
+    @property
+    def channels(self) -> int:
+        return int(self.bn.inputs[1].values.size) if self.bn is not None else self.layer.channels
 
     @property
     def dtype(self) -> np.dtype:

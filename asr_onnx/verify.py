@@ -89,6 +89,9 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
                     reference_logits.append(ref)
             else:
                 ref = reference_logits[i]
+            if ref.shape != logits.shape:
+                raise AsrError(f"the model's first output gives {logits.shape[1]} values per sample and the "
+                               f"reference's {ref.shape[1]}: they cannot be compared")
             matches.append(logits.argmax(1) == ref.argmax(1))
             err2.append(((logits - ref) ** 2).sum(1))
             ref2 += float((ref**2).sum())

@@ -94,11 +94,51 @@ def bad_case(name, tmp_path, model, calib):
         return [str(unknown_op(tmp_path)), "--calib", calib, "--batch-size", "16"], "onnxruntime cannot load"
     if name == "n:m with 0":
         return [model, "--calib", calib, "--pattern", "0:4"], "0 < N < M"
+    if name == "initializer longer than its dims":
+        edited = onnx.load(model)
+        edited.graph.initializer[0].raw_data += b"\0" * 64
+        onnx.save(edited, tmp_path / "long.onnx")
+        return [str(tmp_path / "long.onnx"), "--calib", calib], "does not fit its dims"
+    if name == "duplicate node names":
+        edited = onnx.load(model)
+        edited.graph.node[1].name = edited.graph.node[0].name
+        onnx.save(edited, tmp_path / "dup.onnx")
+        return [str(tmp_path / "dup.onnx"), "--calib", calib], "node names must be unique"
+    if name == "terabyte input":
+        edited = onnx.load(model)
+        for dim in edited.graph.input[0].type.tensor_type.shape.dim[2:]:
+            dim.dim_value = 10**6
+        onnx.save(edited, tmp_path / "huge.onnx")
+        return [str(tmp_path / "huge.onnx"), "--calib", str(images(tmp_path / "img", 4)), "--resize", "1000000"], \
+            "GiB bound"
+    if name.startswith("stats "):
+        return [model, "--calib", calib, "--batch-size", "16",
+                "--stats", str(bad_stats(name[6:], tmp_path, model, calib))], \
+            {"nan": "NaN or Inf", "inf": "NaN or Inf", "channels": "channels", "m2 length": "one length",
+             "negative m2": "negative", "count": "count"}[name[6:]]
     raise AssertionError(name)
 
 
+def bad_stats(kind, tmp_path, model, calib):
+    """A statistics file with the right key (made by `asr-onnx stats`) whose first entry is then spoilt."""
+    path = tmp_path / "s.npz"
+    assert main(["stats", model, "--calib", calib, "-o", str(path), "--batch-size", "16", "-q"]) == 0
+    arrays = dict(np.load(path))
+    spoilt = {"nan": ("0.mean", lambda a: np.where(np.arange(a.size) == 1, np.nan, a)),
+              "inf": ("0.m2", lambda a: np.where(np.arange(a.size) == 0, np.inf, a)),
+              "channels": ("0.mean", lambda a: a[:-1]), "m2 length": ("0.m2", lambda a: a[:-1]),
+              "negative m2": ("0.m2", lambda a: -a), "count": ("0.count", lambda a: np.array(0.0))}
+    key, spoil = spoilt[kind]
+    if kind == "channels":
+        arrays["0.m2"] = arrays["0.m2"][:-1]
+    arrays[key] = spoil(arrays[key])
+    np.savez(path, **arrays)
+    return path
+
+
 BAD = ["checker", "external data missing", "external data outside", "non-images", "corrupt png strict", "wrong image size", "inf data",
-       "n:m with 0", "unknown op"]
+       "n:m with 0", "unknown op", "initializer longer than its dims", "duplicate node names", "terabyte input",
+       "stats nan", "stats inf", "stats channels", "stats m2 length", "stats negative m2", "stats count"]
 
 
 @pytest.mark.parametrize("name", BAD)
@@ -108,9 +148,11 @@ def test_bad_input_gives_one_line_and_writes_nothing(name, tmp_path, bn_model, c
     out.parent.mkdir()
     inputs = {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()}
     code = main(["repair", *argv, "-o", str(out), "--report", str(out.parent / "r.json"), "-q"])
-    err = capsys.readouterr().err.strip()
+    captured = capsys.readouterr()
+    err = captured.err.strip()
     assert code == 1
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert captured.out == ""  # no graph dump either
     assert list(out.parent.iterdir()) == []
     assert {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()} == inputs
 
@@ -382,3 +424,16 @@ def test_a_summary_that_cannot_be_printed_never_fails_a_repair(stdout, bn_model,
     assert result.returncode == 0 and "onnxruntime" not in result.stderr and "Traceback" not in result.stderr, \
         result.stderr
     onnx.checker.check_model(str(out))
+
+
+@pytest.mark.parametrize("command", ["eval", "verify"])
+def test_a_reference_whose_outputs_differ_in_shape_is_one_line(command, tmp_path, calib_dir, capsys):
+    """Issue 14.7: a 10-class model against a 7-class reference cannot be compared."""
+    model, reference = tmp_path / "m.onnx", tmp_path / "ref.onnx"
+    onnx.save(conv_net(bn=True), model)
+    onnx.save(conv_net(bn=True, classes=7), reference)
+    argv = {"eval": ["eval", str(model), "--data", str(calib_dir), "--reference", str(reference)],
+            "verify": ["verify", str(model), "--reference", str(reference), "--data", str(calib_dir)]}[command]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot be compared" in err, err

@@ -20,6 +20,9 @@ if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data nev
     from PIL import Image
 
 
+MAX_SAMPLE_BYTES = 2**30  # one preprocessed image; 8192x8192 RGB float32 is 0.75 GiB
+
+
 @dataclass(frozen=True)
 class _ImagePlan:
     """Preprocessing resolved against one model input."""
@@ -45,6 +48,11 @@ def _plan_images(specs: list[InputSpec], preprocess: Preprocess) -> _ImagePlan:
         return _ImagePlan(spec, preprocess, preprocess.size, 0, None, none, none, hook)
     layout, channels = _layout_and_channels(spec, preprocess.layout)
     size = _target_size(spec, layout, preprocess)
+    sample_bytes = size[0] * size[1] * channels * spec.dtype.itemsize
+    if sample_bytes > MAX_SAMPLE_BYTES:  # a batch of such samples would not fit in any memory
+        raise AsrError(f"model input '{spec.name}' {spec.describe()} at {size[0]}x{size[1]} makes one preprocessed "
+                       f"image {sample_bytes / 2**30:,.0f} GiB, over the {MAX_SAMPLE_BYTES / 2**30:g} GiB bound; "
+                       "pass a smaller --size or .npy arrays")
     mean = _per_channel("mean", preprocess.mean, 0.0, channels, spec)
     std = _per_channel("std", preprocess.std, 1.0, channels, spec)
     return _ImagePlan(spec, preprocess, size, channels, layout, mean, std, None)
