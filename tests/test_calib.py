@@ -909,3 +909,18 @@ def test_calib_set_is_returned(tmp_path):
 
     assert isinstance(calib, CalibSet)
     assert calib.specs == SPEC3
+
+
+@pytest.mark.parametrize("specs", [GRAY, RGB_NCHW])
+@pytest.mark.parametrize("resize", [None, 6])
+def test_16_bit_png_is_scaled_to_the_8_bit_range_not_clipped(tmp_path, specs, resize):
+    """Issue 14.11: 65535 reads as 255 and 25700 as 100 (Pillow's own conversion clips both to 255).
+    Resized, a uniform image stays uniform, so the bilinear resize needs no oracle of its own."""
+    rng = np.random.default_rng(3)
+    deep = rng.integers(0, 65536, (6, 5), dtype=np.uint16) if resize is None else np.full((6, 5), 25700, np.uint16)
+    deep[0, :3] = (0, 25700, 65535) if resize is None else 25700
+    save_png(tmp_path / "data" / "a.png", deep)
+    x = next(iter(load_calib(tmp_path / "data", specs, Preprocess(resize=resize)).batches(1)))["input"][0]
+    expected = deep.astype(np.float64) / 257 * SCALE  # 65535 / 257 = 255
+    for channel in x:
+        np.testing.assert_allclose(channel, expected, rtol=1e-5, atol=1e-6)

@@ -160,12 +160,27 @@ def _resize_then_crop(image: Image.Image, resize: int, size: tuple[int, int]) ->
     return image.crop((left, top, left + crop_width, top + crop_height))
 
 
+def _in_8bit_range(image: Image.Image, channels: int) -> Image.Image:
+    """The image as L or RGB, or, for a 16-bit grayscale PNG, as float pixels scaled to 0..255 (65535 -> 255).
+
+    Pillow's own conversion of 16-bit to 8-bit clips every value above 255; --scale then applies as for
+    any 8-bit image.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit grayscale (older Pillow reads it as I)
+        from PIL import Image
+
+        return Image.fromarray(np.asarray(image, np.float32) * np.float32(255 / 65535), mode="F")
+    return image.convert("L" if channels == 1 else "RGB")
+
+
 def _image_to_sample(image: Image.Image, plan: _ImagePlan) -> np.ndarray:
     """Convert, resize, scale, normalise and lay out one image as float32."""
-    image = image.convert("L" if plan.channels == 1 else "RGB")
+    image = _in_8bit_range(image, plan.channels)
     if plan.preprocess.resize is not None:
         image = _resize_then_crop(image, plan.preprocess.resize, plan.size)
     pixels = np.asarray(image).astype(np.float32)  # (H, W) or (H, W, 3)
+    if plan.channels == 3 and pixels.ndim == 2:  # a 16-bit grayscale image for an RGB model
+        pixels = np.repeat(pixels[..., np.newaxis], 3, axis=2)
     if plan.channels == 3 and plan.preprocess.channel_order == "bgr":
         pixels = pixels[..., ::-1]
     sample = (pixels * np.float32(plan.preprocess.scale) - plan.mean) / plan.std
