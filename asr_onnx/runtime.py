@@ -81,7 +81,11 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
         model = model.SerializeToString()
     wanted = providers(device)
     with contextlib.redirect_stdout(io.StringIO()) as printed:  # onnxruntime prints its fallback to the CPU
-        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=wanted)
+        try:
+            session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                           providers=wanted)
+        except Exception as e:  # an unknown op, a bad graph: one line, for every caller
+            raise load_error(e) from None
     if provider_of(session) == wanted[0] and printed.getvalue():
         with contextlib.suppress(OSError, AttributeError):  # a closed stdout (None) or /dev/full is no session error
             sys.stdout.write(printed.getvalue())

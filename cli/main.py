@@ -74,6 +74,9 @@ def _run(argv) -> int:
     except AsrError as e:
         click.echo(f"error: {e}", err=True)
         return 1
+    except OSError as e:  # the command's own output (eval's table, --json) cannot be written: no traceback
+        click.echo(f"error: cannot write the output: {e.strerror or e}", err=True)
+        return 1
     return 0
 
 

@@ -437,3 +437,21 @@ def test_a_reference_whose_outputs_differ_in_shape_is_one_line(command, tmp_path
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot be compared" in err, err
+
+
+@pytest.mark.parametrize("command", ["eval", "verify"])
+def test_a_model_onnxruntime_cannot_load_is_one_line_in_eval_and_verify(command, tmp_path, calib_dir, capsys):
+    model = str(unknown_op(tmp_path))
+    argv = {"eval": ["eval", model, "--data", str(calib_dir), "--reference", model],
+            "verify": ["verify", model, "--reference", model, "--data", str(calib_dir)]}[command]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "onnxruntime cannot load the model" in err, err
+
+
+def test_a_result_that_cannot_be_printed_is_one_line_with_status_1(bn_model, calib_dir):
+    """eval's table is its product: to /dev/full it fails, but with one line and no traceback."""
+    with open("/dev/full", "w") as full:
+        result = cli(["eval", str(bn_model), "--data", str(calib_dir), "--reference", str(bn_model)], stdout=full,
+                     stderr=-1)
+    assert result.returncode == 1 and result.stderr.strip() == "error: cannot write the output: No space left on device"
