@@ -5,7 +5,19 @@ it writes (the model and its ``<name>.data``, a report, statistics, a sweep fold
 :class:`Plan`, calls :meth:`Plan.check` before any work, and writes every output inside
 :meth:`Plan.staged`: each output goes to a staging folder beside its destination, and only when all
 are written are they renamed into place. A failure (or SIGINT/SIGTERM) removes every staging folder;
-one left by SIGKILL is removed by the next run to the same destination.
+one left by SIGKILL is removed by the next run to the same destination. A new output option is one
+more ``plan.write`` and one more write inside the block::
+
+    plan = Plan()
+    inputs = plan.read_model(model_path)
+    plan.read_data(calib_path, "the --calib data")
+    model_out = plan.write(output, "-o", siblings=(f"{output.name}.data",))
+    page = plan.write(html_path, "--html")
+    plan.check()                      # before any work
+    ...                               # the work
+    with plan.staged():               # then every output at once
+        save_model(model, model_out.staged)
+        write_html(report, page.staged)
 """
 
 from __future__ import annotations
