@@ -151,10 +151,11 @@ def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_fir
         keep_last: leave the last layer dense. Defaults to False.
 
     Raises:
-        AsrError: no prunable layer.
+        AsrError: no prunable layer, and something to prune (a sparsity above 0 or an N:M pattern).
     """
-    if not layers:
-        raise AsrError("the model has no prunable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight)")
+    if not layers and (sparsity > 0 or pattern.kind == "nm"):  # at sparsity 0 there is nothing to do: the identity
+        raise AsrError("the model has no prunable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight; "
+                       "weights behind DequantizeLinear or in ConvInteger/MatMulInteger are not pruned)")
     skipped = exclusion(layers, exclude, keep_first, keep_last)
     owner = {}  # weight name -> index of the first layer that uses it
     for i, layer in enumerate(layers):

@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import AsrError
 
 DEVICES = ("auto", "cpu", "cuda")
+LOG_SEVERITY = 3  # onnxruntime logs errors only: its warnings would precede our one error line
 
 
 def providers(device: str = "auto") -> list[str]:
@@ -66,8 +67,9 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
 
     from .graph import is_large, write_external
 
+    ort.set_default_logger_severity(LOG_SEVERITY)  # the process-wide log, which some warnings bypass the session's for
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = LOG_SEVERITY
     if threads:
         options.intra_op_num_threads = threads
     options.enable_mem_pattern = mem_pattern

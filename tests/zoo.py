@@ -351,6 +351,57 @@ def huge_activations(bn=False):
     return g.model([("input", ["N", 3, 8, 8], None)], g.head(h, 8)), {"input": random_inputs(N)}
 
 
+# ---------------------------------------------------------------- 13. quantized graphs
+
+
+def _quantized(values, scale, dtype=np.int8):
+    info = np.iinfo(dtype)
+    return np.clip(np.round(values / scale), info.min, info.max).astype(dtype)
+
+
+def qdq_conv(opset=13):
+    """A QDQ export: every activation through QuantizeLinear/DequantizeLinear (uint8), every Conv and Gemm
+    weight an int8 initializer behind a DequantizeLinear, so no layer has a float constant weight.
+    An unused initializer is left in, as quantization tools do (onnxruntime warns about it by default)."""
+    g = G(20)
+    g.init("unused", np.zeros(3))
+
+    def qdq(x, scale):
+        s, z = g.init("s", np.float32(scale)), g.init("z", np.uint8(128), np.uint8)
+        return g.node("DequantizeLinear", [g.node("QuantizeLinear", [x, s, z]), s, z])
+
+    def weight(shape, fan_in):
+        w = g.weight(shape, fan_in)
+        scale = np.float32(np.abs(w).max() / 127)
+        return g.node("DequantizeLinear", [g.init("wq", _quantized(w, scale), np.int8), g.init("ws", scale),
+                                           g.init("wz", np.int8(0), np.int8)])
+
+    h = qdq("input", 0.05)
+    h = g.relu(g.node("Conv", [h, weight((6, 3, 3, 3), 27), g.init("b", np.zeros(6))], "conv", pads=[1] * 4))
+    h = qdq(g.node("Flatten", [g.node("GlobalAveragePool", [qdq(h, 0.02)])]), 0.02)
+    out = g.node("Gemm", [h, weight((5, 6), 6)], "fc", transB=1)
+    return g.model([("input", ["N", 3, 8, 8], None)], out, opset=opset), {"input": random_inputs(N)}
+
+
+def integer_ops(opset=13):
+    """A dynamically quantized export: QuantizeLinear, ConvInteger and MatMulInteger with int8 weights
+    and uint8 activations, each integer result cast to float and rescaled."""
+    g = G(21)
+    scale, zero = g.init("xs", np.float32(0.05)), g.init("xz", np.uint8(128), np.uint8)
+    conv_w = g.init("w", g.rng.integers(-100, 100, (6, 3, 3, 3)), np.int8)
+    h = g.node("ConvInteger", [g.node("QuantizeLinear", ["input", scale, zero]), conv_w, zero], "convi",
+               pads=[1] * 4)
+    h = g.node("Mul", [g.node("Cast", [h], to=TensorProto.FLOAT), g.init("sc", np.float32(0.05 * 0.01))])
+    h = g.node("Flatten", [g.node("GlobalAveragePool", [g.relu(h)])])
+    fc_w = g.init("w", g.rng.integers(-100, 100, (6, 5)), np.int8)
+    h = g.node("MatMulInteger", [g.node("QuantizeLinear", [h, scale, zero]), fc_w, zero])
+    out = g.node("Mul", [g.node("Cast", [h], to=TensorProto.FLOAT), g.init("sc", np.float32(0.05 * 0.01))])
+    return g.model([("input", ["N", 3, 8, 8], None)], out, opset=opset), {"input": random_inputs(N)}
+
+
+QUANTIZED = {"qdq_conv": qdq_conv, "integer_ops": integer_ops}
+
+
 CLASSES = {
     "bn_kept": bn_kept, "bn_folded": bn_folded, "bn_kept_opset9": lambda: bn_kept(9),
     "decomposed_sub_mul_add": decomposed_bn, "decomposed_mul_add": lambda: decomposed_bn(("Mul", "Add")),
