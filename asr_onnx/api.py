@@ -16,7 +16,8 @@ from .graph import (check_output, find_layers, find_sites, fixed_batch, input_sp
 from .prune import Pattern, check_sparsity, prune_layers
 from .augment import scale_exponent
 from .recal import correct, fold_bn, magnitude, reference, train_norm, write
-from .measure import measure, measure_levels
+from .batch import free_batch
+from .measure import SMALL_BATCH, measure, measure_levels
 from .stats import merge_all
 
 
@@ -61,7 +62,9 @@ class Repair:
     Args:
         model: a path or an onnx.ModelProto. A path is read once and never written.
         device: "auto", "cpu" or "cuda". Defaults to "auto".
-        batch_size: calibration samples per session run. Defaults to 64 (the model's own when fixed).
+        batch_size: calibration samples per session run. Defaults to 64. A model that fixes a batch under
+            8 is measured with a symbolic batch of min(batch_size, calibration samples) where shape
+            inference proves that safe (see :mod:`asr_onnx.batch`), else with its own batch.
         progress: progress bars on a TTY. Defaults to True.
         threads: onnxruntime intra-op threads; 0 lets onnxruntime choose. Defaults to 0.
     """
@@ -71,9 +74,12 @@ class Repair:
         self.dense = model if self.source is None else load_model(self.source)
         self.device, self.progress, self.threads = device, progress, threads
         self.specs = input_specs(self.dense)
-        self.batch_size = fixed_batch(self.specs) or int(batch_size)
-        if self.batch_size < 1:
+        fixed, self.requested_batch = fixed_batch(self.specs), int(batch_size)
+        self.batch_size = fixed or self.requested_batch
+        if self.batch_size < 1 or self.requested_batch < 1:
             raise AsrError(f"batch size must be >= 1, got {batch_size}")
+        # too few samples per run for batch statistics: measure with a symbolic batch where that is safe
+        self.batch_plan = free_batch(self.dense, fixed) if fixed and fixed < SMALL_BATCH else None
         self.pruned = self.dense
         self.layers, self.settings, self.timings = [], {}, {}
         self.dense_stats = self.pruned_stats = None
@@ -110,8 +116,17 @@ class Repair:
         if len(calib) < self.batch_size:
             raise AsrError(f"the calibration set has {len(calib)} samples, fewer than the batch size {self.batch_size}")
 
-    def _session_options(self) -> dict:
-        return dict(batch_size=self.batch_size, device=self.device, progress=self.progress, threads=self.threads)
+    def _stats_batch(self, calib) -> int:
+        """Samples per statistics run: the model's own batch, or with a symbolic batch as many as asked and held."""
+        return min(self.requested_batch, len(calib)) if self.batch_plan else self.batch_size
+
+    def _for_stats(self, model):
+        """The model that the statistics graphs are built from: with a symbolic batch where planned."""
+        return self.batch_plan.apply(model) if self.batch_plan else model
+
+    def _session_options(self, calib) -> dict:
+        return dict(batch_size=self._stats_batch(calib), device=self.device, progress=self.progress,
+                    threads=self.threads)
 
     def measure_dense(self, calib, keys=None) -> dict:
         """The dense model's per-channel statistics over ``calib``: site key -> ChannelStats.
@@ -125,8 +140,9 @@ class Repair:
         """
         self._check_size(calib)
         with self._timed("measure_dense"):
-            batches, self.provider = measure(self.dense, calib, desc="dense", keys=keys, source=self.source,
-                                             **self._session_options())
+            batches, self.provider = measure(self._for_stats(self.dense), calib, desc="dense", keys=keys,
+                                             source=None if self.batch_plan else self.source,
+                                             **self._session_options(calib))
         return {key: merge_all(b) for key, b in batches.items()}
 
     def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False,
@@ -153,7 +169,7 @@ class Repair:
         needed = {s.key for s in sites if s.bn is None}
         if dense_stats is None:
             dense_stats = self.measure_dense(calib, None if all_dense else needed) if needed or all_dense else {}
-        self.dense_stats, options = dense_stats, self._session_options()
+        self.dense_stats, options = dense_stats, self._session_options(calib)
         with self._timed("measure_pruned"):
             missing = sorted(needed - set(dense_stats))
             if missing:
@@ -168,13 +184,15 @@ class Repair:
             norms = {key: train_norm(ref) for key, ref in self._refs.items()}
             # a site whose reference says its activations are too large to square is scaled from the first batch
             scales = {key: k for key, ref in self._refs.items() if (k := scale_exponent(magnitude(ref)))}
+            pruned = self._for_stats(self.pruned)
             if sequential:
-                self.pruned_stats, self.provider = measure_levels(self.pruned, calib, norms=norms, desc="pruned",
+                self.pruned_stats, self.provider = measure_levels(pruned, calib, norms=norms, desc="pruned",
                                                                   scales=scales, **options)
             else:
-                self.pruned_stats, self.provider = measure(self.pruned, calib, norms=norms, desc="pruned",
-                                                           scales=scales, **options)
-        self.settings.update(calib_size=len(calib), batch_size=self.batch_size, sequential=sequential)
+                self.pruned_stats, self.provider = measure(pruned, calib, norms=norms, desc="pruned", scales=scales,
+                                                           **options)
+        self.settings.update(calib_size=len(calib), batch_size=options["batch_size"], sequential=sequential,
+                             symbolic_batch=self.batch_plan is not None)
         return self
 
     def correct(self, method: str = "bn", *, placement: str = "recal", recal: str = "exact", momentum: float = 0.1,
@@ -249,7 +267,7 @@ class Repair:
         matches, err2, ref2 = [[] for _ in candidates], [[] for _ in candidates], 0.0
         with self._timed("auto"):
             for fit, held in parts:
-                probe = Repair(self.dense, device=self.device, batch_size=min(self.batch_size, len(fit)),
+                probe = Repair(self.dense, device=self.device, batch_size=min(self.requested_batch, len(fit)),
                                progress=False, threads=self.threads)
                 probe.pruned, probe.source = self.pruned, self.source
                 probe.measure(fit)

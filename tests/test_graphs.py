@@ -161,14 +161,16 @@ def check_class(dense, feeds):
 
 
 def test_fixed_batch_skips_the_last_partial_batch():
-    """A model that fixes a batch of 5 is fed 5 at a time; the 3 samples left over are not used."""
+    """A model that fixes a batch of 16 (enough for batch statistics, so it keeps it) is fed 16 at a time;
+    the 7 samples left over are not used."""
     from models import conv_net
 
-    dense = conv_net(bn=True, batch=5)
+    dense = conv_net(bn=True, batch=16)
     feeds = {"input": zoo.random_inputs(23)}
     job = repair(dense, zoo.DictSet(feeds), sparsity=SPARSITY, method="bn", device="cpu", progress=False)
-    assert job.batch_size == 5 and job.settings["calib_size"] == 23
-    check_statistics(dense, job, {"input": feeds["input"][:20]})
+    assert job.batch_size == 16 and job.batch_plan is None and job.settings["calib_size"] == 23
+    assert all(len(batches) == 1 for batches in job.pruned_stats.values())
+    check_statistics(dense, job, {"input": feeds["input"][:16]})
 
 
 def test_external_data_in_and_out(tmp_path, monkeypatch):

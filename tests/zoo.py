@@ -253,6 +253,26 @@ def input_bn_batch_1():
     return g.model([("input", [1, 3, 8, 8], None)], g.head(h, 6)), {"input": random_inputs(N)}
 
 
+def reshape_batch(batch=1, opset=9, mix=None):
+    """An opset-9 AlexNet-like export with its batch in a Reshape: Conv (stride 2), Relu, LRN, MaxPool,
+    Conv, BN, Relu, MaxPool, ``Reshape(x, [batch, -1])``, Gemm, Relu, Gemm. ``batch="N"`` gives the
+    same graph as a dynamic-batch export writes it (``[0, -1]``); ``mix`` adds a node that mixes the
+    samples along axis 0 without changing the shape ("softmax" or "reduce"), which a batch of 1 hides."""
+    g = G(13)
+    h = g.node("LRN", [g.relu(g.conv("input", 3, 8, k=5, strides=[2, 2], pads=[2] * 4))], size=3)
+    h = g.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])
+    h = g.relu(g.bn(g.conv(h, 8, 12), 12))
+    h = g.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])
+    if mix == "softmax":
+        h = g.node("Softmax", [h], axis=0)
+    elif mix == "reduce":
+        h = g.node("Sub", [h, g.node("ReduceMean", [h], axes=[0], keepdims=1)])
+    h = g.node("Reshape", [h, g.init("shape", [0 if batch == "N" else batch, -1], np.int64)])
+    h = g.relu(g.node("Gemm", [h, g.init("fc", g.weight((12 * 4 * 4, 16), 192)), g.init("fcb", np.zeros(16))]))
+    out = g.node("Gemm", [h, g.init("fc", g.weight((16, 5), 16)), g.init("fcb", np.zeros(5))])
+    model = g.model([("input", [batch, 3, 32, 32], None)], out, opset=opset)
+    return model, {"input": _feed((3, 32, 32), seed=4)}
+
 def two_inputs():
     g = G(9)
     a = g.relu(g.conv("image", 3, 6))
@@ -408,7 +428,8 @@ CLASSES = {
     "nhwc": nhwc, "keras_shared_output": keras_shared_output, "constant_weights_opset9": lambda: constant_weights(9),
     "constant_weights_opset12": lambda: constant_weights(12), "odd_convs": odd_convs, "conv1d": conv1d,
     "fc_heads": fc_heads, "shared_branched": shared_branched, "fixed_batch_1": fixed_batch_1,
-    "fixed_batch_1_bn": fixed_batch_1_bn, "input_bn_batch_1": input_bn_batch_1, "two_inputs": two_inputs, "fp16_bn": half_bn,
+    "fixed_batch_1_bn": fixed_batch_1_bn, "input_bn_batch_1": input_bn_batch_1,
+    "reshape_batch_1": reshape_batch, "two_inputs": two_inputs, "fp16_bn": half_bn,
     "fp16_folded": half_folded, "fp16_inside": half_inside, "custom_domain": custom_domain,
     "inits_as_inputs": inits_as_inputs, "huge_activations": huge_activations,
     "huge_activations_bn": lambda: huge_activations(bn=True),

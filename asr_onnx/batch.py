@@ -1,0 +1,222 @@
+"""A symbolic batch for the statistics graphs of a model that fixes a small batch (the output keeps it).
+
+A model exported with a batch of 1 can only be measured one sample per run, too few for batch
+statistics, so it would be measured level by level. :func:`free_batch` proves with ONNX shape inference
+that the graph computes each sample on its own, and gives a plan that makes the batch symbolic: the
+inputs take any batch and every constant Reshape target that names the batch gets 0 there (copy the
+input's batch). The proof: once the inputs' first dimension is symbolic, every tensor computed from an
+input keeps that symbol as its first dimension (Shape and Size excepted, which read it), and no node
+mixes samples along axis 0 while keeping the shape (Softmax or CumSum over axis 0, say).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+BATCH = "asr_batch"
+#: ops that read the batch without carrying it.
+READS_BATCH = {"Shape", "Size"}
+#: ops that combine values along their ``axis`` while keeping the shape, and their default axis.
+AXIS_OPS = {"Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "LpNormalization": -1, "CumSum": None,
+            "Concat": None}
+
+
+@dataclass
+class BatchPlan:
+    """How to make a model's batch symbolic: the Reshape targets to rewrite, by the Reshape's output.
+
+    Attributes:
+        batch: the model's fixed batch size.
+        targets: a Reshape's output name -> its new target shape (int64).
+        output_dims: graph output name -> its dims once the batch is symbolic.
+    """
+
+    batch: int
+    targets: dict
+    output_dims: dict
+
+    def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """A copy of ``model`` (the one planned for, or one with the same nodes) with a symbolic batch."""
+        freed = onnx.ModelProto()
+        freed.CopyFrom(model)
+        graph = freed.graph
+        inits = {t.name for t in graph.initializer}
+        for value in graph.input:
+            if value.name not in inits:
+                value.type.tensor_type.shape.dim[0].dim_param = BATCH
+        for node in graph.node:  # the old target may stay, unread: the statistics graph drops it
+            if node.op_type == "Reshape" and node.output[0] in self.targets:
+                name = f"{node.output[0]}.{BATCH}.shape"
+                graph.initializer.append(numpy_helper.from_array(self.targets[node.output[0]], name))
+                node.input[1] = name
+        for value in graph.output:
+            _set_dims(value, self.output_dims.get(value.name))
+        del graph.value_info[:]  # inferred with the fixed batch
+        return freed
+
+
+def free_batch(model: onnx.ModelProto, fixed: int) -> BatchPlan | None:
+    """A plan that makes the batch symbolic, or None where shape inference cannot prove it safe.
+
+    Args:
+        model: the model (not modified; its large weights are not copied).
+        fixed: the batch that every input fixes.
+    """
+    light = _light(model)
+    targets = {}
+    for _ in range(sum(n.op_type in ("Reshape", "Resize") for n in light.graph.node) + 1):
+        shapes, types = _infer(light)
+        found = _batch_targets(light, shapes, fixed)
+        resized = _batch_resizes(light, shapes)
+        if not shapes or not (found or resized):
+            break
+        for name in resized:  # onnx cannot tell that a symbolic dim times 1 is itself
+            rank = len(shapes[name])
+            light.graph.value_info.append(onnx.helper.make_tensor_value_info(name, types[name],
+                                                                             [BATCH] + [None] * (rank - 1)))
+        for index, shape in found.items():
+            node = light.graph.node[index]
+            name = f"{node.output[0]}.{BATCH}.shape"
+            light.graph.initializer.append(numpy_helper.from_array(shape, name))
+            node.input[1] = name
+            targets[node.output[0]] = shape
+    if not shapes or not _separable(light, shapes):
+        return None
+    outputs = {o.name: shapes.get(o.name) for o in light.graph.output}
+    if any(dims is None or not dims or dims[0] != BATCH for dims in outputs.values()):
+        return None
+    return BatchPlan(fixed, targets, outputs)
+
+
+def _light(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with a symbolic batch at its inputs, no declared output shapes, no value_info and only
+    the small initializers (Reshape targets): enough for shape inference, without copying weights."""
+    light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
+    graph = light.graph
+    inits = {t.name for t in model.graph.initializer}
+    graph.node.extend(model.graph.node)
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) <= 64 and init.data_location != onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(init)
+        else:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        graph.input.append(value)
+        graph.input[-1].type.tensor_type.shape.dim[0].dim_param = BATCH
+    for value in model.graph.output:
+        graph.output.append(onnx.helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type, None))
+    return light
+
+
+def _infer(light) -> tuple[dict, dict]:
+    """Tensor name -> dims (int, str or None each) and -> element type, from shape inference ({} if it fails)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light)
+    except Exception:  # noqa: BLE001 - without shapes nothing is proved
+        return {}, {}
+    shapes, types = {}, {}
+    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        tensor = value.type.tensor_type
+        types[value.name] = tensor.elem_type
+        if tensor.HasField("shape"):
+            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                       for d in tensor.shape.dim)
+    return shapes, types
+
+
+def _batch_resizes(light, shapes: dict) -> list[str]:
+    """Outputs of Resizes whose input carries the batch and whose constant scales keep axis 0 (scale 1),
+    where shape inference lost the batch's name."""
+    found = []
+    for node in light.graph.node:
+        if node.op_type not in ("Resize", "Upsample") or not _carries(shapes.get(node.input[0])):
+            continue
+        if _carries(shapes.get(node.output[0])) or not shapes.get(node.output[0]):
+            continue
+        at = 2 if node.op_type == "Resize" and len(node.input) > 2 else 1
+        scales = _constant(light.graph, node.input[at]) if len(node.input) > at else None
+        if scales is not None and scales.ndim == 1 and scales.size and float(scales[0]) == 1.0:
+            found.append(node.output[0])
+    return found
+
+
+def _constant(graph, name: str):
+    """The value of an initializer or Constant node output, or None."""
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return next((numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"), None)
+    return None
+
+
+def _batch_targets(light, shapes: dict, fixed: int) -> dict:
+    """Reshapes whose input carries the batch and whose constant target names it: index -> new target."""
+    found = {}
+    for index, node in enumerate(light.graph.node):
+        if node.op_type != "Reshape" or len(node.input) < 2 or not _carries(shapes.get(node.input[0])):
+            continue
+        if _carries(shapes.get(node.output[0])):
+            continue
+        target = _constant(light.graph, node.input[1])
+        allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
+        if target is None or target.ndim != 1 or not target.size or int(target[0]) != fixed or allow_zero:
+            continue
+        shape = target.astype(np.int64).copy()
+        shape[0] = 0  # copy the input's first dimension, which is the batch
+        found[index] = shape
+    return found
+
+
+def _carries(dims) -> bool:
+    return bool(dims) and dims[0] == BATCH
+
+
+def _separable(light, shapes: dict) -> bool:
+    """Whether every node that reads a batch-carrying tensor keeps the batch on axis 0 and does not mix samples."""
+    for node in light.graph.node:
+        read = [name for name in node.input if name and _carries(shapes.get(name))]
+        if not read or node.op_type in READS_BATCH:
+            continue
+        if any(not _carries(shapes.get(name)) for name in node.output if name):
+            return False
+        if node.op_type == "Concat" and not all(_carries(shapes.get(n)) for n in node.input if n):
+            return False  # a constant joined to a batch of one
+        if _mixes_batch(node, len(shapes.get(node.output[0]) or ())):
+            return False
+        if node.op_type == "BatchNormalization" and any(a.name == "training_mode" and a.i for a in node.attribute):
+            return False
+    return True
+
+
+def _mixes_batch(node, rank: int) -> bool:
+    """Whether an op that keeps the shape combines values along axis 0."""
+    if node.op_type not in AXIS_OPS:
+        return False
+    if node.op_type == "CumSum":
+        return True  # its axis is an input: assume the worst
+    axis = next((a.i for a in node.attribute if a.name == "axis"), AXIS_OPS[node.op_type])
+    if node.op_type == "Concat":
+        return axis % max(rank, 1) == 0
+    return axis % max(rank, 1) == 0 if axis is not None else False
+
+
+def _set_dims(value, dims) -> None:
+    """Replaces a ValueInfo's dims (int, str or None each); None drops the shape."""
+    tensor = value.type.tensor_type
+    tensor.ClearField("shape")
+    if dims is None:
+        return
+    for d in dims:
+        dim = tensor.shape.dim.add()
+        if isinstance(d, int):
+            dim.dim_value = d
+        elif d:
+            dim.dim_param = d
