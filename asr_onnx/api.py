@@ -350,17 +350,25 @@ class Repair:
             check_output(self.output)
         return self
 
-    def to_fp16(self, keep_io: bool = True) -> "Repair":
+    def to_fp16(self, keep_io: bool = True, calib=None) -> "Repair":
         """Casts the output's weights and arithmetic to float16 for deployment.
 
         Args:
             keep_io: keep float32 graph inputs and outputs (Casts at the edges). Defaults to True.
+            calib: compare the float16 output with the float32 one on up to 64 of these samples first
+                (see :func:`asr_onnx.fp16.check_fp16`). Defaults to None (no comparison).
+
+        Raises:
+            AsrError: the float16 output is not finite or is too far from the float32 one on ``calib``.
         """
-        from .fp16 import to_fp16
+        from .fp16 import check_fp16, to_fp16
 
         with self._timed("fp16"):
-            self.output = to_fp16(self.output if self.output is not None else self.pruned, keep_io=keep_io)
-        self.settings.update(fp16=True, fp16_io=not keep_io)
+            single = self.output if self.output is not None else self.pruned
+            half = to_fp16(single, keep_io=keep_io)
+            errors = check_fp16(single, half, calib, device=self.device) if calib is not None else None
+            self.output = half
+        self.settings.update(fp16=True, fp16_io=not keep_io, fp16_rel_l2=errors)
         return self
 
     def save(self, path, *, overwrite: bool = False) -> "Repair":

@@ -11,13 +11,16 @@
 
 Every float tensor then gets one precision (its producer's; for a constant, that of its consumers),
 and a ``Cast`` is inserted wherever a consumer wants the other one; constants wanted in both
-precisions are stored twice instead. Float initializers are clipped to the float16 range.
-With ``keep_io`` the graph's float inputs and outputs stay float32 behind a ``Cast``.
+precisions are stored twice instead. With ``keep_io`` the graph's float inputs and outputs stay
+float32 behind a ``Cast``.
+
+Nothing is clipped to the float16 range (a clipped BN variance makes the output unrelated to the
+model's): a BatchNormalization with a parameter outside it is folded into the Conv before it first,
+and any constant still outside it stays float32, with the nodes that read it. :func:`check_fp16`
+then compares the result with the float32 model on calibration data.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 import onnx
@@ -27,6 +30,8 @@ from .errors import AsrError
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)
+FP16_TINY = float(np.finfo(np.float16).tiny)  # 6.1e-5, the smallest normal float16
+FP16_TOLERANCE = 1e-2  # relative L2 of an output: float16 rounds each op to about 5e-4
 #: ops that make float32 from an attribute, so their outputs stay float32.
 FP32_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "EyeLike", "Multinomial",
             "Bernoulli"}
@@ -45,21 +50,23 @@ def to_fp16(model: onnx.ModelProto, keep_io: bool = True) -> onnx.ModelProto:
     Raises:
         AsrError: the model has control flow (subgraphs), or the result fails onnx.checker.
     """
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    graph = model.graph
-    for node in graph.node:
+    for node in model.graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise AsrError(f"fp16: node {node.name or node.op_type} has a subgraph ({node.op_type}); "
                            "control flow is not supported")
+    model = fold_wide_bns(model)
+    graph = model.graph
     types = _elem_types(model)
     opset = {o.domain or "": o.version for o in model.opset_import}
     constants = _constants(graph)
     shape_derived = _shape_derived(graph, constants)
+    wide = {name for name, tensor in constants.items() if _outside_half(numpy_helper.to_array(tensor))}
 
     # what precision each node wants at each float input, and gives at each float output
     wants, gives = [], []
     for index, node in enumerate(graph.node):
-        runs_half = index not in shape_derived and _can_run_half(node, types, opset)
+        runs_half = (index not in shape_derived and not wide.intersection(node.input) and not _wide_fill(node)
+                     and _can_run_half(node, types, opset))
         want, give = _precisions(node, types, opset, runs_half)
         wants.append(want)
         gives.append(give)
@@ -73,15 +80,12 @@ def to_fp16(model: onnx.ModelProto, keep_io: bool = True) -> onnx.ModelProto:
     for name in constants:
         wanted = {want[name] for want in wants if name in want}
         wanted |= {io_precision for out in graph.output if out.name == name}
-        home[name] = HALF if HALF in wanted or not wanted else FLOAT
+        home[name] = FLOAT if name in wide else HALF if HALF in wanted or not wanted else FLOAT
 
     # constants: convert in place, or keep float32
-    clipped = 0
     for name, holder in constants.items():
         if home[name] == HALF:
-            clipped += _to_half(holder)
-    if clipped:
-        warnings.warn(f"fp16: {clipped} weight value(s) outside the float16 range were clipped to ±{FP16_MAX:g}")
+            _to_half(holder)
 
     # rewire consumers that want the other precision
     taken = {n for node in graph.node for n in list(node.input) + list(node.output)} | set(inits)
@@ -130,6 +134,90 @@ def to_fp16(model: onnx.ModelProto, keep_io: bool = True) -> onnx.ModelProto:
     except Exception as e:
         raise AsrError(f"fp16: the converted model fails onnx.checker: {str(e).strip().splitlines()[0]}") from None
     return model
+
+
+def fold_wide_bns(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` where every BatchNormalization with a parameter outside the float16 range that
+    directly follows its Conv (or Gemm, ConvTranspose) is folded into it, so that no float16 tensor
+    holds a variance of 1e8, or activations of its size."""
+    from .graph import find_layers, find_sites, to_graph, to_model
+    from .recal import fold_bn
+
+    graph = to_graph(model)
+    folded = 0
+    for site in find_sites(graph, find_layers(graph)):
+        if site.bn is not None and site.layer is not None and \
+                any(_outside_half(np.asarray(t.values)) for t in site.bn.inputs[1:5]):
+            fold_bn(graph, site)
+            folded += 1
+    if not folded:
+        return onnx.ModelProto.FromString(model.SerializeToString())
+    graph.cleanup().toposort()
+    return to_model(graph, model)
+
+
+def _wide_fill(node) -> bool:
+    """Whether a ConstantOfShape fills with a value that float16 cannot hold."""
+    return node.op_type == "ConstantOfShape" and any(
+        a.name == "value" and _outside_half(numpy_helper.to_array(a.t)) for a in node.attribute)
+
+
+def _outside_half(values: np.ndarray) -> bool:
+    """Whether a float array has a finite value that float16 cannot hold."""
+    values = np.asarray(values, np.float64)
+    return bool(np.any(np.abs(values[np.isfinite(values)]) > FP16_MAX))
+
+
+def check_fp16(reference, half, calib, *, device: str = "auto", limit: int = 64, tolerance: float = FP16_TOLERANCE):
+    """Compares a float16 model's outputs with its float32 model's on up to ``limit`` calibration samples.
+
+    Args:
+        reference, half: the float32 model and its float16 copy (onnx.ModelProto).
+        calib: a calibration set (``batches(batch_size)``).
+        device: see :func:`asr_onnx.runtime.providers`. Defaults to "auto".
+        limit: samples to compare. Defaults to 64.
+        tolerance: the largest relative L2 error allowed on any output. Defaults to FP16_TOLERANCE (1e-2).
+
+    Returns:
+        output name -> relative L2 error of the float16 output (the float32 output's RMS floored at
+        FP16_TINY, 6.1e-5: float16 cannot tell smaller values apart).
+
+    Raises:
+        AsrError: an output is not finite, or is further than ``tolerance`` from the float32 one.
+    """
+    from .graph import fixed_batch, input_specs
+    from .runtime import make_session
+
+    sessions = [make_session(m, device) for m in (reference, half)]
+    names = [o.name for o in sessions[0].get_outputs()]
+    feeds_of = [{i.name: np.float16 if i.type == "tensor(float16)" else None for i in s.get_inputs()}
+                for s in sessions]
+    err2, ref2, size, seen = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0), 0
+    fixed = fixed_batch(input_specs(reference))
+    for feed in calib.batches(fixed or limit):
+        if fixed and len(next(iter(feed.values()))) != fixed:
+            continue  # a last partial batch
+        outs = [s.run(names, {k: v.astype(types[k]) if types.get(k) else v for k, v in feed.items()})
+                for s, types in zip(sessions, feeds_of)]
+        for name, want, got in zip(names, *outs):
+            want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
+            if not np.isfinite(got).all():
+                raise AsrError(f"fp16: output {name!r} is not finite in float16 on calibration data (activations "
+                               "outside the float16 range); keep the model in float32")
+            err2[name] += float(np.sum((got - want) ** 2))
+            ref2[name] += float(np.sum(want**2))
+            size[name] += want.size
+        seen += len(next(iter(feed.values())))
+        if seen >= limit:
+            break
+    # an output whose RMS is below float16's smallest normal (a probability map near 0) is measured
+    # against that: float16 cannot tell such values apart, and they are not what the output says
+    errors = {name: float(np.sqrt(err2[name] / max(ref2[name], size[name] * FP16_TINY**2))) for name in names}
+    worst = max(errors, key=errors.get)
+    if errors[worst] > tolerance:
+        raise AsrError(f"fp16: output {worst!r} differs from float32 by relative L2 {errors[worst]:.3g} on {seen} "
+                       f"calibration samples (over {tolerance:g}); keep the model in float32")
+    return errors
 
 
 def _elem_types(model) -> dict[str, int]:
@@ -246,13 +334,9 @@ def _precisions(node, types, opset, runs_half) -> tuple[dict, dict]:
     return want, give
 
 
-def _to_half(tensor) -> int:
-    """Converts a float32 TensorProto to float16 in place; returns how many values were clipped."""
-    values = numpy_helper.to_array(tensor).astype(np.float64)
-    clipped = int(np.count_nonzero(np.abs(values[np.isfinite(values)]) > FP16_MAX))
-    half = np.where(np.isfinite(values), np.clip(values, -FP16_MAX, FP16_MAX), values).astype(np.float16)
-    tensor.CopyFrom(numpy_helper.from_array(half, tensor.name))
-    return clipped
+def _to_half(tensor) -> None:
+    """Converts a float32 TensorProto (every finite value within the float16 range) to float16 in place."""
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
 
 
 def _constant_as(tensor, name, precision):

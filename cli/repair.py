@@ -42,7 +42,8 @@ def default_output(model: str) -> Path:
 @click.option("--sequential", is_flag=True,
               help="Exact layer-by-layer recalibration: one calibration pass per depth of sites (slower).")
 @click.option("--fold-bn", is_flag=True, help="Fold every BatchNormalization into its Conv after recalibration.")
-@click.option("--fp16", is_flag=True, help="Cast weights and arithmetic to float16; float I/O stays float32.")
+@click.option("--fp16", is_flag=True, help="Cast weights and arithmetic to float16; float I/O stays float32. "
+              "Checked against float32 on the calibration data first.")
 @click.option("--fp16-io", is_flag=True, help="With --fp16 (implied), make float inputs and outputs float16 too.")
 @click.option("--stats", "stats_path", type=click.Path(), help="Dense statistics saved by `asr-onnx stats`.")
 @click.option("--report", "report_path",
@@ -73,7 +74,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, method, placeme
     plan = Plan()  # every path read and written, checked for overlap before any work
     inputs = plan.read_model(model)
     plan.read(stats_path, "the --stats file")
-    if method != "none" and calib_path:
+    if (method != "none" or fp16 or fp16_io) and calib_path:  # --fp16 checks its output on the calibration data
         plan.read_data(calib_path, "the --calib data")
     if eval_path:
         plan.read_data(eval_path, "the --eval data")
@@ -83,16 +84,18 @@ def repair_command(model, calib_path, output, sparsity, pattern, method, placeme
     job = Repair(model, device=device, batch_size=batch_size, progress=not quiet, threads=threads)
     job.prune(sparsity, pattern, exclude, keep_first, keep_last)
     calib = dense_stats = None
-    if method != "none":
-        if not calib_path:
-            raise AsrError(f"--calib is required for --method {method}")
+    half = fp16 or fp16_io
+    if method != "none" or half:
+        if not calib_path:  # a float16 output is checked against float32 on calibration data
+            raise AsrError(f"--calib is required for {'--method ' + method if method != 'none' else '--fp16'}")
         calib = open_data(calib_path, job.dense, preprocess, limit=calib_size, seed=seed)
+    if method != "none":
         dense_stats = load_stats(stats_path, stats_key(job.dense, calib)) if stats_path else None
     job.run(calib, method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
             correct_head=not no_head, dense_stats=dense_stats, sequential=sequential, fold_bn_nodes=fold_bn,
             seed=seed)
-    if fp16 or fp16_io:
-        job.to_fp16(keep_io=not fp16_io)
+    if half:
+        job.to_fp16(keep_io=not fp16_io, calib=calib)
     if eval_path:
         job.evaluate(open_data(eval_path, job.dense, preprocess, limit=eval_size, seed=seed), name=eval_path)
     with plan.staged():  # every output is staged, then all are renamed into place together

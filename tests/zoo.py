@@ -371,6 +371,24 @@ def huge_activations(bn=False):
     return g.model([("input", ["N", 3, 8, 8], None)], g.head(h, 8)), {"input": random_inputs(N)}
 
 
+def wide_bn(after="conv"):
+    """A Conv whose output has a standard deviation near 1e4 (a BN variance of about 1e8, as in a PP-OCRv4
+    detector), renormalised by a BN, then Relu, GlobalAveragePool and Gemm. ``after="add"`` puts the BN
+    after an Add of two such Convs (it cannot be folded), with its variance at 1e5 so that the Add's
+    output still fits in float16."""
+    g = G(14)
+    scale = 1e4 if after == "conv" else 1e2
+    w = g.init("w", g.weight((6, 3, 3, 3), 27) * scale)
+    h = g.node("Conv", ["input", w, g.init("b", g.rng.normal(0, 0.1, 6) * scale)], "conv", pads=[1] * 4)
+    if after == "add":
+        other = g.node("Conv", ["input", g.init("w", g.weight((6, 3, 3, 3), 27) * scale)], "conv", pads=[1] * 4)
+        h = g.node("Add", [h, other])
+    var = g.rng.uniform(0.5, 2.0, 6) * (scale**2 if after == "conv" else 1e5)
+    params = [g.rng.uniform(0.5, 1.5, 6), g.rng.normal(0, 0.1, 6), g.rng.normal(0, 0.1, 6) * scale, var]
+    h = g.relu(g.node("BatchNormalization", [h] + [g.init("bn", p) for p in params], "bn", epsilon=1e-5))
+    return g.model([("input", ["N", 3, 8, 8], None)], g.head(h, 6)), {"input": random_inputs(N)}
+
+
 # ---------------------------------------------------------------- 13. quantized graphs
 
 
