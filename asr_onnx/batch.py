@@ -21,8 +21,8 @@ BATCH = "asr_batch"
 #: ops that read the batch without carrying it.
 READS_BATCH = {"Shape", "Size"}
 #: ops that combine values along their ``axis`` while keeping the shape, and their default axis.
-AXIS_OPS = {"Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "LpNormalization": -1, "CumSum": None,
-            "Concat": None}
+AXIS_OPS = {"Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "LpNormalization": -1, "LayerNormalization": -1,
+            "CumSum": None, "Concat": None}
 
 
 @dataclass
@@ -68,7 +68,7 @@ def free_batch(model: onnx.ModelProto, fixed: int) -> BatchPlan | None:
     """
     light = _light(model)
     targets = {}
-    for _ in range(sum(n.op_type in ("Reshape", "Resize") for n in light.graph.node) + 1):
+    for _ in range(sum(n.op_type in ("Reshape", "Resize", "Upsample") for n in light.graph.node) + 1):
         shapes, types = _infer(light)
         found = _batch_targets(light, shapes, fixed)
         resized = _batch_resizes(light, shapes)
@@ -84,6 +84,8 @@ def free_batch(model: onnx.ModelProto, fixed: int) -> BatchPlan | None:
             light.graph.initializer.append(numpy_helper.from_array(shape, name))
             node.input[1] = name
             targets[node.output[0]] = shape
+    else:  # every pass changed something, so the last shapes are stale (cannot happen: each fixes a node)
+        return None
     if not shapes or not _separable(light, shapes):
         return None
     outputs = {o.name: shapes.get(o.name) for o in light.graph.output}
@@ -198,6 +200,8 @@ def _separable(light, shapes: dict) -> bool:
 
 def _mixes_batch(node, rank: int) -> bool:
     """Whether an op that keeps the shape combines values along axis 0."""
+    if node.op_type == "MeanVarianceNormalization":  # over axes (0, 2, 3) unless told otherwise
+        return 0 in next((list(a.ints) for a in node.attribute if a.name == "axes"), [0])
     if node.op_type not in AXIS_OPS:
         return False
     if node.op_type == "CumSum":

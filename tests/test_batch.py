@@ -61,12 +61,14 @@ def tiny(nodes, inits, out_shape):
     return model
 
 
-def test_shape_inference_refuses_what_moves_or_joins_the_batch():
+def test_shape_inference_refuses_what_moves_joins_or_mixes_the_batch():
     moved = tiny([helper.make_node("Transpose", ["input"], ["y"], perm=[1, 0, 2, 3])], {}, [3, 1, 4, 4])
     joined = tiny([helper.make_node("Concat", ["input", "c"], ["y"], axis=1)],
                   {"c": np.zeros((1, 2, 4, 4), np.float32)}, [1, 5, 4, 4])
     folded = tiny([helper.make_node("Reshape", ["input", "s"], ["y"])], {"s": np.array([3, -1])}, [3, 16])
     kept = tiny([helper.make_node("Reshape", ["input", "s"], ["y"])], {"s": np.array([1, 3, -1])}, [1, 3, 16])
+    normalised = tiny([helper.make_node("MeanVarianceNormalization", ["input"], ["y"])], {}, [1, 3, 4, 4])
+    assert free_batch(normalised, 1) is None  # over axes (0, 2, 3) by default: the samples are mixed
     assert free_batch(moved, 1) is None and free_batch(joined, 1) is None and free_batch(folded, 1) is None
     plan = free_batch(kept, 1)
     assert plan.output_dims == {"y": (BATCH, 3, 16)}

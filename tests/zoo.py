@@ -255,11 +255,14 @@ def input_bn_batch_1():
 
 def reshape_batch(batch=1, opset=9, mix=None):
     """An opset-9 AlexNet-like export with its batch in a Reshape: Conv (stride 2), Relu, LRN, MaxPool,
+    Upsample x2 and MaxPool (an FPN-like detour: onnx's shape inference loses a symbolic batch in it),
     Conv, BN, Relu, MaxPool, ``Reshape(x, [batch, -1])``, Gemm, Relu, Gemm. ``batch="N"`` gives the
     same graph as a dynamic-batch export writes it (``[0, -1]``); ``mix`` adds a node that mixes the
     samples along axis 0 without changing the shape ("softmax" or "reduce"), which a batch of 1 hides."""
     g = G(13)
     h = g.node("LRN", [g.relu(g.conv("input", 3, 8, k=5, strides=[2, 2], pads=[2] * 4))], size=3)
+    h = g.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])
+    h = g.node("Upsample", [h, g.init("scales", [1, 1, 2, 2], np.float32)], mode="nearest")
     h = g.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])
     h = g.relu(g.bn(g.conv(h, 8, 12), 12))
     h = g.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])
