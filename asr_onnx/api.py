@@ -121,8 +121,15 @@ class Repair:
         return min(self.requested_batch, len(calib)) if self.batch_plan else self.batch_size
 
     def _for_stats(self, model):
-        """The model that the statistics graphs are built from: with a symbolic batch where planned."""
-        return self.batch_plan.apply(model) if self.batch_plan else model
+        """The model that the statistics graphs are built from: with a symbolic batch where planned, else None.
+
+        The pruned model gets its own plan: importing it may have folded a Shape-computed Reshape target
+        into a constant that names the batch.
+        """
+        if self.batch_plan is None:
+            return model
+        plan = self.batch_plan if model is self.dense else free_batch(model, self.batch_plan.batch)
+        return plan.apply(model) if plan else None
 
     def _session_options(self, calib) -> dict:
         return dict(batch_size=self._stats_batch(calib), device=self.device, progress=self.progress,
@@ -185,6 +192,8 @@ class Repair:
             # a site whose reference says its activations are too large to square is scaled from the first batch
             scales = {key: k for key, ref in self._refs.items() if (k := scale_exponent(magnitude(ref)))}
             pruned = self._for_stats(self.pruned)
+            if pruned is None:  # the pruned graph's batch cannot be freed: its own batch, level by level
+                pruned, options = self.pruned, dict(options, batch_size=self.batch_size)
             if sequential:
                 self.pruned_stats, self.provider = measure_levels(pruned, calib, norms=norms, desc="pruned",
                                                                   scales=scales, **options)
@@ -192,7 +201,7 @@ class Repair:
                 self.pruned_stats, self.provider = measure(pruned, calib, norms=norms, desc="pruned", scales=scales,
                                                            **options)
         self.settings.update(calib_size=len(calib), batch_size=options["batch_size"], sequential=sequential,
-                             symbolic_batch=self.batch_plan is not None)
+                             symbolic_batch=pruned is not self.pruned)
         return self
 
     def correct(self, method: str = "bn", *, placement: str = "recal", recal: str = "exact", momentum: float = 0.1,

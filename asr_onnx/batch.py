@@ -96,7 +96,11 @@ def free_batch(model: onnx.ModelProto, fixed: int) -> BatchPlan | None:
 
 def _light(model: onnx.ModelProto) -> onnx.ModelProto:
     """The graph with a symbolic batch at its inputs, no declared output shapes, no value_info and only
-    the small initializers (Reshape targets): enough for shape inference, without copying weights."""
+    the small initializers (Reshape targets): enough for shape inference, without copying weights.
+
+    Shape arithmetic is folded first at the fixed batch, so that a target computed from ``Shape``
+    (``x.view(x.size(0), -1)``) becomes the constant that names the batch, and is rewritten like one.
+    """
     light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
     graph = light.graph
     inits = {t.name for t in model.graph.initializer}
@@ -106,20 +110,36 @@ def _light(model: onnx.ModelProto) -> onnx.ModelProto:
             graph.initializer.append(init)
         else:
             graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    for value in model.graph.input:
-        if value.name in inits:
-            continue
-        graph.input.append(value)
-        graph.input[-1].type.tensor_type.shape.dim[0].dim_param = BATCH
-    for value in model.graph.output:
-        graph.output.append(onnx.helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type, None))
+    graph.input.extend(value for value in model.graph.input if value.name not in inits)
+    graph.output.extend(model.graph.output)
+    light = _shapes_folded(light)
+    for value in light.graph.input:
+        if value.name not in inits:
+            value.type.tensor_type.shape.dim[0].dim_param = BATCH
+    del light.graph.output[:], light.graph.value_info[:]
+    light.graph.output.extend(onnx.helper.make_tensor_value_info(v.name, v.type.tensor_type.elem_type, None)
+                              for v in model.graph.output)
     return light
+
+
+def _shapes_folded(light: onnx.ModelProto) -> onnx.ModelProto:
+    """``light`` with its shape arithmetic folded into constants (onnx-graphsurgeon), or as it was."""
+    import onnx_graphsurgeon as gs
+
+    try:
+        graph = gs.import_onnx(onnx.shape_inference.infer_shapes(light))
+        graph.fold_constants(fold_shapes=True, error_ok=True).cleanup()
+        folded = gs.export_onnx(graph, do_type_check=False, opset_imports=list(light.opset_import))
+    except Exception:  # noqa: BLE001 - folding only widens what can be proved
+        return light
+    folded.ir_version = light.ir_version
+    return folded
 
 
 def _infer(light) -> tuple[dict, dict]:
     """Tensor name -> dims (int, str or None each) and -> element type, from shape inference ({} if it fails)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(light)
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)  # through Shape arithmetic too
     except Exception:  # noqa: BLE001 - without shapes nothing is proved
         return {}, {}
     shapes, types = {}, {}

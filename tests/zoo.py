@@ -276,6 +276,22 @@ def reshape_batch(batch=1, opset=9, mix=None):
     model = g.model([("input", [batch, 3, 32, 32], None)], out, opset=opset)
     return model, {"input": _feed((3, 32, 32), seed=4)}
 
+
+def shape_reshape_batch(batch=1):
+    """A torch-style flatten: ``Reshape(x, Concat(Unsqueeze(Gather(Shape(x), 0)), Constant [-1]))``
+    before the head, opset 13, with shapes in value_info. With a batch of 1, importing the graph folds
+    the Shape chain into the constant target ``[1, 384]``, which then names the batch."""
+    g = G(30)
+    h = g.relu(g.conv("input", 3, 6))
+    rows = g.node("Unsqueeze", [g.node("Gather", [g.node("Shape", [h]), g.init("i", np.array(0), np.int64)],
+                                       axis=0), g.init("axes", np.array([0]), np.int64)])
+    minus = g.node("Constant", [], value=helper.make_tensor("m", TensorProto.INT64, [1], [-1]))
+    flat = g.node("Reshape", [h, g.node("Concat", [rows, minus], axis=0)])
+    out = g.node("Gemm", [flat, g.init("fc", g.weight((6 * 64, 5), 384)), g.init("fcb", np.zeros(5))])
+    model = onnx.shape_inference.infer_shapes(g.model([("input", [batch, 3, 8, 8], None)], out, opset=13,
+                                                      out_shape=[batch, 5]))
+    return model, {"input": random_inputs(N)}
+
 def two_inputs():
     g = G(9)
     a = g.relu(g.conv("image", 3, 6))
@@ -450,7 +466,7 @@ CLASSES = {
     "constant_weights_opset12": lambda: constant_weights(12), "odd_convs": odd_convs, "conv1d": conv1d,
     "fc_heads": fc_heads, "shared_branched": shared_branched, "fixed_batch_1": fixed_batch_1,
     "fixed_batch_1_bn": fixed_batch_1_bn, "input_bn_batch_1": input_bn_batch_1,
-    "reshape_batch_1": reshape_batch, "two_inputs": two_inputs, "fp16_bn": half_bn,
+    "reshape_batch_1": reshape_batch, "shape_reshape_batch_1": shape_reshape_batch, "two_inputs": two_inputs, "fp16_bn": half_bn,
     "fp16_folded": half_folded, "fp16_inside": half_inside, "custom_domain": custom_domain,
     "inits_as_inputs": inits_as_inputs, "huge_activations": huge_activations,
     "huge_activations_bn": lambda: huge_activations(bn=True),
