@@ -3,10 +3,12 @@
 A model exported with a batch of 1 can only be measured one sample per run, too few for batch
 statistics, so it would be measured level by level. :func:`free_batch` proves with ONNX shape inference
 that the graph computes each sample on its own, and gives a plan that makes the batch symbolic: the
-inputs take any batch and every constant Reshape target that names the batch gets 0 there (copy the
-input's batch). The proof: once the inputs' first dimension is symbolic, every tensor computed from an
-input keeps that symbol as its first dimension (Shape and Size excepted, which read it), and no node
-mixes samples along axis 0 while keeping the shape (Softmax or CumSum over axis 0, say).
+inputs take any batch and every Reshape target that names the batch (a constant, or shape arithmetic
+that folds to one at the fixed batch) gets 0 there (copy the input's batch). The proof: once the
+inputs' first dimension is symbolic, every tensor computed from an input keeps that symbol as its first
+dimension (Shape and Size excepted, which read it; a Resize by a scale of 1 on axis 0 keeps it), and no
+node mixes samples along axis 0 while keeping the shape (Softmax or CumSum over axis 0, a control-flow
+body, say).
 """
 
 from __future__ import annotations
@@ -215,6 +217,8 @@ def _separable(light, shapes: dict) -> bool:
             return False
         if node.op_type == "BatchNormalization" and any(a.name == "training_mode" and a.i for a in node.attribute):
             return False
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return False  # a body (Loop, Scan, If) is not checked node by node
     return True
 
 
@@ -227,9 +231,7 @@ def _mixes_batch(node, rank: int) -> bool:
     if node.op_type == "CumSum":
         return True  # its axis is an input: assume the worst
     axis = next((a.i for a in node.attribute if a.name == "axis"), AXIS_OPS[node.op_type])
-    if node.op_type == "Concat":
-        return axis % max(rank, 1) == 0
-    return axis % max(rank, 1) == 0 if axis is not None else False
+    return axis is not None and axis % max(rank, 1) == 0
 
 
 def _set_dims(value, dims) -> None:

@@ -31,6 +31,7 @@ from .errors import AsrError
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)
 FP16_TINY = float(np.finfo(np.float16).tiny)  # 6.1e-5, the smallest normal float16
+FIXED_LIMIT = 16  # samples compared one run each, when the batch is fixed
 FP16_TOLERANCE = 1e-2  # relative L2 of an output: float16 rounds each op to about 5e-4
 #: ops that make float32 from an attribute, so their outputs stay float32.
 FP32_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "EyeLike", "Multinomial",
@@ -175,7 +176,8 @@ def check_fp16(reference, half, calib, *, device: str = "auto", limit: int = 64,
         reference, half: the float32 model and its float16 copy (onnx.ModelProto).
         calib: a calibration set (``batches(batch_size)``).
         device: see :func:`asr_onnx.runtime.providers`. Defaults to "auto".
-        limit: samples to compare. Defaults to 64.
+        limit: samples to compare. Defaults to 64 (FIXED_LIMIT, 16, when the model fixes its batch and
+            :func:`asr_onnx.batch.free_batch` cannot free it, so that each runs alone).
         tolerance: the largest relative L2 error allowed on any output. Defaults to FP16_TOLERANCE (1e-2).
 
     Returns:
@@ -185,15 +187,21 @@ def check_fp16(reference, half, calib, *, device: str = "auto", limit: int = 64,
     Raises:
         AsrError: an output is not finite, or is further than ``tolerance`` from the float32 one.
     """
+    from .batch import free_batch
     from .graph import fixed_batch, input_specs
     from .runtime import make_session
 
+    fixed = fixed_batch(input_specs(reference))
+    plans = [free_batch(m, fixed) for m in (reference, half)] if fixed else []
+    if plans and all(plans):  # compare batched, as the statistics are measured
+        reference, half, fixed = plans[0].apply(reference), plans[1].apply(half), None
+    elif fixed:
+        limit = min(limit, FIXED_LIMIT)  # one run per sample
     sessions = [make_session(m, device) for m in (reference, half)]
     names = [o.name for o in sessions[0].get_outputs()]
     feeds_of = [{i.name: np.float16 if i.type == "tensor(float16)" else None for i in s.get_inputs()}
                 for s in sessions]
     err2, ref2, size, seen = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0), 0
-    fixed = fixed_batch(input_specs(reference))
     for feed in calib.batches(fixed or limit):
         if fixed and len(next(iter(feed.values()))) != fixed:
             continue  # a last partial batch

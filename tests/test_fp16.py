@@ -136,6 +136,21 @@ def test_a_bn_variance_above_the_float16_range_is_folded_or_kept_in_float32(afte
     assert list(errors) == ["fc" + ("14" if after == "conv" else "17")] and 0 < errors[next(iter(errors))] <= 1e-2
 
 
+@pytest.mark.parametrize("mix", [None, "softmax"])
+def test_a_fixed_batch_1_model_is_checked_batched_where_its_batch_can_be_freed(mix):
+    import zoo
+    from asr_onnx.batch import free_batch
+    from asr_onnx.fp16 import FIXED_LIMIT, check_fp16
+
+    model, feeds = zoo.reshape_batch(1, mix=mix)
+    half = to_fp16(model)
+    assert (free_batch(half, 1) is None) == (mix is not None)
+    with pytest.raises(AsrError, match=f"on {zoo.N if mix is None else FIXED_LIMIT} calibration samples"):
+        check_fp16(model, half, zoo.DictSet(feeds), device="cpu", tolerance=0)
+    errors = check_fp16(model, half, zoo.DictSet(feeds), device="cpu")
+    assert 0 < max(errors.values()) <= 1e-2
+
+
 def test_an_output_that_leaves_the_float16_range_is_refused():
     """An output of 1.6e5 (twice a Mul by 400): no constant is out of range, but the float16 output is
     infinite; the check says so instead of writing it."""
