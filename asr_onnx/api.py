@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .calib.calibset import CalibSet
 from .errors import AsrError
 from .gains import METHODS
 from .graph import (check_output, find_layers, find_sites, fixed_batch, input_specs, load_model, save_model, to_graph,
@@ -153,7 +154,7 @@ class Repair:
         return {key: merge_all(b) for key, b in batches.items()}
 
     def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False,
-                all_dense: bool = False) -> "Repair":
+                all_dense: bool = False, seed: int = 0) -> "Repair":
         """Per-channel statistics of the dense model, then of the pruned one with upstream renormalised.
 
         A real BN's reference is its own running statistics, so the dense pass only measures the
@@ -166,11 +167,15 @@ class Repair:
                 fixed at its whole-set statistics: exact layer-by-layer recalibration, at one pass per
                 depth of sites. Defaults to False (one pass, upstream renormalised with batch statistics).
             all_dense: measure every site of the dense model, BN sites too, for the report. Defaults to False.
+            seed: a CalibSet is read in this seeded random order, so that no batch holds one class
+                only (batch statistics renormalise the pruned pass). Another kind of set is read in its
+                own order. Defaults to 0.
 
         Raises:
             AsrError: the calibration set is smaller than one batch.
         """
         self._check_size(calib)
+        calib = calib.shuffled(seed) if isinstance(calib, CalibSet) else calib
         graph = to_graph(self.pruned)
         sites = find_sites(graph, find_layers(graph))
         needed = {s.key for s in sites if s.bn is None}
@@ -240,13 +245,13 @@ class Repair:
             placement, recal, momentum, lambda_rule, correct_head: as for :meth:`correct`.
             dense_stats, sequential: as for :meth:`measure`. Defaults to None and False.
             fold_bn_nodes: as for :meth:`fold`. Defaults to False.
-            seed: the seed of "auto"'s folds. Defaults to 0.
+            seed: the seed of the calibration batches' order and of "auto"'s folds. Defaults to 0.
         """
         if method == "none":
             self.output = self.pruned
             self.settings.update(method="none")
             return self
-        self.measure(calib, dense_stats, sequential)
+        self.measure(calib, dense_stats, sequential, seed=seed)
         if method == "auto":
             self.auto(calib, recal=recal, momentum=momentum, seed=seed, correct_head=correct_head)
         else:
@@ -279,7 +284,7 @@ class Repair:
                 probe = Repair(self.dense, device=self.device, batch_size=min(self.requested_batch, len(fit)),
                                progress=False, threads=self.threads)
                 probe.pruned, probe.source = self.pruned, self.source
-                probe.measure(fit)
+                probe.measure(fit, seed=seed)
                 dense_logits = []
                 for i, (method, placement, rule) in enumerate(candidates):
                     probe.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=rule,
@@ -295,7 +300,7 @@ class Repair:
                   for (method, placement, rule), m, e in zip(candidates, matches, err2)]
         best = pick(scores, matches, err2)
         if self.pruned_stats is None:
-            self.measure(calib)
+            self.measure(calib, seed=seed)
         self.correct(best["method"], placement=best["placement"], recal=recal, momentum=momentum,
                      lambda_rule=best["lambda_rule"], correct_head=correct_head)
         self.settings.update(method="auto", auto={"picked": best, "candidates": scores, "folds": folds,

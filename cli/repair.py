@@ -33,7 +33,7 @@ def default_output(model: str) -> Path:
 @click.option("--keep-last", is_flag=True, help="Leave the last prunable layer dense.")
 @click.option("--calib-size", default=1024, show_default=True, type=COUNT, help="Calibration samples to use.")
 @click.option("--batch-size", default=64, show_default=True, type=COUNT)
-@click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE, help="Seed of the calibration subset.")
+@click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE, help="Seed of the calibration subset and of its batch order.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--threads", default=0, show_default=True, type=NON_NEGATIVE,
               help="onnxruntime intra-op threads; 0 = its default.")

@@ -44,7 +44,8 @@ class CalibSet:
         return self._source.labels[self._indices]
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Yield ``{input_name: array (b, ...)}`` in the model's dtype, in source order.
+        """Yield ``{input_name: array (b, ...)}`` in the model's dtype, in the set's order (source order
+        unless the set is :meth:`shuffled`).
 
         Args:
             batch_size: Samples per batch (>= 1); the last batch may be smaller.
@@ -52,7 +53,15 @@ class CalibSet:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise AsrError(f"batch size must be a positive integer, got {batch_size!r}")
         for start in range(0, len(self._indices), batch_size):
-            yield self._source.read(self._indices[start : start + batch_size])
+            chunk = self._indices[start : start + batch_size]
+            if np.all(chunk[1:] > chunk[:-1]):
+                yield self._source.read(chunk)
+                continue
+            order = np.argsort(chunk, kind="stable")  # sources read sorted indices
+            arrays = self._source.read(chunk[order])
+            restore = np.empty_like(order)
+            restore[order] = np.arange(len(order))
+            yield {name: array[restore] for name, array in arrays.items()}
 
     def take(self, n: int, seed: int = 0) -> "CalibSet":
         """The first ``n`` of a seeded permutation (all if n >= len), kept in source order.
@@ -93,6 +102,18 @@ class CalibSet:
             (self._subset(np.concatenate(parts[:i] + parts[i + 1 :])), self._subset(part))
             for i, part in enumerate(parts)
         ]
+
+    def shuffled(self, seed: int = 0) -> "CalibSet":
+        """The same samples in a seeded random order, so that every batch mixes the classes.
+
+        A folder of class subfolders is read class by class; statistics of a one-class batch are
+        biased, and the renormalisation of a pruned pass uses batch statistics. The labels follow the
+        new order.
+
+        Args:
+            seed: Permutation seed; default 0.
+        """
+        return CalibSet(self._source, self.specs, self.preprocess, self._permuted(seed))
 
     def fingerprint(self) -> str:
         """sha256 hex over source file names+contents, selected indices, preprocessing and input specs."""
