@@ -18,7 +18,7 @@ from .prune import Pattern, check_sparsity, prune_layers
 from .augment import scale_exponent
 from .recal import correct, fold_bn, magnitude, reference, train_norm, write
 from .batch import free_batch
-from .measure import SMALL_BATCH, measure, measure_levels
+from .measure import SMALL_BATCH, measure, measure_levels, touched_sites
 from .stats import merge_all
 
 
@@ -158,7 +158,9 @@ class Repair:
         """Per-channel statistics of the dense model, then of the pruned one with upstream renormalised.
 
         A real BN's reference is its own running statistics, so the dense pass only measures the
-        sites that have no BN (layers that get a virtual one, such as a classifier head).
+        sites that have no BN (layers that get a virtual one, such as a classifier head). A site that
+        no pruned layer reaches sees the dense activations: it is measured but not renormalised, and
+        its correction is the identity (so ``sparsity 0`` changes nothing).
 
         Args:
             calib: a calib.CalibSet (or anything with ``__len__`` and ``batches(batch_size)``).
@@ -177,7 +179,12 @@ class Repair:
         self._check_size(calib)
         calib = calib.shuffled(seed) if isinstance(calib, CalibSet) else calib
         graph = to_graph(self.pruned)
-        sites = find_sites(graph, find_layers(graph))
+        layers = find_layers(graph)
+        sites = find_sites(graph, layers)
+        dense_weights = {layer.name: layer.weight.values for layer in find_layers(to_graph(self.dense))}
+        changed = {id(layer.node) for layer in layers
+                   if not np.array_equal(dense_weights.get(layer.name), layer.weight.values)}
+        self._touched = touched_sites(graph, sites, changed)
         needed = {s.key for s in sites if s.bn is None}
         if dense_stats is None:
             dense_stats = self.measure_dense(calib, None if all_dense else needed) if needed or all_dense else {}
@@ -193,7 +200,7 @@ class Repair:
                                    f"model has {site.channels}: they belong to another model")
             self._refs = {s.key: reference(s, dense_stats.get(s.key)) for s in sites}
             self._sites = sites
-            norms = {key: train_norm(ref) for key, ref in self._refs.items()}
+            norms = {key: train_norm(ref) for key, ref in self._refs.items() if key in self._touched}
             # a site whose reference says its activations are too large to square is scaled from the first batch
             scales = {key: k for key, ref in self._refs.items() if (k := scale_exponent(magnitude(ref)))}
             pruned = self._for_stats(self.pruned)
@@ -225,7 +232,8 @@ class Repair:
         with self._timed("correct"):
             self.corrections = {
                 s.key: correct(s, self._refs[s.key], self.pruned_stats[s.key],
-                               "none" if s.head and not correct_head else method, placement=placement,
+                               "none" if (s.head and not correct_head) or s.key not in self._touched else method,
+                               placement=placement,
                                recal=recal, momentum=momentum, lambda_rule=lambda_rule)
                 for s in self._sites
             }

@@ -47,14 +47,14 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
         AsrError: an activation is NaN or infinite (naming the site and the first sample), or no batch
             has the model's fixed batch size.
     """
-    if norms is not None and batch_size < SMALL_BATCH:
+    if norms and batch_size < SMALL_BATCH:
         return measure_levels(model, calib, batch_size=batch_size, device=device, norms=norms, progress=progress,
                               desc=desc, threads=threads, kernel=kernel, scales=scales)
     if norms is None and keys and set(keys) <= _matrix_outputs(model):  # e.g. only a classifier head
         return _run(lambda plan: (model, None), calib, batch_size, device, progress, desc, threads,
                     outputs=sorted(keys), source=source, model=model)
     kernel = _kernel(kernel, device)
-    return _run(_builder(model, norms, keys, kernel), calib, batch_size, device, progress, desc, threads,
+    return _run(_builder(model, norms or None, keys, kernel), calib, batch_size, device, progress, desc, threads,
                 scales=scales)
 
 
@@ -97,7 +97,7 @@ def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, p
     levels = site_levels(graph, find_sites(graph, find_layers(graph)))
     done, provider, count, kernel = {}, None, max(levels.values()) + 1, _kernel(kernel, device)
     for level in range(count):
-        fixed = {key: tuple(norms[key][:3]) + _population(stats) for key, stats in done.items()}
+        fixed = {key: tuple(norms[key][:3]) + _population(stats) for key, stats in done.items() if key in norms}
         wanted = {key for key, at in levels.items() if at == level}
         label = f"{desc} {level + 1}/{count}"
         per_site, provider = _run(_builder(model, fixed, wanted, kernel), calib, batch_size, device, progress,
@@ -109,6 +109,25 @@ def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, p
 def _population(batches: list["ChannelStats"]) -> tuple:
     total = merge_all(batches)
     return total.mean, total.var
+
+
+def touched_sites(graph, sites, changed: set) -> set[str]:
+    """Keys of the sites that a changed layer reaches: its own output, or anything computed from it.
+
+    Every other site sees exactly the dense model's activations, so its exact correction is the
+    identity, and renormalising it with batch statistics would only add noise.
+
+    Args:
+        graph: the pruned gs.Graph.
+        sites: its sites.
+        changed: the nodes (by id) of the layers whose weight pruning changed.
+    """
+    reached = set()
+    graph.toposort()
+    for node in graph.nodes:
+        if id(node) in changed or any(t.name in reached for t in node.inputs):
+            reached.update(t.name for t in node.outputs)
+    return {site.key for site in sites if site.tensor.name in reached}
 
 
 def site_levels(graph, sites) -> dict[str, int]:

@@ -269,3 +269,51 @@ def test_a_bias_less_layer_read_by_several_nodes_and_a_graph_output_at_high_spar
     gated = np.maximum(f * weights["s10"] + weights["t12"], 0) / (1 + np.exp(-f))  # relu(f * s + t) * sigmoid(f)
     expected = gated.mean(axis=(1, 2)) @ weights["fc18"] + weights["fcb20"]
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+IDENTITY_METHODS = ("none", "bn", "lw", "naive", "asr", "auto")
+
+
+def shifted_sorted(feeds):
+    """Calibration data from another distribution (scaled and shifted), sorted by brightness so that
+    every batch is biased, as a class-sorted folder would make it."""
+    first = next(iter(feeds.values()))
+    order = np.argsort(first.reshape(len(first), -1).astype(np.float64).mean(axis=1))
+    return {name: (1.5 * x[order].astype(np.float64) + 0.7).astype(x.dtype) if x.dtype.kind == "f" else x[order]
+            for name, x in feeds.items()}
+
+
+@pytest.mark.parametrize("name", list(zoo.CLASSES))
+def test_sparsity_zero_is_the_identity_for_every_method_and_pattern(name):
+    """No layer pruned, no site touched: every method, pattern and flavour returns the input model's
+    outputs (within 1e-4 relative), even from small, biased batches of data unlike the training data."""
+    dense, feeds = zoo.CLASSES[name]()
+    calib = zoo.DictSet(shifted_sorted(feeds))
+    fixed = fixed_batch(input_specs(dense))
+    expected = next(iter(run(dense, calib.feeds).values())).astype(np.float64)
+    cases = [(method, pattern, False) for method in IDENTITY_METHODS if method != "auto"
+             for pattern in ("global", "uniform")] + [("auto", "global", False), ("bn", "global", True)]
+    for method, pattern, fold in cases:
+        job = repair(dense, calib, sparsity=0.0, pattern=pattern, method=method, device="cpu", progress=False,
+                     batch_size=fixed or 6, fold_bn_nodes=fold)
+        got = next(iter(run(job.output, calib.feeds).values())).astype(np.float64)
+        rtol = 1e-3 if job.output.graph.initializer[0].data_type == onnx.TensorProto.FLOAT16 else 1e-4
+        error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        assert error < rtol, (method, pattern, fold, error)
+
+
+def test_a_site_that_no_pruned_layer_reaches_is_left_as_it_is():
+    """--keep-first: the first conv's BN sees dense activations, so it is measured without being
+    renormalised (its statistics are the dense ones) and its correction is the identity; the sites
+    after the pruned layers are corrected."""
+    from asr_onnx.stats import merge_all
+
+    dense, feeds = zoo.bn_kept()
+    job = repair(dense, zoo.DictSet(feeds), sparsity=SPARSITY, method="bn", keep_first=True, batch_size=6,
+                 device="cpu", progress=False)
+    first, *rest = job._sites
+    exposed = run(dense, feeds, [first.key])[first.key]
+    measured = merge_all(job.pruned_stats[first.key])
+    np.testing.assert_allclose(measured.var, ChannelStats.of(exposed).var, rtol=1e-5)
+    assert job.written[first.key] == "unchanged"
+    assert all(job.written[site.key] != "unchanged" for site in rest)

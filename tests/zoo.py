@@ -476,6 +476,8 @@ CLASSES = {
 class DictSet:
     """A calibration set over in-memory arrays keyed by input name (several inputs allowed)."""
 
+    labels = None
+
     def __init__(self, feeds: dict):
         self.feeds = feeds
 
@@ -485,3 +487,9 @@ class DictSet:
     def batches(self, batch_size):
         for i in range(0, len(self), batch_size):
             yield {name: x[i : i + batch_size] for name, x in self.feeds.items()}
+
+    def folds(self, k, seed=0):
+        """k (fit, held-out) pairs, as CalibSet.folds makes them, each part in the set's own order."""
+        parts = np.array_split(np.random.default_rng(seed).permutation(len(self)), k)
+        subset = lambda idx: DictSet({name: x[np.sort(idx)] for name, x in self.feeds.items()})  # noqa: E731
+        return [(subset(np.concatenate(parts[:i] + parts[i + 1:])), subset(part)) for i, part in enumerate(parts)]
