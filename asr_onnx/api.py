@@ -16,7 +16,8 @@ from .graph import (check_output, find_layers, find_sites, fixed_batch, input_sp
                     to_model)
 from .prune import Pattern, check_sparsity, prune_layers
 from .augment import scale_exponent
-from .recal import correct, fold_bn, magnitude, reference, train_norm, write
+from .recal import DEFAULT_REFERENCE, REFERENCES, correct, fold_bn, magnitude, train_norm, write
+from .recal import reference as site_reference
 from .batch import free_batch
 from .measure import SMALL_BATCH, measure, measure_levels, touched_sites
 from .stats import merge_all
@@ -154,11 +155,12 @@ class Repair:
         return {key: merge_all(b) for key, b in batches.items()}
 
     def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False,
-                all_dense: bool = False, seed: int = 0) -> "Repair":
+                all_dense: bool = False, seed: int = 0, reference: str = DEFAULT_REFERENCE) -> "Repair":
         """Per-channel statistics of the dense model, then of the pruned one with upstream renormalised.
 
-        A real BN's reference is its own running statistics, so the dense pass only measures the
-        sites that have no BN (layers that get a virtual one, such as a classifier head). A site that
+        Under ``reference="running"`` a real BN's reference is its own running statistics, so the dense
+        pass only measures the sites that have no BN (layers that get a virtual one, such as a
+        classifier head); under "calib" it measures every site. A site that
         no pruned layer reaches sees the dense activations: it is measured but not renormalised, and
         its correction is the identity (so ``sparsity 0`` changes nothing).
 
@@ -172,6 +174,10 @@ class Repair:
             seed: a CalibSet is read in this seeded random order, so that no batch holds one class
                 only (batch statistics renormalise the pruned pass). Another kind of set is read in its
                 own order. Defaults to 0.
+            reference: what a BN site's correction restores: "calib", the dense model's statistics at
+                the BN's input on the calibration data (the identity where nothing changed), or
+                "running", the BN's running statistics (REFLOW's target, for calibration data drawn
+                from the training distribution). Defaults to DEFAULT_REFERENCE.
 
         Raises:
             AsrError: the calibration set is smaller than one batch.
@@ -185,7 +191,9 @@ class Repair:
         changed = {id(layer.node) for layer in layers
                    if not np.array_equal(dense_weights.get(layer.name), layer.weight.values)}
         self._touched = touched_sites(graph, sites, changed)
-        needed = {s.key for s in sites if s.bn is None}
+        if reference not in REFERENCES:
+            raise AsrError(f"unknown reference {reference!r}; use {' or '.join(REFERENCES)}")
+        needed = {s.key for s in sites if s.bn is None or reference == "calib"}
         if dense_stats is None:
             dense_stats = self.measure_dense(calib, None if all_dense else needed) if needed or all_dense else {}
         self.dense_stats, options = dense_stats, self._session_options(calib)
@@ -198,7 +206,7 @@ class Repair:
                 if given is not None and given.mean.size != site.channels:
                     raise AsrError(f"the dense statistics of {site.key!r} have {given.mean.size} channels, the "
                                    f"model has {site.channels}: they belong to another model")
-            self._refs = {s.key: reference(s, dense_stats.get(s.key)) for s in sites}
+            self._refs = {s.key: site_reference(s, dense_stats.get(s.key), reference) for s in sites}
             self._sites = sites
             norms = {key: train_norm(ref) for key, ref in self._refs.items() if key in self._touched}
             # a site whose reference says its activations are too large to square is scaled from the first batch
@@ -213,7 +221,7 @@ class Repair:
                 self.pruned_stats, self.provider = measure(pruned, calib, norms=norms, desc="pruned", scales=scales,
                                                            **options)
         self.settings.update(calib_size=len(calib), batch_size=options["batch_size"], sequential=sequential,
-                             symbolic_batch=pruned is not self.pruned)
+                             symbolic_batch=pruned is not self.pruned, reference=reference)
         return self
 
     def correct(self, method: str = "bn", *, placement: str = "recal", recal: str = "exact", momentum: float = 0.1,
@@ -243,7 +251,8 @@ class Repair:
 
     def run(self, calib, method: str = "bn", *, placement: str = "recal", recal: str = "exact",
             momentum: float = 0.1, lambda_rule="median", correct_head: bool = True, dense_stats=None,
-            sequential: bool = False, fold_bn_nodes: bool = False, seed: int = 0) -> "Repair":
+            sequential: bool = False, fold_bn_nodes: bool = False, seed: int = 0,
+            reference: str = DEFAULT_REFERENCE) -> "Repair":
         """measure -> correct (or auto) -> fold, after :meth:`prune`.
 
         Args:
@@ -251,7 +260,8 @@ class Repair:
             method: none, bn, lw, naive, asr or auto. Defaults to "bn". With "none" nothing is measured
                 and the output is the pruned model.
             placement, recal, momentum, lambda_rule, correct_head: as for :meth:`correct`.
-            dense_stats, sequential: as for :meth:`measure`. Defaults to None and False.
+            dense_stats, sequential, reference: as for :meth:`measure`. Defaults to None, False and
+                DEFAULT_REFERENCE.
             fold_bn_nodes: as for :meth:`fold`. Defaults to False.
             seed: the seed of the calibration batches' order and of "auto"'s folds. Defaults to 0.
         """
@@ -259,16 +269,17 @@ class Repair:
             self.output = self.pruned
             self.settings.update(method="none")
             return self
-        self.measure(calib, dense_stats, sequential, seed=seed)
+        self.measure(calib, dense_stats, sequential, seed=seed, reference=reference)
         if method == "auto":
-            self.auto(calib, recal=recal, momentum=momentum, seed=seed, correct_head=correct_head)
+            self.auto(calib, recal=recal, momentum=momentum, seed=seed, correct_head=correct_head,
+                      reference=reference)
         else:
             self.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
                          correct_head=correct_head)
         return self.fold(fold_bn_nodes)
 
     def auto(self, calib, *, folds: int = 4, seed: int = 0, recal: str = "exact", momentum: float = 0.1,
-             correct_head: bool = True, candidates=AUTO_CANDIDATES) -> "Repair":
+             correct_head: bool = True, candidates=AUTO_CANDIDATES, reference: str | None = None) -> "Repair":
         """Picks the method that best agrees with the dense model on held-out calibration data.
 
         Cross-fitted: ``calib`` is cut into ``folds`` parts; each part is held out in turn while every
@@ -282,9 +293,12 @@ class Repair:
             seed: the parts' seed. Defaults to 0.
             recal, momentum, correct_head: as in :meth:`correct`.
             candidates: (method, placement, lambda_rule) triples. Defaults to AUTO_CANDIDATES.
+            reference: as for :meth:`measure`. Defaults to None: the one of the last measure, else
+                DEFAULT_REFERENCE.
         """
         from .verify import evaluate, logit_rel_l2
 
+        reference = reference or self.settings.get("reference", DEFAULT_REFERENCE)
         parts = calib.folds(folds, seed)
         matches, err2, ref2 = [[] for _ in candidates], [[] for _ in candidates], 0.0
         with self._timed("auto"):
@@ -292,7 +306,7 @@ class Repair:
                 probe = Repair(self.dense, device=self.device, batch_size=min(self.requested_batch, len(fit)),
                                progress=False, threads=self.threads)
                 probe.pruned, probe.source = self.pruned, self.source
-                probe.measure(fit, seed=seed)
+                probe.measure(fit, seed=seed, reference=reference)
                 dense_logits = []
                 for i, (method, placement, rule) in enumerate(candidates):
                     probe.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=rule,
@@ -308,7 +322,7 @@ class Repair:
                   for (method, placement, rule), m, e in zip(candidates, matches, err2)]
         best = pick(scores, matches, err2)
         if self.pruned_stats is None:
-            self.measure(calib, seed=seed)
+            self.measure(calib, seed=seed, reference=reference)
         self.correct(best["method"], placement=best["placement"], recal=recal, momentum=momentum,
                      lambda_rule=best["lambda_rule"], correct_head=correct_head)
         self.settings.update(method="auto", auto={"picked": best, "candidates": scores, "folds": folds,

@@ -18,6 +18,9 @@ from .gains import floor_eps, full_gain, gain, shrink_lambda
 from .stats import ChannelStats, ema
 
 PLACEMENTS = ("recal", "pre-bn")
+REFERENCES = ("calib", "running")
+DEFAULT_REFERENCE = "calib"  # chosen on held-out training images and shifted data: benchmarks/RESULTS.md
+VAR_FLOOR = 1e-30  # under every variance a BN with epsilon 0 divides by
 VIRTUAL_EPS = 1e-6  # a virtual BN's epsilon, relative to the layer's mean dense variance
 
 
@@ -32,11 +35,23 @@ class Norm:
     eps: float
 
 
-def reference(site, dense: ChannelStats) -> Norm:
-    """A real BN's own parameters, or the virtual BN that the dense statistics define."""
+def reference(site, dense: ChannelStats | None, kind: str = "calib") -> Norm:
+    """A site's original normalisation, written with the statistics its correction restores.
+
+    Args:
+        site: the graph.Site.
+        dense: the dense model's statistics at the site on the calibration data (None for a BN site
+            under ``kind="running"``).
+        kind: "calib": a BN is rewritten in terms of the dense calibration statistics (see
+            :func:`calibrated`); "running": its own running statistics (REFLOW's target). A layer
+            without BN always gets the virtual BN that the dense statistics define. Defaults to "calib".
+    """
+    if kind not in REFERENCES:
+        raise AsrError(f"unknown reference {kind!r}; use {' or '.join(REFERENCES)}")
     if site.bn is not None:
         scale, bias, mean, var = (np.asarray(t.values, np.float64) for t in site.bn.inputs[1:5])
-        return Norm(scale, bias, mean, var, site.eps)
+        own = Norm(scale, bias, mean, var, site.eps)
+        return own if kind == "running" else calibrated(own, dense)
     eps = VIRTUAL_EPS * float(np.mean(dense.var)) + 1e-30
     return Norm(np.sqrt(dense.var + eps), dense.mean.copy(), dense.mean.copy(), dense.var.copy(), eps)
 
@@ -44,6 +59,17 @@ def reference(site, dense: ChannelStats) -> Norm:
 def magnitude(ref: Norm) -> float:
     """The size of a site's activations that its reference implies: the largest |mean| + std of a channel."""
     return float(np.max(np.abs(ref.mean) + np.sqrt(np.maximum(ref.var, 0.0)), initial=0.0))
+
+
+def calibrated(bn: Norm, dense: ChannelStats) -> Norm:
+    """The same BN, y = s (x - m) / sqrt(v + eps) + b, written with the dense model's calibration mean
+    and variance (dm, dv) in place of its running ones: scale s sqrt(dv + eps) / sqrt(v + eps) and
+    bias b + s (dm - m) / sqrt(v + eps) give the same function, so it is the identity on the dense
+    model, and a recalibration then maps the pruned statistics onto the dense ones."""
+    std = np.sqrt(np.maximum(bn.var + bn.eps, VAR_FLOOR))
+    dense_std = np.sqrt(np.maximum(dense.var + bn.eps, VAR_FLOOR))
+    return Norm(bn.scale * dense_std / std, bn.bias + bn.scale * (dense.mean - bn.mean) / std, dense.mean.copy(),
+                dense.var.copy(), bn.eps)
 
 
 @dataclass
@@ -146,13 +172,14 @@ def write(graph, site, ref: Norm, corr: Correction) -> str:
         a, c = affine(ref, corr)
         _check_finite(site, fold_affine(graph, site.layer, a, c))
         return "folded"
-    scale_t, _, mean_t, var_t = site.bn.inputs[1:5]
+    scale_t, bias_t, mean_t, var_t = site.bn.inputs[1:5]
     dtype = scale_t.values.dtype
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by name below
         scale_t.values = (ref.scale * corr.scale).astype(dtype)
+        bias_t.values = np.asarray(ref.bias).astype(dtype)  # a calibration reference has its own bias
     mean_t.values = np.asarray(corr.mean).astype(dtype)
     var_t.values = np.asarray(corr.var).astype(dtype)
-    written = [scale_t, mean_t, var_t]
+    written = [scale_t, bias_t, mean_t, var_t]
     if corr.pre_gain is not None:
         written += fold_affine(graph, site.layer, corr.pre_gain, np.zeros_like(corr.pre_gain))
     _check_finite(site, written)

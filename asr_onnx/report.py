@@ -52,8 +52,11 @@ def build_report(job) -> dict:
             "written": job.written.get(site.key, "not written"),
             "channels": int(ref.var.size),
             "eps": ref.eps,
-            # what the correction restores: a BN's running statistics, else the measured dense ones
-            "reference": "bn running statistics" if site.bn is not None else "dense calibration statistics",
+            # what the correction restores: a BN's running statistics (--reference running), else the measured
+            # dense ones
+            "reference": "bn running statistics" if site.bn is not None and job.settings.get("reference") == "running"
+            else "dense calibration statistics",
+            "pruned_upstream": site.key in getattr(job, "_touched", ()),
             "reference_var": _floats(ref.var),
             "pruned_var": _floats(pruned.var),
             "reference_mean": _floats(ref.mean),

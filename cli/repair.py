@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from asr_onnx.recal import DEFAULT_REFERENCE, REFERENCES
+
 from .common import COUNT, NON_NEGATIVE, open_data, preprocess_options, regexes, say
 
 
@@ -27,6 +29,9 @@ def default_output(model: str) -> Path:
               help="recal: the gain is the variance part of recalibration; pre-bn: the literal order.")
 @click.option("--recal", "recal_mode", default="exact", show_default=True,
               help="exact, or momentum[=M] (PyTorch's running average, M defaults to 0.1).")
+@click.option("--reference", default=DEFAULT_REFERENCE, show_default=True, type=click.Choice(REFERENCES),
+              help="What a BN's correction restores: calib, the dense model's statistics on the calibration "
+                   "data; running, the BN's running statistics (REFLOW).")
 @click.option("--lambda-rule", default="median", show_default=True, help="ASR's lambda: median, mean or a number.")
 @click.option("--exclude", multiple=True, callback=regexes, help="Regex of node or weight names to leave dense (repeatable).")
 @click.option("--keep-first", is_flag=True, help="Leave the first prunable layer dense.")
@@ -53,10 +58,10 @@ def default_output(model: str) -> Path:
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @preprocess_options
-def repair_command(model, calib_path, output, sparsity, pattern, method, placement, recal_mode, lambda_rule,
-                   exclude, keep_first, keep_last, calib_size, batch_size, seed, device, threads, no_head, sequential,
-                   fold_bn, fp16, fp16_io, stats_path, report_path, eval_path, eval_size, overwrite, quiet,
-                   **preprocess):
+def repair_command(model, calib_path, output, sparsity, pattern, method, placement, recal_mode, reference,
+                   lambda_rule, exclude, keep_first, keep_last, calib_size, batch_size, seed, device, threads,
+                   no_head, sequential, fold_bn, fp16, fp16_io, stats_path, report_path, eval_path, eval_size,
+                   overwrite, quiet, **preprocess):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.api import Repair
     from asr_onnx.cache import load_stats, stats_key
@@ -93,7 +98,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, method, placeme
         dense_stats = load_stats(stats_path, stats_key(job.dense, calib)) if stats_path else None
     job.run(calib, method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
             correct_head=not no_head, dense_stats=dense_stats, sequential=sequential, fold_bn_nodes=fold_bn,
-            seed=seed)
+            seed=seed, reference=reference)
     if half:
         job.to_fp16(keep_io=not fp16_io, calib=calib)
     if eval_path:

@@ -9,14 +9,19 @@ from asr_onnx.errors import AsrError
 from models import ArraySet, conv_net, random_inputs
 
 
-def test_dense_pass_measures_only_the_sites_without_a_bn():
-    """A real BN's reference is its running statistics, so only BN-less sites need the dense pass."""
+def test_dense_pass_measures_only_the_sites_without_a_bn_under_the_running_reference():
+    """With reference="running" a real BN's reference is its running statistics, so only BN-less sites
+    need the dense pass; the default, "calib", measures them all."""
     calib = ArraySet(random_inputs(32))
-    lean = Repair(conv_net(bn=True), device="cpu", batch_size=16, progress=False).prune(0.7).measure(calib)
+    lean = Repair(conv_net(bn=True), device="cpu", batch_size=16, progress=False).prune(0.7)
+    lean.measure(calib, reference="running")
     virtual = {s.key for s in lean._sites if s.bn is None}
     assert virtual and set(lean.dense_stats) == virtual != {s.key for s in lean._sites}
+    default = Repair(conv_net(bn=True), device="cpu", batch_size=16, progress=False).prune(0.7).measure(calib)
+    assert set(default.dense_stats) == {s.key for s in default._sites}
+    assert all(site["reference"] == "dense calibration statistics" for site in default.report()["sites"])
     full = Repair(conv_net(bn=True), device="cpu", batch_size=16, progress=False).prune(0.7)
-    full.measure(calib, all_dense=True)
+    full.measure(calib, all_dense=True, reference="running")
     assert set(full.dense_stats) == {s.key for s in full._sites}
     for key in virtual:
         np.testing.assert_allclose(lean.dense_stats[key].var, full.dense_stats[key].var, rtol=1e-5)
@@ -34,4 +39,4 @@ def test_cached_dense_statistics_must_cover_the_sites_without_a_bn():
     calib = ArraySet(random_inputs(32))
     job = Repair(conv_net(bn=True), device="cpu", batch_size=16, progress=False).prune(0.7)
     with pytest.raises(AsrError, match="another model"):
-        job.measure(calib, dense_stats={})  # the Gemm head has no BN: its dense statistics are needed
+        job.measure(calib, dense_stats={}, reference="running")  # the Gemm head has no BN: it needs them

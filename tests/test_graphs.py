@@ -317,3 +317,33 @@ def test_a_site_that_no_pruned_layer_reaches_is_left_as_it_is():
     np.testing.assert_allclose(measured.var, ChannelStats.of(exposed).var, rtol=1e-5)
     assert job.written[first.key] == "unchanged"
     assert all(job.written[site.key] != "unchanged" for site in rest)
+
+
+def test_se_mobilenetv3_from_another_distribution_repairs_better_than_pruning_alone():
+    """Issue 17: the Paddle MobileNetV3 class, calibrated on images unlike its training images. At 50%
+    the default repair's logit error against dense, on held-out images of the calibration kind, is below
+    pruning alone's; so is every method's. The reference matters: with a BN's running statistics as the
+    target, the pruned pass, renormalised to the training distribution, leaves the BN-free last conv's
+    means far from the dense model's on this data (the report's symptom); with the dense calibration
+    statistics as the target they stay close."""
+    from asr_onnx.stats import merge_all
+
+    dense, feeds = zoo.se_mobilenetv3(n=384)
+    calib, held = zoo.DictSet({"input": feeds["input"][:256]}), {"input": feeds["input"][256:]}
+    expected = next(iter(run(dense, held).values()))
+
+    def error(model):
+        got = next(iter(run(model, held).values()))
+        return np.linalg.norm(got - expected) / np.linalg.norm(expected)
+
+    common = dict(sparsity=0.5, device="cpu", progress=False, batch_size=32)
+    pruning_only = error(repair(dense, calib, method="none", **common).output)
+    errors = {method: error(repair(dense, calib, method=method, **common).output) for method in ("bn", "asr", "lw")}
+    assert max(errors.values()) < pruning_only, (errors, pruning_only)
+    gaps = {}
+    for reference in ("running", "calib"):
+        job = repair(dense, calib, method="bn", reference=reference, **common)
+        last = [s for s in job._sites if s.bn is None and not s.head][-1]
+        dense_stats, pruned = job.dense_stats[last.key], merge_all(job.pruned_stats[last.key])
+        gaps[reference] = np.mean(np.abs(pruned.mean - dense_stats.mean) / np.sqrt(dense_stats.var))
+    assert gaps["calib"] < 0.5 < 1.0 < gaps["running"], gaps

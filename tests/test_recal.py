@@ -158,3 +158,48 @@ def test_a_correction_that_overflows_float32_is_refused_by_site_name(folded_mode
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "'logits'" in err[0] and "non-finite" in err[0]
     assert not out.exists()
+
+
+def test_a_bn_written_with_its_calibration_statistics_is_the_same_function():
+    """reference(kind="calib") rewrites s (x - m) / sqrt(v + eps) + b around the dense calibration mean
+    and variance; it must compute exactly what the BN computes, and "running" keeps the BN as it is."""
+    from types import SimpleNamespace
+
+    from asr_onnx.recal import reference
+
+    rng = np.random.default_rng(0)
+    c, eps = 6, 1e-3
+    scale, bias, mean, var = rng.uniform(0.5, 1.5, c), rng.normal(0, 1, c), rng.normal(0, 1, c), rng.uniform(0.1, 3, c)
+    bn = SimpleNamespace(inputs=[None] + [SimpleNamespace(values=v) for v in (scale, bias, mean, var)])
+    site = SimpleNamespace(bn=bn, eps=eps)
+    x = rng.normal(2.0, 3.0, (100, c))  # another distribution than the running statistics describe
+    dense = ChannelStats.of(x, axis=1)
+
+    def apply(norm):
+        return norm.scale * (x - norm.mean) / np.sqrt(norm.var + norm.eps) + norm.bias
+
+    calib, running = reference(site, dense, "calib"), reference(site, None, "running")
+    np.testing.assert_allclose(apply(calib), scale * (x - mean) / np.sqrt(var + eps) + bias, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(calib.mean, dense.mean)
+    np.testing.assert_array_equal(calib.var, dense.var)
+    np.testing.assert_array_equal(running.var, var)
+
+
+@pytest.mark.parametrize("recal", ["exact", "momentum"])
+def test_under_the_calibration_reference_bn_sites_map_onto_the_dense_outputs(recal):
+    """With reference="calib" a repaired BN's output has the dense BN output's mean and variance on the
+    calibration data (one batch: exact), and its bias is written too."""
+    x = 1.5 * random_inputs(40) + 0.5  # not the data the running statistics describe
+    dense = conv_net(bn=True)
+    job = repair(dense, ArraySet(x), sparsity=0.8, method="bn", batch_size=40, device="cpu", progress=False,
+                 reference="calib", recal=recal)
+    bn_sites = [s for s in sites_of(job.output) if s.bn is not None]
+    outputs = [s.bn.outputs[0].name for s in bn_sites]
+    before, after = activations(dense, outputs, x), activations(job.output, outputs, x)
+    for name in outputs if recal == "exact" else []:
+        want, got = ChannelStats.of(before[name]), ChannelStats.of(after[name])
+        np.testing.assert_allclose(got.mean, want.mean, rtol=1e-3, atol=1e-3 * np.sqrt(want.var.mean()))
+        np.testing.assert_allclose(got.var, want.var, rtol=1e-3)
+    assert job.settings["reference"] == "calib"
+    assert any(not np.allclose(s.bn.inputs[2].values, d.bn.inputs[2].values)
+               for s, d in zip(bn_sites, [s for s in sites_of(dense) if s.bn is not None]))

@@ -86,7 +86,7 @@ def test_bn_recalibration_matches_pytorch(tmp_path, momentum, batch):
     model = export_bn(net, tmp_path / "net.onnx")
     recal = "exact" if momentum is None else "momentum"
     job = repair(model, ArraySet(x), sparsity=0.7, method="bn", recal=recal, momentum=momentum or 0.1,
-                 batch_size=batch, device="cpu", progress=False, correct_head=False)
+                 batch_size=batch, device="cpu", progress=False, correct_head=False, reference="running")
     load_pruned_weights(net, job.pruned)
     net = torch_recalibrate(net, x, batch, momentum)
     for name, bn in (("b1", net.b1), ("b2", net.b2)):
@@ -103,10 +103,37 @@ def test_literal_order_with_momentum_matches_pytorch(tmp_path):
     net = trained_like_net(seed=1)
     model = export_bn(net, tmp_path / "net.onnx")
     job = repair(model, ArraySet(x), sparsity=0.7, method="asr", placement="pre-bn", recal="momentum",
-                 batch_size=8, device="cpu", progress=False)
+                 batch_size=8, device="cpu", progress=False, reference="running")
     load_pruned_weights(net, job.output)  # the output's conv weights carry the gain
     net = torch_recalibrate(net, x, 8, 0.1)
     for name, bn in (("b1", net.b1), ("b2", net.b2)):
         _, _, mean, var = bn_params(job.output, name)
         np.testing.assert_allclose(mean, bn.running_mean.numpy(), rtol=3e-3, atol=3e-4)
         np.testing.assert_allclose(var, bn.running_var.numpy(), rtol=3e-3)
+
+
+def test_the_mobilenetv3_fixture_computes_what_its_pytorch_net_does():
+    """tests/fixtures/se_mobilenetv3.onnx (SE, HardSwish, HardSigmoid, depthwise, BN) against the PyTorch
+    module it was trained as, with the graph's weights and running statistics loaded into it."""
+    import importlib.util
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    import zoo
+
+    path = Path(__file__).parent / "fixtures" / "make_se_mobilenetv3.py"
+    spec = importlib.util.spec_from_file_location("make_se_mobilenetv3", path)
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    model, feeds = zoo.se_mobilenetv3()
+    stats = {name for n in model.graph.node if n.op_type == "BatchNormalization" for name in n.input[3:5]}
+    weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name not in stats]
+    net = maker.Net().eval()
+    with torch.no_grad():
+        for param, value in zip(net.parameters(), weights, strict=True):
+            param.copy_(torch.tensor(value))
+        maker.load_running_statistics(net, model)
+        expected = net(torch.from_numpy(feeds["input"])).numpy()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, feeds)[0], expected, rtol=1e-4, atol=1e-4)

@@ -7,6 +7,8 @@ well under a second.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -459,6 +461,89 @@ def integer_ops(opset=13):
 QUANTIZED = {"qdq_conv": qdq_conv, "integer_ops": integer_ops}
 
 
+# ---------------------------------------------------------------- 14. Paddle MobileNetV3
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def se_mobilenetv3(n=N):
+    """A trained Paddle-style MobileNetV3 (tests/fixtures/se_mobilenetv3.onnx, made by
+    tests/fixtures/make_se_mobilenetv3.py), fed calibration images from another distribution than its
+    training images (see :func:`mobilenetv3_images`)."""
+    model = onnx.load(FIXTURES / "se_mobilenetv3.onnx")
+    return model, {"input": mobilenetv3_images(n, seed=2, shifted=True)[0]}
+
+
+def mobilenetv3_images(count: int, seed: int, shifted: bool = False):
+    """Synthetic 5-class 3x16x16 images: a class template plus noise; (images, labels).
+
+    ``shifted``: the other distribution, as natural photos are for a model trained on other photos:
+    fainter templates, more noise and an uneven illumination (a ramp across the image), which no
+    per-channel affine change of the input undoes.
+    """
+    templates = np.random.default_rng(0).normal(0, 1, (5, 3, 16, 16))
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 5, count)
+    if not shifted:
+        return (0.25 * templates[labels] + rng.normal(0, 1, (count, 3, 16, 16))).astype(np.float32), labels
+    ramp = np.linspace(-1, 2, 16)[None, None, None, :]
+    images = 0.2 * templates[labels] + rng.normal(0, 1.3, (count, 3, 16, 16)) + ramp
+    return images.astype(np.float32), labels
+
+
+def mobilenetv3_graph(weights: list):
+    """The MobileNetV3 graph around ``weights`` (in PyTorch's parameter order): BN nodes, HardSwish,
+    depthwise convs, SE blocks whose 1x1 convs (no BN) on pooled features gate the trunk through
+    HardSigmoid and Mul, a residual, and a BN-free 1x1 "last conv" on the pooled features before the
+    classifier. BN running statistics are zeros and ones (see :func:`set_running_statistics`)."""
+    g = G()
+    params = iter(weights)
+
+    def conv(x, k=1, depthwise=False, stride=1, bias=False):
+        weight = next(params)
+        ins = [x, g.init("w", weight)] + ([g.init("b", next(params))] if bias else [])
+        return g.node("Conv", ins, "conv", group=len(weight) if depthwise else 1, pads=[k // 2] * 4,
+                      strides=[stride, stride])
+
+    def conv_bn(x, k=1, depthwise=False, stride=1, act=True):
+        h = conv(x, k, depthwise, stride)
+        affine = [g.init("bn", next(params)), g.init("bn", next(params))]
+        channels = next(t for t in g.inits if t.name == affine[0]).dims[0]
+        stats = [g.init("bn", np.zeros(channels)), g.init("bn", np.ones(channels))]
+        h = g.node("BatchNormalization", [h] + affine + stats, "bn", epsilon=1e-5)
+        return g.node("HardSwish", [h]) if act else h
+
+    def se(x):
+        squeeze = g.relu(conv(g.node("GlobalAveragePool", [x]), bias=True))
+        return g.node("Mul", [x, g.node("HardSigmoid", [conv(squeeze, bias=True)], alpha=1 / 6, beta=0.5)])
+
+    h = conv_bn("input", k=3, stride=2)  # 8 x 8
+    h = g.node("Add", [h, conv_bn(se(conv_bn(conv_bn(h), k=3, depthwise=True)), act=False)])
+    h = conv_bn(se(conv_bn(conv_bn(h), k=3, depthwise=True, stride=2)), act=False)  # 4 x 4
+    h = conv_bn(h)
+    h = g.node("HardSwish", [conv(g.node("GlobalAveragePool", [h]), bias=True)])  # the BN-free last conv
+    out = g.node("Gemm", [g.node("Flatten", [h]), g.init("fc", next(params)), g.init("fcb", next(params))], "fc",
+                 transB=1)
+    return g.model([("input", ["N", 3, 16, 16], None)], out)
+
+
+def set_running_statistics(model, train):
+    """Gives every BN, in graph order, the mean and unbiased variance of its input on ``train``."""
+    import onnxruntime as ort
+
+    inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    for node in [n for n in model.graph.node if n.op_type == "BatchNormalization"]:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.append(helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, None))
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        x = session.run([node.input[0]], {"input": train})[0].astype(np.float64)
+        moved = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+        for name, values in ((node.input[3], moved.mean(0)), (node.input[4], moved.var(0, ddof=1))):
+            model.graph.initializer[inits[name]].CopyFrom(numpy_helper.from_array(values.astype(np.float32), name))
+    return model
+
+
 CLASSES = {
     "bn_kept": bn_kept, "bn_folded": bn_folded, "bn_kept_opset9": lambda: bn_kept(9),
     "decomposed_sub_mul_add": decomposed_bn, "decomposed_mul_add": lambda: decomposed_bn(("Mul", "Add")),
@@ -470,6 +555,7 @@ CLASSES = {
     "fp16_folded": half_folded, "fp16_inside": half_inside, "custom_domain": custom_domain,
     "inits_as_inputs": inits_as_inputs, "huge_activations": huge_activations,
     "huge_activations_bn": lambda: huge_activations(bn=True),
+    "se_mobilenetv3": se_mobilenetv3,
 }
 
 
