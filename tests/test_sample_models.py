@@ -133,3 +133,24 @@ def test_torch_matches_onnx(name, train_module, eval_data):
     for filename in (f"{name}_bn.onnx", f"{name}.onnx"):
         diff = np.abs(onnx_logits(filename, x) - expected).max()
         assert diff <= 1e-4, f"{filename}: max abs diff {diff}"
+
+
+@pytest.mark.parametrize("filename", ["resnet20_bn.onnx", "resnet20.onnx"])
+def test_sparsity_zero_leaves_a_sample_model_as_it_was_on_brightened_class_sorted_images(filename):
+    """The bundled calibration folder (read class by class) through a brighter, flatter preprocessing than
+    training's: every method at --sparsity 0 returns the input model's logits within 1e-4 relative (auto
+    on the zoo graphs: tests/test_graphs.py)."""
+    from asr_onnx.api import repair
+    from asr_onnx.calib import Preprocess, load_calib
+    from asr_onnx.graph import input_specs, load_model
+
+    model = load_model(os.path.join(MODELS_DIR, filename))
+    brightened = Preprocess(mean=[0.1], std=[0.5], scale=1.0 / 255.0)  # training: mean 0.286, std 0.353
+    calib = load_calib(os.path.join(DATA_DIR, "calib"), input_specs(model), brightened).take(128)
+    x = np.concatenate([b["input"] for b in calib.batches(128)])
+    expected = onnx_logits(filename, x).astype(np.float64)
+    for method in ("bn", "lw", "naive", "asr"):
+        job = repair(model, calib, sparsity=0.0, method=method, batch_size=32, device="cpu", progress=False)
+        session = ort.InferenceSession(job.output.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(["logits"], {"input": x})[0].astype(np.float64)
+        assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-4, method
