@@ -71,6 +71,22 @@ def run_model(name: str, args) -> list[dict]:
     return rows
 
 
+def markdown(rows: list[dict], split: str) -> str:
+    """One line per model and reference: top-1 % on ``split`` ("held" or "test") for each regime's methods."""
+    columns = [(recal, method) for recal, _, _ in REGIMES for method in METHODS[recal]]
+    lines = ["| model | reference | " + " | ".join(f"{m} ({r})" for r, m in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    seen = []
+    for row in rows:
+        if (row["model"], row["reference"]) not in seen:
+            seen.append((row["model"], row["reference"]))
+    for model, reference in seen:
+        cells = {(r["recal"], r["method"]): r[f"{split}_top1"] for r in rows
+                 if r["model"] == model and r["reference"] == reference}
+        lines.append(f"| {model} | {reference} | " + " | ".join(f"{100 * cells[c]:.1f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
@@ -78,9 +94,14 @@ def main() -> int:
     parser.add_argument("--held-size", type=int, default=1000)
     parser.add_argument("--eval-size", type=int, default=5000, help="a seeded subset of the test set; 0 = all")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--table", action="store_true", help="print the saved rows as Markdown tables and stop")
     args = parser.parse_args()
     out = ROOT / "benchmarks" / "results" / "reference_choice.json"
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    if args.table:
+        for split in ("held", "test"):
+            print(f"top-1 % on the {split} images\n\n{markdown(rows, split)}\n")
+        return 0
     for name in args.models.split(","):
         rows = [r for r in rows if r["model"] != name] + run_model(name, args)
         out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
