@@ -346,4 +346,4 @@ def test_se_mobilenetv3_from_another_distribution_repairs_better_than_pruning_al
         last = [s for s in job._sites if s.bn is None and not s.head][-1]
         dense_stats, pruned = job.dense_stats[last.key], merge_all(job.pruned_stats[last.key])
         gaps[reference] = np.mean(np.abs(pruned.mean - dense_stats.mean) / np.sqrt(dense_stats.var))
-    assert gaps["calib"] < 0.5 < 1.0 < gaps["running"], gaps
+    assert gaps["calib"] < 0.5 and gaps["running"] > 1.0, gaps

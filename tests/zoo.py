@@ -577,5 +577,8 @@ class DictSet:
     def folds(self, k, seed=0):
         """k (fit, held-out) pairs, as CalibSet.folds makes them, each part in the set's own order."""
         parts = np.array_split(np.random.default_rng(seed).permutation(len(self)), k)
-        subset = lambda idx: DictSet({name: x[np.sort(idx)] for name, x in self.feeds.items()})  # noqa: E731
+
+        def subset(indices):
+            return DictSet({name: x[np.sort(indices)] for name, x in self.feeds.items()})
+
         return [(subset(np.concatenate(parts[:i] + parts[i + 1:])), subset(part)) for i, part in enumerate(parts)]
