@@ -1,4 +1,5 @@
-"""Pruning masks: global magnitude, layer-uniform and N:M along the input-channel axis."""
+"""Pruning masks: how the sparsity is allocated between layers (global, LAMP, uniform), and N:M along the
+input-channel axis."""
 
 from __future__ import annotations
 
@@ -73,6 +74,31 @@ def global_masks(weights: list[np.ndarray], sparsity: float) -> list[np.ndarray]
     return [~drop[a:b].reshape(w.shape) for w, a, b in zip(weights, bounds[:-1], bounds[1:])]
 
 
+ALLOCATIONS = ("global", "lamp", "uniform")
+
+
+def lamp_scores(weight: np.ndarray) -> np.ndarray:
+    """LAMP scores (Lee et al., ICLR 2021): w_u^2 over the sum of w_v^2 for every v at least as large as u.
+
+    Ranking these across layers keeps the largest weight of every layer (score 1), so no layer is pruned away.
+    Ties in |w| are ordered by index, as :func:`smallest` breaks them.
+    """
+    square = np.square(weight.astype(np.float64, copy=False)).ravel()
+    order = np.argsort(square, kind="stable")  # ascending; equal values keep index order
+    tail = np.cumsum(square[order][::-1])[::-1]  # sum over this weight and every later (larger) one
+    scores = np.empty_like(square)
+    scores[order] = square[order] / np.maximum(tail, np.finfo(np.float64).tiny)
+    return scores.reshape(weight.shape)
+
+
+def lamp_masks(weights: list[np.ndarray], sparsity: float) -> list[np.ndarray]:
+    """Keep-masks that zero the ``sparsity`` fraction of all weights with the smallest LAMP scores."""
+    scores = np.concatenate([lamp_scores(w).ravel() for w in weights])
+    drop = smallest(scores, round(sparsity * scores.size))
+    bounds = np.cumsum([0] + [w.size for w in weights])
+    return [~drop[a:b].reshape(w.shape) for w, a, b in zip(weights, bounds[:-1], bounds[1:])]
+
+
 def uniform_mask(weight: np.ndarray, sparsity: float) -> np.ndarray:
     """A keep-mask that zeroes the ``sparsity`` fraction of smallest |w| of one weight."""
     scores = np.abs(weight.astype(np.float32, copy=False)).ravel()
@@ -110,6 +136,8 @@ class LayerPrune:
     pruned: bool
     reason: str | None
     sparsity: float
+    allocation: str = "global"
+    score: str = "magnitude"
 
 
 def exclusion(layers, exclude=(), keep_first: bool = False, keep_last: bool = False) -> dict[int, str]:
@@ -137,7 +165,8 @@ def exclusion(layers, exclude=(), keep_first: bool = False, keep_last: bool = Fa
     return reasons
 
 
-def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_first=False, keep_last=False) -> list[LayerPrune]:
+def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_first=False, keep_last=False,
+                 allocation: str = "global") -> list[LayerPrune]:
     """Zeroes weights in place of the graph (new arrays, never in-place writes).
 
     A weight shared by several layers is pruned once.
@@ -149,10 +178,15 @@ def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_fir
         exclude: regexes matched against node and weight names. Defaults to none.
         keep_first: leave the first layer dense. Defaults to False.
         keep_last: leave the last layer dense. Defaults to False.
+        allocation: how an unstructured pattern splits the sparsity between layers: "global" (one |w|
+            threshold), "lamp" (one threshold on LAMP scores) or "uniform" (the same fraction per layer).
+            The pattern "uniform" is the allocation "uniform". Ignored for N:M. Defaults to "global".
 
     Raises:
-        AsrError: no prunable layer, and something to prune (a sparsity above 0 or an N:M pattern).
+        AsrError: no prunable layer, and something to prune (a sparsity above 0 or an N:M pattern); an
+            unknown allocation, or the pattern uniform with another allocation.
     """
+    allocation = check_allocation(allocation, pattern)
     if not layers and (sparsity > 0 or pattern.kind == "nm"):  # at sparsity 0 there is nothing to do: the identity
         raise AsrError("the model has no prunable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight; "
                        "weights behind DequantizeLinear or in ConvInteger/MatMulInteger are not pruned)")
@@ -164,19 +198,35 @@ def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_fir
         owner.setdefault(layer.weight.name, i)
     chosen = [i for i, layer in enumerate(layers) if i not in skipped and owner[layer.weight.name] == i]
     weights = [layers[i].weight.values for i in chosen]
-    if pattern.kind == "global":
+    if pattern.kind == "nm":
+        allocation = str(pattern)
+    if allocation == "global":
         keeps = global_masks(weights, sparsity) if weights else []
-    elif pattern.kind == "uniform":
+    elif allocation == "lamp":
+        keeps = lamp_masks(weights, sparsity) if weights else []
+    elif allocation == "uniform":
         keeps = [uniform_mask(w, sparsity) for w in weights]
     else:
         keeps = [nm_mask(w, pattern.n, pattern.m, layers[i].in_axis) for w, i in zip(weights, chosen)]
     for i, keep in zip(chosen, keeps):
         weight = layers[i].weight
         weight.values = np.where(keep, weight.values, np.zeros((), weight.values.dtype))
-    return [_summary(layer, i, skipped, owner) for i, layer in enumerate(layers)]
+    return [_summary(layer, i, skipped, owner, allocation) for i, layer in enumerate(layers)]
 
 
-def _summary(layer, i, skipped, owner) -> LayerPrune:
+def check_allocation(allocation: str, pattern: Pattern) -> str:
+    """The allocation an unstructured pattern uses ("uniform" for the pattern uniform), or raises AsrError."""
+    allocation = str(allocation).strip().lower()
+    if allocation not in ALLOCATIONS:
+        raise AsrError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    if pattern.kind == "uniform":
+        if allocation not in ("global", "uniform"):
+            raise AsrError(f"the pattern uniform already allocates the sparsity; it cannot take allocation {allocation}")
+        return "uniform"
+    return allocation
+
+
+def _summary(layer, i, skipped, owner, allocation) -> LayerPrune:
     values = layer.weight.values
     shared = owner[layer.weight.name] != i
     reason = skipped.get(owner[layer.weight.name]) if shared else skipped.get(i)
@@ -188,4 +238,5 @@ def _summary(layer, i, skipped, owner) -> LayerPrune:
         pruned=reason is None,
         reason=reason,
         sparsity=float(np.count_nonzero(values == 0) / values.size),
+        allocation=allocation,
     )

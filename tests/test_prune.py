@@ -98,3 +98,41 @@ def test_bad_patterns(text):
 def test_bad_sparsity(value):
     with pytest.raises(AsrError, match="sparsity"):
         check_sparsity(value)
+
+
+def lamp_oracle(weights, sparsity):
+    """LAMP by its definition: each w_u^2 over the sum of every w_v^2 >= w_u^2 in its layer (O(n^2))."""
+    scores = []
+    for w in weights:
+        square = w.ravel() ** 2
+        scores.append(square / np.array([square[square >= s].sum() for s in square]))
+    scores = np.concatenate(scores)
+    drop = reference_smallest(scores, round(sparsity * scores.size))
+    return ~drop
+
+
+def test_lamp_masks_match_the_definition_and_keep_every_layer_alive():
+    from asr_onnx.prune import lamp_masks
+
+    rng = np.random.default_rng(3)
+    weights = [rng.normal(size=(6, 3, 3, 3)), 10 * rng.normal(size=(12, 6)), 0.01 * rng.normal(size=(40,))]
+    keeps = lamp_masks(weights, 0.9)
+    assert np.array_equal(np.concatenate([k.ravel() for k in keeps]), lamp_oracle(weights, 0.9))
+    assert all(k.any() for k in keeps)  # the largest weight of each layer scores 1
+    assert not global_masks(weights, 0.9)[2].any()  # where one |w| threshold removes the small layer
+
+
+def test_allocation_reaches_the_layers_and_the_report():
+    layers = find_layers(to_graph(conv_net()))
+    result = prune_layers(layers, 0.8, Pattern.parse("global"), allocation="lamp")
+    assert {r.allocation for r in result} == {"lamp"} and all(r.score == "magnitude" for r in result)
+    zeros = sum(r.sparsity * np.prod(r.shape) for r in result)
+    assert zeros == round(0.8 * sum(np.prod(r.shape) for r in result))
+
+
+def test_bad_allocations():
+    layers = find_layers(to_graph(conv_net()))
+    with pytest.raises(AsrError, match="unknown allocation"):
+        prune_layers(layers, 0.5, Pattern.parse("global"), allocation="random")
+    with pytest.raises(AsrError, match="pattern uniform"):
+        prune_layers(layers, 0.5, Pattern.parse("uniform"), allocation="lamp")
