@@ -83,7 +83,7 @@ class Repair:
         # too few samples per run for batch statistics: measure with a symbolic batch where that is safe
         self.batch_plan = free_batch(self.dense, fixed) if fixed and fixed < SMALL_BATCH else None
         self.pruned = self.dense
-        self.layers, self.settings, self.timings = [], {}, {}
+        self.layers, self.refits, self.settings, self.timings = [], [], {}, {}
         self.dense_stats = self.pruned_stats = None
         self.corrections, self.written, self.output, self.provider = {}, {}, None, None
         self.evaluation = None
@@ -95,7 +95,7 @@ class Repair:
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
     def prune(self, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
-              keep_last: bool = False) -> "Repair":
+              keep_last: bool = False, allocation: str = "global") -> "Repair":
         """Zeroes weights of Conv, ConvTranspose, Gemm and MatMul layers.
 
         Args:
@@ -104,19 +104,49 @@ class Repair:
             exclude: regexes of node or weight names to leave dense. Defaults to none.
             keep_first: leave the first prunable layer dense. Defaults to False.
             keep_last: leave the last prunable layer dense. Defaults to False.
+            allocation: "global", "lamp" or "uniform" (see :func:`asr_onnx.prune.prune_layers`). Defaults
+                to "global".
         """
         sparsity, parsed = check_sparsity(sparsity), Pattern.parse(pattern)
         with self._timed("prune"):
             graph = to_graph(self.dense)
-            self.layers = prune_layers(find_layers(graph), sparsity, parsed, exclude, keep_first, keep_last)
+            self.layers = prune_layers(find_layers(graph), sparsity, parsed, exclude, keep_first, keep_last,
+                                       allocation)
             self.pruned = to_model(graph, self.dense)
         self.settings.update(sparsity=sparsity, pattern=str(parsed), exclude=list(exclude),
-                             keep_first=keep_first, keep_last=keep_last)
+                             keep_first=keep_first, keep_last=keep_last, allocation=self.layers[0].allocation)
+        return self
+
+    def reconstruct(self, calib, method: str = "ls", *, max_gram_mb: float = 256.0, passes: int = 0) -> "Repair":
+        """Refits the kept weights of every layer by least squares (see :mod:`asr_onnx.reconstruct`), after prune.
+
+        Args:
+            calib: the calibration set.
+            method: "ls" or "none". Defaults to "ls".
+            max_gram_mb: skip a layer whose Gram matrices would exceed this many MB. Defaults to 256.
+            passes: Gram passes over the calibration set, 0 for one per depth level (exactly sequential);
+                see :func:`asr_onnx.reconstruct.reconstruct`. Defaults to 0.
+        """
+        from .reconstruct import METHODS, reconstruct
+
+        if method not in METHODS:
+            raise AsrError(f"unknown reconstruction {method!r}; choose one of {', '.join(METHODS)}")
+        if method == "ls":
+            self._check_size(calib)
+            with self._timed("reconstruct"):
+                self.pruned, self.refits, split, _ = reconstruct(self.dense, self.pruned, calib, max_gram_mb=max_gram_mb,
+                                                                 passes=passes, **self._refit_options())
+            self.timings.update({f"reconstruct_{k}": v for k, v in split.items()})
+        self.settings.update(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes)
         return self
 
     def _check_size(self, calib) -> None:
         if len(calib) < self.batch_size:
             raise AsrError(f"the calibration set has {len(calib)} samples, fewer than the batch size {self.batch_size}")
+
+    def _refit_options(self) -> dict:
+        """The Gram passes run the model as it is, so with its own batch."""
+        return dict(batch_size=self.batch_size, device=self.device, progress=self.progress, threads=self.threads)
 
     def _stats_batch(self, calib) -> int:
         """Samples per statistics run: the model's own batch, or with a symbolic batch as many as asked and held."""
@@ -252,8 +282,9 @@ class Repair:
     def run(self, calib, method: str = "bn", *, placement: str = "recal", recal: str = "exact",
             momentum: float = 0.1, lambda_rule="median", correct_head: bool = True, dense_stats=None,
             sequential: bool = False, fold_bn_nodes: bool = False, seed: int = 0,
-            reference: str = DEFAULT_REFERENCE) -> "Repair":
-        """measure -> correct (or auto) -> fold, after :meth:`prune`.
+            reference: str = DEFAULT_REFERENCE, reconstruct: str = "none", max_gram_mb: float = 256.0,
+            refit_passes: int = 0) -> "Repair":
+        """reconstruct -> measure -> correct (or auto) -> fold, after :meth:`prune`.
 
         Args:
             calib: the calibration set.
@@ -264,7 +295,10 @@ class Repair:
                 DEFAULT_REFERENCE.
             fold_bn_nodes: as for :meth:`fold`. Defaults to False.
             seed: the seed of the calibration batches' order and of "auto"'s folds. Defaults to 0.
+            reconstruct, max_gram_mb, refit_passes: as for :meth:`reconstruct` (``passes``). Defaults to
+                "none", 256 and 0.
         """
+        self.reconstruct(calib, reconstruct, max_gram_mb=max_gram_mb, passes=refit_passes)
         if method == "none":
             self.output = self.pruned
             self.settings.update(method="none")

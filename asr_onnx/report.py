@@ -70,6 +70,8 @@ def build_report(job) -> dict:
                          repaired_var=_floats(repaired_variance(ref, corr, pruned.var)))
         sites.append(entry)
     layers = [asdict(layer) for layer in job.layers]
+    for layer, refit in zip(layers, getattr(job, "refits", [])):
+        layer["refit"] = refit
     total = sum(int(np.prod(layer["shape"])) for layer in layers if layer["pruned"])
     zeros = sum(layer["sparsity"] * np.prod(layer["shape"]) for layer in layers if layer["pruned"])
     return {

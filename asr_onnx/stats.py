@@ -62,3 +62,32 @@ def ema(batches: list[ChannelStats], prior_mean, prior_var, momentum: float):
         mean = (1 - momentum) * mean + momentum * batch.mean
         var = (1 - momentum) * var + momentum * batch.var
     return mean, var, (1 - momentum) ** len(batches)
+
+
+@dataclass
+class GramStats:
+    """Sums over the rows of a layer's input patches X and its target Y, in float64, per group.
+
+    Attributes:
+        count: rows (samples times output positions).
+        xtx: XᵀX, (groups, patch length, patch length).
+        xty: XᵀY, (groups, patch length, output channels per group).
+        yy: ΣY² per output channel, (output channels,).
+    """
+
+    count: float
+    xtx: np.ndarray
+    xty: np.ndarray
+    yy: np.ndarray
+
+    def merge(self, other: "GramStats") -> "GramStats":
+        """The sums over two disjoint sets of rows (plain sums: the least-squares problem needs no centring)."""
+        return GramStats(self.count + other.count, self.xtx + other.xtx, self.xty + other.xty, self.yy + other.yy)
+
+    @classmethod
+    def of(cls, x: np.ndarray, y: np.ndarray, groups: int = 1) -> "GramStats":
+        """Exact sums of patches ``x`` (rows, groups * length) and targets ``y`` (rows, channels), for tests."""
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        xg = x.reshape(len(x), groups, -1).transpose(1, 0, 2)
+        yg = y.reshape(len(y), groups, -1).transpose(1, 0, 2)
+        return cls(float(len(x)), xg.transpose(0, 2, 1) @ xg, xg.transpose(0, 2, 1) @ yg, (y**2).sum(axis=0))

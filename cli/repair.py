@@ -22,6 +22,12 @@ def default_output(model: str) -> Path:
 @click.option("-o", "--output", help="Output model. Default: MODEL.repaired.onnx beside the input.")
 @click.option("--sparsity", default="0.9", show_default=True, help="Fraction of prunable weights set to zero.")
 @click.option("--pattern", default="global", show_default=True, help="global, uniform or N:M (e.g. 2:4).")
+@click.option("--allocation", default="global", show_default=True, type=click.Choice(["global", "lamp", "uniform"]),
+              help="How the sparsity is split between layers: one |w| threshold, LAMP scores, or per layer.")
+@click.option("--reconstruct", default="none", show_default=True, type=click.Choice(["none", "ls"]),
+              help="ls: refit the kept weights of each layer by least squares on the calibration set.")
+@click.option("--max-gram-mb", default=256.0, show_default=True, type=float,
+              help="With --reconstruct ls, skip a layer whose Gram matrices would exceed this.")
 @click.option("--method", default="bn", show_default=True,
               type=click.Choice(["none", "bn", "lw", "naive", "asr", "auto"]),
               help="How lost variance is given back; auto picks on held-out calibration data.")
@@ -58,15 +64,16 @@ def default_output(model: str) -> Path:
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @preprocess_options
-def repair_command(model, calib_path, output, sparsity, pattern, method, placement, recal_mode, reference,
-                   lambda_rule, exclude, keep_first, keep_last, calib_size, batch_size, seed, device, threads,
-                   no_head, sequential, fold_bn, fp16, fp16_io, stats_path, report_path, eval_path, eval_size,
-                   overwrite, quiet, **preprocess):
+def repair_command(model, calib_path, output, sparsity, pattern, allocation, reconstruct, max_gram_mb, method,
+                   placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
+                   batch_size, seed, device, threads, no_head, sequential, fold_bn, fp16, fp16_io, stats_path,
+                   report_path, eval_path, eval_size, overwrite, quiet, **preprocess):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.api import Repair
     from asr_onnx.cache import load_stats, stats_key
     from asr_onnx.errors import AsrError
     from asr_onnx.outputs import Plan
+    from asr_onnx.prune import Pattern, check_sparsity
     from asr_onnx.report import report_format, summary, write_report
 
     recal, momentum = parse_recal(recal_mode)
@@ -79,7 +86,9 @@ def repair_command(model, calib_path, output, sparsity, pattern, method, placeme
     plan = Plan()  # every path read and written, checked for overlap before any work
     inputs = plan.read_model(model)
     plan.read(stats_path, "the --stats file")
-    if (method != "none" or fp16 or fp16_io) and calib_path:  # --fp16 checks its output on the calibration data
+    needs = [option for option, used in ((f"--method {method}", method != "none"), ("--fp16", fp16 or fp16_io),
+                                         (f"--reconstruct {reconstruct}", reconstruct != "none")) if used]
+    if needs and calib_path:  # --fp16 checks its output on the calibration data
         plan.read_data(calib_path, "the --calib data")
     if eval_path:
         plan.read_data(eval_path, "the --eval data")
@@ -87,18 +96,19 @@ def repair_command(model, calib_path, output, sparsity, pattern, method, placeme
     report_out = plan.write(report_path, "--report") if report_path else None
     plan.check()
     job = Repair(model, device=device, batch_size=batch_size, progress=not quiet, threads=threads)
-    job.prune(sparsity, pattern, exclude, keep_first, keep_last)
+    check_sparsity(sparsity), Pattern.parse(pattern)  # a bad pattern fails before any data is read
     calib = dense_stats = None
     half = fp16 or fp16_io
-    if method != "none" or half:
+    if needs:
         if not calib_path:  # a float16 output is checked against float32 on calibration data
-            raise AsrError(f"--calib is required for {'--method ' + method if method != 'none' else '--fp16'}")
+            raise AsrError(f"--calib is required for {needs[0]}")
         calib = open_data(calib_path, job.dense, preprocess, limit=calib_size, seed=seed)
     if method != "none":
         dense_stats = load_stats(stats_path, stats_key(job.dense, calib)) if stats_path else None
+    job.prune(sparsity, pattern, exclude, keep_first, keep_last, allocation)
     job.run(calib, method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
             correct_head=not no_head, dense_stats=dense_stats, sequential=sequential, fold_bn_nodes=fold_bn,
-            seed=seed, reference=reference)
+            seed=seed, reference=reference, reconstruct=reconstruct, max_gram_mb=max_gram_mb)
     if half:
         job.to_fp16(keep_io=not fp16_io, calib=calib)
     if eval_path:

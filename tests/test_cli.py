@@ -213,3 +213,21 @@ def test_the_api_refuses_a_bad_regex_and_a_nan_tolerance():
         Repair(model, progress=False).prune(0.5, exclude=["conv("])
     with pytest.raises(AsrError, match="atol must be a number >= 0"):
         compare_models(model, model, DictSet({"input": random_inputs(8)}), atol=float("nan"))
+
+def test_repair_with_lamp_and_a_refit_reports_each_layer(bn_model, calib_dir, tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code = main(["repair", str(bn_model), "--calib", str(calib_dir), "-o", str(out), "--allocation", "lamp",
+                 "--reconstruct", "ls", "--sparsity", "0.7", "--batch-size", "16", "--report", str(report), "-q",
+                 "--device", "cpu"])
+    assert code == 0 and out.exists()
+    data = json.loads(report.read_text())
+    assert data["settings"]["allocation"] == "lamp" and data["settings"]["reconstruct"] == "ls"
+    refits = [layer["refit"] for layer in data["layers"]]
+    assert all(set(r) == {"err_before", "err_after", "gram_size", "cond"} for r in refits)
+    assert all(r["err_after"] <= r["err_before"] for r in refits)
+
+
+def test_reconstruct_needs_calibration_data(bn_model, tmp_path, capsys):
+    code = main(["repair", str(bn_model), "--method", "none", "--reconstruct", "ls", "-o", str(tmp_path / "o.onnx")])
+    assert code == 1 and "--calib is required for --reconstruct ls" in capsys.readouterr().err
+    assert files(tmp_path) == ["bn.onnx"]

@@ -543,6 +543,37 @@ def set_running_statistics(model, train):
             model.graph.initializer[inits[name]].CopyFrom(numpy_helper.from_array(values.astype(np.float32), name))
     return model
 
+# ---------------------------------------------------------------- 15. one prunable layer (least-squares refit oracles)
+
+
+def one_layer(kind: str):
+    """input -> Relu -> one prunable layer -> output, for checking a refit against a numpy solve.
+
+    kinds: "conv" (2 groups, stride 2, dilation 2, padding 2, bias), "depthwise", "conv_valid" (1x1, stride 2,
+    no padding), "gemm" (transB, alpha 0.5, beta 2), "gemm_t0" (transB 0), "matmul" (a 3-D input).
+    """
+    g = G(12)
+    x = g.relu("input")
+    if kind in ("conv", "depthwise", "conv_valid"):
+        if kind == "conv":
+            out = g.conv(x, 4, 6, group=2, strides=[2, 2], dilations=[2, 2], pads=[2, 2, 2, 2])
+        elif kind == "depthwise":
+            out = g.conv(x, 4, 4, group=4, bias=False)
+        else:
+            out = g.conv(x, 4, 6, k=1, strides=[2, 2], pads=[0, 0, 0, 0])
+        return g.model([("input", ["N", 4, 8, 8], None)], out), {"input": _feed((4, 8, 8), n=40)}
+    if kind == "matmul":
+        out = g.node("MatMul", [x, g.init("mm", g.weight((12, 5), 12))])
+        return g.model([("input", ["N", 3, 12], None)], out), {"input": _feed((3, 12), n=40)}
+    trans_b = int(kind == "gemm")
+    w = g.weight((5, 12) if trans_b else (12, 5), 12)
+    out = g.node("Gemm", [x, g.init("fc", w), g.init("b", g.rng.normal(0, .1, 5))], "fc", transB=trans_b,
+                 alpha=0.5, beta=2.0)
+    return g.model([("input", ["N", 12], None)], out), {"input": _feed((12,), n=40)}
+
+
+ONE_LAYER = ("conv", "depthwise", "conv_valid", "gemm", "gemm_t0", "matmul")
+
 
 CLASSES = {
     "bn_kept": bn_kept, "bn_folded": bn_folded, "bn_kept_opset9": lambda: bn_kept(9),

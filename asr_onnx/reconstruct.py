@@ -1,0 +1,194 @@
+"""Least-squares reconstruction: the kept weights of every layer refitted so that the pruned layer's output,
+on its input in the network pruned and refitted so far, matches the dense layer's output on its dense input.
+
+For output row o with kept inputs S, the ridge problem
+
+    min_w ||X_S w - y_o||² + λ ||w - w_dense,S||²,    λ = damping · mean(diag(XᵀX))
+
+is solved on the host from the Gram sums (float64). Its prior is the dense weight, so that a layer whose
+input is unchanged and which loses no weight refits to itself, and the solution never fits the calibration
+data worse than the pruned weights do (their penalty is 0). Pruned weights stay zero: the sparsity and any
+N:M pattern hold exactly. Layers are refitted one depth level at a time (one Gram pass per level).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .errors import AsrError
+from .gram import accumulate, from_rows, patch_size, weight_rows
+from .stats import GramStats
+
+METHODS = ("none", "ls")
+DAMPING = 0.01  # 1% of the mean diagonal of XᵀX, as in the PyTorch reference
+
+
+def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, damping: float = DAMPING):
+    """The ridge refit of every output row on its kept inputs.
+
+    Args:
+        dense_rows: (output channels, patch length) dense weights (see :func:`asr_onnx.gram.weight_rows`).
+        keep: the same shape, True where a weight survives pruning.
+        gram: the layer's sums, groups along the first axis of ``xtx`` and ``xty``.
+        damping: λ as a fraction of the mean diagonal of each group's XᵀX. Defaults to 0.01.
+
+    Returns:
+        (refitted rows, zero where ``keep`` is False; a dict with err_before, err_after and cond).
+    """
+    groups, per_group = gram.xtx.shape[0], dense_rows.shape[0] // gram.xtx.shape[0]
+    dense_rows = dense_rows.astype(np.float64)
+    rows = np.where(keep, dense_rows, 0.0)
+    before = after = 0.0
+    cond = 1.0
+    for g in range(groups):
+        xtx, xty = gram.xtx[g], gram.xty[g]
+        lam = damping * float(np.mean(np.diag(xtx)))
+        block = slice(g * per_group, (g + 1) * per_group)
+        old = rows[block].copy()
+        if lam > 0:
+            for o in range(per_group):
+                kept = np.flatnonzero(keep[block][o])
+                if kept.size:
+                    a = xtx[np.ix_(kept, kept)] + lam * np.eye(kept.size)
+                    rhs = xty[kept, o] + lam * dense_rows[block][o, kept]
+                    rows[g * per_group + o, kept] = np.linalg.solve(a, rhs)
+            eig = np.linalg.eigvalsh(xtx + lam * np.eye(len(xtx)))
+            cond = max(cond, float(eig[-1] / max(eig[0], lam)))
+        before += _residual(old, xtx, xty)
+        after += _residual(rows[block], xtx, xty)
+    total = float(gram.yy.sum())
+    scale = max(total, np.finfo(np.float64).tiny)
+    return rows, {"err_before": float(np.sqrt(max(before + total, 0.0) / scale)),
+                  "err_after": float(np.sqrt(max(after + total, 0.0) / scale)), "cond": cond}
+
+
+def _residual(rows: np.ndarray, xtx: np.ndarray, xty: np.ndarray) -> float:
+    """Σ_o ||X w_o - y_o||² less ΣY² (which the caller adds once per layer): Σ_o wᵀXᵀXw - 2wᵀXᵀy."""
+    return float(np.einsum("ok,kl,ol->", rows, xtx, rows) - 2 * np.einsum("ok,ko->", rows, xty))
+
+
+def layer_levels(graph, layers) -> list[int]:
+    """Per layer, the largest number of prunable layers on a path from the graph inputs to its data input."""
+    by_node = {id(layer.node): i for i, layer in enumerate(layers)}
+    depth, levels = {}, [0] * len(layers)
+    graph.toposort()
+    for node in graph.nodes:
+        level = max((depth.get(t.name, 0) for t in node.inputs), default=0)
+        if id(node) in by_node:
+            level = depth.get(node.inputs[0].name, 0)
+            levels[by_node[id(node)]] = level
+            level += 1
+        for t in node.outputs:
+            depth[t.name] = level
+    return levels
+
+
+def gram_bytes(layer) -> int:
+    """The float64 bytes of a layer's XᵀX and XᵀY."""
+    groups, length, per_group = patch_size(layer)
+    return 8 * groups * length * (length + per_group)
+
+
+def skip_reason(layer, shared: bool, max_gram_mb: float) -> str | None:
+    """Why a layer is not refitted, or None."""
+    if layer.op not in ("Conv", "Gemm", "MatMul"):
+        return f"{layer.op} is not refitted"
+    if layer.op == "MatMul" and len(layer.weight.shape) != 2:
+        return "MatMul weight of rank > 2"
+    if layer.weight.values.dtype != np.float32:
+        return f"{layer.weight.values.dtype} weight (float32 only)"
+    if shared:
+        return "weight shared by several layers"
+    if gram_bytes(layer) > max_gram_mb * 2**20:
+        return f"Gram matrix of {gram_bytes(layer) / 2**20:.0f} MB exceeds --max-gram-mb {max_gram_mb:g}"
+    return None
+
+
+def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", threads: int = 0,
+                progress: bool = False, max_gram_mb: float = 256.0, damping: float = DAMPING, passes: int = 0):
+    """Refits every prunable layer of ``pruned``, level by level, against ``dense``.
+
+    A layer is left as it is when it lost no weight and nothing upstream changed (its refit is itself).
+
+    Args:
+        dense, pruned: onnx.ModelProto of the same graph, ``pruned`` with zeroed weights.
+        calib: the calibration set.
+        batch_size, device, threads, progress: as for the statistics passes.
+        max_gram_mb: skip a layer whose float64 XᵀX and XᵀY would exceed this. Defaults to 256.
+        damping: see :func:`refit_rows`. Defaults to 0.01.
+        passes: Gram passes over the calibration set; 0 is one per depth level (exactly sequential). With
+            fewer, consecutive levels share a pass, and a layer's input then comes from the network whose
+            earlier passes' layers are refitted and the same pass's only pruned. Defaults to 0.
+
+    Returns:
+        (the refitted onnx.ModelProto, per layer a dict: err_before, err_after, gram_size, cond, or
+        skipped; timings {"gram": s, "solve": s}; the provider, or None when no pass ran).
+    """
+    from .graph import find_layers, to_graph, to_model
+
+    graph = to_graph(pruned)
+    layers = find_layers(graph)
+    levels = layer_levels(graph, layers)
+    count = max(levels, default=-1) + 1
+    if 0 < passes < count:  # consecutive levels share a pass
+        levels = [level * passes // count for level in levels]
+    uses: dict[str, int] = {}
+    for layer in layers:
+        uses[layer.weight.name] = uses.get(layer.weight.name, 0) + 1
+    dense_values = [layer.weight.values for layer in find_layers(to_graph(dense))]
+    refits: list[dict] = [{} for _ in layers]
+    changed = [bool((layer.weight.values != d).any()) for layer, d in zip(layers, dense_values)]
+    timings, provider, model = {"gram": 0.0, "solve": 0.0}, None, pruned
+    for level in range(max(levels, default=-1) + 1):
+        todo = []
+        for i, layer in enumerate(layers):
+            if levels[i] != level:
+                continue
+            reason = skip_reason(layer, uses[layer.weight.name] > 1, max_gram_mb)
+            if reason is None and not changed[i] and not _upstream_changed(layer, graph, layers, changed):
+                reason = "dense, and its input is unchanged"
+            if reason:
+                refits[i] = {"skipped": reason}
+            else:
+                todo.append(i)
+        if not todo:
+            continue
+        start = time.perf_counter()
+        grams, provider = accumulate(dense, model, todo, calib, batch_size=batch_size, device=device,
+                                     threads=threads, progress=progress, desc=f"gram {level + 1}")
+        timings["gram"] += time.perf_counter() - start
+        start = time.perf_counter()
+        for i, gram in zip(todo, grams):
+            layer = layers[i]
+            if not all(np.isfinite(a).all() for a in (gram.xtx, gram.xty, gram.yy)):
+                refits[i] = {"skipped": "its Gram sums overflow float32 (activations too large to square)"}
+                continue
+            rows = weight_rows(layer, dense_values[i])
+            keep = weight_rows(layer, layer.weight.values) != 0
+            new_rows, info = refit_rows(rows, keep, gram, damping)
+            if not np.isfinite(new_rows).all():
+                raise AsrError(f"the refit of layer {layer.name} is not finite")
+            layer.weight.values = from_rows(layer, new_rows.astype(np.float32))
+            changed[i] = True
+            refits[i] = dict(info, gram_size=int(gram.xtx.shape[-1]))
+        timings["solve"] += time.perf_counter() - start
+        model = to_model(graph, pruned)
+    return model, refits, timings, provider
+
+
+def _upstream_changed(layer, graph, layers, changed) -> bool:
+    """Whether any changed layer lies upstream of ``layer``'s data input."""
+    changed_nodes = {id(other.node) for other, c in zip(layers, changed) if c}
+    seen, stack = set(), [layer.node.inputs[0]]
+    while stack:
+        tensor = stack.pop()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        for producer in tensor.inputs:
+            if id(producer) in changed_nodes:
+                return True
+            stack.extend(producer.inputs)
+    return False

@@ -1,0 +1,108 @@
+"""Allocation x reconstruction on the sample models, produced by the tool itself.
+
+Every cell prunes (global 0.8/0.9/0.95 or 2:4) with an allocation (global, lamp, uniform), refits or not
+(--reconstruct none|ls), then repairs with the default method (exact BN recalibration and the head
+correction) and reports top-1 and agreement with the dense model. Calibration: --calib-size training images.
+Evaluation: the test set, or with --eval heldout a slice of the training set disjoint from the calibration
+samples (for choosing defaults without the test set).
+
+    python benchmarks/reconstruct_table.py --models resnet20_bn --cells 0.9 --eval heldout
+    python benchmarks/reconstruct_table.py            # every model and cell, full test set
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ("resnet20_bn", "resnet20", "resnet50s_bn", "resnet50s", "vgg_bn_bn", "vgg_bn", "mobilenetv2_bn",
+          "mobilenetv2")
+
+
+def data_sets(proto, args):
+    """(calibration set, evaluation set): the evaluation set never overlaps the calibration samples."""
+    import numpy as np
+
+    from asr_onnx.calib import Preprocess, load_calib
+    from asr_onnx.graph import input_specs, metadata
+    from asr_onnx.verify import resolve_data
+
+    specs, preprocess = input_specs(proto), Preprocess.from_metadata(metadata(proto))
+    train = load_calib(resolve_data("fashion-mnist:train"), specs, preprocess)
+    calib = train.take(args.calib_size, args.seed)
+    if args.eval == "heldout":
+        wider = train.take(args.calib_size + args.eval_size, args.seed)
+        held = np.setdiff1d(wider._indices, calib._indices)  # noqa: SLF001 - a benchmark's slice
+        return calib, wider._subset(held)  # noqa: SLF001
+    test = load_calib(resolve_data("fashion-mnist:test"), specs, preprocess)
+    return calib, test.take(args.eval_size, args.seed) if args.eval_size else test
+
+
+def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
+    from asr_onnx.api import Repair
+    from asr_onnx.verify import evaluate
+
+    pattern, sparsity = ("2:4", 0.0) if cell == "2:4" else ("global", float(cell))
+    start = time.perf_counter()
+    job = Repair(proto, device="cpu", batch_size=64, progress=False, threads=args.threads)
+    job.prune(sparsity, pattern, allocation=allocation).run(calib, "bn", reconstruct=reconstruct,
+                                                            refit_passes=args.passes)
+    seconds = time.perf_counter() - start
+    result = evaluate(job.output, eval_data, reference=proto, device="cpu", progress=False)
+    refits = [r for r in job.refits if "err_after" in r]
+    return {"cell": cell, "allocation": allocation, "reconstruct": reconstruct, "passes": args.passes, "top1": result.get("top1"),
+            "agreement": result["agreement"], "seconds": round(seconds, 1),
+            "timings": {k: round(v, 2) for k, v in job.timings.items()},
+            "refit_err_before": [round(r["err_before"], 4) for r in refits],
+            "refit_err_after": [round(r["err_after"], 4) for r in refits],
+            "skipped": sorted({r["skipped"] for r in job.refits if "skipped" in r})}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--cells", default="0.9,0.8,0.95,2:4")
+    parser.add_argument("--allocations", default="global,lamp")
+    parser.add_argument("--reconstructs", default="none,ls")
+    parser.add_argument("--eval", choices=("test", "heldout"), default="test")
+    parser.add_argument("--eval-size", type=int, default=0, help="0: the whole test set (heldout: 2000).")
+    parser.add_argument("--calib-size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--passes", type=int, default=0, help="Gram passes (0: one per depth level).")
+    parser.add_argument("--out", default=None, help="JSON file to append rows to.")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if args.eval == "heldout" and not args.eval_size:
+        args.eval_size = 2000
+    from asr_onnx.graph import load_model
+    from asr_onnx.verify import evaluate
+
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"reconstruct_{args.eval}.json")
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    for name in args.models.split(","):
+        proto = load_model(ROOT / "sample_models" / f"{name}.onnx")
+        calib, eval_data = data_sets(proto, args)
+        dense = evaluate(proto, eval_data, device="cpu", progress=False)["top1"]
+        print(f"{name}: dense {dense:.4f} on {len(eval_data)} {args.eval} samples", flush=True)
+        for cell in args.cells.split(","):
+            for allocation in args.allocations.split(",") if cell != "2:4" else ["global"]:
+                for reconstruct in args.reconstructs.split(","):
+                    row = dict(model=name, dense=dense, eval=args.eval, samples=len(eval_data),
+                               **run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args))
+                    print(f"  {cell} {allocation} {reconstruct}: top-1 {row['top1']:.4f} agreement "
+                          f"{row['agreement']:.4f} ({row['seconds']} s; {row['timings']})", flush=True)
+                    key = (name, cell, allocation, reconstruct, args.passes)
+                    rows = [r for r in rows if (r["model"], r["cell"], r["allocation"], r["reconstruct"],
+                                                r.get("passes", 0)) != key] + [row]
+                    out.parent.mkdir(exist_ok=True)
+                    out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
