@@ -95,7 +95,8 @@ class Repair:
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
     def prune(self, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
-              keep_last: bool = False, allocation: str = "global") -> "Repair":
+              keep_last: bool = False, allocation: str = "global", score: str = "magnitude",
+              calib=None) -> "Repair":
         """Zeroes weights of Conv, ConvTranspose, Gemm and MatMul layers.
 
         Args:
@@ -106,16 +107,36 @@ class Repair:
             keep_last: leave the last prunable layer dense. Defaults to False.
             allocation: "global", "lamp" or "uniform" (see :func:`asr_onnx.prune.prune_layers`). Defaults
                 to "global".
+            score: "magnitude" (|w|) or "wanda" (|w| times its input channel's norm on ``calib``). Defaults
+                to "magnitude".
+            calib: the calibration set, needed by "wanda". Defaults to None.
         """
         sparsity, parsed = check_sparsity(sparsity), Pattern.parse(pattern)
+        norms = self._input_norms(score, calib)
         with self._timed("prune"):
             graph = to_graph(self.dense)
             self.layers = prune_layers(find_layers(graph), sparsity, parsed, exclude, keep_first, keep_last,
-                                       allocation)
+                                       allocation, norms)
             self.pruned = to_model(graph, self.dense)
         self.settings.update(sparsity=sparsity, pattern=str(parsed), exclude=list(exclude),
-                             keep_first=keep_first, keep_last=keep_last, allocation=self.layers[0].allocation)
+                             keep_first=keep_first, keep_last=keep_last, allocation=self.layers[0].allocation,
+                             score=score)
         return self
+
+    def _input_norms(self, score: str, calib):
+        """Wanda's per-layer input norms on the dense model, or None for magnitude."""
+        from .gram import input_norms
+        from .prune import SCORES
+
+        if score not in SCORES:
+            raise AsrError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+        if score == "magnitude":
+            return None
+        if calib is None:
+            raise AsrError("the score wanda needs calibration data")
+        self._check_size(calib)
+        with self._timed("input_norms"):
+            return input_norms(self.dense, calib, batch_size=self.batch_size, device=self.device, threads=self.threads)
 
     def reconstruct(self, calib, method: str = "ls", *, max_gram_mb: float = 256.0, passes: int = 0) -> "Repair":
         """Refits the kept weights of every layer by least squares (see :mod:`asr_onnx.reconstruct`), after prune.

@@ -75,6 +75,7 @@ def global_masks(weights: list[np.ndarray], sparsity: float) -> list[np.ndarray]
 
 
 ALLOCATIONS = ("global", "lamp", "uniform")
+SCORES = ("magnitude", "wanda")
 
 
 def lamp_scores(weight: np.ndarray) -> np.ndarray:
@@ -166,7 +167,7 @@ def exclusion(layers, exclude=(), keep_first: bool = False, keep_last: bool = Fa
 
 
 def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_first=False, keep_last=False,
-                 allocation: str = "global") -> list[LayerPrune]:
+                 allocation: str = "global", input_norms: dict | None = None) -> list[LayerPrune]:
     """Zeroes weights in place of the graph (new arrays, never in-place writes).
 
     A weight shared by several layers is pruned once.
@@ -181,6 +182,8 @@ def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_fir
         allocation: how an unstructured pattern splits the sparsity between layers: "global" (one |w|
             threshold), "lamp" (one threshold on LAMP scores) or "uniform" (the same fraction per layer).
             The pattern "uniform" is the allocation "uniform". Ignored for N:M. Defaults to "global".
+        input_norms: layer index -> the L2 norm of each input channel of the layer's dense input: weights
+            are then ranked by Wanda's score |w| · ||x|| (Sun et al., 2023) instead of |w|. Defaults to None.
 
     Raises:
         AsrError: no prunable layer, and something to prune (a sparsity above 0 or an N:M pattern); an
@@ -198,6 +201,8 @@ def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_fir
         owner.setdefault(layer.weight.name, i)
     chosen = [i for i, layer in enumerate(layers) if i not in skipped and owner[layer.weight.name] == i]
     weights = [layers[i].weight.values for i in chosen]
+    if input_norms is not None:
+        weights = [wanda_scores(layers[i], input_norms[i]) for i in chosen]
     if pattern.kind == "nm":
         allocation = str(pattern)
     if allocation == "global":
@@ -211,7 +216,29 @@ def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_fir
     for i, keep in zip(chosen, keeps):
         weight = layers[i].weight
         weight.values = np.where(keep, weight.values, np.zeros((), weight.values.dtype))
-    return [_summary(layer, i, skipped, owner, allocation) for i, layer in enumerate(layers)]
+    score = "magnitude" if input_norms is None else "wanda"
+    return [_summary(layer, i, skipped, owner, allocation, score) for i, layer in enumerate(layers)]
+
+
+def wanda_scores(layer, norms: np.ndarray) -> np.ndarray:
+    """|w| times the norm of the input channel it reads, in the weight's shape (Conv groups respected).
+
+    Args:
+        layer: a graph.Layer.
+        norms: (input channels,) L2 norms of the layer's input.
+    """
+    values = np.abs(layer.weight.values.astype(np.float64))
+    norms = np.asarray(norms, np.float64)
+    if layer.op == "Conv":  # output o of group g reads input channels g * cin_g ... (g + 1) * cin_g - 1
+        out, cin_g = values.shape[:2]
+        group = np.arange(out) // (out // layer.groups)
+        per_row = norms[group[:, None] * cin_g + np.arange(cin_g)[None, :]]
+        return values * per_row.reshape(out, cin_g, *([1] * (values.ndim - 2)))
+    if layer.op == "ConvTranspose":  # weight (in, out / groups, ...): the input channel is axis 0
+        return values * norms.reshape(-1, *([1] * (values.ndim - 1)))
+    shape = [1] * values.ndim
+    shape[layer.in_axis] = -1
+    return values * norms.reshape(shape)
 
 
 def check_allocation(allocation: str, pattern: Pattern) -> str:
@@ -226,7 +253,7 @@ def check_allocation(allocation: str, pattern: Pattern) -> str:
     return allocation
 
 
-def _summary(layer, i, skipped, owner, allocation) -> LayerPrune:
+def _summary(layer, i, skipped, owner, allocation, score) -> LayerPrune:
     values = layer.weight.values
     shared = owner[layer.weight.name] != i
     reason = skipped.get(owner[layer.weight.name]) if shared else skipped.get(i)
@@ -239,4 +266,5 @@ def _summary(layer, i, skipped, owner, allocation) -> LayerPrune:
         reason=reason,
         sparsity=float(np.count_nonzero(values == 0) / values.size),
         allocation=allocation,
+        score=score,
     )

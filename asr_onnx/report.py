@@ -142,6 +142,7 @@ def summary(report: dict, width: int = 100) -> str:
     lines.append(f"layers: {len(report['layers'])} prunable, {len(skipped)} left dense")
     for layer in skipped[:5]:
         lines.append(f"  dense: {layer['name']} ({layer['reason']})")
+    lines.extend(_refit_lines(report["layers"]))
     if report["sites"]:
         lines.append(f"{'site':<40} {'norm':<14} {'ch':>5} {'gain min/med/max':>22} {'collapsed':>9}")
         rows = report["sites"]
@@ -174,6 +175,16 @@ def eval_line(scores: dict) -> str:
             if scores.get("top1") is not None else "")
     return (f"eval ({scores.get('samples')} samples): {top1}agreement {pct(scores.get('agreement'))}  "
             f"logit rel-L2 {scores.get('logit_rel_l2', float('nan')):.4f}")
+
+def _refit_lines(layers: list[dict]) -> list[str]:
+    """How many layers the least-squares refit changed, their median relative output errors, and the skips."""
+    done = [layer["refit"] for layer in layers if "err_after" in layer.get("refit", {})]
+    skips = [(layer["name"], layer["refit"]["skipped"]) for layer in layers if "skipped" in layer.get("refit", {})]
+    if not done and not skips:
+        return []
+    lines = [f"refit: {len(done)} layers, median output error {np.median([r['err_before'] for r in done]):.3f}"
+             f" -> {np.median([r['err_after'] for r in done]):.3f}" if done else "refit: no layer"]
+    return lines + [f"  not refitted: {name} ({reason})" for name, reason in skips[:5]]
 
 
 def _auto_lines(auto: dict) -> list[str]:

@@ -49,12 +49,12 @@ def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
     pattern, sparsity = ("2:4", 0.0) if cell == "2:4" else ("global", float(cell))
     start = time.perf_counter()
     job = Repair(proto, device="cpu", batch_size=64, progress=False, threads=args.threads)
-    job.prune(sparsity, pattern, allocation=allocation).run(calib, "bn", reconstruct=reconstruct,
+    job.prune(sparsity, pattern, allocation=allocation, score=args.score, calib=calib).run(calib, "bn", reconstruct=reconstruct,
                                                             refit_passes=args.passes)
     seconds = time.perf_counter() - start
     result = evaluate(job.output, eval_data, reference=proto, device="cpu", progress=False)
     refits = [r for r in job.refits if "err_after" in r]
-    return {"cell": cell, "allocation": allocation, "reconstruct": reconstruct, "passes": args.passes, "top1": result.get("top1"),
+    return {"cell": cell, "allocation": allocation, "reconstruct": reconstruct, "score": args.score, "passes": args.passes, "top1": result.get("top1"),
             "agreement": result["agreement"], "seconds": round(seconds, 1),
             "timings": {k: round(v, 2) for k, v in job.timings.items()},
             "refit_err_before": [round(r["err_before"], 4) for r in refits],
@@ -73,6 +73,7 @@ def main() -> int:
     parser.add_argument("--calib-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--score", default="magnitude", choices=("magnitude", "wanda"))
     parser.add_argument("--passes", type=int, default=0, help="Gram passes (0: one per depth level).")
     parser.add_argument("--out", default=None, help="JSON file to append rows to.")
     args = parser.parse_args()
@@ -96,9 +97,9 @@ def main() -> int:
                                **run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args))
                     print(f"  {cell} {allocation} {reconstruct}: top-1 {row['top1']:.4f} agreement "
                           f"{row['agreement']:.4f} ({row['seconds']} s; {row['timings']})", flush=True)
-                    key = (name, cell, allocation, reconstruct, args.passes)
+                    key = (name, cell, allocation, reconstruct, args.score, args.passes)
                     rows = [r for r in rows if (r["model"], r["cell"], r["allocation"], r["reconstruct"],
-                                                r.get("passes", 0)) != key] + [row]
+                                                r.get("score", "magnitude"), r.get("passes", 0)) != key] + [row]
                     out.parent.mkdir(exist_ok=True)
                     out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     return 0

@@ -24,6 +24,8 @@ def default_output(model: str) -> Path:
 @click.option("--pattern", default="global", show_default=True, help="global, uniform or N:M (e.g. 2:4).")
 @click.option("--allocation", default="global", show_default=True, type=click.Choice(["global", "lamp", "uniform"]),
               help="How the sparsity is split between layers: one |w| threshold, LAMP scores, or per layer.")
+@click.option("--score", default="magnitude", show_default=True, type=click.Choice(["magnitude", "wanda"]),
+              help="How weights are ranked: |w|, or Wanda's |w| times its input channel's norm (needs --calib).")
 @click.option("--reconstruct", default="none", show_default=True, type=click.Choice(["none", "ls"]),
               help="ls: refit the kept weights of each layer by least squares on the calibration set.")
 @click.option("--max-gram-mb", default=256.0, show_default=True, type=float,
@@ -64,7 +66,7 @@ def default_output(model: str) -> Path:
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @preprocess_options
-def repair_command(model, calib_path, output, sparsity, pattern, allocation, reconstruct, max_gram_mb, method,
+def repair_command(model, calib_path, output, sparsity, pattern, allocation, score, reconstruct, max_gram_mb, method,
                    placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
                    batch_size, seed, device, threads, no_head, sequential, fold_bn, fp16, fp16_io, stats_path,
                    report_path, eval_path, eval_size, overwrite, quiet, **preprocess):
@@ -87,7 +89,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, allocation, rec
     inputs = plan.read_model(model)
     plan.read(stats_path, "the --stats file")
     needs = [option for option, used in ((f"--method {method}", method != "none"), ("--fp16", fp16 or fp16_io),
-                                         (f"--reconstruct {reconstruct}", reconstruct != "none")) if used]
+                                         (f"--reconstruct {reconstruct}", reconstruct != "none"),
+                                         (f"--score {score}", score != "magnitude")) if used]
     if needs and calib_path:  # --fp16 checks its output on the calibration data
         plan.read_data(calib_path, "the --calib data")
     if eval_path:
@@ -105,7 +108,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, allocation, rec
         calib = open_data(calib_path, job.dense, preprocess, limit=calib_size, seed=seed)
     if method != "none":
         dense_stats = load_stats(stats_path, stats_key(job.dense, calib)) if stats_path else None
-    job.prune(sparsity, pattern, exclude, keep_first, keep_last, allocation)
+    job.prune(sparsity, pattern, exclude, keep_first, keep_last, allocation, score, calib)
     job.run(calib, method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
             correct_head=not no_head, dense_stats=dense_stats, sequential=sequential, fold_bn_nodes=fold_bn,
             seed=seed, reference=reference, reconstruct=reconstruct, max_gram_mb=max_gram_mb)

@@ -7,6 +7,7 @@ from asr_onnx.errors import AsrError
 from asr_onnx.graph import find_layers, to_graph
 from asr_onnx.prune import Pattern, check_sparsity, global_masks, nm_mask, prune_layers, uniform_mask
 from models import conv_net
+import zoo
 
 
 def reference_smallest(scores, k):
@@ -136,3 +137,30 @@ def test_bad_allocations():
         prune_layers(layers, 0.5, Pattern.parse("global"), allocation="random")
     with pytest.raises(AsrError, match="pattern uniform"):
         prune_layers(layers, 0.5, Pattern.parse("uniform"), allocation="lamp")
+
+
+def test_wanda_scores_weigh_each_weight_by_its_input_channel_norm():
+    from asr_onnx.prune import wanda_scores
+
+    dense, _ = zoo.one_layer("conv")  # Conv 4 -> 6 in 2 groups
+    layer = find_layers(to_graph(dense))[0]
+    norms = np.array([1.0, 2.0, 3.0, 4.0])
+    scores = wanda_scores(layer, norms)
+    w = np.abs(layer.weight.values)
+    for o in range(6):
+        for c in range(2):
+            np.testing.assert_allclose(scores[o, c], w[o, c] * norms[(o // 3) * 2 + c])
+
+
+def test_wanda_input_norms_are_the_dense_inputs_norms():
+    from asr_onnx.api import Repair
+    from asr_onnx.gram import input_norms
+
+    dense, feeds = zoo.fc_heads()
+    norms = input_norms(dense, zoo.DictSet(feeds), batch_size=8, device="cpu")
+    np.testing.assert_allclose(norms[0], np.sqrt((feeds["input"].astype(np.float64) ** 2).sum(axis=(0, 2, 3))),
+                               rtol=1e-5)
+    job = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.5, score="wanda", calib=zoo.DictSet(feeds))
+    assert {row.score for row in job.layers} == {"wanda"}
+    with pytest.raises(AsrError, match="needs calibration data"):
+        Repair(dense, device="cpu", progress=False).prune(0.5, score="wanda")
