@@ -172,7 +172,10 @@ def child_repair(args, t0: float) -> dict:
     t_load = time.perf_counter()
     calib = load_calib(args.data, job.specs)
     t_calib = time.perf_counter()
-    job.prune(args.sparsity).measure(calib).correct(args.method).fold()
+    job.prune(args.sparsity)
+    if args.reconstruct != "none":  # issue 13: the least-squares refit, its Gram and solve times in the stages
+        job.reconstruct(calib, args.reconstruct)
+    job.measure(calib).correct(args.method).fold()
     with tempfile.TemporaryDirectory(prefix="asr-perf.") as folder:
         job.save(Path(folder) / "out.onnx")
         t_end = time.perf_counter()
@@ -327,7 +330,7 @@ def spawn(kind: str, args, model: str, data: str | None = None, torch_name: str 
           variant: str = "asis", **extra) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", kind, "--model", model,
            "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--sparsity", str(args.sparsity),
-           "--method", args.method, "--variant", variant, "--device", args.device]
+           "--method", args.method, "--variant", variant, "--device", args.device, "--reconstruct", args.reconstruct]
     if data:
         cmd += ["--data", data]
     if torch_name:
@@ -608,6 +611,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="provider of both the plain pass and the repair (default: %(default)s)")
     p.add_argument("--method", default="asr")
+    p.add_argument("--reconstruct", default="none", choices=["none", "ls"], help="the repair's --reconstruct")
     p.add_argument("--variants", default="asis",
                    help="repair variants; only asis (the library as committed) remains (default: %(default)s)")
     p.add_argument("--variant", default="asis", help=argparse.SUPPRESS)

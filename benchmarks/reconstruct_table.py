@@ -62,6 +62,27 @@ def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
             "skipped": sorted({r["skipped"] for r in job.refits if "skipped" in r})}
 
 
+def markdown(rows: list[dict]) -> str:
+    """The table: one line per model and cell, top-1 (%) per allocation x reconstruct, and the ls cost."""
+    columns = [("global", "none"), ("lamp", "none"), ("global", "ls"), ("lamp", "ls")]
+    lines = ["| model | dense | cell | global | LAMP | global + LS | LAMP + LS | LS time (s): Gram / solve |",
+             "|---|---|---|---|---|---|---|---|"]
+    seen = []
+    for r in rows:
+        if (r["model"], r["cell"]) not in seen and r.get("passes", 0) == 0 and r.get("score", "magnitude") == "magnitude":
+            seen.append((r["model"], r["cell"]))
+    for model, cell in seen:
+        cells = {(r["allocation"], r["reconstruct"]): r for r in rows if (r["model"], r["cell"]) == (model, cell)
+                 and r.get("passes", 0) == 0 and r.get("score", "magnitude") == "magnitude"}
+        dense = next(iter(cells.values()))["dense"]
+        tops = [f"{100 * cells[c]['top1']:.1f}" if c in cells else "–" for c in columns]
+        cost = " ; ".join(f"{a}: {cells[(a, 'ls')]['timings'].get('reconstruct_gram', 0):.0f} / "
+                          f"{cells[(a, 'ls')]['timings'].get('reconstruct_solve', 0):.1f}"
+                          for a in ("global", "lamp") if (a, "ls") in cells)
+        lines.append(f"| {model} | {100 * dense:.1f} | {cell} | " + " | ".join(tops) + f" | {cost} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
@@ -76,6 +97,7 @@ def main() -> int:
     parser.add_argument("--score", default="magnitude", choices=("magnitude", "wanda"))
     parser.add_argument("--passes", type=int, default=0, help="Gram passes (0: one per depth level).")
     parser.add_argument("--out", default=None, help="JSON file to append rows to.")
+    parser.add_argument("--markdown", action="store_true", help="print the table of --out (or --eval's file); run nothing")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if args.eval == "heldout" and not args.eval_size:
@@ -85,6 +107,9 @@ def main() -> int:
 
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"reconstruct_{args.eval}.json")
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    if args.markdown:
+        print(markdown(rows))
+        return 0
     for name in args.models.split(","):
         proto = load_model(ROOT / "sample_models" / f"{name}.onnx")
         calib, eval_data = data_sets(proto, args)
