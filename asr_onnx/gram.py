@@ -83,6 +83,12 @@ def _target(b: _Builder, layer, x, weight):
     return b.op("Transpose", [flat], {"perm": [0, 2, 1]})
 
 
+def _fixed(model) -> int | None:
+    from .graph import fixed_batch, input_specs
+
+    return fixed_batch(input_specs(model))
+
+
 def prefixed(model):
     """A copy of ``model`` whose names, except the graph inputs', start with :data:`DENSE_PREFIX`."""
     from onnx.compose import add_prefix
@@ -139,6 +145,7 @@ def accumulate(dense, pruned, indices: list[int], calib, *, batch_size: int, dev
     from .runtime import make_session, provider_of, release_memory
 
     model, names = gram_model(dense, pruned, indices)
+    fixed = _fixed(model)
     try:
         session = make_session(model, device, threads, mem_pattern=False)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: an unknown op, a bad graph
@@ -147,6 +154,8 @@ def accumulate(dense, pruned, indices: list[int], calib, *, batch_size: int, dev
     wanted = [name for group in names for name in group]
     totals: list[GramStats | None] = [None] * len(indices)
     for feed in bar(calib.batches(batch_size), total=-(-len(calib) // batch_size), desc=desc, enabled=progress):
+        if fixed and len(next(iter(feed.values()))) != fixed:
+            continue  # a model with a fixed batch cannot take the last partial batch
         try:
             values = dict(zip(wanted, session.run(wanted, feed)))
         except Exception as e:  # noqa: BLE001
@@ -158,6 +167,8 @@ def accumulate(dense, pruned, indices: list[int], calib, *, batch_size: int, dev
     provider = provider_of(session)
     del session
     release_memory()
+    if totals and totals[0] is None:
+        raise AsrError(f"the calibration set has no full batch of {fixed} samples, the model's fixed batch size")
     return totals, provider
 
 
@@ -188,9 +199,11 @@ def input_norms(model, calib, *, batch_size: int, device: str = "auto", threads:
         session = make_session(to_model(graph, model), device, threads, mem_pattern=False)
     except Exception as e:  # noqa: BLE001
         raise AsrError(f"onnxruntime cannot load the input-norm graph: {_first_line(e)}") from None
-    names = [t.name for t in outputs]
+    names, fixed = [t.name for t in outputs], _fixed(model)
     sums = [0.0] * len(names)
     for feed in calib.batches(batch_size):
+        if fixed and len(next(iter(feed.values()))) != fixed:
+            continue
         for i, value in enumerate(session.run(names, feed)):
             sums[i] = sums[i] + value.astype(np.float64).ravel()
     del session

@@ -191,3 +191,10 @@ def test_a_gram_over_the_budget_is_skipped_with_its_size():
     job = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.5)
     job.reconstruct(zoo.DictSet(feeds), max_gram_mb=1e-9)
     assert all("exceeds --max-gram-mb" in refit["skipped"] for refit in job.refits)
+
+
+def test_a_fixed_batch_model_skips_the_last_partial_batch():
+    dense, feeds = zoo.conv_net(bn=True, batch=8), {"input": zoo.random_inputs(20)}
+    job = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.5)
+    job.reconstruct(zoo.DictSet(feeds))
+    assert all("err_after" in refit for refit in job.refits)
