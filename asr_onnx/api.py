@@ -119,7 +119,7 @@ class Repair:
                                        allocation, norms)
             self.pruned = to_model(graph, self.dense)
         self.settings.update(sparsity=sparsity, pattern=str(parsed), exclude=list(exclude),
-                             keep_first=keep_first, keep_last=keep_last, allocation=self.layers[0].allocation,
+                             keep_first=keep_first, keep_last=keep_last, allocation=self.layers[0].allocation if self.layers else allocation,
                              score=score)
         return self
 

@@ -198,3 +198,15 @@ def test_a_fixed_batch_model_skips_the_last_partial_batch():
     job = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.5)
     job.reconstruct(zoo.DictSet(feeds))
     assert all("err_after" in refit for refit in job.refits)
+
+
+def test_the_summary_counts_the_refitted_layers_and_names_the_skipped():
+    from asr_onnx.report import summary
+
+    dense, feeds = zoo.odd_convs()
+    job = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.6).run(zoo.DictSet(feeds), "none",
+                                                                                 reconstruct="ls")
+    text = summary(job.report())
+    done = sum("err_after" in refit for refit in job.refits)
+    assert f"refit: {done} layers, median output error" in text
+    assert "not refitted: " in text and "(ConvTranspose is not refitted)" in text
