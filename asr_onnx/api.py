@@ -118,9 +118,9 @@ class Repair:
             self.layers = prune_layers(find_layers(graph), sparsity, parsed, exclude, keep_first, keep_last,
                                        allocation, norms)
             self.pruned = to_model(graph, self.dense)
+        used = self.layers[0].allocation if self.layers else allocation  # "uniform" for the pattern uniform
         self.settings.update(sparsity=sparsity, pattern=str(parsed), exclude=list(exclude),
-                             keep_first=keep_first, keep_last=keep_last, allocation=self.layers[0].allocation if self.layers else allocation,
-                             score=score)
+                             keep_first=keep_first, keep_last=keep_last, allocation=used, score=score)
         return self
 
     def _input_norms(self, score: str, calib):
@@ -155,8 +155,9 @@ class Repair:
         if method == "ls":
             self._check_size(calib)
             with self._timed("reconstruct"):
-                self.pruned, self.refits, split, _ = reconstruct(self.dense, self.pruned, calib, max_gram_mb=max_gram_mb,
-                                                                 passes=passes, **self._refit_options())
+                self.pruned, self.refits, split, _ = reconstruct(self.dense, self.pruned, calib,
+                                                                 max_gram_mb=max_gram_mb, passes=passes,
+                                                                 **self._refit_options())
             self.timings.update({f"reconstruct_{k}": v for k, v in split.items()})
         self.settings.update(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes)
         return self

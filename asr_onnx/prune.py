@@ -248,7 +248,8 @@ def check_allocation(allocation: str, pattern: Pattern) -> str:
         raise AsrError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     if pattern.kind == "uniform":
         if allocation not in ("global", "uniform"):
-            raise AsrError(f"the pattern uniform already allocates the sparsity; it cannot take allocation {allocation}")
+            raise AsrError(f"the pattern uniform already allocates the sparsity; it cannot take allocation "
+                           f"{allocation}")
         return "uniform"
     return allocation
 
