@@ -24,6 +24,8 @@ from .stats import merge_all
 
 
 # every method in both placements (bn/naive coincide under recal; pre-bn bn is plain BN recalibration)
+DEFAULT_BATCH = 64  # calibration samples per session run, unless the model fixes its batch or the set is smaller
+
 AUTO_CANDIDATES = (("bn", "recal", "median"), ("lw", "recal", "median"), ("asr", "recal", "median"),
                    ("asr", "recal", "mean"), ("bn", "pre-bn", "median"), ("naive", "pre-bn", "median"),
                    ("lw", "pre-bn", "median"), ("asr", "pre-bn", "median"))
@@ -64,19 +66,23 @@ class Repair:
     Args:
         model: a path or an onnx.ModelProto. A path is read once and never written.
         device: "auto", "cpu" or "cuda". Defaults to "auto".
-        batch_size: calibration samples per session run. Defaults to 64. A model that fixes a batch under
-            8 is measured with a symbolic batch of min(batch_size, calibration samples) where shape
-            inference proves that safe (see :mod:`asr_onnx.batch`), else with its own batch.
+        batch_size: calibration samples per session run. Defaults to None: 64, or the calibration set's size
+            when that is smaller; only a batch size given here refuses a smaller calibration set. A model that
+            fixes a batch under 8 is measured with a symbolic batch of min(batch_size, calibration samples)
+            where shape inference proves that safe (see :mod:`asr_onnx.batch`), else with its own batch.
         progress: progress bars on a TTY. Defaults to True.
         threads: onnxruntime intra-op threads; 0 lets onnxruntime choose. Defaults to 0.
     """
 
-    def __init__(self, model, *, device: str = "auto", batch_size: int = 64, progress: bool = True, threads: int = 0):
+    def __init__(self, model, *, device: str = "auto", batch_size: int | None = None, progress: bool = True,
+                 threads: int = 0):
         self.source = None if isinstance(model, onnx.ModelProto) else Path(model)
         self.dense = model if self.source is None else load_model(self.source)
         self.device, self.progress, self.threads = device, progress, threads
         self.specs = input_specs(self.dense)
-        fixed, self.requested_batch = fixed_batch(self.specs), int(batch_size)
+        fixed = fixed_batch(self.specs)
+        self.requested_batch = int(DEFAULT_BATCH if batch_size is None else batch_size)
+        self._adapt_batch = not fixed and batch_size is None  # a default adapts to a small set (issue 17)
         self.batch_size = fixed or self.requested_batch
         if self.batch_size < 1 or self.requested_batch < 1:
             raise AsrError(f"batch size must be >= 1, got {batch_size}")
@@ -163,6 +169,8 @@ class Repair:
         return self
 
     def _check_size(self, calib) -> None:
+        if self._adapt_batch and len(calib) >= 1:
+            self.batch_size = min(DEFAULT_BATCH, len(calib))
         if len(calib) < self.batch_size:
             raise AsrError(f"the calibration set has {len(calib)} samples, fewer than the batch size {self.batch_size}")
 
@@ -305,8 +313,8 @@ class Repair:
             momentum: float = 0.1, lambda_rule="median", correct_head: bool = True, dense_stats=None,
             sequential: bool = False, fold_bn_nodes: bool = False, seed: int = 0,
             reference: str = DEFAULT_REFERENCE, reconstruct: str = "none", max_gram_mb: float = 256.0,
-            refit_passes: int = 0) -> "Repair":
-        """reconstruct -> measure -> correct (or auto) -> fold, after :meth:`prune`.
+            refit_passes: int = 0, guard: str = "off") -> "Repair":
+        """reconstruct -> measure -> correct (or auto) -> fold -> guard, after :meth:`prune`.
 
         Args:
             calib: the calibration set.
@@ -319,6 +327,8 @@ class Repair:
             seed: the seed of the calibration batches' order and of "auto"'s folds. Defaults to 0.
             reconstruct, max_gram_mb, refit_passes: as for :meth:`reconstruct` (``passes``). Defaults to
                 "none", 256 and 0.
+            guard: "fallback", "warn" or "off", as for :meth:`guard`. Defaults to "off" (the CLI's default
+                is "fallback").
         """
         self.reconstruct(calib, reconstruct, max_gram_mb=max_gram_mb, passes=refit_passes)
         if method == "none":
@@ -332,7 +342,28 @@ class Repair:
         else:
             self.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
                          correct_head=correct_head)
-        return self.fold(fold_bn_nodes)
+        self.fold(fold_bn_nodes)
+        if guard == "off":
+            self.settings.update(guard={"mode": "off", "held_out": 0, "kept": "repair"})
+            return self
+        return self.guard(calib, guard, seed=seed)
+
+    def guard(self, calib, mode: str = "fallback", *, seed: int = 0) -> "Repair":
+        """Scores the repair and pruning alone against the dense model on held-out calibration samples
+        (2-fold cross-fitting, see :mod:`asr_onnx.guard`); the verdict goes to ``settings["guard"]``.
+
+        Args:
+            calib: the calibration set the repair used (needs ``folds``, as a calib.CalibSet has).
+            mode: "fallback" keeps the pruned model when it scores better; "warn" only reports it; "off"
+                does nothing. Defaults to "fallback".
+            seed: the folds' seed. Defaults to 0.
+        """
+        from .guard import guard_repair
+
+        if self.output is None or not hasattr(calib, "folds"):
+            raise AsrError("the guard needs a finished repair and a calibration set that can be cut into folds")
+        guard_repair(self, calib, mode, seed=seed)
+        return self
 
     def auto(self, calib, *, folds: int = 4, seed: int = 0, recal: str = "exact", momentum: float = 0.1,
              correct_head: bool = True, candidates=AUTO_CANDIDATES, reference: str | None = None) -> "Repair":
@@ -369,11 +400,14 @@ class Repair:
                                   correct_head=correct_head).fold()
                     result = evaluate(probe.output, held, reference=self.dense, device=self.device, progress=False,
                                       reference_logits=dense_logits, per_sample=True)
-                    matches[i].append(result["matches"])
+                    # no agreement where it means nothing (a detector): every candidate ties on it
+                    no_top1 = result["matches"] is None
+                    matches[i].append(np.zeros(len(result["err2"])) if no_top1 else result["matches"])
                     err2[i].append(result["err2"])
                 ref2 += result["ref2"]  # the dense logits' norm: the same for every candidate
         matches, err2 = [np.concatenate(m) for m in matches], [np.concatenate(e) for e in err2]
-        scores = [{"method": method, "placement": placement, "lambda_rule": rule, "agreement": float(m.mean()),
+        scores = [{"method": method, "placement": placement, "lambda_rule": rule,
+                   "agreement": None if no_top1 else float(m.mean()),
                    "logit_rel_l2": logit_rel_l2(e, ref2)}
                   for (method, placement, rule), m, e in zip(candidates, matches, err2)]
         best = pick(scores, matches, err2)
@@ -428,8 +462,8 @@ class Repair:
                               batch_size=batch_size, device=self.device, progress=self.progress,
                               reference_logits=dense_logits)
         dense_top1 = None
-        if data.labels is not None:
-            dense_pred = np.concatenate(dense_logits).argmax(1)
+        if data.labels is not None and scores.get("top1") is not None:  # the first output is (N, classes)
+            dense_pred = np.concatenate([outputs[0] for outputs in dense_logits]).argmax(1)
             dense_top1 = float(np.mean(dense_pred == np.asarray(data.labels)[: len(dense_pred)]))
         self.evaluation = {"data": name or "given", "samples": scores["samples"], "top1": scores.get("top1"),
                            "dense_top1": dense_top1, "agreement": scores.get("agreement"),
@@ -478,7 +512,7 @@ class Repair:
 
 
 def repair(model, calib, *, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
-           keep_last: bool = False, batch_size: int = 64, device: str = "auto", progress: bool = True,
+           keep_last: bool = False, batch_size: int | None = None, device: str = "auto", progress: bool = True,
            threads: int = 0, **options) -> Repair:
     """Prunes and repairs a model in one call.
 

@@ -16,10 +16,12 @@ every batch concatenated. Defaults are Polygraphy's: atol = rtol = 1e-5, elemwis
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from .errors import AsrError
+from .output_kinds import PER_SAMPLE, agreement_kind, batch_axis, output_kinds, per_sample, top1_matches
 
 EPSILON = 2.220446049250313e-16
 ERROR_STATS = ("elemwise", "mean", "median", "max")
@@ -43,6 +45,10 @@ class OutputComparison:
     elements: int
     top1_agreement: float | None = None
     accuracy: dict = field(default_factory=dict)
+    batch_axis: int = 0
+    agreement_kind: str = ""
+    rel_l2: float | None = None
+    max_sample_rel_l2: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +67,8 @@ def _fails(value: float, tol: float) -> bool:
 
 
 def compare_arrays(name: str, candidate: np.ndarray, reference: np.ndarray, *, atol: float = 1e-5,
-                   rtol: float = 1e-5, check_error_stat: str = "elemwise", labels=None) -> OutputComparison:
+                   rtol: float = 1e-5, check_error_stat: str = "elemwise", labels=None, batch_axis: int = 0,
+                   how: str | None = "auto") -> OutputComparison:
     """Compares one output of the candidate with the reference's.
 
     Args:
@@ -69,7 +76,10 @@ def compare_arrays(name: str, candidate: np.ndarray, reference: np.ndarray, *, a
         candidate, reference: arrays of the same shape (all batches, concatenated).
         atol, rtol: Polygraphy's absolute and relative tolerances. Default 1e-5 each.
         check_error_stat: elemwise, mean, median or max. Default elemwise.
-        labels: optional int labels (N,), for the accuracy of 2-D outputs.
+        labels: optional int labels (N,), for the accuracy of (N, classes) outputs.
+        batch_axis: the axis that holds the samples. Defaults to 0.
+        how: where top-1 agreement means something: output_kinds.PER_SAMPLE, output_kinds.PER_STEP, or None (only
+            the relative error); "auto" (the default) takes a 2-D (N, classes) output for PER_SAMPLE.
 
     Raises:
         AsrError: different shapes, negative tolerances or an unknown statistic.
@@ -108,11 +118,22 @@ def compare_arrays(name: str, candidate: np.ndarray, reference: np.ndarray, *, a
         reason = f"every element within atol={atol:g} or rtol={rtol:g}"
     result = OutputComparison(name, list(a.shape), passed, reason, mismatches=mismatches, elements=int(bad.size),
                               **stats)
-    if a.ndim == 2 and a.shape[1] > 1 and a.dtype != bool:
-        top_a, top_b = a.argmax(1), b.argmax(1)
-        result.top1_agreement = float(np.mean(top_a == top_b)) if len(a) else None
-        if labels is not None and len(labels) == len(a):
+    if how == "auto":
+        how = PER_SAMPLE if a.ndim == 2 and a.shape[1 - batch_axis] > 1 else None
+        result.agreement_kind = how or "not (N, classes): only the relative error is reported"
+    else:
+        result.agreement_kind = how or "not (N, classes) nor per-step class scores: only the relative error"
+    result.batch_axis = batch_axis
+    if a.dtype != bool and a.size:
+        err2 = ((per_sample(a, batch_axis) - per_sample(b, batch_axis)) ** 2).sum(1)
+        ref2 = (per_sample(b, batch_axis) ** 2).sum(1)
+        result.rel_l2 = float(np.sqrt(err2.sum() / max(ref2.sum(), 1e-300)))
+        result.max_sample_rel_l2 = float(np.sqrt((err2 / np.maximum(ref2, 1e-300)).max()))
+    if how is not None and a.dtype != bool and a.shape[batch_axis]:
+        result.top1_agreement = float(top1_matches(a, b, batch_axis, how).mean())
+        if labels is not None and how == PER_SAMPLE and len(labels) == a.shape[batch_axis]:
             labels = np.asarray(labels)
+            top_a, top_b = per_sample(a, batch_axis).argmax(1), per_sample(b, batch_axis).argmax(1)
             result.accuracy = {"candidate": float(np.mean(top_a == labels)),
                                "reference": float(np.mean(top_b == labels))}
     return result
@@ -139,6 +160,11 @@ def run_both(candidate, reference, data, *, batch_size: int = 64, device: str = 
     else:
         raise AsrError(f"the models have different outputs: {names_a} and {names_b}")
     specs_a, specs_b = {i.name: i for i in sa.get_inputs()}, {i.name: i for i in sb.get_inputs()}
+    from .graph import load_model
+
+    kinds = {k.name: k for k in output_kinds(reference if not isinstance(reference, (str, Path)) else
+                                             load_model(reference))}
+    axes: dict = {}
     got_a = {n: [] for n, _ in pairs}
     got_b = {n: [] for n, _ in pairs}
     seen = 0
@@ -151,16 +177,26 @@ def run_both(candidate, reference, data, *, batch_size: int = 64, device: str = 
         feeds_b = {k: _as_input(v, specs_b[k]) for k, v in batch.items() if k in specs_b}
         out_a = dict(zip(names_a, sa.run(None, feeds_a)))
         out_b = dict(zip(names_b, sb.run(None, feeds_b)))
+        fed = len(next(iter(batch.values())))
         for na, nb in pairs:
             if out_a[na].shape != out_b[nb].shape:
                 raise AsrError(f"output {na} has shape {list(out_a[na].shape)} and the reference's {nb} "
                                f"{list(out_b[nb].shape)}: they cannot be compared")
             got_a[na].append(out_a[na])
             got_b[na].append(out_b[nb])
-        seen += len(next(iter(batch.values())))
+            if na not in axes:
+                axes[na] = batch_axis(kinds[nb], out_b[nb].shape, fed) if out_b[nb].ndim else None
+        seen += fed
     if seen == 0:
         raise AsrError("no samples to compare")
-    return ({n: np.concatenate(v) for n, v in got_a.items()}, {n: np.concatenate(v) for n, v in got_b.items()})
+    layout = {na: (axes[na], kinds[nb]) for na, nb in pairs}
+    joined_a = {n: _join(v, axes[n]) for n, v in got_a.items()}
+    return joined_a, {n: _join(v, axes[n]) for n, v in got_b.items()}, layout
+
+
+def _join(arrays: list, axis: int | None) -> np.ndarray:
+    """Batches joined along their batch axis (a scalar output: stacked)."""
+    return np.stack(arrays) if axis is None else np.concatenate(arrays, axis=axis)
 
 
 def _as_input(array, spec):
@@ -187,13 +223,19 @@ def compare_models(candidate, reference, data, *, atol: float = 1e-5, rtol: floa
     for name, value in (("atol", atol), ("rtol", rtol)):
         if not value >= 0:  # NaN fails this too
             raise AsrError(f"{name} must be a number >= 0, got {value}")
-    out_a, out_b = run_both(candidate, reference, data, batch_size=batch_size, device=device, limit=limit)
+    out_a, out_b, layout = run_both(candidate, reference, data, batch_size=batch_size, device=device, limit=limit)
     labels = getattr(data, "labels", None)
-    samples = len(next(iter(out_a.values())))
+    axis0, _ = layout[next(iter(out_a))]
+    samples = out_a[next(iter(out_a))].shape[axis0 or 0]
     if labels is not None:
         labels = np.asarray(labels)[:samples]
-    results = [compare_arrays(name, out_a[name], out_b[name], atol=atol, rtol=rtol,
-                              check_error_stat=check_error_stat, labels=labels) for name in out_a]
+    results = []
+    for name in out_a:
+        axis, kind = layout[name]
+        axis = 0 if axis is None else axis
+        how = agreement_kind(kind, out_b[name].shape, axis)[0] if out_b[name].ndim else None
+        results.append(compare_arrays(name, out_a[name], out_b[name], atol=atol, rtol=rtol,
+                                      check_error_stat=check_error_stat, labels=labels, batch_axis=axis, how=how))
     return {
         "passed": all(r.passed for r in results),
         "samples": samples,
@@ -214,8 +256,12 @@ def format_comparison(result: dict) -> str:
         lines.append(f"  rel error max {r['max_reldiff']:.4g} mean {r['mean_reldiff']:.4g} "
                      f"median {r['median_reldiff']:.4g}")
         lines.append(f"  elements exceeding both tolerances: {r['mismatches']} of {r['elements']}")
-        if r["top1_agreement"] is not None:
-            line = f"  top-1 agreement {r['top1_agreement']:.4f}"
+        if r["rel_l2"] is not None:
+            lines.append(f"  relative L2 error {r['rel_l2']:.4g} (worst sample {r['max_sample_rel_l2']:.4g})")
+        if r["top1_agreement"] is None:
+            lines.append(f"  no top-1 agreement: {r['agreement_kind']}")
+        else:
+            line = f"  top-1 agreement {r['top1_agreement']:.4f} {r['agreement_kind']}"
             if r["accuracy"]:
                 line += (f"; accuracy {r['accuracy']['candidate']:.4f} (reference "
                          f"{r['accuracy']['reference']:.4f})")

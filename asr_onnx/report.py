@@ -138,6 +138,10 @@ def summary(report: dict, width: int = 100) -> str:
     ]
     if s.get("auto"):
         lines.extend(_auto_lines(s["auto"]))
+    if s.get("guard", {}).get("verdict"):
+        lines.extend(_guard_lines(s["guard"]))
+    elif s.get("guard", {}).get("skipped"):
+        lines.append(f"guard skipped: {s['guard']['skipped']}")
     skipped = [layer for layer in report["layers"] if not layer["pruned"]]
     lines.append(f"layers: {len(report['layers'])} prunable, {len(skipped)} left dense")
     for layer in skipped[:5]:
@@ -197,6 +201,17 @@ def _auto_lines(auto: dict) -> list[str]:
              f"  {'candidate':<28} {'agreement':>9} {'logit err':>9}  tied"]
     for c in auto["candidates"]:
         mark = "  <- picked" if c == picked else ""
-        lines.append(f"  {name(c):<28} {100 * c['agreement']:>8.1f}% {c['logit_rel_l2']:>9.3f}  "
+        agreement = "-" if c["agreement"] is None else f"{100 * c['agreement']:.1f}%"
+        lines.append(f"  {name(c):<28} {agreement:>9} {c['logit_rel_l2']:>9.3f}  "
                      f"{'yes' if c['tied'] else 'no':<4}{mark}".rstrip())
     return lines + textwrap.wrap(f"rule: {auto['reason']}", 96, initial_indent="  ", subsequent_indent="    ")
+
+
+def _guard_lines(guard: dict) -> list[str]:
+    """The guard's verdict, what it kept and cost, then both held-out scores."""
+    def score(entry):
+        agree = "" if entry["agreement"] is None else f"agreement {100 * entry['agreement']:.1f}%, "
+        return f"{agree}rel err {entry['logit_rel_l2']:.4g}"
+
+    return [f"guard ({guard['mode']}, {guard['held_out']} held-out samples): {guard['verdict']}, kept {guard['kept']}"
+            f" ({guard['cost_s']:.2f}s)", f"  repair {score(guard['repair'])}; pruning alone {score(guard['pruned'])}"]

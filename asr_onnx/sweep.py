@@ -78,7 +78,7 @@ class SweepResult:
 RESULT_FILES = ("results.json", "results.md")
 
 
-def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None = None, batch_size: int = 64,
+def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None = None, batch_size: int | None = None,
               device: str = "auto", progress: bool = True, dense_stats=None, on_row=None,
               watch: bool = True, watch_site: str | None = None) -> SweepResult:
     """Runs every cell of ``grid`` on one model.
@@ -89,7 +89,7 @@ def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None 
         eval_data: evaluation CalibSet (labels give top-1; agreement with the dense model is always given).
         grid: the axes. Defaults to Grid().
         name: the model's name in the rows. Defaults to the file name.
-        batch_size: calibration batch size. Defaults to 64.
+        batch_size: calibration batch size. Defaults to None (64, or the set's size when smaller).
         device: "auto", "cpu" or "cuda". Defaults to "auto".
         progress: progress bars on a TTY. Defaults to True.
         dense_stats: cached dense statistics. Defaults to None (measured once here).
@@ -210,7 +210,8 @@ def variance_ratio(job) -> float:
 
 def _cell(row) -> str:
     top1 = f"{100 * row['top1']:.2f}" if row.get("top1") is not None else "-"
-    return f"{top1} ({100 * row['agreement']:.1f})"
+    agreement = "-" if row.get("agreement") is None else f"{100 * row['agreement']:.1f}"  # None: not a classifier
+    return f"{top1} ({agreement})"
 
 
 def markdown(result: SweepResult) -> str:

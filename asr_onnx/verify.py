@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AsrError
+from .output_kinds import PER_SAMPLE
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 NAMED_DATA = {
@@ -31,10 +32,9 @@ def resolve_data(path) -> Path:
     return resolved
 
 
-def _run(session, feed: dict) -> np.ndarray:
-    """The first output, as float64 logits (N, classes)."""
-    out = session.run([session.get_outputs()[0].name], feed)[0]
-    return out.reshape(out.shape[0], -1).astype(np.float64)
+def _run(session, feed: dict) -> list[np.ndarray]:
+    """Every output of one run, in graph order."""
+    return session.run(None, feed)
 
 
 def logit_rel_l2(err2: np.ndarray, ref2: float) -> float:
@@ -44,7 +44,12 @@ def logit_rel_l2(err2: np.ndarray, ref2: float) -> float:
 
 def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str = "auto", progress: bool = True,
              reference_logits: list | None = None, per_sample: bool = False) -> dict:
-    """Top-1 accuracy (when ``data`` has labels) and, with a reference, agreement and logit error.
+    """Top-1 accuracy (when ``data`` has labels) and, with a reference, agreement and relative error.
+
+    Each output's batch axis is found from its declared dims or from the batch fed (see
+    :mod:`asr_onnx.output_kinds`), so that a time-first output (T, N, C) counts N samples. Top-1 accuracy and
+    agreement are reported only where the first output is (N, classes), or per step where it is per-step
+    class scores (N, T, classes); otherwise they are None and ``agreement_kind`` says why.
 
     Args:
         model: onnx.ModelProto or a path.
@@ -54,55 +59,69 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
         device: "auto", "cpu" or "cuda". Defaults to "auto".
         progress: a progress bar on a TTY. Defaults to True.
         reference_logits: a list to fill with (or, when full, reuse as) the reference's per-batch
-            logits, so that a sweep runs the dense model once. Defaults to None.
-        per_sample: also return, with a reference, which samples agree ("matches"), each sample's squared
-            logit error ("err2") and the reference's squared norm summed ("ref2"), so that folds can be
-            pooled. Defaults to False.
+            outputs, so that a sweep runs the dense model once. Defaults to None.
+        per_sample: also return, with a reference, each sample's agreement ("matches": 0/1, or the fraction
+            of steps that agree; None where agreement means nothing), each sample's squared error summed
+            over every output ("err2") and the reference's squared norm summed ("ref2"), so that folds can
+            be pooled. Defaults to False.
 
     Returns:
-        {"samples", "top1"?, "agreement"?, "logit_rel_l2"?, "matches"?, "err2"?, "ref2"?}.
+        {"samples", "top1"?, "agreement"?, "agreement_kind"?, "logit_rel_l2"?, "max_rel_l2"?, "matches"?,
+        "err2"?, "ref2"?}: "logit_rel_l2" is the relative L2 error of all outputs (the logits, for a
+        classifier), "max_rel_l2" the worst sample's.
     """
-    from .graph import fixed_batch, input_specs
+    from .graph import fixed_batch, input_specs, load_model
+    from .output_kinds import agreement_kind, batch_axis, output_kinds, top1_matches
+    from .output_kinds import per_sample as flat
     from .progress import bar
     from .runtime import make_session
 
-    session = make_session(model, device)
-    specs = input_specs(model) if not isinstance(model, (str, Path)) else None
-    batch_size = (fixed_batch(specs) if specs else None) or batch_size
+    proto = load_model(model) if isinstance(model, (str, Path)) else model
+    session = make_session(proto, device)
+    kinds = output_kinds(proto)
+    batch_size = fixed_batch(input_specs(proto)) or batch_size
     ref_session = None
     if reference is not None and not reference_logits:
         ref_session = make_session(reference, device)
+    compare = reference is not None or bool(reference_logits)
     labels = data.labels
     correct = seen = 0
-    ref2 = 0.0
-    matches, err2 = [], []
+    how, why = None, ""
+    matches, err2, ref2_each = [], [], []
     batches = bar(data.batches(batch_size), total=-(-len(data) // batch_size), desc="eval", enabled=progress)
     for i, feed in enumerate(batches):
-        logits = _run(session, feed)
-        n = len(logits)
-        if labels is not None:
-            correct += int((logits.argmax(1) == labels[seen : seen + n]).sum())
-        if reference is not None or reference_logits:
+        n = len(next(iter(feed.values())))
+        outs = _run(session, feed)
+        axes = [batch_axis(k, out.shape, n) for k, out in zip(kinds, outs)]
+        if i == 0:
+            how, why = agreement_kind(kinds[0], outs[0].shape, axes[0])
+        if labels is not None and how == PER_SAMPLE:
+            correct += int((flat(outs[0], axes[0]).argmax(1) == labels[seen : seen + n]).sum())
+        if compare:
             if ref_session is not None:
-                ref = _run(ref_session, feed)
+                refs = _run(ref_session, feed)
                 if reference_logits is not None:
-                    reference_logits.append(ref)
+                    reference_logits.append(refs)
             else:
-                ref = reference_logits[i]
-            if ref.shape != logits.shape:
-                raise AsrError(f"the model's first output gives {logits.shape[1]} values per sample and the "
-                               f"reference's {ref.shape[1]}: they cannot be compared")
-            matches.append(logits.argmax(1) == ref.argmax(1))
-            err2.append(((logits - ref) ** 2).sum(1))
-            ref2 += float((ref**2).sum())
+                refs = reference_logits[i]
+            if [r.shape for r in refs] != [out.shape for out in outs]:
+                raise AsrError(f"the model's outputs have shapes {[list(out.shape) for out in outs]} and the "
+                               f"reference's {[list(r.shape) for r in refs]}: they cannot be compared")
+            floats = [j for j, out in enumerate(outs) if np.issubdtype(out.dtype, np.floating)]
+            err2.append(sum(((flat(outs[j], axes[j]) - flat(refs[j], axes[j])) ** 2).sum(1) for j in floats))
+            ref2_each.append(sum((flat(refs[j], axes[j]) ** 2).sum(1) for j in floats))
+            if how is not None:
+                matches.append(top1_matches(outs[0], refs[0], axes[0], how))
         seen += n
     result = {"samples": seen}
     if labels is not None:
-        result["top1"] = correct / seen
-    if reference is not None or reference_logits:
-        matches, err2 = np.concatenate(matches), np.concatenate(err2)
-        result["agreement"] = int(matches.sum()) / seen
-        result["logit_rel_l2"] = logit_rel_l2(err2, ref2)
+        result["top1"] = correct / seen if how == PER_SAMPLE else None
+    if compare:
+        err2, ref2_each = np.concatenate(err2), np.concatenate(ref2_each)
+        matches = np.concatenate(matches) if how is not None else None
+        result.update(agreement=None if matches is None else float(matches.mean()),
+                      agreement_kind=how or why, logit_rel_l2=logit_rel_l2(err2, float(ref2_each.sum())),
+                      max_rel_l2=float(np.sqrt((err2 / np.maximum(ref2_each, 1e-300)).max())))
         if per_sample:
-            result.update(matches=matches, err2=err2, ref2=ref2)
+            result.update(matches=matches, err2=err2, ref2=float(ref2_each.sum()))
     return result

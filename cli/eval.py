@@ -36,8 +36,18 @@ def eval_command(model, data_path, reference, limit, batch_size, device, as_json
         click.echo(json.dumps(result))
         return
     parts = [f"samples {result['samples']}"]
-    if "top1" in result:
+    if result.get("top1") is not None:
         parts.append(f"top-1 {100 * result['top1']:.2f}%")
-    if "agreement" in result:
-        parts.append(f"agreement {100 * result['agreement']:.2f}%  logit rel-L2 {result['logit_rel_l2']:.4f}")
+    if ref is not None:
+        if result["agreement"] is not None:
+            parts.append(f"agreement {100 * result['agreement']:.2f}% {result['agreement_kind']}")
+        parts.append(f"rel-L2 {result['logit_rel_l2']:.4f} (worst sample {result['max_rel_l2']:.4f})")
     click.echo("  ".join(parts))
+    if ref is not None and result["agreement"] is None:
+        click.echo(f"no agreement: {result['agreement_kind']}")
+    elif labels_unused(result):
+        click.echo("no top-1 accuracy: the output is not (N, classes)")
+
+
+def labels_unused(result: dict) -> bool:
+    return "top1" in result and result["top1"] is None

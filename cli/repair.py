@@ -45,7 +45,8 @@ def default_output(model: str) -> Path:
 @click.option("--keep-first", is_flag=True, help="Leave the first prunable layer dense.")
 @click.option("--keep-last", is_flag=True, help="Leave the last prunable layer dense.")
 @click.option("--calib-size", default=1024, show_default=True, type=COUNT, help="Calibration samples to use.")
-@click.option("--batch-size", default=64, show_default=True, type=COUNT)
+@click.option("--batch-size", type=COUNT,
+              help="Calibration samples per run. Default: 64, or the calibration set's size when smaller.")
 @click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE, help="Seed of the calibration subset and of its batch order.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--threads", default=0, show_default=True, type=NON_NEGATIVE,
@@ -55,6 +56,10 @@ def default_output(model: str) -> Path:
 @click.option("--sequential", is_flag=True,
               help="Exact layer-by-layer recalibration: one calibration pass per depth of sites (slower).")
 @click.option("--fold-bn", is_flag=True, help="Fold every BatchNormalization into its Conv after recalibration.")
+@click.option("--guard", "guard_mode", default="fallback", show_default=True,
+              type=click.Choice(["fallback", "warn", "off"]),
+              help="Score the repair and pruning alone on held-out calibration samples; fallback keeps the "
+                   "pruned model when it is better, warn only says so.")
 @click.option("--fp16", is_flag=True, help="Cast weights and arithmetic to float16; float I/O stays float32. "
               "Checked against float32 on the calibration data first.")
 @click.option("--fp16-io", is_flag=True, help="With --fp16 (implied), make float inputs and outputs float16 too.")
@@ -68,12 +73,13 @@ def default_output(model: str) -> Path:
 @preprocess_options
 def repair_command(model, calib_path, output, sparsity, pattern, allocation, score, reconstruct, max_gram_mb, method,
                    placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
-                   batch_size, seed, device, threads, no_head, sequential, fold_bn, fp16, fp16_io, stats_path,
-                   report_path, eval_path, eval_size, overwrite, quiet, **preprocess):
+                   batch_size, seed, device, threads, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io,
+                   stats_path, report_path, eval_path, eval_size, overwrite, quiet, **preprocess):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.api import Repair
     from asr_onnx.cache import load_stats, stats_key
     from asr_onnx.errors import AsrError
+    from asr_onnx.guard import warning_line
     from asr_onnx.outputs import Plan
     from asr_onnx.prune import Pattern, check_sparsity
     from asr_onnx.report import report_format, summary, write_report
@@ -111,7 +117,11 @@ def repair_command(model, calib_path, output, sparsity, pattern, allocation, sco
     job.prune(sparsity, pattern, exclude, keep_first, keep_last, allocation, score, calib)
     job.run(calib, method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
             correct_head=not no_head, dense_stats=dense_stats, sequential=sequential, fold_bn_nodes=fold_bn,
-            seed=seed, reference=reference, reconstruct=reconstruct, max_gram_mb=max_gram_mb)
+            seed=seed, reference=reference, reconstruct=reconstruct, max_gram_mb=max_gram_mb,
+            guard=guard_mode if method != "none" else "off")
+    warning = warning_line(job.settings.get("guard", {}))
+    if warning:
+        click.echo(warning, err=True)
     if half:
         job.to_fp16(keep_io=not fp16_io, calib=calib)
     if eval_path:

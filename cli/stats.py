@@ -12,7 +12,8 @@ from .common import COUNT, NON_NEGATIVE, open_data, preprocess_options, say
 @click.option("--calib", "calib_path", required=True, help="Calibration data, as for `repair`.")
 @click.option("-o", "--output", required=True, help="The .npz file to write.")
 @click.option("--calib-size", default=1024, show_default=True, type=COUNT)
-@click.option("--batch-size", default=64, show_default=True, type=COUNT)
+@click.option("--batch-size", type=COUNT,
+              help="Calibration samples per run. Default: 64, or the calibration set's size when smaller.")
 @click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("-q", "--quiet", is_flag=True)

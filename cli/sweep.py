@@ -30,7 +30,8 @@ def parse_regimes(recal: str, placement: str) -> tuple:
 @click.option("--no-head", is_flag=True, help="Leave the classifier head uncorrected, as REFLOW does.")
 @click.option("--calib-size", default=1024, show_default=True, type=COUNT)
 @click.option("--eval-size", type=COUNT, help="Evaluate on a seeded subset of this size. Default: all.")
-@click.option("--batch-size", default=64, show_default=True, type=COUNT)
+@click.option("--batch-size", type=COUNT,
+              help="Calibration samples per run. Default: 64, or the calibration set's size when smaller.")
 @click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--stats", "stats_path", type=click.Path(), help="Dense statistics from `asr-onnx stats`.")
@@ -70,8 +71,9 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
     def show(row):
         if not quiet:
             top1 = f"{100 * row['top1']:.2f}%" if row.get("top1") is not None else "-"
+            agreement = f"{100 * row['agreement']:.1f}%" if row.get("agreement") is not None else "-"
             say(f"{row['pattern']:>7} {row['sparsity'] or '-':>5} {row['recal']:>8} {row['placement']:>6} "
-                       f"{row['method']:>5}  top-1 {top1}  agreement {100 * row['agreement']:.1f}%  "
+                       f"{row['method']:>5}  top-1 {top1}  agreement {agreement}  "
                        f"repair {row['repair_s']:.2f}s")
 
     result = run_sweep(model, calib, eval_data, grid, batch_size=batch_size, device=device, progress=not quiet,

@@ -42,7 +42,9 @@ def test_repair_writes_the_page_by_extension(repaired):
     scores = report["eval"]
     assert scores["samples"] == 300 and scores["data"].endswith("eval.npz")
     assert 0 <= scores["top1"] <= 1 and 0 <= scores["agreement"] <= 1 and scores["dense_top1"] > 0.8
-    assert f"{100 * scores['top1']:.2f}%" in page and "Not run: this report has no guard verdict." in page
+    assert f"{100 * scores['top1']:.2f}%" in page
+    guard = report["settings"]["guard"]  # the CLI's default guard ran
+    assert f'<p class="verdict">{guard["verdict"]}: kept {guard["kept"]}</p>' in page
 
 
 def test_eval_matches_an_independent_evaluation():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
 from models import conv_net, random_inputs
@@ -573,6 +574,69 @@ def one_layer(kind: str):
 
 
 ONE_LAYER = ("conv", "depthwise", "conv_valid", "gemm", "gemm_t0", "matmul")
+
+
+# ---------------------------------------------------------------- 15. output layouts (issue 17)
+
+
+def time_first_recogniser(batch="N", steps=8, classes=6):
+    """A CTC-style recogniser: 1x1 Convs over a (N, 3, 1, T) strip, then time first (T, N, classes) through
+    a MatMul and a LogSoftmax over the classes, as a CRNN exporter writes it. ``batch``: "N" or 1."""
+    g = G(21)
+    h = g.relu(g.conv("input", 3, 8, k=1, pads=[0, 0, 0, 0]))
+    seq = g.node("Transpose", [g.node("Squeeze", [h, g.init("axis", [2], np.int64)])], perm=[2, 0, 1])
+    logits = g.node("MatMul", [seq, g.init("fc", g.weight((8, classes), 8))])
+    out = g.node("LogSoftmax", [logits], axis=-1)
+    model = g.model([("input", [batch, 3, 1, steps], None)], out, out_shape=["T", batch, classes])
+    return model, {"input": _feed((3, 1, steps), seed=21)}
+
+
+def time_first_oracle(model, x):
+    """numpy's forward pass of :func:`time_first_recogniser`: (T, N, classes) log-probabilities."""
+    w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    conv_w, conv_b, fc = (next(v for n, v in w.items() if n.startswith(hint)) for hint in ("w", "b", "fc"))
+    h = np.maximum(np.einsum("oc,nct->not", conv_w[:, :, 0, 0], x[:, :, 0, :]) + conv_b[None, :, None], 0)
+    logits = np.einsum("nct,ck->tnk", h, fc)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def detector_head(channels=22, size=8):
+    """A detector-like output: a 1x1 Conv head reshaped to (N, channels, H*W), boxes and scores mixed."""
+    g = G(22)
+    h = g.relu(g.conv(g.bn(g.conv("input", 3, 8), 8), 8, 8))
+    head = g.conv(h, 8, channels, k=1, pads=[0, 0, 0, 0])
+    out = g.node("Reshape", [head, g.init("shape", [0, channels, -1], np.int64)])
+    model = g.model([("input", ["N", 3, size, size], None)], out, out_shape=["N", channels, size * size])
+    return model, {"input": random_inputs(N)}
+
+
+
+def bn_with_statistics(stale: bool, n=96, seed=23):
+    """Two Conv+BN+Relu blocks and a head, whose BN running statistics are the dense model's own on its
+    calibration samples (``stale=False``), or, for the first BN, far from them (``stale=True``: variance x9,
+    mean shifted by two standard deviations), as after training on other data. Restoring a stale BN's
+    running statistics moves the repaired model away from the dense one."""
+    g = G(seed)
+    first = g.conv("input", 3, 8)
+    a = g.relu(g.bn(first, 8))
+    second = g.conv(a, 8, 8)
+    out = g.head(g.relu(g.bn(second, 8)), 8)
+    model = g.model([("input", ["N", 3, 8, 8], None)], out)
+    x = random_inputs(n, seed=seed)
+    for conv in (first, second):  # measured in order: the second BN's input depends on the first's statistics
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.append(helper.make_tensor_value_info(conv, TensorProto.FLOAT, None))
+        pre = onnxruntime.InferenceSession(probe.SerializeToString()).run([conv], {"input": x})[0].astype(np.float64)
+        mean, var = pre.mean((0, 2, 3)), pre.var((0, 2, 3))
+        if stale and conv == first:
+            mean, var = mean + 2 * np.sqrt(var), 9 * var
+        bn = next(node for node in model.graph.node if node.op_type == "BatchNormalization" and node.input[0] == conv)
+        inits = {t.name: t for t in model.graph.initializer}
+        inits[bn.input[3]].CopyFrom(numpy_helper.from_array(mean.astype(np.float32), bn.input[3]))
+        inits[bn.input[4]].CopyFrom(numpy_helper.from_array(var.astype(np.float32), bn.input[4]))
+    return model, {"input": x}
 
 
 CLASSES = {

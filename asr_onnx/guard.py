@@ -1,0 +1,122 @@
+"""The guard: is the repair better than pruning alone, on calibration samples it did not see?
+
+Cross-fitted like ``auto``: the calibration set is cut into two halves; each half is held out in turn
+while the same repair is fitted on the other half. Every sample is then scored once for the repaired
+and once for the pruning-only model against the dense one: top-1 agreement where it means something
+(see :mod:`asr_onnx.output_kinds`), and the relative L2 error of all outputs. A fit on half the set is a
+little weaker than the final fit on all of it, so the guard leans towards pruning alone, never
+towards the repair.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .errors import AsrError
+
+GUARD_MODES = ("fallback", "warn", "off")
+FOLDS = 2
+Z = 2.0  # paired standard errors a difference must exceed to count
+
+
+def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
+    """Scores ``job``'s repair against pruning alone on held-out calibration samples.
+
+    The repair refitted on each fit half is the one ``job`` ran (for ``auto``, the candidate it picked on
+    the whole set). With ``fallback`` and a verdict of "pruning alone better", ``job.output`` becomes the pruned model
+    (the held-out evidence is for the whole model, not for each site, so the choice is made as a whole).
+
+    Args:
+        job: a Repair after ``run`` (its output folded); its settings name the method and options.
+        calib: the calibration set the repair used (needs ``folds``).
+        mode: "fallback", "warn" or "off". Defaults to "fallback".
+        seed: the folds' seed. Defaults to 0.
+
+    Returns:
+        the report's ``settings["guard"]`` entry (also stored there).
+
+    Raises:
+        AsrError: an unknown mode.
+    """
+    from .api import Repair
+    from .graph import fixed_batch
+    from .recal import DEFAULT_REFERENCE
+    from .verify import evaluate, logit_rel_l2
+
+    if mode not in GUARD_MODES:
+        raise AsrError(f"unknown guard mode {mode!r}; choose one of {', '.join(GUARD_MODES)}")
+    fixed = fixed_batch(job.specs) or 1
+    skipped = (f"{len(calib)} calibration samples are too few to hold any out" if len(calib) < 2 * FOLDS * fixed
+               else f"held-out parts of a model with a fixed batch of {fixed} are not supported" if fixed > 1 else None)
+    if mode == "off" or skipped:
+        entry = {"mode": mode, "held_out": 0, "kept": "repair"}
+        if mode != "off":
+            entry["skipped"] = skipped
+        job.settings["guard"] = entry
+        return entry
+    s = job.settings
+    method = s["auto"]["picked"]["method"] if s.get("method") == "auto" else s["method"]
+    options = {key: s[key] for key in ("placement", "recal", "momentum", "lambda_rule", "correct_head")}
+    start = time.perf_counter()
+    scored = {"repair": ([], []), "pruned": ([], [])}
+    ref2 = 0.0
+    for fit, held in calib.folds(FOLDS, seed):
+        probe = Repair(job.dense, device=job.device, batch_size=min(job.requested_batch, len(fit)), progress=False,
+                       threads=job.threads)
+        probe.pruned, probe.source = job.pruned, job.source
+        probe.measure(fit, sequential=s.get("sequential", False), seed=seed,
+                      reference=s.get("reference", DEFAULT_REFERENCE)).correct(method, **options).fold()
+        dense_outputs: list = []
+        for name, model in (("repair", probe.output), ("pruned", job.pruned)):
+            result = evaluate(model, held, reference=job.dense, device=job.device, progress=False,
+                              reference_logits=dense_outputs, batch_size=job.batch_size, per_sample=True)
+            scored[name][0].append(result["matches"])
+            scored[name][1].append(result["err2"])
+        ref2 += result["ref2"]
+    has_top1 = all(m is not None for k in scored for m in scored[k][0])
+    matches = [np.concatenate(scored[k][0]) if has_top1 else np.zeros(len(calib)) for k in scored]
+    errors = [np.concatenate(scored[k][1]) for k in scored]
+    scores = [{"agreement": float(m.mean()) if has_top1 else None, "logit_rel_l2": logit_rel_l2(e, ref2)}
+              for m, e in zip(matches, errors)]
+    verdict = _verdict(matches[0] - matches[1], errors[1] - errors[0]) if has_top1 else \
+        _verdict(np.zeros(1), errors[1] - errors[0])
+    kept = "pruned" if mode == "fallback" and verdict == "pruning alone better" else "repair"
+    if kept == "pruned":
+        job.output, job.written = job.pruned, {}
+    entry = {"mode": mode, "held_out": len(calib), "folds": FOLDS, "repair": scores[0], "pruned": scores[1],
+             "verdict": verdict, "kept": kept, "cost_s": round(time.perf_counter() - start, 4),
+             "rule": f"held out by {FOLDS}-fold cross-fitting; top-1 agreement first (where it means "
+                     f"something), then each sample's squared error over all outputs; a difference counts past "
+                     f"{Z:g} paired standard errors; a tie on both keeps the repair"}
+    job.settings["guard"] = entry
+    job.timings["guard"] = job.timings.get("guard", 0.0) + entry["cost_s"]
+    return entry
+
+
+def _verdict(top1_gain, err2_gain) -> str:
+    """Agreement first, then squared error: each per-sample gain of the repair over pruning alone counts
+    only past ``Z`` paired standard errors (a fallback discards the repair, so noise must not trigger it)."""
+    for gain in (top1_gain, err2_gain):
+        se = gain.std() / np.sqrt(max(len(gain), 1))
+        if gain.mean() > Z * se and gain.mean() > 0:
+            return "repair better"
+        if gain.mean() < -Z * se and gain.mean() < 0:
+            return "pruning alone better"
+    return "tie"
+
+
+def warning_line(entry: dict) -> str | None:
+    """One line when the repair scored worse than pruning alone on held-out samples (or the guard could
+    not run), else None."""
+    if entry.get("skipped"):
+        return f"warning: the guard did not run: {entry['skipped']}"
+    if entry.get("verdict") != "pruning alone better":
+        return None
+    r, p = entry["repair"], entry["pruned"]
+    then = "kept the pruned model (--guard fallback)" if entry["kept"] == "pruned" else "kept the repair (--guard warn)"
+    agree = "" if r["agreement"] is None else \
+        f", agreement {100 * r['agreement']:.1f}% against {100 * p['agreement']:.1f}%"
+    return (f"warning: on {entry['held_out']} held-out calibration samples the repair is worse than pruning alone "
+            f"(relative error {r['logit_rel_l2']:.4g} against {p['logit_rel_l2']:.4g}{agree}); {then}")

@@ -1,0 +1,118 @@
+"""The guard (issue 17, point 2): the repair scored against pruning alone on held-out calibration samples,
+checked against an oracle: both models evaluated on fresh samples the guard never saw. And point 4: a
+default batch size adapts to a small calibration set."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import zoo
+
+from asr_onnx.api import Repair
+from asr_onnx.calib import load_calib
+from asr_onnx.graph import input_specs
+from asr_onnx.verify import evaluate
+from asr_onnx_cli.main import main
+
+KEYS = {"mode", "held_out", "repair", "pruned", "verdict", "kept", "cost_s"}
+
+
+def _set(folder, name, model, x):
+    np.save(folder / f"{name}.npy", x)
+    return load_calib(folder / f"{name}.npy", input_specs(model))
+
+
+def _fresh_errors(job, model, tmp_path):
+    """The oracle: relative error against dense of the unguarded repair and of pruning alone, on new samples."""
+    fresh = _set(tmp_path, "fresh", model, zoo.random_inputs(200, seed=99))
+    return [evaluate(m, fresh, reference=model, device="cpu", progress=False)["logit_rel_l2"] for m in job]
+
+
+def test_the_guard_catches_a_repair_worse_than_pruning_alone_and_falls_back(tmp_path):
+    dense, feeds = zoo.bn_with_statistics(stale=True)
+    calib = _set(tmp_path, "calib", dense, feeds["input"])
+    warned = Repair(dense, device="cpu", progress=False).prune(0.3).run(calib, "bn", guard="warn")
+    kept = Repair(dense, device="cpu", progress=False).prune(0.3).run(calib, "bn", guard="fallback")
+    repair_err, pruned_err = _fresh_errors([warned.output, warned.pruned], dense, tmp_path)
+    assert repair_err > 2 * pruned_err  # the oracle: on fresh samples the repair is clearly worse
+    entry = kept.settings["guard"]
+    assert KEYS <= set(entry) and entry["held_out"] == len(calib) and entry["cost_s"] > 0
+    assert entry["verdict"] == "pruning alone better" and entry["kept"] == "pruned"
+    assert entry["repair"]["logit_rel_l2"] > entry["pruned"]["logit_rel_l2"]
+    assert kept.output.SerializeToString() == kept.pruned.SerializeToString()
+    assert warned.settings["guard"]["verdict"] == "pruning alone better"
+    assert warned.settings["guard"]["kept"] == "repair" and warned.output is not warned.pruned
+
+
+def test_the_guard_keeps_a_repair_that_is_better(tmp_path):
+    dense, feeds = zoo.bn_with_statistics(stale=False)
+    calib = _set(tmp_path, "calib", dense, feeds["input"])
+    job = Repair(dense, device="cpu", progress=False).prune(0.7).run(calib, "bn", guard="fallback")
+    repair_err, pruned_err = _fresh_errors([job.output, job.pruned], dense, tmp_path)
+    assert repair_err < pruned_err / 2  # the oracle
+    entry = job.settings["guard"]
+    assert entry["verdict"] == "repair better" and entry["kept"] == "repair" and job.output is not job.pruned
+    assert entry["repair"]["agreement"] > entry["pruned"]["agreement"]
+
+
+def test_the_guard_on_a_detector_scores_the_relative_error_only(tmp_path):
+    dense, feeds = zoo.detector_head()
+    calib = _set(tmp_path, "calib", dense, feeds["input"])
+    entry = Repair(dense, device="cpu", progress=False).prune(0.5).run(calib, "bn", guard="warn").settings["guard"]
+    assert entry["repair"]["agreement"] is None and entry["pruned"]["agreement"] is None
+    assert entry["verdict"] in ("repair better", "pruning alone better", "tie")
+    assert entry["repair"]["logit_rel_l2"] > 0 and entry["pruned"]["logit_rel_l2"] > 0
+
+
+def test_cli_warns_in_one_line_and_reports_the_guard(tmp_path, capsys):
+    dense, feeds = zoo.bn_with_statistics(stale=True)
+    onnx.save(dense, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", feeds["input"])
+    argv = ["repair", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"), "--sparsity", "0.3",
+            "--device", "cpu", "-q"]
+    assert main(argv + ["-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ") and "pruning alone" in line]
+    assert len(warnings) == 1 and "kept the pruned model" in warnings[0]
+    guard = json.loads((tmp_path / "r.json").read_text())["settings"]["guard"]
+    assert guard["mode"] == "fallback" and guard["kept"] == "pruned"  # the CLI's default
+    assert main(argv + ["-o", str(tmp_path / "off.onnx"), "--guard", "off"]) == 0
+    assert "pruning alone" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given", [None, "64"])
+def test_a_default_batch_size_adapts_to_a_small_calibration_set(tmp_path, capsys, given):
+    dense, feeds = zoo.bn_with_statistics(stale=False)
+    onnx.save(dense, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", feeds["input"][:32])
+    argv = ["repair", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"), "-o", str(tmp_path / "o.onnx"),
+            "--report", str(tmp_path / "r.json"), "--device", "cpu", "-q"] + (["--batch-size", given] if given else [])
+    code = main(argv)
+    if given is None:
+        assert code == 0
+        assert json.loads((tmp_path / "r.json").read_text())["settings"]["batch_size"] == 32
+    else:  # only a batch size the user gave refuses the small set
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and err == ["error: the calibration set has 32 samples, fewer than the batch size 64"]
+        assert not (tmp_path / "o.onnx").exists()
+
+
+def test_too_few_samples_to_hold_out_says_so_in_one_warning(tmp_path, capsys):
+    dense, feeds = zoo.bn_with_statistics(stale=False)
+    onnx.save(dense, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", feeds["input"][:3])
+    assert main(["repair", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"), "-o",
+                 str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json"), "--device", "cpu", "-q"]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "warning: the guard did not run: 3 calibration samples are too few to hold any out"]
+    guard = json.loads((tmp_path / "r.json").read_text())["settings"]["guard"]
+    assert guard["held_out"] == 0 and guard["kept"] == "repair"
+
+
+def test_the_guard_refits_the_candidate_auto_picked(tmp_path):
+    dense, feeds = zoo.bn_with_statistics(stale=True)
+    calib = _set(tmp_path, "calib", dense, feeds["input"])
+    job = Repair(dense, device="cpu", progress=False).prune(0.3).run(calib, "auto", guard="fallback")
+    assert job.settings["method"] == "auto" and job.settings["auto"]["picked"]["method"] == "bn"
+    assert job.settings["guard"]["verdict"] == "pruning alone better" and job.output is job.pruned
