@@ -15,6 +15,7 @@ from asr_onnx.graph import input_specs
 from asr_onnx.verify import evaluate
 from asr_onnx_cli.main import main
 
+RUNNING = {"reference": "running"}  # a BN's correction restores its running statistics
 KEYS = {"mode", "held_out", "repair", "pruned", "verdict", "kept", "cost_s"}
 
 
@@ -32,8 +33,9 @@ def _fresh_errors(job, model, tmp_path):
 def test_the_guard_catches_a_repair_worse_than_pruning_alone_and_falls_back(tmp_path):
     dense, feeds = zoo.bn_with_statistics(stale=True)
     calib = _set(tmp_path, "calib", dense, feeds["input"])
-    warned = Repair(dense, device="cpu", progress=False).prune(0.3).run(calib, "bn", guard="warn")
-    kept = Repair(dense, device="cpu", progress=False).prune(0.3).run(calib, "bn", guard="fallback")
+    # restoring the stale BN's own running statistics (not the default reference) moves the repair away
+    warned = Repair(dense, device="cpu", progress=False).prune(0.3).run(calib, "bn", guard="warn", **RUNNING)
+    kept = Repair(dense, device="cpu", progress=False).prune(0.3).run(calib, "bn", guard="fallback", **RUNNING)
     repair_err, pruned_err = _fresh_errors([warned.output, warned.pruned], dense, tmp_path)
     assert repair_err > 2 * pruned_err  # the oracle: on fresh samples the repair is clearly worse
     entry = kept.settings["guard"]
@@ -70,7 +72,7 @@ def test_cli_warns_in_one_line_and_reports_the_guard(tmp_path, capsys):
     onnx.save(dense, tmp_path / "m.onnx")
     np.save(tmp_path / "x.npy", feeds["input"])
     argv = ["repair", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"), "--sparsity", "0.3",
-            "--device", "cpu", "-q"]
+            "--reference", "running", "--device", "cpu", "-q"]
     assert main(argv + ["-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")]) == 0
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("warning: ") and "pruning alone" in line]
@@ -113,6 +115,6 @@ def test_too_few_samples_to_hold_out_says_so_in_one_warning(tmp_path, capsys):
 def test_the_guard_refits_the_candidate_auto_picked(tmp_path):
     dense, feeds = zoo.bn_with_statistics(stale=True)
     calib = _set(tmp_path, "calib", dense, feeds["input"])
-    job = Repair(dense, device="cpu", progress=False).prune(0.3).run(calib, "auto", guard="fallback")
+    job = Repair(dense, device="cpu", progress=False).prune(0.3).run(calib, "auto", guard="fallback", **RUNNING)
     assert job.settings["method"] == "auto" and job.settings["auto"]["picked"]["method"] == "bn"
     assert job.settings["guard"]["verdict"] == "pruning alone better" and job.output is job.pruned
