@@ -9,19 +9,27 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .augment import scale_exponent
+from .batch import free_batch
 from .calib.calibset import CalibSet
 from .errors import AsrError
 from .gains import METHODS
-from .graph import (check_output, find_layers, find_sites, fixed_batch, input_specs, load_model, save_model, to_graph,
-                    to_model)
+from .graph import (
+    check_output,
+    find_layers,
+    find_sites,
+    fixed_batch,
+    input_specs,
+    load_model,
+    save_model,
+    to_graph,
+    to_model,
+)
+from .measure import SMALL_BATCH, measure, measure_levels, touched_sites
 from .prune import Pattern, check_sparsity, prune_layers
-from .augment import scale_exponent
 from .recal import DEFAULT_REFERENCE, REFERENCES, correct, fold_bn, magnitude, train_norm, write
 from .recal import reference as site_reference
-from .batch import free_batch
-from .measure import SMALL_BATCH, measure, measure_levels, touched_sites
 from .stats import merge_all
-
 
 # every method in both placements (bn/naive coincide under recal; pre-bn bn is plain BN recalibration)
 DEFAULT_BATCH = 64  # calibration samples per session run, unless the model fixes its batch or the set is smaller

@@ -85,6 +85,8 @@ def gain(method: str, ref_var, rec_var, eps: float, lam: float | None = None) ->
     if method == "lw":
         return layer_gain(ref_var, rec_var, eps)
     if method == "asr":
+        if lam is None:
+            raise AsrError("asr needs its lambda (see shrink_lambda)")
         return asr_gain(ref_var, rec_var, eps, lam)
     if method == "none":
         return np.ones_like(ref_var)

@@ -11,7 +11,6 @@ from .augment import FLOAT, PER_SAMPLE, STAT_PREFIX, scale_exponent, stats_model
 from .errors import AsrError
 from .stats import ChannelStats, merge_all
 
-
 SMALL_BATCH = 8  # under this many samples per run, train-mode renormalisation is replaced by levels
 CANCELLATION = 100.0  # above this mean^2 / var, E[x^2] - E[x]^2 in float32 loses more than about 1e-4
 

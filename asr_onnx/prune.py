@@ -194,7 +194,7 @@ def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_fir
         raise AsrError("the model has no prunable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight; "
                        "weights behind DequantizeLinear or in ConvInteger/MatMulInteger are not pruned)")
     skipped = exclusion(layers, exclude, keep_first, keep_last)
-    owner = {}  # weight name -> index of the first layer that uses it
+    owner: dict[str, int] = {}  # weight name -> index of the first layer that uses it
     for i, layer in enumerate(layers):
         if i not in skipped and pattern.kind == "nm" and (reason := nm_reason(layer, pattern.m)):
             skipped[i] = reason

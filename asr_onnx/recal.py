@@ -51,7 +51,12 @@ def reference(site, dense: ChannelStats | None, kind: str = "calib") -> Norm:
     if site.bn is not None:
         scale, bias, mean, var = (np.asarray(t.values, np.float64) for t in site.bn.inputs[1:5])
         own = Norm(scale, bias, mean, var, site.eps)
-        return own if kind == "running" else calibrated(own, dense)
+        if kind == "running":
+            return own
+    if dense is None:
+        raise AsrError(f"{site.key}: its reference needs the dense model's statistics on the calibration data")
+    if site.bn is not None:
+        return calibrated(own, dense)
     eps = VIRTUAL_EPS * float(np.mean(dense.var)) + 1e-30
     return Norm(np.sqrt(dense.var + eps), dense.mean.copy(), dense.mean.copy(), dense.var.copy(), eps)
 

@@ -34,7 +34,7 @@ def providers(device: str = "auto") -> list[str]:
     if device == "cuda" and not has_cuda:
         raise AsrError("--device cuda: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
     if device == "auto" and not has_cuda and _cuda_device_visible():
-        warnings.warn("a CUDA device is visible but onnxruntime has no CUDAExecutionProvider; using the CPU")
+        warnings.warn("a CUDA device is visible but onnxruntime has no CUDAExecutionProvider; using the CPU", stacklevel=2)
     if device != "cpu" and has_cuda:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
@@ -135,7 +135,7 @@ def check_provider(session, wanted: str, device: str = "auto", cause: str = ""):
     message = f"onnxruntime could not start {wanted} and runs on {got} {hint}"
     if device == "cuda":
         raise AsrError(f"--device cuda: {message}")
-    warnings.warn(message)
+    warnings.warn(message, stacklevel=2)
     return session
 
 

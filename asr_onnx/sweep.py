@@ -78,7 +78,7 @@ class SweepResult:
 RESULT_FILES = ("results.json", "results.md")
 
 
-def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None = None, batch_size: int | None = None,
+def run_sweep(model, calib, eval_data, grid: Grid | None = None, *, name: str | None = None, batch_size: int | None = None,
               device: str = "auto", progress: bool = True, dense_stats=None, on_row=None,
               watch: bool = True, watch_site: str | None = None) -> SweepResult:
     """Runs every cell of ``grid`` on one model.
@@ -87,7 +87,7 @@ def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None 
         model: path or onnx.ModelProto of the dense model.
         calib: calibration CalibSet.
         eval_data: evaluation CalibSet (labels give top-1; agreement with the dense model is always given).
-        grid: the axes. Defaults to Grid().
+        grid: the axes. Defaults to None (``Grid()``).
         name: the model's name in the rows. Defaults to the file name.
         batch_size: calibration batch size. Defaults to None (64, or the set's size when smaller).
         device: "auto", "cpu" or "cuda". Defaults to "auto".
@@ -106,6 +106,7 @@ def run_sweep(model, calib, eval_data, grid: Grid = Grid(), *, name: str | None 
     dense = evaluate(base.dense, eval_data, reference=base.dense, device=device, progress=progress,
                      reference_logits=dense_logits)
     result = SweepResult({"model": name, "top1": dense.get("top1"), "eval_s": time.perf_counter() - start})
+    grid = grid or Grid()
     cells, scored = list(grid.cells()), {}
     regimes = [tuple(r) if len(r) == 3 else (*r, grid.correct_head) for r in grid.regimes]
     watched = max((c for c in cells if c[1] is not None), key=lambda c: c[1], default=None)

@@ -528,7 +528,7 @@ def _model_report(bench: dict) -> list[str]:
     plain_map = {"import": "import", "load": "session", "measure_dense": "run"}
     for stage in STAGES:
         cells = []
-        for name, results in cols:
+        for _name, results in cols:
             key = plain_map.get(stage) if results is plain else stage
             present = key is not None and any(key in r["stages"] for r in results)
             cells.append(f"{_stage_median(results, key):.2f}" if present else "")

@@ -27,7 +27,7 @@ def cells(result) -> dict:
         key = (row["pattern"], row["sparsity"], row["recal"])
         table.setdefault(key, {})[row["method"]] = 100 * row["top1"]
     none = {(p, s): v["none"] for (p, s, r), v in table.items() if "none" in v}
-    for (p, s, r), v in table.items():
+    for (p, s, _r), v in table.items():
         v.setdefault("none", none.get((p, s)))
     return table
 
@@ -46,7 +46,7 @@ def main() -> int:
     for recal in ("exact", "momentum"):
         wins = Counter()
         for result in results.values():
-            for (p, s, r), v in cells(result).items():
+            for (_pattern, _sparsity, r), v in cells(result).items():
                 if r != recal:
                     continue
                 scored = {m: v[m] for m in FIXED[1:] if v.get(m) is not None}

@@ -9,9 +9,8 @@ import click
 
 def find_samples(folder) -> Path:
     """The sample_models folder: the one given, ./sample_models, or the one beside the source tree."""
-    from asr_onnx.errors import AsrError
-
     import asr_onnx
+    from asr_onnx.errors import AsrError
 
     candidates = [Path(folder)] if folder else [Path("sample_models"),
                                                  Path(asr_onnx.__file__).resolve().parent.parent / "sample_models"]

@@ -3,10 +3,10 @@
 import numpy as np
 import onnx
 import pytest
+from models import ArraySet, conv_net, random_inputs
 
 from asr_onnx.api import Repair
 from asr_onnx.errors import AsrError
-from models import ArraySet, conv_net, random_inputs
 
 
 def test_dense_pass_measures_only_the_sites_without_a_bn_under_the_running_reference():

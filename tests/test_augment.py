@@ -3,12 +3,12 @@
 import numpy as np
 import onnxruntime as ort
 import pytest
+from activations import activations, sites_of
+from models import ArraySet, conv_net, random_inputs
 
 from asr_onnx.augment import stats_model
 from asr_onnx.measure import measure
 from asr_onnx.stats import ChannelStats, merge_all
-from models import ArraySet, conv_net, random_inputs
-from activations import activations, sites_of
 
 
 @pytest.mark.parametrize("kernel", ["reduce", "bn"])

@@ -4,9 +4,9 @@ safe; its output keeps the batch of 1. The oracle is the same graph exported wit
 import numpy as np
 import onnxruntime as ort
 import pytest
+import zoo
 from onnx import helper, numpy_helper
 
-import zoo
 from asr_onnx.api import repair
 from asr_onnx.batch import BATCH, free_batch
 from asr_onnx.stats import merge_all

@@ -9,10 +9,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
-
 from asr_onnx_cli.main import main
 from models import make_model, random_inputs
+from onnx import TensorProto, helper
 
 
 def outputs(path, x):
@@ -202,11 +201,12 @@ def test_sweep_output_that_is_an_existing_file_is_refused(bn_model, calib_dir, t
 
 
 def test_the_api_refuses_a_bad_regex_and_a_nan_tolerance():
+    from models import conv_net
+    from zoo import DictSet
+
     from asr_onnx.api import Repair
     from asr_onnx.compare import compare_models
     from asr_onnx.errors import AsrError
-    from models import conv_net
-    from zoo import DictSet
 
     model = conv_net(bn=True)
     with pytest.raises(AsrError, match="not a regular expression"):

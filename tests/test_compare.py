@@ -6,12 +6,12 @@ import warnings
 import numpy as np
 import onnx
 import pytest
+from asr_onnx_cli.main import main
+from models import conv_net
 
 from asr_onnx.compare import compare_arrays
 from asr_onnx.errors import AsrError
 from asr_onnx.fp16 import to_fp16
-from asr_onnx_cli.main import main
-from models import conv_net
 
 STATS = ["elemwise", "mean", "median", "max"]
 

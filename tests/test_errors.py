@@ -8,10 +8,9 @@ import os
 import numpy as np
 import onnx
 import pytest
-from PIL import Image
-
 from asr_onnx_cli.main import main
 from models import conv_net, random_inputs
+from PIL import Image
 
 
 def digest(path):

@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import zoo
+from asr_onnx_cli.main import main
+from models import ArraySet, conv_net, make_model, random_inputs
 from onnx import TensorProto, helper, numpy_helper
 
 from asr_onnx.api import repair
 from asr_onnx.sparsecore import layer_rows
-from asr_onnx_cli.main import main
-import zoo
-from models import ArraySet, conv_net, make_model, random_inputs
 
 
 def run(model, x):

@@ -4,11 +4,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from models import conv_net, make_model, random_inputs
 from onnx import TensorProto, helper, numpy_helper
 
 from asr_onnx.errors import AsrError
 from asr_onnx.fp16 import to_fp16
-from models import conv_net, make_model, random_inputs
 
 
 def run(model, feeds):
@@ -110,6 +110,7 @@ def numpy_wide_bn(model, x, after):
 def test_a_bn_variance_above_the_float16_range_is_folded_or_kept_in_float32(after):
     """A variance of 1e8 clipped to 65504 made a PP-OCRv4 detector's output unrelated to the dense one."""
     import zoo
+
     from asr_onnx.fp16 import FP16_MAX, check_fp16
 
     model, feeds = zoo.wide_bn(after)
@@ -139,6 +140,7 @@ def test_a_bn_variance_above_the_float16_range_is_folded_or_kept_in_float32(afte
 @pytest.mark.parametrize("mix", [None, "softmax"])
 def test_a_fixed_batch_1_model_is_checked_batched_where_its_batch_can_be_freed(mix):
     import zoo
+
     from asr_onnx.batch import free_batch
     from asr_onnx.fp16 import FIXED_LIMIT, check_fp16
 

@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import zoo
 from onnx import helper
 
-import zoo
 from asr_onnx.api import repair
 from asr_onnx.graph import find_layers, find_sites, fixed_batch, input_specs, to_graph
 from asr_onnx.stats import ChannelStats
@@ -202,7 +202,7 @@ def test_the_size_bound_is_above_the_serialized_size_by_at_most_22_bytes_per_ini
     from asr_onnx.graph import is_large, serialized_bound
 
     model = zoo.conv_net(bn=True)
-    for i, t in enumerate(model.graph.initializer):  # raw bytes (as exporters write them) or typed fields
+    for _i, t in enumerate(model.graph.initializer):  # raw bytes (as exporters write them) or typed fields
         values = numpy_helper.to_array(t)
         t.CopyFrom(onnx.helper.make_tensor(t.name, t.data_type, values.shape, values.flatten(), raw=not typed))
     size, bound = model.ByteSize(), serialized_bound(model)

@@ -6,6 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import zoo
+from asr_onnx_cli.main import main
 
 from asr_onnx.api import Repair
 from asr_onnx.calib import load_calib
@@ -13,7 +14,6 @@ from asr_onnx.compare import compare_models
 from asr_onnx.graph import input_specs
 from asr_onnx.output_kinds import PER_STEP
 from asr_onnx.verify import evaluate
-from asr_onnx_cli.main import main
 
 
 def _calib(tmp_path, model, x):

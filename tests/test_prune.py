@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
+import zoo
+from models import conv_net
 
 from asr_onnx.errors import AsrError
 from asr_onnx.graph import find_layers, to_graph
 from asr_onnx.prune import Pattern, check_sparsity, global_masks, nm_mask, prune_layers, uniform_mask
-from models import conv_net
-import zoo
 
 
 def reference_smallest(scores, k):

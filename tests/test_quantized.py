@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import zoo
 from onnx import numpy_helper
 
-import zoo
 from asr_onnx.api import repair
 
 

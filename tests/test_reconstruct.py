@@ -6,8 +6,8 @@ import pytest
 import zoo
 
 from asr_onnx.api import Repair
-from asr_onnx.graph import find_layers, to_graph
 from asr_onnx.gram import accumulate, weight_rows
+from asr_onnx.graph import find_layers, to_graph
 from asr_onnx.reconstruct import DAMPING, refit_rows
 from asr_onnx.runtime import make_session
 from asr_onnx.stats import GramStats

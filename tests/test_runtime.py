@@ -5,10 +5,10 @@ import warnings
 import numpy as np
 import onnxruntime as ort
 import pytest
+from models import conv_net, random_inputs
 
 import asr_onnx.runtime as runtime
 from asr_onnx.errors import AsrError
-from models import conv_net, random_inputs
 
 
 def test_cpu_and_auto_fall_back_to_cpu_without_cuda():

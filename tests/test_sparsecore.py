@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from models import ArraySet, conv_net, make_model, random_inputs
 from onnx import TensorProto, helper, numpy_helper
 
 from asr_onnx.api import Repair, repair
 from asr_onnx.graph import find_layers, to_graph
 from asr_onnx.sparsecore import conformance, conforms_nm, eligibility, eligibility_summary, layer_rows
-from models import ArraySet, conv_net, make_model, random_inputs
 
 
 def loop_conforms(w, n, m, axis):

@@ -5,14 +5,14 @@ import json
 import numpy as np
 import onnx
 import pytest
+from asr_onnx_cli.main import main
+from models import conv_net, random_inputs
 
 from asr_onnx.api import Repair
 from asr_onnx.cache import load_stats, save_stats, stats_key
 from asr_onnx.calib import InputSpec, load_calib
 from asr_onnx.errors import AsrError
 from asr_onnx.sweep import Grid, markdown, run_sweep
-from asr_onnx_cli.main import main
-from models import conv_net, random_inputs
 
 SPECS = [InputSpec("input", ("N", 3, 8, 8), np.float32)]
 
@@ -168,8 +168,9 @@ def test_sweep_cli_writes_results_and_plots(tmp_path, capsys):
 def test_each_momentum_regime_keeps_its_own_momentum(data, tmp_path):
     """Issue 14.12: `--recal momentum=0.1,momentum=0.3` ran 0.1 twice. Each row must equal a repair at
     its own momentum, and the two must differ."""
-    from asr_onnx.verify import evaluate
     from asr_onnx_cli.sweep import parse_regimes
+
+    from asr_onnx.verify import evaluate
 
     calib, eval_data = data
     regimes = parse_regimes("momentum=0.1,momentum=0.3", "pre-bn")

@@ -3,10 +3,10 @@
 import numpy as np
 import onnx
 import pytest
+from models import ArraySet
 from onnx import numpy_helper
 
 from asr_onnx.api import repair
-from models import ArraySet
 
 torch = pytest.importorskip("torch")
 
@@ -119,7 +119,6 @@ def test_the_mobilenetv3_fixture_computes_what_its_pytorch_net_does():
     from pathlib import Path
 
     import onnxruntime as ort
-
     import zoo
 
     path = Path(__file__).parent / "fixtures" / "make_se_mobilenetv3.py"

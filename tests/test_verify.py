@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from asr_onnx_cli.main import main
+from models import conv_net, random_inputs
 
 from asr_onnx.calib import InputSpec, load_calib
 from asr_onnx.errors import AsrError
 from asr_onnx.verify import evaluate, resolve_data
-from asr_onnx_cli.main import main
-from models import conv_net, random_inputs
 
 SPECS = [InputSpec("input", ("N", 3, 8, 8), np.float32)]
 

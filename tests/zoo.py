@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime
-from onnx import TensorProto, helper, numpy_helper
-
 from models import conv_net, random_inputs
+from onnx import TensorProto, helper, numpy_helper
 
 N = 24  # calibration samples
 
