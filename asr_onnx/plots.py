@@ -36,9 +36,7 @@ def accuracy_vs_sparsity(result, path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path)
 
 
 def gain_vs_severity(result, path) -> Path:
@@ -62,9 +60,7 @@ def gain_vs_severity(result, path) -> Path:
     if points:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path)
 
 
 MARKERS = ("o", "x", "s", "+", "^", "D", "v")  # the first (dense) filled, the others hollow so that overlaps show
@@ -165,10 +161,15 @@ def strip_figure(rows: list, ylabel: str, title: str = "", dead_label: str = "co
 
 
 def save(fig, path) -> Path:
-    """Writes a figure (PNG, or SVG by the extension) and closes it."""
-    plt = _pyplot()
-    fig.savefig(path, dpi=120, metadata={"Date": None} if str(path).endswith(".svg") else None)
-    plt.close(fig)
+    """Writes a figure (PNG, or SVG by the extension) atomically, and closes it."""
+    from .outputs import write_file
+
+    plt, kind = _pyplot(), Path(path).suffix.lstrip(".").lower() or "png"
+    try:
+        write_file(path, lambda handle: fig.savefig(handle, format=kind, dpi=120,
+                                                    metadata={"Date": None} if kind == "svg" else None))
+    finally:
+        plt.close(fig)
     return Path(path)
 
 

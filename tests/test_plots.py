@@ -73,3 +73,15 @@ def test_sweep_channel_plot_names_its_site_cell_and_counts(tmp_path):
         assert (ys == ys.min()).sum() >= dead
     assert main(["sweep", str(model), "--calib", str(calib), "--eval", str(tmp_path / "eval.npz"), "--sparsity",
                  "0.5", "--method", "none,bn", "--batch-size", "16", "-o", str(out), "-q", "--plot-site", "x"]) == 1
+
+
+def test_a_plot_is_written_atomically_or_not_at_all(tmp_path):
+    from asr_onnx.errors import AsrError
+    from asr_onnx.plots import channel_variance
+
+    series = {"dense": np.ones(4), "pruned": np.array([1.0, 0.0, 0.5, 0.2])}
+    path = channel_variance(series, tmp_path / "c.svg", "m · conv1 · 90% global")
+    assert path.read_text().lstrip().startswith("<?xml") and sorted(p.name for p in tmp_path.iterdir()) == ["c.svg"]
+    with pytest.raises(AsrError, match="cannot write"):
+        channel_variance(series, tmp_path / "missing" / "c.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.svg"]
