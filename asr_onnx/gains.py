@@ -1,8 +1,8 @@
 """Per-channel variance gains of each repair method: pure numpy, no ONNX.
 
 Every method is the variance part of a recalibration. For one channel with reference variance
-``ref_var`` (what the original normalisation expects: a BN's running variance, or the dense
-model's measured variance) and recalibrated pruned variance ``rec_var``, the full restoration is
+``ref_var`` (what the original normalisation expects: the dense model's variance on the
+calibration data, or a BN's running variance under ``reference="running"``) and recalibrated pruned variance ``rec_var``, the full restoration is
 ``sqrt((ref_var + eps) / (rec_var + eps))``. The epsilon (the BN's own, or a floor taken from the
 data) keeps every division away from zero; :func:`floor_eps` floors it, since a BN's own may be 0.
 """

@@ -175,7 +175,8 @@ def _damage(report: dict, why_no_plots: str | None) -> str:
     if not sites:
         return '<p class="note">No site statistics in this report (--method none measures nothing).</p>'
     html = ("<p>Each channel's variance in the pruned network (upstream renormalised) over its reference "
-            "(a BN's running variance, or the dense model's measured variance): 1 is undamaged. A channel "
+            "(the dense model's variance on the calibration data, or a BN's running variance under "
+            "--reference running): 1 is undamaged. A channel "
             "collapses when its pruned variance falls under the site's epsilon.</p>")
     rows, strips = [], []
     for site in sites:
