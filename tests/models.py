@@ -89,3 +89,13 @@ class ArraySet:
     def batches(self, batch_size):
         for i in range(0, len(self.x), batch_size):
             yield {self.name: self.x[i : i + batch_size]}
+
+
+def sweep_inputs(folder):
+    """A BN conv net, a 32-sample calibration folder and a labelled 20-sample eval set under ``folder``."""
+    model, calib, eval_path = folder / "m.onnx", folder / "calib", folder / "eval.npz"
+    onnx.save(conv_net(bn=True), model)
+    calib.mkdir()
+    np.save(calib / "x.npy", random_inputs(32))
+    np.savez(eval_path, x=random_inputs(20, seed=4), y=np.arange(20) % 10)
+    return model, calib, eval_path

@@ -3,10 +3,9 @@
 import json
 
 import numpy as np
-import onnx
 import pytest
 from asr_onnx_cli.main import main
-from models import conv_net, random_inputs
+from models import sweep_inputs
 
 from asr_onnx.damage import dead_threshold, most_damaged, short_name
 
@@ -47,11 +46,7 @@ def test_sweep_channel_plot_names_its_site_cell_and_counts(tmp_path):
     from asr_onnx.plots import channel_figure, sweep_channel_title, sweep_series
     from asr_onnx.sweep import SweepResult
 
-    model, calib = tmp_path / "m.onnx", tmp_path / "calib"
-    onnx.save(conv_net(bn=True), model)
-    calib.mkdir()
-    np.save(calib / "x.npy", random_inputs(32))
-    np.savez(tmp_path / "eval.npz", x=random_inputs(20, seed=4), y=np.arange(20) % 10)
+    model, calib, _ = sweep_inputs(tmp_path)
     out = tmp_path / "sweep"
     assert main(["sweep", str(model), "--calib", str(calib), "--eval", str(tmp_path / "eval.npz"),
                  "--sparsity", "0.95", "--method", "none,bn", "--batch-size", "16", "-o", str(out), "-q"]) == 0

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from asr_onnx_cli.main import main
-from models import conv_net, random_inputs
+from models import conv_net, random_inputs, sweep_inputs
 
 from asr_onnx.api import Repair
 from asr_onnx.cache import load_stats, save_stats, stats_key
@@ -150,11 +150,7 @@ def test_folds_hold_out_every_sample_exactly_once(data):
 
 def test_sweep_cli_writes_results_and_plots(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    model, calib = tmp_path / "m.onnx", tmp_path / "calib"
-    onnx.save(conv_net(bn=True), model)
-    calib.mkdir()
-    np.save(calib / "x.npy", random_inputs(32))
-    np.savez(tmp_path / "eval.npz", x=random_inputs(20, seed=4), y=np.arange(20) % 10)
+    model, calib, _ = sweep_inputs(tmp_path)
     out = tmp_path / "sweep"
     assert main(["sweep", str(model), "--calib", str(calib), "--eval", str(tmp_path / "eval.npz"),
                  "--sparsity", "0.5,0.9", "--method", "none,bn,lw,asr", "--batch-size", "16", "-o", str(out),
