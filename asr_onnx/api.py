@@ -391,29 +391,21 @@ class Repair:
             reference: as for :meth:`measure`. Defaults to None: the one of the last measure, else
                 DEFAULT_REFERENCE.
         """
-        from .verify import evaluate, logit_rel_l2
+        from .crossfit import held_out_scores
+        from .verify import logit_rel_l2
 
         reference = reference or self.settings.get("reference", DEFAULT_REFERENCE)
-        parts = calib.folds(folds, seed)
-        matches, err2, ref2 = [[] for _ in candidates], [[] for _ in candidates], 0.0
+
+        def candidate(method, placement, rule):
+            return lambda probe: probe.correct(method, placement=placement, recal=recal, momentum=momentum,
+                                               lambda_rule=rule, correct_head=correct_head).fold().output
+
         with self._timed("auto"):
-            for fit, held in parts:
-                probe = Repair(self.dense, device=self.device, batch_size=min(self.requested_batch, len(fit)),
-                               progress=False, threads=self.threads)
-                probe.pruned, probe.source = self.pruned, self.source
-                probe.measure(fit, seed=seed, reference=reference)
-                dense_logits = []
-                for i, (method, placement, rule) in enumerate(candidates):
-                    probe.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=rule,
-                                  correct_head=correct_head).fold()
-                    result = evaluate(probe.output, held, reference=self.dense, device=self.device, progress=False,
-                                      reference_logits=dense_logits, per_sample=True)
-                    # no agreement where it means nothing (a detector): every candidate ties on it
-                    no_top1 = result["matches"] is None
-                    matches[i].append(np.zeros(len(result["err2"])) if no_top1 else result["matches"])
-                    err2[i].append(result["err2"])
-                ref2 += result["ref2"]  # the dense logits' norm: the same for every candidate
-        matches, err2 = [np.concatenate(m) for m in matches], [np.concatenate(e) for e in err2]
+            matches, err2, ref2 = held_out_scores(self, calib, [candidate(*c) for c in candidates], folds=folds,
+                                                  seed=seed, measure={"reference": reference})
+        no_top1 = matches[0] is None
+        # no agreement where it means nothing (a detector): every candidate ties on it
+        matches = [np.zeros(len(e)) for e in err2] if no_top1 else matches
         scores = [{"method": method, "placement": placement, "lambda_rule": rule,
                    "agreement": None if no_top1 else float(m.mean()),
                    "logit_rel_l2": logit_rel_l2(e, ref2)}

@@ -40,10 +40,10 @@ def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
     Raises:
         AsrError: an unknown mode.
     """
-    from .api import Repair
+    from .crossfit import held_out_scores
     from .graph import fixed_batch
     from .recal import DEFAULT_REFERENCE
-    from .verify import evaluate, logit_rel_l2
+    from .verify import logit_rel_l2
 
     if mode not in GUARD_MODES:
         raise AsrError(f"unknown guard mode {mode!r}; choose one of {', '.join(GUARD_MODES)}")
@@ -60,24 +60,12 @@ def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
     method = s["auto"]["picked"]["method"] if s.get("method") == "auto" else s["method"]
     options = {key: s[key] for key in ("placement", "recal", "momentum", "lambda_rule", "correct_head")}
     start = time.perf_counter()
-    scored = {"repair": ([], []), "pruned": ([], [])}
-    ref2 = 0.0
-    for fit, held in calib.folds(FOLDS, seed):
-        probe = Repair(job.dense, device=job.device, batch_size=min(job.requested_batch, len(fit)), progress=False,
-                       threads=job.threads)
-        probe.pruned, probe.source = job.pruned, job.source
-        probe.measure(fit, sequential=s.get("sequential", False), seed=seed,
-                      reference=s.get("reference", DEFAULT_REFERENCE)).correct(method, **options).fold()
-        dense_outputs: list = []
-        for name, model in (("repair", probe.output), ("pruned", job.pruned)):
-            result = evaluate(model, held, reference=job.dense, device=job.device, progress=False,
-                              reference_logits=dense_outputs, batch_size=job.batch_size, per_sample=True)
-            scored[name][0].append(result["matches"])
-            scored[name][1].append(result["err2"])
-        ref2 += result["ref2"]
-    has_top1 = all(m is not None for k in scored for m in scored[k][0])
-    matches = [np.concatenate(scored[k][0]) if has_top1 else np.zeros(len(calib)) for k in scored]
-    errors = [np.concatenate(scored[k][1]) for k in scored]
+    variants = [lambda probe: probe.correct(method, **options).fold().output, lambda probe: job.pruned]
+    found, errors, ref2 = held_out_scores(job, calib, variants, folds=FOLDS, seed=seed, batch_size=job.batch_size,
+                                          measure={"sequential": s.get("sequential", False),
+                                                   "reference": s.get("reference", DEFAULT_REFERENCE)})
+    has_top1 = found[0] is not None
+    matches = found if has_top1 else [np.zeros(len(calib))] * 2
     scores = [{"agreement": float(m.mean()) if has_top1 else None, "logit_rel_l2": logit_rel_l2(e, ref2)}
               for m, e in zip(matches, errors)]
     verdict = _verdict(matches[0] - matches[1], errors[1] - errors[0]) if has_top1 else \
