@@ -1,4 +1,4 @@
-"""The per-channel variance plot: markers, dead channels drawn on a floor and counted, a short title."""
+"""The plots: per-channel variance markers, dead channels on a floor and counted, short titles, and the sweep's plot files."""
 
 import json
 
@@ -8,6 +8,7 @@ from asr_onnx_cli.main import main
 from models import sweep_inputs
 
 from asr_onnx.damage import dead_threshold, most_damaged, short_name
+from asr_onnx.errors import AsrError
 
 pytest.importorskip("matplotlib")
 
@@ -71,7 +72,6 @@ def test_sweep_channel_plot_names_its_site_cell_and_counts(tmp_path):
 
 
 def test_a_plot_is_written_atomically_or_not_at_all(tmp_path):
-    from asr_onnx.errors import AsrError
     from asr_onnx.plots import channel_variance
 
     series = {"dense": np.ones(4), "pruned": np.array([1.0, 0.0, 0.5, 0.2])}
@@ -80,3 +80,16 @@ def test_a_plot_is_written_atomically_or_not_at_all(tmp_path):
     with pytest.raises(AsrError, match="cannot write"):
         channel_variance(series, tmp_path / "missing" / "c.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.svg"]
+
+
+def test_sweep_cli_writes_results_and_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    model, calib, _ = sweep_inputs(tmp_path)
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(model), "--calib", str(calib), "--eval", str(tmp_path / "eval.npz"),
+                 "--sparsity", "0.5,0.9", "--method", "none,bn,lw,asr", "--batch-size", "16", "-o", str(out),
+                 "-q"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == 8 and (out / "results.md").read_text().count("| global |") == 2
+    for name in ("accuracy_vs_sparsity.png", "asr_minus_lw_vs_severity.png", "channel_variance.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
