@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from models import conv_net, random_inputs  # noqa: E402
+from zoo import conv_net, random_inputs  # noqa: E402
 
 from asr_onnx.calib import InputSpec, load_calib  # noqa: E402
 

@@ -3,7 +3,7 @@
 import numpy as np
 import onnx
 import pytest
-from models import ArraySet, conv_net, random_inputs
+from zoo import ArraySet, conv_net, random_inputs
 
 from asr_onnx.api import Repair
 from asr_onnx.errors import AsrError

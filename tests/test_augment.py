@@ -4,7 +4,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from activations import activations, sites_of
-from models import ArraySet, conv_net, random_inputs
+from zoo import ArraySet, conv_net, random_inputs
 
 from asr_onnx.augment import stats_model
 from asr_onnx.measure import measure

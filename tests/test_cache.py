@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 from asr_onnx_cli.main import main
-from models import conv_net, random_inputs
+from zoo import conv_net, random_inputs
 
 from asr_onnx.api import Repair
 from asr_onnx.cache import load_stats, save_stats, stats_key

@@ -10,8 +10,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from asr_onnx_cli.main import main
-from models import make_model, random_inputs
 from onnx import TensorProto, helper
+from zoo import make_model, random_inputs
 
 
 def outputs(path, x):
@@ -201,8 +201,7 @@ def test_sweep_output_that_is_an_existing_file_is_refused(bn_model, calib_dir, t
 
 
 def test_the_api_refuses_a_bad_regex_and_a_nan_tolerance():
-    from models import conv_net
-    from zoo import DictSet
+    from zoo import DictSet, conv_net
 
     from asr_onnx.api import Repair
     from asr_onnx.compare import compare_models

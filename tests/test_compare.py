@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from asr_onnx_cli.main import main
-from models import conv_net
+from zoo import conv_net
 
 from asr_onnx.compare import compare_arrays
 from asr_onnx.errors import AsrError

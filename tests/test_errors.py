@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from asr_onnx_cli.main import main
-from models import conv_net, random_inputs
 from PIL import Image
+from zoo import conv_net, random_inputs
 
 
 def digest(path):

@@ -4,8 +4,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from models import conv_net, make_model, random_inputs
 from onnx import TensorProto, helper, numpy_helper
+from zoo import conv_net, make_model, random_inputs
 
 from asr_onnx.errors import AsrError
 from asr_onnx.fp16 import to_fp16

@@ -163,7 +163,7 @@ def check_class(dense, feeds):
 def test_fixed_batch_skips_the_last_partial_batch():
     """A model that fixes a batch of 16 (enough for batch statistics, so it keeps it) is fed 16 at a time;
     the 7 samples left over are not used."""
-    from models import conv_net
+    from zoo import conv_net
 
     dense = conv_net(bn=True, batch=16)
     feeds = {"input": zoo.random_inputs(23)}

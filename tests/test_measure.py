@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 import zoo
 from activations import activations, sites_of
-from models import ArraySet, conv_net, random_inputs
+from zoo import ArraySet, conv_net, random_inputs
 
 from asr_onnx.api import repair
 from asr_onnx.errors import AsrError

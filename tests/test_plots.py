@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from asr_onnx_cli.main import main
-from models import sweep_inputs
+from zoo import sweep_inputs
 
 from asr_onnx.damage import dead_threshold, most_damaged, short_name
 from asr_onnx.errors import AsrError

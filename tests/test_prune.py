@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import zoo
-from models import conv_net
+from zoo import conv_net
 
 from asr_onnx.errors import AsrError
 from asr_onnx.graph import find_layers, to_graph

@@ -6,8 +6,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from activations import activations, sites_of
-from models import ArraySet, conv_net, random_inputs
 from onnx import numpy_helper
+from zoo import ArraySet, conv_net, random_inputs
 
 from asr_onnx.api import repair
 from asr_onnx.stats import ChannelStats

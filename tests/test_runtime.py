@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import onnxruntime as ort
 import pytest
-from models import conv_net, random_inputs
+from zoo import conv_net, random_inputs
 
 import asr_onnx.runtime as runtime
 from asr_onnx.errors import AsrError

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from models import ArraySet, conv_net, make_model, random_inputs
 from onnx import TensorProto, helper, numpy_helper
+from zoo import ArraySet, conv_net, make_model, random_inputs
 
 from asr_onnx.api import Repair, repair
 from asr_onnx.graph import find_layers, to_graph

@@ -1,7 +1,7 @@
 """The grid runner: every cell measured once, each regime with its own settings."""
 
 import pytest
-from models import conv_net
+from zoo import conv_net
 
 from asr_onnx.api import Repair
 from asr_onnx.sweep import Grid, markdown, run_sweep

@@ -3,8 +3,8 @@
 import numpy as np
 import onnx
 import pytest
-from models import ArraySet
 from onnx import numpy_helper
+from zoo import ArraySet
 
 from asr_onnx.api import repair
 

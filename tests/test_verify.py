@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from asr_onnx_cli.main import main
-from models import conv_net, random_inputs
+from zoo import conv_net, random_inputs
 
 from asr_onnx.calib import InputSpec, load_calib
 from asr_onnx.errors import AsrError
