@@ -12,24 +12,17 @@ import onnx
 from .augment import scale_exponent
 from .batch import free_batch
 from .calib.calibset import CalibSet
+from .calib.specs import fixed_batch, input_specs
 from .errors import AsrError
 from .gains import METHODS
-from .graph import (
-    check_output,
-    find_layers,
-    find_sites,
-    fixed_batch,
-    input_specs,
-    load_model,
-    save_model,
-    to_graph,
-    to_model,
-)
+from .graph import find_layers, find_sites, to_graph, to_model
 from .measure import SMALL_BATCH, measure, measure_levels, touched_sites
+from .modelio import load_model, save_model
 from .prune import Pattern, check_sparsity, prune_layers
 from .recal import DEFAULT_REFERENCE, REFERENCES, correct, fold_bn, magnitude, train_norm, write
 from .recal import reference as site_reference
 from .stats import merge_all
+from .validate import check_output
 
 # every method in both placements (bn/naive coincide under recal; pre-bn bn is plain BN recalibration)
 DEFAULT_BATCH = 64  # calibration samples per session run, unless the model fixes its batch or the set is smaller
@@ -501,7 +494,7 @@ class Repair:
         """Checks and writes the output atomically; the input model is never overwritten unless ``overwrite``."""
         with self._timed("save"):
             save_model(self.output if self.output is not None else self.pruned, path, overwrite=overwrite,
-                       source=self.source)
+                       source=self.source, check=check_output)
         return self
 
     def report(self) -> dict:

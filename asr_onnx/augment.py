@@ -265,7 +265,8 @@ def stats_model(model, norms: dict | None = None, keys=None, kernel: str = "redu
     Returns:
         (augmented onnx.ModelProto, the sites in output order).
     """
-    from .graph import find_layers, find_sites, input_specs, opset, static_shapes, to_graph, to_model
+    from .calib.specs import input_specs
+    from .graph import find_layers, find_sites, opset, static_shapes, to_graph, to_model
 
     graph = to_graph(model)
     sites = find_sites(graph, find_layers(graph))

@@ -160,7 +160,7 @@ def run_both(candidate, reference, data, *, batch_size: int = 64, device: str = 
     else:
         raise AsrError(f"the models have different outputs: {names_a} and {names_b}")
     specs_a, specs_b = {i.name: i for i in sa.get_inputs()}, {i.name: i for i in sb.get_inputs()}
-    from .graph import load_model
+    from .modelio import load_model
 
     kinds = {k.name: k for k in output_kinds(reference if not isinstance(reference, (str, Path)) else
                                              load_model(reference))}

@@ -188,7 +188,7 @@ def check_fp16(reference, half, calib, *, device: str = "auto", limit: int = 64,
         AsrError: an output is not finite, or is further than ``tolerance`` from the float32 one.
     """
     from .batch import free_batch
-    from .graph import fixed_batch, input_specs
+    from .calib.specs import fixed_batch, input_specs
     from .runtime import make_session
 
     fixed = fixed_batch(input_specs(reference))

@@ -84,7 +84,7 @@ def _target(b: _Builder, layer, x, weight):
 
 
 def _fixed(model) -> int | None:
-    from .graph import fixed_batch, input_specs
+    from .calib.specs import fixed_batch, input_specs
 
     return fixed_batch(input_specs(model))
 
@@ -140,7 +140,7 @@ def accumulate(dense, pruned, indices: list[int], calib, *, batch_size: int, dev
         AsrError: onnxruntime fails. A sum that is not finite (activations too large to square in
             float32) is returned as it is, for the caller to skip.
     """
-    from .graph import _first_line
+    from .errors import first_line
     from .progress import bar
     from .runtime import make_session, provider_of, release_memory
 
@@ -149,7 +149,7 @@ def accumulate(dense, pruned, indices: list[int], calib, *, batch_size: int, dev
     try:
         session = make_session(model, device, threads, mem_pattern=False)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: an unknown op, a bad graph
-        raise AsrError(f"onnxruntime cannot load the Gram graph: {_first_line(e)}") from None
+        raise AsrError(f"onnxruntime cannot load the Gram graph: {first_line(e)}") from None
     del model
     wanted = [name for group in names for name in group]
     totals: list[GramStats | None] = [None] * len(indices)
@@ -159,7 +159,7 @@ def accumulate(dense, pruned, indices: list[int], calib, *, batch_size: int, dev
         try:
             values = dict(zip(wanted, session.run(wanted, feed)))
         except Exception as e:  # noqa: BLE001
-            raise AsrError(f"onnxruntime failed on a calibration batch: {_first_line(e)}") from None
+            raise AsrError(f"onnxruntime failed on a calibration batch: {first_line(e)}") from None
         for i, (xtx, xty, yy, rows) in enumerate(names):
             batch = GramStats(float(values[rows][-1]), values[xtx].astype(np.float64), values[xty].astype(np.float64),
                               values[yy].astype(np.float64).ravel())
@@ -177,7 +177,8 @@ def input_norms(model, calib, *, batch_size: int, device: str = "auto", threads:
 
     One pass; in-graph ReduceSumSquare, so only per-channel vectors leave the session.
     """
-    from .graph import _first_line, find_layers, opset, to_graph, to_model
+    from .errors import first_line
+    from .graph import find_layers, opset, to_graph, to_model
     from .runtime import make_session, release_memory
 
     graph = to_graph(model)
@@ -198,7 +199,7 @@ def input_norms(model, calib, *, batch_size: int, device: str = "auto", threads:
     try:
         session = make_session(to_model(graph, model), device, threads, mem_pattern=False)
     except Exception as e:  # noqa: BLE001
-        raise AsrError(f"onnxruntime cannot load the input-norm graph: {_first_line(e)}") from None
+        raise AsrError(f"onnxruntime cannot load the input-norm graph: {first_line(e)}") from None
     names, fixed = [t.name for t in outputs], _fixed(model)
     sums = [0.0] * len(names)
     for feed in calib.batches(batch_size):

@@ -40,8 +40,8 @@ def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
     Raises:
         AsrError: an unknown mode.
     """
+    from .calib.specs import fixed_batch
     from .crossfit import held_out_scores
-    from .graph import fixed_batch
     from .recal import DEFAULT_REFERENCE
     from .verify import logit_rel_l2
 

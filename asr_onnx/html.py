@@ -358,6 +358,7 @@ def load_report(path) -> dict:
 
 def write_html(report: dict, path, *, site: str | None = None) -> Path:
     """Writes :func:`render`'s page atomically (temporary file, then rename)."""
-    from .report import write_text
+    from .outputs import write_file
 
-    return write_text(render(report, site=site), path)
+    page = render(report, site=site).encode("utf-8")
+    return write_file(path, lambda handle: handle.write(page))

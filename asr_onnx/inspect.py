@@ -19,7 +19,9 @@ def inspect_model(model) -> dict:
     Raises:
         AsrError: a path that is not a readable, valid ONNX model.
     """
-    from .graph import input_specs, load_model, opset
+    from .calib.specs import input_specs
+    from .graph import opset
+    from .modelio import load_model
 
     source = None
     if not isinstance(model, onnx.ModelProto):

@@ -179,7 +179,7 @@ def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, 
         scales: the plan's first scales. Defaults to None.
         model: with ``outputs``, the model, to probe when an output is not finite. Defaults to None.
     """
-    from .graph import fixed_batch, input_specs, metadata
+    from .calib.specs import fixed_batch, input_specs, metadata
     from .progress import bar
     from .runtime import provider_of, providers, release_memory, runner
 
@@ -241,12 +241,12 @@ def _session(model, device: str, threads: int, mem_pattern: bool):
 
 
 def _run_batch(run, names, feed) -> dict:
-    from .graph import _first_line
+    from .errors import first_line
 
     try:
         return dict(zip(names, run(names, feed)))
     except Exception as e:
-        raise AsrError(f"onnxruntime failed on a calibration batch: {_first_line(e)}") from None
+        raise AsrError(f"onnxruntime failed on a calibration batch: {first_line(e)}") from None
 
 
 def _batch_stats(values: dict, index: int, count: float | None = None, k: int = 0) -> ChannelStats:

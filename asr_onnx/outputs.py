@@ -134,14 +134,14 @@ class Plan:
 
     def read_data(self, path, what: str) -> None:
         """Registers a data set: a folder, a file (an IDX images file with its labels), or a named set."""
-        from .calib.discovery import _idx_labels_path
-        from .verify import NAMED_DATA
+        from .calib.discovery import idx_labels_path
+        from .calib.named import NAMED_DATA
 
         path = NAMED_DATA.get(str(path), path)
         self.read(path, what)
         if Path(path).is_dir():  # a file written there would be read as data by the next run
             self.folders.append((real(path), what))
-        labels = _idx_labels_path(Path(path)) if Path(path).is_file() else None
+        labels = idx_labels_path(Path(path)) if Path(path).is_file() else None
         if labels is not None:
             self.read(labels, what)
 
@@ -229,13 +229,18 @@ def write_file(path, write) -> Path:
     return path
 
 
+def external_files(model) -> set[str]:
+    """The relative locations of an onnx.ModelProto's external data files."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    return {ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)}
+
+
 def _external_locations(path) -> list[str]:
     try:
         import onnx
 
-        from .graph import _external_files
-
-        return sorted(_external_files(onnx.load(str(path), load_external_data=False)))
+        return sorted(external_files(onnx.load(str(path), load_external_data=False)))
     except Exception:  # noqa: BLE001 - an unreadable model is refused when it is loaded, with its own message
         return []
 

@@ -65,7 +65,7 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
     import onnx
     import onnxruntime as ort
 
-    from .graph import is_large, write_external
+    from .modelio import is_large, write_external
 
     ort.set_default_logger_severity(LOG_SEVERITY)  # the process-wide log, which some warnings bypass the session's for
     options = ort.SessionOptions()
@@ -97,13 +97,13 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
 def load_error(e: Exception, what: str = "the model") -> AsrError:
     """The one-line error for a failure while a session was being made: onnxruntime's own errors say
     that onnxruntime cannot load ``what``; anything else says what really failed."""
-    from .graph import _first_line
+    from .errors import first_line
 
     if isinstance(e, AsrError):
         return e
     if type(e).__module__.startswith("onnxruntime"):
-        return AsrError(f"onnxruntime cannot load {what}: {_first_line(e)}")
-    return AsrError(f"cannot start an onnxruntime session for {what}: {type(e).__name__}: {_first_line(e)}")
+        return AsrError(f"onnxruntime cannot load {what}: {first_line(e)}")
+    return AsrError(f"cannot start an onnxruntime session for {what}: {type(e).__name__}: {first_line(e)}")
 
 
 def fallback_cause(printed: str) -> str:

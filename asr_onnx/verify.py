@@ -9,28 +9,6 @@ import numpy as np
 from .errors import AsrError
 from .output_kinds import PER_SAMPLE
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-NAMED_DATA = {
-    "fashion-mnist:test": FASHION_MNIST / "t10k-images-idx3-ubyte.gz",
-    "fashion-mnist:train": FASHION_MNIST / "train-images-idx3-ubyte.gz",
-}
-
-
-def resolve_data(path) -> Path:
-    """A data path, where ``fashion-mnist:test`` and ``fashion-mnist:train`` name Debian's IDX files.
-
-    Raises:
-        AsrError: a named data set is not installed.
-    """
-    text = str(path)
-    if text not in NAMED_DATA:
-        return Path(path)
-    resolved = NAMED_DATA[text]
-    if not resolved.exists():
-        raise AsrError(f"{text} needs Debian's Fashion-MNIST files: apt-get install -y dataset-fashion-mnist "
-                       f"(expected {resolved})")
-    return resolved
-
 
 def _run(session, feed: dict) -> list[np.ndarray]:
     """Every output of one run, in graph order."""
@@ -70,7 +48,8 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
         "err2"?, "ref2"?}: "logit_rel_l2" is the relative L2 error of all outputs (the logits, for a
         classifier), "max_rel_l2" the worst sample's.
     """
-    from .graph import fixed_batch, input_specs, load_model
+    from .calib.specs import fixed_batch, input_specs
+    from .modelio import load_model
     from .output_kinds import agreement_kind, batch_axis, output_kinds, top1_matches
     from .output_kinds import per_sample as flat
     from .progress import bar

@@ -46,8 +46,8 @@ def damage(job) -> dict:
 
 def main() -> int:
     from asr_onnx.api import Repair
-    from asr_onnx.calib import Preprocess, load_calib
-    from asr_onnx.graph import input_specs, load_model, metadata
+    from asr_onnx.calib import Preprocess, input_specs, load_calib, metadata
+    from asr_onnx.modelio import load_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet20_bn,resnet20,resnet50s_bn,vgg_bn,mobilenetv2_bn")

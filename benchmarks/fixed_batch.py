@@ -103,7 +103,7 @@ def plain_time(model, calib) -> float:
 
 def main() -> None:
     from asr_onnx.batch import free_batch
-    from asr_onnx.graph import input_specs
+    from asr_onnx.calib import input_specs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="an ONNX file with a fixed batch of 1 (default: the AlexNet-like graph)")

@@ -70,8 +70,8 @@ def weights(model) -> dict:
 def check(name: str, method: str, device: str, sequential: bool) -> dict:
     import onnxruntime as ort
 
-    from asr_onnx.calib import Preprocess, load_calib
-    from asr_onnx.graph import input_specs, load_model, metadata
+    from asr_onnx.calib import Preprocess, input_specs, load_calib, metadata
+    from asr_onnx.modelio import load_model
     from asr_onnx.verify import evaluate
 
     path = SAMPLES / f"{name}.onnx"

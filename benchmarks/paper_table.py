@@ -32,10 +32,9 @@ REGIMES = (("exact", "recal", True), ("momentum", "pre-bn", False))
 
 def run_one(name: str, args) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    from asr_onnx.calib import Preprocess, load_calib
-    from asr_onnx.graph import input_specs, load_model, metadata
+    from asr_onnx.calib import Preprocess, input_specs, load_calib, metadata, resolve_data
+    from asr_onnx.modelio import load_model
     from asr_onnx.sweep import Grid, run_sweep
-    from asr_onnx.verify import resolve_data
 
     path = ROOT / "sample_models" / f"{name}.onnx"
     proto = load_model(path)

@@ -27,9 +27,7 @@ def data_sets(proto, args):
     """(calibration set, evaluation set): the evaluation set never overlaps the calibration samples."""
     import numpy as np
 
-    from asr_onnx.calib import Preprocess, load_calib
-    from asr_onnx.graph import input_specs, metadata
-    from asr_onnx.verify import resolve_data
+    from asr_onnx.calib import Preprocess, input_specs, load_calib, metadata, resolve_data
 
     specs, preprocess = input_specs(proto), Preprocess.from_metadata(metadata(proto))
     train = load_calib(resolve_data("fashion-mnist:train"), specs, preprocess)
@@ -102,7 +100,7 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if args.eval == "heldout" and not args.eval_size:
         args.eval_size = 2000
-    from asr_onnx.graph import load_model
+    from asr_onnx.modelio import load_model
     from asr_onnx.verify import evaluate
 
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"reconstruct_{args.eval}.json")

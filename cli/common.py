@@ -61,25 +61,22 @@ def make_preprocess(model, size=None, resize=None, mean=None, std=None, scale=No
                     layout=None, hook=None):
     """A calib.Preprocess from the model's metadata defaults and the command-line overrides."""
     from asr_onnx.calib import Preprocess
-    from asr_onnx.graph import metadata
 
     try:
         overrides = dict(size=_size(size), mean=_floats(mean), std=_floats(std))
     except ValueError as e:
         raise click.BadParameter(f"not a list of numbers: {e}") from None
-    return Preprocess.from_metadata(metadata(model), resize=resize, scale=scale, channel_order=channel_order,
-                                    layout=layout, hook=hook, **overrides)
+    return Preprocess.for_model(model, resize=resize, scale=scale, channel_order=channel_order, layout=layout,
+                                hook=hook, **overrides)
 
 
 def open_data(path, model, options: dict, limit: int | None = None, seed: int = 0):
     """Loads a calibration or evaluation set for ``model`` with the preprocess options in ``options``."""
     from asr_onnx.calib import load_calib
-    from asr_onnx.graph import input_specs
-    from asr_onnx.verify import resolve_data
 
     keys = ("size", "resize", "mean", "std", "scale", "channel_order", "layout", "hook")
     preprocess = make_preprocess(model, **{k: options.get(k) for k in keys})
-    data = load_calib(resolve_data(path), input_specs(model), preprocess, strict=options.get("strict", False))
+    data = load_calib(path, model, preprocess, strict=options.get("strict", False))
     return data.take(limit, seed) if limit else data
 
 

@@ -30,9 +30,9 @@ def find_samples(folder) -> Path:
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 def demo_command(model, sparsity, pattern, models_dir, eval_size, device):
     """Prune a sample model and compare none, bn, lw, naive and asr on the bundled eval set."""
-    from asr_onnx.calib import Preprocess, load_calib
+    from asr_onnx.calib import load_calib
     from asr_onnx.errors import AsrError
-    from asr_onnx.graph import input_specs, load_model, metadata
+    from asr_onnx.modelio import load_model
     from asr_onnx.sweep import Grid, run_sweep
 
     folder = find_samples(models_dir)
@@ -40,9 +40,8 @@ def demo_command(model, sparsity, pattern, models_dir, eval_size, device):
     if not path.exists():
         raise AsrError(f"no sample model {model!r} in {folder}")
     proto = load_model(path)
-    specs, preprocess = input_specs(proto), Preprocess.from_metadata(metadata(proto))
-    calib = load_calib(folder / "data" / "calib", specs, preprocess)
-    eval_data = load_calib(folder / "data" / "eval.npz", specs, preprocess)
+    calib = load_calib(folder / "data" / "calib", proto)  # the model's metadata says how to preprocess
+    eval_data = load_calib(folder / "data" / "eval.npz", proto)
     if eval_size:
         eval_data = eval_data.take(eval_size)
     grid = Grid(sparsities=(sparsity,), patterns=(pattern,))

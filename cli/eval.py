@@ -23,7 +23,7 @@ from .common import COUNT, open_data, preprocess_options
 def eval_command(model, data_path, reference, limit, batch_size, device, as_json, quiet, **preprocess):
     """Evaluate MODEL on labelled or unlabelled data."""
     from asr_onnx.errors import AsrError
-    from asr_onnx.graph import load_model
+    from asr_onnx.modelio import load_model
     from asr_onnx.verify import evaluate
 
     proto = load_model(model)

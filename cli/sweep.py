@@ -46,7 +46,7 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
                   quiet, **preprocess):
     """Repair MODEL over a grid and write results.json, results.md and plots."""
     from asr_onnx.cache import load_stats, stats_key
-    from asr_onnx.graph import load_model
+    from asr_onnx.modelio import load_model
     from asr_onnx.outputs import Plan
     from asr_onnx.plots import PLOT_FILES
     from asr_onnx.prune import Pattern, check_sparsity

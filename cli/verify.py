@@ -32,9 +32,10 @@ def verify_command(model, reference, data_path, atol, rtol, check_error_stat, li
     """
     import json
 
+    from asr_onnx.calib import fixed_batch, input_specs
     from asr_onnx.compare import compare_models, format_comparison
     from asr_onnx.errors import AsrError
-    from asr_onnx.graph import fixed_batch, input_specs, load_model
+    from asr_onnx.modelio import load_model
 
     candidate, dense = load_model(model), load_model(reference)
     data = open_data(data_path, dense, preprocess, limit=limit, seed=seed)

@@ -159,7 +159,8 @@ def test_a_class_sorted_folder_repairs_like_its_shuffled_twin(tmp_path):
     import shutil
     from pathlib import Path
 
-    from asr_onnx.graph import input_specs, load_model, metadata
+    from asr_onnx.calib import input_specs, metadata
+    from asr_onnx.modelio import load_model
     from asr_onnx.verify import evaluate
 
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_models")

@@ -1,4 +1,4 @@
-"""asr_onnx.graph: what a model's serialized size is bounded by, and which normalisation each site has."""
+"""asr_onnx.graph and asr_onnx.modelio: a model's serialized size bound, and which normalisation each site has."""
 
 import onnx
 import pytest
@@ -13,7 +13,7 @@ SPARSITY = 0.6
 def test_the_size_bound_is_above_the_serialized_size_by_at_most_22_bytes_per_initializer(typed):
     from onnx import numpy_helper
 
-    from asr_onnx.graph import is_large, serialized_bound
+    from asr_onnx.modelio import is_large, serialized_bound
 
     model = zoo.conv_net(bn=True)
     for _i, t in enumerate(model.graph.initializer):  # raw bytes (as exporters write them) or typed fields

@@ -15,7 +15,8 @@ import zoo
 from onnx import helper
 
 from asr_onnx.api import repair
-from asr_onnx.graph import find_layers, find_sites, fixed_batch, input_specs, to_graph
+from asr_onnx.calib import fixed_batch, input_specs
+from asr_onnx.graph import find_layers, find_sites, to_graph
 from asr_onnx.stats import ChannelStats
 
 SPARSITY = 0.6
@@ -176,17 +177,17 @@ def test_fixed_batch_skips_the_last_partial_batch():
 def test_external_data_in_and_out(tmp_path, monkeypatch):
     """The >2 GB path, exercised on a small model: external data is read, the ORT sessions and checks go
     through a path, and the output is written with its weights in ``<name>.data`` beside it."""
-    import asr_onnx.graph
+    import asr_onnx.modelio
 
     dense, feeds = zoo.bn_kept()
     source = tmp_path / "big.onnx"
     onnx.save(zoo.bn_kept()[0], source, save_as_external_data=True, size_threshold=0, location="big.weights")
-    monkeypatch.setattr(asr_onnx.graph, "LARGE_BYTES", 0)  # every model counts as over 2 GB
+    monkeypatch.setattr(asr_onnx.modelio, "LARGE_BYTES", 0)  # every model counts as over 2 GB
     job = repair(source, zoo.DictSet(feeds), sparsity=SPARSITY, method="bn", batch_size=zoo.N, device="cpu",
                  progress=False)
     job.verify().save(tmp_path / "out.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.weights", "out.onnx", "out.onnx.data"]
-    assert asr_onnx.graph.has_external_data(tmp_path / "out.onnx")
+    assert asr_onnx.modelio.has_external_data(tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx").stat().st_size < (tmp_path / "out.onnx.data").stat().st_size
     onnx.checker.check_model(str(tmp_path / "out.onnx"))
     expected = run(job.output, feeds)

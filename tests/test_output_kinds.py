@@ -9,9 +9,8 @@ import zoo
 from asr_onnx_cli.main import main
 
 from asr_onnx.api import Repair
-from asr_onnx.calib import load_calib
+from asr_onnx.calib import input_specs, load_calib
 from asr_onnx.compare import compare_models
-from asr_onnx.graph import input_specs
 from asr_onnx.output_kinds import PER_STEP
 from asr_onnx.verify import evaluate
 

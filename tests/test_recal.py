@@ -125,8 +125,7 @@ def eps0_dead_channel_model():
                                                ("lw", "pre-bn"), ("asr", "recal"), ("asr", "pre-bn"),
                                                ("none", "recal"), ("auto", "recal")])
 def test_an_epsilon_0_bn_with_a_dead_channel_repairs_to_finite_weights(method, placement, tmp_path):
-    from asr_onnx.calib import load_calib
-    from asr_onnx.graph import input_specs
+    from asr_onnx.calib import input_specs, load_calib
 
     model, x = eps0_dead_channel_model(), random_inputs(32)
     np.save(tmp_path / "x.npy", x)

@@ -49,8 +49,8 @@ def test_repair_writes_the_page_by_extension(repaired):
 
 def test_eval_matches_an_independent_evaluation():
     from asr_onnx import Repair, load_calib
-    from asr_onnx.calib import Preprocess
-    from asr_onnx.graph import input_specs, load_model, metadata
+    from asr_onnx.calib import Preprocess, input_specs, metadata
+    from asr_onnx.modelio import load_model
     from asr_onnx.verify import evaluate
 
     dense = load_model(SAMPLE)
@@ -67,8 +67,8 @@ def test_eval_matches_an_independent_evaluation():
 
 def test_repaired_variance_is_the_reference_after_full_restoration():
     from asr_onnx import Repair, load_calib
-    from asr_onnx.calib import Preprocess
-    from asr_onnx.graph import input_specs, load_model, metadata
+    from asr_onnx.calib import Preprocess, input_specs, metadata
+    from asr_onnx.modelio import load_model
 
     dense = load_model(SAMPLE)
     specs = input_specs(dense)

@@ -141,8 +141,8 @@ def test_sparsity_zero_leaves_a_sample_model_as_it_was_on_brightened_class_sorte
     training's: every method at --sparsity 0 returns the input model's logits within 1e-4 relative (auto
     on the zoo graphs: tests/test_graphs.py)."""
     from asr_onnx.api import repair
-    from asr_onnx.calib import Preprocess, load_calib
-    from asr_onnx.graph import input_specs, load_model
+    from asr_onnx.calib import Preprocess, input_specs, load_calib
+    from asr_onnx.modelio import load_model
 
     model = load_model(os.path.join(MODELS_DIR, filename))
     brightened = Preprocess(mean=[0.1], std=[0.5], scale=1.0 / 255.0)  # training: mean 0.286, std 0.353

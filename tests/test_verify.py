@@ -10,8 +10,7 @@ from asr_onnx_cli.main import main
 from zoo import conv_net, random_inputs
 
 from asr_onnx.calib import InputSpec, load_calib
-from asr_onnx.errors import AsrError
-from asr_onnx.verify import evaluate, resolve_data
+from asr_onnx.verify import evaluate
 
 SPECS = [InputSpec("input", ("N", 3, 8, 8), np.float32)]
 
@@ -61,12 +60,3 @@ def test_eval_cli_json_and_label_free(labelled, tmp_path, capsys):
     assert out["agreement"] == 1.0 and "top1" not in out
     assert main(["eval", str(model), "--data", str(unlabelled), "-q"]) == 1
     assert "no labels" in capsys.readouterr().err
-
-
-def test_named_data_set_resolves_or_explains(monkeypatch, tmp_path):
-    import asr_onnx.verify as verify
-
-    monkeypatch.setitem(verify.NAMED_DATA, "fashion-mnist:test", tmp_path / "absent.gz")
-    with pytest.raises(AsrError, match="apt-get install -y dataset-fashion-mnist"):
-        resolve_data("fashion-mnist:test")
-    assert resolve_data("some/folder") == verify.Path("some/folder")

@@ -13,8 +13,9 @@ import numpy as np
 from asr_onnx.errors import AsrError
 
 from .discovery import _file_source, _folder_source
+from .named import resolve_data
 from .sources import _hash_file, _Source
-from .specs import InputSpec, Preprocess
+from .specs import InputSpec, Preprocess, input_specs
 
 
 class CalibSet:
@@ -143,21 +144,30 @@ def _hook_source_file(source: _Source) -> Path | None:
         return None  # builtins and C functions have no source file
 
 
-def load_calib(path, specs: list[InputSpec], preprocess: Preprocess = Preprocess(), strict: bool = False) -> CalibSet:
+def load_calib(path, model, preprocess: Preprocess | None = None, strict: bool = False) -> CalibSet:
     """Open a calibration source and validate it against the model inputs.
 
     Args:
-        path: Folder (images, .npy/.npz, or IDX files) or a single file of those kinds.
-        specs: The model's inputs.
-        preprocess: Image preprocessing; default ``Preprocess()``. Arrays ignore it.
+        path: Folder (images, .npy/.npz, or IDX files), a single file of those kinds, or a named set
+            (``fashion-mnist:train``, ``fashion-mnist:test``: see :mod:`asr_onnx.calib.named`).
+        model: The model, an onnx.ModelProto (its inputs, and its ``asr_onnx.preprocess`` metadata), or
+            its input specs (a list of InputSpec).
+        preprocess: Image preprocessing. Defaults to None: ``Preprocess.for_model(model)`` for a model,
+            ``Preprocess()`` for specs. Arrays ignore it.
         strict: Refuse corrupt images instead of skipping them with a warning; default False.
 
     Raises:
         AsrError: Any problem with the path, its files or their fit to the model.
     """
+    if isinstance(model, (list, tuple)):
+        specs = list(model)
+        preprocess = Preprocess() if preprocess is None else preprocess
+    else:
+        specs = input_specs(model)
+        preprocess = Preprocess.for_model(model) if preprocess is None else preprocess
     if not specs:
         raise AsrError("model has no inputs")
-    path = Path(path).expanduser()
+    path = resolve_data(path).expanduser()
     if not path.exists():
         raise AsrError(f"calibration path {path} does not exist")
     if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):

@@ -32,7 +32,7 @@ def _list_files(folder: Path) -> list[Path]:
     return sorted(paths)
 
 
-def _idx_labels_path(images_path: Path) -> Path | None:
+def idx_labels_path(images_path: Path) -> Path | None:
     base = re.sub(r"images([-.])idx3-ubyte(\.gz)?$", r"labels\1idx1-ubyte", images_path.name)
     for name in (base, base + ".gz"):
         candidate = images_path.with_name(name)
@@ -101,7 +101,7 @@ def _folder_source(folder: Path, specs, preprocess: Preprocess, strict: bool) ->
 
 def _idx_source(images_path: Path, specs, preprocess: Preprocess) -> _IdxImages:
     plan = _plan_images(specs, preprocess)
-    return _IdxImages(images_path, _idx_labels_path(images_path), plan)
+    return _IdxImages(images_path, idx_labels_path(images_path), plan)
 
 
 def _file_source(path: Path, specs, preprocess: Preprocess, strict: bool) -> _Source:

@@ -1,4 +1,4 @@
-"""Model input specs and image preprocessing settings (from metadata or the CLI)."""
+"""Model input specs, fixed batches and image preprocessing settings (from metadata or the CLI)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,32 @@ class InputSpec:
         """Shape as text, e.g. ``(N, 1, 28, 28)``; dynamic dims print as their name, N or ?."""
         dims = [_dim_text(dim, axis) for axis, dim in enumerate(self.shape)]
         return "(" + ", ".join(dims) + ")"
+
+
+def input_specs(model) -> list[InputSpec]:
+    """An onnx.ModelProto's real inputs (initializers excluded)."""
+    from onnx import helper
+
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+        specs.append(InputSpec(value.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))))
+    return specs
+
+
+def metadata(model) -> dict[str, str]:
+    """An onnx.ModelProto's metadata_props as a dict."""
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def fixed_batch(specs) -> int | None:
+    """The batch size that every input fixes, or None when the batch axis is dynamic."""
+    sizes = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _dim_text(dim, axis: int) -> str:
@@ -115,6 +141,12 @@ class Preprocess:
             if value is not None:
                 values[name] = value
         return cls(**values)
+
+    @classmethod
+    def for_model(cls, model, **overrides) -> "Preprocess":
+        """The preprocessing an onnx.ModelProto asks for in its ``asr_onnx.preprocess`` metadata (see
+        :meth:`from_metadata`), with ``overrides`` winning where they are not None."""
+        return cls.from_metadata(metadata(model), **overrides)
 
 
 def _metadata_fields(props: dict[str, str]) -> dict:
