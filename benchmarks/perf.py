@@ -92,9 +92,9 @@ class PeakSampler:
                 "ru_maxrss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
-# The first landing measured candidate fixes here by monkeypatching the library (leaf-order, no-pattern,
-# train-bn, gap-dense; see PERF.md's history). All are now in the library, so the only variant left is
-# "asis", the library as committed; the patching code is in git history (commit 2124b00 and before).
+# Stage times come from the repair's own report (``timings_s``), so nothing of the library is patched and a
+# rename cannot silently break a figure. The only variant is "asis", the library as committed (the first
+# landing's patched variants are in git history, commit 2124b00 and before).
 
 
 # ------------------------------------------------------------------------------------------- children
@@ -125,50 +125,25 @@ def child_repair(args, t0: float) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from asr_onnx import measure, runtime
     from asr_onnx.api import Repair
     from asr_onnx.calib import load_calib
 
     t_import = time.perf_counter()
-    sub = {"stats_graph": 0.0, "session": 0.0}
     largest = {"elements": 0}
+    run, copy_out = ort.InferenceSession.run, ort.IOBinding.copy_outputs_to_cpu
 
-    def timed_session(model, device="auto", threads=0, **options):  # pins the threads where the library does not
-        start = time.perf_counter()
-        try:
-            return make_session(model, device, threads or args.threads, **options)
-        finally:
-            sub["session"] += time.perf_counter() - start
-
-    def timed_stats_model(*a, **k):
-        start = time.perf_counter()
-        try:
-            return stats_model(*a, **k)
-        finally:
-            sub["stats_graph"] += time.perf_counter() - start
-
-    run = ort.InferenceSession.run
-
-    def watched_run(self, *a, **k):  # the largest tensor that leaves the session, per batch
+    def watched_run(self, *a, **k):  # the largest tensor that leaves a session, per batch (onnxruntime's API)
         values = run(self, *a, **k)
         largest["elements"] = max([largest["elements"]] + [int(np.size(v)) for v in values])
         return values
-
-    copy_out = ort.IOBinding.copy_outputs_to_cpu
 
     def watched_copy(self):  # the same, for runs fed through IO binding (CUDA)
         values = copy_out(self)
         largest["elements"] = max([largest["elements"]] + [int(np.size(v)) for v in values])
         return values
 
-    make_session, stats_model = runtime.make_session, measure.stats_model
-    runtime.make_session, measure.stats_model, ort.InferenceSession.run = timed_session, timed_stats_model, watched_run
-    ort.IOBinding.copy_outputs_to_cpu = watched_copy
-
-    import inspect
-
-    extra = {"threads": args.threads} if "threads" in inspect.signature(Repair).parameters else {}
-    job = Repair(args.model, device=args.device, batch_size=args.batch_size, progress=False, **extra)
+    ort.InferenceSession.run, ort.IOBinding.copy_outputs_to_cpu = watched_run, watched_copy
+    job = Repair(args.model, device=args.device, batch_size=args.batch_size, progress=False, threads=args.threads)
     t_load = time.perf_counter()
     calib = load_calib(args.data, job.specs)
     t_calib = time.perf_counter()
@@ -179,12 +154,13 @@ def child_repair(args, t0: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="asr-perf.") as folder:
         job.save(Path(folder) / "out.onnx")
         t_end = time.perf_counter()
+    report = job.report()  # the library's own stage timings, and what each site measured
     stages = {"import": t_import - t0, "load": t_load - t_import, "calib_open": t_calib - t_load}
-    stages.update(job.timings)
-    channels = max(len(batches[0].mean) for batches in job.pruned_stats.values())
-    return {"total": t_end - t0, "stages": stages, "sub": sub, "samples": len(calib),
-            "largest_output": largest["elements"], "max_channels": channels, "sites": len(job.pruned_stats),
-            "dense_sites": len(job.dense_stats)}
+    stages.update(report["timings_s"])
+    sites = report["sites"]
+    return {"total": t_end - t0, "stages": stages, "samples": len(calib), "largest_output": largest["elements"],
+            "max_channels": max(site["channels"] for site in sites), "sites": len(sites),
+            "dense_sites": sum("dense_var" in site for site in sites)}
 
 
 def child_torch(args, t0: float) -> dict:
@@ -536,12 +512,9 @@ def _model_report(bench: dict) -> list[str]:
     lines.append("")
     for variant, results in repairs:
         r0 = results[0]
-        lines.append(f"repair ({variant}): inside measure_dense + measure_pruned, building the two statistics graphs "
-                     f"took {median([r['sub']['stats_graph'] for r in results]):.2f} s and creating their sessions "
-                     f"{median([r['sub']['session'] for r in results]):.2f} s; the largest tensor out of any session "
-                     f"per batch had {r0['largest_output']} elements (largest per-channel vector: "
-                     f"{r0['max_channels']} channels; {r0['sites']} sites in the pruned pass, "
-                     f"{r0.get('dense_sites', r0['sites'])} in the dense pass).")
+        lines.append(f"repair ({variant}): the largest tensor out of any session per batch had "
+                     f"{r0['largest_output']} elements (largest per-channel vector: {r0['max_channels']} channels; "
+                     f"{r0['sites']} sites in the pruned pass, {r0.get('dense_sites', r0['sites'])} in the dense pass).")
     lines += ["", "Plain: the 'load' row is session creation and the 'measure_dense' row the inference loop.", ""]
     return lines
 
@@ -638,7 +611,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if any(v != "asis" for v in args.variants):
-        p.error("--variants: only asis remains (the candidate fixes of PERF.md's history are merged)")
+        p.error("--variants: only asis remains (the first landing's candidate fixes are in the library)")
     args.growth = [int(x) for x in args.growth.split(",") if x.strip()] if not args.no_growth else []
     return args
 

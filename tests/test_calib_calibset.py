@@ -152,6 +152,7 @@ def test_shuffled_batches_mix_the_classes_and_keep_the_labels(tmp_path):
     np.testing.assert_array_equal(next(calib.shuffled(seed=3).batches(8))["x"], batches[0]["x"])
 
 
+@pytest.mark.slow  # a repair of the sample model twice; test_shuffled_batches_mix... checks the mechanism
 def test_a_class_sorted_folder_repairs_like_its_shuffled_twin(tmp_path):
     """The bundled calibration folder is read class by class; its images in a random flat order give the
     same repair (before batches were mixed: logit error 0.94 against dense with the sorted folder,

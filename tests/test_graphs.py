@@ -116,7 +116,11 @@ def test_graph_class(name):
     check_class(*zoo.CLASSES[name]())
 
 
-@pytest.mark.parametrize("opset", range(9, onnx.defs.onnx_opset_version() + 1))
+NEWEST_OPSET = onnx.defs.onnx_opset_version()
+
+
+# the oldest and the newest opset, and an odd and even one between, run by default; the rest with -m slow
+@pytest.mark.parametrize("opset", zoo.slow_except(range(9, NEWEST_OPSET + 1), (9, 14, 17, NEWEST_OPSET)))
 def test_every_opset(opset):
     """BN kept at odd opsets and folded at even ones, from opset 9 to the newest this onnx knows."""
     dense = zoo.conv_net(bn=bool(opset % 2), opset=opset)
@@ -263,7 +267,8 @@ def shifted_sorted(feeds):
             for name, x in feeds.items()}
 
 
-@pytest.mark.parametrize("name", list(zoo.CLASSES))
+# every class keeps its sparsity-0 check in test_graph_class; every method and pattern on each is slow
+@pytest.mark.parametrize("name", zoo.slow_except(zoo.CLASSES, ("bn_kept", "bn_folded")))
 def test_sparsity_zero_is_the_identity_for_every_method_and_pattern(name):
     """No layer pruned, no site touched: every method, pattern and flavour returns the input model's
     outputs (within 1e-4 relative), even from small, biased batches of data unlike the training data."""

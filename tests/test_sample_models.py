@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import zoo
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +102,9 @@ def test_onnx_file_valid(filename, keeps_bn):
         assert not bn_nodes
 
 
-@pytest.mark.parametrize("filename", [filename for filename, _ in ONNX_FILES])
+# the two ResNet-20s (the demo's) by default; the other sample models with -m slow
+@pytest.mark.parametrize("filename", zoo.slow_except([filename for filename, _ in ONNX_FILES],
+                                                    ("resnet20_bn.onnx", "resnet20.onnx")))
 def test_onnx_accuracy_on_bundled_eval(filename, eval_data):
     x, y = eval_data
     accuracy = (onnx_logits(filename, x).argmax(1) == y).mean()
@@ -135,7 +138,7 @@ def test_torch_matches_onnx(name, train_module, eval_data):
         assert diff <= 1e-4, f"{filename}: max abs diff {diff}"
 
 
-@pytest.mark.parametrize("filename", ["resnet20_bn.onnx", "resnet20.onnx"])
+@pytest.mark.parametrize("filename", zoo.slow_except(["resnet20_bn.onnx", "resnet20.onnx"], ("resnet20_bn.onnx",)))
 def test_sparsity_zero_leaves_a_sample_model_as_it_was_on_brightened_class_sorted_images(filename):
     """The bundled calibration folder (read class by class) through a brighter, flatter preprocessing than
     training's: every method at --sparsity 0 returns the input model's logits within 1e-4 relative (auto

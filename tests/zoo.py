@@ -14,9 +14,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 N = 24  # calibration samples
+
+
+def slow_except(values, default_run) -> list:
+    """``values`` as pytest parameters, each one not in ``default_run`` marked ``slow`` (run by ``-m slow``)."""
+    return [pytest.param(v, marks=() if v in default_run else pytest.mark.slow) for v in values]
 
 
 # --------------------------------------------------------------------------- the plain conv net
