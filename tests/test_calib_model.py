@@ -49,8 +49,8 @@ def test_a_preprocess_given_wins_over_the_model_metadata(images):
 def test_a_named_data_set_loads_from_the_python_api():
     if not NAMED_DATA["fashion-mnist:test"].exists():
         pytest.skip("Debian's Fashion-MNIST files are not installed")
-    from zoo import make_model
     from onnx import TensorProto, helper
+    from zoo import make_model
 
     model = make_model([helper.make_node("Identity", ["x"], ["y"])], [],
                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 28, 28])],
