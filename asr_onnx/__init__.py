@@ -2,13 +2,13 @@
 
 The public surface is small and lazy, so that ``import asr_onnx`` stays cheap:
 :func:`repair` and :class:`Repair` (the pipeline), :func:`load_calib` (calibration data),
-:func:`evaluate` (accuracy and agreement) and :class:`AsrError`.
+:func:`evaluate` (accuracy and agreement), :func:`bench` (measured speed) and :class:`AsrError`.
 """
 
 from .errors import AsrError
 
 __version__ = "0.1.0"
-__all__ = ["AsrError", "Repair", "repair", "load_calib", "evaluate", "__version__"]
+__all__ = ["AsrError", "Repair", "repair", "load_calib", "evaluate", "bench", "__version__"]
 
 
 def __getattr__(name):
@@ -24,4 +24,8 @@ def __getattr__(name):
         from .verify import evaluate
 
         return evaluate
+    if name == "bench":
+        from .bench import bench
+
+        return bench
     raise AttributeError(name)

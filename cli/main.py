@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from .bench import bench_command
 from .demo import demo_command
 from .eval import eval_command
 from .inspect import inspect_command
@@ -17,7 +18,7 @@ from .verify import verify_command
 
 COMMANDS = {"repair": repair_command, "eval": eval_command, "stats": stats_command,
             "sweep": sweep_command, "demo": demo_command, "inspect": inspect_command,
-            "verify": verify_command, "report": report_command}
+            "verify": verify_command, "report": report_command, "bench": bench_command}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -1,0 +1,31 @@
+"""``asr-onnx bench``: measured onnxruntime latency and throughput, against a dense reference."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import COUNT, NON_NEGATIVE
+
+
+@click.command("bench")
+@click.argument("model", type=click.Path())
+@click.option("--reference", type=click.Path(), help="The dense model, timed alternately with MODEL in the same run.")
+@click.option("--batch-size", default=1, show_default=True, type=COUNT, help="Samples per run.")
+@click.option("--threads", default=0, show_default=True, type=NON_NEGATIVE,
+              help="onnxruntime intra-op threads; 0 lets onnxruntime choose.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--runs", default=30, show_default=True, type=COUNT, help="Timed runs per model.")
+@click.option("--warmup", default=5, show_default=True, type=NON_NEGATIVE, help="Untimed runs per model first.")
+@click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE, help="Seed of the random input batch.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def bench_command(model, reference, batch_size, threads, device, runs, warmup, seed, as_json):
+    """Time MODEL in onnxruntime on a random batch: median latency, interquartile range and throughput,
+    alternating with the --reference model and giving the speed-up; prints the trtexec command line
+    when TensorRT is installed."""
+    from asr_onnx.bench import bench, format_bench
+
+    result = bench(model, reference, batch_size=batch_size, threads=threads, device=device, runs=runs,
+                   warmup=warmup, seed=seed)
+    click.echo(json.dumps(result) if as_json else format_bench(result))
