@@ -45,7 +45,8 @@ def bench(model, reference=None, *, batch_size: int = 1, threads: int = 0, devic
         AsrError: a model that cannot be read or run, inputs that differ between the two models, a
             non-batch axis that is not fixed, a fixed batch other than ``batch_size``, or a count < 1.
     """
-    from .graph import input_specs, load_model
+    from .calib import input_specs
+    from .modelio import load_model
     from .runtime import make_session, provider_of, runner
 
     if batch_size < 1 or runs < 1 or warmup < 0 or threads < 0:

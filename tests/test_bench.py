@@ -14,8 +14,8 @@ from asr_onnx_cli.main import main
 from onnx import numpy_helper
 
 from asr_onnx.bench import alternating_schedule, bench, random_feed
+from asr_onnx.calib import input_specs
 from asr_onnx.errors import AsrError
-from asr_onnx.graph import input_specs
 from asr_onnx.prune import nm_mask
 
 
