@@ -94,6 +94,7 @@ class Repair:
         self.dense_stats = self.pruned_stats = None
         self.corrections, self.written, self.output, self.provider = {}, {}, None, None
         self.evaluation = None
+        self.channel_plan = self.channel_report = None
 
     @contextmanager
     def _timed(self, stage: str):
@@ -103,21 +104,27 @@ class Repair:
 
     def prune(self, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
               keep_last: bool = False, allocation: str = "global", score: str = "magnitude",
-              calib=None) -> "Repair":
-        """Zeroes weights of Conv, ConvTranspose, Gemm and MatMul layers.
+              calib=None, flops_target: float | None = None) -> "Repair":
+        """Zeroes weights of Conv, ConvTranspose, Gemm and MatMul layers, or removes whole channels.
 
         Args:
-            sparsity: fraction of eligible weights to zero, in [0, 1). Defaults to 0.9 (ignored for N:M).
-            pattern: "global", "uniform" or "N:M". Defaults to "global".
+            sparsity: fraction of eligible weights to zero, in [0, 1); under "channels" the fraction of each
+                prunable group's channels removed. Defaults to 0.9 (ignored for N:M and a FLOPs target).
+            pattern: "global", "uniform", "N:M" or "channels" (see :meth:`prune_channels`). Defaults to "global".
             exclude: regexes of node or weight names to leave dense. Defaults to none.
             keep_first: leave the first prunable layer dense. Defaults to False.
             keep_last: leave the last prunable layer dense. Defaults to False.
             allocation: "global", "lamp" or "uniform" (see :func:`asr_onnx.prune.prune_layers`). Defaults
                 to "global".
-            score: "magnitude" (|w|) or "wanda" (|w| times its input channel's norm on ``calib``). Defaults
-                to "magnitude".
-            calib: the calibration set, needed by "wanda". Defaults to None.
+            score: "magnitude" (|w|) or "wanda" (|w| times its input channel's norm on ``calib``); under
+                "channels", "magnitude", "bn-scale" or "greedy". Defaults to "magnitude".
+            calib: the calibration set, needed by "wanda" and "greedy". Defaults to None.
+            flops_target: under "channels", the fraction of multiply-accumulates to keep instead of a
+                sparsity. Defaults to None.
         """
+        if str(pattern).strip().lower() == "channels":
+            return self.prune_channels(sparsity, score=score, calib=calib, flops_target=flops_target,
+                                       exclude=exclude)
         sparsity, parsed = check_sparsity(sparsity), Pattern.parse(pattern)
         norms = self._input_norms(score, calib)
         with self._timed("prune"):
@@ -128,6 +135,50 @@ class Repair:
         used = self.layers[0].allocation if self.layers else allocation  # "uniform" for the pattern uniform
         self.settings.update(sparsity=sparsity, pattern=str(parsed), exclude=list(exclude),
                              keep_first=keep_first, keep_last=keep_last, allocation=used, score=score)
+        return self
+
+    def prune_channels(self, sparsity: float = 0.5, *, score: str = "magnitude", calib=None,
+                       flops_target: float | None = None, exclude=(), channel_plan=None) -> "Repair":
+        """Removes whole output channels, group by group (see :mod:`asr_onnx.channels`).
+
+        Until :meth:`run` ends, ``pruned`` and ``output`` keep the dense shapes with the removed filters zeroed
+        (every stage works on them); run then shrinks the output. Arguments as for :meth:`prune`, and
+        ``channel_plan``: a plan of this model made earlier (:func:`asr_onnx.channels.plan`), whose removal
+        orders are reused at this sparsity or target. Defaults to None.
+        """
+        from . import channels
+
+        sparsity = check_sparsity(sparsity)
+        target = None if flops_target is None else channels.check_flops_target(flops_target)
+        if score == "greedy" and channel_plan is None:
+            self._check_size(calib)
+        with self._timed("prune"):
+            if channel_plan is not None:
+                self.channel_plan = channels.choose(channel_plan, sparsity=None if target else sparsity,
+                                                    flops_target=target)
+            else:
+                self.channel_plan = channels.plan(self.dense, sparsity=None if target else sparsity,
+                                                  flops_target=target, score=score, calib=calib, exclude=exclude,
+                                                  batch_size=self.batch_size, device=self.device, threads=self.threads)
+            self.pruned = channels.mask(self.dense, self.channel_plan.groups, self.channel_plan.keep)
+        self.layers = []
+        self.settings.update(sparsity=sparsity, pattern="channels", flops_target=target, exclude=list(exclude),
+                             score=score)
+        return self
+
+    def shrink(self) -> "Repair":
+        """Slices the removed channels out of the output (or the pruned model), after :meth:`prune_channels`;
+        :meth:`run`, :meth:`save` and :meth:`report` call it; a shrunk output is left as it is."""
+        from . import channels
+
+        masked = self.output if self.output is not None else self.pruned
+        if self.channel_plan is None:
+            return self
+        with self._timed("shrink"):
+            if channels.masked(self.channel_plan, masked):
+                self.output = channels.apply(self.channel_plan, masked)
+            self.channel_report = channels.summary(self.channel_plan, self.dense,
+                                                   masked if self.output is None else self.output)
         return self
 
     def _input_norms(self, score: str, calib):
@@ -335,7 +386,7 @@ class Repair:
         if method == "none":
             self.output = self.pruned
             self.settings.update(method="none")
-            return self
+            return self.shrink()
         self.measure(calib, dense_stats, sequential, seed=seed, reference=reference)
         if method == "auto":
             self.auto(calib, recal=recal, momentum=momentum, seed=seed, correct_head=correct_head,
@@ -346,8 +397,8 @@ class Repair:
         self.fold(fold_bn_nodes)
         if guard == "off":
             self.settings.update(guard={"mode": "off", "held_out": 0, "kept": "repair"})
-            return self
-        return self.guard(calib, guard, seed=seed)
+            return self.shrink()
+        return self.guard(calib, guard, seed=seed).shrink()
 
     def guard(self, calib, mode: str = "fallback", *, seed: int = 0) -> "Repair":
         """Scores the repair and pruning alone against the dense model on held-out calibration samples
@@ -482,6 +533,7 @@ class Repair:
         """
         from .fp16 import check_fp16, to_fp16
 
+        self.shrink()  # the channel plan slices float32 constants
         with self._timed("fp16"):
             single = self.output if self.output is not None else self.pruned
             half = to_fp16(single, keep_io=keep_io)
@@ -492,6 +544,7 @@ class Repair:
 
     def save(self, path, *, overwrite: bool = False) -> "Repair":
         """Checks and writes the output atomically; the input model is never overwritten unless ``overwrite``."""
+        self.shrink()
         with self._timed("save"):
             save_model(self.output if self.output is not None else self.pruned, path, overwrite=overwrite,
                        source=self.source, check=check_output)
@@ -501,7 +554,7 @@ class Repair:
         """The JSON-ready report (see :mod:`asr_onnx.report`)."""
         from .report import build_report
 
-        return build_report(self)
+        return build_report(self.shrink())
 
 
 def repair(model, calib, *, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,

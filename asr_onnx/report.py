@@ -84,7 +84,8 @@ def build_report(job) -> dict:
         "sites": sites,
         "sparse_core": layer_rows(job.output if job.output is not None else job.pruned),
         "timings_s": {k: round(v, 4) for k, v in job.timings.items()},
-    } | ({"eval": job.evaluation} if getattr(job, "evaluation", None) else {})
+    } | ({"eval": job.evaluation} if getattr(job, "evaluation", None) else {}) \
+      | ({"channels": job.channel_report} if getattr(job, "channel_report", None) else {})
 
 
 def write_json(report: dict, path) -> Path:
@@ -126,6 +127,18 @@ def write_report(report: dict, path) -> Path:
     return write_json(report, path)
 
 
+def _channel_lines(entry: dict) -> list[str]:
+    groups = entry["groups"]
+    removed, total = sum(g["removed"] for g in groups), sum(g["channels"] for g in groups)
+    whole = [g for g in groups if g["whole"]]
+    (p0, p1), (m0, m1) = entry["params"], entry["macs"]
+    lines = [f"channels: {removed:,} of {total:,} removed in {len(groups) - len(whole)} prunable groups "
+             f"(score {entry['score']}); params {p0:,} -> {p1:,} ({p1 / max(p0, 1):.3f}); "
+             f"MACs {m0:,} -> {m1:,} ({m1 / max(m0, 1):.3f})"]
+    lines += [f"  whole: {g['kind']} group of {g['channels']} ({g['whole']})" for g in whole[:5]]
+    return lines
+
+
 def summary(report: dict, width: int = 100) -> str:
     """A one-screen, human-readable summary."""
     s = report["settings"]
@@ -142,6 +155,8 @@ def summary(report: dict, width: int = 100) -> str:
         lines.extend(_guard_lines(s["guard"]))
     elif s.get("guard", {}).get("skipped"):
         lines.append(f"guard skipped: {s['guard']['skipped']}")
+    if report.get("channels"):
+        lines.extend(_channel_lines(report["channels"]))
     skipped = [layer for layer in report["layers"] if not layer["pruned"]]
     lines.append(f"layers: {len(report['layers'])} prunable, {len(skipped)} left dense")
     for layer in skipped[:5]:

@@ -20,12 +20,18 @@ def default_output(model: str) -> Path:
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("--calib", "calib_path", required=False, help="Calibration data: image folder, .npy/.npz, or IDX files.")
 @click.option("-o", "--output", help="Output model. Default: MODEL.repaired.onnx beside the input.")
-@click.option("--sparsity", default="0.9", show_default=True, help="Fraction of prunable weights set to zero.")
-@click.option("--pattern", default="global", show_default=True, help="global, uniform or N:M (e.g. 2:4).")
+@click.option("--sparsity", default="0.9", show_default=True,
+              help="Fraction of prunable weights set to zero (--pattern channels: of each group's channels removed).")
+@click.option("--pattern", default="global", show_default=True,
+              help="global, uniform, N:M (e.g. 2:4) or channels (remove whole output channels and shrink the graph).")
+@click.option("--flops-target", type=float,
+              help="With --pattern channels: the fraction of multiply-accumulates to keep, instead of --sparsity.")
 @click.option("--allocation", default="global", show_default=True, type=click.Choice(["global", "lamp", "uniform"]),
               help="How the sparsity is split between layers: one |w| threshold, LAMP scores, or per layer.")
-@click.option("--score", default="magnitude", show_default=True, type=click.Choice(["magnitude", "wanda"]),
-              help="How weights are ranked: |w|, or Wanda's |w| times its input channel's norm (needs --calib).")
+@click.option("--score", default="magnitude", show_default=True,
+              type=click.Choice(["magnitude", "wanda", "bn-scale", "greedy"]),
+              help="How weights are ranked: |w|, or Wanda's |w| times its input channel's norm (needs --calib); "
+                   "channels: the L1 of their filters, |gamma| of their BN, or greedy (ThiNet, needs --calib).")
 @click.option("--reconstruct", default="none", show_default=True, type=click.Choice(["none", "ls"]),
               help="ls: refit the kept weights of each layer by least squares on the calibration set.")
 @click.option("--max-gram-mb", default=256.0, show_default=True, type=float,
@@ -71,7 +77,7 @@ def default_output(model: str) -> Path:
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @preprocess_options
-def repair_command(model, calib_path, output, sparsity, pattern, allocation, score, reconstruct, max_gram_mb, method,
+def repair_command(model, calib_path, output, sparsity, pattern, flops_target, allocation, score, reconstruct, max_gram_mb, method,
                    placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
                    batch_size, seed, device, threads, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io,
                    stats_path, report_path, eval_path, eval_size, overwrite, quiet, **preprocess):
@@ -96,7 +102,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, allocation, sco
     plan.read(stats_path, "the --stats file")
     needs = [option for option, used in ((f"--method {method}", method != "none"), ("--fp16", fp16 or fp16_io),
                                          (f"--reconstruct {reconstruct}", reconstruct != "none"),
-                                         (f"--score {score}", score != "magnitude")) if used]
+                                         (f"--score {score}", score in ("wanda", "greedy"))) if used]
     if needs and calib_path:  # --fp16 checks its output on the calibration data
         plan.read_data(calib_path, "the --calib data")
     if eval_path:
@@ -105,7 +111,14 @@ def repair_command(model, calib_path, output, sparsity, pattern, allocation, sco
     report_out = plan.write(report_path, "--report") if report_path else None
     plan.check()
     job = Repair(model, device=device, batch_size=batch_size, progress=not quiet, threads=threads)
-    check_sparsity(sparsity), Pattern.parse(pattern)  # a bad pattern fails before any data is read
+    channels = str(pattern).strip().lower() == "channels"
+    check_sparsity(sparsity)  # a bad pattern or score fails before any data is read
+    if not channels:
+        Pattern.parse(pattern)
+    if score not in (("magnitude", "bn-scale", "greedy") if channels else ("magnitude", "wanda")):
+        raise click.BadParameter(f"--score {score} does not apply to --pattern {pattern}", param_hint="--score")
+    if flops_target is not None and not channels:
+        raise click.BadParameter("--flops-target needs --pattern channels", param_hint="--flops-target")
     calib = dense_stats = None
     half = fp16 or fp16_io
     if needs:
@@ -114,7 +127,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, allocation, sco
         calib = open_data(calib_path, job.dense, preprocess, limit=calib_size, seed=seed)
     if method != "none":
         dense_stats = load_stats(stats_path, stats_key(job.dense, calib)) if stats_path else None
-    job.prune(sparsity, pattern, exclude, keep_first, keep_last, allocation, score, calib)
+    job.prune(sparsity, pattern, exclude, keep_first, keep_last, allocation, score, calib, flops_target)
     job.run(calib, method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
             correct_head=not no_head, dense_stats=dense_stats, sequential=sequential, fold_bn_nodes=fold_bn,
             seed=seed, reference=reference, reconstruct=reconstruct, max_gram_mb=max_gram_mb,

@@ -746,6 +746,114 @@ def bn_with_statistics(stale: bool, n=96, seed=23):
     return model, {"input": x}
 
 
+# ---------------------------------------------------------------- 16. channel dependency groups (issue 16)
+
+
+def _channel_model(g, h, c, classes=5):
+    return g.model([("input", ["N", 3, 8, 8], None)], g.head(h, c, classes)), {"input": _feed((3, 8, 8))}
+
+
+def channels_residual():
+    """conv-BN-ReLU, conv-BN, a residual Add, then a 1x1 unpadded conv with bias and the head."""
+    g = G(31)
+    a = g.relu(g.bn(g.conv("input", 3, 8, bias=False), 8))
+    b = g.bn(g.conv(a, 8, 8, bias=False), 8)
+    h = g.relu(g.node("Add", [b, a]))
+    return _channel_model(g, g.relu(g.conv(h, 8, 6, k=1)), 6)
+
+
+def channels_depthwise():
+    """MobileNetV2-style: 1x1 expand, BN, Clip(0, 6), depthwise 3x3, BN, ReLU, 1x1 project."""
+    g = G(32)
+    h = g.bn(g.conv("input", 3, 8, k=1, bias=False), 8)
+    h = g.node("Clip", [h, g.init("lo", np.array(0.0)), g.init("hi", np.array(6.0))])
+    h = g.relu(g.bn(g.conv(h, 8, 8, group=8, bias=False), 8))
+    return _channel_model(g, g.conv(h, 8, 6, k=1), 6)
+
+
+def channels_grouped():
+    """A grouped (not depthwise) conv between two convs: its input and output groups stay whole."""
+    g = G(33)
+    h = g.relu(g.conv("input", 3, 8))
+    h = g.relu(g.conv(h, 8, 8, group=2))
+    return _channel_model(g, g.relu(g.conv(h, 8, 6)), 6)
+
+
+def channels_concat():
+    """Two branches of 4 and 6 channels concatenated on axis 1, read by a 3x3 conv."""
+    g = G(34)
+    a = g.relu(g.conv("input", 3, 4))
+    b = g.relu(g.bn(g.conv("input", 3, 6, k=1, bias=False), 6))
+    h = g.node("Concat", [a, b], axis=1)
+    return _channel_model(g, g.relu(g.conv(h, 10, 8)), 8)
+
+
+def channels_se_gate():
+    """An SE block: GlobalAveragePool, 1x1 reduce, ReLU, 1x1 expand, Sigmoid, Mul into the trunk."""
+    g = G(35)
+    x = g.relu(g.bn(g.conv("input", 3, 8, bias=False), 8))
+    s = g.relu(g.conv(g.node("GlobalAveragePool", [x]), 8, 4, k=1))
+    gate = g.node("Sigmoid", [g.conv(s, 4, 8, k=1)])
+    h = g.node("Mul", [x, gate])
+    return _channel_model(g, g.relu(g.conv(h, 8, 6, k=1)), 6)
+
+
+def channels_flatten_gemm(reshape=True):
+    """conv, ReLU, MaxPool to 4x4, then Reshape (an explicit (-1, 128) target) or Flatten into a Gemm,
+    ReLU, and a second Gemm: each channel is 16 columns of the first Gemm."""
+    g = G(36)
+    h = g.node("MaxPool", [g.relu(g.conv("input", 3, 8))], kernel_shape=[2, 2], strides=[2, 2])
+    if reshape:
+        flat = g.node("Reshape", [h, g.init("target", np.array([-1, 128]), np.int64)])
+    else:
+        flat = g.node("Flatten", [h])
+    hidden = g.relu(g.node("Gemm", [flat, g.init("fc", g.weight((16, 128), 128)),
+                                    g.init("fcb", g.rng.normal(0, .1, 16))], transB=1))
+    out = g.node("Gemm", [hidden, g.init("fc", g.weight((16, 5), 16)), g.init("fcb", np.zeros(5))], transB=0)
+    return g.model([("input", ["N", 3, 8, 8], None)], out), {"input": _feed((3, 8, 8))}
+
+
+def channels_affine():
+    """A decomposed BN (Mul by a (1, C, 1, 1) constant, Add of a (C, 1, 1) one) after a conv."""
+    g = G(37)
+    h = g.node("Mul", [g.conv("input", 3, 8), g.init("scale", g.rng.uniform(0.5, 1.5, (1, 8, 1, 1)))])
+    h = g.relu(g.node("Add", [h, g.init("shift", g.rng.normal(0, 0.3, (8, 1, 1)))]))
+    return _channel_model(g, g.relu(g.conv(h, 8, 6)), 6)
+
+
+def channels_unsafe():
+    """Channels that no group may lose: a tensor that is also a graph output, a Softmax over channels,
+    and an Add with the graph input."""
+    g = G(38)
+    a = g.relu(g.conv("input", 3, 8))  # also a graph output
+    b = g.node("Softmax", [g.conv(a, 8, 8)], axis=1)
+    c = g.relu(g.node("Add", [g.conv(b, 8, 3), "input"]))
+    model = g.model([("input", ["N", 3, 8, 8], None)], g.head(g.relu(g.conv(c, 3, 6)), 6))
+    model.graph.output.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, ["N", 8, 8, 8]))
+    return model, {"input": _feed((3, 8, 8))}
+
+
+def channels_zero(bn=False):
+    """A conv whose channels 1, 4 and 6 are exactly zero (zero filters, no bias), then ReLU and a padded 3x3
+    conv, BN and the head. With ``bn``, a BN follows the first conv, mapping those channels to a constant
+    that ReLU passes, read by a 1x1 conv and by the head's Gemm (both fold it exactly)."""
+    g = G(39)
+    h = g.conv("input", 3, 8, bias=False)
+    w = numpy_helper.to_array(g.inits[-1]).copy()
+    w[[1, 4, 6]] = 0
+    g.inits[-1] = numpy_helper.from_array(w, g.inits[-1].name)
+    if bn:
+        h = g.relu(g.bn(h, 8))
+        return _channel_model(g, g.relu(g.conv(h, 8, 8, k=1)), 8)
+    h = g.relu(h)
+    return _channel_model(g, g.relu(g.bn(g.conv(h, 8, 8, bias=False), 8)), 8)
+
+
+CHANNEL_CLASSES = {"residual": channels_residual, "depthwise": channels_depthwise, "grouped": channels_grouped,
+                   "concat": channels_concat, "se-gate": channels_se_gate, "flatten-gemm": channels_flatten_gemm,
+                   "flatten": lambda: channels_flatten_gemm(False), "affine": channels_affine}
+
+
 CLASSES = {
     "bn_kept": bn_kept, "bn_folded": bn_folded, "bn_kept_opset9": lambda: bn_kept(9),
     "decomposed_sub_mul_add": decomposed_bn, "decomposed_mul_add": lambda: decomposed_bn(("Mul", "Add")),
