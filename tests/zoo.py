@@ -713,11 +713,11 @@ def detector_head(channels=22, size=8):
 
 
 
-def bn_with_statistics(stale: bool, n=96, seed=23):
+def bn_with_statistics(stale: bool, n=96, seed=23, shift=2.0, scale=9.0):
     """Two Conv+BN+Relu blocks and a head, whose BN running statistics are the dense model's own on its
-    calibration samples (``stale=False``), or, for the first BN, far from them (``stale=True``: variance x9,
-    mean shifted by two standard deviations), as after training on other data. Restoring a stale BN's
-    running statistics moves the repaired model away from the dense one."""
+    calibration samples (``stale=False``), or, for the first BN, far from them (``stale=True``: variance x
+    ``scale``, default 9, mean shifted by ``shift`` standard deviations, default 2), as after training on other
+    data. Restoring a stale BN's running statistics moves the repaired model away from the dense one."""
     g = G(seed)
     first = g.conv("input", 3, 8)
     a = g.relu(g.bn(first, 8))
@@ -732,7 +732,7 @@ def bn_with_statistics(stale: bool, n=96, seed=23):
         pre = onnxruntime.InferenceSession(probe.SerializeToString()).run([conv], {"input": x})[0].astype(np.float64)
         mean, var = pre.mean((0, 2, 3)), pre.var((0, 2, 3))
         if stale and conv == first:
-            mean, var = mean + 2 * np.sqrt(var), 9 * var
+            mean, var = mean + shift * np.sqrt(var), scale * var
         bn = next(node for node in model.graph.node if node.op_type == "BatchNormalization" and node.input[0] == conv)
         inits = {t.name: t for t in model.graph.initializer}
         inits[bn.input[3]].CopyFrom(numpy_helper.from_array(mean.astype(np.float32), bn.input[3]))
