@@ -3,9 +3,11 @@
 Cross-fitted like ``auto``: the calibration set is cut into two halves; each half is held out in turn
 while the same repair is fitted on the other half. Every sample is then scored once for the repaired
 and once for the pruning-only model against the dense one: top-1 agreement where it means something
-(see :mod:`asr_onnx.output_kinds`), and the relative L2 error of all outputs. A fit on half the set is a
-little weaker than the final fit on all of it, so the guard leans towards pruning alone, never
-towards the repair.
+(see :mod:`asr_onnx.output_kinds`), and the relative L2 error of all outputs. Pruning alone is the
+baseline the tool promises never to lose to, so the burden of proof is on the repair: it is kept when it
+is better past two paired standard errors, or, within noise, when its held-out error is lower. A fit on
+half the set is a little weaker than the final fit on all of it, so the guard leans towards pruning
+alone, never towards the repair.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
     """Scores ``job``'s repair against pruning alone on held-out calibration samples.
 
     The repair refitted on each fit half is the one ``job`` ran (for ``auto``, the candidate it picked on
-    the whole set). With ``fallback`` and a verdict of "pruning alone better", ``job.output`` becomes the pruned model
-    (the held-out evidence is for the whole model, not for each site, so the choice is made as a whole).
+    the whole set). With ``fallback``, ``job.output`` becomes the pruned model when the verdict is "pruning alone
+    better", or a tie where the repair's held-out error is the higher (the held-out evidence is for the whole
+    model, not for each site, so the choice is made as a whole).
 
     Args:
         job: a Repair after ``run`` (its output folded); its settings name the method and options.
@@ -70,14 +73,18 @@ def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
               for m, e in zip(matches, errors)]
     verdict = _verdict(matches[0] - matches[1], errors[1] - errors[0]) if has_top1 else \
         _verdict(np.zeros(1), errors[1] - errors[0])
-    kept = "pruned" if mode == "fallback" and verdict == "pruning alone better" else "repair"
+    # within noise the point estimate decides, and only the error: per sample it is a real number, while top-1
+    # is a coin per sample (on 64 samples of a 2-class model a few flips move it by 5 points)
+    loses = verdict == "pruning alone better" or (verdict == "tie" and errors[0].sum() > errors[1].sum())
+    kept = "pruned" if mode == "fallback" and loses else "repair"
     if kept == "pruned":
         job.output, job.written = job.pruned, {}
     entry = {"mode": mode, "held_out": len(calib), "folds": FOLDS, "repair": scores[0], "pruned": scores[1],
-             "verdict": verdict, "kept": kept, "cost_s": round(time.perf_counter() - start, 4),
+             "verdict": verdict, "repair_loses": bool(loses), "kept": kept, "cost_s": round(time.perf_counter() - start, 4),
              "rule": f"held out by {FOLDS}-fold cross-fitting; top-1 agreement first (where it means "
                      f"something), then each sample's squared error over all outputs; a difference counts past "
-                     f"{Z:g} paired standard errors; a tie on both keeps the repair"}
+                     f"{Z:g} paired standard errors; within noise the repair is kept only when its held-out error is "
+                     f"lower"}
     job.settings["guard"] = entry
     job.timings["guard"] = job.timings.get("guard", 0.0) + entry["cost_s"]
     return entry
@@ -96,15 +103,17 @@ def _verdict(top1_gain, err2_gain) -> str:
 
 
 def warning_line(entry: dict) -> str | None:
-    """One line when the repair scored worse than pruning alone on held-out samples (or the guard could
-    not run), else None."""
+    """One line when the repair did not beat pruning alone on held-out samples (worse past noise, or within noise
+    with the higher error), or when the guard could not run; else None."""
     if entry.get("skipped"):
         return f"warning: the guard did not run: {entry['skipped']}"
-    if entry.get("verdict") != "pruning alone better":
+    if not entry.get("repair_loses"):
         return None
     r, p = entry["repair"], entry["pruned"]
     then = "kept the pruned model (--guard fallback)" if entry["kept"] == "pruned" else "kept the repair (--guard warn)"
     agree = "" if r["agreement"] is None else \
         f", agreement {100 * r['agreement']:.1f}% against {100 * p['agreement']:.1f}%"
-    return (f"warning: on {entry['held_out']} held-out calibration samples the repair is worse than pruning alone "
-            f"(relative error {r['logit_rel_l2']:.4g} against {p['logit_rel_l2']:.4g}{agree}); {then}")
+    how = "worse than" if entry["verdict"] == "pruning alone better" else "no better than"
+    noise = "" if entry["verdict"] == "pruning alone better" else ", within noise"
+    return (f"warning: on {entry['held_out']} held-out calibration samples the repair is {how} pruning alone "
+            f"(relative error {r['logit_rel_l2']:.4g} against {p['logit_rel_l2']:.4g}{agree}{noise}); {then}")

@@ -7,6 +7,10 @@ shapes); calibration and evaluation images are drawn with different seeds.
 
     python benchmarks/real_graphs.py rec=ch_PP-OCRv4_rec_infer.onnx yolov8=320n.onnx --json out.json
 
+``fmnist`` is a Keras NHWC classifier made by benchmarks/make_keras_resnet.py (tf2onnx, or Keras 3 on the
+torch backend), fed real Fashion-MNIST images: calibration from the 5,000 training images it was not trained
+on, evaluation from the test set (scored only, never used to choose anything).
+
 For every model and cell (0.5 and 0.8 global, 2:4) it prints the relative L2 error of all outputs against
 dense on the evaluation images (and top-1 agreement where the output is (N, classes) or per-step class
 scores), for pruning alone and for the default repair (bn), the repair's time against one plain pass of
@@ -34,6 +38,7 @@ KINDS = {
     "yolov8": (320, 320, 3, "unit", 16, 16),  # YOLOv8n detector (dynamic batch)
     "yolox": (416, 416, 3, "raw", 8, 8),  # YOLOX-style detector, fixed batch 1
     "captcha": (64, 160, 1, "unit", 16, 16),  # CNN+LSTM captcha reader, fixed batch 1, (T, 1, C) logits
+    "fmnist": (28, 28, 1, "nhwc", 256, 1000),  # a Keras NHWC classifier (benchmarks/make_keras_resnet.py)
 }
 CELLS = (("global", 0.5), ("global", 0.8), ("2:4", 0.0))
 
@@ -71,8 +76,18 @@ def render(kind: str, rng: np.random.Generator) -> Image.Image:
 
 
 def images(kind: str, n: int, seed: int) -> np.ndarray:
-    """``n`` images as float32 NCHW, normalised as the model expects."""
+    """``n`` images as float32 NCHW, normalised as the model expects (``fmnist``: real Fashion-MNIST images,
+    NHWC in [0, 1]; calibration from the last 5,000 training images, which make_keras_resnet.py does not
+    train on, evaluation from the test set)."""
     _, _, c, norm, *_ = KINDS[kind]
+    if norm == "nhwc":
+        from asr_onnx.calib.idx import read_idx
+        from asr_onnx.verify import FASHION_MNIST
+
+        name = "train-images-idx3-ubyte.gz" if seed == 1 else "t10k-images-idx3-ubyte.gz"
+        pool = read_idx(FASHION_MNIST / name)[-5000:] if seed == 1 else read_idx(FASHION_MNIST / name)
+        pick = np.random.default_rng(seed).choice(len(pool), n, replace=False)
+        return (pool[pick].astype(np.float32) / 255)[..., None]
     rng = np.random.default_rng(seed)
     x = np.stack([np.asarray(render(kind, rng), np.float32).reshape(*KINDS[kind][:2], c) for _ in range(n)])
     x = x.transpose(0, 3, 1, 2)

@@ -12,6 +12,7 @@ from asr_onnx_cli.main import main
 
 from asr_onnx.api import Repair
 from asr_onnx.calib import input_specs, load_calib
+from asr_onnx.guard import warning_line
 from asr_onnx.verify import evaluate
 
 RUNNING = {"reference": "running"}  # a BN's correction restores its running statistics
@@ -117,3 +118,30 @@ def test_the_guard_refits_the_candidate_auto_picked(tmp_path):
     job = Repair(dense, device="cpu", progress=False).prune(0.3).run(calib, "auto", guard="fallback", **RUNNING)
     assert job.settings["method"] == "auto" and job.settings["auto"]["picked"]["method"] == "bn"
     assert job.settings["guard"]["verdict"] == "pruning alone better" and job.output is job.pruned
+
+
+@pytest.mark.parametrize("shift, scale, repair_kept", [(1.5, 5.0, False), (1.2, 4.0, True)])
+def test_within_noise_the_repair_is_kept_only_when_its_held_out_error_is_lower(tmp_path, shift, scale, repair_kept):
+    """Issue 17: the SE MobileNetV3 classifier at 2:4 in one small graph. A mildly stale BN and 12 calibration
+    samples: neither agreement nor error differs past two paired standard errors. The burden of proof is on
+    the repair: with the higher held-out error (and no lower agreement, as there) it falls back, and fresh
+    samples confirm it is worse; with the lower error it is kept, and is not worse on fresh samples."""
+    dense, feeds = zoo.bn_with_statistics(stale=True, n=12, shift=shift, scale=scale)
+    calib = _set(tmp_path, "calib", dense, feeds["input"])
+    job = Repair(dense, device="cpu", progress=False).prune(0.5).run(calib, "bn", guard="fallback", **RUNNING)
+    unguarded = Repair(dense, device="cpu", progress=False).prune(0.5).run(calib, "bn", **RUNNING).output
+    repair_err, pruned_err = _fresh_errors([unguarded, job.pruned], dense, tmp_path)
+    entry = job.settings["guard"]
+    held_out = entry["repair"]["logit_rel_l2"], entry["pruned"]["logit_rel_l2"]
+    assert entry["verdict"] == "tie" and entry["repair_loses"] is not repair_kept
+    if repair_kept:
+        assert held_out[0] < held_out[1] and entry["kept"] == "repair" and job.output is not job.pruned
+        assert repair_err < pruned_err  # the oracle
+        assert warning_line(entry) is None
+        return
+    assert held_out[0] > held_out[1] and entry["repair"]["agreement"] >= entry["pruned"]["agreement"]
+    assert entry["kept"] == "pruned" and job.output is job.pruned
+    assert repair_err > 1.2 * pruned_err  # the oracle
+    line = warning_line(entry)
+    assert line.startswith("warning: on 12 held-out calibration samples the repair is no better than pruning alone")
+    assert "within noise" in line and line.endswith("kept the pruned model (--guard fallback)")

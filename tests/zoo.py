@@ -236,6 +236,97 @@ def nhwc():
     return g.model([("input", ["N", 8, 8, 3], None)], out), {"input": _feed((8, 8, 3))}
 
 
+# ---------------------------------------------------------------- 3c. Keras NHWC ResNets, as two exporters write them
+
+
+KERAS_BLOCKS = ((1, 4, 1), (4, 4, 1), (4, 8, 2))  # (in, out, stride) per residual block, after a 1 -> 4 stem
+
+
+def keras_resnet_weights(seed=21):
+    """The weights of a small Keras NHWC ResNet (benchmarks/make_keras_resnet.py in miniature): a stem conv
+    and residual blocks of two 3x3 convs (a 1x1 strided projection where the shape changes), each conv
+    followed by an inference-mode BN given as a per-channel scale and shift; then global average pooling
+    and a Dense layer to 5 classes. Conv weights in Keras's HWIO layout."""
+    rng = np.random.default_rng(seed)
+
+    def conv(cin, cout, k=3):
+        return {"w": rng.normal(0, (2 / (cin * k * k)) ** 0.5, (k, k, cin, cout)), "scale": rng.uniform(0.5, 1.5, cout),
+                "shift": rng.normal(0, 0.1, cout)}
+
+    blocks = [{"a": conv(cin, cout), "b": conv(cout, cout), "stride": stride,
+               "skip": conv(cin, cout, 1) if (cin, stride) != (cout, 1) else None}
+              for cin, cout, stride in KERAS_BLOCKS[1:]]
+    return {"stem": conv(1, 4), "blocks": blocks, "dense": rng.normal(0, 0.5, (8, 5)), "bias": rng.normal(0, 0.1, 5)}
+
+
+def keras_resnet_oracle(weights, x):
+    """The numpy forward pass of :func:`keras_resnet_weights` on NHWC ``x`` (float64): the oracle for both
+    exports of :func:`keras_resnet`. "same" padding as Keras pads a strided conv: the extra pixel at the end."""
+    def conv(h, layer, stride=1):
+        k = layer["w"].shape[0]
+        total = max(k - stride, 0) if h.shape[1] % stride == 0 else max(k - h.shape[1] % stride, 0)
+        h = np.pad(h, ((0, 0), (total // 2, total - total // 2), (total // 2, total - total // 2), (0, 0)))
+        out = (h.shape[1] - k) // stride + 1
+        patches = np.stack([h[:, i:i + stride * out:stride, j:j + stride * out:stride] for i in range(k)
+                            for j in range(k)], axis=3)  # (N, out, out, k*k, cin)
+        y = np.einsum("nhwpc,pco->nhwo", patches, layer["w"].reshape(k * k, *layer["w"].shape[2:]))
+        return y * layer["scale"] + layer["shift"]
+
+    h = np.maximum(conv(x.astype(np.float64), weights["stem"]), 0)
+    for block in weights["blocks"]:
+        skip = h if block["skip"] is None else conv(h, block["skip"], block["stride"])
+        h = np.maximum(conv(np.maximum(conv(h, block["a"], block["stride"]), 0), block["b"]) + skip, 0)
+    return h.mean(axis=(1, 2)) @ weights["dense"] + weights["bias"]
+
+
+def keras_resnet(exporter="tf2onnx", seed=21):
+    """:func:`keras_resnet_weights` as ONNX, the way each exporter writes a Keras NHWC ResNet (see the
+    exports of benchmarks/make_keras_resnet.py):
+
+    - ``tf2onnx``: the one-channel NHWC input turned NCHW by a Reshape to (-1, 1, H, W); every BN folded into
+      its Conv (a bias); NCHW all the way, GlobalAveragePool, Squeeze and a MatMul + Add head;
+    - ``keras_torch`` (Keras 3 on the torch backend, through torch.onnx): NHWC between the layers, a Transpose
+      on each side of every Conv and Casts around it, each BN a Sub/Mul/Add on the channel-last tensor, a strided
+      conv's "same" padding an explicit Pad, and ReduceMean over (H, W) before the MatMul + Add head.
+    """
+    weights, g = keras_resnet_weights(seed), G(seed)
+
+    def conv(h, layer, stride=1):
+        k = layer["w"].shape[0]
+        w = layer["w"].transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        if exporter == "tf2onnx":
+            pads = [k // 2] * 4 if stride == 1 else [0, 0, k - stride, k - stride] if k > stride else [0] * 4
+            return g.node("Conv", [h, g.init("w", w * layer["scale"][:, None, None, None]),
+                                   g.init("b", layer["shift"])], "conv", pads=pads, strides=[stride] * 2)
+        h = g.node("Transpose", [g.node("Cast", [h], to=TensorProto.FLOAT)], perm=[0, 3, 1, 2])
+        if stride > 1 and k > stride:  # Keras pads the end only
+            h = g.node("Pad", [h, g.init("pads", [0, 0, 0, 0, 0, 0, k - stride, k - stride], np.int64)])
+        pads = [k // 2] * 4 if stride == 1 else [0] * 4
+        h = g.node("Transpose", [g.node("Conv", [h, g.init("w", w)], "conv", pads=pads, strides=[stride] * 2)],
+                   perm=[0, 2, 3, 1])
+        mean = g.rng.normal(0, 0.5, layer["shift"].shape)  # y * scale + shift == (y - mean) * scale + beta
+        h = g.node("Sub", [g.node("Cast", [h], to=TensorProto.FLOAT), g.init("mean", mean)])
+        return g.node("Add", [g.node("Mul", [h, g.init("scale", layer["scale"])]),
+                              g.init("beta", layer["shift"] + mean * layer["scale"])])
+
+    if exporter == "tf2onnx":
+        h = g.node("Reshape", ["input", g.init("shape", [-1, 1, 8, 8], np.int64)])
+    else:
+        h = "input"
+    h = g.relu(conv(h, weights["stem"]))
+    for block in weights["blocks"]:
+        skip = h if block["skip"] is None else conv(h, block["skip"], block["stride"])
+        h = g.relu(g.node("Add", [conv(g.relu(conv(h, block["a"], block["stride"])), block["b"]), skip]))
+    if exporter == "tf2onnx":
+        h = g.node("Squeeze", [g.node("GlobalAveragePool", [h]), g.init("axes", [2, 3], np.int64)])
+    else:
+        h = g.node("ReduceMean", [h, g.init("axes", [1, 2], np.int64)], keepdims=0)
+    out = g.node("Add", [g.node("MatMul", [h, g.init("fc", weights["dense"])]), g.init("fcb", weights["bias"])])
+    model = g.model([("input", ["N", 8, 8, 1], None)], out, opset=17 if exporter == "tf2onnx" else 20,
+                    ir=8 if exporter == "tf2onnx" else 9)
+    return model, {"input": _feed((8, 8, 1), seed=seed)}
+
+
 # ---------------------------------------------------------------- 3b. a bias-less layer read by several nodes
 
 
@@ -719,11 +810,11 @@ def detector_head(channels=22, size=8):
 
 
 
-def bn_with_statistics(stale: bool, n=96, seed=23):
+def bn_with_statistics(stale: bool, n=96, seed=23, shift=2.0, scale=9.0):
     """Two Conv+BN+Relu blocks and a head, whose BN running statistics are the dense model's own on its
-    calibration samples (``stale=False``), or, for the first BN, far from them (``stale=True``: variance x9,
-    mean shifted by two standard deviations), as after training on other data. Restoring a stale BN's
-    running statistics moves the repaired model away from the dense one."""
+    calibration samples (``stale=False``), or, for the first BN, far from them (``stale=True``: variance x
+    ``scale``, default 9, mean shifted by ``shift`` standard deviations, default 2), as after training on other
+    data. Restoring a stale BN's running statistics moves the repaired model away from the dense one."""
     g = G(seed)
     first = g.conv("input", 3, 8)
     a = g.relu(g.bn(first, 8))
@@ -738,7 +829,7 @@ def bn_with_statistics(stale: bool, n=96, seed=23):
         pre = onnxruntime.InferenceSession(probe.SerializeToString()).run([conv], {"input": x})[0].astype(np.float64)
         mean, var = pre.mean((0, 2, 3)), pre.var((0, 2, 3))
         if stale and conv == first:
-            mean, var = mean + 2 * np.sqrt(var), 9 * var
+            mean, var = mean + shift * np.sqrt(var), scale * var
         bn = next(node for node in model.graph.node if node.op_type == "BatchNormalization" and node.input[0] == conv)
         inits = {t.name: t for t in model.graph.initializer}
         inits[bn.input[3]].CopyFrom(numpy_helper.from_array(mean.astype(np.float32), bn.input[3]))
@@ -865,7 +956,8 @@ CLASSES = {
     "fp16_folded": half_folded, "fp16_inside": half_inside, "custom_domain": custom_domain,
     "inits_as_inputs": inits_as_inputs, "huge_activations": huge_activations,
     "huge_activations_bn": lambda: huge_activations(bn=True),
-    "se_mobilenetv3": se_mobilenetv3,
+    "se_mobilenetv3": se_mobilenetv3, "keras_resnet_tf2onnx": keras_resnet,
+    "keras_resnet_torch": lambda: keras_resnet("keras_torch"),
 }
 
 
