@@ -27,8 +27,7 @@ REPAIRS = {"none": ("none", "none"), "bn": ("bn", "none"), "ls+bn": ("bn", "ls")
 
 
 def data_sets(proto, calib_size: int, seed: int):
-    from asr_onnx.calib import Preprocess, load_calib
-    from asr_onnx.calib import input_specs, metadata
+    from asr_onnx.calib import Preprocess, input_specs, load_calib, metadata
     from asr_onnx.verify import resolve_data
 
     specs, preprocess = input_specs(proto), Preprocess.from_metadata(metadata(proto))
