@@ -18,7 +18,14 @@ import time
 import numpy as np
 
 from .errors import AsrError
-from .gram import accumulate, from_rows, patch_size, weight_rows
+from .gram import (
+    _fixed,
+    accumulate,
+    add_batch,
+    from_rows,
+    patch_size,
+    weight_rows,
+)
 from .stats import GramStats
 
 METHODS = ("none", "ls")
@@ -107,10 +114,13 @@ def skip_reason(layer, shared: bool, max_gram_mb: float) -> str | None:
 
 
 def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", threads: int = 0,
-                progress: bool = False, max_gram_mb: float = 256.0, damping: float = DAMPING, passes: int = 0):
+                progress: bool = False, max_gram_mb: float = 256.0, damping: float = DAMPING, passes: int = 0,
+                frontier_mb: float = 0.0, max_frontier_mb: float = 8192.0):
     """Refits every prunable layer of ``pruned``, level by level, against ``dense``.
 
     A layer is left as it is when it lost no weight and nothing upstream changed (its refit is itself).
+    Each level's pass starts from the activations (pruned and dense) where the previous pass stopped, kept
+    per batch (see :mod:`asr_onnx.frontier`), and runs only the part of both networks up to that level.
 
     Args:
         dense, pruned: onnx.ModelProto of the same graph, ``pruned`` with zeroed weights.
@@ -120,13 +130,19 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
         damping: see :func:`refit_rows`. Defaults to 0.01.
         passes: Gram passes over the calibration set; 0 is one per depth level (exactly sequential). With
             fewer, consecutive levels share a pass, and a layer's input then comes from the network whose
-            earlier passes' layers are refitted and the same pass's only pruned. Defaults to 0.
+            earlier passes' layers are refitted and the same pass's only pruned; such passes run the whole
+            network prefix each time. Defaults to 0.
+        frontier_mb: MB of kept activations held in memory; the rest waits in a temporary folder (see
+            :class:`asr_onnx.frontier.BatchStore`). Defaults to 0.
+        max_frontier_mb: a frontier larger than this is not kept: the next pass starts from the last one
+            kept (or from the calibration set) and runs more of the network. Defaults to 8192.
 
     Returns:
         (the refitted onnx.ModelProto, per layer a dict: err_before, err_after, gram_size, cond, or
         skipped; timings {"gram": s, "solve": s}; the provider, or None when no pass ran).
     """
     from .graph import find_layers, to_graph, to_model
+    from .runtime import release_memory
 
     graph = to_graph(pruned)
     layers = find_layers(graph)
@@ -137,45 +153,129 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
     uses: dict[str, int] = {}
     for layer in layers:
         uses[layer.weight.name] = uses.get(layer.weight.name, 0) + 1
+    reasons = [skip_reason(layer, uses[layer.weight.name] > 1, max_gram_mb) for layer in layers]
     dense_values = [layer.weight.values for layer in find_layers(to_graph(dense))]
     refits: list[dict] = [{} for _ in layers]
     changed = [bool((layer.weight.values != d).any()) for layer, d in zip(layers, dense_values)]
     timings, provider, model = {"gram": 0.0, "solve": 0.0}, None, pruned
-    for level in range(max(levels, default=-1) + 1):
-        todo = []
-        for i, layer in enumerate(layers):
-            if levels[i] != level:
+    options = dict(batch_size=batch_size, device=device, threads=threads, progress=progress)
+    walk = None
+    try:
+        for level in range(max(levels, default=-1) + 1):
+            todo = []
+            for i, layer in enumerate(layers):
+                if levels[i] != level:
+                    continue
+                reason = reasons[i]
+                if reason is None and not changed[i] and not _upstream_changed(layer, graph, layers, changed):
+                    reason = "dense, and its input is unchanged"
+                if reason:
+                    refits[i] = {"skipped": reason}
+                else:
+                    todo.append(i)
+            if not todo:
                 continue
-            reason = skip_reason(layer, uses[layer.weight.name] > 1, max_gram_mb)
-            if reason is None and not changed[i] and not _upstream_changed(layer, graph, layers, changed):
-                reason = "dense, and its input is unchanged"
-            if reason:
-                refits[i] = {"skipped": reason}
+            start = time.perf_counter()
+            if passes:
+                grams, provider = accumulate(dense, model, todo, calib, desc=f"gram {level + 1}", **options)
             else:
-                todo.append(i)
-        if not todo:
-            continue
-        start = time.perf_counter()
-        grams, provider = accumulate(dense, model, todo, calib, batch_size=batch_size, device=device,
-                                     threads=threads, progress=progress, desc=f"gram {level + 1}")
-        timings["gram"] += time.perf_counter() - start
-        start = time.perf_counter()
-        for i, gram in zip(todo, grams):
-            layer = layers[i]
-            if not all(np.isfinite(a).all() for a in (gram.xtx, gram.xty, gram.yy)):
-                refits[i] = {"skipped": "its Gram sums overflow float32 (activations too large to square)"}
-                continue
-            rows = weight_rows(layer, dense_values[i])
-            keep = weight_rows(layer, layer.weight.values) != 0
-            new_rows, info = refit_rows(rows, keep, gram, damping)
-            if not np.isfinite(new_rows).all():
-                raise AsrError(f"the refit of layer {layer.name} is not finite")
-            layer.weight.values = from_rows(layer, new_rows.astype(np.float32))
-            changed[i] = True
-            refits[i] = dict(info, gram_size=int(gram.xtx.shape[-1]))
-        timings["solve"] += time.perf_counter() - start
-        model = to_model(graph, pruned)
-    return model, refits, timings, provider
+                if walk is None:
+                    walk = _Walk(dense, pruned, options, frontier_mb, max_frontier_mb)
+                later = any(levels[j] > level and reasons[j] is None for j in range(len(layers)))
+                grams, provider = walk.grams(todo, calib, level, keep=later)
+            timings["gram"] += time.perf_counter() - start
+            start = time.perf_counter()
+            for i, gram in zip(todo, grams):
+                layer = layers[i]
+                if not all(np.isfinite(a).all() for a in (gram.xtx, gram.xty, gram.yy)):
+                    refits[i] = {"skipped": "its Gram sums overflow float32 (activations too large to square)"}
+                    continue
+                rows = weight_rows(layer, dense_values[i])
+                keep = weight_rows(layer, layer.weight.values) != 0
+                new_rows, info = refit_rows(rows, keep, gram, damping)
+                if not np.isfinite(new_rows).all():
+                    raise AsrError(f"the refit of layer {layer.name} is not finite")
+                layer.weight.values = from_rows(layer, new_rows.astype(np.float32))
+                if walk is not None:
+                    walk.both.set_weight(i, layer.weight.values)
+                changed[i] = True
+                refits[i] = dict(info, gram_size=int(gram.xtx.shape[-1]))
+            timings["solve"] += time.perf_counter() - start
+            if passes:  # the next pass runs the whole network as refitted so far
+                model = to_model(graph, pruned)
+    finally:
+        if walk is not None:
+            walk.store.close()
+        release_memory()
+    return (to_model(graph, pruned) if any(changed) else pruned), refits, timings, provider
+
+
+class _Walk:
+    """The frontier passes of one refit: the store holds, per batch, the frontier at depth ``at`` of both
+    networks (-1: nothing yet, the passes start from the calibration batches).
+
+    Args:
+        dense, pruned: the models, as for :func:`reconstruct`.
+        options: batch_size, device, threads, progress.
+        frontier_mb, max_frontier_mb: as for :func:`reconstruct`.
+    """
+
+    def __init__(self, dense, pruned, options: dict, frontier_mb: float, max_frontier_mb: float):
+        from .frontier import BatchStore
+        from .gram import SideBySide
+
+        self.both, self.options, self.at = SideBySide(dense, pruned), options, -1
+        self.store, self.cap = BatchStore(frontier_mb), max_frontier_mb * 2**20
+        self.held = [t.name for t in self.both.graph.inputs]
+        self.fixed = _fixed(pruned)
+
+
+    def grams(self, todo: list[int], calib, level: int, keep: bool):
+        """Runs both networks from the held frontier to depth ``level``, returns the Gram sums of ``todo``
+        and, with ``keep``, holds the frontier at ``level`` for the next pass (unless it would exceed
+        ``max_frontier_mb``: the next pass then starts from the frontier held now)."""
+        from .errors import first_line
+        from .progress import bar
+        from .runtime import make_session, provider_of
+
+        wanted = self.both.frontier(level) if keep else []
+        produced = [n for n in wanted if n not in self.held]
+        batch_size, fixed = self.options["batch_size"], self.fixed
+        if self.at < 0:
+            feeds = (feed for feed in calib.batches(batch_size) if not fixed or len(next(iter(feed.values()))) == fixed)
+            total = -(-len(calib) // batch_size)
+        else:
+            feeds = (self.store.get(i) for i in range(len(self.store)))
+            total = len(self.store)
+        session = grams = None
+        totals: list = [None] * len(todo)
+        for index, feed in enumerate(bar(feeds, total=total, desc=f"gram {level + 1}", enabled=self.options["progress"])):
+            if session is None:
+                segment, grams = self.both.segment(self.at, level, todo, {n: feed[n].dtype for n in self.held}, produced)
+                try:
+                    session = make_session(segment, self.options["device"], self.options["threads"], mem_pattern=False)
+                except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: an unknown op, a bad graph
+                    raise AsrError(f"onnxruntime cannot load the Gram graph: {first_line(e)}") from None
+                del segment
+                needed = [i.name for i in session.get_inputs()]
+                outputs = [name for gram in grams for name in gram.names] + produced
+            try:
+                values = dict(zip(outputs, session.run(outputs, {n: feed[n] for n in needed})))
+            except Exception as e:  # noqa: BLE001
+                raise AsrError(f"onnxruntime failed on a calibration batch: {first_line(e)}") from None
+            add_batch(totals, grams, values)
+            if keep and index == 0:  # the frontier of every batch is about the size of the first one's
+                size = sum((values[n] if n in produced else feed[n]).nbytes for n in wanted)
+                keep = size * total <= self.cap
+            if keep:
+                self.store.put(index, {n: values[n] if n in produced else feed[n] for n in wanted})
+        if session is None or totals[0] is None:
+            raise AsrError(f"the calibration set has no full batch of {fixed} samples, the model's fixed batch size")
+        provider = provider_of(session)
+        del session
+        if keep:
+            self.held, self.at = wanted, level
+        return totals, provider
 
 
 def _upstream_changed(layer, graph, layers, changed) -> bool:

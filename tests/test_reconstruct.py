@@ -123,6 +123,25 @@ def test_in_graph_gram_matches_torch_unfold(kind):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["depthwise", "conv_shifted", "conv5"])
+def test_gram_summed_by_shifts_matches_numpy_im2col(kind):
+    from asr_onnx.gram import ShiftedGram, gram_model
+
+    dense, feeds = zoo.one_layer(kind)
+    layer = layers_of(dense)[0]
+    assert isinstance(gram_model(dense, dense, [0])[1][0], ShiftedGram)  # stride 1: no im2col in the graph
+    (gram,), _ = accumulate(dense, dense, [0], zoo.DictSet(feeds), batch_size=16, device="cpu")
+    rows, groups = patches(layer, np.maximum(feeds["input"], 0))
+    weights = weight_rows(layer, layer.weight.values).astype(np.float64)
+    per_group, length = len(weights) // groups, weights.shape[1]
+    y = np.concatenate([rows[:, g * length:(g + 1) * length] @ weights[g * per_group:(g + 1) * per_group].T
+                        for g in range(groups)], axis=1)
+    expected = GramStats.of(rows, y, groups)
+    assert gram.count == expected.count
+    for got, want in ((gram.xtx, expected.xtx), (gram.xty, expected.xty), (gram.yy, expected.yy)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_gram_sums_over_shards_merge_to_the_whole_set():
     dense, feeds = zoo.one_layer("conv")
     whole = zoo.DictSet(feeds)
@@ -212,3 +231,43 @@ def test_the_summary_counts_the_refitted_layers_and_names_the_skipped():
     done = sum("err_after" in refit for refit in job.refits)
     assert f"refit: {done} layers, median output error" in text
     assert "not refitted: " in text and "(ConvTranspose is not refitted)" in text
+
+
+def test_the_frontier_in_memory_on_disk_or_not_kept_gives_the_same_refit(tmp_path, monkeypatch):
+    import tempfile
+
+    from asr_onnx.reconstruct import reconstruct
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the frontier's temporary folder goes here
+    dense, feeds = zoo.bn_kept()
+    pruned = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.6).pruned
+    runs = [reconstruct(dense, pruned, zoo.DictSet(feeds), batch_size=8, device="cpu", **options)[0]
+            for options in ({}, {"frontier_mb": 64}, {"max_frontier_mb": 0}, {"passes": 99})]
+    assert list(tmp_path.iterdir()) == []  # the folder is removed
+    on_disk, in_memory = layers_of(runs[0]), layers_of(runs[1])
+    assert all(np.array_equal(a.weight.values, b.weight.values) for a, b in zip(on_disk, in_memory))
+    expected = [layer.weight.values for layer in layers_of(runs[-1])]  # the whole network run for every level
+    for model in runs[:-1]:  # the same sums, rounded in another order where onnxruntime fuses other nodes
+        for got, want in zip(layers_of(model), expected):
+            np.testing.assert_allclose(got.weight.values, want, rtol=1e-3, atol=1e-5)
+    assert any((got.weight.values != want.weight.values).any() for got, want in zip(layers_of(runs[0]), layers_of(pruned)))
+
+
+def test_a_batch_store_keeps_arrays_in_memory_then_on_disk_and_writes_a_kept_array_once(tmp_path, monkeypatch):
+    import tempfile
+
+    from asr_onnx.frontier import BatchStore
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    a, b, c = np.arange(6.0).reshape(2, 3), np.ones((4, 4), np.float32), np.int64([3, 1])
+    store = BatchStore(memory_mb=a.nbytes / 2**20)
+    store.put(0, {"a": a, "b": b})
+    assert isinstance(store.batches[0]["a"], np.ndarray) and isinstance(store.batches[0]["b"], str)
+    written = store.batches[0]["b"]
+    store.put(0, {"b": b, "c": c})  # "b" is kept as it is, "a" is dropped
+    assert store.batches[0]["b"] == written and store.used == 0
+    got = store.get(0)
+    assert sorted(got) == ["b", "c"] and np.array_equal(got["b"], b) and np.array_equal(got["c"], c)
+    assert got["c"].dtype == np.int64 and len(store) == 1
+    store.close()
+    assert list(tmp_path.iterdir()) == []

@@ -749,13 +749,19 @@ def one_layer(kind: str):
     """input -> Relu -> one prunable layer -> output, for checking a refit against a numpy solve.
 
     kinds: "conv" (2 groups, stride 2, dilation 2, padding 2, bias), "depthwise", "conv_valid" (1x1, stride 2,
-    no padding), "gemm" (transB, alpha 0.5, beta 2), "gemm_t0" (transB 0), "matmul" (a 3-D input).
+    no padding), "conv_shifted" (stride 1, 2 groups, dilation (2, 1), uneven padding: XᵀX summed by shifts),
+    "conv5" (5x3 kernel, stride 1, padding 2 and 0), "gemm" (transB, alpha 0.5, beta 2), "gemm_t0" (transB 0),
+    "matmul" (a 3-D input).
     """
     g = G(12)
     x = g.relu("input")
-    if kind in ("conv", "depthwise", "conv_valid"):
+    if kind in ("conv", "depthwise", "conv_valid", "conv_shifted", "conv5"):
         if kind == "conv":
             out = g.conv(x, 4, 6, group=2, strides=[2, 2], dilations=[2, 2], pads=[2, 2, 2, 2])
+        elif kind == "conv_shifted":
+            out = g.conv(x, 4, 6, group=2, dilations=[2, 1], pads=[1, 0, 3, 2])
+        elif kind == "conv5":
+            out = g.conv(x, 4, 6, shape=(6, 4, 5, 3), pads=[2, 0, 2, 0])
         elif kind == "depthwise":
             out = g.conv(x, 4, 4, group=4, bias=False)
         else:
@@ -771,7 +777,7 @@ def one_layer(kind: str):
     return g.model([("input", ["N", 12], None)], out), {"input": _feed((12,), n=40)}
 
 
-ONE_LAYER = ("conv", "depthwise", "conv_valid", "gemm", "gemm_t0", "matmul")
+ONE_LAYER = ("conv", "depthwise", "conv_valid", "conv_shifted", "conv5", "gemm", "gemm_t0", "matmul")
 
 
 # ---------------------------------------------------------------- 15. output layouts (issue 17)
