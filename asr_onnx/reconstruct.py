@@ -142,7 +142,6 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
         skipped; timings {"gram": s, "solve": s}; the provider, or None when no pass ran).
     """
     from .graph import find_layers, to_graph, to_model
-    from .runtime import release_memory
 
     graph = to_graph(pruned)
     layers = find_layers(graph)
@@ -206,7 +205,6 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
     finally:
         if walk is not None:
             walk.store.close()
-        release_memory()
     return (to_model(graph, pruned) if any(changed) else pruned), refits, timings, provider
 
 
@@ -236,7 +234,7 @@ class _Walk:
         ``max_frontier_mb``: the next pass then starts from the frontier held now)."""
         from .errors import first_line
         from .progress import bar
-        from .runtime import make_session, provider_of
+        from .runtime import make_session, provider_of, release_memory
 
         wanted = self.both.frontier(level) if keep else []
         produced = [n for n in wanted if n not in self.held]
@@ -273,6 +271,7 @@ class _Walk:
             raise AsrError(f"the calibration set has no full batch of {fixed} samples, the model's fixed batch size")
         provider = provider_of(session)
         del session
+        release_memory()
         if keep:
             self.held, self.at = wanted, level
         return totals, provider

@@ -147,7 +147,7 @@ def child_repair(args, t0: float) -> dict:
     t_load = time.perf_counter()
     calib = load_calib(args.data, job.specs)
     t_calib = time.perf_counter()
-    job.prune(args.sparsity)
+    job.prune(args.sparsity, allocation=args.allocation)
     if args.reconstruct != "none":  # issue 13: the least-squares refit, its Gram and solve times in the stages
         job.reconstruct(calib, args.reconstruct)
     job.measure(calib).correct(args.method).fold()
@@ -306,7 +306,8 @@ def spawn(kind: str, args, model: str, data: str | None = None, torch_name: str 
           variant: str = "asis", **extra) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", kind, "--model", model,
            "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--sparsity", str(args.sparsity),
-           "--method", args.method, "--variant", variant, "--device", args.device, "--reconstruct", args.reconstruct]
+           "--method", args.method, "--variant", variant, "--device", args.device, "--reconstruct", args.reconstruct,
+           "--allocation", args.allocation]
     if data:
         cmd += ["--data", data]
     if torch_name:
@@ -585,6 +586,8 @@ def parse_args(argv=None):
                    help="provider of both the plain pass and the repair (default: %(default)s)")
     p.add_argument("--method", default="asr")
     p.add_argument("--reconstruct", default="none", choices=["none", "ls"], help="the repair's --reconstruct")
+    p.add_argument("--allocation", default="global", choices=["global", "lamp", "uniform"],
+                   help="the repair's --allocation")
     p.add_argument("--variants", default="asis",
                    help="repair variants; only asis (the library as committed) remains (default: %(default)s)")
     p.add_argument("--variant", default="asis", help=argparse.SUPPRESS)
