@@ -14,7 +14,8 @@ on, evaluation from the test set (scored only, never used to choose anything).
 For every model and cell (0.5 and 0.8 global, 2:4) it prints the relative L2 error of all outputs against
 dense on the evaluation images (and top-1 agreement where the output is (N, classes) or per-step class
 scores), for pruning alone and for the default repair (bn), the repair's time against one plain pass of
-the dense model over the calibration set, and the guard's held-out verdict and cost.
+the dense model over the calibration set, and the guard's held-out verdict, whether ``--guard fallback``
+would ship pruning alone, and its cost.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def run_model(kind: str, path: str, folder: Path, sizes) -> list[dict]:
                **{f"{k}_err": round(v["logit_rel_l2"], 4) for k, v in scores.items()},
                **{f"{k}_agree": None if v["agreement"] is None else round(v["agreement"], 4)
                   for k, v in scores.items()},
-               "guard_verdict": guard["verdict"], "guard_repair_err": round(guard["repair"]["logit_rel_l2"], 4),
+               "guard_verdict": guard["verdict"], "guard_falls_back": guard["repair_loses"],
+               "guard_repair_err": round(guard["repair"]["logit_rel_l2"], 4),
                "guard_pruned_err": round(guard["pruned"]["logit_rel_l2"], 4), "guard_s": guard["cost_s"]}
         worse_err = row["repair_err"] > row["pruned_err"]
         better_agree = row["repair_agree"] is not None and row["repair_agree"] > row["pruned_agree"]
@@ -165,26 +167,28 @@ def markdown(rows: list[dict]) -> str:
         loses = {"yes": " **repair loses**", "mixed": " (worse error, better agreement)"}.get(r["repair_loses"], "")
         lines.append(f"| {r['model']} | {r['pattern']} | {r['pruned_err']:.3f} ({agree(r['pruned_agree'])}) | "
                      f"{r['repair_err']:.3f} ({agree(r['repair_agree'])}){loses} | {r['repair_s']:.1f} s / "
-                     f"{r['plain_s']:.2f} s = {r['x_plain']:g}x | {r['guard_verdict']}: {r['guard_repair_err']:.3f}"
+                     f"{r['plain_s']:.2f} s = {r['x_plain']:g}x | {r['guard_verdict']}"
+                     f"{', falls back' if r['guard_falls_back'] else ''}: {r['guard_repair_err']:.3f}"
                      f" vs {r['guard_pruned_err']:.3f}, {r['guard_s']:.1f} s |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("models", nargs="+", help=f"KIND=PATH[@CALIB,EVAL], KIND one of {', '.join(KINDS)}; "
+    parser.add_argument("models", nargs="+", help=f"KIND[.NAME]=PATH[@CALIB,EVAL], KIND one of {', '.join(KINDS)}"
+                                                  " (.NAME tells two models of one kind apart in the table); "
                                                   "CALIB,EVAL: sample counts (default: per kind)")
     parser.add_argument("--json", default="real_graphs.json", help="where to write the rows")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models:
-            kind, _, rest = spec.partition("=")
+            label, _, rest = spec.partition("=")
             path, _, counts = rest.partition("@")
-            if kind not in KINDS or not path:
-                parser.error(f"not KIND=PATH[@CALIB,EVAL]: {spec}")
+            if label.partition(".")[0] not in KINDS or not path:
+                parser.error(f"not KIND[.NAME]=PATH[@CALIB,EVAL]: {spec}")
             sizes = tuple(int(v) for v in counts.split(",")) if counts else None
-            rows += run_model(kind, path, Path(tmp), sizes)
+            rows += [dict(row, model=label) for row in run_model(label.partition(".")[0], path, Path(tmp), sizes)]
     Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     print(markdown(rows))
     print(f"wrote {args.json}")
