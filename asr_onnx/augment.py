@@ -3,18 +3,21 @@
 Each site's spread leaves the graph as a centred sum of squares (reductions), a training-mode BN's
 variance, or a mean square (GlobalAveragePool moments), with the batch mean and the element count.
 A site whose activations are too large to square in float32 is measured as x * 2**-k (``scales``), and
-the host multiplies the scale back in float64.
+the host multiplies the scale back in float64. :func:`stats_model` returns the graph with one
+:class:`StatReader` per site, which says where that site's statistics are and how to read them.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 
 import numpy as np
 
+from .recal import Norm
+from .stats import ChannelStats
+
 FLOAT = 1  # onnx.TensorProto.FLOAT
 STAT_PREFIX = "asr_stat."
-PER_SAMPLE = "asr_onnx.per_sample"  # metadata of a statistics model: site index -> static count per sample
 SCALE_FROM = 2.0**32  # a site whose activations reach this magnitude is scaled before it is squared
 
 
@@ -27,6 +30,71 @@ def scale_exponent(magnitude: float) -> int:
     if not magnitude >= SCALE_FROM:  # also NaN
         return 0
     return min(int(np.ceil(np.log2(min(float(magnitude), 2.0**128)))), 126)  # 2**-126: float32's smallest normal number
+
+
+CENTRED, MOMENTS, BIASED_VAR = "centred", "moments", "biased var"  # how a site's spread leaves the graph
+
+
+@dataclass(frozen=True)
+class StatReader:
+    """Where one site's statistics are among a statistics graph's outputs, and how they become ChannelStats.
+
+    Attributes:
+        key: the site's key.
+        mean: the output holding the batch mean per channel.
+        spread: the output holding the spread: under :data:`CENTRED` the centred sum of squares, under
+            :data:`MOMENTS` the mean square E[x^2], under :data:`BIASED_VAR` a training-mode BN's biased variance.
+        formula: CENTRED, MOMENTS or BIASED_VAR.
+        size: the output holding the element count of the site tensor, or None when ``per_sample`` gives it.
+        per_sample: the static elements per channel and sample, or None (``size`` gives the count).
+        absmax: the probe output of the largest |x|, or None without the probe.
+        bad: the probe output that is NaN exactly for a sample with a NaN or Inf at the site, or None.
+    """
+
+    key: str
+    mean: str
+    spread: str
+    formula: str
+    size: str | None = None
+    per_sample: int | None = None
+    absmax: str | None = None
+    bad: str | None = None
+
+    def read(self, values: dict, samples: int, k: int = 0) -> ChannelStats:
+        """This site's batch statistics from one run's outputs (name -> array), scaled back by 2**k in float64.
+
+        Args:
+            values: output name -> array.
+            samples: the batch's samples (with ``per_sample``, the count is their product).
+            k: the site was measured as x * 2**-k. Defaults to 0.
+        """
+        mean = self.mean_of(values)
+        per_channel = samples * self.per_sample if self.size is None else float(values[self.size]) / mean.size
+        spread = values[self.spread].astype(np.float64).ravel()
+        if self.formula == CENTRED:
+            m2 = spread
+        elif self.formula == MOMENTS:  # E[x^2] - E[x]^2, floored at 0
+            m2 = np.maximum(spread - mean**2, 0.0) * per_channel
+        else:
+            m2 = spread * per_channel
+        return ChannelStats(per_channel, np.ldexp(mean, k), np.ldexp(m2, 2 * k))
+
+    def mean_of(self, values: dict) -> np.ndarray:
+        """The batch mean as measured (of x * 2**-k), in float64."""
+        return values[self.mean].astype(np.float64).ravel()
+
+
+@dataclass
+class StatsGraph:
+    """A statistics graph: the model whose outputs are the statistics, and one reader per measured site.
+
+    Attributes:
+        model: the onnx.ModelProto.
+        readers: one :class:`StatReader` per measured site, in graph order.
+    """
+
+    model: object
+    readers: list
 
 
 def _scaled(b: "_Builder", x, k: int):
@@ -68,12 +136,13 @@ def _channel_view(b: _Builder, x, channels: int, channel_last: bool):
     return b.op("Reshape", [x, b.const(np.array(shape, np.int64), "shape")]), axes
 
 
-def _add_site(b: _Builder, site, index, norm=None, k: int = 0) -> list:
-    """Adds the statistic outputs of one site; with ``norm``, also renormalises the site.
+def _add_site(b: _Builder, site, index, norm: Norm | None = None, fixed: bool = False, k: int = 0) -> list:
+    """Adds the statistic outputs (mean, m2, size) of one site; with ``norm``, also renormalises the site.
 
     Args:
-        norm: None; (scale, bias, eps) for train-mode normalisation with the batch's statistics; or
-            (scale, bias, eps, mean, var) for eval-mode normalisation with fixed (population) statistics.
+        norm: None, or the normalisation to renormalise the site with: with the batch's statistics
+            (train mode; its mean and var are not used), or with ``fixed``, with its own mean and var (eval mode).
+        fixed: see ``norm``. Defaults to False.
         k: the statistics are those of x * 2**-k (the renormalisation is not changed by it).
     """
     x, channels = site.tensor, _channels(site)
@@ -91,9 +160,8 @@ def _add_site(b: _Builder, site, index, norm=None, k: int = 0) -> list:
         outputs.append(tensor)
     if norm is not None:
         shape = (1, channels) if site.channel_last else (1, channels, 1)
-        if len(norm) == 3:  # on the scaled tensor, with the epsilon scaled alike
-            scale, bias, eps = norm
-            normed = _train_norm(b, (scale, bias, eps * 4.0**-k), centred, m2, size, channels, shape)
+        if not fixed:  # on the scaled tensor, with the epsilon scaled alike
+            normed = _train_norm(b, (norm.scale, norm.bias, norm.eps * 4.0**-k), centred, m2, size, channels, shape)
         else:
             normed = _eval_norm(b, norm, view, shape)
         restored = b.op("Reshape", [normed, b.op("Shape", [site.tensor], dtype=np.int64)])
@@ -103,17 +171,17 @@ def _add_site(b: _Builder, site, index, norm=None, k: int = 0) -> list:
     return outputs
 
 
-def bn_kernel_fits(site, norm, opset: int) -> bool:
+def bn_kernel_fits(site, opset: int, fixed: bool = False) -> bool:
     """Whether one training-mode BatchNormalization can measure (and renormalise) the site.
 
     It needs opset >= 14 (the ``training_mode`` attribute), a float32 tensor with its channels on axis 1
-    (a Gemm's 2-D output qualifies) and either no norm or a train-mode one.
+    (a Gemm's 2-D output qualifies) and no renormalisation with ``fixed`` statistics. Defaults: ``fixed`` False.
     """
     on_axis_1 = not site.channel_last or site.layer.op == "Gemm"
-    return opset >= 14 and site.dtype == np.float32 and on_axis_1 and (norm is None or len(norm) == 3)
+    return opset >= 14 and site.dtype == np.float32 and on_axis_1 and not fixed
 
 
-def _add_site_bn(b: _Builder, site, index, norm=None, k: int = 0) -> list:
+def _add_site_bn(b: _Builder, site, index, norm: Norm | None = None, k: int = 0) -> list:
     """One site's statistics from a training-mode BatchNormalization (momentum 0): its optional outputs
     are then the batch mean and the biased batch variance. With a train norm that node also does the
     renormalisation (a real BN becomes it); without one it is a side branch on the site tensor.
@@ -126,7 +194,8 @@ def _add_site_bn(b: _Builder, site, index, norm=None, k: int = 0) -> list:
     import onnx_graphsurgeon as gs
 
     channels = _channels(site)
-    scale, bias, eps = norm if norm is not None else (np.ones(channels), np.zeros(channels), 1e-5)
+    scale, bias, eps = (norm.scale, norm.bias, norm.eps) if norm is not None else \
+        (np.ones(channels), np.zeros(channels), 1e-5)
     eps, source = eps * 4.0**-k, _scaled(b, site.tensor, k)
     params = [b.const(np.asarray(v, np.float32).reshape(channels), "bn") for v in
               (scale, bias, np.zeros(channels), np.ones(channels))]
@@ -206,9 +275,10 @@ def _count_and_dof(b: _Builder, size, channels: int):
     return count, b.op("Max", [b.op("Sub", [count, b.const(np.float32(1))]), b.const(np.float32(1))])
 
 
-def _eval_norm(b: _Builder, norm, view, shape):
+def _eval_norm(b: _Builder, norm: Norm, view, shape):
     """scale * (x - mean) / sqrt(var + eps) + bias with fixed statistics, as y = a * x + c."""
-    scale, bias, eps, mean, var = (np.asarray(v, np.float64) for v in norm)
+    scale, bias, eps, mean, var = (np.asarray(v, np.float64) for v in (norm.scale, norm.bias, norm.eps, norm.mean,
+                                                                          norm.var))
     a = scale / np.sqrt(var + eps)
     c = bias - a * mean
     scaled = b.op("Mul", [view, b.const(a.reshape(shape).astype(np.float32))])
@@ -243,14 +313,13 @@ def _replace_uses(graph, site, new):
 
 
 def stats_model(model, norms: dict | None = None, keys=None, kernel: str = "reduce", scales: dict | None = None,
-                centred=(), probe: bool = False):
+                centred=(), probe: bool = False, fixed: dict | None = None) -> StatsGraph:
     """A copy of ``model`` whose only outputs are per-channel statistics of every site.
 
     Args:
         model: onnx.ModelProto.
-        norms: site key -> (scale, bias, eps) to renormalise that site with its batch statistics, as a
-            BatchNormalization in training mode does, or -> (scale, bias, eps, mean, var) to renormalise it
-            with fixed statistics (eval mode). Sites without an entry are left as they are. Defaults to None.
+        norms: site key -> recal.Norm to renormalise that site with its batch statistics (its scale, bias
+            and eps), as a BatchNormalization in training mode does. Defaults to None.
         keys: the sites to measure; the graph past them is dropped. Defaults to None (every site).
         kernel: "reduce" (ReduceMean, Sub, ReduceSumSquare: any provider, exact unbiased renormalisation)
             or "bn" (one training-mode BatchNormalization per site where :func:`bn_kernel_fits`, the
@@ -261,9 +330,12 @@ def stats_model(model, norms: dict | None = None, keys=None, kernel: str = "redu
             their spread): the centred reductions measure them. Defaults to none.
         probe: also output each site's largest |x| and per-sample NaN/Inf flags (:func:`_add_probe`), to
             diagnose a batch whose statistics are not finite. Defaults to False.
+        fixed: site key -> recal.Norm to renormalise that site with the Norm's own (population) mean and
+            var, as a BatchNormalization in eval mode does; a site is in ``norms`` or here, not in both.
+            Defaults to None.
 
     Returns:
-        (augmented onnx.ModelProto, the sites in output order).
+        the :class:`StatsGraph`: the statistics model and a reader per measured site, in graph order.
     """
     from .calib.specs import input_specs
     from .graph import find_layers, find_sites, opset, static_shapes, to_graph, to_model
@@ -271,35 +343,35 @@ def stats_model(model, norms: dict | None = None, keys=None, kernel: str = "redu
     graph = to_graph(model)
     sites = find_sites(graph, find_layers(graph))
     builder = _Builder(graph, opset(model))
-    outputs, measured, counts = [], [], {}
-    shapes = static_shapes(model) if kernel == "bn" and norms is None else {}
+    outputs, readers = [], []
+    renorms = {**{key: (norm, False) for key, norm in (norms or {}).items()},
+               **{key: (norm, True) for key, norm in (fixed or {}).items()}}
+    # (an empty norms or fixed still builds the Size outputs, as a renormalising graph does)
+    shapes = static_shapes(model) if kernel == "bn" and norms is None and fixed is None else {}
     batch_dims = {spec.shape[0] for spec in input_specs(model) if spec.shape and spec.shape[0] is not None}
     for index, site in enumerate(sites):
-        wanted, norm = keys is None or site.key in keys, (norms or {}).get(site.key)
+        wanted, (norm, is_fixed) = keys is None or site.key in keys, renorms.get(site.key, (None, False))
         if not wanted and norm is None:
             continue
-        label, k = len(measured) if wanted else f"unused{index}", (scales or {}).get(site.key, 0)
+        label, k = len(readers) if wanted else f"unused{index}", (scales or {}).get(site.key, 0)
         probed = _add_probe(builder, site, label) if probe and wanted else []
-        if kernel != "bn" or not bn_kernel_fits(site, norm, builder.opset) or (norm is None and site.key in centred):
-            stats = _add_site(builder, site, label, norm, k)
+        per_sample = None
+        if kernel != "bn" or not bn_kernel_fits(site, builder.opset, is_fixed) or (norm is None and site.key in centred):
+            stats, formula = _add_site(builder, site, label, norm, is_fixed, k), CENTRED
         elif norm is not None or site.channel_last:
-            stats = _add_site_bn(builder, site, label, norm, k)
+            stats, formula = _add_site_bn(builder, site, label, norm, k), BIASED_VAR
         else:
             per_sample = _per_sample(shapes.get(site.key), batch_dims)
-            stats = _add_site_moments(builder, site, label, per_sample, k)
-            if per_sample is not None:
-                counts[label] = per_sample
-        stats += probed
+            stats, formula = _add_site_moments(builder, site, label, per_sample, k), MOMENTS
         if wanted:
-            outputs += stats
-            measured.append(site)
+            outputs += stats + probed
+            names = [t.name for t in stats + probed]
+            readers.append(StatReader(site.key, names[0], names[1], formula,
+                                      size=names[2] if per_sample is None else None, per_sample=per_sample,
+                                      absmax=names[-2] if probed else None, bad=names[-1] if probed else None))
     graph.outputs = outputs
     graph.cleanup().toposort()
-    augmented = _statistics_early(to_model(graph, model))
-    if counts:
-        entry = augmented.metadata_props.add()
-        entry.key, entry.value = PER_SAMPLE, json.dumps(counts)
-    return augmented, measured
+    return StatsGraph(_statistics_early(to_model(graph, model)), readers)
 
 
 def _per_sample(shape, batch_dims: set) -> int | None:

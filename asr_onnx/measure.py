@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .augment import FLOAT, PER_SAMPLE, STAT_PREFIX, scale_exponent, stats_model
+from .augment import FLOAT, MOMENTS, StatsGraph, scale_exponent, stats_model
 from .errors import AsrError
 from .stats import ChannelStats, merge_all
 
@@ -28,7 +27,8 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
         calib: a calib.CalibSet.
         batch_size: samples per session run.
         device: "auto", "cpu" or "cuda". Defaults to "auto".
-        norms: see :func:`stats_model`. Defaults to None.
+        norms: site key -> recal.Norm to renormalise with batch statistics (see :func:`stats_model`).
+            Defaults to None.
         progress: show a progress bar on a TTY. Defaults to True.
         desc: the progress bar's label.
         threads: onnxruntime intra-op threads; 0 lets it choose. Defaults to 0.
@@ -50,17 +50,18 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
         return measure_levels(model, calib, batch_size=batch_size, device=device, norms=norms, progress=progress,
                               desc=desc, threads=threads, kernel=kernel, scales=scales)
     if norms is None and keys and set(keys) <= _matrix_outputs(model):  # e.g. only a classifier head
-        return _run(lambda plan: (model, None), calib, batch_size, device, progress, desc, threads,
+        return _run(lambda plan: StatsGraph(model, []), calib, batch_size, device, progress, desc, threads,
                     outputs=sorted(keys), source=source, model=model)
     kernel = _kernel(kernel, device)
     return _run(_builder(model, norms or None, keys, kernel), calib, batch_size, device, progress, desc, threads,
                 scales=scales)
 
 
-def _builder(model, norms, keys, kernel):
-    """Makes the statistics model for a plan (its scales and centred sites), with the probe outputs or not."""
-    def build(plan: "_Plan", probe: bool = False):
-        return stats_model(model, norms, keys, kernel, scales=plan.scales, centred=plan.centred, probe=probe)
+def _builder(model, norms, keys, kernel, fixed=None):
+    """Makes the statistics graph for a plan (its scales and centred sites), with the probe outputs or not."""
+    def build(plan: "_Plan", probe: bool = False) -> StatsGraph:
+        return stats_model(model, norms, keys, kernel, scales=plan.scales, centred=plan.centred, probe=probe,
+                           fixed=fixed)
     return build
 
 
@@ -96,18 +97,19 @@ def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, p
     levels = site_levels(graph, find_sites(graph, find_layers(graph)))
     done, provider, count, kernel = {}, None, max(levels.values()) + 1, _kernel(kernel, device)
     for level in range(count):
-        fixed = {key: tuple(norms[key][:3]) + _population(stats) for key, stats in done.items() if key in norms}
+        fixed = {key: _population(norms[key], stats) for key, stats in done.items() if key in norms}
         wanted = {key for key, at in levels.items() if at == level}
         label = f"{desc} {level + 1}/{count}"
-        per_site, provider = _run(_builder(model, fixed, wanted, kernel), calib, batch_size, device, progress,
+        per_site, provider = _run(_builder(model, None, wanted, kernel, fixed), calib, batch_size, device, progress,
                                   label, threads, scales=scales)
         done.update(per_site)
     return done, provider
 
 
-def _population(batches: list["ChannelStats"]) -> tuple:
+def _population(norm, batches: list["ChannelStats"]):
+    """The Norm with the site's population mean and variance over every batch in place of its own."""
     total = merge_all(batches)
-    return total.mean, total.var
+    return replace(norm, mean=total.mean, var=total.var)
 
 
 def touched_sites(graph, sites, changed: set) -> set[str]:
@@ -171,28 +173,27 @@ def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, 
     (:func:`_replan`) and run again with the sites concerned scaled or centred, and so are the batches after it.
 
     Args:
-        build: makes the (statistics model, sites) of a :class:`_Plan`; called here so that the model proto,
-            a copy of every weight, is freed once onnxruntime has its own.
+        build: makes the StatsGraph of a :class:`_Plan`; called here so that the model proto, a copy of every
+            weight, is freed once onnxruntime has its own.
         outputs: measure these (N, C) graph outputs of an unchanged model on the host instead, with
             the model's own session settings. Defaults to None.
         source: the unchanged model's file, opened by onnxruntime instead of the proto. Defaults to None.
         scales: the plan's first scales. Defaults to None.
         model: with ``outputs``, the model, to probe when an output is not finite. Defaults to None.
     """
-    from .calib.specs import fixed_batch, input_specs, metadata
+    from .calib.specs import fixed_batch, input_specs
     from .progress import bar
     from .runtime import provider_of, providers, release_memory, runner
 
     plan = _Plan(dict(scales or {}))
-    augmented, sites = build(plan)
-    keys = outputs or [site.key for site in sites]  # the sites hold the whole graph, weights and all: let it go
-    del sites
+    stats_graph = build(plan)
+    readers = [] if outputs else stats_graph.readers
+    keys = outputs or [reader.key for reader in readers]
     if not keys:  # no wanted site in this model: nothing to run
         return {}, providers(device)[0]
-    fixed = fixed_batch(input_specs(augmented))
-    per_sample = {int(k): v for k, v in json.loads(metadata(augmented).get(PER_SAMPLE, "{}")).items()}
-    session = _session(source or augmented, device, threads, outputs is not None)
-    del augmented
+    fixed = fixed_batch(input_specs(stats_graph.model))
+    session = _session(source or stats_graph.model, device, threads, outputs is not None)
+    del stats_graph
     names, run = outputs or [o.name for o in session.get_outputs()], runner(session)
     per_site = {key: [] for key in keys}
     total, start = -(-len(calib) // batch_size), 0
@@ -207,18 +208,17 @@ def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, 
                 for key in keys:
                     _check_host(model, values[key], key, feed, start, device, threads)
                 break
-            batch = {key: _batch_stats(values, index, samples * per_sample[index] if index in per_sample else None,
-                                       plan.scales.get(key, 0)) for index, key in enumerate(keys)}
-            trouble = _trouble(batch, values, keys)
+            batch = {r.key: r.read(values, samples, plan.scales.get(r.key, 0)) for r in readers}
+            trouble = _trouble(batch, values, readers)
             if not trouble:
                 break
             del session, run
             release_memory()
-            plan = _replan(build, plan, trouble, feed, keys, start, device, threads)
-            augmented = build(plan)[0]
-            per_sample = {int(k): v for k, v in json.loads(metadata(augmented).get(PER_SAMPLE, "{}")).items()}
-            session = _session(augmented, device, threads, False)
-            del augmented
+            plan = _replan(build, plan, trouble, feed, start, device, threads)
+            stats_graph = build(plan)
+            readers = stats_graph.readers
+            session = _session(stats_graph.model, device, threads, False)
+            del stats_graph
             names, run = [o.name for o in session.get_outputs()], runner(session)
         for key in keys:
             per_site[key].append(batch[key])
@@ -249,41 +249,23 @@ def _run_batch(run, names, feed) -> dict:
         raise AsrError(f"onnxruntime failed on a calibration batch: {first_line(e)}") from None
 
 
-def _batch_stats(values: dict, index: int, count: float | None = None, k: int = 0) -> ChannelStats:
-    """One site's batch statistics from its outputs, scaled back by 2**k in float64; ``count`` (elements
-    per channel) when the graph has no Size output for it."""
-    def stat(name):
-        return values[f"{STAT_PREFIX}{index}.{name}"].astype(np.float64).ravel()
-
-    mean = stat("mean")
-    count = count if count is not None else float(values[f"{STAT_PREFIX}{index}.size"]) / mean.size
-    if f"{STAT_PREFIX}{index}.m2" in values:
-        m2 = stat("m2")
-    elif f"{STAT_PREFIX}{index}.square" in values:  # E[x^2] - E[x]^2, floored at 0
-        m2 = np.maximum(stat("square") - mean**2, 0.0) * count
-    else:  # the BN kernel gives the biased variance
-        m2 = stat("var") * count
-    return ChannelStats(count, np.ldexp(mean, k), np.ldexp(m2, 2 * k))
-
-
-def _trouble(batch: dict, values: dict, keys: list) -> dict:
+def _trouble(batch: dict, values: dict, readers: list) -> dict:
     """Site key -> "overflow" where a statistic is not finite, or "cancellation" where the moments'
     E[x^2] - E[x]^2 lost too much to float32 (mean^2 above :data:`CANCELLATION` times the variance)."""
     found = {}
-    for index, key in enumerate(keys):
-        stats = batch[key]
+    for reader in readers:
+        stats = batch[reader.key]
         if not (np.isfinite(stats.mean).all() and np.isfinite(stats.m2).all()):
-            found[key] = "overflow"
-        elif f"{STAT_PREFIX}{index}.square" in values:
-            square = values[f"{STAT_PREFIX}{index}.square"].astype(np.float64).ravel()
-            spread = square - values[f"{STAT_PREFIX}{index}.mean"].astype(np.float64).ravel() ** 2
+            found[reader.key] = "overflow"
+        elif reader.formula == MOMENTS:
+            square = values[reader.spread].astype(np.float64).ravel()
+            spread = square - reader.mean_of(values) ** 2
             if np.any((square > 0) & (square > (CANCELLATION + 1) * np.maximum(spread, 0))):
-                found[key] = "cancellation"
+                found[reader.key] = "cancellation"
     return found
 
 
-def _replan(build, plan: _Plan, trouble: dict, feed: dict, keys: list, start: int, device: str,
-            threads: int) -> _Plan:
+def _replan(build, plan: _Plan, trouble: dict, feed: dict, start: int, device: str, threads: int) -> _Plan:
     """The plan that measures a troubled batch right: the moments' cancelling sites centred, and the scales
     that a probe run of the batch finds where a statistic overflowed.
 
@@ -292,10 +274,13 @@ def _replan(build, plan: _Plan, trouble: dict, feed: dict, keys: list, start: in
     """
     if "overflow" not in trouble.values():  # cancellation only: nothing to probe
         return _Plan(dict(plan.scales), plan.centred | set(trouble))
-    values = _probe(build(plan, probe=True)[0], keys, feed, start, device, threads)
+    probed = build(plan, probe=True)
+    readers = probed.readers
+    values = _probe(probed, feed, start, device, threads)
     scales, centred = dict(plan.scales), set(plan.centred)
-    for index, key in enumerate(keys):
-        absmax = float(values[f"{STAT_PREFIX}{index}.absmax"].max())
+    for reader in readers:
+        key = reader.key
+        absmax = float(values[reader.absmax].max())
         k = max(scales.get(key, 0), scale_exponent(absmax))
         if trouble.get(key) == "overflow" and k == scales.get(key, 0):
             k = scale_exponent(max(absmax, 2.0 ** (k + 32)))  # finite, yet it overflowed: scale further
@@ -308,8 +293,8 @@ def _replan(build, plan: _Plan, trouble: dict, feed: dict, keys: list, start: in
     return _Plan(scales, centred)
 
 
-def _probe(augmented, keys: list, feed: dict, start: int, device: str, threads: int) -> dict:
-    """Runs one batch through a statistics model built with ``probe``; returns its outputs.
+def _probe(probed: StatsGraph, feed: dict, start: int, device: str, threads: int) -> dict:
+    """Runs one batch through a statistics graph built with ``probe``; returns its outputs.
 
     Raises:
         AsrError: an activation is NaN or infinite: the first site (in graph order) where one is, and the
@@ -317,17 +302,18 @@ def _probe(augmented, keys: list, feed: dict, start: int, device: str, threads: 
     """
     from .runtime import release_memory
 
-    session = _session(augmented, device, threads, False)
-    del augmented
+    readers = probed.readers
+    session = _session(probed.model, device, threads, False)
+    del probed
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(names, feed)))
     del session
     release_memory()
-    for index, key in enumerate(keys):
-        bad = np.flatnonzero(np.isnan(values[f"{STAT_PREFIX}{index}.bad"].ravel()))
+    for reader in readers:
+        bad = np.flatnonzero(np.isnan(values[reader.bad].ravel()))
         if bad.size:
-            raise AsrError(f"NaN or Inf in the activations at {key!r}, first from calibration sample {start + bad[0]} "
-                           "(counting from 0); check the calibration data and the model")
+            raise AsrError(f"NaN or Inf in the activations at {reader.key!r}, first from calibration sample "
+                           f"{start + bad[0]} (counting from 0); check the calibration data and the model")
     return values
 
 
@@ -337,8 +323,7 @@ def _check_host(model, values: np.ndarray, key: str, feed: dict, start: int, dev
     finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
     if finite.all():
         return
-    augmented, sites = stats_model(model, probe=True)
-    _probe(augmented, [site.key for site in sites], feed, start, device, threads)
+    _probe(stats_model(model, probe=True), feed, start, device, threads)
     raise AsrError(f"NaN or Inf in the activations at {key!r}, first from calibration sample "
                    f"{start + int(np.flatnonzero(~finite)[0])} (counting from 0); check the calibration data "
                    "and the model")

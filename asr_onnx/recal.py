@@ -9,7 +9,7 @@ real BN, and the dense model's per-channel statistics are the target.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -149,9 +149,9 @@ def _stored_var(var, own_eps: float, eps: float) -> np.ndarray:
     return var + (eps - own_eps) if eps > own_eps else var
 
 
-def train_norm(ref: Norm) -> tuple:
-    """(scale, bias, eps) for renormalising a site with batch statistics during measurement (eps floored)."""
-    return ref.scale, ref.bias, floor_eps(ref.var, ref.eps)
+def train_norm(ref: Norm) -> Norm:
+    """The reference with its eps floored, for renormalising a site with batch statistics during measurement."""
+    return replace(ref, eps=floor_eps(ref.var, ref.eps))
 
 
 def affine(ref: Norm, corr: Correction) -> tuple[np.ndarray, np.ndarray]:

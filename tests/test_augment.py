@@ -8,6 +8,7 @@ from zoo import ArraySet, conv_net, random_inputs
 
 from asr_onnx.augment import stats_model
 from asr_onnx.measure import measure
+from asr_onnx.recal import Norm
 from asr_onnx.stats import ChannelStats, merge_all
 
 
@@ -17,14 +18,15 @@ def test_extra_outputs_are_per_channel_vectors_only(kernel, renormalise):
     """The memory bound: nothing bigger than a per-channel vector leaves the session."""
     model, x = conv_net(bn=True), random_inputs(8)
     channels = {s.key: (s.bn.inputs[1].shape[0] if s.bn is not None else s.layer.channels) for s in sites_of(model)}
-    norms = {key: (np.ones(c), np.zeros(c), 1e-5) for key, c in channels.items()}
-    augmented, sites = stats_model(model, norms if renormalise else None, kernel=kernel)
+    norms = {key: Norm(np.ones(c), np.zeros(c), np.zeros(c), np.ones(c), 1e-5) for key, c in channels.items()}
+    stats_graph = stats_model(model, norms if renormalise else None, kernel=kernel)
+    augmented, readers = stats_graph.model, stats_graph.readers
     session = ort.InferenceSession(augmented.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     outputs = dict(zip(names, session.run(None, {"input": x})))
-    assert len(outputs) >= 2 * len(sites)
-    for index, site in enumerate(sites):
-        assert outputs[f"asr_stat.{index}.mean"].size == channels[site.key]
+    assert len(outputs) >= 2 * len(readers)
+    for reader in readers:
+        assert outputs[reader.mean].size == channels[reader.key]
     for value in outputs.values():
         assert value.size <= max(channels.values())
     assert {o.name for o in augmented.graph.output}.isdisjoint({"logits"})
@@ -32,11 +34,12 @@ def test_extra_outputs_are_per_channel_vectors_only(kernel, renormalise):
 
 def test_statistic_leaves_are_listed_last_site_first():
     """So that onnxruntime runs each site's reduction right after its producer and frees the activation."""
-    augmented, sites = stats_model(conv_net(bn=True))
-    tail = [n.output[0] for n in augmented.graph.node[-2 * len(sites):]]  # each site's m2 and size
+    stats_graph = stats_model(conv_net(bn=True))
+    augmented, readers = stats_graph.model, stats_graph.readers
+    tail = [n.output[0] for n in augmented.graph.node[-2 * len(readers):]]  # each site's m2 and size
     assert all(name.startswith("asr_stat.") for name in tail)
     indices = [int(name.split(".")[1]) for name in tail]
-    assert indices == sorted(indices, reverse=True) and set(indices) == set(range(len(sites)))
+    assert indices == sorted(indices, reverse=True) and set(indices) == set(range(len(readers)))
 
 
 @pytest.mark.parametrize("opset", [13, 17])
@@ -48,10 +51,10 @@ def test_bn_kernel_renormalises_as_the_reductions_do(opset):
     norms = {}
     for site in sites_of(model):
         c = site.bn.inputs[1].shape[0] if site.bn is not None else site.layer.channels
-        norms[site.key] = (rng.uniform(0.5, 2, c), rng.normal(0, 1, c), 1e-3)
+        norms[site.key] = Norm(rng.uniform(0.5, 2, c), rng.normal(0, 1, c), np.zeros(c), np.ones(c), 1e-3)
     got = {k: measure(model, ArraySet(x), batch_size=8, device="cpu", norms=norms, progress=False, kernel=k)[0]
            for k in ("reduce", "bn")}
-    ops = {n.op_type for n in stats_model(model, norms, kernel="bn")[0].graph.node}
+    ops = {n.op_type for n in stats_model(model, norms, kernel="bn").model.graph.node}
     assert ("ReduceSumSquare" in ops) == (opset < 14)
     for key, batches in got["reduce"].items():
         for ref, bn in zip(batches, got["bn"][key]):
@@ -64,7 +67,10 @@ def test_conv_moments_need_no_layout_copy_when_shapes_are_static():
     """The dense pass on the CPU reads conv sites with GlobalAveragePool only: no Size node (which needs
     the plain layout) where the count per sample is static, and the statistics still equal numpy's."""
     model, x = conv_net(bn=False), random_inputs(20) * 2 + 3
-    augmented, sites = stats_model(model, kernel="bn")
+    sites = sites_of(model)
+    stats_graph = stats_model(model, kernel="bn")
+    augmented = stats_graph.model
+    assert [r.key for r in stats_graph.readers] == [s.key for s in sites]
     conv_sites = {s.key for s in sites if not s.channel_last}
     assert conv_sites and not [n for n in augmented.graph.node if n.op_type == "Size" and n.input[0] in conv_sites]
     per_batch, _ = measure(model, ArraySet(x), batch_size=6, device="cpu", progress=False, kernel="bn")
