@@ -9,18 +9,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .augment import scale_exponent
 from .batch import free_batch
 from .calib.calibset import CalibSet
 from .calib.specs import fixed_batch, input_specs
 from .errors import AsrError
 from .gains import METHODS
 from .graph import find_layers, find_sites, to_graph, to_model
-from .measure import SMALL_BATCH, measure, measure_levels, touched_sites
+from .measure import SMALL_BATCH, dense_keys, dense_weights, measure, measure_pruned, site_map
 from .modelio import load_model, save_model
 from .prune import Pattern, check_sparsity, prune_layers
-from .recal import DEFAULT_REFERENCE, REFERENCES, correct, fold_bn, magnitude, train_norm, write
-from .recal import reference as site_reference
+from .recal import DEFAULT_REFERENCE, REFERENCES, correct, fold_bn, write
 from .stats import merge_all
 from .validate import check_output
 
@@ -91,10 +89,41 @@ class Repair:
         self.batch_plan = free_batch(self.dense, fixed) if fixed and fixed < SMALL_BATCH else None
         self.pruned = self.dense
         self.layers, self.refits, self.settings, self.timings = [], [], {}, {}
-        self.dense_stats = self.pruned_stats = None
-        self.corrections, self.written, self.output, self.provider = {}, {}, None, None
+        self.measurement = None  # a measure.Measurement, once measured
+        self.corrections, self.written, self.output = {}, {}, None
         self.evaluation = None
         self.channel_plan = self.channel_report = None
+        self._batch_arg = batch_size
+        self._dense_weights = None  # layer name -> dense weight, read once
+        self._site_map = None  # the pruned graph's measure.SiteMap, found once per pruned model
+
+    def fork(self, *, batch_size: int | None = None, progress: bool | None = None, pruned: bool = True) -> "Repair":
+        """A new Repair over the same dense model (its file and weights shared, nothing measured).
+
+        Args:
+            batch_size: as for :class:`Repair`. Defaults to None: this one's.
+            progress: as for :class:`Repair`. Defaults to None: this one's.
+            pruned: start from this one's pruned model (its layers and sites shared) instead of the dense
+                one. Defaults to True.
+        """
+        new = Repair(self.dense, device=self.device, batch_size=self._batch_arg if batch_size is None else batch_size,
+                     progress=self.progress if progress is None else progress, threads=self.threads)
+        new.source, new._dense_weights = self.source, self._weights()
+        if pruned:
+            new.pruned, new.layers, new._site_map = self.pruned, self.layers, self._site_map
+        return new
+
+    def _weights(self) -> dict:
+        """The dense model's layer weights, read on first use."""
+        if self._dense_weights is None:
+            self._dense_weights = dense_weights(self.dense)
+        return self._dense_weights
+
+    def _pruned_sites(self):
+        """The pruned model's measure.SiteMap, found on first use after each change of the pruned model."""
+        if self._site_map is None:
+            self._site_map = site_map(self.pruned, self._weights())
+        return self._site_map
 
     @contextmanager
     def _timed(self, stage: str):
@@ -131,7 +160,7 @@ class Repair:
             graph = to_graph(self.dense)
             self.layers = prune_layers(find_layers(graph), sparsity, parsed, exclude, keep_first, keep_last,
                                        allocation, norms)
-            self.pruned = to_model(graph, self.dense)
+            self.pruned, self._site_map = to_model(graph, self.dense), None
         used = self.layers[0].allocation if self.layers else allocation  # "uniform" for the pattern uniform
         self.settings.update(sparsity=sparsity, pattern=str(parsed), exclude=list(exclude),
                              keep_first=keep_first, keep_last=keep_last, allocation=used, score=score)
@@ -160,7 +189,7 @@ class Repair:
                 self.channel_plan = channels.plan(self.dense, sparsity=None if target else sparsity,
                                                   flops_target=target, score=score, calib=calib, exclude=exclude,
                                                   batch_size=self.batch_size, device=self.device, threads=self.threads)
-            self.pruned = channels.mask(self.dense, self.channel_plan.groups, self.channel_plan.keep)
+            self.pruned, self._site_map = channels.mask(self.dense, self.channel_plan.groups, self.channel_plan.keep), None
         self.layers = []
         self.settings.update(sparsity=sparsity, pattern="channels", flops_target=target, exclude=list(exclude),
                              score=score)
@@ -216,6 +245,7 @@ class Repair:
                 self.pruned, self.refits, split, _ = reconstruct(self.dense, self.pruned, calib,
                                                                  max_gram_mb=max_gram_mb, passes=passes,
                                                                  **self._refit_options())
+            self._site_map = None
             self.timings.update({f"reconstruct_{k}": v for k, v in split.items()})
         self.settings.update(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes)
         return self
@@ -261,9 +291,8 @@ class Repair:
         """
         self._check_size(calib)
         with self._timed("measure_dense"):
-            batches, self.provider = measure(self._for_stats(self.dense), calib, desc="dense", keys=keys,
-                                             source=None if self.batch_plan else self.source,
-                                             **self._session_options(calib))
+            batches, _ = measure(self._for_stats(self.dense), calib, desc="dense", keys=keys,
+                                 source=None if self.batch_plan else self.source, **self._session_options(calib))
         return {key: merge_all(b) for key, b in batches.items()}
 
     def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False,
@@ -296,42 +325,19 @@ class Repair:
         """
         self._check_size(calib)
         calib = calib.shuffled(seed) if isinstance(calib, CalibSet) else calib
-        graph = to_graph(self.pruned)
-        layers = find_layers(graph)
-        sites = find_sites(graph, layers)
-        dense_weights = {layer.name: layer.weight.values for layer in find_layers(to_graph(self.dense))}
-        changed = {id(layer.node) for layer in layers
-                   if not np.array_equal(dense_weights.get(layer.name), layer.weight.values)}
-        self._touched = touched_sites(graph, sites, changed)
+        sites = self._pruned_sites()
         if reference not in REFERENCES:
             raise AsrError(f"unknown reference {reference!r}; use {' or '.join(REFERENCES)}")
-        needed = {s.key for s in sites if s.bn is None or reference == "calib"}
+        needed = dense_keys(sites.sites, reference)
         if dense_stats is None:
             dense_stats = self.measure_dense(calib, None if all_dense else needed) if needed or all_dense else {}
-        self.dense_stats, options = dense_stats, self._session_options(calib)
+        options = self._session_options(calib)
         with self._timed("measure_pruned"):
-            missing = sorted(needed - set(dense_stats))
-            if missing:
-                raise AsrError(f"the dense statistics have no entry for {missing[0]!r}: they belong to another model")
-            for site in sites:
-                given = dense_stats.get(site.key)
-                if given is not None and given.mean.size != site.channels:
-                    raise AsrError(f"the dense statistics of {site.key!r} have {given.mean.size} channels, the "
-                                   f"model has {site.channels}: they belong to another model")
-            self._refs = {s.key: site_reference(s, dense_stats.get(s.key), reference) for s in sites}
-            self._sites = sites
-            norms = {key: train_norm(ref) for key, ref in self._refs.items() if key in self._touched}
-            # a site whose reference says its activations are too large to square is scaled from the first batch
-            scales = {key: k for key, ref in self._refs.items() if (k := scale_exponent(magnitude(ref)))}
             pruned = self._for_stats(self.pruned)
             if pruned is None:  # the pruned graph's batch cannot be freed: its own batch, level by level
                 pruned, options = self.pruned, dict(options, batch_size=self.batch_size)
-            if sequential:
-                self.pruned_stats, self.provider = measure_levels(pruned, calib, norms=norms, desc="pruned",
-                                                                  scales=scales, **options)
-            else:
-                self.pruned_stats, self.provider = measure(pruned, calib, norms=norms, desc="pruned", scales=scales,
-                                                           **options)
+            self.measurement = measure_pruned(pruned, calib, sites, dense_stats, reference, sequential=sequential,
+                                              **options)
         self.settings.update(calib_size=len(calib), batch_size=options["batch_size"], sequential=sequential,
                              symbolic_batch=pruned is not self.pruned, reference=reference)
         return self
@@ -347,15 +353,16 @@ class Repair:
         """
         if method not in METHODS:
             raise AsrError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        if self.pruned_stats is None:
+        if self.measurement is None:
             raise AsrError("measure() must run before correct()")
+        m = self.measurement
         with self._timed("correct"):
             self.corrections = {
-                s.key: correct(s, self._refs[s.key], self.pruned_stats[s.key],
-                               "none" if (s.head and not correct_head) or s.key not in self._touched else method,
+                s.key: correct(s, m.references[s.key], m.pruned[s.key],
+                               "none" if (s.head and not correct_head) or s.key not in m.touched else method,
                                placement=placement,
                                recal=recal, momentum=momentum, lambda_rule=lambda_rule)
-                for s in self._sites
+                for s in m.sites
             }
         self.settings.update(method=method, placement=placement, recal=recal, momentum=momentum,
                              lambda_rule=lambda_rule, correct_head=correct_head)
@@ -455,7 +462,7 @@ class Repair:
                    "logit_rel_l2": logit_rel_l2(e, ref2)}
                   for (method, placement, rule), m, e in zip(candidates, matches, err2)]
         best = pick(scores, matches, err2)
-        if self.pruned_stats is None:
+        if self.measurement is None:
             self.measure(calib, seed=seed, reference=reference)
         self.correct(best["method"], placement=best["placement"], recal=recal, momentum=momentum,
                      lambda_rule=best["lambda_rule"], correct_head=correct_head)
@@ -477,7 +484,7 @@ class Repair:
         with self._timed("fold"):
             graph = to_graph(self.pruned)
             sites = find_sites(graph, find_layers(graph))
-            self.written = {s.key: write(graph, s, self._refs[s.key], self.corrections[s.key])
+            self.written = {s.key: write(graph, s, self.measurement.references[s.key], self.corrections[s.key])
                             for s in sites if s.key in self.corrections}
             if fold_bn_nodes:
                 for site in sites:

@@ -15,7 +15,8 @@ def held_out_scores(job, calib, variants, *, folds: int, seed: int, measure: dic
     Args:
         job: the Repair whose dense and pruned models the probes share.
         calib: the calibration set (needs ``folds``).
-        variants: functions ``probe -> onnx.ModelProto``; a probe is a measured Repair on the fit folds.
+        variants: functions ``probe -> onnx.ModelProto``; a probe is a measured Repair on the fit folds (a
+            :meth:`Repair.fork` of ``job``).
         folds: how many parts; each sample is held out once.
         seed: the parts' seed, and the probes' batch order.
         measure: keyword arguments of the probes' :meth:`Repair.measure`.
@@ -26,15 +27,12 @@ def held_out_scores(job, calib, variants, *, folds: int, seed: int, measure: dic
         variant where top-1 means nothing, such as a detector's output) and its squared error; and the
         dense outputs' squared norm, the same for every variant.
     """
-    from .api import Repair
     from .verify import evaluate
 
     sizing = {} if batch_size is None else {"batch_size": batch_size}
     matches, err2, ref2 = [[] for _ in variants], [[] for _ in variants], 0.0
     for fit, held in calib.folds(folds, seed):
-        probe = Repair(job.dense, device=job.device, batch_size=min(job.requested_batch, len(fit)), progress=False,
-                       threads=job.threads)
-        probe.pruned, probe.source = job.pruned, job.source
+        probe = job.fork(batch_size=min(job.requested_batch, len(fit)), progress=False)
         probe.measure(fit, seed=seed, **measure)
         dense_outputs: list = []  # filled by the first evaluation, reused by the others
         for i, variant in enumerate(variants):

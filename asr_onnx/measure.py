@@ -1,4 +1,8 @@
-"""Measurement: a statistics session over the calibration set, per-batch statistics out of it."""
+"""Measurement: statistics sessions over the calibration set, per-batch statistics out of them.
+
+:func:`measure_pruned` returns the whole :class:`Measurement` of a repair; :func:`measure` runs one
+statistics graph (:mod:`asr_onnx.augment`) over the set.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,111 @@ SMALL_BATCH = 8  # under this many samples per run, train-mode renormalisation i
 CANCELLATION = 100.0  # above this mean^2 / var, E[x^2] - E[x]^2 in float32 loses more than about 1e-4
 
 
+@dataclass(frozen=True)
+class SiteMap:
+    """The sites of one pruned graph, found once, and what pruning changed about them.
+
+    Attributes:
+        sites: the graph.Site list, in graph order.
+        touched: keys of the sites that a changed layer reaches (see :func:`touched_sites`).
+        levels: site key -> level (see :func:`site_levels`).
+    """
+
+    sites: list
+    touched: frozenset
+    levels: dict
+
+
+def site_map(pruned, dense_weights: dict) -> SiteMap:
+    """The :class:`SiteMap` of a pruned onnx.ModelProto; ``dense_weights``: layer name -> the dense weight."""
+    from .graph import find_layers, find_sites, to_graph
+
+    graph = to_graph(pruned)
+    layers = find_layers(graph)
+    sites = find_sites(graph, layers)
+    changed = {id(layer.node) for layer in layers
+               if not np.array_equal(dense_weights.get(layer.name), layer.weight.values)}
+    return SiteMap(sites, frozenset(touched_sites(graph, sites, changed)), site_levels(graph, sites))
+
+
+def dense_weights(model) -> dict:
+    """Layer name -> weight values of an onnx.ModelProto, which :func:`site_map` compares the pruned ones with."""
+    from .graph import find_layers, to_graph
+
+    return {layer.name: layer.weight.values for layer in find_layers(to_graph(model))}
+
+
+def dense_keys(sites: list, reference: str) -> set[str]:
+    """The sites whose reference needs the dense statistics: every site under "calib", those without a BN
+    under "running" (a BN's reference is then its running statistics)."""
+    return {s.key for s in sites if s.bn is None or reference == "calib"}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What a repair measured: every site's reference, and the dense and pruned statistics behind it.
+
+    Attributes:
+        sites: the pruned graph's sites (graph.Site), in graph order.
+        touched: keys of the sites that a pruned layer reaches; the others' correction is the identity.
+        reference: "calib" or "running" (see :func:`asr_onnx.recal.reference`).
+        references: site key -> recal.Norm, what the site's correction restores.
+        dense: site key -> ChannelStats of the dense model, over the whole set (the sites measured).
+        pruned: site key -> the pruned model's per-batch ChannelStats, upstream renormalised.
+        provider: the onnxruntime provider of the pruned pass.
+    """
+
+    sites: list
+    touched: frozenset
+    reference: str
+    references: dict
+    dense: dict
+    pruned: dict
+    provider: str
+
+
+def measure_pruned(model, calib, sites: SiteMap, dense: dict, reference: str, *, sequential: bool = False,
+                   **options) -> Measurement:
+    """Measures the pruned model with every touched site renormalised to its reference.
+
+    Args:
+        model: the pruned onnx.ModelProto to build the statistics graphs from (its batch may be freed).
+        calib: the calibration set, in the order to read it.
+        sites: the pruned graph's :class:`SiteMap`.
+        dense: site key -> the dense model's ChannelStats; it must hold :func:`dense_keys`.
+        reference: "calib" or "running".
+        sequential: level by level (:func:`measure_levels`) instead of one pass. Defaults to False.
+        **options: batch_size, device, progress and threads, as for :func:`measure`.
+
+    Raises:
+        AsrError: the dense statistics lack a site or have another channel count (another model's).
+    """
+    from .recal import magnitude, train_norm
+    from .recal import reference as site_reference
+
+    missing = sorted(dense_keys(sites.sites, reference) - set(dense))
+    if missing:
+        raise AsrError(f"the dense statistics have no entry for {missing[0]!r}: they belong to another model")
+    for site in sites.sites:
+        given = dense.get(site.key)
+        if given is not None and given.mean.size != site.channels:
+            raise AsrError(f"the dense statistics of {site.key!r} have {given.mean.size} channels, the "
+                           f"model has {site.channels}: they belong to another model")
+    refs = {s.key: site_reference(s, dense.get(s.key), reference) for s in sites.sites}
+    norms = {key: train_norm(ref) for key, ref in refs.items() if key in sites.touched}
+    # a site whose reference says its activations are too large to square is scaled from the first batch
+    scales = {key: k for key, ref in refs.items() if (k := scale_exponent(magnitude(ref)))}
+    if sequential:
+        pruned, provider = measure_levels(model, calib, norms=norms, desc="pruned", scales=scales,
+                                          levels=sites.levels, **options)
+    else:
+        pruned, provider = measure(model, calib, norms=norms, desc="pruned", scales=scales, levels=sites.levels,
+                                   **options)
+    return Measurement(sites.sites, sites.touched, reference, refs, dense, pruned, provider)
+
+
 def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, progress: bool = True, desc="measure",
-            threads: int = 0, keys=None, kernel: str = "auto", source=None, scales=None):
+            threads: int = 0, keys=None, kernel: str = "auto", source=None, scales=None, levels=None):
     """Runs the calibration set through the augmented model.
 
     With ``norms`` and fewer than :data:`SMALL_BATCH` samples per run (a model that fixes a batch of 1),
@@ -38,6 +145,7 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
             unchanged (faster than serializing it). Defaults to None.
         scales: site key -> k, to measure x * 2**-k from the first batch on (see :func:`stats_model`); a
             site whose statistics overflow is scaled anyway, from the batch where they do. Defaults to None.
+        levels: the model's :func:`site_levels`, if known, for a level-by-level measurement. Defaults to None.
 
     Returns:
         (site key -> list of per-batch ChannelStats, the provider used).
@@ -48,7 +156,7 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
     """
     if norms and batch_size < SMALL_BATCH:
         return measure_levels(model, calib, batch_size=batch_size, device=device, norms=norms, progress=progress,
-                              desc=desc, threads=threads, kernel=kernel, scales=scales)
+                              desc=desc, threads=threads, kernel=kernel, scales=scales, levels=levels)
     if norms is None and keys and set(keys) <= _matrix_outputs(model):  # e.g. only a classifier head
         return _run(lambda plan: StatsGraph(model, []), calib, batch_size, device, progress, desc, threads,
                     outputs=sorted(keys), source=source, model=model)
@@ -82,19 +190,21 @@ def _kernel(kernel: str, device: str) -> str:
 
 
 def measure_levels(model, calib, *, batch_size: int, device: str, norms: dict, progress: bool, desc: str,
-                   threads: int = 0, kernel: str = "auto", scales=None):
+                   threads: int = 0, kernel: str = "auto", scales=None, levels: dict | None = None):
     """Train-mode measurement without batch statistics: one pass per level of the site graph.
 
     A site's level is the largest number of sites on a path from the inputs to it. In pass ``k``,
     every site of a lower level is renormalised with fixed statistics, its own population statistics
     from the pass that measured it, and the sites of level ``k`` are measured. Their statistics are
     then exactly those of the network whose upstream sites are recalibrated on the whole set, which
-    is what train-mode renormalisation approximates batch by batch.
+    is what train-mode renormalisation approximates batch by batch. ``levels``: the model's
+    :func:`site_levels` when known. Defaults to None (found here).
     """
-    from .graph import find_layers, find_sites, to_graph
+    if levels is None:
+        from .graph import find_layers, find_sites, to_graph
 
-    graph = to_graph(model)
-    levels = site_levels(graph, find_sites(graph, find_layers(graph)))
+        graph = to_graph(model)
+        levels = site_levels(graph, find_sites(graph, find_layers(graph)))
     done, provider, count, kernel = {}, None, max(levels.values()) + 1, _kernel(kernel, device)
     for level in range(count):
         fixed = {key: _population(norms[key], stats) for key, stats in done.items() if key in norms}

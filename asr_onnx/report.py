@@ -40,11 +40,11 @@ def build_report(job) -> dict:
     from .sparsecore import layer_rows
     from .stats import merge_all
 
-    sites = []
-    for site in getattr(job, "_sites", []):
-        corr, ref = job.corrections.get(site.key), job._refs[site.key]
-        dense = job.dense_stats.get(site.key)
-        pruned = merge_all(job.pruned_stats[site.key])
+    sites, m = [], job.measurement
+    for site in m.sites if m is not None else []:
+        corr, ref = job.corrections.get(site.key), m.references[site.key]
+        dense = m.dense.get(site.key)
+        pruned = merge_all(m.pruned[site.key])
         entry = {
             "tensor": site.key,
             "layer": site.layer.name if site.layer else None,
@@ -54,9 +54,9 @@ def build_report(job) -> dict:
             "eps": ref.eps,
             # what the correction restores: a BN's running statistics (--reference running), else the measured
             # dense ones
-            "reference": "bn running statistics" if site.bn is not None and job.settings.get("reference") == "running"
+            "reference": "bn running statistics" if site.bn is not None and m.reference == "running"
             else "dense calibration statistics",
-            "pruned_upstream": site.key in getattr(job, "_touched", ()),
+            "pruned_upstream": site.key in m.touched,
             "reference_var": _floats(ref.var),
             "pruned_var": _floats(pruned.var),
             "reference_mean": _floats(ref.mean),
@@ -76,7 +76,7 @@ def build_report(job) -> dict:
     zeros = sum(layer["sparsity"] * np.prod(layer["shape"]) for layer in layers if layer["pruned"])
     return {
         "tool": {"name": "asr-onnx", "version": __version__},
-        "onnxruntime": {"version": ort.__version__, "provider": job.provider},
+        "onnxruntime": {"version": ort.__version__, "provider": m.provider if m is not None else None},
         "input": str(job.source) if job.source else None,
         "settings": job.settings,
         "totals": {"prunable_weights": total, "sparsity": round(float(zeros / total), 6) if total else 0.0},

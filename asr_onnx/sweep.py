@@ -111,15 +111,14 @@ def run_sweep(model, calib, eval_data, grid: Grid | None = None, *, name: str | 
     regimes = [tuple(r) if len(r) == 3 else (*r, grid.correct_head) for r in grid.regimes]
     watched = max((c for c in cells if c[1] is not None), key=lambda c: c[1], default=None)
     for pattern, sparsity in cells:
-        job = Repair(base.dense, device=device, batch_size=batch_size, progress=progress)
-        job.source = base.source
+        job = base.fork(pruned=False)
         job.prune(0.0 if sparsity is None else sparsity, pattern)
         start = time.perf_counter()
         if any(m != "none" for m in grid.methods):
             job.measure(calib, dense_stats)
-            dense_stats = job.dense_stats
+            dense_stats = job.measurement.dense
         measure_s = time.perf_counter() - start
-        ratio = variance_ratio(job) if job.pruned_stats is not None else None
+        ratio = variance_ratio(job.measurement) if job.measurement is not None else None
         for recal, placement, head in regimes:
             for method in grid.methods:
                 if method == "none" and (recal, placement, head) != regimes[0]:
@@ -150,7 +149,7 @@ def run_sweep(model, calib, eval_data, grid: Grid | None = None, *, name: str | 
                 if method == "auto":
                     row["picked"] = job.settings["auto"]["picked"]
                 result.rows.append(row)
-                if watch and job.pruned_stats is not None and (pattern, sparsity) == watched and (recal, placement, head) == regimes[0]:
+                if watch and job.measurement is not None and (pattern, sparsity) == watched and (recal, placement, head) == regimes[0]:
                     _watch(result, job, output, method, calib, pattern, sparsity, device, watch_site)
                 if on_row:
                     on_row(row)
@@ -167,9 +166,10 @@ def _watch(result, job, output, method, calib, pattern: str, sparsity: float, de
 
     subset = calib.take(samples) if hasattr(calib, "take") else calib
     if not result.channel_var:
-        entries = [{"tensor": s.key, "layer": s.layer.name if s.layer else None, "eps": job._refs[s.key].eps,
-                    "reference_var": job._refs[s.key].var, "pruned_var": merge_all(job.pruned_stats[s.key]).var}
-                   for s in job._sites]
+        m = job.measurement
+        entries = [{"tensor": s.key, "layer": s.layer.name if s.layer else None, "eps": m.references[s.key].eps,
+                    "reference_var": m.references[s.key].var, "pruned_var": merge_all(m.pruned[s.key]).var}
+                   for s in m.sites]
         try:
             chosen = most_damaged(entries, site)
         except KeyError:
@@ -198,14 +198,18 @@ def output_variance(model, data, key: str, batch_size: int, device: str):
     return var * scale**2 / (running_var + site.eps)
 
 
-def variance_ratio(job) -> float:
-    """Pruning severity: the mean over sites and channels of pruned / reference variance (1 = no damage)."""
+def variance_ratio(measurement) -> float:
+    """Pruning severity: the mean over sites and channels of pruned / reference variance (1 = no damage).
+
+    Args:
+        measurement: a measure.Measurement.
+    """
     import numpy as np
 
     from .stats import merge_all
 
-    ratios = [np.mean(np.minimum(merge_all(job.pruned_stats[k]).var / np.maximum(ref.var, ref.eps), 1.0))
-              for k, ref in job._refs.items()]
+    ratios = [np.mean(np.minimum(merge_all(measurement.pruned[k]).var / np.maximum(ref.var, ref.eps), 1.0))
+              for k, ref in measurement.references.items()]
     return round(float(np.mean(ratios)), 6)
 
 

@@ -29,8 +29,8 @@ def damage(job) -> dict:
     from asr_onnx.stats import merge_all
 
     ratios, spreads, shrunk = [], [], []
-    for key, ref in job._refs.items():
-        pruned = merge_all(job.pruned_stats[key]).var
+    for key, ref in job.measurement.references.items():
+        pruned = merge_all(job.measurement.pruned[key]).var
         ratio = (pruned + ref.eps) / (ref.var + ref.eps)
         ratios.append(ratio)
         q1, q3 = np.percentile(np.log10(ratio), [25, 75])
@@ -68,7 +68,7 @@ def main() -> int:
             pattern, _, sparsity = cell.rpartition(":")
             job = Repair(proto, device="cpu", progress=False).prune(float(sparsity), pattern)
             job.measure(calib, dense)
-            dense = job.dense_stats
+            dense = job.measurement.dense
             d = damage(job)
             shown = "-" if ":" in pattern else sparsity
             print(f"| {name} | {pattern} | {shown} | {d['median_r']:.3f} | {100 * d['collapsed']:.1f}% "

@@ -57,7 +57,7 @@ def repair(path, calib, method: str, device: str, sequential: bool) -> tuple:
     job = Repair(path, device=device, progress=False).prune(0.9).measure(calib, sequential=sequential)
     job.correct(method).fold()
     seconds = time.perf_counter() - start
-    stats = {key: merge_all(batches) for key, batches in job.pruned_stats.items()}
+    stats = {key: merge_all(batches) for key, batches in job.measurement.pruned.items()}
     return job, stats, seconds
 
 
@@ -98,8 +98,8 @@ def check(name: str, method: str, device: str, sequential: bool) -> dict:
     cross = evaluate(dev_job.output, eval_data, reference=cpu_job.output, device="cpu", progress=False)
     return {
         "model": name, "method": method, "sequential": sequential, "device": device,
-        "provider": dev_job.provider, "cpu_provider": cpu_job.provider, "iobinding_runs": bound["runs"],
-        "sites": len(cpu_stats), **stat_diffs(dev_stats, cpu_stats, {k: r.var for k, r in cpu_job._refs.items()}),
+        "provider": dev_job.measurement.provider, "cpu_provider": cpu_job.measurement.provider, "iobinding_runs": bound["runs"],
+        "sites": len(cpu_stats), **stat_diffs(dev_stats, cpu_stats, {k: r.var for k, r in cpu_job.measurement.references.items()}),
         "max_weight_diff": weight_diff(dev_w, cpu_w),
         "cpu_top1": cpu_eval["top1"], "dev_top1": dev_eval["top1"], "cpu_dense_agreement": cpu_eval["agreement"],
         "cpu_vs_dev_agreement": cross["agreement"], "cpu_vs_dev_logit_rel_l2": cross["logit_rel_l2"],

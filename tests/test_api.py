@@ -15,16 +15,16 @@ def test_dense_pass_measures_only_the_sites_without_a_bn_under_the_running_refer
     calib = ArraySet(random_inputs(32))
     lean = Repair(conv_net(bn=True), device="cpu", batch_size=16, progress=False).prune(0.7)
     lean.measure(calib, reference="running")
-    virtual = {s.key for s in lean._sites if s.bn is None}
-    assert virtual and set(lean.dense_stats) == virtual != {s.key for s in lean._sites}
+    virtual = {s.key for s in lean.measurement.sites if s.bn is None}
+    assert virtual and set(lean.measurement.dense) == virtual != {s.key for s in lean.measurement.sites}
     default = Repair(conv_net(bn=True), device="cpu", batch_size=16, progress=False).prune(0.7).measure(calib)
-    assert set(default.dense_stats) == {s.key for s in default._sites}
+    assert set(default.measurement.dense) == {s.key for s in default.measurement.sites}
     assert all(site["reference"] == "dense calibration statistics" for site in default.report()["sites"])
     full = Repair(conv_net(bn=True), device="cpu", batch_size=16, progress=False).prune(0.7)
     full.measure(calib, all_dense=True, reference="running")
-    assert set(full.dense_stats) == {s.key for s in full._sites}
+    assert set(full.measurement.dense) == {s.key for s in full.measurement.sites}
     for key in virtual:
-        np.testing.assert_allclose(lean.dense_stats[key].var, full.dense_stats[key].var, rtol=1e-5)
+        np.testing.assert_allclose(lean.measurement.dense[key].var, full.measurement.dense[key].var, rtol=1e-5)
     a = lean.correct("asr").fold().output.graph.initializer
     b = {t.name: t for t in full.correct("asr").fold().output.graph.initializer}
     for tensor in a:  # the same repair, up to float32 rounding in a different statistics graph

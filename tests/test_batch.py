@@ -28,7 +28,7 @@ def test_a_fixed_batch_1_graph_is_measured_as_its_dynamic_twin(build):
     job, twin = repair(fixed, zoo.DictSet(feeds), **COMMON), repair(dynamic, zoo.DictSet(feeds), **COMMON)
     assert job.settings["symbolic_batch"] and job.settings["batch_size"] == zoo.N
     assert twin.batch_plan is None and not twin.settings["symbolic_batch"]
-    for stats, ref in ((job.pruned_stats, twin.pruned_stats), (job.dense_stats, twin.dense_stats)):
+    for stats, ref in ((job.measurement.pruned, twin.measurement.pruned), (job.measurement.dense, twin.measurement.dense)):
         assert stats.keys() == ref.keys() and stats
         for key in stats:
             got, want = (merge_all(s) if isinstance(s, list) else s for s in (stats[key], ref[key]))
@@ -51,7 +51,7 @@ def test_a_graph_that_mixes_samples_keeps_its_batch_and_is_measured_level_by_lev
     assert free_batch(fixed, 1) is None
     job = repair(fixed, zoo.DictSet(feeds), **COMMON)
     assert not job.settings["symbolic_batch"] and job.settings["batch_size"] == 1
-    assert all(len(batches) == zoo.N for batches in job.pruned_stats.values())  # one run per sample
+    assert all(len(batches) == zoo.N for batches in job.measurement.pruned.values())  # one run per sample
 
 
 def tiny(nodes, inits, out_shape):

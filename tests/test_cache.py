@@ -15,14 +15,14 @@ def test_stats_cache_hit_miss_and_invalidation(calib_and_eval, tmp_path):
     calib, _ = calib_and_eval
     model = conv_net(bn=True)
     job = Repair(model, device="cpu", batch_size=16, progress=False).prune(0.5).measure(calib)
-    path = save_stats(tmp_path / "stats.npz", job.dense_stats, stats_key(model, calib))
+    path = save_stats(tmp_path / "stats.npz", job.measurement.dense, stats_key(model, calib))
     loaded = load_stats(path, stats_key(model, calib))  # hit
-    for key, stats in job.dense_stats.items():
+    for key, stats in job.measurement.dense.items():
         np.testing.assert_array_equal(loaded[key].m2, stats.m2)
     again = Repair(model, device="cpu", batch_size=16, progress=False).prune(0.5).measure(calib, loaded)
-    assert again.dense_stats is loaded  # used as given, not measured again
-    for key in job.pruned_stats:
-        np.testing.assert_allclose(again.pruned_stats[key][0].mean, job.pruned_stats[key][0].mean)
+    assert again.measurement.dense is loaded  # used as given, not measured again
+    for key in job.measurement.pruned:
+        np.testing.assert_allclose(again.measurement.pruned[key][0].mean, job.measurement.pruned[key][0].mean)
     changed = conv_net(bn=True, seed=1)  # another model: a miss
     with pytest.raises(AsrError, match="another model"):
         load_stats(path, stats_key(changed, calib))

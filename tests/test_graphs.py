@@ -162,7 +162,7 @@ def check_class(dense, feeds):
     check_statistics(dense, job, feeds)
     check_untouched(dense, job.output)
     report = job.report()
-    assert {s["tensor"]: s["norm"] for s in report["sites"]} == {s.key: s.kind for s in job._sites}
+    assert {s["tensor"]: s["norm"] for s in report["sites"]} == {s.key: s.kind for s in job.measurement.sites}
 
 
 def test_fixed_batch_skips_the_last_partial_batch():
@@ -174,7 +174,7 @@ def test_fixed_batch_skips_the_last_partial_batch():
     feeds = {"input": zoo.random_inputs(23)}
     job = repair(dense, zoo.DictSet(feeds), sparsity=SPARSITY, method="bn", device="cpu", progress=False)
     assert job.batch_size == 16 and job.batch_plan is None and job.settings["calib_size"] == 23
-    assert all(len(batches) == 1 for batches in job.pruned_stats.values())
+    assert all(len(batches) == 1 for batches in job.measurement.pruned.values())
     check_statistics(dense, job, {"input": feeds["input"][:16]})
 
 
@@ -214,10 +214,10 @@ def test_one_sample_at_a_time_measures_what_one_full_batch_does(name):
     common = dict(sparsity=SPARSITY, method="bn", device="cpu", progress=False)
     full = repair(dense, zoo.DictSet(feeds), batch_size=zoo.N, **common)
     single = repair(dense, zoo.DictSet(feeds), batch_size=1, **common)
-    assert full.pruned_stats.keys() == single.pruned_stats.keys()
-    for key, batches in single.pruned_stats.items():
+    assert full.measurement.pruned.keys() == single.measurement.pruned.keys()
+    for key, batches in single.measurement.pruned.items():
         assert len(batches) == zoo.N
-        one, ref = merge_all(batches), merge_all(full.pruned_stats[key])
+        one, ref = merge_all(batches), merge_all(full.measurement.pruned[key])
         assert one.count == ref.count
         np.testing.assert_allclose(one.mean, ref.mean, rtol=1e-4, atol=1e-5 * np.sqrt(ref.var.mean()), err_msg=key)
         np.testing.assert_allclose(one.var, ref.var, rtol=1e-4, atol=1e-6 * ref.var.mean(), err_msg=key)
@@ -233,7 +233,7 @@ def test_a_constant_on_another_axis_is_not_taken_for_a_decomposed_bn():
     dense = g.model([("input", ["N", 3, 8, 8], None)], g.head(h2, 8))
     feeds = {"input": zoo.random_inputs(zoo.N)}
     job = repair(dense, zoo.DictSet(feeds), sparsity=SPARSITY, batch_size=zoo.N, device="cpu", progress=False)
-    assert [s.kind for s in job._sites] == ["folded", "folded-affine", "folded"]
+    assert [s.kind for s in job.measurement.sites] == ["folded", "folded-affine", "folded"]
     check_statistics(dense, job, feeds)
 
 
@@ -296,9 +296,9 @@ def test_a_site_that_no_pruned_layer_reaches_is_left_as_it_is():
     dense, feeds = zoo.bn_kept()
     job = repair(dense, zoo.DictSet(feeds), sparsity=SPARSITY, method="bn", keep_first=True, batch_size=6,
                  device="cpu", progress=False)
-    first, *rest = job._sites
+    first, *rest = job.measurement.sites
     exposed = run(dense, feeds, [first.key])[first.key]
-    measured = merge_all(job.pruned_stats[first.key])
+    measured = merge_all(job.measurement.pruned[first.key])
     np.testing.assert_allclose(measured.var, ChannelStats.of(exposed).var, rtol=1e-5)
     assert job.written[first.key] == "unchanged"
     assert all(job.written[site.key] != "unchanged" for site in rest)
@@ -328,8 +328,8 @@ def test_se_mobilenetv3_from_another_distribution_repairs_better_than_pruning_al
     gaps = {}
     for reference in ("running", "calib"):
         job = repair(dense, calib, method="bn", reference=reference, **common)
-        last = [s for s in job._sites if s.bn is None and not s.head][-1]
-        dense_stats, pruned = job.dense_stats[last.key], merge_all(job.pruned_stats[last.key])
+        last = [s for s in job.measurement.sites if s.bn is None and not s.head][-1]
+        dense_stats, pruned = job.measurement.dense[last.key], merge_all(job.measurement.pruned[last.key])
         gaps[reference] = np.mean(np.abs(pruned.mean - dense_stats.mean) / np.sqrt(dense_stats.var))
     assert gaps["calib"] < 0.5 and gaps["running"] > 1.0, gaps
 

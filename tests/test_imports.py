@@ -49,9 +49,8 @@ def imported(name: str, path: Path, known: set[str]) -> set[str]:
     return {t for t in found & known if t != name and not name.startswith(f"{t}.")}
 
 
-# a cycle that is known and being taken apart: Repair runs auto and the guard, which build probe Repairs
-# (issue 15, part 3 moves them into select.py). Nothing may join it, and no other cycle may appear.
-KNOWN_CYCLES = [{"asr_onnx.api", "asr_onnx.crossfit", "asr_onnx.guard"}]
+# none left: auto's and the guard's probes are Repair.fork()s, so select.py and guard.py never import api
+KNOWN_CYCLES: list[set[str]] = []
 
 
 def cycles(graph: dict[str, set[str]]) -> list[set[str]]:

@@ -69,10 +69,10 @@ def test_momentum_moves_part_way_from_the_original_statistics(bn):
     common = dict(sparsity=0.8, batch_size=10, device="cpu", progress=False, method="bn")
     exact = repair(model, ArraySet(x), **common)
     slow = repair(model, ArraySet(x), recal="momentum", momentum=0.1, **common)
-    key = exact._sites[1].key
-    ref, rec, moved = exact._refs[key], exact.corrections[key], slow.corrections[key]
+    key = exact.measurement.sites[1].key
+    ref, rec, moved = exact.measurement.references[key], exact.corrections[key], slow.corrections[key]
     mean, var = ref.mean.copy(), ref.var.copy()
-    for batch in slow.pruned_stats[key]:  # PyTorch's update, written out
+    for batch in slow.measurement.pruned[key]:  # PyTorch's update, written out
         mean = 0.9 * mean + 0.1 * batch.mean
         var = 0.9 * var + 0.1 * batch.m2 / (batch.count - 1)
     np.testing.assert_allclose(moved.mean, mean, rtol=1e-9)

@@ -9,10 +9,16 @@ from asr_onnx.sweep import Grid, markdown, run_sweep
 
 def test_grid_runs_every_cell_and_measures_dense_once(calib_and_eval, monkeypatch):
     import asr_onnx.api as api
+    import asr_onnx.measure as measure
 
     calls = []
-    real = api.measure
-    monkeypatch.setattr(api, "measure", lambda model, calib, **kw: calls.append(kw.get("norms") is None) or real(model, calib, **kw))
+    real = measure.measure
+
+    def counted(model, calib, **kw):
+        return calls.append(kw.get("norms") is None) or real(model, calib, **kw)
+
+    for module in (api, measure):  # the dense pass runs from api, the pruned one from measure.measure_pruned
+        monkeypatch.setattr(module, "measure", counted)
     calib, eval_data = calib_and_eval
     grid = Grid(sparsities=(0.5, 0.8), patterns=("global", "2:4"), methods=("none", "bn", "asr"),
                 regimes=(("exact", "recal"), ("momentum", "pre-bn")))
@@ -24,21 +30,6 @@ def test_grid_runs_every_cell_and_measures_dense_once(calib_and_eval, monkeypatc
     assert all(0 <= r["top1"] <= 1 and 0 <= r["agreement"] <= 1 for r in result.rows)
     table = markdown(result)
     assert table.count("\n| global |") == 4 and "| 2:4 | - |" in table
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def test_each_momentum_regime_keeps_its_own_momentum(calib_and_eval, tmp_path):
