@@ -19,42 +19,11 @@ from .measure import SMALL_BATCH, dense_keys, dense_weights, measure, measure_pr
 from .modelio import load_model, save_model
 from .prune import Pattern, check_sparsity, prune_layers
 from .recal import DEFAULT_REFERENCE, REFERENCES, correct, fold_bn, write
+from .select import AUTO_CANDIDATES, PICK_RULE
 from .stats import merge_all
 from .validate import check_output
 
-# every method in both placements (bn/naive coincide under recal; pre-bn bn is plain BN recalibration)
 DEFAULT_BATCH = 64  # calibration samples per session run, unless the model fixes its batch or the set is smaller
-
-AUTO_CANDIDATES = (("bn", "recal", "median"), ("lw", "recal", "median"), ("asr", "recal", "median"),
-                   ("asr", "recal", "mean"), ("bn", "pre-bn", "median"), ("naive", "pre-bn", "median"),
-                   ("lw", "pre-bn", "median"), ("asr", "pre-bn", "median"))
-
-
-def pick(scores: list[dict], matches: list, errors: list | None = None, default: int = 0) -> dict:
-    """The best candidate: top-1 agreement first, where a candidate that trails the best by at most one
-    standard error of the paired difference (same held-out samples) ties; the lower logit error breaks ties.
-    When the default candidate ties on agreement and its logit error too is within one paired standard
-    error of the winner's, the held-out data cannot tell them apart, and the default is kept.
-
-    Args:
-        scores: per candidate, a dict with "logit_rel_l2"; each gets "tied" (bool) set here.
-        matches: per candidate, a bool array over the held-out samples: agrees with the dense model.
-        errors: per candidate, the squared logit error of each held-out sample. Defaults to None (no
-            fallback to the default).
-        default: the index of the default candidate. Defaults to 0.
-    """
-    best = max(range(len(matches)), key=lambda i: matches[i].mean())
-    for score, agrees in zip(scores, matches):
-        score["tied"] = _within_one_se(matches[best].astype(np.float64) - agrees)
-    winner = min((i for i, s in enumerate(scores) if s["tied"]), key=lambda i: scores[i]["logit_rel_l2"])
-    if errors is not None and scores[default]["tied"] and _within_one_se(errors[default] - errors[winner]):
-        return scores[default]
-    return scores[winner]
-
-
-def _within_one_se(diff: np.ndarray) -> bool:
-    """Does a candidate trail by at most one standard error? ``diff``: how much worse it is, sample by sample."""
-    return bool(diff.mean() <= diff.std() / np.sqrt(max(len(diff), 1)))
 
 
 class Repair:
@@ -431,7 +400,8 @@ class Repair:
         Cross-fitted: ``calib`` is cut into ``folds`` parts; each part is held out in turn while every
         candidate is repaired with statistics from the other parts. Each candidate is scored, label-free,
         on every calibration sample it did not see: top-1 agreement with the dense model, with paired
-        ties broken by logit error (see :func:`pick`). The winner is then applied with the whole set.
+        ties broken by logit error (see :func:`asr_onnx.select.pick`). The winner is then applied with the
+        whole set.
 
         Args:
             calib: a calib.CalibSet (needs ``folds``).
@@ -442,36 +412,18 @@ class Repair:
             reference: as for :meth:`measure`. Defaults to None: the one of the last measure, else
                 DEFAULT_REFERENCE.
         """
-        from .crossfit import held_out_scores
-        from .verify import logit_rel_l2
+        from .select import choose
 
         reference = reference or self.settings.get("reference", DEFAULT_REFERENCE)
-
-        def candidate(method, placement, rule):
-            return lambda probe: probe.correct(method, placement=placement, recal=recal, momentum=momentum,
-                                               lambda_rule=rule, correct_head=correct_head).fold().output
-
         with self._timed("auto"):
-            matches, err2, ref2 = held_out_scores(self, calib, [candidate(*c) for c in candidates], folds=folds,
-                                                  seed=seed, measure={"reference": reference})
-        no_top1 = matches[0] is None
-        # no agreement where it means nothing (a detector): every candidate ties on it
-        matches = [np.zeros(len(e)) for e in err2] if no_top1 else matches
-        scores = [{"method": method, "placement": placement, "lambda_rule": rule,
-                   "agreement": None if no_top1 else float(m.mean()),
-                   "logit_rel_l2": logit_rel_l2(e, ref2)}
-                  for (method, placement, rule), m, e in zip(candidates, matches, err2)]
-        best = pick(scores, matches, err2)
+            best, scores = choose(self, calib, candidates, folds=folds, seed=seed, recal=recal, momentum=momentum,
+                                  correct_head=correct_head, reference=reference)
         if self.measurement is None:
             self.measure(calib, seed=seed, reference=reference)
         self.correct(best["method"], placement=best["placement"], recal=recal, momentum=momentum,
                      lambda_rule=best["lambda_rule"], correct_head=correct_head)
         self.settings.update(method="auto", auto={"picked": best, "candidates": scores, "folds": folds,
-                                                  "held_out": len(calib),
-                                                  "reason": "lowest held-out logit error among the candidates "
-                                                            "whose top-1 agreement with the dense model trails "
-                                                            "the best by at most one paired standard error; the "
-                                                            "first candidate when it ties on both"})
+                                                  "held_out": len(calib), "reason": PICK_RULE})
         return self
 
     def fold(self, fold_bn_nodes: bool = False) -> "Repair":

@@ -44,8 +44,8 @@ def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
         AsrError: an unknown mode.
     """
     from .calib.specs import fixed_batch
-    from .crossfit import held_out_scores
     from .recal import DEFAULT_REFERENCE
+    from .select import held_out_scores
     from .verify import logit_rel_l2
 
     if mode not in GUARD_MODES:

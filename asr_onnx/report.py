@@ -70,7 +70,7 @@ def build_report(job) -> dict:
                          repaired_var=_floats(repaired_variance(ref, corr, pruned.var)))
         sites.append(entry)
     layers = [asdict(layer) for layer in job.layers]
-    for layer, refit in zip(layers, getattr(job, "refits", [])):
+    for layer, refit in zip(layers, job.refits):
         layer["refit"] = refit
     total = sum(int(np.prod(layer["shape"])) for layer in layers if layer["pruned"])
     zeros = sum(layer["sparsity"] * np.prod(layer["shape"]) for layer in layers if layer["pruned"])
@@ -84,8 +84,8 @@ def build_report(job) -> dict:
         "sites": sites,
         "sparse_core": layer_rows(job.output if job.output is not None else job.pruned),
         "timings_s": {k: round(v, 4) for k, v in job.timings.items()},
-    } | ({"eval": job.evaluation} if getattr(job, "evaluation", None) else {}) \
-      | ({"channels": job.channel_report} if getattr(job, "channel_report", None) else {})
+    } | ({"eval": job.evaluation} if job.evaluation else {}) \
+      | ({"channels": job.channel_report} if job.channel_report else {})
 
 
 def write_json(report: dict, path) -> Path:

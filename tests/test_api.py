@@ -64,7 +64,7 @@ def test_auto_reports_its_choice_and_matches_a_candidate(calib_and_eval):
 
 
 def test_pick_uses_the_paired_difference_on_the_same_samples():
-    from asr_onnx.api import pick
+    from asr_onnx.select import pick
 
     best = np.arange(400) % 10 < 8  # agrees on 80%
     scores = [{"logit_rel_l2": 0.5}, {"logit_rel_l2": 0.2}, {"logit_rel_l2": 0.1}]
@@ -80,7 +80,7 @@ def test_pick_uses_the_paired_difference_on_the_same_samples():
 
 
 def test_pick_keeps_the_default_when_logit_error_cannot_separate_either():
-    from asr_onnx.api import pick
+    from asr_onnx.select import pick
 
     best = np.arange(400) % 10 < 8
     swap = best.copy()
