@@ -7,6 +7,7 @@ from zoo import ArraySet, conv_net, random_inputs
 
 from asr_onnx.api import Repair
 from asr_onnx.errors import AsrError
+from asr_onnx.stats import merge_all
 
 
 def test_dense_pass_measures_only_the_sites_without_a_bn_under_the_running_reference():
@@ -96,3 +97,18 @@ def test_pick_keeps_the_default_when_logit_error_cannot_separate_either():
     assert pick(scores, [best, swap, best], [apart, winner_err, other]) is scores[1]
     assert pick(scores, [best, swap, best]) is scores[1]  # without per-sample errors: the lowest logit error
     assert pick(scores, [behind, swap, best], [close, winner_err, other]) is scores[1]  # default not tied
+
+
+def test_a_fork_shares_the_sites_found_once_and_leaves_its_origin_as_it_was():
+    """A probe is a new Repair over the same dense and pruned models: it finds no site again, and measuring
+    it changes nothing of the job it came from."""
+    calib = ArraySet(random_inputs(32))
+    job = Repair(conv_net(bn=True), device="cpu", batch_size=16, progress=False).prune(0.7).measure(calib)
+    measured = job.measurement
+    probe = job.fork().measure(calib)
+    assert probe is not job and probe.pruned is job.pruned and job.measurement is measured
+    assert probe.measurement.sites is measured.sites and probe.measurement is not measured
+    for key, batches in measured.pruned.items():
+        np.testing.assert_array_equal(merge_all(probe.measurement.pruned[key]).var, merge_all(batches).var)
+    fresh = job.fork(pruned=False)
+    assert fresh.pruned is job.dense and fresh.measurement is None

@@ -102,3 +102,18 @@ def test_graphsurgeon_notes_go_to_the_log_not_the_terminal(capsys, caplog):
     printed = capsys.readouterr()
     assert printed.out == "" and printed.err == ""
     assert any("onnx-graphsurgeon" in r.getMessage() for r in caplog.records)
+
+
+def test_each_reader_names_its_outputs_count_and_formula():
+    """The host reads a site by its reader alone: nothing travels in the model's metadata."""
+    from asr_onnx.augment import BIASED_VAR, CENTRED, MOMENTS
+
+    model = conv_net(bn=False)
+    reduce, moments = stats_model(model), stats_model(model, kernel="bn")
+    assert {r.formula for r in reduce.readers} == {CENTRED}
+    assert {r.formula for r in moments.readers} == {MOMENTS, BIASED_VAR}  # conv sites, and the 2-D head
+    for stats_graph in (reduce, moments):
+        outputs = {o.name for o in stats_graph.model.graph.output}
+        assert len(stats_graph.model.metadata_props) == len(model.metadata_props)
+        for r in stats_graph.readers:
+            assert {r.mean, r.spread} <= outputs and (r.size in outputs) == (r.per_sample is None)
