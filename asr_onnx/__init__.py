@@ -21,7 +21,7 @@ def __getattr__(name):
 
         return load_calib
     if name == "evaluate":
-        from .verify import evaluate
+        from .evaluation import evaluate
 
         return evaluate
     if name == "bench":

@@ -27,7 +27,7 @@ def held_out_scores(job, calib, variants, *, folds: int, seed: int, measure: dic
         dense outputs' squared norm, the same for every variant.
     """
     from .api import Repair
-    from .verify import evaluate
+    from .evaluation import evaluate
 
     sizing = {} if batch_size is None else {"batch_size": batch_size}
     matches, err2, ref2 = [[] for _ in variants], [[] for _ in variants], 0.0

@@ -26,7 +26,7 @@ def fashion_train():
     import numpy as np
 
     from asr_onnx.calib.idx import read_idx
-    from asr_onnx.verify import FASHION_MNIST
+    from asr_onnx.calib.named import FASHION_MNIST
 
     x = read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz").astype(np.float32)[..., None] / 255
     y = read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz").astype(np.int64)

@@ -82,7 +82,7 @@ def images(kind: str, n: int, seed: int) -> np.ndarray:
     _, _, c, norm, *_ = KINDS[kind]
     if norm == "nhwc":
         from asr_onnx.calib.idx import read_idx
-        from asr_onnx.verify import FASHION_MNIST
+        from asr_onnx.calib.named import FASHION_MNIST
 
         name = "train-images-idx3-ubyte.gz" if seed == 1 else "t10k-images-idx3-ubyte.gz"
         pool = read_idx(FASHION_MNIST / name)[-5000:] if seed == 1 else read_idx(FASHION_MNIST / name)
@@ -117,8 +117,8 @@ def plain_pass(path, calib) -> float:
 def run_model(kind: str, path: str, folder: Path, sizes) -> list[dict]:
     from asr_onnx.api import Repair
     from asr_onnx.calib import input_specs, load_calib
+    from asr_onnx.evaluation import evaluate
     from asr_onnx.modelio import load_model
-    from asr_onnx.verify import evaluate
 
     dense = load_model(path)
     specs = input_specs(dense)

@@ -23,8 +23,8 @@ from .common import COUNT, open_data, preprocess_options
 def eval_command(model, data_path, reference, limit, batch_size, device, as_json, quiet, **preprocess):
     """Evaluate MODEL on labelled or unlabelled data."""
     from asr_onnx.errors import AsrError
+    from asr_onnx.evaluation import evaluate
     from asr_onnx.modelio import load_model
-    from asr_onnx.verify import evaluate
 
     proto = load_model(model)
     ref = load_model(reference) if reference else None

@@ -32,23 +32,14 @@ def verify_command(model, reference, data_path, atol, rtol, check_error_stat, li
     """
     import json
 
-    from asr_onnx.calib import fixed_batch, input_specs
     from asr_onnx.compare import compare_models, format_comparison
     from asr_onnx.errors import AsrError
     from asr_onnx.modelio import load_model
 
     candidate, dense = load_model(model), load_model(reference)
     data = open_data(data_path, dense, preprocess, limit=limit, seed=seed)
-    fixed = fixed_batch(input_specs(dense))
-    if fixed:
-        usable = len(data) // fixed * fixed
-        if usable == 0:
-            raise AsrError(f"the data has {len(data)} samples, fewer than the model's fixed batch size {fixed}")
-        if usable < len(data):
-            data = data.take(usable, seed)
-        batch_size = fixed
     result = compare_models(candidate, dense, data, atol=atol, rtol=rtol, check_error_stat=check_error_stat,
-                            batch_size=batch_size, device=device)
+                            batch_size=batch_size, device=device, seed=seed)
     result.update(model=str(model), reference=str(reference))
     if as_json:
         click.echo(json.dumps(result, indent=1))

@@ -46,7 +46,7 @@ def test_each_momentum_regime_keeps_its_own_momentum(calib_and_eval, tmp_path):
     its own momentum, and the two must differ."""
     from asr_onnx_cli.sweep import parse_regimes
 
-    from asr_onnx.verify import evaluate
+    from asr_onnx.evaluation import evaluate
 
     calib, eval_data = calib_and_eval
     regimes = parse_regimes("momentum=0.1,momentum=0.3", "pre-bn")
