@@ -25,7 +25,7 @@ def __getattr__(name):
 
         return evaluate
     if name == "bench":
-        from .bench import bench
+        from .timing import bench
 
         return bench
     raise AttributeError(name)

@@ -6,9 +6,9 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from asr_onnx_cli.main import main
 from zoo import conv_net
 
+from asr_onnx.cli.main import main
 from asr_onnx.compare import compare_arrays
 from asr_onnx.errors import AsrError
 from asr_onnx.fp16 import to_fp16
@@ -131,7 +131,7 @@ def test_verify_cli_refuses_models_with_different_inputs(bn_model, calib_dir, tm
 
 def test_a_fixed_batch_reference_is_compared_on_whole_batches_from_the_api(tmp_path):
     """compare_models, not only the CLI, cuts the data to whole batches of a model that fixes its batch."""
-    from models import random_inputs
+    from zoo import random_inputs
 
     from asr_onnx.calib import load_calib
     from asr_onnx.compare import compare_models

@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from asr_onnx_cli.main import main
 from zoo import conv_net, random_inputs
 
 from asr_onnx.calib import InputSpec, load_calib
+from asr_onnx.cli.main import main
 from asr_onnx.evaluation import evaluate
 
 SPECS = [InputSpec("input", ("N", 3, 8, 8), np.float32)]

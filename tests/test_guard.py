@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 import zoo
-from asr_onnx_cli.main import main
 
 from asr_onnx.api import Repair
 from asr_onnx.calib import input_specs, load_calib
+from asr_onnx.cli.main import main
 from asr_onnx.evaluation import evaluate
 from asr_onnx.guard import warning_line
 

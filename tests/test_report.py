@@ -9,8 +9,8 @@ from pathlib import Path
 import browser
 import numpy as np
 import pytest
-from asr_onnx_cli.main import main
 
+from asr_onnx.cli.main import main
 from asr_onnx.html import SECTIONS, render
 
 ROOT = Path(__file__).resolve().parent.parent
