@@ -21,11 +21,11 @@ def __getattr__(name):
 
         return load_calib
     if name == "evaluate":
-        from .verify import evaluate
+        from .evaluation import evaluate
 
         return evaluate
     if name == "bench":
-        from .bench import bench
+        from .timing import bench
 
         return bench
     raise AttributeError(name)

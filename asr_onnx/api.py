@@ -6,7 +6,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from .batch import free_batch
@@ -457,17 +456,17 @@ class Repair:
             name: what the report calls the data. Defaults to None ("given").
             batch_size: samples per run. Defaults to 256.
         """
-        from .verify import evaluate
+        from .evaluation import agreement, evaluate
+        from .output_kinds import output_kinds
 
-        dense_logits: list = []
+        dense_logits: list = []  # the dense model runs once: its outputs also give its own top-1
         with self._timed("eval"):
             scores = evaluate(self.output if self.output is not None else self.pruned, data, reference=self.dense,
                               batch_size=batch_size, device=self.device, progress=self.progress,
                               reference_logits=dense_logits)
         dense_top1 = None
         if data.labels is not None and scores.get("top1") is not None:  # the first output is (N, classes)
-            dense_pred = np.concatenate([outputs[0] for outputs in dense_logits]).argmax(1)
-            dense_top1 = float(np.mean(dense_pred == np.asarray(data.labels)[: len(dense_pred)]))
+            dense_top1 = agreement(dense_logits, output_kinds(self.dense), data.labels)["top1"]
         self.evaluation = {"data": name or "given", "samples": scores["samples"], "top1": scores.get("top1"),
                            "dense_top1": dense_top1, "agreement": scores.get("agreement"),
                            "logit_rel_l2": scores["logit_rel_l2"]}

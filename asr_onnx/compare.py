@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .calib.specs import fixed_batch, input_specs
 from .errors import AsrError
 from .output_kinds import PER_SAMPLE, agreement_kind, batch_axis, output_kinds, per_sample, top1_matches
 
@@ -210,19 +211,26 @@ def _as_input(array, spec):
 
 def compare_models(candidate, reference, data, *, atol: float = 1e-5, rtol: float = 1e-5,
                    check_error_stat: str = "elemwise", batch_size: int = 64, device: str = "auto",
-                   limit: int | None = None) -> dict:
+                   limit: int | None = None, seed: int = 0) -> dict:
     """Runs both models on ``data`` and compares every output.
+
+    A reference that fixes its batch runs only whole batches of it: ``data`` (a calib.CalibSet) is cut to
+    the seeded subset (``seed``, default 0) of the largest multiple of that batch, fed in that batch.
 
     Returns:
         {"passed", "samples", "settings", "outputs": [OutputComparison.as_dict(), ...]}.
 
     Raises:
-        AsrError: a tolerance is NaN or negative (it would pass any two models), or the models' inputs
-            or outputs differ.
+        AsrError: a tolerance is NaN or negative (it would pass any two models), the models' inputs
+            or outputs differ, or the data holds fewer samples than the reference's fixed batch.
     """
+    from .modelio import load_model
+
     for name, value in (("atol", atol), ("rtol", rtol)):
         if not value >= 0:  # NaN fails this too
             raise AsrError(f"{name} must be a number >= 0, got {value}")
+    reference = load_model(reference) if isinstance(reference, (str, Path)) else reference
+    data, batch_size = whole_batches(data, fixed_batch(input_specs(reference)), batch_size, seed)
     out_a, out_b, layout = run_both(candidate, reference, data, batch_size=batch_size, device=device, limit=limit)
     labels = getattr(data, "labels", None)
     axis0, _ = layout[next(iter(out_a))]
@@ -242,6 +250,21 @@ def compare_models(candidate, reference, data, *, atol: float = 1e-5, rtol: floa
         "settings": {"atol": atol, "rtol": rtol, "check_error_stat": check_error_stat},
         "outputs": [r.as_dict() for r in results],
     }
+
+
+def whole_batches(data, fixed: int | None, batch_size: int, seed: int = 0):
+    """``(data, batch_size)`` for a model that fixes its batch at ``fixed`` (None: as given): the seeded
+    subset of ``data`` of the largest multiple of ``fixed`` samples, and ``fixed``.
+
+    Raises:
+        AsrError: ``data`` has fewer samples than ``fixed``.
+    """
+    if not fixed:
+        return data, batch_size
+    usable = len(data) // fixed * fixed
+    if usable == 0:
+        raise AsrError(f"the data has {len(data)} samples, fewer than the model's fixed batch size {fixed}")
+    return (data.take(usable, seed) if usable < len(data) else data), fixed
 
 
 def format_comparison(result: dict) -> str:

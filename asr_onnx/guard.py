@@ -44,9 +44,9 @@ def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
         AsrError: an unknown mode.
     """
     from .calib.specs import fixed_batch
+    from .evaluation import logit_rel_l2
     from .recal import DEFAULT_REFERENCE
     from .select import held_out_scores
-    from .verify import logit_rel_l2
 
     if mode not in GUARD_MODES:
         raise AsrError(f"unknown guard mode {mode!r}; choose one of {', '.join(GUARD_MODES)}")

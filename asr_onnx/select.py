@@ -35,7 +35,7 @@ def choose(job, calib, candidates=AUTO_CANDIDATES, *, folds: int = 4, seed: int 
         (the picked score, every candidate's score): each score names its method, placement and
         lambda_rule, with its held-out agreement (None where top-1 means nothing) and logit_rel_l2.
     """
-    from .verify import logit_rel_l2
+    from .evaluation import logit_rel_l2
 
     def candidate(method, placement, rule):
         return lambda probe: probe.correct(method, placement=placement, recal=recal, momentum=momentum,
@@ -98,7 +98,7 @@ def held_out_scores(job, calib, variants, *, folds: int, seed: int, measure: dic
         variant where top-1 means nothing, such as a detector's output) and its squared error; and the
         dense outputs' squared norm, the same for every variant.
     """
-    from .verify import evaluate
+    from .evaluation import evaluate
 
     sizing = {} if batch_size is None else {"batch_size": batch_size}
     matches, err2, ref2 = [[] for _ in variants], [[] for _ in variants], 0.0

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .api import Repair
-from .verify import evaluate
+from .evaluation import evaluate
 
 
 @dataclass

@@ -71,8 +71,8 @@ def check(name: str, method: str, device: str, sequential: bool) -> dict:
     import onnxruntime as ort
 
     from asr_onnx.calib import Preprocess, input_specs, load_calib, metadata
+    from asr_onnx.evaluation import evaluate
     from asr_onnx.modelio import load_model
-    from asr_onnx.verify import evaluate
 
     path = SAMPLES / f"{name}.onnx"
     proto = load_model(path)

@@ -118,8 +118,8 @@ def plain_pass(path, calib) -> float:
 def run_model(kind: str, path: str, folder: Path, sizes) -> list[dict]:
     from asr_onnx.api import Repair
     from asr_onnx.calib import input_specs, load_calib
+    from asr_onnx.evaluation import evaluate
     from asr_onnx.modelio import load_model
-    from asr_onnx.verify import evaluate
 
     dense = load_model(path)
     specs = input_specs(dense)

@@ -42,7 +42,7 @@ def data_sets(proto, args):
 
 def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
     from asr_onnx.api import Repair
-    from asr_onnx.verify import evaluate
+    from asr_onnx.evaluation import evaluate
 
     pattern, sparsity = ("2:4", 0.0) if cell == "2:4" else ("global", float(cell))
     start = time.perf_counter()
@@ -100,8 +100,8 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if args.eval == "heldout" and not args.eval_size:
         args.eval_size = 2000
+    from asr_onnx.evaluation import evaluate
     from asr_onnx.modelio import load_model
-    from asr_onnx.verify import evaluate
 
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"reconstruct_{args.eval}.json")
     rows = json.loads(out.read_text())["rows"] if out.exists() else []

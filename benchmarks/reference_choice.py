@@ -30,8 +30,8 @@ def run_model(name: str, args) -> list[dict]:
 
     from asr_onnx.api import Repair
     from asr_onnx.calib import Preprocess, input_specs, load_calib, metadata, resolve_data
+    from asr_onnx.evaluation import evaluate
     from asr_onnx.modelio import load_model
-    from asr_onnx.verify import evaluate
 
     proto = load_model(ROOT / "sample_models" / f"{name}.onnx")
     specs, preprocess = input_specs(proto), Preprocess.from_metadata(metadata(proto))

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import browser
-from asr_onnx_cli.main import main
 from PIL import Image
+
+from asr_onnx.cli.main import main
 
 
 def make(out: Path = ROOT / "docs" / "report.png", height: int = 1840, width: int = 800) -> Path:

@@ -10,13 +10,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import zoo
-from asr_onnx_cli.main import main
 from onnx import numpy_helper
 
-from asr_onnx.bench import alternating_schedule, bench, random_feed
 from asr_onnx.calib import input_specs
+from asr_onnx.cli.main import main
 from asr_onnx.errors import AsrError
 from asr_onnx.prune import nm_mask
+from asr_onnx.timing import alternating_schedule, bench, random_feed
 
 
 def conv_weights_edited(model, edit):

@@ -3,11 +3,11 @@
 import numpy as np
 import onnx
 import pytest
-from asr_onnx_cli.main import main
 from zoo import conv_net, random_inputs
 
 from asr_onnx.api import Repair
 from asr_onnx.cache import load_stats, save_stats, stats_key
+from asr_onnx.cli.main import main
 from asr_onnx.errors import AsrError
 
 

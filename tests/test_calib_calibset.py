@@ -161,8 +161,8 @@ def test_a_class_sorted_folder_repairs_like_its_shuffled_twin(tmp_path):
     from pathlib import Path
 
     from asr_onnx.calib import input_specs, metadata
+    from asr_onnx.evaluation import evaluate
     from asr_onnx.modelio import load_model
-    from asr_onnx.verify import evaluate
 
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_models")
     model = load_model(os.path.join(root, "resnet20_bn.onnx"))

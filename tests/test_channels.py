@@ -209,7 +209,7 @@ def test_bn_scale_removes_the_smallest_summed_gammas():
 
 
 def test_cli_channels_report_and_errors(tmp_path):
-    from asr_onnx_cli.main import main
+    from asr_onnx.cli.main import main
 
     model, feeds = zoo.channels_residual()
     path, calib, out, report = tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "o.onnx", tmp_path / "r.json"

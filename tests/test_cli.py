@@ -9,9 +9,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from asr_onnx_cli.main import main
 from onnx import TensorProto, helper
 from zoo import make_model, random_inputs
+
+from asr_onnx.cli.main import main
 
 
 def outputs(path, x):
@@ -144,7 +145,7 @@ def test_usage_error_is_one_line_with_status_2(capsys):
 
 
 def test_console_script_help_runs():
-    result = subprocess.run([sys.executable, "-c", "from asr_onnx_cli.main import main; raise SystemExit(main())",
+    result = subprocess.run([sys.executable, "-c", "from asr_onnx.cli.main import main; raise SystemExit(main())",
                              "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "repair" in result.stdout
 

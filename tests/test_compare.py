@@ -6,9 +6,9 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from asr_onnx_cli.main import main
 from zoo import conv_net
 
+from asr_onnx.cli.main import main
 from asr_onnx.compare import compare_arrays
 from asr_onnx.errors import AsrError
 from asr_onnx.fp16 import to_fp16
@@ -127,3 +127,20 @@ def test_verify_cli_refuses_models_with_different_inputs(bn_model, calib_dir, tm
     assert verify(tmp_path / "other.onnx", "--reference", bn_model, "--data", calib_dir) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "different inputs" in err
+
+
+def test_a_fixed_batch_reference_is_compared_on_whole_batches_from_the_api(tmp_path):
+    """compare_models, not only the CLI, cuts the data to whole batches of a model that fixes its batch."""
+    from zoo import random_inputs
+
+    from asr_onnx.calib import load_calib
+    from asr_onnx.compare import compare_models
+
+    np.save(tmp_path / "x.npy", random_inputs(10, seed=4))
+    model = conv_net(bn=True, batch=4)
+    data = load_calib(tmp_path / "x.npy", model)
+    result = compare_models(model, model, data, device="cpu", batch_size=16)
+    assert result["passed"] and result["samples"] == 8
+    np.save(tmp_path / "few.npy", random_inputs(3, seed=4))
+    with pytest.raises(AsrError, match="3 samples, fewer than the model's fixed batch size 4"):
+        compare_models(model, model, load_calib(tmp_path / "few.npy", model), device="cpu")

@@ -2,7 +2,7 @@
 
 import re
 
-from asr_onnx_cli.main import main
+from asr_onnx.cli.main import main
 
 
 def test_demo_prints_every_method_next_to_dense(capsys):

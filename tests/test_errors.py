@@ -8,9 +8,10 @@ import os
 import numpy as np
 import onnx
 import pytest
-from asr_onnx_cli.main import main
 from PIL import Image
 from zoo import conv_net, random_inputs
+
+from asr_onnx.cli.main import main
 
 
 def digest(path):
@@ -363,7 +364,7 @@ def cli(args, **kwargs):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "asr_onnx_cli.main", *args], text=True, timeout=120, **kwargs)
+    return subprocess.run([sys.executable, "-m", "asr_onnx.cli.main", *args], text=True, timeout=120, **kwargs)
 
 
 def test_a_staging_folder_left_by_sigkill_is_removed_by_the_next_run(bn_model, calib_dir, tmp_path):
@@ -392,7 +393,7 @@ def test_sigterm_while_outputs_are_staged_leaves_nothing(bn_model, calib_dir, tm
     out.mkdir()
     slow_report = ("import sys, time\nimport asr_onnx.report as r\nreal = r.write_json\n"
                    "def slow(report, path):\n    real(report, path)\n    print('staged', flush=True)\n"
-                   "    time.sleep(60)\nr.write_json = slow\nfrom asr_onnx_cli.main import main\n"
+                   "    time.sleep(60)\nr.write_json = slow\nfrom asr_onnx.cli.main import main\n"
                    "sys.exit(main(sys.argv[1:]))\n")
     child = subprocess.Popen([sys.executable, "-c", slow_report, "repair", str(bn_model), "--calib", str(calib_dir),
                               "--batch-size", "16", "-o", str(out / "m.onnx"), "--report", str(out / "r.json"), "-q"],

@@ -9,11 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import zoo
-from asr_onnx_cli.main import main
 from onnx import TensorProto, helper, numpy_helper
 from zoo import ArraySet, conv_net, make_model, random_inputs
 
 from asr_onnx.api import repair
+from asr_onnx.cli.main import main
 from asr_onnx.sparsecore import layer_rows
 
 

@@ -170,7 +170,7 @@ def test_an_output_that_leaves_the_float16_range_is_refused():
 
 
 def test_the_cli_refuses_a_float16_output_that_is_far_from_float32(tmp_path, capsys):
-    from asr_onnx_cli.main import main
+    from asr_onnx.cli.main import main
 
     nodes = [helper.make_node("Mul", ["x", "k"], ["a"]), helper.make_node("Sub", ["a", "x"], ["y"])]
     model = make_model(nodes, [numpy_helper.from_array(np.array(1.0001, np.float32), "k")],

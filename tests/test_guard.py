@@ -8,12 +8,12 @@ import numpy as np
 import onnx
 import pytest
 import zoo
-from asr_onnx_cli.main import main
 
 from asr_onnx.api import Repair
 from asr_onnx.calib import input_specs, load_calib
+from asr_onnx.cli.main import main
+from asr_onnx.evaluation import evaluate
 from asr_onnx.guard import warning_line
-from asr_onnx.verify import evaluate
 
 RUNNING = {"reference": "running"}  # a BN's correction restores its running statistics
 KEYS = {"mode", "held_out", "repair", "pruned", "verdict", "kept", "cost_s"}

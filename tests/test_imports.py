@@ -92,3 +92,12 @@ def test_every_module_imports_in_a_fresh_interpreter_in_several_orders():
         code = "import importlib\nfor name in %r:\n    importlib.import_module(name)\n" % order
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_public_names_stay_what_they_are_once_every_module_is_imported():
+    """A submodule named like a public function (``asr_onnx.evaluate``) would replace it on the package."""
+    code = ("import importlib, types, asr_onnx\nfor name in %r:\n    importlib.import_module(name)\n"
+            "bad = [n for n in asr_onnx.__all__ if isinstance(getattr(asr_onnx, n), types.ModuleType)]\n"
+            "assert not bad, bad\n" % sorted(module_names()))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import onnx
 import pytest
-from asr_onnx_cli.main import main
 from onnx import TensorProto, helper, numpy_helper
 from zoo import make_model
 
 from asr_onnx.api import Repair
+from asr_onnx.cli.main import main
 from asr_onnx.inspect import format_inspection, inspect_model
 
 

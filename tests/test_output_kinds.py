@@ -6,13 +6,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import zoo
-from asr_onnx_cli.main import main
 
 from asr_onnx.api import Repair
 from asr_onnx.calib import input_specs, load_calib
+from asr_onnx.cli.main import main
 from asr_onnx.compare import compare_models
+from asr_onnx.evaluation import evaluate
 from asr_onnx.output_kinds import PER_STEP
-from asr_onnx.verify import evaluate
 
 
 def _calib(tmp_path, model, x):

@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 import pytest
-from asr_onnx_cli.main import main
 from zoo import sweep_inputs
 
+from asr_onnx.cli.main import main
 from asr_onnx.damage import dead_threshold, most_damaged, short_name
 from asr_onnx.errors import AsrError
 

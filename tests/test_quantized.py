@@ -85,7 +85,7 @@ def test_sparsity_0_is_the_identity(name):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "asr_onnx_cli.main", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "asr_onnx.cli.main", *map(str, args)], capture_output=True,
                           text=True)
 
 

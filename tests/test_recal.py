@@ -142,7 +142,7 @@ def test_an_epsilon_0_bn_with_a_dead_channel_repairs_to_finite_weights(method, p
 def test_a_correction_that_overflows_float32_is_refused_by_site_name(folded_model, calib_dir, tmp_path, capsys):
     """Dense statistics whose head mean is 1e39 (finite in the float64 file) give a head bias that is Inf in
     float32. One error line names the site; nothing is written."""
-    from asr_onnx_cli.main import main
+    from asr_onnx.cli.main import main
 
     stats, out = tmp_path / "s.npz", tmp_path / "o.onnx"
     common = ["--calib", str(calib_dir), "--batch-size", "16", "-q", "--device", "cpu"]

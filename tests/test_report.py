@@ -9,8 +9,8 @@ from pathlib import Path
 import browser
 import numpy as np
 import pytest
-from asr_onnx_cli.main import main
 
+from asr_onnx.cli.main import main
 from asr_onnx.html import SECTIONS, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,8 +50,8 @@ def test_repair_writes_the_page_by_extension(repaired):
 def test_eval_matches_an_independent_evaluation():
     from asr_onnx import Repair, load_calib
     from asr_onnx.calib import Preprocess, input_specs, metadata
+    from asr_onnx.evaluation import evaluate
     from asr_onnx.modelio import load_model
-    from asr_onnx.verify import evaluate
 
     dense = load_model(SAMPLE)
     specs, preprocess = input_specs(dense), Preprocess.from_metadata(metadata(dense))

@@ -35,9 +35,8 @@ def test_grid_runs_every_cell_and_measures_dense_once(calib_and_eval, monkeypatc
 def test_each_momentum_regime_keeps_its_own_momentum(calib_and_eval, tmp_path):
     """Issue 14.12: `--recal momentum=0.1,momentum=0.3` ran 0.1 twice. Each row must equal a repair at
     its own momentum, and the two must differ."""
-    from asr_onnx_cli.sweep import parse_regimes
-
-    from asr_onnx.verify import evaluate
+    from asr_onnx.cli.sweep import parse_regimes
+    from asr_onnx.evaluation import evaluate
 
     calib, eval_data = calib_and_eval
     regimes = parse_regimes("momentum=0.1,momentum=0.3", "pre-bn")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from .common import run_options
+
 
 def find_samples(folder) -> Path:
     """The sample_models folder: the one given, ./sample_models, or the one beside the source tree."""
@@ -27,8 +29,8 @@ def find_samples(folder) -> Path:
 @click.option("--pattern", default="global", show_default=True)
 @click.option("--models-dir", help="The sample_models folder. Default: ./sample_models.")
 @click.option("--eval-size", type=click.IntRange(min=1), help="Evaluate on the first N bundled test images. Default: all 2,000.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-def demo_command(model, sparsity, pattern, models_dir, eval_size, device):
+@run_options(batch_size=False, preprocess=False)
+def demo_command(model, sparsity, pattern, models_dir, eval_size, run):
     """Prune a sample model and compare none, bn, lw, naive and asr on the bundled eval set."""
     from asr_onnx.calib import load_calib
     from asr_onnx.errors import AsrError
@@ -47,7 +49,7 @@ def demo_command(model, sparsity, pattern, models_dir, eval_size, device):
     grid = Grid(sparsities=(sparsity,), patterns=(pattern,))
     click.echo(f"{model}: {pattern} pruning at {sparsity:g}, {len(calib)} calibration images, "
                f"{len(eval_data)} test images")
-    result = run_sweep(proto, calib, eval_data, grid, name=model, device=device, progress=False, watch=False)
+    result = run_sweep(proto, calib, eval_data, grid, name=model, device=run.device, progress=False, watch=False)
     click.echo(f"{'method':<8} {'top-1':>7} {'agree':>7} {'time':>7}")
     click.echo(f"{'dense':<8} {100 * result.dense['top1']:>6.2f}% {'':>7} {result.dense['eval_s']:>6.2f}s")
     for row in result.rows:

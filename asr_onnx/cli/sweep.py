@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import COUNT, NON_NEGATIVE, open_data, parse_list, preprocess_options, say
+from .common import COUNT, NON_NEGATIVE, parse_list, run_options, say
 
 
 def parse_regimes(recal: str, placement: str) -> tuple:
@@ -30,20 +30,17 @@ def parse_regimes(recal: str, placement: str) -> tuple:
 @click.option("--no-head", is_flag=True, help="Leave the classifier head uncorrected, as REFLOW does.")
 @click.option("--calib-size", default=1024, show_default=True, type=COUNT)
 @click.option("--eval-size", type=COUNT, help="Evaluate on a seeded subset of this size. Default: all.")
-@click.option("--batch-size", type=COUNT,
-              help="Calibration samples per run. Default: 64, or the calibration set's size when smaller.")
 @click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--stats", "stats_path", type=click.Path(), help="Dense statistics from `asr-onnx stats`.")
 @click.option("-o", "--output", "out_dir", default="sweep", show_default=True, help="Folder for results and plots.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="PNG plots (needs the plots extra).")
 @click.option("--plot-site", help="The site of the channel-variance plot (tensor, layer or short name). "
                                   "Default: the most damaged one.")
 @click.option("-q", "--quiet", is_flag=True)
-@preprocess_options
+@run_options()
 def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal_modes, placement, lambda_rule,
-                  no_head, calib_size, eval_size, batch_size, seed, device, stats_path, out_dir, plots, plot_site,
-                  quiet, **preprocess):
+                  no_head, calib_size, eval_size, seed, stats_path, out_dir, plots, plot_site, quiet,
+                  run):
     """Repair MODEL over a grid and write results.json, results.md and plots."""
     from asr_onnx.cache import load_stats, stats_key
     from asr_onnx.modelio import load_model
@@ -64,8 +61,8 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
                 patterns=tuple(str(Pattern.parse(p)) for p in parse_list(pattern)),
                 methods=tuple(parse_list(method)), regimes=parse_regimes(recal_modes, placement),
                 lambda_rule=lambda_rule, correct_head=not no_head)
-    calib = open_data(calib_path, proto, preprocess, limit=calib_size, seed=seed)
-    eval_data = open_data(eval_path, proto, preprocess, limit=eval_size, seed=seed)
+    calib = run.open_data(calib_path, proto, limit=calib_size, seed=seed)
+    eval_data = run.open_data(eval_path, proto, limit=eval_size, seed=seed)
     dense_stats = load_stats(stats_path, stats_key(proto, calib)) if stats_path else None
 
     def show(row):
@@ -76,7 +73,7 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
                        f"{row['method']:>5}  top-1 {top1}  agreement {agreement}  "
                        f"repair {row['repair_s']:.2f}s")
 
-    result = run_sweep(model, calib, eval_data, grid, batch_size=batch_size, device=device, progress=not quiet,
+    result = run_sweep(model, calib, eval_data, grid, batch_size=run.batch_size, device=run.device, progress=not quiet,
                        dense_stats=dense_stats, on_row=show, watch_site=plot_site)
     with plan.staged():  # results and plots appear together, or not at all
         written = list(result.write(folder.staged))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import COUNT, NON_NEGATIVE, open_data, preprocess_options, tolerance
+from .common import COUNT, NON_NEGATIVE, run_options, tolerance
 
 
 @click.command("verify")
@@ -20,35 +20,23 @@ from .common import COUNT, NON_NEGATIVE, open_data, preprocess_options, toleranc
                    "absolute error within atol or of the relative error within rtol (Polygraphy's rule).")
 @click.option("--limit", type=COUNT, help="Compare on this many samples (a seeded subset). Default: all.")
 @click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE, help="Seed of the --limit subset.")
-@click.option("--batch-size", default=64, show_default=True, type=COUNT)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
-@preprocess_options
-def verify_command(model, reference, data_path, atol, rtol, check_error_stat, limit, seed, batch_size, device,
-                   as_json, **preprocess):
+@run_options(batch_size=64)
+def verify_command(model, reference, data_path, atol, rtol, check_error_stat, limit, seed, as_json, run):
     """Compare MODEL's outputs with --reference's on --data, with Polygraphy-style tolerances.
 
     Exits 0 when every output is within tolerance and 1 when any is not, so it can gate a pipeline.
     """
     import json
 
-    from asr_onnx.calib import fixed_batch, input_specs
     from asr_onnx.compare import compare_models, format_comparison
     from asr_onnx.errors import AsrError
     from asr_onnx.modelio import load_model
 
     candidate, dense = load_model(model), load_model(reference)
-    data = open_data(data_path, dense, preprocess, limit=limit, seed=seed)
-    fixed = fixed_batch(input_specs(dense))
-    if fixed:
-        usable = len(data) // fixed * fixed
-        if usable == 0:
-            raise AsrError(f"the data has {len(data)} samples, fewer than the model's fixed batch size {fixed}")
-        if usable < len(data):
-            data = data.take(usable, seed)
-        batch_size = fixed
+    data = run.open_data(data_path, dense, limit=limit, seed=seed)
     result = compare_models(candidate, dense, data, atol=atol, rtol=rtol, check_error_stat=check_error_stat,
-                            batch_size=batch_size, device=device)
+                            batch_size=run.batch_size, device=run.device, seed=seed)
     result.update(model=str(model), reference=str(reference))
     if as_json:
         click.echo(json.dumps(result, indent=1))

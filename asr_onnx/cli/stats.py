@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import COUNT, NON_NEGATIVE, open_data, preprocess_options, say
+from .common import COUNT, NON_NEGATIVE, run_options, say
 
 
 @click.command("stats")
@@ -12,13 +12,10 @@ from .common import COUNT, NON_NEGATIVE, open_data, preprocess_options, say
 @click.option("--calib", "calib_path", required=True, help="Calibration data, as for `repair`.")
 @click.option("-o", "--output", required=True, help="The .npz file to write.")
 @click.option("--calib-size", default=1024, show_default=True, type=COUNT)
-@click.option("--batch-size", type=COUNT,
-              help="Calibration samples per run. Default: 64, or the calibration set's size when smaller.")
 @click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("-q", "--quiet", is_flag=True)
-@preprocess_options
-def stats_command(model, calib_path, output, calib_size, batch_size, seed, device, quiet, **preprocess):
+@run_options()
+def stats_command(model, calib_path, output, calib_size, seed, quiet, run):
     """Measure MODEL's dense statistics once, for `repair --stats` and sweeps.
 
     The file is keyed by the model's bytes, the data and the preprocessing: using it with anything
@@ -33,8 +30,8 @@ def stats_command(model, calib_path, output, calib_size, batch_size, seed, devic
     plan.read_data(calib_path, "the --calib data")
     stats_out = plan.write(output, "-o")
     plan.check()
-    job = Repair(model, device=device, batch_size=batch_size, progress=not quiet)
-    calib = open_data(calib_path, job.dense, preprocess, limit=calib_size, seed=seed)
+    job = Repair(model, device=run.device, batch_size=run.batch_size, progress=not quiet)
+    calib = run.open_data(calib_path, job.dense, limit=calib_size, seed=seed)
     stats = job.measure_dense(calib)
     with plan.staged():
         save_stats(stats_out.staged, stats, stats_key(job.dense, calib))

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .common import COUNT, open_data, preprocess_options
+from .common import COUNT, run_options
 
 
 @click.command("eval")
@@ -15,23 +15,21 @@ from .common import COUNT, open_data, preprocess_options
               help="Image folder (class subfolders), .npz with x/y, IDX files, or fashion-mnist:test.")
 @click.option("--reference", type=click.Path(), help="A reference (dense) model for label-free agreement.")
 @click.option("--limit", type=COUNT, help="Evaluate only the first N samples of a seeded subset.")
-@click.option("--batch-size", default=256, show_default=True, type=COUNT)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@preprocess_options
-def eval_command(model, data_path, reference, limit, batch_size, device, as_json, quiet, **preprocess):
+@run_options(batch_size=256)
+def eval_command(model, data_path, reference, limit, as_json, quiet, run):
     """Evaluate MODEL on labelled or unlabelled data."""
     from asr_onnx.errors import AsrError
+    from asr_onnx.evaluation import evaluate
     from asr_onnx.modelio import load_model
-    from asr_onnx.verify import evaluate
 
     proto = load_model(model)
     ref = load_model(reference) if reference else None
-    data = open_data(data_path, proto, preprocess, limit=limit)
+    data = run.open_data(data_path, proto, limit=limit)
     if data.labels is None and ref is None:
         raise AsrError(f"{data_path} has no labels; pass --reference to measure agreement instead")
-    result = evaluate(proto, data, reference=ref, batch_size=batch_size, device=device, progress=not quiet)
+    result = evaluate(proto, data, reference=ref, batch_size=run.batch_size, device=run.device, progress=not quiet)
     if as_json:
         click.echo(json.dumps(result))
         return

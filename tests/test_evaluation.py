@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from asr_onnx_cli.main import main
 from zoo import conv_net, random_inputs
 
 from asr_onnx.calib import InputSpec, load_calib
-from asr_onnx.verify import evaluate
+from asr_onnx.cli.main import main
+from asr_onnx.evaluation import evaluate
 
 SPECS = [InputSpec("input", ("N", 3, 8, 8), np.float32)]
 
@@ -60,3 +60,33 @@ def test_eval_cli_json_and_label_free(labelled, tmp_path, capsys):
     assert out["agreement"] == 1.0 and "top1" not in out
     assert main(["eval", str(model), "--data", str(unlabelled), "-q"]) == 1
     assert "no labels" in capsys.readouterr().err
+
+
+def test_agreement_scores_given_outputs_without_running_anything():
+    """agreement() is pure: hand-made outputs, in two batches, against a numpy oracle."""
+    from asr_onnx.evaluation import agreement
+    from asr_onnx.output_kinds import output_kinds
+
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(7, 10)), rng.normal(size=(7, 10))
+    labels = b.argmax(1)
+    kinds = output_kinds(conv_net(bn=True))
+    batches = [(4, [a[:4]]), (3, [a[4:]])]
+    got = agreement(batches, kinds, labels, reference=[(4, [b[:4]]), (3, [b[4:]])], per_sample=True)
+    assert got["samples"] == 7 and got["top1"] == pytest.approx((a.argmax(1) == labels).mean())
+    assert got["agreement"] == pytest.approx((a.argmax(1) == b.argmax(1)).mean())
+    assert got["logit_rel_l2"] == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(b))
+    np.testing.assert_allclose(got["err2"], ((a - b) ** 2).sum(1))
+    assert agreement(batches, kinds) == {"samples": 7}
+
+
+def test_evaluate_is_agreement_of_logits(labelled):
+    from asr_onnx.evaluation import agreement, logits
+    from asr_onnx.output_kinds import output_kinds
+
+    model, other = conv_net(bn=True), conv_net(bn=True, seed=5)
+    data = load_calib(labelled, SPECS)
+    runs = [list(logits(m, data, batch_size=16, device="cpu", progress=False)) for m in (other, model)]
+    assert [n for n, _ in runs[0]] == [16, 16, 16, 2]
+    pure = agreement(runs[0], output_kinds(other), data.labels, runs[1])
+    assert pure == evaluate(other, data, reference=model, batch_size=16, device="cpu", progress=False)

@@ -8,7 +8,7 @@ import click
 
 from asr_onnx.recal import DEFAULT_REFERENCE, REFERENCES
 
-from .common import COUNT, NON_NEGATIVE, open_data, preprocess_options, regexes, say
+from .common import COUNT, NON_NEGATIVE, regexes, run_options, say
 
 
 def default_output(model: str) -> Path:
@@ -51,12 +51,7 @@ def default_output(model: str) -> Path:
 @click.option("--keep-first", is_flag=True, help="Leave the first prunable layer dense.")
 @click.option("--keep-last", is_flag=True, help="Leave the last prunable layer dense.")
 @click.option("--calib-size", default=1024, show_default=True, type=COUNT, help="Calibration samples to use.")
-@click.option("--batch-size", type=COUNT,
-              help="Calibration samples per run. Default: 64, or the calibration set's size when smaller.")
 @click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE, help="Seed of the calibration subset and of its batch order.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--threads", default=0, show_default=True, type=NON_NEGATIVE,
-              help="onnxruntime intra-op threads; 0 = its default.")
 @click.option("--no-head", is_flag=True,
               help="Leave the classifier head (a BN-free layer feeding a graph output) uncorrected, as REFLOW does.")
 @click.option("--sequential", is_flag=True,
@@ -76,11 +71,11 @@ def default_output(model: str) -> Path:
 @click.option("--eval-size", type=COUNT, help="With --eval, a seeded subset of this size. Default: all.")
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
-@preprocess_options
+@run_options(threads=True)
 def repair_command(model, calib_path, output, sparsity, pattern, flops_target, allocation, score, reconstruct, max_gram_mb, method,
                    placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
-                   batch_size, seed, device, threads, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io,
-                   stats_path, report_path, eval_path, eval_size, overwrite, quiet, **preprocess):
+                   seed, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io,
+                   stats_path, report_path, eval_path, eval_size, overwrite, quiet, run):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.api import Repair
     from asr_onnx.cache import load_stats, stats_key
@@ -110,7 +105,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     model_out = plan.write(output, "-o", siblings=(f"{output.name}.data",), replaces=inputs if overwrite else ())
     report_out = plan.write(report_path, "--report") if report_path else None
     plan.check()
-    job = Repair(model, device=device, batch_size=batch_size, progress=not quiet, threads=threads)
+    job = Repair(model, device=run.device, batch_size=run.batch_size, progress=not quiet, threads=run.threads)
     channels = str(pattern).strip().lower() == "channels"
     check_sparsity(sparsity)  # a bad pattern or score fails before any data is read
     if not channels:
@@ -124,7 +119,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     if needs:
         if not calib_path:  # a float16 output is checked against float32 on calibration data
             raise AsrError(f"--calib is required for {needs[0]}")
-        calib = open_data(calib_path, job.dense, preprocess, limit=calib_size, seed=seed)
+        calib = run.open_data(calib_path, job.dense, limit=calib_size, seed=seed)
     if method != "none":
         dense_stats = load_stats(stats_path, stats_key(job.dense, calib)) if stats_path else None
     job.prune(sparsity, pattern, exclude, keep_first, keep_last, allocation, score, calib, flops_target)
@@ -138,7 +133,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     if half:
         job.to_fp16(keep_io=not fp16_io, calib=calib)
     if eval_path:
-        job.evaluate(open_data(eval_path, job.dense, preprocess, limit=eval_size, seed=seed), name=eval_path)
+        job.evaluate(run.open_data(eval_path, job.dense, limit=eval_size, seed=seed), name=eval_path)
     with plan.staged():  # every output is staged, then all are renamed into place together
         job.save(model_out.staged)
         report = job.report()

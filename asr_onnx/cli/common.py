@@ -1,0 +1,167 @@
+"""Options shared by several subcommands (one group for how a model runs and its data is read), and their
+translation into API objects."""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass, field
+
+import click
+
+from asr_onnx.runtime import DEVICES
+
+COUNT = click.IntRange(min=1)  # sizes: --batch-size, --calib-size, --limit (0 never means "all")
+NON_NEGATIVE = click.IntRange(min=0)  # --seed, --threads
+
+
+def tolerance(ctx, param, value):
+    """A click callback: a tolerance is a number >= 0 (NaN would pass any comparison, so a gate with it
+    could never fail)."""
+    if value is not None and (math.isnan(value) or value < 0):
+        raise click.BadParameter(f"must be a number >= 0, got {value}")
+    return value
+
+
+def regexes(ctx, param, values):
+    """A click callback: every value compiles as a regular expression."""
+    for value in values:
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise click.BadParameter(f"{value!r} is not a regular expression: {e}") from None
+    return values
+
+
+def _floats(text):
+    return None if text is None else tuple(float(v) for v in str(text).split(","))
+
+
+def _size(text):
+    if text is None:
+        return None
+    parts = str(text).lower().replace("x", ",").split(",")
+    return (int(parts[0]), int(parts[-1]))
+
+
+def preprocess_options(command):
+    """--size, --resize, --mean, --std, --scale, --channel-order, --layout, --preprocess, --strict."""
+    options = [
+        click.option("--size", help="Image size H,W fed to the model. Default: the model's input shape."),
+        click.option("--resize", type=int, help="Resize the shorter side to this, then centre-crop to --size."),
+        click.option("--mean", help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406. Default 0."),
+        click.option("--std", help="Per-channel std after scaling. Default 1."),
+        click.option("--scale", type=float, help="Pixel multiplier applied first. Default 1/255."),
+        click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), help="Default rgb."),
+        click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Default: inferred from the input shape."),
+        click.option("--preprocess", "hook", help="A module:function (or file.py:function) that makes one sample."),
+        click.option("--strict", is_flag=True, help="Refuse corrupt images instead of skipping them."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), command)
+
+
+def make_preprocess(model, size=None, resize=None, mean=None, std=None, scale=None, channel_order=None,
+                    layout=None, hook=None):
+    """A calib.Preprocess from the model's metadata defaults and the command-line overrides."""
+    from asr_onnx.calib import Preprocess
+
+    try:
+        overrides = dict(size=_size(size), mean=_floats(mean), std=_floats(std))
+    except ValueError as e:
+        raise click.BadParameter(f"not a list of numbers: {e}") from None
+    return Preprocess.for_model(model, resize=resize, scale=scale, channel_order=channel_order, layout=layout,
+                                hook=hook, **overrides)
+
+
+PREPROCESS_KEYS = ("size", "resize", "mean", "std", "scale", "channel_order", "layout", "hook")
+CALIB_BATCH_HELP = "Calibration samples per run. Default: 64, or the calibration set's size when smaller."
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a command runs models and reads data: what the :func:`run_options` group parsed.
+
+    Attributes:
+        device: --device. Defaults to "auto".
+        batch_size: --batch-size; None where the command has none or it was not given. Defaults to None.
+        threads: --threads; 0 lets onnxruntime choose. Defaults to 0.
+        preprocess: the preprocessing options as given on the command line (None where not given), by
+            :class:`asr_onnx.calib.Preprocess` field. Defaults to none.
+        strict: --strict. Defaults to False.
+    """
+
+    device: str = "auto"
+    batch_size: int | None = None
+    threads: int = 0
+    preprocess: dict = field(default_factory=dict)
+    strict: bool = False
+
+    def open_data(self, path, model, limit: int | None = None, seed: int = 0):
+        """Loads a calibration or evaluation set for ``model``: its metadata preprocessing, overridden by the
+        command line; a seeded subset of ``limit`` samples when given."""
+        from asr_onnx.calib import load_calib
+
+        data = load_calib(path, model, make_preprocess(model, **self.preprocess), strict=self.strict)
+        return data.take(limit, seed) if limit else data
+
+
+def run_options(*, device: str = "auto", batch_size: int | bool | None = None, batch_help: str | None = None,
+                threads: bool = False, preprocess: bool = True):
+    """The options shared by every command that runs a model, as one group: --device, --batch-size, --threads
+    and the preprocessing options. The command gets them as one :class:`RunOptions` argument, ``run``.
+
+    Args:
+        device: the --device default. Defaults to "auto".
+        batch_size: the --batch-size default; None (default) for the calibration default (64, or the set's
+            size when smaller), False for no --batch-size.
+        batch_help: the --batch-size help. Defaults to None (none, or the calibration default's).
+        threads: add --threads. Defaults to False.
+        preprocess: add the preprocessing options (see :func:`preprocess_options`). Defaults to True.
+    """
+    options = [click.option("--device", default=device, show_default=True, type=click.Choice(DEVICES))]
+    if batch_size is None:
+        options.append(click.option("--batch-size", type=COUNT, help=batch_help or CALIB_BATCH_HELP))
+    elif batch_size is not False:
+        options.append(click.option("--batch-size", default=batch_size, show_default=True, type=COUNT,
+                                    help=batch_help))
+    if threads:
+        options.append(click.option("--threads", default=0, show_default=True, type=NON_NEGATIVE,
+                                    help="onnxruntime intra-op threads; 0 lets onnxruntime choose."))
+
+    def decorate(command):
+        @functools.wraps(command)
+        def with_run(*args, **kwargs):
+            run = RunOptions(device=kwargs.pop("device"), batch_size=kwargs.pop("batch_size", None),
+                             threads=kwargs.pop("threads", 0), strict=kwargs.pop("strict", False),
+                             preprocess={key: kwargs.pop(key) for key in PREPROCESS_KEYS if key in kwargs})
+            return command(*args, run=run, **kwargs)
+
+        inner = preprocess_options(with_run) if preprocess else with_run  # listed after the group in --help
+        return functools.reduce(lambda f, option: option(f), reversed(options), inner)
+
+    return decorate
+
+
+def say(text: str) -> None:
+    """Prints progress or a summary on stdout. A closed stdout, a broken pipe or a full disk (/dev/full)
+    never fails a command that did its work: the text is dropped, and so is all later stdout."""
+    import os
+    import sys
+
+    try:
+        click.echo(text)
+    except OSError:
+        try:  # later writes (and the flush at exit) go nowhere instead of failing again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def parse_list(text: str, kind=str) -> list:
+    try:
+        return [kind(v.strip()) for v in str(text).split(",") if v.strip()]
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
