@@ -27,8 +27,7 @@ REPAIRS = {"none": ("none", "none"), "bn": ("bn", "none"), "ls+bn": ("bn", "ls")
 
 
 def data_sets(proto, calib_size: int, seed: int):
-    from asr_onnx.calib import Preprocess, input_specs, load_calib, metadata
-    from asr_onnx.verify import resolve_data
+    from asr_onnx.calib import Preprocess, input_specs, load_calib, metadata, resolve_data
 
     specs, preprocess = input_specs(proto), Preprocess.from_metadata(metadata(proto))
     calib = load_calib(resolve_data("fashion-mnist:train"), specs, preprocess).take(calib_size, seed)
