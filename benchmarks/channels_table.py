@@ -68,7 +68,7 @@ def run_model(name: str, args) -> list[dict]:
     rows = []
     for score in args.scores:
         start = time.perf_counter()
-        base = channels.plan(proto, sparsity=args.fractions[0], score=score, calib=calib)
+        base = channels.plan(proto, sparsity=0.5, score=score, calib=calib)  # the orders; cells choose their own
         plan_s = time.perf_counter() - start
         cells = [(f, None) for f in args.fractions] + [(None, t) for t in args.flops_targets]
         for fraction, target in cells:
@@ -102,13 +102,14 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     cells: dict = {}
     for r in rows:
-        cells.setdefault((r["model"], r["fraction"], r.get("flops_target"), r["score"]), {})[r["repair"]] = r
-    for (model, fraction, target, score), by in cells.items():
+        key = (r["model"], r["fraction"], r.get("flops_target"), r["score"], r.get("note"))
+        cells.setdefault(key, {})[r["repair"]] = r
+    for (model, fraction, target, score, note), by in cells.items():
         first = next(iter(by.values()))
         lat = first["latency"]
         speed = " / ".join(f"{lat[b]['speedup']:.2f}x" for b in sorted(lat, key=int))
         top1 = [f"{by[k]['top1'] * 100:.1f}" if k in by else "-" for k in REPAIRS]
-        removed = f"{fraction:.0%}" if fraction is not None else f"FLOPs {target:g}"
+        removed = (f"{fraction:.0%}" if fraction is not None else f"FLOPs {target:g}") + (" (*)" if note else "")
         lines.append(f"| {model} | {removed} | {first['macs'][1] / first['macs'][0]:.2f} | {speed} | "
                      f"{first['dense_top1'] * 100:.1f} | {score} | " + " | ".join(top1) + " |")
     return "\n".join(lines)
@@ -117,7 +118,7 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.5, 0.75])
+    parser.add_argument("--fractions", nargs="*", type=float, default=[0.25, 0.5, 0.75])
     parser.add_argument("--flops-targets", nargs="*", type=float, default=[],
                         help="Also cells with --flops-target T instead of a fraction of channels.")
     parser.add_argument("--scores", nargs="+", default=["magnitude", "greedy"])

@@ -241,3 +241,15 @@ def test_the_stage_chain_shrinks_once_before_saving(tmp_path):
     check_valid(saved)
     assert count.params(saved) == job.report()["channels"]["params"][1] < count.params(model)
     np.testing.assert_allclose(run(saved, feeds["input"]), masked_out, rtol=2e-2, atol=2e-2)  # float16
+
+
+def test_a_flops_target_keeps_channel_counts_in_blocks_of_eight():
+    """onnxruntime's CPU convs block channels by 8: a FLOPs target rounds every kept count of 8 or more down."""
+    from pathlib import Path
+
+    model = onnx.load(str(Path(__file__).parent.parent / "sample_models" / "vgg_bn_bn.onnx"))
+    plan = channels.plan(model, flops_target=0.5)
+    kept = [len(k) for k in plan.keep.values()]
+    assert kept and all(k % select.ALIGN == 0 for k in kept if k >= select.ALIGN)
+    small = channels.shrink(channels.mask(model, *plan.groups_keep()), *plan.groups_keep())
+    assert count.macs(small) <= 0.5 * count.macs(model)

@@ -19,6 +19,15 @@ from .groups import Groups
 
 SCORES = ("magnitude", "bn-scale", "greedy")
 MIN_KEEP = 0.1  # a FLOPs target never takes a group below this fraction of its channels (and never below 1)
+# Kept channels are a multiple of this in every group of at least as many channels: onnxruntime's CPU convs
+# work in blocks of 8 channels (NCHWc), and on vgg_bn_bn a FLOPs-0.5 model whose counts were off the block
+# ran 1.03-1.08x faster than dense against 2.2-2.4x with them rounded down to a multiple of 8 (RESULTS.md).
+ALIGN = 8
+
+
+def aligned_down(kept: int) -> int:
+    """A kept count rounded down to a multiple of ALIGN; a count under ALIGN stays as it is."""
+    return kept if kept < ALIGN else kept // ALIGN * ALIGN
 
 
 def _group_positions(layout, group: int, sizes) -> np.ndarray:
@@ -104,7 +113,8 @@ def uniform(orders: dict, sizes, sparsity: float) -> dict[int, np.ndarray]:
 
 
 def by_flops(orders: dict, sizes, layer_cost, target: float) -> dict[int, np.ndarray]:
-    """Removes channels globally, cheapest cost first, until the kept MACs are at most ``target`` of dense.
+    """Removes channels globally, cheapest cost first, until the kept MACs are at most ``target`` of dense;
+    then each group's kept count is rounded down to a multiple of ALIGN (a count under ALIGN stays).
 
     Args:
         orders: group -> (removal order, cost of each step).
@@ -132,6 +142,7 @@ def by_flops(orders: dict, sizes, layer_cost, target: float) -> dict[int, np.nda
         layer_cost.remove(g)
         if removed[g] < limit[g]:
             heapq.heappush(heap, (float(orders[g][1][removed[g]]), g))
+    removed = {g: sizes[g] - aligned_down(sizes[g] - r) if r else 0 for g, r in removed.items()}
     return {g: np.sort(orders[g][0][r:]) for g, r in removed.items() if r}
 
 
