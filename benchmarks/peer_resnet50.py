@@ -39,10 +39,10 @@ def macs(model: onnx.ModelProto) -> int:
 
 
 def main():
-    from asr_onnx.timing import bench
     from onnxsim import onnx_simplifier as osx
 
     from asr_onnx.modelio import load_model
+    from asr_onnx.timing import bench
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
