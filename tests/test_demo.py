@@ -18,3 +18,8 @@ def test_demo_prints_every_method_next_to_dense(capsys):
 def test_demo_refuses_an_unknown_model(capsys):
     assert main(["demo", "--model", "alexnet"]) == 1
     assert "no sample model 'alexnet'" in capsys.readouterr().err
+
+
+def test_demo_names_a_models_dir_without_samples(tmp_path, capsys):
+    assert main(["demo", "--models-dir", str(tmp_path)]) == 1
+    assert "sample models not found" in capsys.readouterr().err

@@ -2,24 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from .common import run_options
-
-
-def find_samples(folder) -> Path:
-    """The sample_models folder: the one given, ./sample_models, or the one beside the source tree."""
-    import asr_onnx
-    from asr_onnx.errors import AsrError
-
-    candidates = [Path(folder)] if folder else [Path("sample_models"),
-                                                 Path(asr_onnx.__file__).resolve().parent.parent / "sample_models"]
-    for candidate in candidates:
-        if (candidate / "data" / "eval.npz").exists():
-            return candidate
-    raise AsrError("sample models not found: run from the repository root or pass --models-dir")
 
 
 @click.command("demo")
@@ -27,25 +12,16 @@ def find_samples(folder) -> Path:
               help="A sample model: resnet20, resnet50s, vgg_bn, mobilenetv2, with _bn to keep BN nodes.")
 @click.option("--sparsity", default=0.9, show_default=True, type=float)
 @click.option("--pattern", default="global", show_default=True)
-@click.option("--models-dir", help="The sample_models folder. Default: ./sample_models.")
+@click.option("--models-dir", help="The folder of sample models and data. Default: the one installed with asr-onnx "
+                                   "(resnet20_bn), or sample_models/ in the source tree (all of them).")
 @click.option("--eval-size", type=click.IntRange(min=1), help="Evaluate on the first N bundled test images. Default: all 2,000.")
 @run_options(batch_size=False, preprocess=False)
 def demo_command(model, sparsity, pattern, models_dir, eval_size, run):
     """Prune a sample model and compare none, bn, lw, naive and asr on the bundled eval set."""
-    from asr_onnx.calib import load_calib
-    from asr_onnx.errors import AsrError
-    from asr_onnx.modelio import load_model
+    from asr_onnx.demo import load_demo
     from asr_onnx.sweep import Grid, run_sweep
 
-    folder = find_samples(models_dir)
-    path = folder / f"{model}.onnx"
-    if not path.exists():
-        raise AsrError(f"no sample model {model!r} in {folder}")
-    proto = load_model(path)
-    calib = load_calib(folder / "data" / "calib", proto)  # the model's metadata says how to preprocess
-    eval_data = load_calib(folder / "data" / "eval.npz", proto)
-    if eval_size:
-        eval_data = eval_data.take(eval_size)
+    proto, calib, eval_data = load_demo(model, models_dir, eval_size)
     grid = Grid(sparsities=(sparsity,), patterns=(pattern,))
     click.echo(f"{model}: {pattern} pruning at {sparsity:g}, {len(calib)} calibration images, "
                f"{len(eval_data)} test images")
