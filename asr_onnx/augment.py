@@ -97,31 +97,31 @@ class StatsGraph:
     readers: list
 
 
-def _scaled(b: "_Builder", x, k: int):
+def _scaled(b: "GraphBuilder", x, k: int):
     return x if k == 0 else b.op("Mul", [x, b.const(np.float32(2.0**-k), "scale")])
 
 
-class _Builder:
+class GraphBuilder:
     """Adds nodes to a gs graph, respecting the opset (Reduce* axes became an input at 18)."""
 
     def __init__(self, graph, opset: int):
         self.graph, self.opset, self.count = graph, opset, 0
 
-    def _name(self, hint):
+    def fresh_name(self, hint):
         self.count += 1
         return f"asr_{hint}_{self.count}"
 
     def op(self, op, inputs, attrs=None, dtype=np.float32, out=None):
         import onnx_graphsurgeon as gs
 
-        out = out or gs.Variable(self._name(op.lower()), dtype=dtype)
-        self.graph.nodes.append(gs.Node(op, self._name(op), attrs or {}, inputs, [out]))
+        out = out or gs.Variable(self.fresh_name(op.lower()), dtype=dtype)
+        self.graph.nodes.append(gs.Node(op, self.fresh_name(op), attrs or {}, inputs, [out]))
         return out
 
     def const(self, values, hint="c"):
         import onnx_graphsurgeon as gs
 
-        return gs.Constant(self._name(hint), np.asarray(values))
+        return gs.Constant(self.fresh_name(hint), np.asarray(values))
 
     def reduce(self, op, x, axes):
         if self.opset >= 18:
@@ -129,14 +129,14 @@ class _Builder:
         return self.op(op, [x], {"axes": list(axes), "keepdims": 1})
 
 
-def _channel_view(b: _Builder, x, channels: int, channel_last: bool):
+def _channel_view(b: GraphBuilder, x, channels: int, channel_last: bool):
     """Reshapes to (N, C, S) or (M, C) so that one reduction shape serves every rank."""
     shape = [-1, channels] if channel_last else [0, 0, -1]
     axes = [0] if channel_last else [0, 2]
     return b.op("Reshape", [x, b.const(np.array(shape, np.int64), "shape")]), axes
 
 
-def _add_site(b: _Builder, site, index, norm: Norm | None = None, fixed: bool = False, k: int = 0) -> list:
+def _add_site(b: GraphBuilder, site, index, norm: Norm | None = None, fixed: bool = False, k: int = 0) -> list:
     """Adds the statistic outputs (mean, m2, size) of one site; with ``norm``, also renormalises the site.
 
     Args:
@@ -181,7 +181,7 @@ def bn_kernel_fits(site, opset: int, fixed: bool = False) -> bool:
     return opset >= 14 and site.dtype == np.float32 and on_axis_1 and not fixed
 
 
-def _add_site_bn(b: _Builder, site, index, norm: Norm | None = None, k: int = 0) -> list:
+def _add_site_bn(b: GraphBuilder, site, index, norm: Norm | None = None, k: int = 0) -> list:
     """One site's statistics from a training-mode BatchNormalization (momentum 0): its optional outputs
     are then the batch mean and the biased batch variance. With a train norm that node also does the
     renormalisation (a real BN becomes it); without one it is a side branch on the site tensor.
@@ -215,8 +215,8 @@ def _add_site_bn(b: _Builder, site, index, norm: Norm | None = None, k: int = 0)
             site.bn.outputs.pop()
         site.bn.outputs.extend([mean, var])
     else:
-        normed = gs.Variable(b._name("normed"), dtype=np.float32)
-        b.graph.nodes.append(gs.Node("BatchNormalization", b._name("TrainBN"), attrs, [source] + params,
+        normed = gs.Variable(b.fresh_name("normed"), dtype=np.float32)
+        b.graph.nodes.append(gs.Node("BatchNormalization", b.fresh_name("TrainBN"), attrs, [source] + params,
                                      [normed, mean, var]))
         if norm is not None:
             _replace_uses(b.graph, site, normed)
@@ -224,7 +224,7 @@ def _add_site_bn(b: _Builder, site, index, norm: Norm | None = None, k: int = 0)
     return [mean, var, size]
 
 
-def _add_site_moments(b: _Builder, site, index, per_sample: int | None = None, k: int = 0) -> list:
+def _add_site_moments(b: GraphBuilder, site, index, per_sample: int | None = None, k: int = 0) -> list:
     """One conv site's batch mean and mean square from GlobalAveragePool, which onnxruntime runs in its
     blocked (NCHWc) layout beside the Conv, so no layout copy and no centred copy of the tensor is made.
     With ``per_sample`` (the static elements per channel and sample) there is no Size node either,
@@ -245,7 +245,7 @@ def _add_site_moments(b: _Builder, site, index, per_sample: int | None = None, k
     return outputs
 
 
-def _add_probe(b: _Builder, site, index) -> list:
+def _add_probe(b: GraphBuilder, site, index) -> list:
     """Two diagnostic outputs of a site: its largest |x| (for the scale) and, per sample, a sum that is
     NaN exactly when the sample has a NaN or Inf there (x - x is 0 for every finite x, in every opset)."""
     x = site.tensor if site.dtype == np.float32 else b.op("Cast", [site.tensor], {"to": FLOAT})
@@ -258,7 +258,7 @@ def _add_probe(b: _Builder, site, index) -> list:
     return [absmax, bad]
 
 
-def _train_norm(b: _Builder, norm, centred, m2, size, channels: int, shape):
+def _train_norm(b: GraphBuilder, norm, centred, m2, size, channels: int, shape):
     """scale * (x - batch mean) / sqrt(batch var + eps) + bias, as BatchNormalization in training mode."""
     scale, bias, eps = norm
     # unbiased, as the stored running variance will be, so that one batch reproduces it exactly
@@ -269,13 +269,13 @@ def _train_norm(b: _Builder, norm, centred, m2, size, channels: int, shape):
     return b.op("Add", [b.op("Mul", [centred, gain]), b.const(bias.reshape(shape).astype(np.float32))])
 
 
-def _count_and_dof(b: _Builder, size, channels: int):
+def _count_and_dof(b: GraphBuilder, size, channels: int):
     """Elements per channel n (from a Size node's total) and the unbiased divisor max(n - 1, 1), in-graph."""
     count = b.op("Div", [b.op("Cast", [size], {"to": FLOAT}), b.const(np.float32(channels))])
     return count, b.op("Max", [b.op("Sub", [count, b.const(np.float32(1))]), b.const(np.float32(1))])
 
 
-def _eval_norm(b: _Builder, norm: Norm, view, shape):
+def _eval_norm(b: GraphBuilder, norm: Norm, view, shape):
     """scale * (x - mean) / sqrt(var + eps) + bias with fixed statistics, as y = a * x + c."""
     scale, bias, eps, mean, var = (np.asarray(v, np.float64) for v in (norm.scale, norm.bias, norm.eps, norm.mean,
                                                                           norm.var))
@@ -342,7 +342,7 @@ def stats_model(model, norms: dict | None = None, keys=None, kernel: str = "redu
 
     graph = to_graph(model)
     sites = find_sites(graph, find_layers(graph))
-    builder = _Builder(graph, opset(model))
+    builder = GraphBuilder(graph, opset(model))
     outputs, readers = [], []
     renorms = {**{key: (norm, False) for key, norm in (norms or {}).items()},
                **{key: (norm, True) for key, norm in (fixed or {}).items()}}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .augment import _Builder
+from .augment import GraphBuilder
 from .errors import AsrError
 from .stats import GramStats
 
@@ -47,7 +47,7 @@ def one_hot_kernels(channels: int, kernel: tuple) -> np.ndarray:
     return np.tile(eye, (channels,) + (1,) * (len(kernel) + 1))
 
 
-def _patches(b: _Builder, layer, x):
+def _patches(b: GraphBuilder, layer, x):
     """The layer's input as (groups, patch length, rows)."""
     groups, length, _ = patch_size(layer)
     if layer.op != "Conv":
@@ -66,7 +66,7 @@ def _patches(b: _Builder, layer, x):
     return b.op("Reshape", [moved, b.const(np.array([0, length, -1], np.int64), "shape")])
 
 
-def _target(b: _Builder, layer, x, weight, as_rows: bool = True):
+def _target(b: GraphBuilder, layer, x, weight, as_rows: bool = True):
     """The dense layer's output without bias, as (groups, channels per group, rows), or a Conv's as it is
     (N, channels, ...) when not ``as_rows``."""
     groups, _, per_group = patch_size(layer)
@@ -119,7 +119,7 @@ def _structured(layer, shape) -> bool:
             and int(np.prod(layer.weight.shape[2:])) > 1)
 
 
-def _slice(b: _Builder, x, starts, ends, axes):
+def _slice(b: GraphBuilder, x, starts, ends, axes):
     if b.opset >= 10:
         return b.op("Slice", [x, b.const(np.array(starts, np.int64), "starts"), b.const(np.array(ends, np.int64), "ends"),
                               b.const(np.array(axes, np.int64), "axes")])
@@ -135,7 +135,7 @@ class ShiftedGram:
     with itself, not 81, for a 3x3 kernel. XᵀY is one product per offset: x at offset i against Y.
     """
 
-    def __init__(self, b: _Builder, layer, x, target, shape):
+    def __init__(self, b: GraphBuilder, layer, x, target, shape):
         groups, _, per_group = patch_size(layer)
         self.groups, self.channels = groups, layer.weight.shape[1]
         kernel = tuple(layer.weight.shape[2:])
@@ -240,7 +240,7 @@ def _side_by_side(dense, pruned, dense_prefixed=None):
 class Im2colGram:
     """The Gram outputs of any layer from its patches (im2col in-graph, or a reshape) and one product."""
 
-    def __init__(self, b: _Builder, layer, x, target):
+    def __init__(self, b: GraphBuilder, layer, x, target):
         patches = _patches(b, layer, x)
         xtx = b.op("MatMul", [patches, b.op("Transpose", [patches], {"perm": [0, 2, 1]})])
         xty = b.op("MatMul", [patches, b.op("Transpose", [target], {"perm": [0, 2, 1]})])
@@ -255,7 +255,7 @@ class Im2colGram:
         return GramStats(float(rows[-1]), xtx.astype(np.float64), xty.astype(np.float64), yy.astype(np.float64).ravel())
 
 
-def _add_grams(b: _Builder, layers, dense_layers, indices: list[int], shapes: dict):
+def _add_grams(b: GraphBuilder, layers, dense_layers, indices: list[int], shapes: dict):
     """The Gram outputs of the layers ``indices``: (output tensors, per layer its ShiftedGram or Im2colGram)."""
     outputs, grams = [], []
     for index in indices:
@@ -280,7 +280,7 @@ def gram_model(dense, pruned, indices: list[int]):
     from .graph import opset, static_shapes, to_model
 
     graph, layers, dense_layers = _side_by_side(dense, pruned)
-    outputs, grams = _add_grams(_Builder(graph, opset(pruned)), layers, dense_layers, indices, static_shapes(pruned))
+    outputs, grams = _add_grams(GraphBuilder(graph, opset(pruned)), layers, dense_layers, indices, static_shapes(pruned))
     graph.outputs = outputs
     graph.cleanup().toposort()
     return to_model(graph, pruned), grams
@@ -345,7 +345,7 @@ class SideBySide:
             feeds.append(tensor)
         sub = gs.Graph(nodes=[node for node in self.graph.nodes if id(node) in chosen], inputs=feeds,
                        opset=self.opset)
-        outputs, grams = _add_grams(_Builder(sub, self.opset), self.layers, self.dense_layers, indices, self.shapes)
+        outputs, grams = _add_grams(GraphBuilder(sub, self.opset), self.layers, self.dense_layers, indices, self.shapes)
         added = [node for node in sub.nodes if id(node) not in chosen]
         for tensor in (tensors[name] for name in kept):
             tensor.dtype, tensor.shape = None, None  # onnxruntime infers them
@@ -418,7 +418,7 @@ def input_norms(model, calib, *, batch_size: int, device: str = "auto", threads:
 
     graph = to_graph(model)
     layers = find_layers(graph)
-    b = _Builder(graph, opset(model))
+    b = GraphBuilder(graph, opset(model))
     outputs = []
     for layer in layers:
         x = layer.node.inputs[0]

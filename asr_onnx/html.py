@@ -70,10 +70,10 @@ def _bar(fraction, bad: bool = False) -> str:
 def _plots_missing() -> str | None:
     """Why plots cannot be drawn, or None when matplotlib is there."""
     from .errors import AsrError
-    from .plots import _pyplot
+    from .plots import load_pyplot
 
     try:
-        _pyplot()
+        load_pyplot()
     except AsrError:
         return "matplotlib is not installed (pip install 'asr-onnx[plots]'), so tables stand in for the plots."
     return None

@@ -7,7 +7,7 @@ from pathlib import Path
 from .errors import AsrError
 
 
-def _pyplot():
+def load_pyplot():
     try:
         import matplotlib
 
@@ -20,7 +20,7 @@ def _pyplot():
 
 def accuracy_vs_sparsity(result, path) -> Path:
     """Top-1 (or agreement) against sparsity, one line per (method, regime), for non-N:M patterns."""
-    plt = _pyplot()
+    plt = load_pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = [r for r in result.rows if r["sparsity"] is not None]
     metric = "top1" if rows and rows[0].get("top1") is not None else "agreement"
@@ -41,7 +41,7 @@ def accuracy_vs_sparsity(result, path) -> Path:
 
 def gain_vs_severity(result, path) -> Path:
     """Top-1 of ASR minus that of LW against pruning severity (the paper's Fig. 6)."""
-    plt = _pyplot()
+    plt = load_pyplot()
     metric = "top1" if result.rows and result.rows[0].get("top1") is not None else "agreement"
     by_key = {(r["pattern"], r["sparsity"], r["recal"], r["placement"], r["method"]): r for r in result.rows}
     points = []
@@ -84,7 +84,7 @@ def channel_figure(series: dict, title: str = "", dead_below: float | None = Non
 
     from .damage import dead_threshold
 
-    plt = _pyplot()
+    plt = load_pyplot()
     values = {label: np.asarray(var, np.float64).ravel() for label, var in series.items()}
     reference = next(iter(values.values()))
     dead_below = dead_threshold(reference) if dead_below is None else dead_below
@@ -132,7 +132,7 @@ def strip_figure(rows: list, ylabel: str, title: str = "", dead_label: str = "co
     """
     import numpy as np
 
-    plt = _pyplot()
+    plt = load_pyplot()
     fig, ax = plt.subplots(figsize=(min(max(6.0, 0.3 * len(rows) + 2), 14.0), 3.6))
     values = [np.asarray(v, np.float64).ravel() for _, v, _ in rows]
     deads = [np.zeros(v.size, bool) if d is None else np.asarray(d, bool) | ~(v > 0) for v, (_, _, d) in
@@ -164,7 +164,7 @@ def save(fig, path) -> Path:
     """Writes a figure (PNG, or SVG by the extension) atomically, and closes it."""
     from .outputs import write_file
 
-    plt, kind = _pyplot(), Path(path).suffix.lstrip(".").lower() or "png"
+    plt, kind = load_pyplot(), Path(path).suffix.lstrip(".").lower() or "png"
     try:
         write_file(path, lambda handle: fig.savefig(handle, format=kind, dpi=120,
                                                     metadata={"Date": None} if kind == "svg" else None))
@@ -177,7 +177,7 @@ def svg(fig) -> str:
     """A figure as SVG text (text drawn as paths, so the page needs no font), closed afterwards."""
     import io
 
-    plt = _pyplot()
+    plt = load_pyplot()
     buffer = io.StringIO()
     fig.savefig(buffer, format="svg", metadata={"Date": None})
     plt.close(fig)

@@ -12,9 +12,9 @@ import numpy as np
 
 from asr_onnx.errors import AsrError
 
-from .discovery import _file_source, _folder_source
+from .discovery import file_source, folder_source
 from .named import resolve_data
-from .sources import _hash_file, _Source
+from .sources import Source, hash_file
 from .specs import InputSpec, Preprocess, input_specs
 
 
@@ -25,7 +25,7 @@ class CalibSet:
         specs: The model inputs each batch feeds.
     """
 
-    def __init__(self, source: _Source, specs: list[InputSpec], preprocess: Preprocess, indices: np.ndarray):
+    def __init__(self, source: Source, specs: list[InputSpec], preprocess: Preprocess, indices: np.ndarray):
         self._source = source
         self.specs = list(specs)
         self.preprocess = preprocess
@@ -124,7 +124,7 @@ class CalibSet:
         hasher.update(repr([(spec.name, spec.shape, spec.dtype.str) for spec in self.specs]).encode())
         hook_file = _hook_source_file(self._source)
         if hook_file is not None:
-            _hash_file(hasher, hook_file, hook_file.parent)  # edits to the hook change the data
+            hash_file(hasher, hook_file, hook_file.parent)  # edits to the hook change the data
         return hasher.hexdigest()
 
     def _permuted(self, seed: int) -> np.ndarray:
@@ -134,7 +134,7 @@ class CalibSet:
         return CalibSet(self._source, self.specs, self.preprocess, np.sort(indices))
 
 
-def _hook_source_file(source: _Source) -> Path | None:
+def _hook_source_file(source: Source) -> Path | None:
     hook = getattr(getattr(source, "plan", None), "hook", None)
     if hook is None:
         return None
@@ -173,9 +173,9 @@ def load_calib(path, model, preprocess: Preprocess | None = None, strict: bool =
     if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
         raise AsrError(f"cannot read calibration path {path}: permission denied")
     if path.is_dir():
-        source = _folder_source(path, specs, preprocess, strict)
+        source = folder_source(path, specs, preprocess, strict)
     else:
-        source = _file_source(path, specs, preprocess, strict)
+        source = file_source(path, specs, preprocess, strict)
     if source.count == 0:
         raise AsrError(f"no samples in {path}")
     return CalibSet(source, specs, preprocess, np.arange(source.count))

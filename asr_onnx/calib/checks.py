@@ -6,12 +6,12 @@ import numpy as np
 
 from asr_onnx.errors import AsrError
 
-from .specs import InputSpec, _is_static
+from .specs import InputSpec, is_static
 
 _FINITE_CHUNK_ROWS = 256
 
 
-def _check_dtype(origin: str, dtype: np.dtype, spec: InputSpec):
+def check_dtype(origin: str, dtype: np.dtype, spec: InputSpec):
     """Floats feed float inputs, integers feed integer inputs; anything else is refused."""
     wanted = spec.dtype.kind
     accepted = {"f": "f", "i": "iu", "u": "iu", "b": "b"}.get(wanted)
@@ -20,10 +20,10 @@ def _check_dtype(origin: str, dtype: np.dtype, spec: InputSpec):
         raise AsrError(f"{origin}: array dtype {dtype} cannot feed model input '{spec.name}' ({spec.dtype})")
 
 
-def _check_sample_shape(origin: str, sample_shape: tuple, shown_shape: tuple, spec: InputSpec):
+def check_sample_shape(origin: str, sample_shape: tuple, shown_shape: tuple, spec: InputSpec):
     expected = spec.shape[1:]
     matches = len(sample_shape) == len(expected) and all(
-        not _is_static(dim) or dim == got for dim, got in zip(expected, sample_shape)
+        not is_static(dim) or dim == got for dim, got in zip(expected, sample_shape)
     )
     if not matches:
         raise AsrError(
@@ -31,14 +31,14 @@ def _check_sample_shape(origin: str, sample_shape: tuple, shown_shape: tuple, sp
         )
 
 
-def _sample_count(origin: str, array: np.ndarray, spec: InputSpec) -> tuple[int, bool]:
+def sample_count(origin: str, array: np.ndarray, spec: InputSpec) -> tuple[int, bool]:
     """Validate one array against ``spec``; return (samples, is_single_sample)."""
-    _check_dtype(origin, array.dtype, spec)
+    check_dtype(origin, array.dtype, spec)
     if array.ndim == len(spec.shape):
-        _check_sample_shape(origin, array.shape[1:], array.shape[1:], spec)
+        check_sample_shape(origin, array.shape[1:], array.shape[1:], spec)
         count, single = array.shape[0], False
     elif array.ndim == len(spec.shape) - 1:
-        _check_sample_shape(origin, array.shape, array.shape, spec)
+        check_sample_shape(origin, array.shape, array.shape, spec)
         count, single = 1, True
     else:
         raise AsrError(

@@ -10,8 +10,8 @@ import numpy as np
 
 from asr_onnx.errors import AsrError
 
-from .images import _check_image_size, _ImagePlan, _plan_images
-from .sources import _ArrayFiles, _IdxImages, _ImageFiles, _Source
+from .images import ImagePlan, check_image_size, plan_images
+from .sources import ArrayFiles, IdxImages, ImageFiles, Source
 from .specs import Preprocess
 
 _IDX_ANY = re.compile(r"idx\d-ubyte(\.gz)?$")
@@ -41,7 +41,7 @@ def idx_labels_path(images_path: Path) -> Path | None:
     return None
 
 
-def _scan_images(folder: Path, paths: list[Path], plan: _ImagePlan, strict: bool) -> list[Path]:
+def _scan_images(folder: Path, paths: list[Path], plan: ImagePlan, strict: bool) -> list[Path]:
     """Keep images that pass ``verify()`` and match the size; warn about (or refuse) corrupt ones."""
     from PIL import Image
 
@@ -56,7 +56,7 @@ def _scan_images(folder: Path, paths: list[Path], plan: _ImagePlan, strict: bool
                 raise AsrError(f"corrupt image {path}: {exc}") from None
             warnings.warn(f"skipping corrupt image {path}: {exc}", stacklevel=3)
             continue
-        _check_image_size(str(path), width, height, plan)
+        check_image_size(str(path), width, height, plan)
         good.append(path)
     if not good:
         raise AsrError(f"no readable images in {folder} ({len(paths)} corrupt)")
@@ -75,7 +75,7 @@ def _class_labels(folder: Path, paths: list[Path], all_paths: list[Path]) -> np.
     return np.array([index_of[path.relative_to(folder).parts[0]] for path in paths], np.int64)
 
 
-def _folder_source(folder: Path, specs, preprocess: Preprocess, strict: bool) -> _Source:
+def folder_source(folder: Path, specs, preprocess: Preprocess, strict: bool) -> Source:
     paths = _list_files(folder)
     images = [path for path in paths if path.suffix.lower() in IMAGE_SUFFIXES]
     arrays = [path for path in paths if path.suffix.lower() in ARRAY_SUFFIXES]
@@ -90,29 +90,29 @@ def _folder_source(folder: Path, specs, preprocess: Preprocess, strict: bool) ->
             raise AsrError(f"{folder} has several IDX image files ({listing}); pass the path of one")
         return _idx_source(idx_images[0], specs, preprocess)
     if arrays:
-        return _ArrayFiles(folder, arrays, specs)
+        return ArrayFiles(folder, arrays, specs)
     if not images:
         found = f" (found {len(paths)} other file(s), e.g. {paths[0].name})" if paths else ""
         raise AsrError(f"no images or .npy/.npz files in {folder}{found}")
-    plan = _plan_images(specs, preprocess)
+    plan = plan_images(specs, preprocess)
     good = _scan_images(folder, images, plan, strict)
-    return _ImageFiles(folder, good, _class_labels(folder, good, images), plan)
+    return ImageFiles(folder, good, _class_labels(folder, good, images), plan)
 
 
-def _idx_source(images_path: Path, specs, preprocess: Preprocess) -> _IdxImages:
-    plan = _plan_images(specs, preprocess)
-    return _IdxImages(images_path, idx_labels_path(images_path), plan)
+def _idx_source(images_path: Path, specs, preprocess: Preprocess) -> IdxImages:
+    plan = plan_images(specs, preprocess)
+    return IdxImages(images_path, idx_labels_path(images_path), plan)
 
 
-def _file_source(path: Path, specs, preprocess: Preprocess, strict: bool) -> _Source:
+def file_source(path: Path, specs, preprocess: Preprocess, strict: bool) -> Source:
     suffix = path.suffix.lower()
     if suffix in ARRAY_SUFFIXES:
-        return _ArrayFiles(path.parent, [path], specs)
+        return ArrayFiles(path.parent, [path], specs)
     if _IDX_ANY.search(path.name) and "label" in path.name:
         raise AsrError(f"{path} is an IDX labels file; pass the images file (labels are found beside it)")
     if _IDX_IMAGES.search(path.name) or _IDX_ANY.search(path.name):
         return _idx_source(path, specs, preprocess)
     if suffix in IMAGE_SUFFIXES:
-        plan = _plan_images(specs, preprocess)
-        return _ImageFiles(path.parent, _scan_images(path.parent, [path], plan, strict), None, plan)
+        plan = plan_images(specs, preprocess)
+        return ImageFiles(path.parent, _scan_images(path.parent, [path], plan, strict), None, plan)
     raise AsrError(f"{path}: unsupported file type; expected a folder, an image, .npy/.npz or an IDX images file")

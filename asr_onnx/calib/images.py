@@ -13,8 +13,8 @@ import numpy as np
 
 from asr_onnx.errors import AsrError
 
-from .checks import _check_dtype, _check_sample_shape
-from .specs import InputSpec, Preprocess, _is_static
+from .checks import check_dtype, check_sample_shape
+from .specs import InputSpec, Preprocess, is_static
 
 if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data never needs it
     from PIL import Image
@@ -24,7 +24,7 @@ MAX_SAMPLE_BYTES = 2**30  # one preprocessed image; 8192x8192 RGB float32 is 0.7
 
 
 @dataclass(frozen=True)
-class _ImagePlan:
+class ImagePlan:
     """Preprocessing resolved against one model input."""
 
     spec: InputSpec
@@ -37,7 +37,7 @@ class _ImagePlan:
     hook: Callable | None
 
 
-def _plan_images(specs: list[InputSpec], preprocess: Preprocess) -> _ImagePlan:
+def plan_images(specs: list[InputSpec], preprocess: Preprocess) -> ImagePlan:
     if len(specs) != 1:
         names = ", ".join(spec.name for spec in specs)
         raise AsrError(f"images need a single-input model, this one has {names}; pass .npz keyed by input name")
@@ -45,7 +45,7 @@ def _plan_images(specs: list[InputSpec], preprocess: Preprocess) -> _ImagePlan:
     if preprocess.hook is not None:
         hook = _load_hook(preprocess.hook)
         none = np.zeros(1, np.float32)
-        return _ImagePlan(spec, preprocess, preprocess.size, 0, None, none, none, hook)
+        return ImagePlan(spec, preprocess, preprocess.size, 0, None, none, none, hook)
     layout, channels = _layout_and_channels(spec, preprocess.layout)
     size = _target_size(spec, layout, preprocess)
     sample_bytes = size[0] * size[1] * channels * spec.dtype.itemsize
@@ -55,7 +55,7 @@ def _plan_images(specs: list[InputSpec], preprocess: Preprocess) -> _ImagePlan:
                        "pass a smaller --size or .npy arrays")
     mean = _per_channel("mean", preprocess.mean, 0.0, channels, spec)
     std = _per_channel("std", preprocess.std, 1.0, channels, spec)
-    return _ImagePlan(spec, preprocess, size, channels, layout, mean, std, None)
+    return ImagePlan(spec, preprocess, size, channels, layout, mean, std, None)
 
 
 def infer_layout(shape: tuple) -> str:
@@ -74,7 +74,7 @@ def _layout_and_channels(spec: InputSpec, layout: str | None) -> tuple[str | Non
         raise AsrError(f"images need a 4-D model input, '{spec.name}' is {spec.describe()}; pass .npy arrays")
     layout = layout or infer_layout(spec.shape)
     channel_dim = spec.shape[1] if layout == "nchw" else spec.shape[3]
-    if not _is_static(channel_dim):
+    if not is_static(channel_dim):
         raise AsrError(f"model input '{spec.name}' {spec.describe()} has a dynamic channel dim; pass .npy arrays")
     if channel_dim not in (1, 3):
         raise AsrError(
@@ -94,11 +94,11 @@ def _target_size(spec: InputSpec, layout: str | None, preprocess: Preprocess) ->
     model_hw = _spatial_dims(spec, layout)
     size = preprocess.size
     if size is None:
-        if not all(_is_static(dim) for dim in model_hw):
+        if not all(is_static(dim) for dim in model_hw):
             raise AsrError(f"model input '{spec.name}' {spec.describe()} has dynamic H,W; pass --size")
         size = (int(model_hw[0]), int(model_hw[1]))
     for wanted, dim in zip(size, model_hw):
-        if _is_static(dim) and wanted != dim:
+        if is_static(dim) and wanted != dim:
             raise AsrError(f"--size {size[0]}x{size[1]} does not match model input '{spec.name}' {spec.describe()}")
     if preprocess.resize is not None and preprocess.resize < max(size):
         raise AsrError(f"--resize {preprocess.resize} is smaller than the crop size {size[0]}x{size[1]}")
@@ -173,7 +173,7 @@ def _in_8bit_range(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("L" if channels == 1 else "RGB")
 
 
-def _image_to_sample(image: Image.Image, plan: _ImagePlan) -> np.ndarray:
+def _image_to_sample(image: Image.Image, plan: ImagePlan) -> np.ndarray:
     """Convert, resize, scale, normalise and lay out one image as float32."""
     image = _in_8bit_range(image, plan.channels)
     if plan.preprocess.resize is not None:
@@ -191,20 +191,20 @@ def _image_to_sample(image: Image.Image, plan: _ImagePlan) -> np.ndarray:
     return sample.transpose(2, 0, 1) if plan.layout == "nchw" else sample
 
 
-def _hook_to_sample(image: Image.Image, plan: _ImagePlan, origin: str) -> np.ndarray:
+def _hook_to_sample(image: Image.Image, plan: ImagePlan, origin: str) -> np.ndarray:
     try:
         sample = np.asarray(plan.hook(image, plan.spec))
     except Exception as exc:  # user code: report which input broke it
         raise AsrError(f"hook {plan.preprocess.hook} failed on {origin}: {type(exc).__name__}: {exc}") from None
     label = f"{origin} (hook {plan.preprocess.hook})"
-    _check_dtype(label, sample.dtype, plan.spec)
-    _check_sample_shape(label, sample.shape, sample.shape, plan.spec)
+    check_dtype(label, sample.dtype, plan.spec)
+    check_sample_shape(label, sample.shape, sample.shape, plan.spec)
     if sample.dtype.kind in "fc" and not np.isfinite(sample).all():
         raise AsrError(f"{label}: output contains NaN or Inf")
     return sample
 
 
-def _check_image_size(origin: str, width: int, height: int, plan: _ImagePlan):
+def check_image_size(origin: str, width: int, height: int, plan: ImagePlan):
     if plan.hook is not None or plan.preprocess.resize is not None:
         return
     if (height, width) != plan.size:
@@ -214,7 +214,7 @@ def _check_image_size(origin: str, width: int, height: int, plan: _ImagePlan):
         )
 
 
-def _stack_images(images: Iterator[tuple[Image.Image, str]], plan: _ImagePlan) -> dict[str, np.ndarray]:
+def stack_images(images: Iterator[tuple[Image.Image, str]], plan: ImagePlan) -> dict[str, np.ndarray]:
     samples = []
     for image, origin in images:
         if plan.hook is not None:

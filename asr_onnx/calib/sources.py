@@ -11,9 +11,9 @@ import numpy as np
 
 from asr_onnx.errors import AsrError
 
-from .checks import _sample_count
+from .checks import sample_count
 from .idx import read_idx
-from .images import _check_image_size, _ImagePlan, _stack_images
+from .images import ImagePlan, check_image_size, stack_images
 from .specs import InputSpec
 
 if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data never needs it
@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data nev
 _HASH_CHUNK = 1 << 20
 
 
-class _Source:
+class Source:
     """Samples addressed by index 0..count-1; subclasses read them in batches."""
 
     count: int
@@ -40,12 +40,12 @@ class _Source:
         if self._digest is None:
             hasher = hashlib.sha256()
             for path in self.files:
-                _hash_file(hasher, path, self.root)
+                hash_file(hasher, path, self.root)
             self._digest = hasher.digest()
         return self._digest
 
 
-def _hash_file(hasher, path: Path, root: Path):
+def hash_file(hasher, path: Path, root: Path):
     # Length-prefixed name and size keep file boundaries unambiguous.
     name = path.relative_to(root).as_posix().encode()
     hasher.update(len(name).to_bytes(8, "little") + name)
@@ -55,15 +55,15 @@ def _hash_file(hasher, path: Path, root: Path):
             hasher.update(chunk)
 
 
-class _ImageFiles(_Source):
+class ImageFiles(Source):
     """Image files decoded on demand."""
 
-    def __init__(self, root: Path, paths: list[Path], labels: np.ndarray | None, plan: _ImagePlan):
+    def __init__(self, root: Path, paths: list[Path], labels: np.ndarray | None, plan: ImagePlan):
         self.root, self.files, self.labels, self.plan = root, paths, labels, plan
         self.count = len(paths)
 
     def read(self, indices):
-        return _stack_images(self._decoded(indices), self.plan)
+        return stack_images(self._decoded(indices), self.plan)
 
     def _decoded(self, indices) -> Iterator[tuple[Image.Image, str]]:
         from PIL import Image
@@ -80,10 +80,10 @@ class _ImageFiles(_Source):
                 yield image, str(path)
 
 
-class _IdxImages(_Source):
+class IdxImages(Source):
     """IDX uint8 images (N, H, W), preprocessed like image files."""
 
-    def __init__(self, images_path: Path, labels_path: Path | None, plan: _ImagePlan):
+    def __init__(self, images_path: Path, labels_path: Path | None, plan: ImagePlan):
         self.root = images_path.parent
         self.files = [images_path] + ([labels_path] if labels_path else [])
         self.plan = plan
@@ -94,14 +94,14 @@ class _IdxImages(_Source):
         self.count = len(self.pixels)
         self.labels = _read_idx_labels(labels_path, self.count) if labels_path else None
         if self.count:
-            _check_image_size(f"0 of {images_path.name}", self.pixels.shape[2], self.pixels.shape[1], plan)
+            check_image_size(f"0 of {images_path.name}", self.pixels.shape[2], self.pixels.shape[1], plan)
 
     def read(self, indices):
         from PIL import Image
 
         name = self.files[0].name
         images = ((Image.fromarray(self.pixels[index]), f"{index} of {name}") for index in indices)
-        return _stack_images(images, self.plan)
+        return stack_images(images, self.plan)
 
 
 def _read_idx_labels(path: Path, count: int) -> np.ndarray:
@@ -121,7 +121,7 @@ class _ArrayFile:
     single: dict[str, bool]  # input name -> file holds one sample without batch axis
 
 
-class _ArrayFiles(_Source):
+class ArrayFiles(Source):
     """.npy (memory-mapped) and .npz files holding model-ready arrays."""
 
     def __init__(self, root: Path, paths: list[Path], specs: list[InputSpec]):
@@ -188,7 +188,7 @@ def _scan_array_file(path: Path, specs: list[InputSpec]) -> tuple[_ArrayFile, np
     for spec in specs:
         array = _open_arrays(path, {spec.name: keys[spec.name]})[spec.name]
         origin = str(path) if len(specs) == 1 else f"{path} '{spec.name}'"
-        counts[spec.name], single[spec.name] = _sample_count(origin, array, spec)
+        counts[spec.name], single[spec.name] = sample_count(origin, array, spec)
         del array  # one input's data in memory at a time
     if len(set(counts.values())) > 1:
         listing = ", ".join(f"{name}: {count}" for name, count in counts.items())

@@ -72,7 +72,7 @@ def _dim_text(dim, axis: int) -> str:
     return "N" if axis == 0 else "?"
 
 
-def _is_static(dim) -> bool:
+def is_static(dim) -> bool:
     return isinstance(dim, (int, np.integer)) and dim >= 0
 
 

@@ -135,7 +135,7 @@ def _greedy(model, graph, groups: Groups, prunable, calib, *, batch_size, device
     from ..gram import accumulate, patch_size, weight_rows
     from ..graph import find_layers
     from ..reconstruct import gram_bytes
-    from .select import _group_positions, consumer_h, greedy_order
+    from .select import consumer_h, greedy_order, group_positions
 
     layers = find_layers(graph)
     index = {layer.node.outputs[0].name: i for i, layer in enumerate(layers)}
@@ -155,7 +155,7 @@ def _greedy(model, graph, groups: Groups, prunable, calib, *, batch_size, device
         rows = weight_rows(layer, layer.weight.values)
         kernel = patch_size(layer)[1] // (layer.weight.shape[1] if layer.op == "Conv" else patch_size(layer)[1])
         for g in wanted & {g for g, _ in edit.layout}:
-            pos = _group_positions(edit.layout, g, groups.sizes)  # (channels, repeat) input positions
+            pos = group_positions(edit.layout, g, groups.sizes)  # (channels, repeat) input positions
             patch = (pos[:, :, None] * kernel + np.arange(kernel)).reshape(len(pos), -1)
             h[g] = h.get(g, 0.0) + consumer_h(rows, gram.xtx[0], float(gram.yy.sum()), patch)
     return {g: greedy_order(hg) for g, hg in h.items()}

@@ -30,7 +30,7 @@ def aligned_down(kept: int) -> int:
     return kept if kept < ALIGN else kept // ALIGN * ALIGN
 
 
-def _group_positions(layout, group: int, sizes) -> np.ndarray:
+def group_positions(layout, group: int, sizes) -> np.ndarray:
     """(channels of ``group``, repeat): the layout positions that each channel of the group fills."""
     offset, rows = 0, []
     for g, repeat in layout:
@@ -51,7 +51,7 @@ def _sum_over(groups: Groups, nodes: dict, role: str, index: int | None, reduce)
             continue
         values = np.moveaxis(np.asarray(node.inputs[edit.index].values, np.float64), edit.axis, 0)
         for g in {g for g, _ in edit.layout}:
-            pos = _group_positions(edit.layout, g, groups.sizes)
+            pos = group_positions(edit.layout, g, groups.sizes)
             out[g] = out.get(g, 0.0) + reduce(values[pos.ravel()].reshape(pos.shape[0], -1))
     return out
 
