@@ -7,6 +7,9 @@ shapes); calibration and evaluation images are drawn with different seeds.
 
     python benchmarks/real_graphs.py rec=ch_PP-OCRv4_rec_infer.onnx yolov8=320n.onnx --json out.json
 
+``bytes`` is Magika's tf2onnx byte classifier (int32 (N, 2048) tokens), fed the head and tail bytes of files
+already on this machine (:func:`file_bytes`; calibration and evaluation files disjoint).
+
 ``fmnist`` is a Keras NHWC classifier made by benchmarks/make_keras_resnet.py (tf2onnx, or Keras 3 on the
 torch backend), fed real Fashion-MNIST images: calibration from the 5,000 training images it was not trained
 on, evaluation from the test set (scored only, never used to choose anything).
@@ -40,7 +43,9 @@ KINDS = {
     "yolox": (416, 416, 3, "raw", 8, 8),  # YOLOX-style detector, fixed batch 1
     "captcha": (64, 160, 1, "unit", 16, 16),  # CNN+LSTM captcha reader, fixed batch 1, (T, 1, C) logits
     "fmnist": (28, 28, 1, "nhwc", 256, 1000),  # a Keras NHWC classifier (benchmarks/make_keras_resnet.py)
+    "bytes": (1, 2048, 1, "bytes", 64, 64),  # Magika: int32 bytes of a file's head and tail, tf2onnx
 }
+BYTE_DIRS = ("/usr/lib/python3*", "/usr/share", "/usr/bin")  # files of many types already on this machine
 CELLS = (("global", 0.5), ("global", 0.8), ("2:4", 0.0))
 
 
@@ -76,11 +81,31 @@ def render(kind: str, rng: np.random.Generator) -> Image.Image:
     return img.convert("L") if c == 1 else img
 
 
+def file_bytes(n: int, seed: int, beg: int = 1024, end: int = 1024, pad: int = 256) -> np.ndarray:
+    """``n`` files' bytes as Magika's standard_v3 models take them: (n, beg + end) int32, the first ``beg``
+    bytes after leading whitespace (padded after with ``pad``) and the last ``end`` bytes before trailing
+    whitespace (padded before). Files come from BYTE_DIRS: calibration takes the even-numbered files of the
+    sorted list, evaluation the odd ones, so the two sets never share a file; ``seed`` picks which."""
+    import glob
+
+    paths = sorted({f for d in BYTE_DIRS for g in glob.glob(d) for f in glob.glob(f"{g}/**/*", recursive=True)
+                    if Path(f).is_file() and not Path(f).is_symlink() and Path(f).stat().st_size >= 8})
+    pool = paths[seed % 2::2]
+    rows = []
+    for f in np.random.default_rng(seed).choice(pool, n, replace=False):
+        data = Path(f).read_bytes()
+        head, tail = list(data[:4096].lstrip()[:beg]), list(data[-4096:].rstrip()[-end:]) if end else []
+        rows.append(head + [pad] * (beg - len(head)) + [pad] * (end - len(tail)) + tail)
+    return np.array(rows, np.int32)
+
+
 def images(kind: str, n: int, seed: int) -> np.ndarray:
     """``n`` images as float32 NCHW, normalised as the model expects (``fmnist``: real Fashion-MNIST images,
     NHWC in [0, 1]; calibration from the last 5,000 training images, which make_keras_resnet.py does not
     train on, evaluation from the test set)."""
     _, _, c, norm, *_ = KINDS[kind]
+    if norm == "bytes":
+        return file_bytes(n, seed)
     if norm == "nhwc":
         from asr_onnx.calib.idx import read_idx
         from asr_onnx.calib.named import FASHION_MNIST

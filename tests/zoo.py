@@ -946,6 +946,51 @@ def channels_zero(bn=False):
     return _channel_model(g, g.relu(g.bn(g.conv(h, 8, 8, bias=False), 8)), 8)
 
 
+# ---------------------------------------------------------------- a tf2onnx byte classifier (Magika)
+
+
+def byte_classifier_weights(seed=23, length=16, tokens=257, width=8, classes=5):
+    """Weights of a Magika-like byte classifier: 257 tokens (256 byte values and a padding token)."""
+    rng = np.random.default_rng(seed)
+    return {"embed": rng.normal(0, 0.3, (tokens, width)), "embed_b": rng.normal(0, 0.1, width),
+            "conv": rng.normal(0, (2 / (3 * width)) ** 0.5, (width, width, 3)), "conv_b": rng.normal(0, 0.1, width),
+            "fc": rng.normal(0, 0.3, (width, classes)), "fc_b": rng.normal(0, 0.1, classes), "length": length}
+
+
+def byte_classifier_oracle(weights, tokens):
+    """The numpy forward pass of :func:`byte_classifier` on int ``tokens`` (N, L), in float64."""
+    h = np.maximum(weights["embed"][tokens] + weights["embed_b"], 0)  # one-hot @ embed == a row lookup
+    h = np.pad(h, ((0, 0), (1, 1), (0, 0)))
+    h = sum(np.einsum("nlc,oc->nlo", h[:, k:k + tokens.shape[1]], weights["conv"][:, :, k]) for k in range(3))
+    return np.maximum(h + weights["conv_b"], 0).max(axis=1) @ weights["fc"] + weights["fc_b"]
+
+
+def byte_tokens(n, length=16, seed=1):
+    """``n`` int32 token rows: bytes 0..255, each row's tail padded with token 256."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 256, (n, length)).astype(np.int32)
+    tokens[np.arange(length) >= rng.integers(length // 2, length + 1, (n, 1))] = 256
+    return tokens
+
+
+def byte_classifier(seed=23):
+    """An int32 (N, L) byte input as tf2onnx writes Magika's: one-hot by Equal against the token range and a
+    Cast, a Dense MatMul + Add, Transpose to (N, C, L), a 1-D Conv, GlobalMaxPool, Squeeze, MatMul + Add."""
+    weights, g = byte_classifier_weights(seed), G(seed)
+    length = weights["length"]
+    tokens = g.init("tokens", np.arange(257), np.int32)
+    hot = g.node("Cast", [g.node("Equal", [g.node("Unsqueeze", ["bytes", g.init("axes", [2], np.int64)]), tokens])],
+                 to=TensorProto.FLOAT)
+    h = g.relu(g.node("Add", [g.node("MatMul", [hot, g.init("embed", weights["embed"])], "dense"),
+                              g.init("embed_b", weights["embed_b"])]))
+    h = g.node("Transpose", [h], perm=[0, 2, 1])
+    h = g.relu(g.node("Conv", [h, g.init("w", weights["conv"]), g.init("b", weights["conv_b"])], "conv",
+                      pads=[1, 1]))
+    h = g.node("Squeeze", [g.node("GlobalMaxPool", [h]), g.init("axes", [2], np.int64)])
+    out = g.node("Add", [g.node("MatMul", [h, g.init("fc", weights["fc"])], "fc"), g.init("fc_b", weights["fc_b"])])
+    return g.model([("bytes", ["N", length], TensorProto.INT32)], out), {"bytes": byte_tokens(N, length)}
+
+
 CHANNEL_CLASSES = {"residual": channels_residual, "depthwise": channels_depthwise, "grouped": channels_grouped,
                    "concat": channels_concat, "se-gate": channels_se_gate, "flatten-gemm": channels_flatten_gemm,
                    "flatten": lambda: channels_flatten_gemm(False), "affine": channels_affine}
@@ -963,7 +1008,7 @@ CLASSES = {
     "inits_as_inputs": inits_as_inputs, "huge_activations": huge_activations,
     "huge_activations_bn": lambda: huge_activations(bn=True),
     "se_mobilenetv3": se_mobilenetv3, "keras_resnet_tf2onnx": keras_resnet,
-    "keras_resnet_torch": lambda: keras_resnet("keras_torch"),
+    "keras_resnet_torch": lambda: keras_resnet("keras_torch"), "byte_classifier": byte_classifier,
 }
 
 
