@@ -175,10 +175,6 @@ def summary(channel_plan: ChannelPlan, before, after) -> dict:
             "params": [count.params(before), count.params(after)], "macs": [count.macs(before), count.macs(after)]}
 
 
-def removed_any(channel_plan: ChannelPlan | None) -> bool:
-    return bool(channel_plan and channel_plan.keep)
-
-
 def masked(channel_plan: ChannelPlan, model) -> bool:
     """Whether ``model`` still has the dense shapes that the plan slices (False once shrunk, or with nothing
     to remove)."""
