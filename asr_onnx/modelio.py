@@ -111,19 +111,6 @@ def serialized_bound(model: onnx.ModelProto) -> int:
 
 
 
-def check_destination(path, source=None, overwrite: bool = False) -> Path:
-    """Refuses an output path that is the input or its external data (unless ``overwrite``), a folder, or
-    whose folder is missing or read-only (see :class:`asr_onnx.outputs.Plan`, which also checks the rest)."""
-    from .outputs import Plan
-
-    path = Path(path)
-    plan = Plan()
-    inputs = plan.read_model(source) if source is not None else []
-    plan.write(path, "output", siblings=(f"{path.name}.data",), replaces=inputs if overwrite else ())
-    plan.check()
-    return path
-
-
 def save_model(model: onnx.ModelProto, path, *, overwrite: bool = False, source=None,
                check: Callable[[Path], None] | None = None) -> Path:
     """Writes a model atomically (a staging folder beside ``path``, then renames), checking it first.
@@ -152,7 +139,7 @@ def save_model(model: onnx.ModelProto, path, *, overwrite: bool = False, source=
     inputs = plan.read_model(source) if source is not None else []
     output = plan.write(path, "output", siblings=(f"{path.name}.data",), replaces=inputs if overwrite else ())
     plan.check()
-    external = is_large(model) or (source is not None and has_external_data(source))
+    external = is_large(model) or len(inputs) > 1  # read_model listed the source's external data files
     with plan.staged():
         staged = output.staged
         if external:
