@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import AsrError
+from .errors import AsrError, first_line
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -133,7 +133,7 @@ def to_fp16(model: onnx.ModelProto, keep_io: bool = True) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
-        raise AsrError(f"fp16: the converted model fails onnx.checker: {str(e).strip().splitlines()[0]}") from None
+        raise AsrError(f"fp16: the converted model fails onnx.checker: {first_line(e)}") from None
     return model
 
 

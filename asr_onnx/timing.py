@@ -14,7 +14,7 @@ import time
 import numpy as np
 import onnx
 
-from .errors import AsrError
+from .errors import AsrError, first_line
 
 MODEL, REFERENCE = "model", "reference"
 
@@ -68,7 +68,7 @@ def bench(model, reference=None, *, batch_size: int = 1, threads: int = 0, devic
         try:
             return run_fns[key](names[key], feed)
         except Exception as e:  # a shape the graph rejects, a kernel failure: one line
-            raise AsrError(f"onnxruntime cannot run the {key}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            raise AsrError(f"onnxruntime cannot run the {key}: {type(e).__name__}: {first_line(e)}") from None
 
     outputs = {}
     for key in sessions:
