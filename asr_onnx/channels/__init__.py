@@ -84,12 +84,13 @@ def plan(model, *, sparsity: float | None = None, flops_target: float | None = N
     if score == "greedy" and calib is None:
         raise AsrError("the channel score greedy needs calibration data")
     graph = to_graph(model)
-    groups = find_groups(graph, static_shapes(model))
+    shapes = static_shapes(model)
+    groups = find_groups(graph, shapes)
     nodes = {n.outputs[0].name: n for n in graph.nodes if n.outputs}
     _exclude(groups, nodes, exclude)
     prunable = groups.prunable()
     inputs = {n.outputs[0].name: n.inputs[0].name for n in graph.nodes if n.outputs and n.inputs}
-    empty = ChannelPlan(groups, {}, score, {}, count.layer_macs(model), inputs)
+    empty = ChannelPlan(groups, {}, score, {}, count.layer_macs(model, shapes), inputs)
     if (sparsity is not None and sparsity <= 0) or flops_target == 1.0 or not prunable:
         return empty
     scores = select.bn_scale(groups, nodes) if score == "bn-scale" else select.magnitude(groups, nodes)

@@ -12,12 +12,17 @@ def params(model: onnx.ModelProto) -> int:
     return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if t.data_type in floats))
 
 
-def layer_macs(model: onnx.ModelProto) -> dict[str, int]:
+def layer_macs(model: onnx.ModelProto, shapes: dict | None = None) -> dict[str, int]:
     """Node (first output name) -> multiply-accumulates per sample of each Conv, ConvTranspose, Gemm and MatMul
-    with a constant weight, from ONNX shape inference (a node whose shapes it cannot find counts 0)."""
+    with a constant weight, from ONNX shape inference (a node whose shapes it cannot find counts 0).
+
+    Args:
+        shapes: the model's :func:`asr_onnx.graph.static_shapes`, when the caller has them. Defaults to None
+            (inferred here).
+    """
     from ..graph import static_shapes
 
-    shapes = static_shapes(model)
+    shapes = static_shapes(model) if shapes is None else shapes
     weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
     macs = {}
     for node in model.graph.node:
