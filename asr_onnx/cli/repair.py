@@ -79,9 +79,11 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.api import Repair
     from asr_onnx.cache import load_stats, stats_key
+    from asr_onnx.channels import SCORES as CHANNEL_SCORES
     from asr_onnx.errors import AsrError
     from asr_onnx.guard import warning_line
     from asr_onnx.outputs import Plan
+    from asr_onnx.prune import SCORES as WEIGHT_SCORES
     from asr_onnx.prune import Pattern, check_sparsity
     from asr_onnx.report import report_format, summary, write_report
 
@@ -110,7 +112,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     check_sparsity(sparsity)  # a bad pattern or score fails before any data is read
     if not channels:
         Pattern.parse(pattern)
-    if score not in (("magnitude", "bn-scale", "greedy") if channels else ("magnitude", "wanda")):
+    if score not in (CHANNEL_SCORES if channels else WEIGHT_SCORES):
         raise click.BadParameter(f"--score {score} does not apply to --pattern {pattern}", param_hint="--score")
     if flops_target is not None and not channels:
         raise click.BadParameter("--flops-target needs --pattern channels", param_hint="--flops-target")
