@@ -8,7 +8,7 @@ from typing import Callable
 import onnx
 
 from .errors import AsrError, first_line
-from .outputs import external_files
+from .outputs import external_files, external_locations
 
 LARGE_BYTES = 2**31 - 1  # protobuf's limit on one serialized message
 INLINE_BYTES = 1024  # smaller tensors stay inside the model file when writing external data
@@ -85,10 +85,7 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
 
 def has_external_data(path) -> bool:
     """Whether the model file at ``path`` keeps its weights in external data files (reads no weights)."""
-    try:
-        return bool(external_files(onnx.load(str(path), load_external_data=False)))
-    except Exception:
-        return False
+    return bool(external_locations(path))
 
 
 def is_large(model: onnx.ModelProto) -> bool:

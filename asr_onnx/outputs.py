@@ -126,7 +126,7 @@ class Plan:
 
     def read_model(self, path, what: str = "the input model") -> list[Path]:
         """Registers a model file and the external data files it names; returns their real paths."""
-        files = [path] + [Path(path).parent / location for location in _external_locations(path)]
+        files = [path] + [Path(path).parent / location for location in external_locations(path)]
         self.read(path, what)
         for location in files[1:]:
             self.read(location, f"the external data of {what}")
@@ -236,7 +236,9 @@ def external_files(model) -> set[str]:
     return {ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)}
 
 
-def _external_locations(path) -> list[str]:
+def external_locations(path) -> list[str]:
+    """The sorted external data locations named by the model file at ``path`` (reads no weights); [] when
+    the file cannot be read."""
     try:
         import onnx
 
