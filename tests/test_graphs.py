@@ -334,6 +334,19 @@ def test_se_mobilenetv3_from_another_distribution_repairs_better_than_pruning_al
     assert gaps["calib"] < 0.5 and gaps["running"] > 1.0, gaps
 
 
+def assert_repair_beats_pruning(dense, feeds, fresh, reference):
+    """At 50% global, the default repair's output error against ``reference`` on ``fresh`` is below pruning
+    alone's (both calibrated on ``feeds``)."""
+
+    def error(model):
+        got = next(iter(run(model, fresh).values()))
+        return np.linalg.norm(got - reference) / np.linalg.norm(reference)
+
+    common = dict(sparsity=0.5, device="cpu", progress=False, batch_size=zoo.N)
+    pruned, repaired = (repair(dense, zoo.DictSet(feeds), method=m, **common).output for m in ("none", "bn"))
+    assert error(repaired) < error(pruned), (error(repaired), error(pruned))
+
+
 @pytest.mark.parametrize("exporter", ["tf2onnx", "keras_torch"])
 def test_keras_nhwc_resnet_exports_match_a_numpy_oracle_and_the_repair_beats_pruning_alone(exporter):
     """Issue 17: a Keras NHWC ResNet as tf2onnx writes it (Reshape to NCHW, BN folded into Conv) and as Keras 3
@@ -344,15 +357,8 @@ def test_keras_nhwc_resnet_exports_match_a_numpy_oracle_and_the_repair_beats_pru
     expected = zoo.keras_resnet_oracle(zoo.keras_resnet_weights(), feeds["input"])
     np.testing.assert_allclose(next(iter(run(dense, feeds).values())), expected, rtol=1e-5, atol=1e-5)
     fresh = {"input": np.random.default_rng(5).normal(0, 1, (200, 8, 8, 1)).astype(np.float32)}
-    reference = zoo.keras_resnet_oracle(zoo.keras_resnet_weights(), fresh["input"])
-
-    def error(model):
-        got = next(iter(run(model, fresh).values()))
-        return np.linalg.norm(got - reference) / np.linalg.norm(reference)
-
-    common = dict(sparsity=0.5, device="cpu", progress=False, batch_size=zoo.N)
-    pruned, repaired = (repair(dense, zoo.DictSet(feeds), method=m, **common).output for m in ("none", "bn"))
-    assert error(repaired) < error(pruned), (error(repaired), error(pruned))
+    assert_repair_beats_pruning(dense, feeds, fresh, zoo.keras_resnet_oracle(zoo.keras_resnet_weights(),
+                                                                            fresh["input"]))
 
 
 def test_int_byte_classifier_matches_a_numpy_oracle_and_the_repair_beats_pruning_alone():
@@ -364,12 +370,4 @@ def test_int_byte_classifier_matches_a_numpy_oracle_and_the_repair_beats_pruning
     np.testing.assert_allclose(next(iter(run(dense, feeds).values())), zoo.byte_classifier_oracle(weights,
                                feeds["bytes"]), rtol=1e-5, atol=1e-5)
     fresh = {"bytes": zoo.byte_tokens(200, seed=5)}
-    reference = zoo.byte_classifier_oracle(weights, fresh["bytes"])
-
-    def error(model):
-        got = next(iter(run(model, fresh).values()))
-        return np.linalg.norm(got - reference) / np.linalg.norm(reference)
-
-    common = dict(sparsity=0.5, device="cpu", progress=False, batch_size=zoo.N)
-    pruned, repaired = (repair(dense, zoo.DictSet(feeds), method=m, **common).output for m in ("none", "bn"))
-    assert error(repaired) < error(pruned), (error(repaired), error(pruned))
+    assert_repair_beats_pruning(dense, feeds, fresh, zoo.byte_classifier_oracle(weights, fresh["bytes"]))
