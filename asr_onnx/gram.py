@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .augment import GraphBuilder
+from .calib.specs import fixed_batch, input_specs
 from .errors import AsrError
 from .stats import GramStats
 
@@ -207,12 +208,6 @@ class ShiftedGram:
                          xty.reshape(self.groups, length, -1), values[self.yy.name].astype(np.float64).ravel())
 
 
-def _fixed(model) -> int | None:
-    from .calib.specs import fixed_batch, input_specs
-
-    return fixed_batch(input_specs(model))
-
-
 def prefixed(model):
     """A copy of ``model`` whose names, except the graph inputs', start with :data:`DENSE_PREFIX`."""
     from onnx.compose import add_prefix
@@ -376,7 +371,7 @@ def accumulate(dense, pruned, indices: list[int], calib, *, batch_size: int, dev
     from .runtime import make_session, provider_of, release_memory
 
     model, grams = gram_model(dense, pruned, indices)
-    fixed = _fixed(model)
+    fixed = fixed_batch(input_specs(model))
     try:
         session = make_session(model, device, threads, mem_pattern=False)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: an unknown op, a bad graph
@@ -435,7 +430,7 @@ def input_norms(model, calib, *, batch_size: int, device: str = "auto", threads:
         session = make_session(to_model(graph, model), device, threads, mem_pattern=False)
     except Exception as e:  # noqa: BLE001
         raise AsrError(f"onnxruntime cannot load the input-norm graph: {first_line(e)}") from None
-    names, fixed = [t.name for t in outputs], _fixed(model)
+    names, fixed = [t.name for t in outputs], fixed_batch(input_specs(model))
     sums = [0.0] * len(names)
     for feed in calib.batches(batch_size):
         if fixed and len(next(iter(feed.values()))) != fixed:

@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
+from .calib.specs import fixed_batch, input_specs
 from .errors import AsrError
 from .gram import (
-    _fixed,
     accumulate,
     add_batch,
     from_rows,
@@ -225,7 +225,7 @@ class _Walk:
         self.both, self.options, self.at = SideBySide(dense, pruned), options, -1
         self.store, self.cap = BatchStore(frontier_mb), max_frontier_mb * 2**20
         self.held = [t.name for t in self.both.graph.inputs]
-        self.fixed = _fixed(pruned)
+        self.fixed = fixed_batch(input_specs(pruned))
 
 
     def grams(self, todo: list[int], calib, level: int, keep: bool):
