@@ -57,9 +57,10 @@ def bench(model, reference=None, *, batch_size: int = 1, threads: int = 0, devic
             continue
         paths[key] = None if isinstance(value, onnx.ModelProto) else str(value)
         protos[key] = value if isinstance(value, onnx.ModelProto) else load_model(value)
-    feed = random_feed(input_specs(protos[MODEL]), batch_size, seed)
+    specs = input_specs(protos[MODEL])
+    feed = random_feed(specs, batch_size, seed)
     if REFERENCE in protos:
-        _check_same_inputs(input_specs(protos[MODEL]), input_specs(protos[REFERENCE]))
+        _check_same_inputs(specs, input_specs(protos[REFERENCE]))
     sessions = {key: make_session(proto, device=device, threads=threads) for key, proto in protos.items()}
     run_fns = {key: runner(session) for key, session in sessions.items()}
     names = {key: [o.name for o in session.get_outputs()] for key, session in sessions.items()}
