@@ -128,7 +128,7 @@ def random_feed(specs, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
         if isinstance(first, int) and first > 0 and first != batch_size:
             raise AsrError(f"input {spec.name!r} fixes a batch of {first}; pass --batch-size {first}")
         if any(not isinstance(d, int) or d < 1 for d in rest):
-            raise AsrError(f"input {spec.name!r} has a non-batch axis that is not fixed ({_shape_text(spec.shape)})")
+            raise AsrError(f"input {spec.name!r} has a non-batch axis that is not fixed {spec.describe()}")
         shape = (batch_size, *rest)
         if np.issubdtype(spec.dtype, np.floating):
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
@@ -139,7 +139,7 @@ def random_feed(specs, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def _check_same_inputs(model_specs, reference_specs) -> None:
     def text(specs):
-        return ", ".join(f"{s.name} {s.dtype} {_shape_text(s.shape)}" for s in specs)
+        return ", ".join(f"{s.name} {s.dtype} {s.describe()}" for s in specs)
 
     def key(specs):
         return sorted((s.name, str(s.dtype), tuple(d if isinstance(d, int) else None for d in s.shape)) for s in specs)
@@ -149,18 +149,14 @@ def _check_same_inputs(model_specs, reference_specs) -> None:
                        f"{text(reference_specs)}")
 
 
-def _shape_text(shape) -> str:
-    return "x".join(str(d) if d is not None else "?" for d in shape)
-
-
 def output_rel_l2(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float | None:
     """||model - reference|| / ||reference|| over all outputs together; None when their shapes differ."""
+    from .evaluation import logit_rel_l2
+
     if len(outputs) != len(reference) or any(a.shape != b.shape for a, b in zip(outputs, reference, strict=True)):
         return None
-    diff2 = sum(float(np.sum((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-                for a, b in zip(outputs, reference, strict=True))
-    ref2 = sum(float(np.sum(b.astype(np.float64) ** 2)) for b in reference)
-    return float(np.sqrt(diff2 / max(ref2, 1e-30)))
+    err2 = [np.sum((a.astype(np.float64) - b.astype(np.float64)) ** 2) for a, b in zip(outputs, reference, strict=True)]
+    return logit_rel_l2(np.array(err2), sum(float(np.sum(b.astype(np.float64) ** 2)) for b in reference))
 
 
 def trtexec_command(model: onnx.ModelProto, path: str | None, feed: dict) -> dict:

@@ -89,7 +89,7 @@ def test_random_feed_fills_the_batch_axis_and_refuses_what_it_cannot_fill():
         bench(fixed, batch_size=2)
     free_height, _ = zoo.bn_kept()
     free_height.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
-    with pytest.raises(AsrError, match=r"non-batch axis that is not fixed \(Nx3xHx8\)"):
+    with pytest.raises(AsrError, match=r"non-batch axis that is not fixed \(N, 3, H, 8\)"):
         bench(free_height)
 
 
