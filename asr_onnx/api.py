@@ -158,7 +158,7 @@ class Repair:
                                                   flops_target=target, score=score, calib=calib, exclude=exclude,
                                                   batch_size=self.batch_size, device=self.device, threads=self.threads)
             self.pruned, self._site_map = channels.mask(self.dense, self.channel_plan.groups, self.channel_plan.keep), None
-        self.layers = []
+        self.layers, self.channel_report = [], None
         self.settings.update(sparsity=sparsity, pattern="channels", flops_target=target, exclude=list(exclude),
                              score=score)
         return self
@@ -171,9 +171,11 @@ class Repair:
         masked = self.output if self.output is not None else self.pruned
         if self.channel_plan is None:
             return self
+        if not channels.masked(self.channel_plan, masked) and self.channel_report is not None:
+            return self  # shrunk and counted already: the summary's shape inference is not repeated
         with self._timed("shrink"):
             if channels.masked(self.channel_plan, masked):
-                self.output = channels.apply(self.channel_plan, masked)
+                self.output = channels.shrink(masked, self.channel_plan.groups, self.channel_plan.keep)
             self.channel_report = channels.summary(self.channel_plan, self.dense,
                                                    masked if self.output is None else self.output)
         return self

@@ -190,7 +190,3 @@ def masked(channel_plan: ChannelPlan, model) -> bool:
             return shapes[node.input[edit.index]][edit.axis] == size
     return False
 
-
-def apply(channel_plan: ChannelPlan, model):
-    """shrink() of a model that has the dense shapes (the masked model, refitted and recalibrated or not)."""
-    return shrink(model, channel_plan.groups, channel_plan.keep)
