@@ -61,22 +61,25 @@ def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table: one line per model and cell, top-1 (%) per allocation x reconstruct, and the ls cost."""
-    columns = [("global", "none"), ("lamp", "none"), ("global", "ls"), ("lamp", "ls")]
-    lines = ["| model | dense | cell | global | LAMP | global + LS | LAMP + LS | LS time (s): Gram / solve |",
-             "|---|---|---|---|---|---|---|---|"]
-    seen = []
-    for r in rows:
-        if (r["model"], r["cell"]) not in seen and r.get("passes", 0) == 0 and r.get("score", "magnitude") == "magnitude":
-            seen.append((r["model"], r["cell"]))
+    """The table: one line per model and cell, top-1 (%) per allocation x reconstruct, and the refit's cost."""
+    allocations = ("global", "lamp", "uniform")
+    columns = [(a, r) for r in ("none", "ls") for a in allocations]
+    names = {"global": "global", "lamp": "LAMP", "uniform": "uniform"}
+    header = [names[a] + (" + LS" if r == "ls" else "") for a, r in columns]
+    lines = ["| model | dense | cell | " + " | ".join(header) + " | LS Gram / solve (s) |",
+             "|---|---|---|" + "---|" * len(columns) + "---|"]
+    default = [r for r in rows if r.get("passes", 0) == 0 and r.get("score", "magnitude") == "magnitude"]
+    order = {"0.8": 0, "0.9": 1, "0.95": 2, "2:4": 3}
+    seen = sorted({(r["model"], r["cell"]) for r in default},
+                  key=lambda k: ([r["model"] for r in default].index(k[0]), order.get(k[1], 9)))
     for model, cell in seen:
-        cells = {(r["allocation"], r["reconstruct"]): r for r in rows if (r["model"], r["cell"]) == (model, cell)
-                 and r.get("passes", 0) == 0 and r.get("score", "magnitude") == "magnitude"}
+        cells = {(r["allocation"], r["reconstruct"]): r for r in default if (r["model"], r["cell"]) == (model, cell)}
         dense = next(iter(cells.values()))["dense"]
-        tops = [f"{100 * cells[c]['top1']:.1f}" if c in cells else "–" for c in columns]
-        cost = " ; ".join(f"{a}: {cells[(a, 'ls')]['timings'].get('reconstruct_gram', 0):.0f} / "
-                          f"{cells[(a, 'ls')]['timings'].get('reconstruct_solve', 0):.1f}"
-                          for a in ("global", "lamp") if (a, "ls") in cells)
+        tops = [f"{100 * cells[c]['top1']:.1f}" if c in cells else ("n/a" if cell == "2:4" and c[0] != "global" else "–")
+                for c in columns]
+        lamp_ls = cells.get(("lamp", "ls")) or cells.get(("global", "ls"))
+        cost = (f"{lamp_ls['timings'].get('reconstruct_gram', 0):.0f} / {lamp_ls['timings'].get('reconstruct_solve', 0):.1f}"
+                if lamp_ls else "–")
         lines.append(f"| {model} | {100 * dense:.1f} | {cell} | " + " | ".join(tops) + f" | {cost} |")
     return "\n".join(lines)
 
