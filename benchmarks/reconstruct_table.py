@@ -47,12 +47,16 @@ def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
     pattern, sparsity = ("2:4", 0.0) if cell == "2:4" else ("global", float(cell))
     start = time.perf_counter()
     job = Repair(proto, device="cpu", batch_size=64, progress=False, threads=args.threads)
-    job.prune(sparsity, pattern, allocation=allocation, score=args.score, calib=calib).run(calib, "bn", reconstruct=reconstruct,
-                                                            refit_passes=args.passes)
+    job.prune(sparsity, pattern, allocation=allocation, score=args.score, calib=calib)
+    if reconstruct == "ls" and args.refit_size:  # the refit on a seeded part of the calibration set, the rest on all
+        job.reconstruct(calib.take(args.refit_size, args.seed), "ls", passes=args.passes)
+        reconstruct = "none"
+    job.run(calib, "bn", reconstruct=reconstruct, refit_passes=args.passes)
     seconds = time.perf_counter() - start
     result = evaluate(job.output, eval_data, reference=proto, device="cpu", progress=False)
     refits = [r for r in job.refits if "err_after" in r]
-    return {"cell": cell, "allocation": allocation, "reconstruct": reconstruct, "score": args.score, "passes": args.passes, "top1": result.get("top1"),
+    return {"cell": cell, "allocation": allocation, "reconstruct": "ls" if job.refits else "none", "score": args.score,
+            "passes": args.passes, "refit_size": args.refit_size if job.refits else 0, "top1": result.get("top1"),
             "agreement": result["agreement"], "seconds": round(seconds, 1),
             "timings": {k: round(v, 2) for k, v in job.timings.items()},
             "refit_err_before": [round(r["err_before"], 4) for r in refits],
@@ -68,7 +72,8 @@ def markdown(rows: list[dict]) -> str:
     header = [names[a] + (" + LS" if r == "ls" else "") for a, r in columns]
     lines = ["| model | dense | cell | " + " | ".join(header) + " | LS Gram / solve (s) |",
              "|---|---|---|" + "---|" * len(columns) + "---|"]
-    default = [r for r in rows if r.get("passes", 0) == 0 and r.get("score", "magnitude") == "magnitude"]
+    default = [r for r in rows if r.get("passes", 0) == 0 and r.get("score", "magnitude") == "magnitude"
+               and not r.get("refit_size")]
     order = {"0.8": 0, "0.9": 1, "0.95": 2, "2:4": 3}
     seen = sorted({(r["model"], r["cell"]) for r in default},
                   key=lambda k: ([r["model"] for r in default].index(k[0]), order.get(k[1], 9)))
@@ -97,6 +102,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--score", default="magnitude", choices=("magnitude", "wanda"))
     parser.add_argument("--passes", type=int, default=0, help="Gram passes (0: one per depth level).")
+    parser.add_argument("--refit-size", type=int, default=0,
+                        help="refit on this many of the calibration samples (0: all of them).")
     parser.add_argument("--out", default=None, help="JSON file to append rows to.")
     parser.add_argument("--markdown", action="store_true", help="print the table of --out (or --eval's file); run nothing")
     args = parser.parse_args()
@@ -123,9 +130,10 @@ def main() -> int:
                                **run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args))
                     print(f"  {cell} {allocation} {reconstruct}: top-1 {row['top1']:.4f} agreement "
                           f"{row['agreement']:.4f} ({row['seconds']} s; {row['timings']})", flush=True)
-                    key = (name, cell, allocation, reconstruct, args.score, args.passes)
+                    key = (name, cell, allocation, reconstruct, args.score, args.passes, row["refit_size"])
                     rows = [r for r in rows if (r["model"], r["cell"], r["allocation"], r["reconstruct"],
-                                                r.get("score", "magnitude"), r.get("passes", 0)) != key] + [row]
+                                                r.get("score", "magnitude"), r.get("passes", 0),
+                                                r.get("refit_size", 0)) != key] + [row]
                     out.parent.mkdir(exist_ok=True)
                     out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     return 0
