@@ -39,6 +39,11 @@ class Repair:
             where shape inference proves that safe (see :mod:`asr_onnx.batch`), else with its own batch.
         progress: progress bars on a TTY. Defaults to True.
         threads: onnxruntime intra-op threads; 0 lets onnxruntime choose. Defaults to 0.
+
+    Attributes:
+        pruned: the model every later stage works on: as pruned, then as refitted by :meth:`reconstruct`.
+        pruned_alone: the model as pruned, never refitted: the guard's "pruning alone" baseline.
+        output: the finished model, once :meth:`run` or :meth:`fold` ran.
     """
 
     def __init__(self, model, *, device: str = "auto", batch_size: int | None = None, progress: bool = True,
@@ -55,7 +60,7 @@ class Repair:
             raise AsrError(f"batch size must be >= 1, got {batch_size}")
         # too few samples per run for batch statistics: measure with a symbolic batch where that is safe
         self.batch_plan = free_batch(self.dense, fixed) if fixed and fixed < SMALL_BATCH else None
-        self.pruned = self.dense
+        self.pruned = self.pruned_alone = self.dense
         self.layers, self.refits, self.settings, self.timings = [], [], {}, {}
         self.measurement = None  # a measure.Measurement, once measured
         self.corrections, self.written, self.output = {}, {}, None
@@ -65,7 +70,8 @@ class Repair:
         self._dense_weights = None  # layer name -> dense weight, read once
         self._site_map = None  # the pruned graph's measure.SiteMap, found once per pruned model
 
-    def fork(self, *, batch_size: int | None = None, progress: bool | None = None, pruned: bool = True) -> "Repair":
+    def fork(self, *, batch_size: int | None = None, progress: bool | None = None, pruned: bool = True,
+             refit: bool = True) -> "Repair":
         """A new Repair over the same dense model (its file and weights shared, nothing measured).
 
         Args:
@@ -73,12 +79,16 @@ class Repair:
             progress: as for :class:`Repair`. Defaults to None: this one's.
             pruned: start from this one's pruned model (its layers and sites shared) instead of the dense
                 one. Defaults to True.
+            refit: with ``pruned``, start from the refitted model; False starts from ``pruned_alone``, to be
+                refitted on other data. Defaults to True.
         """
         new = Repair(self.dense, device=self.device, batch_size=self._batch_arg if batch_size is None else batch_size,
                      progress=self.progress if progress is None else progress, threads=self.threads)
         new.source, new._dense_weights = self.source, self._weights()
         if pruned:
-            new.pruned, new.layers, new._site_map = self.pruned, self.layers, self._site_map
+            new.pruned_alone, new.layers = self.pruned_alone, self.layers
+            new.pruned = self.pruned if refit else self.pruned_alone
+            new._site_map = self._site_map if new.pruned is self.pruned else None
         return new
 
     def _weights(self) -> dict:
@@ -129,6 +139,7 @@ class Repair:
             self.layers = prune_layers(find_layers(graph), sparsity, parsed, exclude, keep_first, keep_last,
                                        allocation, norms)
             self.pruned, self._site_map = to_model(graph, self.dense), None
+            self.pruned_alone = self.pruned
         used = self.layers[0].allocation if self.layers else allocation  # "uniform" for the pattern uniform
         self.settings.update(sparsity=sparsity, pattern=str(parsed), exclude=list(exclude),
                              keep_first=keep_first, keep_last=keep_last, allocation=used, score=score)
@@ -158,6 +169,7 @@ class Repair:
                                                   flops_target=target, score=score, calib=calib, exclude=exclude,
                                                   batch_size=self.batch_size, device=self.device, threads=self.threads)
             self.pruned, self._site_map = channels.mask(self.dense, self.channel_plan.groups, self.channel_plan.keep), None
+            self.pruned_alone = self.pruned
         self.layers, self.channel_report = [], None
         self.settings.update(sparsity=sparsity, pattern="channels", flops_target=target, exclude=list(exclude),
                              score=score)
@@ -195,20 +207,36 @@ class Repair:
         with self._timed("input_norms"):
             return input_norms(self.dense, calib, batch_size=self.batch_size, device=self.device, threads=self.threads)
 
-    def reconstruct(self, calib, method: str = "ls", *, max_gram_mb: float = 256.0, passes: int = 0) -> "Repair":
+    def reconstruct(self, calib, method: str = "ls", *, max_gram_mb: float = 256.0, passes: int = 0,
+                    correction: dict | None = None, measure: dict | None = None, seed: int = 0) -> "Repair":
         """Refits the kept weights of every layer by least squares (see :mod:`asr_onnx.reconstruct`), after prune.
 
+        "auto" refits only where that helps on held-out calibration data: with 2 folds (the refit is the
+        expensive stage), each fold's probe is refitted or not on the fit part, corrected with
+        ``correction`` and scored on the other part against the dense model
+        (:func:`asr_onnx.select.choose_reconstruction`; "none" is kept where they tie). The pick is then
+        applied with the whole set, and the verdict goes to ``settings["reconstruct_auto"]``. It costs two
+        refits on half the set, plus the final one when "ls" wins.
+
         Args:
-            calib: the calibration set.
-            method: "ls" or "none". Defaults to "ls".
+            calib: the calibration set ("auto": a calib.CalibSet, which has ``folds``).
+            method: "ls", "none" or "auto". Defaults to "ls".
             max_gram_mb: skip a layer whose Gram matrices would exceed this many MB. Defaults to 256.
             passes: Gram passes over the calibration set, 0 for one per depth level (exactly sequential);
                 see :func:`asr_onnx.reconstruct.reconstruct`. Defaults to 0.
+            correction: with "auto", keyword arguments of :meth:`correct` for the probes (method "none"
+                scores them uncorrected). Defaults to None: ``{"method": "bn"}``.
+            measure: with "auto", keyword arguments of :meth:`measure` for the probes. Defaults to None
+                (its defaults).
+            seed: with "auto", the folds' seed and the probes' batch order. Defaults to 0.
         """
         from .reconstruct import METHODS, reconstruct
 
-        if method not in METHODS:
-            raise AsrError(f"unknown reconstruction {method!r}; choose one of {', '.join(METHODS)}")
+        if method not in METHODS + ("auto",):
+            raise AsrError(f"unknown reconstruction {method!r}; choose one of {', '.join(METHODS + ('auto',))}")
+        if method == "auto":
+            return self._reconstruct_auto(calib, max_gram_mb, passes, correction or {"method": "bn"}, measure or {},
+                                          seed)
         if method == "ls":
             self._check_size(calib)
             with self._timed("reconstruct"):
@@ -218,6 +246,23 @@ class Repair:
             self._site_map = None
             self.timings.update({f"reconstruct_{k}": v for k, v in split.items()})
         self.settings.update(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes)
+        return self
+
+    def _reconstruct_auto(self, calib, max_gram_mb: float, passes: int, correction: dict, measure: dict,
+                          seed: int) -> "Repair":
+        """:meth:`reconstruct` "auto": picks "none" or "ls" on held-out folds, then applies it to the whole set."""
+        from .select import PICK_RULE, RECONSTRUCT_FOLDS, choose_reconstruction
+
+        if not hasattr(calib, "folds"):
+            raise AsrError("reconstruct auto needs a calibration set that can be cut into folds")
+        self._check_size(calib)
+        with self._timed("reconstruct_auto"):
+            best, scores = choose_reconstruction(self, calib, correction, measure=measure, seed=seed,
+                                                 max_gram_mb=max_gram_mb, passes=passes)
+        self.reconstruct(calib, best["reconstruct"], max_gram_mb=max_gram_mb, passes=passes)
+        self.settings.update(reconstruct="auto", reconstruct_auto={
+            "picked": best, "candidates": scores, "folds": RECONSTRUCT_FOLDS, "held_out": len(calib),
+            "scored_with": correction["method"], "reason": PICK_RULE})
         return self
 
     def _check_size(self, calib) -> None:
@@ -355,11 +400,18 @@ class Repair:
             fold_bn_nodes: as for :meth:`fold`. Defaults to False.
             seed: the seed of the calibration batches' order and of "auto"'s folds. Defaults to 0.
             reconstruct, max_gram_mb, refit_passes: as for :meth:`reconstruct` (``passes``). Defaults to
-                "none", 256 and 0.
+                "none", 256 and 0. "auto" scores its probes with this run's method and options; when
+                ``method`` is "auto" too, the reconstruction is chosen first, with "bn" (the default
+                method), and then auto picks the method on the result.
             guard: "fallback", "warn" or "off", as for :meth:`guard`. Defaults to "off" (the CLI's default
                 is "fallback").
         """
-        self.reconstruct(calib, reconstruct, max_gram_mb=max_gram_mb, passes=refit_passes)
+        correction = {"method": method, "placement": placement, "recal": recal, "momentum": momentum,
+                      "lambda_rule": lambda_rule, "correct_head": correct_head}
+        if method == "auto":  # the reconstruction is chosen first, with the default method
+            correction.update(method="bn", placement="recal")
+        self.reconstruct(calib, reconstruct, max_gram_mb=max_gram_mb, passes=refit_passes, correction=correction,
+                         measure={"sequential": sequential, "reference": reference}, seed=seed)
         if method == "none":
             self.output = self.pruned
             self.settings.update(method="none")

@@ -27,9 +27,11 @@ def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
     """Scores ``job``'s repair against pruning alone on held-out calibration samples.
 
     The repair refitted on each fit half is the one ``job`` ran (for ``auto``, the candidate it picked on
-    the whole set). With ``fallback``, ``job.output`` becomes the pruned model when the verdict is "pruning alone
-    better", or a tie where the repair's held-out error is the higher (the held-out evidence is for the whole
-    model, not for each site, so the choice is made as a whole).
+    the whole set), least-squares refit included: a probe of a refitted job starts from the model as pruned
+    and is refitted on the fit half, since a refit on the whole set has seen the held-out half. Pruning alone
+    is ``job.pruned_alone``, never refitted. With ``fallback``, ``job.output`` becomes that model when the
+    verdict is "pruning alone better", or a tie where the repair's held-out error is the higher (the held-out
+    evidence is for the whole model, not for each site, so the choice is made as a whole).
 
     Args:
         job: a Repair after ``run`` (its output folded); its settings name the method and options.
@@ -62,11 +64,14 @@ def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
     s = job.settings
     method = s["auto"]["picked"]["method"] if s.get("method") == "auto" else s["method"]
     options = {key: s[key] for key in ("placement", "recal", "momentum", "lambda_rule", "correct_head")}
+    refit = s["reconstruct_auto"]["picked"]["reconstruct"] if s.get("reconstruct") == "auto" else s.get("reconstruct")
+    reconstruct = {"method": "ls", "max_gram_mb": s["max_gram_mb"], "passes": s["refit_passes"]} if refit == "ls" else None
     start = time.perf_counter()
-    variants = [lambda probe: probe.correct(method, **options).fold().output, lambda probe: job.pruned]
+    variants = [lambda probe: probe.correct(method, **options).fold().output, lambda probe: job.pruned_alone]
     found, errors, ref2 = held_out_scores(job, calib, variants, folds=FOLDS, seed=seed, batch_size=job.batch_size,
                                           measure={"sequential": s.get("sequential", False),
-                                                   "reference": s.get("reference", DEFAULT_REFERENCE)})
+                                                   "reference": s.get("reference", DEFAULT_REFERENCE)},
+                                          reconstruct=reconstruct)
     has_top1 = found[0] is not None
     matches = found if has_top1 else [np.zeros(len(calib))] * 2
     scores = [{"agreement": float(m.mean()) if has_top1 else None, "logit_rel_l2": logit_rel_l2(e, ref2)}
@@ -78,8 +83,9 @@ def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
     loses = verdict == "pruning alone better" or (verdict == "tie" and errors[0].sum() > errors[1].sum())
     kept = "pruned" if mode == "fallback" and loses else "repair"
     if kept == "pruned":
-        job.output, job.written = job.pruned, {}
+        job.output, job.written = job.pruned_alone, {}
     entry = {"mode": mode, "held_out": len(calib), "folds": FOLDS, "repair": scores[0], "pruned": scores[1],
+             "repair_refitted": reconstruct is not None,
              "verdict": verdict, "repair_loses": bool(loses), "kept": kept, "cost_s": round(time.perf_counter() - start, 4),
              "rule": f"held out by {FOLDS}-fold cross-fitting; top-1 agreement first (where it means "
                      f"something), then each sample's squared error over all outputs; a difference counts past "

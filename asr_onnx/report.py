@@ -149,6 +149,8 @@ def summary(report: dict, width: int = 100) -> str:
         f"{report['totals']['prunable_weights']:,} prunable weights  method {s.get('method')}"
         + (f" (placement {s.get('placement')}, recal {s.get('recal')})" if s.get("method") != "none" else ""),
     ]
+    if s.get("reconstruct_auto"):
+        lines.extend(_reconstruct_auto_lines(s["reconstruct_auto"]))
     if s.get("auto"):
         lines.extend(_auto_lines(s["auto"]))
     if s.get("guard", {}).get("verdict"):
@@ -220,6 +222,17 @@ def _auto_lines(auto: dict) -> list[str]:
         lines.append(f"  {name(c):<28} {agreement:>9} {c['logit_rel_l2']:>9.3f}  "
                      f"{'yes' if c['tied'] else 'no':<4}{mark}".rstrip())
     return lines + textwrap.wrap(f"rule: {auto['reason']}", 96, initial_indent="  ", subsequent_indent="    ")
+
+
+def _reconstruct_auto_lines(entry: dict) -> list[str]:
+    """What ``--reconstruct auto`` picked and both candidates' held-out scores."""
+    def score(c):
+        agree = "" if c["agreement"] is None else f"agreement {100 * c['agreement']:.1f}%, "
+        return f"{c['reconstruct']} {agree}logit err {c['logit_rel_l2']:.3f}"
+
+    return [f"reconstruct auto picked {entry['picked']['reconstruct']} on {entry['held_out']} held-out calibration "
+            f"samples ({entry['folds']} folds, scored with {entry['scored_with']})",
+            "  " + "; ".join(score(c) for c in entry["candidates"])]
 
 
 def _guard_lines(guard: dict) -> list[str]:

@@ -112,3 +112,67 @@ def test_a_fork_shares_the_sites_found_once_and_leaves_its_origin_as_it_was():
         np.testing.assert_array_equal(merge_all(probe.measurement.pruned[key]).var, merge_all(batches).var)
     fresh = job.fork(pruned=False)
     assert fresh.pruned is job.dense and fresh.measurement is None
+
+
+def _calib(folder, x, model):
+    from asr_onnx.calib import input_specs, load_calib
+
+    np.save(folder / "calib.npy", x)
+    return load_calib(folder / "calib.npy", input_specs(model))
+
+
+def _outputs(model, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+# bn_kept at 0.9 on 24 samples: the refit wins on held-out agreement; the one Gemm on 12 samples of its 12
+# inputs: the refit overfits (worse on fresh samples too, see test_guard), so the cheaper "none" is kept
+@pytest.mark.parametrize("name, sparsity, picked", [("bn_kept", 0.9, "ls"), ("gemm", 0.5, "none")])
+def test_reconstruct_auto_scores_both_candidates_held_out_and_applies_its_pick(tmp_path, name, sparsity, picked):
+    import zoo
+
+    from asr_onnx.select import PICK_RULE
+
+    dense, feeds = zoo.one_layer("gemm") if name == "gemm" else zoo.CLASSES[name]()
+    x = np.random.default_rng(7).normal(0, 1, (12, 12)).astype(np.float32) if name == "gemm" else feeds["input"]
+    calib = _calib(tmp_path, x, dense)
+    job = Repair(dense, device="cpu", progress=False).prune(sparsity).run(calib, "bn", reconstruct="auto")
+    entry = job.settings["reconstruct_auto"]
+    assert [c["reconstruct"] for c in entry["candidates"]] == ["none", "ls"]
+    assert all(0 <= c["agreement"] <= 1 and c["logit_rel_l2"] > 0 for c in entry["candidates"])
+    assert entry["candidates"][0] != entry["candidates"][1]  # each candidate scored on its own
+    assert entry["picked"]["reconstruct"] == picked and entry["picked"] in entry["candidates"]
+    assert entry["folds"] == 2 and entry["held_out"] == len(calib) and entry["scored_with"] == "bn"
+    assert entry["reason"] == PICK_RULE and job.settings["reconstruct"] == "auto"
+    assert (job.pruned is job.pruned_alone) == (picked == "none")
+    same = Repair(dense, device="cpu", progress=False).prune(sparsity).run(calib, "bn", reconstruct=picked)
+    np.testing.assert_allclose(_outputs(job.output, x), _outputs(same.output, x), rtol=1e-6, atol=1e-6)
+    assert job.refits == same.refits
+
+
+def test_reconstruct_auto_with_auto_chooses_the_refit_with_bn_then_the_method_on_the_result(tmp_path):
+    import zoo
+
+    from asr_onnx.report import summary
+
+    dense, feeds = zoo.bn_kept()
+    calib = _calib(tmp_path, feeds["input"], dense)
+    job = Repair(dense, device="cpu", progress=False).prune(0.9).run(calib, "auto", reconstruct="auto")
+    s = job.settings
+    assert s["reconstruct_auto"]["scored_with"] == "bn" and s["reconstruct_auto"]["picked"]["reconstruct"] == "ls"
+    refitted = Repair(dense, device="cpu", progress=False).prune(0.9).run(calib, "auto", reconstruct="ls")
+    assert s["auto"]["candidates"] == refitted.settings["auto"]["candidates"]  # auto ran on the refitted model
+    lines = summary(job.report()).splitlines()
+    first = [line.split()[0] for line in lines if line.startswith(("reconstruct auto picked ", "auto picked "))]
+    assert first == ["reconstruct", "auto"]
+
+
+def test_an_unknown_reconstruction_and_auto_without_folds_are_refused():
+    job = Repair(conv_net(bn=True), device="cpu", batch_size=16, progress=False).prune(0.5)
+    with pytest.raises(AsrError, match="unknown reconstruction 'lsq'; choose one of none, ls, auto"):
+        job.reconstruct(ArraySet(random_inputs(32)), "lsq")
+    with pytest.raises(AsrError, match="reconstruct auto needs a calibration set that can be cut into folds"):
+        job.reconstruct(ArraySet(random_inputs(32)), "auto")

@@ -161,6 +161,7 @@ BAD_OPTIONS = [
     *((command, ["--batch-size", size], "--batch-size") for command in ("repair", "stats", "sweep", "eval", "verify")
       for size in ("0", "-4")),
     ("repair", ["--calib-size", "0"], "--calib-size"),
+    ("repair", ["--reconstruct", "lsq"], "--reconstruct"),
     ("stats", ["--calib-size", "0"], "--calib-size"),
     ("sweep", ["--calib-size", "0"], "--calib-size"),
     ("sweep", ["--eval-size", "0"], "--eval-size"),
@@ -231,3 +232,17 @@ def test_reconstruct_needs_calibration_data(bn_model, tmp_path, capsys):
     code = main(["repair", str(bn_model), "--method", "none", "--reconstruct", "ls", "-o", str(tmp_path / "o.onnx")])
     assert code == 1 and "--calib is required for --reconstruct ls" in capsys.readouterr().err
     assert files(tmp_path) == ["bn.onnx"]
+
+
+def test_repair_with_reconstruct_auto_prints_and_reports_the_pick(bn_model, calib_dir, tmp_path, capsys):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code = main(["repair", str(bn_model), "--calib", str(calib_dir), "-o", str(out), "--reconstruct", "auto",
+                 "--sparsity", "0.9", "--batch-size", "16", "--report", str(report), "--device", "cpu"])
+    assert code == 0 and out.exists()
+    settings = json.loads(report.read_text())["settings"]
+    entry = settings["reconstruct_auto"]
+    assert settings["reconstruct"] == "auto" and [c["reconstruct"] for c in entry["candidates"]] == ["none", "ls"]
+    assert entry["picked"] in entry["candidates"] and entry["held_out"] == 48 and entry["folds"] == 2
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("reconstruct auto picked")]
+    assert printed == [f"reconstruct auto picked {entry['picked']['reconstruct']} on 48 held-out calibration "
+                       f"samples (2 folds, scored with bn)"]

@@ -145,3 +145,26 @@ def test_within_noise_the_repair_is_kept_only_when_its_held_out_error_is_lower(t
     line = warning_line(entry)
     assert line.startswith("warning: on 12 held-out calibration samples the repair is no better than pruning alone")
     assert "within noise" in line and line.endswith("kept the pruned model (--guard fallback)")
+
+
+def test_the_baseline_is_the_model_as_pruned_and_a_refit_worse_than_it_falls_back_to_it(tmp_path):
+    """The least-squares refit can make a model worse than pruning alone: one Gemm with 12 inputs, refitted on
+    12 samples, overfits them. The guard refits its probes on each fit half (a refit on the whole set has seen
+    the held-out half), compares them with the model as pruned, never refitted, and falls back to that."""
+    dense, _ = zoo.one_layer("gemm")
+    x = np.random.default_rng(7).normal(0, 1, (12, 12)).astype(np.float32)
+    calib = _set(tmp_path, "calib", dense, x)
+    job = Repair(dense, device="cpu", progress=False).prune(0.5).run(calib, "bn", reconstruct="ls", guard="fallback")
+    unguarded = Repair(dense, device="cpu", progress=False).prune(0.5).run(calib, "bn", reconstruct="ls")
+    raw = Repair(dense, device="cpu", progress=False).prune(0.5).pruned
+    assert job.pruned_alone.SerializeToString() == raw.SerializeToString() != job.pruned.SerializeToString()
+    fresh = _set(tmp_path, "fresh", dense, np.random.default_rng(99).normal(0, 1, (300, 12)).astype(np.float32))
+    repair_err, pruned_err, refit_err = [evaluate(m, fresh, reference=dense, device="cpu", progress=False)
+                                         ["logit_rel_l2"] for m in (unguarded.output, raw, job.pruned)]
+    assert repair_err > 1.3 * pruned_err and refit_err > 1.3 * pruned_err  # the oracle: the refit hurts
+    entry = job.settings["guard"]
+    on_calib = [evaluate(m, calib, reference=dense, device="cpu", progress=False)["logit_rel_l2"]
+                for m in (raw, job.pruned)]
+    assert entry["pruned"]["logit_rel_l2"] == pytest.approx(on_calib[0], rel=1e-6) != on_calib[1]
+    assert entry["repair_refitted"] and entry["verdict"] == "pruning alone better" and entry["kept"] == "pruned"
+    assert job.output is job.pruned_alone

@@ -32,10 +32,11 @@ def default_output(model: str) -> Path:
               type=click.Choice(["magnitude", "wanda", "bn-scale", "greedy"]),
               help="How weights are ranked: |w|, or Wanda's |w| times its input channel's norm (needs --calib); "
                    "channels: the L1 of their filters, |gamma| of their BN, or greedy (ThiNet, needs --calib).")
-@click.option("--reconstruct", default="none", show_default=True, type=click.Choice(["none", "ls"]),
-              help="ls: refit the kept weights of each layer by least squares on the calibration set.")
+@click.option("--reconstruct", default="none", show_default=True, type=click.Choice(["none", "ls", "auto"]),
+              help="ls: refit the kept weights of each layer by least squares on the calibration set; auto: "
+                   "refit only when that is better on held-out calibration data (2 folds).")
 @click.option("--max-gram-mb", default=256.0, show_default=True, type=float,
-              help="With --reconstruct ls, skip a layer whose Gram matrices would exceed this.")
+              help="With --reconstruct ls or auto, skip a layer whose Gram matrices would exceed this.")
 @click.option("--method", default="bn", show_default=True,
               type=click.Choice(["none", "bn", "lw", "naive", "asr", "auto"]),
               help="How lost variance is given back; auto picks on held-out calibration data.")
