@@ -130,6 +130,15 @@ def _settings(report: dict) -> str:
     timings = report.get("timings_s") or {}
     if timings:
         html += f'<p class="note">time: {escape(", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))}</p>'
+    refit = s.get("reconstruct_auto")
+    if refit and refit.get("candidates"):
+        html += (f"<p>reconstruct auto scored the refit and no refit on {refit.get('held_out', '?')} held-out "
+                 f"calibration samples ({refit.get('folds', '?')} folds, corrected with "
+                 f"{escape(str(refit.get('scored_with', '-')))})</p>")
+        html += _table(["reconstruct", "agreement", "logit rel-L2", "tied", ""],
+                       [[escape(str(c.get("reconstruct"))), _num(c.get("agreement"), 3, True),
+                         _num(c.get("logit_rel_l2")), "yes" if c.get("tied") else "no",
+                         "picked" if c == refit.get("picked") else ""] for c in refit["candidates"]], numeric=(1, 2))
     auto = s.get("auto")
     if auto and auto.get("candidates"):
         picked = auto.get("picked")

@@ -61,7 +61,8 @@ def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
             "timings": {k: round(v, 2) for k, v in job.timings.items()},
             "refit_err_before": [round(r["err_before"], 4) for r in refits],
             "refit_err_after": [round(r["err_after"], 4) for r in refits],
-            "skipped": sorted({r["skipped"] for r in job.refits if "skipped" in r})}
+            "skipped": sorted({r["skipped"] for r in job.refits if "skipped" in r})} \
+        | ({"reconstruct_auto": job.settings["reconstruct_auto"]} if reconstruct == "auto" else {})
 
 
 def markdown(rows: list[dict]) -> str:

@@ -131,6 +131,19 @@ def test_guard_and_refit_are_rendered_when_present(repaired):
     assert "0.42" in refit and "0.125" in refit and "stages.1/branch.0.0" in refit and "Not run" not in refit
 
 
+def test_reconstruct_auto_is_rendered_with_both_candidates(repaired):
+    report = json.loads((repaired / "r.json").read_text())
+    none = {"reconstruct": "none", "agreement": 0.5, "logit_rel_l2": 0.75, "tied": False}
+    ls = {"reconstruct": "ls", "agreement": 0.625, "logit_rel_l2": 0.5, "tied": True}
+    report["settings"]["reconstruct_auto"] = {"picked": ls, "candidates": [none, ls], "folds": 2, "held_out": 256,
+                                              "scored_with": "bn", "reason": "rule"}
+    page = render(report)
+    assert "reconstruct auto scored the refit and no refit on 256 held-out calibration samples" in page
+    table = page[page.index("reconstruct auto scored"):]
+    table = table[:table.index("</table>")]
+    assert "62.5%" in table and "50.0%" in table and table.count("picked") == 1
+
+
 def test_without_matplotlib_the_page_has_tables_and_says_why(repaired):
     code = ("import sys, json; sys.modules['matplotlib'] = None\n"
             "from asr_onnx.html import render\n"
