@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import AsrError
 from .recal import DEFAULT_REFERENCE
 
 # every method in both placements (bn/naive coincide under recal; pre-bn bn is plain BN recalibration)
@@ -183,11 +184,16 @@ def cross_fit(job, calib, fitted, count: int, *, folds: int, seed: int, batch_si
         variant where top-1 means nothing, such as a detector's output) and its squared error; and the
         dense outputs' squared norm, the same for every variant.
     """
+    from .calib.specs import fixed_batch
     from .evaluation import evaluate
 
     sizing = {} if batch_size is None else {"batch_size": batch_size}
     matches, err2, ref2 = [[] for _ in range(count)], [[] for _ in range(count)], 0.0
-    for fit, held in calib.folds(folds, seed):
+    parts, fixed = calib.folds(folds, seed), fixed_batch(job.specs) or 1
+    if any(len(held) % fixed for _, held in parts):  # a fixed batch cannot run a partial one
+        raise AsrError(f"the model fixes its batch at {fixed}, and {len(calib)} calibration samples do not cut into "
+                       f"{folds} held-out parts of whole batches; give a multiple of {folds * fixed} samples")
+    for fit, held in parts:
         dense_outputs: list = []  # filled by the first evaluation, reused by the others
         for i, model in enumerate(fitted(fit)):
             result = evaluate(model, held, reference=job.dense, device=job.device, progress=False,

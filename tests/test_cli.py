@@ -246,3 +246,17 @@ def test_repair_with_reconstruct_auto_prints_and_reports_the_pick(bn_model, cali
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("reconstruct auto picked")]
     assert printed == [f"reconstruct auto picked {entry['picked']['reconstruct']} on 48 held-out calibration "
                        f"samples (2 folds, scored with bn)"]
+
+
+@pytest.mark.parametrize("option, folds", [("--reconstruct", 2), ("--method", 4)])
+def test_auto_on_a_fixed_batch_that_the_folds_cannot_cut_is_one_error_line(option, folds, tmp_path, capsys):
+    from zoo import conv_net
+
+    onnx.save(conv_net(bn=True, batch=8), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", random_inputs(20))
+    code = main(["repair", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"), "-o", str(tmp_path / "o.onnx"),
+                 option, "auto", "--sparsity", "0.8", "-q", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"error: the model fixes its batch at 8, and 20 calibration samples do not cut into "
+                                 f"{folds} held-out parts of whole batches; give a multiple of {8 * folds} samples"]
+    assert files(tmp_path) == ["m.onnx", "x.npy"]
