@@ -55,7 +55,7 @@ def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
     seconds = time.perf_counter() - start
     result = evaluate(job.output, eval_data, reference=proto, device="cpu", progress=False)
     refits = [r for r in job.refits if "err_after" in r]
-    return {"cell": cell, "allocation": allocation, "reconstruct": "ls" if job.refits else "none", "score": args.score,
+    return {"cell": cell, "allocation": allocation, "reconstruct": reconstruct if reconstruct == "auto" else "ls" if job.refits else "none", "score": args.score,
             "passes": args.passes, "refit_size": args.refit_size if job.refits else 0, "top1": result.get("top1"),
             "agreement": result["agreement"], "seconds": round(seconds, 1),
             "timings": {k: round(v, 2) for k, v in job.timings.items()},
