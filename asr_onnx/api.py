@@ -123,7 +123,8 @@ class Repair:
             keep_last: leave the last prunable layer dense. Defaults to False.
             allocation: "global", "lamp" or "uniform" (see :func:`asr_onnx.prune.prune_layers`). Defaults
                 to "global".
-            score: "magnitude" (|w|) or "wanda" (|w| times its input channel's norm on ``calib``); under
+            score: "magnitude" (|w|), "wanda" (|w| times its input channel's norm on ``calib``) or "rownorm"
+                (|w| over its output channel's weight norm, blind to a folded BN's gamma / sigma); under
                 "channels", "magnitude", "bn-scale" or "greedy". Defaults to "magnitude".
             calib: the calibration set, needed by "wanda" and "greedy". Defaults to None.
             flops_target: under "channels", the fraction of multiply-accumulates to keep instead of a
@@ -137,7 +138,7 @@ class Repair:
         with self._timed("prune"):
             graph = to_graph(self.dense)
             self.layers = prune_layers(find_layers(graph), sparsity, parsed, exclude, keep_first, keep_last,
-                                       allocation, norms)
+                                       allocation, norms, score)
             self.pruned, self._site_map = to_model(graph, self.dense), None
             self.pruned_alone = self.pruned
         used = self.layers[0].allocation if self.layers else allocation  # "uniform" for the pattern uniform
@@ -193,13 +194,13 @@ class Repair:
         return self
 
     def _input_norms(self, score: str, calib):
-        """Wanda's per-layer input norms on the dense model, or None for magnitude."""
+        """Wanda's per-layer input norms on the dense model, or None for a score that needs no data."""
         from .gram import input_norms
         from .prune import SCORES
 
         if score not in SCORES:
             raise AsrError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-        if score == "magnitude":
+        if score != "wanda":
             return None
         if calib is None:
             raise AsrError("the score wanda needs calibration data")
@@ -263,6 +264,29 @@ class Repair:
         self.settings.update(reconstruct="auto", reconstruct_auto={
             "picked": best, "candidates": scores, "folds": RECONSTRUCT_FOLDS, "held_out": len(calib),
             "scored_with": correction["method"], "reason": PICK_RULE})
+        return self
+
+    def refit_corrected(self, calib, *, max_gram_mb: float = 256.0, passes: int = 0) -> "Repair":
+        """Refits the kept weights again, after :meth:`fold`: each layer's input now comes from the corrected
+        output, and each layer keeps the correction folded into it while it is refitted. The pruned model
+        takes the new weights (its masks unchanged), so it must be measured and corrected again.
+
+        Args:
+            calib, max_gram_mb, passes: as for :meth:`reconstruct`.
+        """
+        from .reconstruct import reconstruct, row_scales, unscaled_refit
+
+        if self.output is None:
+            raise AsrError("refit_corrected() needs a corrected output: run fold() first")
+        self._check_size(calib)
+        with self._timed("reconstruct"):
+            scales = row_scales(self.pruned, self.output)
+            refitted, self.refits, split, _ = reconstruct(self.dense, self.output, calib, max_gram_mb=max_gram_mb,
+                                                          passes=passes, row_scales=scales, **self._refit_options())
+            self.pruned = unscaled_refit(self.pruned, refitted, scales, self.refits)
+        self._site_map, self.measurement, self.output = None, None, None
+        for k, v in split.items():
+            self.timings[f"reconstruct_{k}"] = self.timings.get(f"reconstruct_{k}", 0.0) + v
         return self
 
     def _check_size(self, calib) -> None:
@@ -387,7 +411,7 @@ class Repair:
             momentum: float = 0.1, lambda_rule="median", correct_head: bool = True, dense_stats=None,
             sequential: bool = False, fold_bn_nodes: bool = False, seed: int = 0,
             reference: str = DEFAULT_REFERENCE, reconstruct: str = "none", max_gram_mb: float = 256.0,
-            refit_passes: int = 0, guard: str = "off") -> "Repair":
+            refit_passes: int = 0, refit_rounds: int = 1, guard: str = "off") -> "Repair":
         """reconstruct -> measure -> correct (or auto) -> fold -> guard, after :meth:`prune`.
 
         Args:
@@ -403,9 +427,14 @@ class Repair:
                 "none", 256 and 0. "auto" scores its probes with this run's method and options; when
                 ``method`` is "auto" too, the reconstruction is chosen first, with "bn" (the default
                 method), and then auto picks the method on the result.
+            refit_rounds: with "ls", how many times refit and correction run: each round after the first
+                refits again from the corrected output (:meth:`refit_corrected`) and corrects again.
+                Defaults to 1.
             guard: "fallback", "warn" or "off", as for :meth:`guard`. Defaults to "off" (the CLI's default
                 is "fallback").
         """
+        if refit_rounds != 1 and (refit_rounds < 1 or reconstruct != "ls" or method == "none"):
+            raise AsrError(f"refit_rounds {refit_rounds}: more than one round needs reconstruct ls and a method")
         correction = {"method": method, "placement": placement, "recal": recal, "momentum": momentum,
                       "lambda_rule": lambda_rule, "correct_head": correct_head}
         if method == "auto":  # the reconstruction is chosen first, with the default method
@@ -416,14 +445,18 @@ class Repair:
             self.output = self.pruned
             self.settings.update(method="none")
             return self.shrink()
-        self.measure(calib, dense_stats, sequential, seed=seed, reference=reference)
-        if method == "auto":
-            self.auto(calib, recal=recal, momentum=momentum, seed=seed, correct_head=correct_head,
-                      reference=reference)
-        else:
-            self.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
-                         correct_head=correct_head)
-        self.fold(fold_bn_nodes)
+        for round_ in range(refit_rounds):
+            if round_:
+                self.refit_corrected(calib, max_gram_mb=max_gram_mb, passes=refit_passes)
+            self.measure(calib, dense_stats, sequential, seed=seed, reference=reference)
+            if method == "auto":
+                self.auto(calib, recal=recal, momentum=momentum, seed=seed, correct_head=correct_head,
+                          reference=reference)
+            else:
+                self.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
+                             correct_head=correct_head)
+            self.fold(fold_bn_nodes and round_ == refit_rounds - 1)  # the next round refits the same graph
+        self.settings.update(refit_rounds=refit_rounds)
         if guard == "off":
             self.settings.update(guard={"mode": "off", "held_out": 0, "kept": "repair"})
             return self.shrink()

@@ -75,7 +75,7 @@ def global_masks(weights: list[np.ndarray], sparsity: float) -> list[np.ndarray]
 
 
 ALLOCATIONS = ("global", "lamp", "uniform")
-SCORES = ("magnitude", "wanda")
+SCORES = ("magnitude", "wanda", "rownorm")
 
 
 def lamp_scores(weight: np.ndarray) -> np.ndarray:
@@ -167,7 +167,8 @@ def exclusion(layers, exclude=(), keep_first: bool = False, keep_last: bool = Fa
 
 
 def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_first=False, keep_last=False,
-                 allocation: str = "global", input_norms: dict | None = None) -> list[LayerPrune]:
+                 allocation: str = "global", input_norms: dict | None = None,
+                 score: str = "magnitude") -> list[LayerPrune]:
     """Zeroes weights in place of the graph (new arrays, never in-place writes).
 
     A weight shared by several layers is pruned once.
@@ -184,6 +185,8 @@ def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_fir
             The pattern "uniform" is the allocation "uniform". Ignored for N:M. Defaults to "global".
         input_norms: layer index -> the L2 norm of each input channel of the layer's dense input: weights
             are then ranked by Wanda's score |w| · ||x|| (Sun et al., 2023) instead of |w|. Defaults to None.
+        score: "magnitude" (|w|, or Wanda's score with ``input_norms``) or "rownorm" (|w| over the L2 norm of
+            its output channel's weights, see :func:`rownorm_scores`). Defaults to "magnitude".
 
     Raises:
         AsrError: no prunable layer, and something to prune (a sparsity above 0 or an N:M pattern); an
@@ -201,7 +204,9 @@ def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_fir
         owner.setdefault(layer.weight.name, i)
     chosen = [i for i, layer in enumerate(layers) if i not in skipped and owner[layer.weight.name] == i]
     weights = [layers[i].weight.values for i in chosen]
-    if input_norms is not None:
+    if score == "rownorm":
+        weights = [rownorm_scores(layers[i]) for i in chosen]
+    elif input_norms is not None:
         weights = [wanda_scores(layers[i], input_norms[i]) for i in chosen]
     if pattern.kind == "nm":
         allocation = str(pattern)
@@ -216,7 +221,7 @@ def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_fir
     for i, keep in zip(chosen, keeps):
         weight = layers[i].weight
         weight.values = np.where(keep, weight.values, np.zeros((), weight.values.dtype))
-    score = "magnitude" if input_norms is None else "wanda"
+    score = "rownorm" if score == "rownorm" else "magnitude" if input_norms is None else "wanda"
     return [_summary(layer, i, skipped, owner, allocation, score) for i, layer in enumerate(layers)]
 
 
@@ -239,6 +244,25 @@ def wanda_scores(layer, norms: np.ndarray) -> np.ndarray:
     shape = [1] * values.ndim
     shape[layer.in_axis] = -1
     return values * norms.reshape(shape)
+
+
+def rownorm_scores(layer) -> np.ndarray:
+    """|w| over the L2 norm of the weights of its output channel, in the weight's shape.
+
+    A BN folded into a layer multiplies each output channel's weights by its gamma / sigma; this score does
+    not see that factor, so a folded graph and its BN-kept original get the same ranking. An all-zero
+    channel keeps scores 0.
+    """
+    values = np.abs(layer.weight.values.astype(np.float64))
+    if layer.op == "ConvTranspose":  # weight (in, out / groups, ...): channel j of group g is [g * cin_g:, j]
+        cin_g = values.shape[0] // layer.groups
+        grouped = values.reshape(layer.groups, cin_g, *values.shape[1:])
+        axes = (1,) + tuple(range(3, grouped.ndim))
+        norms = np.sqrt(np.sum(np.square(grouped), axis=axes, keepdims=True))
+        return (grouped / np.maximum(norms, np.finfo(np.float64).tiny)).reshape(values.shape)
+    axes = tuple(a for a in range(values.ndim) if a != layer.out_axis)
+    norms = np.sqrt(np.sum(np.square(values), axis=axes, keepdims=True))
+    return values / np.maximum(norms, np.finfo(np.float64).tiny)
 
 
 def check_allocation(allocation: str, pattern: Pattern) -> str:

@@ -115,7 +115,7 @@ def skip_reason(layer, shared: bool, max_gram_mb: float) -> str | None:
 
 def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", threads: int = 0,
                 progress: bool = False, max_gram_mb: float = 256.0, damping: float = DAMPING, passes: int = 0,
-                frontier_mb: float = 0.0, max_frontier_mb: float = 8192.0):
+                frontier_mb: float = 0.0, max_frontier_mb: float = 8192.0, row_scales: list | None = None):
     """Refits every prunable layer of ``pruned``, level by level, against ``dense``.
 
     A layer is left as it is when it lost no weight and nothing upstream changed (its refit is itself).
@@ -136,6 +136,9 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
             :class:`asr_onnx.frontier.BatchStore`). Defaults to 0.
         max_frontier_mb: a frontier larger than this is not kept: the next pass starts from the last one
             kept (or from the calibration set) and runs more of the network. Defaults to 8192.
+        row_scales: per layer, a factor per output row (or None) by which ``pruned``'s weights differ from
+            the dense frame the refit solves in (a correction folded into the layer, see :func:`row_scales`):
+            each refitted row is written times it, so that the layer keeps its correction. Defaults to None.
 
     Returns:
         (the refitted onnx.ModelProto, per layer a dict: err_before, err_after, gram_size, cond, or
@@ -194,6 +197,8 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
                 new_rows, info = refit_rows(rows, keep, gram, damping)
                 if not np.isfinite(new_rows).all():
                     raise AsrError(f"the refit of layer {layer.name} is not finite")
+                if row_scales is not None and row_scales[i] is not None:
+                    new_rows = new_rows * row_scales[i][:, None]
                 layer.weight.values = from_rows(layer, new_rows.astype(np.float32))
                 if walk is not None:
                     walk.both.set_weight(i, layer.weight.values)
@@ -206,6 +211,66 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
         if walk is not None:
             walk.store.close()
     return (to_model(graph, pruned) if any(changed) else pruned), refits, timings, provider
+
+
+def _rows(layer):
+    """The layer's weight as float64 rows, or None where the refit does not apply (see :func:`skip_reason`)."""
+    if layer.op not in ("Conv", "Gemm", "MatMul") or (layer.op == "MatMul" and len(layer.weight.shape) != 2):
+        return None
+    return weight_rows(layer, layer.weight.values).astype(np.float64)
+
+
+def row_scales(base, corrected) -> list:
+    """Per layer, the factor per output row by which ``corrected``'s weights are ``base``'s (a correction
+    folded into the layer; 1 where a row is zero or nothing was folded), by least squares on each row.
+
+    Args:
+        base, corrected: onnx.ModelProto of the same graph, such as a Repair's pruned model and its output.
+
+    Returns:
+        per layer (find_layers order) an array of one factor per output row, or None for a layer the
+        refit does not apply to.
+
+    Raises:
+        AsrError: the graphs do not have the same layers.
+    """
+    from .graph import find_layers, to_graph
+
+    pairs = list(zip(find_layers(to_graph(base)), find_layers(to_graph(corrected)), strict=False))
+    if len(pairs) != len(find_layers(to_graph(base))) or any(a.weight.shape != b.weight.shape for a, b in pairs):
+        raise AsrError("the corrected model does not have the layers of the pruned one")
+    scales = []
+    for a, b in pairs:
+        old, new = _rows(a), _rows(b)
+        if old is None or new is None:
+            scales.append(None)
+            continue
+        norm = np.sum(old * old, axis=1)
+        scale = np.sum(old * new, axis=1) / np.maximum(norm, np.finfo(np.float64).tiny)
+        scales.append(np.where((norm > 0) & (scale != 0), scale, 1.0))  # a zeroed row keeps no frame to undo
+    return scales
+
+
+def unscaled_refit(base, refitted, scales: list, refits: list):
+    """``base`` with the weights that :func:`reconstruct` refitted in ``refitted`` (with ``row_scales``),
+    divided by those scales; ``base``'s zeros stay zero.
+
+    Raises:
+        AsrError: a weight would not be finite.
+    """
+    from .graph import find_layers, to_graph, to_model
+
+    graph = to_graph(base)
+    for layer, new, scale, refit in zip(find_layers(graph), find_layers(to_graph(refitted)), scales, refits,
+                                        strict=True):
+        if "err_after" not in refit:
+            continue
+        rows = _rows(new) / (1.0 if scale is None else scale[:, None])
+        values = np.where(layer.weight.values != 0, from_rows(layer, rows), 0.0).astype(layer.weight.values.dtype)
+        if not np.isfinite(values).all():
+            raise AsrError(f"the second refit of layer {layer.name} is not finite")
+        layer.weight.values = values
+    return to_model(graph, base)
 
 
 class _Walk:

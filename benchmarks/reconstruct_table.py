@@ -4,7 +4,8 @@ Every cell prunes (global 0.8/0.9/0.95 or 2:4) with an allocation (global, lamp,
 (--reconstruct none|ls), then repairs with the default method (exact BN recalibration and the head
 correction) and reports top-1 and agreement with the dense model. Calibration: --calib-size training images.
 Evaluation: the test set, or with --eval heldout a slice of the training set disjoint from the calibration
-samples (for choosing defaults without the test set).
+samples (for choosing defaults without the test set). --score rownorm and --rounds 2 run the variants of
+issue 13 (benchmarks/results/reconstruct_tries.json); --markdown then also lists every row, variants included.
 
     python benchmarks/reconstruct_table.py --models resnet20_bn --cells 0.9 --eval heldout
     python benchmarks/reconstruct_table.py            # every model and cell, full test set
@@ -52,17 +53,29 @@ def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
         job.reconstruct(calib.take(args.refit_size, args.seed), "ls", passes=args.passes)
         reconstruct = "none"
     job.run(calib, "bn", reconstruct=reconstruct, refit_passes=args.passes)
+    rounds = args.rounds if job.refits else 1
+    passes = args.passes if args.round_passes is None else args.round_passes
+    for _ in range(rounds - 1):  # as Repair.run(refit_rounds=...), with the later rounds' own passes
+        job.refit_corrected(calib, passes=passes).measure(calib).correct("bn").fold()
     seconds = time.perf_counter() - start
     result = evaluate(job.output, eval_data, reference=proto, device="cpu", progress=False)
     refits = [r for r in job.refits if "err_after" in r]
-    return {"cell": cell, "allocation": allocation, "reconstruct": reconstruct if reconstruct == "auto" else "ls" if job.refits else "none", "score": args.score,
-            "passes": args.passes, "refit_size": args.refit_size if job.refits else 0, "top1": result.get("top1"),
+    return {"cell": cell, "allocation": allocation,
+            "reconstruct": reconstruct if reconstruct == "auto" else "ls" if job.refits else "none", "score": args.score,
+            "passes": args.passes, "refit_size": args.refit_size if job.refits else 0,
+            "rounds": rounds, "round_passes": args.round_passes if rounds > 1 else None, "top1": result.get("top1"),
             "agreement": result["agreement"], "seconds": round(seconds, 1),
             "timings": {k: round(v, 2) for k, v in job.timings.items()},
             "refit_err_before": [round(r["err_before"], 4) for r in refits],
             "refit_err_after": [round(r["err_after"], 4) for r in refits],
             "skipped": sorted({r["skipped"] for r in job.refits if "skipped" in r})} \
         | ({"reconstruct_auto": job.settings["reconstruct_auto"]} if reconstruct == "auto" else {})
+
+
+def _plain(row: dict) -> bool:
+    """Whether a row is of the main table: one sequential refit round on magnitude scores, on every sample."""
+    return (row.get("passes", 0) == 0 and row.get("score", "magnitude") == "magnitude" and row.get("rounds", 1) == 1
+            and not row.get("refit_size"))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -73,8 +86,7 @@ def markdown(rows: list[dict]) -> str:
     header = [names[a] + (" + LS" if r == "ls" else "") for a, r in columns]
     lines = ["| model | dense | cell | " + " | ".join(header) + " | LS Gram / solve (s) |",
              "|---|---|---|" + "---|" * len(columns) + "---|"]
-    default = [r for r in rows if r.get("passes", 0) == 0 and r.get("score", "magnitude") == "magnitude"
-               and not r.get("refit_size")]
+    default = [r for r in rows if _plain(r)]
     order = {"0.8": 0, "0.9": 1, "0.95": 2, "2:4": 3}
     seen = sorted({(r["model"], r["cell"]) for r in default},
                   key=lambda k: ([r["model"] for r in default].index(k[0]), order.get(k[1], 9)))
@@ -90,6 +102,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def every_row(rows: list[dict]) -> str:
+    """Every row, variants included: top-1 (%) and the repair's seconds, per model in the file's order."""
+    lines = ["| model | dense | cell | allocation | score | reconstruct | rounds | top-1 | s |", "|---" * 9 + "|"]
+    rounds = {None: "", 0: " (sequential)", 1: " (one pass)"}
+    for r in sorted(rows, key=lambda r: [x["model"] for x in rows].index(r["model"])):
+        lines.append(f"| {r['model']} | {100 * r['dense']:.1f} | {r['cell']} | {r['allocation']} | "
+                     f"{r.get('score', 'magnitude')} | {r['reconstruct']} | {r.get('rounds', 1)}"
+                     f"{rounds.get(r.get('round_passes'), ' (' + str(r.get('round_passes')) + ' passes)')} | "
+                     f"{100 * r['top1']:.1f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
@@ -101,10 +125,13 @@ def main() -> int:
     parser.add_argument("--calib-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--score", default="magnitude", choices=("magnitude", "wanda"))
+    parser.add_argument("--score", default="magnitude", choices=("magnitude", "wanda", "rownorm"))
     parser.add_argument("--passes", type=int, default=0, help="Gram passes (0: one per depth level).")
     parser.add_argument("--refit-size", type=int, default=0,
                         help="refit on this many of the calibration samples (0: all of them).")
+    parser.add_argument("--rounds", type=int, default=1, help="refit + correction rounds (ls only; see Repair.run).")
+    parser.add_argument("--round-passes", type=int, default=None,
+                        help="Gram passes of the rounds after the first (default: those of --passes).")
     parser.add_argument("--out", default=None, help="JSON file to append rows to.")
     parser.add_argument("--markdown", action="store_true", help="print the table of --out (or --eval's file); run nothing")
     args = parser.parse_args()
@@ -118,6 +145,8 @@ def main() -> int:
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     if args.markdown:
         print(markdown(rows))
+        if not all(_plain(r) for r in rows):
+            print("\n" + every_row(rows))
         return 0
     for name in args.models.split(","):
         proto = load_model(ROOT / "sample_models" / f"{name}.onnx")
@@ -131,10 +160,11 @@ def main() -> int:
                                **run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args))
                     print(f"  {cell} {allocation} {reconstruct}: top-1 {row['top1']:.4f} agreement "
                           f"{row['agreement']:.4f} ({row['seconds']} s; {row['timings']})", flush=True)
-                    key = (name, cell, allocation, reconstruct, args.score, args.passes, row["refit_size"])
+                    key = (name, cell, allocation, reconstruct, args.score, args.passes, row["refit_size"],
+                           row["rounds"], row["round_passes"])
                     rows = [r for r in rows if (r["model"], r["cell"], r["allocation"], r["reconstruct"],
-                                                r.get("score", "magnitude"), r.get("passes", 0),
-                                                r.get("refit_size", 0)) != key] + [row]
+                                                r.get("score", "magnitude"), r.get("passes", 0), r.get("refit_size", 0),
+                                                r.get("rounds", 1), r.get("round_passes")) != key] + [row]
                     out.parent.mkdir(exist_ok=True)
                     out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     return 0

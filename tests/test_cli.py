@@ -228,6 +228,16 @@ def test_repair_with_lamp_and_a_refit_reports_each_layer(bn_model, calib_dir, tm
     assert all(r["err_after"] <= r["err_before"] for r in refits)
 
 
+def test_the_rownorm_score_needs_no_data_and_reaches_the_report(bn_model, tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code = main(["repair", str(bn_model), "--method", "none", "--score", "rownorm", "--allocation", "lamp",
+                 "--sparsity", "0.6", "-o", str(out), "--report", str(report), "-q", "--device", "cpu"])
+    assert code == 0 and out.exists()
+    data = json.loads(report.read_text())
+    assert data["settings"]["score"] == "rownorm"
+    assert {layer["score"] for layer in data["layers"] if layer["pruned"]} == {"rownorm"}
+
+
 def test_reconstruct_needs_calibration_data(bn_model, tmp_path, capsys):
     code = main(["repair", str(bn_model), "--method", "none", "--reconstruct", "ls", "-o", str(tmp_path / "o.onnx")])
     assert code == 1 and "--calib is required for --reconstruct ls" in capsys.readouterr().err

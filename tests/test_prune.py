@@ -164,3 +164,54 @@ def test_wanda_input_norms_are_the_dense_inputs_norms():
     assert {row.score for row in job.layers} == {"wanda"}
     with pytest.raises(AsrError, match="needs calibration data"):
         Repair(dense, device="cpu", progress=False).prune(0.5, score="wanda")
+
+
+def test_rownorm_scores_divide_each_weight_by_its_output_channel_norm():
+    from asr_onnx.prune import rownorm_scores
+
+    for kind in ("conv", "gemm", "gemm_t0", "matmul"):
+        dense, _ = zoo.one_layer(kind)
+        layer = find_layers(to_graph(dense))[0]
+        rows = np.abs(np.moveaxis(layer.weight.values.astype(np.float64), layer.out_axis, 0))
+        want = rows / np.sqrt((rows.reshape(len(rows), -1) ** 2).sum(axis=1)).reshape(-1, *[1] * (rows.ndim - 1))
+        np.testing.assert_allclose(np.moveaxis(rownorm_scores(layer), layer.out_axis, 0), want, rtol=1e-12)
+
+
+def folded_twin(model):
+    """``model`` with every BN that follows its layer folded into it (each output row times gamma / sigma)."""
+    from asr_onnx.graph import find_sites, to_model
+    from asr_onnx.recal import fold_bn
+
+    graph = to_graph(model)
+    for site in find_sites(graph, find_layers(graph)):
+        if site.bn is not None and site.layer is not None:
+            fold_bn(graph, site)
+    graph.cleanup().toposort()
+    return to_model(graph, model)
+
+
+@pytest.mark.parametrize("allocation", ["global", "lamp"])
+def test_rownorm_keeps_the_exact_count_and_prunes_a_folded_twin_as_its_bn_original(allocation):
+    kept = conv_net(bn=True)
+    folded = folded_twin(kept)
+    results = []
+    for model in (kept, folded):
+        layers = find_layers(to_graph(model))
+        result = prune_layers(layers, 0.7, Pattern.parse("global"), allocation=allocation, score="rownorm")
+        assert {r.score for r in result} == {"rownorm"}
+        zeros = sum(int((layer.weight.values == 0).sum()) for layer in layers)
+        assert zeros == round(0.7 * sum(layer.weight.values.size for layer in layers))
+        results.append([layer.weight.values == 0 for layer in layers])
+    assert all(np.array_equal(a, b) for a, b in zip(*results))
+    magnitude = [find_layers(to_graph(m)) for m in (kept, folded)]
+    for layers in magnitude:
+        prune_layers(layers, 0.7, Pattern.parse("global"), allocation=allocation)
+    assert not all(np.array_equal(a.weight.values == 0, b.weight.values == 0) for a, b in zip(*magnitude))
+
+
+def test_rownorm_at_sparsity_0_leaves_every_weight_as_it_was():
+    dense = conv_net(bn=False)
+    layers = find_layers(to_graph(dense))
+    before = [layer.weight.values.copy() for layer in layers]
+    prune_layers(layers, 0.0, Pattern.parse("global"), allocation="lamp", score="rownorm")
+    assert all(np.array_equal(layer.weight.values, b) for layer, b in zip(layers, before))

@@ -6,6 +6,7 @@ import pytest
 import zoo
 
 from asr_onnx.api import Repair
+from asr_onnx.errors import AsrError
 from asr_onnx.gram import accumulate, weight_rows
 from asr_onnx.graph import find_layers, to_graph
 from asr_onnx.reconstruct import DAMPING, refit_rows
@@ -271,3 +272,53 @@ def test_a_batch_store_keeps_arrays_in_memory_then_on_disk_and_writes_a_kept_arr
     assert got["c"].dtype == np.int64 and len(store) == 1
     store.close()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["bn_kept", "bn_folded"])
+def test_a_second_round_refits_on_the_corrected_network_and_keeps_the_masks(name):
+    dense, feeds = zoo.CLASSES[name]()
+    calib = zoo.DictSet(feeds)
+    one = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.6, allocation="lamp")
+    masks = [layer.weight.values == 0 for layer in layers_of(one.pruned)]
+    one.run(calib, "bn", reconstruct="ls")
+    two = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.6, allocation="lamp")
+    two.run(calib, "bn", reconstruct="ls", refit_rounds=2)
+    assert two.settings["refit_rounds"] == 2
+    second = layers_of(two.pruned)
+    assert all(np.array_equal(layer.weight.values == 0, mask) for layer, mask in zip(second, masks))
+    # the first layer reads the graph input in both rounds: its second refit is its first
+    np.testing.assert_allclose(second[0].weight.values, layers_of(one.pruned)[0].weight.values, rtol=1e-4, atol=1e-6)
+    # the second layer's input is the corrected network's, the first layer kept in its corrected frame
+    dense_layers = layers_of(dense)
+    name_in = dense_layers[1].node.inputs[0].name
+    (x_corrected,), (x_dense,) = activations(one.output, [name_in], feeds), activations(dense, [name_in], feeds)
+    xp, groups = patches(dense_layers[1], x_corrected)
+    xd, _ = patches(dense_layers[1], x_dense)
+    dense_rows = weight_rows(dense_layers[1], dense_layers[1].weight.values).astype(np.float64)
+    expected = lstsq_refit(dense_rows, ~weight_rows(second[1], masks[1]), xp, xd, groups)
+    np.testing.assert_allclose(weight_rows(second[1], second[1].weight.values), expected, rtol=2e-4, atol=2e-5)
+
+
+def test_a_second_round_on_one_layer_changes_nothing_and_at_sparsity_0_is_the_identity():
+    dense, feeds = zoo.one_layer("gemm")  # the head gets the correction folded into its weight
+    calib = zoo.DictSet(feeds)
+    one = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.5).run(calib, "bn", reconstruct="ls")
+    two = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.5).run(calib, "bn", reconstruct="ls",
+                                                                                   refit_rounds=2)
+    for a, b in zip(layers_of(one.output), layers_of(two.output)):
+        np.testing.assert_allclose(b.weight.values, a.weight.values, rtol=1e-4, atol=1e-6)
+    dense, feeds = zoo.bn_kept()
+    same = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.0).run(zoo.DictSet(feeds), "bn",
+                                                                                  reconstruct="ls", refit_rounds=2)
+    (got,), (want,) = (make_session(m, "cpu").run(None, feeds) for m in (same.output, dense))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_more_rounds_need_the_refit_and_a_method():
+    dense, feeds = zoo.bn_kept()
+    job = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.5)
+    for options in ({"reconstruct": "none", "refit_rounds": 2}, {"reconstruct": "ls", "refit_rounds": 0}):
+        with pytest.raises(AsrError, match="refit_rounds"):
+            job.run(zoo.DictSet(feeds), "bn", **options)
+    with pytest.raises(AsrError, match="refit_rounds"):
+        job.run(zoo.DictSet(feeds), "none", reconstruct="ls", refit_rounds=2)

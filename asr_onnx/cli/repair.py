@@ -29,8 +29,9 @@ def default_output(model: str) -> Path:
 @click.option("--allocation", default="global", show_default=True, type=click.Choice(["global", "lamp", "uniform"]),
               help="How the sparsity is split between layers: one |w| threshold, LAMP scores, or per layer.")
 @click.option("--score", default="magnitude", show_default=True,
-              type=click.Choice(["magnitude", "wanda", "bn-scale", "greedy"]),
-              help="How weights are ranked: |w|, or Wanda's |w| times its input channel's norm (needs --calib); "
+              type=click.Choice(["magnitude", "wanda", "rownorm", "bn-scale", "greedy"]),
+              help="How weights are ranked: |w|, Wanda's |w| times its input channel's norm (needs --calib), or "
+                   "rownorm, |w| over its output channel's weight norm (blind to a folded BN's gamma/sigma); "
                    "channels: the L1 of their filters, |gamma| of their BN, or greedy (ThiNet, needs --calib).")
 @click.option("--reconstruct", default="none", show_default=True, type=click.Choice(["none", "ls", "auto"]),
               help="ls: refit the kept weights of each layer by least squares on the calibration set; auto: "
