@@ -209,7 +209,8 @@ class Repair:
             return input_norms(self.dense, calib, batch_size=self.batch_size, device=self.device, threads=self.threads)
 
     def reconstruct(self, calib, method: str = "ls", *, max_gram_mb: float = 256.0, passes: int = 0,
-                    correction: dict | None = None, measure: dict | None = None, seed: int = 0) -> "Repair":
+                    samples: int = 0, correction: dict | None = None, measure: dict | None = None,
+                    seed: int = 0) -> "Repair":
         """Refits the kept weights of every layer by least squares (see :mod:`asr_onnx.reconstruct`), after prune.
 
         "auto" refits only where that helps on held-out calibration data: with 2 folds (the refit is the
@@ -225,32 +226,38 @@ class Repair:
             max_gram_mb: skip a layer whose Gram matrices would exceed this many MB. Defaults to 256.
             passes: Gram passes over the calibration set, 0 for one per depth level (exactly sequential);
                 see :func:`asr_onnx.reconstruct.reconstruct`. Defaults to 0.
+            samples: refit on a seeded ``samples`` of the calibration samples (``calib.take(samples, seed)``),
+                0 for all of them; the Gram passes cost in proportion. Defaults to 0.
             correction: with "auto", keyword arguments of :meth:`correct` for the probes (method "none"
                 scores them uncorrected). Defaults to None: ``{"method": "bn"}``.
             measure: with "auto", keyword arguments of :meth:`measure` for the probes. Defaults to None
                 (its defaults).
-            seed: with "auto", the folds' seed and the probes' batch order. Defaults to 0.
+            seed: the seed of ``samples``' draw; with "auto", also the folds' seed and the probes' batch
+                order. Defaults to 0.
         """
         from .reconstruct import METHODS, reconstruct
 
         if method not in METHODS + ("auto",):
             raise AsrError(f"unknown reconstruction {method!r}; choose one of {', '.join(METHODS + ('auto',))}")
         if method == "auto":
-            return self._reconstruct_auto(calib, max_gram_mb, passes, correction or {"method": "bn"}, measure or {},
-                                          seed)
+            return self._reconstruct_auto(calib, max_gram_mb, passes, samples, correction or {"method": "bn"},
+                                          measure or {}, seed)
+        if samples < 0 or (samples and not hasattr(calib, "take")):
+            raise AsrError(f"cannot refit on {samples} samples of this calibration set")
         if method == "ls":
-            self._check_size(calib)
+            fit = calib.take(samples, seed) if 0 < samples < len(calib) else calib
+            self._check_size(fit)
             with self._timed("reconstruct"):
-                self.pruned, self.refits, split, _ = reconstruct(self.dense, self.pruned, calib,
+                self.pruned, self.refits, split, _ = reconstruct(self.dense, self.pruned, fit,
                                                                  max_gram_mb=max_gram_mb, passes=passes,
                                                                  **self._refit_options())
             self._site_map = None
             self.timings.update({f"reconstruct_{k}": v for k, v in split.items()})
-        self.settings.update(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes)
+        self.settings.update(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples)
         return self
 
-    def _reconstruct_auto(self, calib, max_gram_mb: float, passes: int, correction: dict, measure: dict,
-                          seed: int) -> "Repair":
+    def _reconstruct_auto(self, calib, max_gram_mb: float, passes: int, samples: int, correction: dict,
+                          measure: dict, seed: int) -> "Repair":
         """:meth:`reconstruct` "auto": picks "none" or "ls" on held-out folds, then applies it to the whole set."""
         from .select import PICK_RULE, RECONSTRUCT_FOLDS, choose_reconstruction
 
@@ -259,8 +266,9 @@ class Repair:
         self._check_size(calib)
         with self._timed("reconstruct_auto"):
             best, scores = choose_reconstruction(self, calib, correction, measure=measure, seed=seed,
-                                                 max_gram_mb=max_gram_mb, passes=passes)
-        self.reconstruct(calib, best["reconstruct"], max_gram_mb=max_gram_mb, passes=passes)
+                                                 max_gram_mb=max_gram_mb, passes=passes, samples=samples)
+        self.reconstruct(calib, best["reconstruct"], max_gram_mb=max_gram_mb, passes=passes, samples=samples,
+                         seed=seed)
         self.settings.update(reconstruct="auto", reconstruct_auto={
             "picked": best, "candidates": scores, "folds": RECONSTRUCT_FOLDS, "held_out": len(calib),
             "scored_with": correction["method"], "reason": PICK_RULE})
@@ -411,7 +419,7 @@ class Repair:
             momentum: float = 0.1, lambda_rule="median", correct_head: bool = True, dense_stats=None,
             sequential: bool = False, fold_bn_nodes: bool = False, seed: int = 0,
             reference: str = DEFAULT_REFERENCE, reconstruct: str = "none", max_gram_mb: float = 256.0,
-            refit_passes: int = 0, refit_rounds: int = 1, guard: str = "off") -> "Repair":
+            refit_passes: int = 0, refit_samples: int = 0, refit_rounds: int = 1, guard: str = "off") -> "Repair":
         """reconstruct -> measure -> correct (or auto) -> fold -> guard, after :meth:`prune`.
 
         Args:
@@ -423,8 +431,8 @@ class Repair:
                 DEFAULT_REFERENCE.
             fold_bn_nodes: as for :meth:`fold`. Defaults to False.
             seed: the seed of the calibration batches' order and of "auto"'s folds. Defaults to 0.
-            reconstruct, max_gram_mb, refit_passes: as for :meth:`reconstruct` (``passes``). Defaults to
-                "none", 256 and 0. "auto" scores its probes with this run's method and options; when
+            reconstruct, max_gram_mb, refit_passes, refit_samples: as for :meth:`reconstruct` (``passes``,
+                ``samples``). Defaults to "none", 256, 0 and 0. "auto" scores its probes with this run's method and options; when
                 ``method`` is "auto" too, the reconstruction is chosen first, with "bn" (the default
                 method), and then auto picks the method on the result.
             refit_rounds: with "ls", how many times refit and correction run: each round after the first
@@ -439,7 +447,8 @@ class Repair:
                       "lambda_rule": lambda_rule, "correct_head": correct_head}
         if method == "auto":  # the reconstruction is chosen first, with the default method
             correction.update(method="bn", placement="recal")
-        self.reconstruct(calib, reconstruct, max_gram_mb=max_gram_mb, passes=refit_passes, correction=correction,
+        self.reconstruct(calib, reconstruct, max_gram_mb=max_gram_mb, passes=refit_passes, samples=refit_samples,
+                         correction=correction,
                          measure={"sequential": sequential, "reference": reference}, seed=seed)
         if method == "none":
             self.output = self.pruned

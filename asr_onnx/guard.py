@@ -65,7 +65,8 @@ def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
     method = s["auto"]["picked"]["method"] if s.get("method") == "auto" else s["method"]
     options = {key: s[key] for key in ("placement", "recal", "momentum", "lambda_rule", "correct_head")}
     refit = s["reconstruct_auto"]["picked"]["reconstruct"] if s.get("reconstruct") == "auto" else s.get("reconstruct")
-    reconstruct = {"method": "ls", "max_gram_mb": s["max_gram_mb"], "passes": s["refit_passes"]} if refit == "ls" else None
+    reconstruct = {"method": "ls", "max_gram_mb": s["max_gram_mb"], "passes": s["refit_passes"],
+                   "samples": s.get("refit_samples", 0), "seed": seed} if refit == "ls" else None
     start = time.perf_counter()
     variants = [lambda probe: probe.correct(method, **options).fold().output, lambda probe: job.pruned_alone]
     found, errors, ref2 = held_out_scores(job, calib, variants, folds=FOLDS, seed=seed, batch_size=job.batch_size,

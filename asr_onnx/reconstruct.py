@@ -55,13 +55,12 @@ def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, dampin
         block = slice(g * per_group, (g + 1) * per_group)
         old = rows[block].copy()
         if lam > 0:
+            damped = xtx + lam * np.eye(len(xtx))
+            rhs = xty.T + lam * dense_rows[block]  # (rows, patch): each row's right-hand side on every input
+            inverse = _inverse(damped) if (~keep[block]).sum(axis=1).min() < keep[block].sum(axis=1).max() else None
             for o in range(per_group):
-                kept = np.flatnonzero(keep[block][o])
-                if kept.size:
-                    a = xtx[np.ix_(kept, kept)] + lam * np.eye(kept.size)
-                    rhs = xty[kept, o] + lam * dense_rows[block][o, kept]
-                    rows[g * per_group + o, kept] = np.linalg.solve(a, rhs)
-            eig = np.linalg.eigvalsh(xtx + lam * np.eye(len(xtx)))
+                rows[g * per_group + o] = _solve_kept(damped, inverse, rhs[o], keep[block][o])
+            eig = np.linalg.eigvalsh(damped)
             cond = max(cond, float(eig[-1] / max(eig[0], lam)))
         before += _residual(old, xtx, xty)
         after += _residual(rows[block], xtx, xty)
@@ -71,9 +70,31 @@ def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, dampin
                   "err_after": float(np.sqrt(max(after + total, 0.0) / scale)), "cond": cond}
 
 
+def _solve_kept(damped: np.ndarray, inverse: np.ndarray | None, rhs: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """argmin ½wᵀAw − bᵀw with w zero off ``kept``: A_SS⁻¹ b_S on the kept set S, or, when fewer inputs are
+    pruned (P) than kept, the same from A⁻¹ = H: w = Hb − H_{:,P} H_PP⁻¹ (Hb)_P (a Lagrange multiplier per
+    pruned weight), a |P|-sized solve instead of an |S|-sized one."""
+    w = np.zeros_like(rhs)
+    pruned = np.flatnonzero(~kept)
+    if inverse is not None and pruned.size < kept.sum():
+        free = inverse @ rhs
+        w = free - inverse[:, pruned] @ np.linalg.solve(inverse[np.ix_(pruned, pruned)], free[pruned])
+        w[pruned] = 0.0  # exactly zero, not rounding noise
+    elif kept.any():
+        s = np.flatnonzero(kept)
+        w[s] = np.linalg.solve(damped[np.ix_(s, s)], rhs[s])
+    return w
+
+
+def _inverse(damped: np.ndarray) -> np.ndarray:
+    """A⁻¹ of a symmetric positive definite A, from its Cholesky factor."""
+    lower_inv = np.linalg.inv(np.linalg.cholesky(damped))
+    return lower_inv.T @ lower_inv
+
+
 def _residual(rows: np.ndarray, xtx: np.ndarray, xty: np.ndarray) -> float:
     """Σ_o ||X w_o - y_o||² less ΣY² (which the caller adds once per layer): Σ_o wᵀXᵀXw - 2wᵀXᵀy."""
-    return float(np.einsum("ok,kl,ol->", rows, xtx, rows) - 2 * np.einsum("ok,ko->", rows, xty))
+    return float(np.sum((rows @ xtx) * rows) - 2 * np.sum(rows * xty.T))
 
 
 def layer_levels(graph, layers) -> list[int]:

@@ -49,7 +49,8 @@ def choose(job, calib, candidates=AUTO_CANDIDATES, *, folds: int = 4, seed: int 
 
 
 def choose_reconstruction(job, calib, correction: dict, *, measure: dict, folds: int = RECONSTRUCT_FOLDS,
-                          seed: int = 0, max_gram_mb: float = 256.0, passes: int = 0) -> tuple[dict, list[dict]]:
+                          seed: int = 0, max_gram_mb: float = 256.0, passes: int = 0,
+                          samples: int = 0) -> tuple[dict, list[dict]]:
     """Scores the model refitted or not (RECONSTRUCT_CANDIDATES) on held-out calibration data, and picks one.
 
     For each fold, a probe starting from the model as pruned is refitted or not on the fit part only,
@@ -63,7 +64,7 @@ def choose_reconstruction(job, calib, correction: dict, *, measure: dict, folds:
         correction: keyword arguments of :meth:`Repair.correct` (its ``method`` "none": the probe as it is).
         measure: keyword arguments of :meth:`Repair.measure`.
         folds, seed: the parts and their seed. Defaults to RECONSTRUCT_FOLDS (2) and 0.
-        max_gram_mb, passes: as for :meth:`Repair.reconstruct`. Defaults to 256 and 0.
+        max_gram_mb, passes, samples: as for :meth:`Repair.reconstruct`. Defaults to 256, 0 and 0.
 
     Returns:
         (the picked score, every candidate's score): each names its ``reconstruct``, with its held-out
@@ -74,7 +75,8 @@ def choose_reconstruction(job, calib, correction: dict, *, measure: dict, folds:
     def fitted(fit):
         for refit in RECONSTRUCT_CANDIDATES:
             probe = fit_probe(job, fit, seed=seed, measure=measure if correct else None,
-                              reconstruct={"method": refit, "max_gram_mb": max_gram_mb, "passes": passes})
+                              reconstruct={"method": refit, "max_gram_mb": max_gram_mb, "passes": passes,
+                                           "samples": samples, "seed": seed})
             yield probe.correct(**correction).fold().output if correct else probe.pruned
 
     scored = cross_fit(job, calib, fitted, len(RECONSTRUCT_CANDIDATES), folds=folds, seed=seed)

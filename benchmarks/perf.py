@@ -149,7 +149,7 @@ def child_repair(args, t0: float) -> dict:
     t_calib = time.perf_counter()
     job.prune(args.sparsity, allocation=args.allocation)
     if args.reconstruct != "none":  # issue 13: the least-squares refit, its Gram and solve times in the stages
-        job.reconstruct(calib, args.reconstruct)
+        job.reconstruct(calib, args.reconstruct, samples=args.refit_samples)
     job.measure(calib).correct(args.method).fold()
     with tempfile.TemporaryDirectory(prefix="asr-perf.") as folder:
         job.save(Path(folder) / "out.onnx")
@@ -307,7 +307,7 @@ def spawn(kind: str, args, model: str, data: str | None = None, torch_name: str 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", kind, "--model", model,
            "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--sparsity", str(args.sparsity),
            "--method", args.method, "--variant", variant, "--device", args.device, "--reconstruct", args.reconstruct,
-           "--allocation", args.allocation]
+           "--allocation", args.allocation, "--refit-samples", str(args.refit_samples)]
     if data:
         cmd += ["--data", data]
     if torch_name:
@@ -586,6 +586,7 @@ def parse_args(argv=None):
                    help="provider of both the plain pass and the repair (default: %(default)s)")
     p.add_argument("--method", default="asr")
     p.add_argument("--reconstruct", default="none", choices=["none", "ls"], help="the repair's --reconstruct")
+    p.add_argument("--refit-samples", type=int, default=0, help="the repair's --refit-samples (0: all)")
     p.add_argument("--allocation", default="global", choices=["global", "lamp", "uniform"],
                    help="the repair's --allocation")
     p.add_argument("--variants", default="asis",

@@ -49,10 +49,8 @@ def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
     start = time.perf_counter()
     job = Repair(proto, device="cpu", batch_size=64, progress=False, threads=args.threads)
     job.prune(sparsity, pattern, allocation=allocation, score=args.score, calib=calib)
-    if reconstruct == "ls" and args.refit_size:  # the refit on a seeded part of the calibration set, the rest on all
-        job.reconstruct(calib.take(args.refit_size, args.seed), "ls", passes=args.passes)
-        reconstruct = "none"
-    job.run(calib, "bn", reconstruct=reconstruct, refit_passes=args.passes)
+    job.run(calib, "bn", reconstruct=reconstruct, refit_passes=args.passes, refit_samples=args.refit_size,
+            seed=args.seed)
     rounds = args.rounds if job.refits else 1
     passes = args.passes if args.round_passes is None else args.round_passes
     for _ in range(rounds - 1):  # as Repair.run(refit_rounds=...), with the later rounds' own passes
@@ -61,7 +59,7 @@ def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
     result = evaluate(job.output, eval_data, reference=proto, device="cpu", progress=False)
     refits = [r for r in job.refits if "err_after" in r]
     return {"cell": cell, "allocation": allocation,
-            "reconstruct": reconstruct if reconstruct == "auto" else "ls" if job.refits else "none", "score": args.score,
+            "reconstruct": reconstruct, "score": args.score,
             "passes": args.passes, "refit_size": args.refit_size if job.refits else 0,
             "rounds": rounds, "round_passes": args.round_passes if rounds > 1 else None, "top1": result.get("top1"),
             "agreement": result["agreement"], "seconds": round(seconds, 1),

@@ -176,3 +176,25 @@ def test_an_unknown_reconstruction_and_auto_without_folds_are_refused():
         job.reconstruct(ArraySet(random_inputs(32)), "lsq")
     with pytest.raises(AsrError, match="reconstruct auto needs a calibration set that can be cut into folds"):
         job.reconstruct(ArraySet(random_inputs(32)), "auto")
+
+
+def test_a_refit_on_part_of_the_calibration_set_is_the_refit_on_that_seeded_part(tmp_path):
+    """refit_samples=N refits on calib.take(N, seed), and the recalibration after it still sees every sample."""
+    import zoo
+
+    dense, feeds = zoo.bn_kept()
+    calib = _calib(tmp_path, feeds["input"], dense)
+    part = Repair(dense, device="cpu", progress=False).prune(0.9).run(calib, "bn", reconstruct="ls", refit_samples=16,
+                                                                       seed=3)
+    assert part.settings["refit_samples"] == 16
+    by_hand = Repair(dense, device="cpu", progress=False).prune(0.9).reconstruct(calib.take(16, 3), "ls")
+    by_hand.run(calib, "bn", seed=3)
+    np.testing.assert_allclose(_outputs(part.output, feeds["input"]), _outputs(by_hand.output, feeds["input"]),
+                               rtol=1e-6, atol=1e-6)
+    whole = Repair(dense, device="cpu", progress=False).prune(0.9).run(calib, "bn", reconstruct="ls", seed=3)
+    assert part.refits != whole.refits  # 16 of the samples are not all of them
+    with pytest.raises(AsrError, match="cannot refit on -1 samples"):
+        Repair(dense, device="cpu", progress=False).prune(0.9).reconstruct(calib, "ls", samples=-1)
+    with pytest.raises(AsrError, match="cannot refit on 8 samples of this calibration set"):
+        Repair(conv_net(bn=True), device="cpu", batch_size=16, progress=False).prune(0.5).reconstruct(
+            ArraySet(random_inputs(32)), "ls", samples=8)

@@ -162,6 +162,7 @@ BAD_OPTIONS = [
       for size in ("0", "-4")),
     ("repair", ["--calib-size", "0"], "--calib-size"),
     ("repair", ["--reconstruct", "lsq"], "--reconstruct"),
+    ("repair", ["--refit-samples", "-1"], "--refit-samples"),
     ("stats", ["--calib-size", "0"], "--calib-size"),
     ("sweep", ["--calib-size", "0"], "--calib-size"),
     ("sweep", ["--eval-size", "0"], "--eval-size"),
@@ -219,10 +220,11 @@ def test_repair_with_lamp_and_a_refit_reports_each_layer(bn_model, calib_dir, tm
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
     code = main(["repair", str(bn_model), "--calib", str(calib_dir), "-o", str(out), "--allocation", "lamp",
                  "--reconstruct", "ls", "--sparsity", "0.7", "--batch-size", "16", "--report", str(report), "-q",
-                 "--device", "cpu"])
+                 "--device", "cpu", "--refit-samples", "32"])
     assert code == 0 and out.exists()
     data = json.loads(report.read_text())
     assert data["settings"]["allocation"] == "lamp" and data["settings"]["reconstruct"] == "ls"
+    assert data["settings"]["refit_samples"] == 32
     refits = [layer["refit"] for layer in data["layers"]]
     assert all(set(r) == {"err_before", "err_after", "gram_size", "cond"} for r in refits)
     assert all(r["err_after"] <= r["err_before"] for r in refits)

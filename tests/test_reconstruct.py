@@ -68,10 +68,11 @@ def layers_of(model):
     return find_layers(to_graph(model))
 
 
-@pytest.mark.parametrize("kind", zoo.ONE_LAYER)
-def test_refit_matches_a_numpy_least_squares_oracle_and_keeps_the_mask(kind):
+# 0.2: most rows lose fewer weights than they keep, so they are solved through the inverse (Lagrange) path
+@pytest.mark.parametrize("kind, sparsity", [(kind, 0.5) for kind in zoo.ONE_LAYER] + [("conv", 0.2), ("gemm", 0.2)])
+def test_refit_matches_a_numpy_least_squares_oracle_and_keeps_the_mask(kind, sparsity):
     dense, feeds = zoo.one_layer(kind)
-    job = Repair(dense, device="cpu", batch_size=16, progress=False).prune(0.5, "uniform")
+    job = Repair(dense, device="cpu", batch_size=16, progress=False).prune(sparsity, "uniform")
     pruned_rows = weight_rows(layers_of(job.pruned)[0], layers_of(job.pruned)[0].weight.values)
     job.reconstruct(zoo.DictSet(feeds))
     layer, dense_layer = layers_of(job.pruned)[0], layers_of(dense)[0]
@@ -84,6 +85,21 @@ def test_refit_matches_a_numpy_least_squares_oracle_and_keeps_the_mask(kind):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     refit = job.refits[0]
     assert refit["err_after"] < refit["err_before"] and refit["gram_size"] == x_patches.shape[1] // groups
+
+
+def test_both_solve_paths_give_the_ridge_solution_on_the_kept_weights():
+    """Rows keeping 1, a third, two thirds and all but one of 12 inputs: each against lstsq of its own
+    augmented system (the direct path below half kept, the inverse path above)."""
+    rng = np.random.default_rng(3)
+    x, dense_rows = rng.normal(size=(200, 12)), rng.normal(size=(4, 12))
+    keep = np.zeros((4, 12), bool)
+    for o, count in enumerate((1, 4, 8, 11)):
+        keep[o, rng.permutation(12)[:count]] = True
+    xtx = x.T @ x
+    gram = GramStats(200.0, xtx[None], (xtx @ dense_rows.T)[None], np.sum((x @ dense_rows.T) ** 2, axis=0))
+    got, _ = refit_rows(dense_rows, keep, gram)
+    np.testing.assert_allclose(got, lstsq_refit(dense_rows, keep, x, x, 1), rtol=1e-9, atol=1e-10)
+    assert np.array_equal(got != 0, keep)
 
 
 def test_each_layer_is_refitted_on_the_input_of_the_network_refitted_so_far():

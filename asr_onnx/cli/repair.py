@@ -36,6 +36,9 @@ def default_output(model: str) -> Path:
 @click.option("--reconstruct", default="none", show_default=True, type=click.Choice(["none", "ls", "auto"]),
               help="ls: refit the kept weights of each layer by least squares on the calibration set; auto: "
                    "refit only when that is better on held-out calibration data (2 folds).")
+@click.option("--refit-samples", default=0, show_default=True, type=click.IntRange(min=0),
+              help="With --reconstruct ls or auto, refit on a seeded N of the calibration samples (0: all); "
+                   "the refit's cost falls in proportion, recalibration still uses them all.")
 @click.option("--max-gram-mb", default=256.0, show_default=True, type=float,
               help="With --reconstruct ls or auto, skip a layer whose Gram matrices would exceed this.")
 @click.option("--method", default="bn", show_default=True,
@@ -74,7 +77,7 @@ def default_output(model: str) -> Path:
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @run_options(threads=True)
-def repair_command(model, calib_path, output, sparsity, pattern, flops_target, allocation, score, reconstruct, max_gram_mb, method,
+def repair_command(model, calib_path, output, sparsity, pattern, flops_target, allocation, score, reconstruct, refit_samples, max_gram_mb, method,
                    placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
                    seed, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io,
                    stats_path, report_path, eval_path, eval_size, overwrite, quiet, run):
@@ -130,7 +133,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     job.run(calib, method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
             correct_head=not no_head, dense_stats=dense_stats, sequential=sequential, fold_bn_nodes=fold_bn,
             seed=seed, reference=reference, reconstruct=reconstruct, max_gram_mb=max_gram_mb,
-            guard=guard_mode if method != "none" else "off")
+            refit_samples=refit_samples, guard=guard_mode if method != "none" else "off")
     warning = warning_line(job.settings.get("guard", {}))
     if warning:
         click.echo(warning, err=True)
