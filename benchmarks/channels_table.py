@@ -115,6 +115,30 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def matched(rows: list[dict], peer_rows: list[dict]) -> str:
+    """onnxsim's structured cells beside asr-onnx's best ls+bn cell of the same model that is at least as fast
+    at both batch sizes (speed-ups from each tool's own alternating runs against the same dense model)."""
+    lines = ["| model | onnxsim cell | onnxsim speed-up b1 / b32 | onnxsim best top-1 | asr-onnx cell at least as fast "
+             "| its speed-up b1 / b32 | asr-onnx top-1 (ls+bn) |", "|---|---|---|---|---|---|---|"]
+    cells: dict = {}
+    for r in peer_rows:
+        if r.get("tool") == "onnxsim" and r.get("kind") == "structured":
+            best = cells.setdefault((r["model"], r["prune"], r["cell"]), r)
+            cells[(r["model"], r["prune"], r["cell"])] = r if r["top1"] > best["top1"] else best
+    for (model, prune, cell), peer in cells.items():
+        speed = [peer["latency"][b]["speedup"] for b in ("1", "32")]
+        faster = [r for r in rows if r["model"] == model and r["repair"] == "ls+bn"
+                  and all(r["latency"][b]["speedup"] >= s for b, s in zip(("1", "32"), speed))]
+        ours = max(faster, key=lambda r: r["top1"], default=None)
+        name = "" if ours is None else (f"{ours['fraction']:.0%}" if ours["fraction"] is not None
+                                        else f"FLOPs {ours['flops_target']:g}") + f", {ours['score']}"
+        lines.append(f"| {model} | {prune} {cell:.0%} | {speed[0]:.2f}x / {speed[1]:.2f}x | {100 * peer['top1']:.1f} "
+                     f"({peer['recovery']}) | " + ("none | – | –" if ours is None else
+                     f"{name} | {ours['latency']['1']['speedup']:.2f}x / {ours['latency']['32']['speedup']:.2f}x | "
+                     f"{100 * ours['top1']:.1f}") + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -129,9 +153,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--output", default=str(ROOT / "benchmarks" / "results" / "channels_table.json"))
     parser.add_argument("--markdown", help="Print the Markdown table of a saved JSON file and exit.")
+    parser.add_argument("--peer", help="With --markdown: onnxsim's structured rows (peer_onnxsim.py's JSON) beside "
+                                       "asr-onnx's at equal or higher measured speed.")
     args = parser.parse_args()
     if args.markdown:
-        print(markdown(json.loads(Path(args.markdown).read_text())["rows"]))
+        rows = json.loads(Path(args.markdown).read_text())["rows"]
+        print(matched(rows, json.loads(Path(args.peer).read_text())["rows"]) if args.peer else markdown(rows))
         return
     rows = []
     for name in args.models:
