@@ -68,7 +68,7 @@ class Repair:
         self.channel_plan = self.channel_report = None
         self._batch_arg = batch_size
         self._dense_weights = None  # layer name -> dense weight, read once
-        self._site_map = None  # the pruned graph's measure.SiteMap, found once per pruned model
+        self._site_map = None  # (pruned model, its measure.SiteMap): found once per pruned model
 
     def fork(self, *, batch_size: int | None = None, progress: bool | None = None, pruned: bool = True,
              refit: bool = True) -> "Repair":
@@ -88,7 +88,7 @@ class Repair:
         if pruned:
             new.pruned_alone, new.layers = self.pruned_alone, self.layers
             new.pruned = self.pruned if refit else self.pruned_alone
-            new._site_map = self._site_map if new.pruned is self.pruned else None
+            new._site_map = self._site_map  # kept only while it is of the same pruned model
         return new
 
     def _weights(self) -> dict:
@@ -99,9 +99,9 @@ class Repair:
 
     def _pruned_sites(self):
         """The pruned model's measure.SiteMap, found on first use after each change of the pruned model."""
-        if self._site_map is None:
-            self._site_map = site_map(self.pruned, self._weights())
-        return self._site_map
+        if self._site_map is None or self._site_map[0] is not self.pruned:
+            self._site_map = (self.pruned, site_map(self.pruned, self._weights()))
+        return self._site_map[1]
 
     @contextmanager
     def _timed(self, stage: str):
@@ -139,7 +139,7 @@ class Repair:
             graph = to_graph(self.dense)
             self.layers = prune_layers(find_layers(graph), sparsity, parsed, exclude, keep_first, keep_last,
                                        allocation, norms, score)
-            self.pruned, self._site_map = to_model(graph, self.dense), None
+            self.pruned = to_model(graph, self.dense)
             self.pruned_alone = self.pruned
         used = self.layers[0].allocation if self.layers else allocation  # "uniform" for the pattern uniform
         self.settings.update(sparsity=sparsity, pattern=str(parsed), exclude=list(exclude),
@@ -169,7 +169,7 @@ class Repair:
                 self.channel_plan = channels.plan(self.dense, sparsity=None if target else sparsity,
                                                   flops_target=target, score=score, calib=calib, exclude=exclude,
                                                   batch_size=self.batch_size, device=self.device, threads=self.threads)
-            self.pruned, self._site_map = channels.mask(self.dense, self.channel_plan.groups, self.channel_plan.keep), None
+            self.pruned = channels.mask(self.dense, self.channel_plan.groups, self.channel_plan.keep)
             self.pruned_alone = self.pruned
         self.layers, self.channel_report = [], None
         self.settings.update(sparsity=sparsity, pattern="channels", flops_target=target, exclude=list(exclude),
@@ -251,7 +251,6 @@ class Repair:
                 self.pruned, self.refits, split, _ = reconstruct(self.dense, self.pruned, fit,
                                                                  max_gram_mb=max_gram_mb, passes=passes,
                                                                  **self._refit_options())
-            self._site_map = None
             self.timings.update({f"reconstruct_{k}": v for k, v in split.items()})
         self.settings.update(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples)
         return self
@@ -292,7 +291,7 @@ class Repair:
             refitted, self.refits, split, _ = reconstruct(self.dense, self.output, calib, max_gram_mb=max_gram_mb,
                                                           passes=passes, row_scales=scales, **self._refit_options())
             self.pruned = unscaled_refit(self.pruned, refitted, scales, self.refits)
-        self._site_map, self.measurement, self.output = None, None, None
+        self.measurement, self.output = None, None
         for k, v in split.items():
             self.timings[f"reconstruct_{k}"] = self.timings.get(f"reconstruct_{k}", 0.0) + v
         return self
