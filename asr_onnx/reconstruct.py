@@ -58,8 +58,10 @@ def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, dampin
             damped = xtx + lam * np.eye(len(xtx))
             rhs = xty.T + lam * dense_rows[block]  # (rows, patch): each row's right-hand side on every input
             inverse = _inverse(damped) if (~keep[block]).sum(axis=1).min() < keep[block].sum(axis=1).max() else None
-            for o in range(per_group):
-                rows[g * per_group + o] = _solve_kept(damped, inverse, rhs[o], keep[block][o])
+            masks, which = np.unique(keep[block], axis=0, return_inverse=True)
+            for m, kept in enumerate(masks):  # rows with one mask (all of them, after channel pruning) share a solve
+                same = np.flatnonzero(which.reshape(-1) == m)
+                rows[g * per_group + same] = _solve_kept(damped, inverse, rhs[same], kept)
             eig = np.linalg.eigvalsh(damped)
             cond = max(cond, float(eig[-1] / max(eig[0], lam)))
         before += _residual(old, xtx, xty)
@@ -71,18 +73,18 @@ def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, dampin
 
 
 def _solve_kept(damped: np.ndarray, inverse: np.ndarray | None, rhs: np.ndarray, kept: np.ndarray) -> np.ndarray:
-    """argmin ½wᵀAw − bᵀw with w zero off ``kept``: A_SS⁻¹ b_S on the kept set S, or, when fewer inputs are
-    pruned (P) than kept, the same from A⁻¹ = H: w = Hb − H_{:,P} H_PP⁻¹ (Hb)_P (a Lagrange multiplier per
-    pruned weight), a |P|-sized solve instead of an |S|-sized one."""
+    """argmin ½wᵀAw − bᵀw with w zero off ``kept``, for each row b of ``rhs`` (rows sharing that mask): A_SS⁻¹ b_S
+    on the kept set S, or, when fewer inputs are pruned (P) than kept, the same from A⁻¹ = H:
+    w = Hb − H_{:,P} H_PP⁻¹ (Hb)_P (a Lagrange multiplier per pruned weight), a |P|-sized solve."""
     w = np.zeros_like(rhs)
     pruned = np.flatnonzero(~kept)
     if inverse is not None and pruned.size < kept.sum():
-        free = inverse @ rhs
-        w = free - inverse[:, pruned] @ np.linalg.solve(inverse[np.ix_(pruned, pruned)], free[pruned])
-        w[pruned] = 0.0  # exactly zero, not rounding noise
+        free = rhs @ inverse  # H is symmetric: each row is (H b)ᵀ
+        w = free - np.linalg.solve(inverse[np.ix_(pruned, pruned)], free[:, pruned].T).T @ inverse[pruned]
+        w[:, pruned] = 0.0  # exactly zero, not rounding noise
     elif kept.any():
         s = np.flatnonzero(kept)
-        w[s] = np.linalg.solve(damped[np.ix_(s, s)], rhs[s])
+        w[:, s] = np.linalg.solve(damped[np.ix_(s, s)], rhs[:, s].T).T
     return w
 
 
