@@ -2,30 +2,31 @@
 
 The public surface is small and lazy, so that ``import asr_onnx`` stays cheap:
 :func:`repair` and :class:`Repair` (the pipeline), :func:`load_calib` (calibration data),
-:func:`evaluate` (accuracy and agreement), :func:`bench` (measured speed) and :class:`AsrError`.
+:func:`evaluate` (accuracy and agreement), :func:`bench` (measured speed), :func:`load_model`,
+:func:`save_model`, :func:`write_report` and :class:`AsrError`.
 """
 
-from .errors import AsrError
+from asr_onnx.errors import AsrError
 
 __version__ = "0.1.0"
-__all__ = ["AsrError", "Repair", "repair", "load_calib", "evaluate", "bench", "__version__"]
+
+# public name -> the module that holds it; imported on first use, so that ``import asr_onnx`` stays cheap
+_LAZY = {
+    "Repair": "asr_onnx.pipeline.driver",
+    "repair": "asr_onnx.pipeline.driver",
+    "load_calib": "asr_onnx.calib",
+    "evaluate": "asr_onnx.verify.evaluation",
+    "bench": "asr_onnx.verify.timing",
+    "load_model": "asr_onnx.model.files",
+    "save_model": "asr_onnx.model.files",
+    "write_report": "asr_onnx.report.build",
+}
+__all__ = ["AsrError", *_LAZY, "__version__"]
 
 
 def __getattr__(name):
-    if name in ("Repair", "repair"):
-        from . import api
+    if name in _LAZY:
+        from importlib import import_module
 
-        return getattr(api, name)
-    if name == "load_calib":
-        from .calib import load_calib
-
-        return load_calib
-    if name == "evaluate":
-        from .evaluation import evaluate
-
-        return evaluate
-    if name == "bench":
-        from .timing import bench
-
-        return bench
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(name)

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AsrError
+from asr_onnx.errors import AsrError
 
 STAGING_SUFFIX = ".asr-staging"
 
@@ -134,8 +134,8 @@ class Plan:
 
     def read_data(self, path, what: str) -> None:
         """Registers a data set: a folder, a file (an IDX images file with its labels), or a named set."""
-        from .calib.discovery import idx_labels_path
-        from .calib.named import NAMED_DATA
+        from asr_onnx.calib.discovery import idx_labels_path
+        from asr_onnx.calib.named import NAMED_DATA
 
         path = NAMED_DATA.get(str(path), path)
         self.read(path, what)

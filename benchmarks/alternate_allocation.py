@@ -42,8 +42,8 @@ def reallocate(kept: np.ndarray, sizes: np.ndarray, errors: np.ndarray, beta: fl
 
 def masked(pruned, dense, kept_counts, chosen):
     """``pruned`` with each chosen layer pruned again from its dense weight, its ``kept_counts`` largest |w| kept."""
-    from asr_onnx.graph import find_layers, to_graph, to_model
-    from asr_onnx.prune import uniform_mask
+    from asr_onnx.model.graph import find_layers, to_graph, to_model
+    from asr_onnx.prune.masks import uniform_mask
 
     graph = to_graph(pruned)
     layers, dense_layers = find_layers(graph), find_layers(to_graph(dense))
@@ -67,10 +67,10 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reconstruct_tries.json"))
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    from asr_onnx.api import Repair
-    from asr_onnx.evaluation import evaluate
-    from asr_onnx.graph import find_layers, to_graph
-    from asr_onnx.modelio import load_model
+    from asr_onnx.model.files import load_model
+    from asr_onnx.model.graph import find_layers, to_graph
+    from asr_onnx.pipeline.driver import Repair
+    from asr_onnx.verify.evaluation import evaluate
 
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []

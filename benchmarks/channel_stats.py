@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def damage(job) -> dict:
-    from asr_onnx.gains import asr_gain, full_gain, shrink_lambda
-    from asr_onnx.stats import merge_all
+    from asr_onnx.correct.gains import asr_gain, full_gain, shrink_lambda
+    from asr_onnx.measure.stats import merge_all
 
     ratios, spreads, shrunk = [], [], []
     for key, ref in job.measurement.references.items():
@@ -45,9 +45,9 @@ def damage(job) -> dict:
 
 
 def main() -> int:
-    from asr_onnx.api import Repair
     from asr_onnx.calib import Preprocess, input_specs, load_calib, metadata
-    from asr_onnx.modelio import load_model
+    from asr_onnx.model.files import load_model
+    from asr_onnx.pipeline.driver import Repair
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet20_bn,resnet20,resnet50s_bn,vgg_bn,mobilenetv2_bn")

@@ -38,7 +38,7 @@ def latency(dense, pruned, x, repeats: int, threads: int = 1) -> dict:
     """Median seconds per run of each model on ``x``, dense and pruned alternating, and their ratio."""
     import numpy as np
 
-    from asr_onnx.runtime import make_session
+    from asr_onnx.model.session import make_session
 
     sessions = [make_session(m, "cpu", threads) for m in (dense, pruned)]
     name = sessions[0].get_inputs()[0].name
@@ -58,9 +58,9 @@ def latency(dense, pruned, x, repeats: int, threads: int = 1) -> dict:
 def run_model(name: str, args) -> list[dict]:
     import onnx
 
-    from asr_onnx import channels
-    from asr_onnx.api import Repair
-    from asr_onnx.evaluation import evaluate
+    from asr_onnx.pipeline.driver import Repair
+    from asr_onnx.prune import channels
+    from asr_onnx.verify.evaluation import evaluate
 
     proto = onnx.load(str(ROOT / "sample_models" / f"{name}.onnx"))
     calib, test = data_sets(proto, args.calib_size, args.seed)

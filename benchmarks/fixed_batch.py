@@ -1,6 +1,6 @@
 """Repair time of a model that fixes a batch of 1, against the same graph with a dynamic batch.
 
-The dynamic twin is the model with its batch made symbolic (``asr_onnx.batch``), so both run the same
+The dynamic twin is the model with its batch made symbolic (``asr_onnx.model.batch``), so both run the same
 nodes. Each repair (prune 50% global, ``bn``, in-process, CPU) is timed ``--runs`` times, alternating
 fixed and dynamic; figures are medians and the ratio is median(fixed) / median(dynamic). ``--levels``
 also times, once, the fixed model measured level by level (the path used where the batch cannot be
@@ -81,7 +81,7 @@ class Arrays:
 
 
 def repair_time(model, calib, levels: bool = False) -> float:
-    from asr_onnx.api import Repair
+    from asr_onnx.pipeline.driver import Repair
 
     start = time.perf_counter()
     job = Repair(model, device="cpu", progress=False, batch_size=min(64, len(calib)))
@@ -92,7 +92,7 @@ def repair_time(model, calib, levels: bool = False) -> float:
 
 
 def plain_time(model, calib) -> float:
-    from asr_onnx.runtime import make_session
+    from asr_onnx.model.session import make_session
 
     start = time.perf_counter()
     session = make_session(model, "cpu")
@@ -102,8 +102,8 @@ def plain_time(model, calib) -> float:
 
 
 def main() -> None:
-    from asr_onnx.batch import free_batch
     from asr_onnx.calib import input_specs
+    from asr_onnx.model.batch import free_batch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="an ONNX file with a fixed batch of 1 (default: the AlexNet-like graph)")
@@ -130,7 +130,7 @@ def main() -> None:
     result["fixed_over_dynamic"] = round(result["fixed_s"] / result["dynamic_s"], 2)
     if args.levels:
         result["levels_s"] = round(repair_time(fixed, calib, levels=True), 3)
-    from asr_onnx.graph import find_layers, find_sites, to_graph
+    from asr_onnx.model.graph import find_layers, find_sites, to_graph
 
     graph = to_graph(fixed)
     result["sites"] = len(find_sites(graph, find_layers(graph)))

@@ -50,8 +50,8 @@ def weight_diff(dev: dict, cpu: dict) -> float:
 
 
 def repair(path, calib, method: str, device: str, sequential: bool) -> tuple:
-    from asr_onnx.api import Repair
-    from asr_onnx.stats import merge_all
+    from asr_onnx.measure.stats import merge_all
+    from asr_onnx.pipeline.driver import Repair
 
     start = time.perf_counter()
     job = Repair(path, device=device, progress=False).prune(0.9).measure(calib, sequential=sequential)
@@ -71,8 +71,8 @@ def check(name: str, method: str, device: str, sequential: bool) -> dict:
     import onnxruntime as ort
 
     from asr_onnx.calib import Preprocess, input_specs, load_calib, metadata
-    from asr_onnx.evaluation import evaluate
-    from asr_onnx.modelio import load_model
+    from asr_onnx.model.files import load_model
+    from asr_onnx.verify.evaluation import evaluate
 
     path = SAMPLES / f"{name}.onnx"
     proto = load_model(path)

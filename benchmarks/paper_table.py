@@ -1,6 +1,6 @@
 """The paper's comparison on the sample models, produced by the tool itself.
 
-Runs `asr_onnx.sweep.run_sweep` for every sample model and export flavour over
+Runs `asr_onnx.pipeline.sweep.run_sweep` for every sample model and export flavour over
 {global 0.8, 0.9, 0.95, 2:4} x {none, bn, lw, naive, asr, auto} x {exact/recal, momentum/pre-bn},
 and writes benchmarks/results/<model>.json plus a Markdown table (benchmarks/paper_table.md).
 
@@ -33,8 +33,8 @@ REGIMES = (("exact", "recal", True), ("momentum", "pre-bn", False))
 def run_one(name: str, args) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     from asr_onnx.calib import Preprocess, input_specs, load_calib, metadata, resolve_data
-    from asr_onnx.modelio import load_model
-    from asr_onnx.sweep import Grid, run_sweep
+    from asr_onnx.model.files import load_model
+    from asr_onnx.pipeline.sweep import Grid, run_sweep
 
     path = ROOT / "sample_models" / f"{name}.onnx"
     proto = load_model(path)
@@ -92,7 +92,7 @@ def main() -> int:
         list(pool.map(run_one, names, [args] * len(names)))
     command = "python benchmarks/paper_table.py " + " ".join(sys.argv[1:])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    from asr_onnx.sweep import SweepResult, markdown
+    from asr_onnx.pipeline.sweep import SweepResult, markdown
 
     saved = {p.stem: json.loads(p.read_text()) for p in sorted((ROOT / "benchmarks" / "results").glob("*.json"))}
     order = [f"{m}{s}" for m in MODELS for s in ("_bn", "")]

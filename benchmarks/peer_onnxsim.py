@@ -55,7 +55,7 @@ def data_sets(proto, calib_size: int, seed: int):
 
 
 def score(model, dense, test) -> dict:
-    from asr_onnx.evaluation import evaluate
+    from asr_onnx.verify.evaluation import evaluate
 
     result = evaluate(model, test, reference=dense, device="cpu", progress=False)
     return {"top1": result.get("top1"), "agreement": result["agreement"], "logit_rel_l2": result["logit_rel_l2"]}
@@ -102,7 +102,7 @@ def onnxsim_recover(dense, pruned, recovery: str, batches):
 
 
 def asr_repair(dense, calib, sparsity: float, threads: int):
-    from asr_onnx.api import Repair
+    from asr_onnx.pipeline.driver import Repair
 
     job = Repair(dense, device="cpu", batch_size=64, progress=False, threads=threads)
     return job.prune(sparsity, "global").run(calib, "bn").output
@@ -110,7 +110,7 @@ def asr_repair(dense, calib, sparsity: float, threads: int):
 
 def asr_channels(dense, calib, fraction: float, threads: int):
     """asr-onnx's structured pruning: L1 of the filters, then the default repair, then the shrink."""
-    from asr_onnx.api import Repair
+    from asr_onnx.pipeline.driver import Repair
 
     job = Repair(dense, device="cpu", batch_size=64, progress=False, threads=threads)
     return job.prune_channels(fraction, score="magnitude").run(calib, "bn").output
@@ -153,7 +153,7 @@ def unstructured(name, dense, calib, test, args, rows):
 
 
 def structured(name, dense, calib, test, args, rows):
-    from asr_onnx.timing import bench
+    from asr_onnx.verify.timing import bench
 
     batches = list(calib.batches(64))
     for cell in args.cells:
@@ -282,7 +282,7 @@ def main():
     import onnx
     import onnxsim
 
-    from asr_onnx.modelio import load_model
+    from asr_onnx.model.files import load_model
 
     previous = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
     rows = previous["rows"]

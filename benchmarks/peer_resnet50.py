@@ -41,8 +41,8 @@ def macs(model: onnx.ModelProto) -> int:
 def main():
     from onnxsim import onnx_simplifier as osx
 
-    from asr_onnx.modelio import load_model
-    from asr_onnx.timing import bench
+    from asr_onnx.model.files import load_model
+    from asr_onnx.verify.timing import bench
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)

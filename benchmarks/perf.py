@@ -125,8 +125,8 @@ def child_repair(args, t0: float) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from asr_onnx.api import Repair
     from asr_onnx.calib import load_calib
+    from asr_onnx.pipeline.driver import Repair
 
     t_import = time.perf_counter()
     largest = {"elements": 0}
@@ -218,7 +218,7 @@ def child_torch(args, t0: float) -> dict:
 
         for h in handles:
             h.remove()
-        for bn in bns:  # ASR as asr_onnx.gains.asr_gain: the full gain, shrunk where the variance collapsed
+        for bn in bns:  # ASR as asr_onnx.correct.gains.asr_gain: the full gain, shrunk where the variance collapsed
             ref, rec = reference[bn], pruned[bn]
             full = torch.sqrt((ref + bn.eps) / (rec + bn.eps))
             shrink = rec / (rec + max(float(rec.median()), bn.eps))
@@ -234,7 +234,7 @@ def child_torch(args, t0: float) -> dict:
 
 
 def _merged_var(batches):
-    """Chan's merge of per-batch (count, mean, m2), as asr_onnx.stats.merge_all; unbiased variance."""
+    """Chan's merge of per-batch (count, mean, m2), as asr_onnx.measure.stats.merge_all; unbiased variance."""
     count, mean, m2 = batches[0]
     for n, bmean, bm2 in batches[1:]:
         total = count + n
@@ -270,9 +270,9 @@ def child_prune(args, t0: float) -> dict:
     """Host work: global_masks over the model's prunable weights, and the whole Repair.prune stage."""
     import numpy as np
 
-    from asr_onnx.api import Repair
-    from asr_onnx.graph import find_layers, to_graph
-    from asr_onnx.prune import global_masks
+    from asr_onnx.model.graph import find_layers, to_graph
+    from asr_onnx.pipeline.driver import Repair
+    from asr_onnx.prune.masks import global_masks
 
     job = Repair(args.model, device="cpu", progress=False)
     weights = [layer.weight.values for layer in find_layers(to_graph(job.dense))]
@@ -626,7 +626,7 @@ def main(argv=None):
         return child_main(args)
     os.makedirs(args.cache, exist_ok=True)
     started = time.perf_counter()
-    from asr_onnx.runtime import providers
+    from asr_onnx.model.session import providers
 
     results = {"machine": machine(), "provider": providers(args.device)[0],
                "args": {k: v for k, v in vars(args).items() if k != "one"}, "models": []}

@@ -128,8 +128,8 @@ def images(kind: str, n: int, seed: int) -> np.ndarray:
 def plain_pass(path, calib) -> float:
     """Seconds for one plain pass of the dense model over the calibration set."""
     from asr_onnx.calib import fixed_batch, input_specs
-    from asr_onnx.modelio import load_model
-    from asr_onnx.runtime import make_session
+    from asr_onnx.model.files import load_model
+    from asr_onnx.model.session import make_session
 
     model = load_model(path)
     session = make_session(model, "cpu")
@@ -141,10 +141,10 @@ def plain_pass(path, calib) -> float:
 
 
 def run_model(kind: str, path: str, folder: Path, sizes) -> list[dict]:
-    from asr_onnx.api import Repair
     from asr_onnx.calib import input_specs, load_calib
-    from asr_onnx.evaluation import evaluate
-    from asr_onnx.modelio import load_model
+    from asr_onnx.model.files import load_model
+    from asr_onnx.pipeline.driver import Repair
+    from asr_onnx.verify.evaluation import evaluate
 
     dense = load_model(path)
     specs = input_specs(dense)

@@ -42,8 +42,8 @@ def data_sets(proto, args):
 
 
 def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
-    from asr_onnx.api import Repair
-    from asr_onnx.evaluation import evaluate
+    from asr_onnx.pipeline.driver import Repair
+    from asr_onnx.verify.evaluation import evaluate
 
     pattern, sparsity = ("2:4", 0.0) if cell == "2:4" else ("global", float(cell))
     start = time.perf_counter()
@@ -136,8 +136,8 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if args.eval == "heldout" and not args.eval_size:
         args.eval_size = 2000
-    from asr_onnx.evaluation import evaluate
-    from asr_onnx.modelio import load_model
+    from asr_onnx.model.files import load_model
+    from asr_onnx.verify.evaluation import evaluate
 
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"reconstruct_{args.eval}.json")
     rows = json.loads(out.read_text())["rows"] if out.exists() else []

@@ -28,10 +28,10 @@ METHODS = {"exact": ("none", "reflow", "bn"), "momentum": ("reflow", "naive", "a
 def run_model(name: str, args) -> list[dict]:
     import hashlib
 
-    from asr_onnx.api import Repair
     from asr_onnx.calib import Preprocess, input_specs, load_calib, metadata, resolve_data
-    from asr_onnx.evaluation import evaluate
-    from asr_onnx.modelio import load_model
+    from asr_onnx.model.files import load_model
+    from asr_onnx.pipeline.driver import Repair
+    from asr_onnx.verify.evaluation import evaluate
 
     proto = load_model(ROOT / "sample_models" / f"{name}.onnx")
     specs, preprocess = input_specs(proto), Preprocess.from_metadata(metadata(proto))

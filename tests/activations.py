@@ -3,7 +3,7 @@
 import onnx
 import onnxruntime as ort
 
-from asr_onnx.graph import find_layers, find_sites, to_graph
+from asr_onnx.model.graph import find_layers, find_sites, to_graph
 
 
 def activations(model, names, x):

@@ -1,5 +1,12 @@
-"""The package's import graph has no cycle, counting imports inside functions too, and every module imports
-first in a fresh interpreter."""
+"""The package's import graph has no cycle and never runs up the stage order, counting imports inside functions
+too, and every module imports first in a fresh interpreter.
+
+The layer check was seen to fail on an upward import: with ``from asr_onnx.pipeline.guard import guard_repair``
+added inside a function of ``asr_onnx/measure/passes.py`` (a commit-local experiment, not kept),
+``test_no_import_runs_up_the_stage_order`` failed with ``asr_onnx.measure.passes (measure) imports
+asr_onnx.pipeline.guard (pipeline)``; ``test_the_layer_check_sees_an_upward_import`` makes the same check on
+a built tree in every run.
+"""
 
 from __future__ import annotations
 
@@ -84,6 +91,63 @@ def test_the_graph_check_sees_a_cycle_inside_a_function(tmp_path):
     graph = {name: imported(name, tmp_path / f"{name[-1]}.py", known) for name in known}
     assert graph == {"asr_onnx.a": {"asr_onnx.b"}, "asr_onnx.b": {"asr_onnx.a"}, "asr_onnx.c": {"asr_onnx.a"}}
     assert cycles(graph) == [{"asr_onnx.a", "asr_onnx.b"}]
+
+
+# the stage order, low to high: a module may import its own layer and the layers below it, never one above.
+# refit and correct are peers (neither imports the other).
+LAYERS = [{"errors", "progress"}, {"calib"}, {"outputs"}, {"model"}, {"measure"}, {"refit", "correct"}, {"prune"},
+          {"verify"}, {"report"}, {"pipeline"}, {"cli"}]
+RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
+
+
+def layer_of(name: str) -> str | None:
+    """The stage a module belongs to: its first component under asr_onnx (None for the root package)."""
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that runs up the stage order, or sideways between the peers refit and correct."""
+    found = []
+    for name, targets in sorted(graph.items()):
+        here = layer_of(name)
+        for target in sorted(targets):
+            there = layer_of(target)
+            if here is None or there is None or here == there:
+                continue
+            if RANK[there] > RANK[here] or (RANK[there] == RANK[here]):
+                found.append(f"{name} ({here}) imports {target} ({there})")
+    return found
+
+
+def test_every_module_has_a_layer():
+    names = module_names()
+    assert {layer_of(name) for name in names} - {None} <= set(RANK)
+
+
+def test_no_import_runs_up_the_stage_order():
+    names = module_names()
+    graph = {name: imported(name, path, set(names)) for name, path in names.items()}
+    assert upward(graph) == []
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    """The check itself: a measurement module that imports the pipeline, and a refit module that imports
+    correct, are both found; a pipeline module importing measure is fine."""
+    (tmp_path / "passes.py").write_text("def f():\n    from asr_onnx.pipeline.guard import g\n")
+    (tmp_path / "gram.py").write_text("from asr_onnx.correct import recal\n")
+    (tmp_path / "guard.py").write_text("from asr_onnx.measure import passes\n")
+    known = {"asr_onnx.measure", "asr_onnx.measure.passes", "asr_onnx.pipeline", "asr_onnx.pipeline.guard",
+             "asr_onnx.refit", "asr_onnx.refit.gram", "asr_onnx.correct", "asr_onnx.correct.recal"}
+    graph = {"asr_onnx.measure.passes": imported("asr_onnx.measure.passes", tmp_path / "passes.py", known),
+             "asr_onnx.refit.gram": imported("asr_onnx.refit.gram", tmp_path / "gram.py", known),
+             "asr_onnx.pipeline.guard": imported("asr_onnx.pipeline.guard", tmp_path / "guard.py", known)}
+    assert upward(graph) == [
+        "asr_onnx.measure.passes (measure) imports asr_onnx.pipeline (pipeline)",
+        "asr_onnx.measure.passes (measure) imports asr_onnx.pipeline.guard (pipeline)",
+        "asr_onnx.refit.gram (refit) imports asr_onnx.correct (correct)",
+        "asr_onnx.refit.gram (refit) imports asr_onnx.correct.recal (correct)",
+    ]
 
 
 def test_every_module_imports_in_a_fresh_interpreter_in_several_orders():

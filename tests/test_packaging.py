@@ -85,7 +85,7 @@ def test_the_installed_wheel_runs_the_demo_from_any_folder(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing points back at the source tree
-    where = subprocess.run([str(python), "-c", "import asr_onnx.demo as d; print(d.sample_folder())"],
+    where = subprocess.run([str(python), "-c", "import asr_onnx.pipeline.demo as d; print(d.sample_folder())"],
                            cwd=elsewhere, env=env, capture_output=True, text=True)
     assert where.returncode == 0 and Path(where.stdout.strip()).is_relative_to(venv), where.stderr[-2000:]
     demo = subprocess.run([str(venv / "bin" / "asr-onnx"), "demo", "--eval-size", "200", "--device", "cpu"],

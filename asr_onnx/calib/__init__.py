@@ -4,12 +4,12 @@
 model-ready batches without holding the whole set in memory.
 """
 
-from .calibset import CalibSet, load_calib
-from .discovery import ARRAY_SUFFIXES, IMAGE_SUFFIXES
-from .idx import read_idx
-from .images import infer_layout
-from .named import NAMED_DATA, resolve_data
-from .specs import METADATA_KEY, InputSpec, Preprocess, fixed_batch, input_specs, metadata
+from asr_onnx.calib.calibset import CalibSet, load_calib
+from asr_onnx.calib.discovery import ARRAY_SUFFIXES, IMAGE_SUFFIXES
+from asr_onnx.calib.idx import read_idx
+from asr_onnx.calib.images import infer_layout
+from asr_onnx.calib.named import NAMED_DATA, resolve_data
+from asr_onnx.calib.specs import METADATA_KEY, InputSpec, Preprocess, fixed_batch, input_specs, metadata
 
 __all__ = [
     "ARRAY_SUFFIXES",

@@ -10,12 +10,11 @@ from typing import Iterator
 
 import numpy as np
 
+from asr_onnx.calib.discovery import file_source, folder_source
+from asr_onnx.calib.named import resolve_data
+from asr_onnx.calib.sources import Source, hash_file
+from asr_onnx.calib.specs import InputSpec, Preprocess, input_specs
 from asr_onnx.errors import AsrError
-
-from .discovery import file_source, folder_source
-from .named import resolve_data
-from .sources import Source, hash_file
-from .specs import InputSpec, Preprocess, input_specs
 
 
 class CalibSet:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from asr_onnx.calib.specs import InputSpec, is_static
 from asr_onnx.errors import AsrError
-
-from .specs import InputSpec, is_static
 
 _FINITE_CHUNK_ROWS = 256
 

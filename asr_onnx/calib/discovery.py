@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from asr_onnx.calib.images import ImagePlan, check_image_size, plan_images
+from asr_onnx.calib.sources import ArrayFiles, IdxImages, ImageFiles, Source
+from asr_onnx.calib.specs import Preprocess
 from asr_onnx.errors import AsrError
-
-from .images import ImagePlan, check_image_size, plan_images
-from .sources import ArrayFiles, IdxImages, ImageFiles, Source
-from .specs import Preprocess
 
 _IDX_ANY = re.compile(r"idx\d-ubyte(\.gz)?$")
 _IDX_IMAGES = re.compile(r"images[-.]idx3-ubyte(\.gz)?$")

@@ -11,10 +11,9 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
+from asr_onnx.calib.checks import check_dtype, check_sample_shape
+from asr_onnx.calib.specs import InputSpec, Preprocess, is_static
 from asr_onnx.errors import AsrError
-
-from .checks import check_dtype, check_sample_shape
-from .specs import InputSpec, Preprocess, is_static
 
 if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data never needs it
     from PIL import Image

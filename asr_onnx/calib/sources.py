@@ -9,12 +9,11 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from asr_onnx.calib.checks import sample_count
+from asr_onnx.calib.idx import read_idx
+from asr_onnx.calib.images import ImagePlan, check_image_size, stack_images
+from asr_onnx.calib.specs import InputSpec
 from asr_onnx.errors import AsrError
-
-from .checks import sample_count
-from .idx import read_idx
-from .images import ImagePlan, check_image_size, stack_images
-from .specs import InputSpec
 
 if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data never needs it
     from PIL import Image

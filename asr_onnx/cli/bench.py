@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .common import COUNT, NON_NEGATIVE, run_options
+from asr_onnx.cli.common import COUNT, NON_NEGATIVE, run_options
 
 
 @click.command("bench")
@@ -21,7 +21,7 @@ def bench_command(model, reference, runs, warmup, seed, as_json, run):
     """Time MODEL in onnxruntime on a random batch: median latency, interquartile range and throughput,
     alternating with the --reference model and giving the speed-up; prints the trtexec command line
     when TensorRT is installed."""
-    from asr_onnx.timing import bench, format_bench
+    from asr_onnx.verify.timing import bench, format_bench
 
     result = bench(model, reference, batch_size=run.batch_size, threads=run.threads, device=run.device, runs=runs,
                    warmup=warmup, seed=seed)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import click
 
-from asr_onnx.runtime import DEVICES
+from asr_onnx.model.session import DEVICES
 
 COUNT = click.IntRange(min=1)  # sizes: --batch-size, --calib-size, --limit (0 never means "all")
 NON_NEGATIVE = click.IntRange(min=0)  # --seed, --threads

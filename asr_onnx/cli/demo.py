@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import run_options
+from asr_onnx.cli.common import run_options
 
 
 @click.command("demo")
@@ -18,8 +18,8 @@ from .common import run_options
 @run_options(batch_size=False, preprocess=False)
 def demo_command(model, sparsity, pattern, models_dir, eval_size, run):
     """Prune a sample model and compare none, bn, lw, naive and asr on the bundled eval set."""
-    from asr_onnx.demo import load_demo
-    from asr_onnx.sweep import Grid, run_sweep
+    from asr_onnx.pipeline.demo import load_demo
+    from asr_onnx.pipeline.sweep import Grid, run_sweep
 
     proto, calib, eval_data = load_demo(model, models_dir, eval_size)
     grid = Grid(sparsities=(sparsity,), patterns=(pattern,))

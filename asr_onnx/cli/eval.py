@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .common import COUNT, run_options
+from asr_onnx.cli.common import COUNT, run_options
 
 
 @click.command("eval")
@@ -21,8 +21,8 @@ from .common import COUNT, run_options
 def eval_command(model, data_path, reference, limit, as_json, quiet, run):
     """Evaluate MODEL on labelled or unlabelled data."""
     from asr_onnx.errors import AsrError
-    from asr_onnx.evaluation import evaluate
-    from asr_onnx.modelio import load_model
+    from asr_onnx.model.files import load_model
+    from asr_onnx.verify.evaluation import evaluate
 
     proto = load_model(model)
     ref = load_model(reference) if reference else None

@@ -14,7 +14,7 @@ def inspect_command(model, as_json, width):
     eligibility and the BatchNormalization or affine chain after it, plus the model total."""
     import json
 
-    from asr_onnx.inspect import format_inspection, inspect_model
+    from asr_onnx.report.inspect import format_inspection, inspect_model
 
     info = inspect_model(model)
     if as_json:

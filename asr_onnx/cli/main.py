@@ -6,15 +6,15 @@ import sys
 
 import click
 
-from .bench import bench_command
-from .demo import demo_command
-from .eval import eval_command
-from .inspect import inspect_command
-from .repair import repair_command
-from .report import report_command
-from .stats import stats_command
-from .sweep import sweep_command
-from .verify import verify_command
+from asr_onnx.cli.bench import bench_command
+from asr_onnx.cli.demo import demo_command
+from asr_onnx.cli.eval import eval_command
+from asr_onnx.cli.inspect import inspect_command
+from asr_onnx.cli.repair import repair_command
+from asr_onnx.cli.report import report_command
+from asr_onnx.cli.stats import stats_command
+from asr_onnx.cli.sweep import sweep_command
+from asr_onnx.cli.verify import verify_command
 
 COMMANDS = {"repair": repair_command, "eval": eval_command, "stats": stats_command,
             "sweep": sweep_command, "demo": demo_command, "inspect": inspect_command,

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import click
 
-from asr_onnx.recal import DEFAULT_REFERENCE, REFERENCES
-
-from .common import COUNT, NON_NEGATIVE, regexes, run_options, say
+from asr_onnx.cli.common import COUNT, NON_NEGATIVE, regexes, run_options, say
+from asr_onnx.measure.norms import DEFAULT_REFERENCE, REFERENCES
 
 
 def default_output(model: str) -> Path:
@@ -82,15 +81,15 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
                    seed, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io,
                    stats_path, report_path, eval_path, eval_size, overwrite, quiet, run):
     """Prune MODEL and repair it with calibration data."""
-    from asr_onnx.api import Repair
-    from asr_onnx.cache import load_stats, stats_key
-    from asr_onnx.channels import SCORES as CHANNEL_SCORES
     from asr_onnx.errors import AsrError
-    from asr_onnx.guard import warning_line
+    from asr_onnx.measure.cache import load_stats, stats_key
     from asr_onnx.outputs import Plan
-    from asr_onnx.prune import SCORES as WEIGHT_SCORES
-    from asr_onnx.prune import Pattern, check_sparsity
-    from asr_onnx.report import report_format, summary, write_report
+    from asr_onnx.pipeline.driver import Repair
+    from asr_onnx.pipeline.guard import warning_line
+    from asr_onnx.prune.channels import SCORES as CHANNEL_SCORES
+    from asr_onnx.prune.masks import SCORES as WEIGHT_SCORES
+    from asr_onnx.prune.masks import Pattern, check_sparsity
+    from asr_onnx.report.build import report_format, summary, write_report
 
     recal, momentum = parse_recal(recal_mode)
     if report_path:

@@ -14,9 +14,9 @@ def report_command(report_path, output, site):
     """Render a JSON report from `repair --report` as one self-contained HTML page."""
     from pathlib import Path
 
-    from asr_onnx.html import load_report, write_html
     from asr_onnx.outputs import Plan
-    from asr_onnx.report import FORMATS
+    from asr_onnx.report.build import FORMATS
+    from asr_onnx.report.html import load_report, write_html
 
     if FORMATS.get(Path(output).suffix.lower()) != "html":
         raise click.BadParameter(f"{output}: the page must end in .html", param_hint="-o")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import COUNT, NON_NEGATIVE, run_options, say
+from asr_onnx.cli.common import COUNT, NON_NEGATIVE, run_options, say
 
 
 @click.command("stats")
@@ -21,9 +21,9 @@ def stats_command(model, calib_path, output, calib_size, seed, quiet, run):
     The file is keyed by the model's bytes, the data and the preprocessing: using it with anything
     else is refused.
     """
-    from asr_onnx.api import Repair
-    from asr_onnx.cache import save_stats, stats_key
+    from asr_onnx.measure.cache import save_stats, stats_key
     from asr_onnx.outputs import Plan
+    from asr_onnx.pipeline.driver import Repair
 
     plan = Plan()
     plan.read_model(model)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from .common import COUNT, NON_NEGATIVE, parse_list, run_options, say
+from asr_onnx.cli.common import COUNT, NON_NEGATIVE, parse_list, run_options, say
 
 
 def parse_regimes(recal: str, placement: str) -> tuple:
-    from .repair import parse_recal
+    from asr_onnx.cli.repair import parse_recal
 
     regimes = []
     for text in parse_list(recal):
@@ -42,12 +42,12 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
                   no_head, calib_size, eval_size, seed, stats_path, out_dir, plots, plot_site, quiet,
                   run):
     """Repair MODEL over a grid and write results.json, results.md and plots."""
-    from asr_onnx.cache import load_stats, stats_key
-    from asr_onnx.modelio import load_model
+    from asr_onnx.measure.cache import load_stats, stats_key
+    from asr_onnx.model.files import load_model
     from asr_onnx.outputs import Plan
-    from asr_onnx.plots import PLOT_FILES
-    from asr_onnx.prune import Pattern, check_sparsity
-    from asr_onnx.sweep import RESULT_FILES, Grid, run_sweep
+    from asr_onnx.pipeline.sweep import RESULT_FILES, Grid, run_sweep
+    from asr_onnx.prune.masks import Pattern, check_sparsity
+    from asr_onnx.report.plots import PLOT_FILES
 
     plan = Plan()
     plan.read_model(model)
@@ -78,7 +78,7 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
     with plan.staged():  # results and plots appear together, or not at all
         written = list(result.write(folder.staged))
         if plots:
-            from asr_onnx.plots import sweep_plots
+            from asr_onnx.report.plots import sweep_plots
 
             written += sweep_plots(result, folder.staged)
     if not quiet:

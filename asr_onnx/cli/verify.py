@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import COUNT, NON_NEGATIVE, run_options, tolerance
+from asr_onnx.cli.common import COUNT, NON_NEGATIVE, run_options, tolerance
 
 
 @click.command("verify")
@@ -29,9 +29,9 @@ def verify_command(model, reference, data_path, atol, rtol, check_error_stat, li
     """
     import json
 
-    from asr_onnx.compare import compare_models, format_comparison
     from asr_onnx.errors import AsrError
-    from asr_onnx.modelio import load_model
+    from asr_onnx.model.files import load_model
+    from asr_onnx.verify.compare import compare_models, format_comparison
 
     candidate, dense = load_model(model), load_model(reference)
     data = run.open_data(data_path, dense, limit=limit, seed=seed)

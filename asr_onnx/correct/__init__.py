@@ -1,0 +1,1 @@
+"""Correction: the methods' gains, BN recalibration, and writing corrections into the graph."""

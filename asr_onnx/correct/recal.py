@@ -1,0 +1,252 @@
+"""Recalibration: each site's new normalisation, written into BN nodes or folded into layers.
+
+Every site is treated as a BatchNormalization. A real BN keeps its own parameters. A layer with no
+BN after it gets a *virtual* BN, ``scale = sqrt(dense_var + eps)``, ``bias = dense_mean``, running
+statistics equal to the dense ones, which is the identity on the dense model. Recalibrating a
+virtual BN and folding it into the layer's weight and bias is then the same operation as for a
+real BN, and the dense model's per-channel statistics are the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from asr_onnx.correct.gains import full_gain, gain, shrink_lambda
+from asr_onnx.errors import AsrError
+from asr_onnx.measure.norms import Norm, floor_eps
+from asr_onnx.measure.stats import ChannelStats, ema
+
+PLACEMENTS = ("recal", "pre-bn")
+
+
+@dataclass
+class Correction:
+    """A site's new normalisation.
+
+    Attributes:
+        mean, var: the running statistics to store.
+        scale: the multiplier on the normalisation's scale (1 for exact recalibration).
+        pre_gain: the multiplier on the layer's output rows before normalisation, or None.
+        gain: the method's per-channel gain, for the report.
+        lam: ASR's lambda, or None.
+        collapsed: channels whose recalibrated variance is under the epsilon floor.
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
+    scale: np.ndarray
+    pre_gain: np.ndarray | None
+    gain: np.ndarray
+    lam: float | None
+    collapsed: np.ndarray
+
+
+def correct(site, ref: Norm, pruned: list[ChannelStats], method: str, *, placement: str = "recal",
+            recal: str = "exact", momentum: float = 0.1, lambda_rule="median") -> Correction:
+    """One site's correction.
+
+    Args:
+        site: the graph.Site.
+        ref: its original normalisation (:func:`reference`).
+        pruned: per-batch statistics of the site in the pruned network, upstream renormalised.
+        method: none, bn, lw, naive or asr.
+        placement: "recal" puts the gain into the recalibration's variance; "pre-bn" multiplies it
+            into the layer before an ordinary recalibration (the literal order). Defaults to "recal".
+        recal: "exact" (population statistics) or "momentum" (PyTorch's running average). Defaults to "exact".
+        momentum: the running-average momentum. Defaults to 0.1.
+        lambda_rule: ASR's lambda: median, mean or a number. Defaults to "median".
+    """
+    from asr_onnx.measure.stats import merge_all
+
+    ones = np.ones_like(ref.var)
+    if method == "none":
+        return Correction(ref.mean, ref.var, ones, None, ones, None, np.zeros(0, np.int64))
+    eps = floor_eps(ref.var, ref.eps)  # a BN's own epsilon may be 0: every division uses the floored one
+    exact = merge_all(pruned)
+    if recal == "exact":
+        rec_mean, rec_var, prior = exact.mean, exact.var, 0.0
+    elif recal == "momentum":
+        rec_mean, rec_var, prior = ema(pruned, ref.mean, ref.var, momentum)
+    else:
+        raise AsrError(f"unknown recalibration {recal!r}; use exact or momentum")
+    if placement == "pre-bn" and site.layer is not None:
+        lam = shrink_lambda(lambda_rule, exact.var, eps) if method == "asr" else None
+        g = ones if method == "bn" else gain(method, ref.var, exact.var, eps, lam)
+        # the gain scales every batch the recalibration sees, but not the prior it starts from
+        mean = prior * ref.mean + g * (rec_mean - prior * ref.mean)
+        var = prior * ref.var + g**2 * (rec_var - prior * ref.var)
+        return Correction(mean, _stored_var(var, ref.eps, eps), ones, g, g, lam, np.flatnonzero(exact.var < eps))
+    if placement not in PLACEMENTS:
+        raise AsrError(f"unknown placement {placement!r}; use recal or pre-bn")
+    lam = shrink_lambda(lambda_rule, rec_var, eps) if method == "asr" else None
+    g = gain(method, ref.var, rec_var, eps, lam)
+    scale = g / full_gain(ref.var, rec_var, eps)
+    return Correction(rec_mean, _stored_var(rec_var, ref.eps, eps), scale, None, g, lam,
+                      np.flatnonzero(rec_var < eps))
+
+
+def _stored_var(var, own_eps: float, eps: float) -> np.ndarray:
+    """The running variance to store: ``var + eps - own_eps``, so that the BN, which adds its own epsilon,
+    divides by sqrt(var + eps) as the measurement did (the same ``var`` when its own is above the floor)."""
+    return var + (eps - own_eps) if eps > own_eps else var
+
+
+def affine(ref: Norm, corr: Correction) -> tuple[np.ndarray, np.ndarray]:
+    """The corrected normalisation as y = a * x + c on the layer's raw output x."""
+    pre = 1.0 if corr.pre_gain is None else corr.pre_gain
+    inv_std = ref.scale * corr.scale / np.sqrt(corr.var + ref.eps)
+    return pre * inv_std, ref.bias - inv_std * corr.mean
+
+
+# ---------------------------------------------------------------- writing into the graph
+
+
+def write(graph, site, ref: Norm, corr: Correction) -> str:
+    """Writes one correction; returns how: "bn", "folded" or "unchanged".
+
+    Raises:
+        AsrError: a value written would not be finite in the weights' dtype (named by the site).
+    """
+    if corr.pre_gain is None and np.array_equal(corr.mean, ref.mean) and np.array_equal(corr.var, ref.var) \
+            and np.all(corr.scale == 1):
+        return "unchanged"
+    if site.bn is None:
+        a, c = affine(ref, corr)
+        _check_finite(site, fold_affine(graph, site.layer, a, c))
+        return "folded"
+    scale_t, bias_t, mean_t, var_t = site.bn.inputs[1:5]
+    dtype = scale_t.values.dtype
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by name below
+        scale_t.values = (ref.scale * corr.scale).astype(dtype)
+        bias_t.values = np.asarray(ref.bias).astype(dtype)  # a calibration reference has its own bias
+    mean_t.values = np.asarray(corr.mean).astype(dtype)
+    var_t.values = np.asarray(corr.var).astype(dtype)
+    written = [scale_t, bias_t, mean_t, var_t]
+    if corr.pre_gain is not None:
+        written += fold_affine(graph, site.layer, corr.pre_gain, np.zeros_like(corr.pre_gain))
+    _check_finite(site, written)
+    return "bn"
+
+
+def fold_bn(graph, site) -> None:
+    """Folds a BN that directly follows its layer into the layer, and removes the BN node.
+
+    Raises:
+        AsrError: a folded value would not be finite in the weights' dtype.
+    """
+    scale, bias, mean, var = (np.asarray(t.values, np.float64) for t in site.bn.inputs[1:5])
+    inv_std = scale / np.sqrt(var + floor_eps(var, site.eps))
+    _check_finite(site, fold_affine(graph, site.layer, inv_std, bias - inv_std * mean))
+    out = site.bn.outputs[0]
+    site.bn.outputs.clear()
+    site.layer.node.outputs[0] = out
+
+
+def _check_finite(site, constants) -> None:
+    """Never writes NaN or Inf: every value a correction wrote must be finite (float32 overflows at 3.4e38)."""
+    for const in constants:
+        if not np.isfinite(const.values).all():
+            raise AsrError(f"the correction at site {site.key!r} gives a non-finite value in {const.name!r}, "
+                           "which would be written into the model; its statistics exceed the range of "
+                           f"{const.values.dtype}")
+
+
+def _own_weight(graph, layer):
+    """The layer's weight, copied first when other nodes share it, so that a fold stays local."""
+    import onnx_graphsurgeon as gs
+
+    weight = layer.weight
+    if len(weight.outputs) > 1:
+        weight = gs.Constant(f"{weight.name}.{layer.name}", weight.values.copy())
+        layer.node.inputs[1] = weight
+        layer.weight = weight
+    return weight
+
+
+def _row_factor(layer, a: np.ndarray) -> np.ndarray:
+    """``a`` shaped to broadcast over the weight's output-channel axis."""
+    shape = layer.weight.shape
+    if layer.op == "ConvTranspose":
+        cin_group, cout_group = shape[0] // layer.groups, shape[1]
+        factor = a.reshape(layer.groups, cout_group)[np.arange(shape[0]) // cin_group]
+        return factor.reshape(factor.shape + (1,) * (len(shape) - 2))
+    view = [1] * len(shape)
+    view[layer.out_axis] = a.size
+    return a.reshape(view)
+
+
+def fold_affine(graph, layer, a: np.ndarray, c: np.ndarray) -> list:
+    """Makes ``layer`` output ``a * x + c`` per channel, in its weight and bias (no node where a fold will do).
+
+    Each value is computed in float64 and rounded once to the weight's dtype.
+
+    Returns:
+        the gs.Constants written.
+    """
+    import onnx_graphsurgeon as gs
+
+    weight = _own_weight(graph, layer)
+    dtype = weight.values.dtype
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by name, not warned about
+        weight.values = (weight.values.astype(np.float64) * _row_factor(layer, a)).astype(dtype)
+    node = layer.node
+    if layer.op in ("Conv", "ConvTranspose", "Gemm"):
+        # Gemm computes alpha * A @ B + beta * C: the scaled B carries alpha, so C takes beta now
+        beta = float(node.attrs.get("beta", 1.0)) if layer.op == "Gemm" else 1.0
+        old = beta * _bias(node, a.size)
+        with np.errstate(over="ignore", invalid="ignore"):
+            bias = gs.Constant(f"{layer.name}.asr_bias", (a * old + c).astype(dtype))
+        if len(node.inputs) > 2:
+            node.inputs[2] = bias
+        else:
+            node.inputs.append(bias)
+        if layer.op == "Gemm":
+            node.attrs["beta"] = 1.0
+        return [weight, bias]
+    if np.any(c != 0):
+        with np.errstate(over="ignore", invalid="ignore"):
+            shift = c.astype(dtype)
+        return [weight, _add_bias(graph, layer, shift)]
+    return [weight]
+
+
+def _bias(node, channels: int) -> np.ndarray:
+    import onnx_graphsurgeon as gs
+
+    if len(node.inputs) <= 2 or not node.inputs[2].name:
+        return np.zeros(channels)
+    if not isinstance(node.inputs[2], gs.Constant):
+        raise AsrError(f"{node.name}: its bias is computed at run time, so a correction cannot be folded into it")
+    return node.inputs[2].values.astype(np.float64)
+
+
+def _add_bias(graph, layer, c: np.ndarray):
+    """A MatMul's shift goes into the Add that follows it when there is one, else into a new Add.
+
+    Returns:
+        the gs.Constant that holds the shift.
+    """
+    import onnx_graphsurgeon as gs
+
+    out = layer.output
+    consumers = out.outputs
+    if len(consumers) == 1 and consumers[0].op == "Add":
+        add = consumers[0]
+        const = [t for t in add.inputs if isinstance(t, gs.Constant)]
+        if len(const) == 1 and const[0].values.shape[-1:] == c.shape and len(const[0].outputs) == 1:
+            with np.errstate(over="ignore", invalid="ignore"):
+                const[0].values = (const[0].values.astype(np.float64) + c).astype(const[0].values.dtype)
+            return const[0]
+    shifted = gs.Variable(f"{out.name}.asr_shifted", dtype=out.dtype, shape=out.shape)
+    for node in list(consumers):  # by index: graphsurgeon's synchronised lists refuse slice assignment
+        for i, tensor in enumerate(node.inputs):
+            if tensor is out:
+                node.inputs[i] = shifted
+    graph.outputs = [shifted if t is out else t for t in graph.outputs]
+    if shifted in graph.outputs:
+        shifted.name, out.name = out.name, f"{out.name}.asr_raw"
+    shift = gs.Constant(f"{layer.name}.asr_shift_c", c)
+    graph.nodes.append(gs.Node("Add", f"{layer.name}.asr_shift", inputs=[out, shift], outputs=[shifted]))
+    return shift

@@ -1,0 +1,208 @@
+"""Selection on held-out calibration data: ``auto``'s candidates, cross-fitting, and :func:`pick`.
+
+``auto`` (which candidate?), ``reconstruct="auto"`` (refit or not?) and the guard (:mod:`asr_onnx.pipeline.guard`:
+repair or pruning alone?) ask the same question of different variants, so all score their variants by
+:func:`cross_fit`: each variant is fitted on some calibration folds and scored against the dense model on
+the fold it did not see.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from asr_onnx.errors import AsrError
+from asr_onnx.measure.norms import DEFAULT_REFERENCE
+
+# every method in both placements (bn/naive coincide under recal; pre-bn bn is plain BN recalibration)
+AUTO_CANDIDATES = (("bn", "recal", "median"), ("lw", "recal", "median"), ("asr", "recal", "median"),
+                   ("asr", "recal", "mean"), ("bn", "pre-bn", "median"), ("naive", "pre-bn", "median"),
+                   ("lw", "pre-bn", "median"), ("asr", "pre-bn", "median"))
+RECONSTRUCT_CANDIDATES = ("none", "ls")  # the first, the cheaper one, is the default
+RECONSTRUCT_FOLDS = 2  # a refit per fold: the refit is the expensive stage
+PICK_RULE = ("lowest held-out logit error among the candidates whose top-1 agreement with the dense model trails "
+             "the best by at most one paired standard error; the first candidate when it ties on both")
+
+
+def choose(job, calib, candidates=AUTO_CANDIDATES, *, folds: int = 4, seed: int = 0, recal: str = "exact",
+           momentum: float = 0.1, correct_head: bool = True, reference: str = DEFAULT_REFERENCE) -> tuple[dict, list[dict]]:
+    """Scores every candidate of ``auto`` on held-out calibration data and picks one (see :func:`pick`).
+
+    Args:
+        job: the measured or unmeasured Repair, after prune; its probes are :meth:`Repair.fork` s of it.
+        calib: a calib.CalibSet (needs ``folds``).
+        candidates: (method, placement, lambda_rule) triples. Defaults to AUTO_CANDIDATES.
+        folds, seed: the parts and their seed. Defaults to 4 and 0.
+        recal, momentum, correct_head: as for :meth:`Repair.correct`. Defaults to "exact", 0.1 and True.
+        reference: as for :meth:`Repair.measure`. Defaults to DEFAULT_REFERENCE.
+
+    Returns:
+        (the picked score, every candidate's score): each score names its method, placement and
+        lambda_rule, with its held-out agreement (None where top-1 means nothing) and logit_rel_l2.
+    """
+    def candidate(method, placement, rule):
+        return lambda probe: probe.correct(method, placement=placement, recal=recal, momentum=momentum,
+                                           lambda_rule=rule, correct_head=correct_head).fold().output
+
+    scored = held_out_scores(job, calib, [candidate(*c) for c in candidates], folds=folds, seed=seed,
+                             measure={"reference": reference})
+    return _pick_scored([{"method": m, "placement": p, "lambda_rule": r} for m, p, r in candidates], *scored)
+
+
+def choose_reconstruction(job, calib, correction: dict, *, measure: dict, folds: int = RECONSTRUCT_FOLDS,
+                          seed: int = 0, max_gram_mb: float = 256.0, passes: int = 0,
+                          samples: int = 0) -> tuple[dict, list[dict]]:
+    """Scores the model refitted or not (RECONSTRUCT_CANDIDATES) on held-out calibration data, and picks one.
+
+    For each fold, a probe starting from the model as pruned is refitted or not on the fit part only,
+    measured and corrected on it with ``correction``, and scored on the held-out part against the dense
+    model (:func:`pick`, with "none" the default: the cheaper one is kept where the held-out data cannot
+    tell them apart). The refit is the expensive candidate, so 2 folds: 2 refits on half the set.
+
+    Args:
+        job: the Repair after prune, not yet refitted.
+        calib: a calib.CalibSet (needs ``folds``).
+        correction: keyword arguments of :meth:`Repair.correct` (its ``method`` "none": the probe as it is).
+        measure: keyword arguments of :meth:`Repair.measure`.
+        folds, seed: the parts and their seed. Defaults to RECONSTRUCT_FOLDS (2) and 0.
+        max_gram_mb, passes, samples: as for :meth:`Repair.reconstruct`. Defaults to 256, 0 and 0.
+
+    Returns:
+        (the picked score, every candidate's score): each names its ``reconstruct``, with its held-out
+        agreement (None where top-1 means nothing) and logit_rel_l2.
+    """
+    correct = correction.get("method") != "none"
+
+    def fitted(fit):
+        for refit in RECONSTRUCT_CANDIDATES:
+            probe = fit_probe(job, fit, seed=seed, measure=measure if correct else None,
+                              reconstruct={"method": refit, "max_gram_mb": max_gram_mb, "passes": passes,
+                                           "samples": samples, "seed": seed})
+            yield probe.correct(**correction).fold().output if correct else probe.pruned
+
+    scored = cross_fit(job, calib, fitted, len(RECONSTRUCT_CANDIDATES), folds=folds, seed=seed)
+    return _pick_scored([{"reconstruct": refit} for refit in RECONSTRUCT_CANDIDATES], *scored)
+
+
+def _pick_scored(names: list[dict], matches, err2, ref2) -> tuple[dict, list[dict]]:
+    """Each candidate's held-out scores beside its name, and :func:`pick`'s choice (the first is the default)."""
+    from asr_onnx.verify.evaluation import logit_rel_l2
+
+    no_top1 = matches[0] is None
+    # no agreement where it means nothing (a detector): every candidate ties on it
+    matches = [np.zeros(len(e)) for e in err2] if no_top1 else matches
+    scores = [name | {"agreement": None if no_top1 else float(m.mean()), "logit_rel_l2": logit_rel_l2(e, ref2)}
+              for name, m, e in zip(names, matches, err2)]
+    return pick(scores, matches, err2), scores
+
+
+def pick(scores: list[dict], matches: list, errors: list | None = None, default: int = 0) -> dict:
+    """The best candidate: top-1 agreement first, where a candidate that trails the best by at most one
+    standard error of the paired difference (same held-out samples) ties; the lower logit error breaks ties.
+    When the default candidate ties on agreement and its logit error too is within one paired standard
+    error of the winner's, the held-out data cannot tell them apart, and the default is kept.
+
+    Args:
+        scores: per candidate, a dict with "logit_rel_l2"; each gets "tied" (bool) set here.
+        matches: per candidate, a bool array over the held-out samples: agrees with the dense model.
+        errors: per candidate, the squared logit error of each held-out sample. Defaults to None (no
+            fallback to the default).
+        default: the index of the default candidate. Defaults to 0.
+    """
+    best = max(range(len(matches)), key=lambda i: matches[i].mean())
+    for score, agrees in zip(scores, matches):
+        score["tied"] = _within_one_se(matches[best].astype(np.float64) - agrees)
+    winner = min((i for i, s in enumerate(scores) if s["tied"]), key=lambda i: scores[i]["logit_rel_l2"])
+    if errors is not None and scores[default]["tied"] and _within_one_se(errors[default] - errors[winner]):
+        return scores[default]
+    return scores[winner]
+
+
+def _within_one_se(diff: np.ndarray) -> bool:
+    """Does a candidate trail by at most one standard error? ``diff``: how much worse it is, sample by sample."""
+    return bool(diff.mean() <= diff.std() / np.sqrt(max(len(diff), 1)))
+
+
+def held_out_scores(job, calib, variants, *, folds: int, seed: int, measure: dict, reconstruct: dict | None = None,
+                    batch_size: int | None = None):
+    """Scores every variant on every calibration sample, each time with a probe fitted on the other folds.
+
+    Args:
+        job: the Repair whose dense and pruned models the probes share.
+        calib: the calibration set (needs ``folds``).
+        variants: functions ``probe -> onnx.ModelProto``; a probe is a measured Repair on the fit folds (a
+            :meth:`Repair.fork` of ``job``, see :func:`fit_probe`).
+        folds: how many parts; each sample is held out once.
+        seed: the parts' seed, and the probes' batch order.
+        measure: keyword arguments of the probes' :meth:`Repair.measure`.
+        reconstruct: keyword arguments of the probes' :meth:`Repair.reconstruct`, or None to share ``job``'s
+            pruned model. Defaults to None.
+        batch_size: samples per evaluation run. Defaults to None (evaluate's own default).
+
+    Returns:
+        as for :func:`cross_fit`.
+    """
+    def fitted(fit):
+        probe = fit_probe(job, fit, seed=seed, measure=measure, reconstruct=reconstruct)
+        return (variant(probe) for variant in variants)
+
+    return cross_fit(job, calib, fitted, len(variants), folds=folds, seed=seed, batch_size=batch_size)
+
+
+def fit_probe(job, fit, *, seed: int, measure: dict | None, reconstruct: dict | None = None):
+    """A :meth:`Repair.fork` of ``job`` fitted on ``fit`` only.
+
+    Args:
+        job: the Repair to fork.
+        fit: the fit part of the calibration set.
+        seed: the probe's batch order.
+        measure: keyword arguments of the probe's :meth:`Repair.measure`, or None to leave it unmeasured.
+        reconstruct: keyword arguments of :meth:`Repair.reconstruct`: the probe starts from ``job.pruned_alone``
+            and is refitted on ``fit`` (a refit on the whole set would have seen the held-out part). None
+            shares ``job``'s pruned model. Defaults to None.
+    """
+    probe = job.fork(batch_size=min(job.requested_batch, len(fit)), progress=False, refit=reconstruct is None)
+    if reconstruct is not None:
+        probe.reconstruct(fit, **reconstruct)
+    if measure is not None:
+        probe.measure(fit, seed=seed, **measure)
+    return probe
+
+
+def cross_fit(job, calib, fitted, count: int, *, folds: int, seed: int, batch_size: int | None = None):
+    """The fold loop of :func:`held_out_scores`, for variants that each need their own probe (such as a refit).
+
+    Args:
+        job: the Repair whose dense model is the reference.
+        calib: the calibration set (needs ``folds``).
+        fitted: ``fit set -> iterable of count onnx.ModelProto``, each fitted on that set only (an
+            iterator is evaluated model by model, so one variant's probe at a time is held).
+        count: how many models ``fitted`` gives.
+        folds: how many parts; each sample is held out once.
+        seed: the parts' seed.
+        batch_size: samples per evaluation run. Defaults to None (evaluate's own default).
+
+    Returns:
+        (matches, err2, ref2): per variant, each held-out sample's top-1 match with dense (None for every
+        variant where top-1 means nothing, such as a detector's output) and its squared error; and the
+        dense outputs' squared norm, the same for every variant.
+    """
+    from asr_onnx.calib.specs import fixed_batch
+    from asr_onnx.verify.evaluation import evaluate
+
+    sizing = {} if batch_size is None else {"batch_size": batch_size}
+    matches, err2, ref2 = [[] for _ in range(count)], [[] for _ in range(count)], 0.0
+    parts, fixed = calib.folds(folds, seed), fixed_batch(job.specs) or 1
+    if any(len(held) % fixed for _, held in parts):  # a fixed batch cannot run a partial one
+        raise AsrError(f"the model fixes its batch at {fixed}, and {len(calib)} calibration samples do not cut into "
+                       f"{folds} held-out parts of whole batches; give a multiple of {folds * fixed} samples")
+    for fit, held in parts:
+        dense_outputs: list = []  # filled by the first evaluation, reused by the others
+        for i, model in enumerate(fitted(fit)):
+            result = evaluate(model, held, reference=job.dense, device=job.device, progress=False,
+                              reference_logits=dense_outputs, per_sample=True, **sizing)
+            matches[i].append(result["matches"])
+            err2[i].append(result["err2"])
+        ref2 += result["ref2"]
+    has_top1 = all(m is not None for per_fold in matches for m in per_fold)
+    return ([np.concatenate(m) for m in matches] if has_top1 else [None] * count,
+            [np.concatenate(e) for e in err2], ref2)

@@ -1,0 +1,48 @@
+"""Parameters and multiply-accumulates of a model, per sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+
+def params(model: onnx.ModelProto) -> int:
+    """Elements of every floating-point initializer."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+    return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if t.data_type in floats))
+
+
+def layer_macs(model: onnx.ModelProto, shapes: dict | None = None) -> dict[str, int]:
+    """Node (first output name) -> multiply-accumulates per sample of each Conv, ConvTranspose, Gemm and MatMul
+    with a constant weight, from ONNX shape inference (a node whose shapes it cannot find counts 0).
+
+    Args:
+        shapes: the model's :func:`asr_onnx.model.graph.static_shapes`, when the caller has them. Defaults to None
+            (inferred here).
+    """
+    from asr_onnx.model.graph import static_shapes
+
+    shapes = static_shapes(model) if shapes is None else shapes
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    macs = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        weight, out = weights.get(node.input[1]), shapes.get(node.output[0])
+        if weight is None or out is None or not all(isinstance(d, int) for d in out[1:]):
+            continue
+        if node.op_type == "Conv":  # every output element: (in / group) * kernel products
+            macs[node.output[0]] = int(np.prod(out[1:], dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
+        elif node.op_type == "ConvTranspose":  # every input element: (out / group) * kernel products
+            x = shapes.get(node.input[0])
+            if x is not None and all(isinstance(d, int) for d in x[1:]):
+                macs[node.output[0]] = int(np.prod(x[1:], dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
+        else:  # rows per sample times the weight
+            rows = int(np.prod(out[1:-1], dtype=np.int64)) if len(out) > 2 else 1
+            macs[node.output[0]] = rows * int(np.prod(weight, dtype=np.int64))
+    return macs
+
+
+def macs(model: onnx.ModelProto) -> int:
+    """Multiply-accumulates per sample of the model's Conv, ConvTranspose, Gemm and MatMul layers."""
+    return int(sum(layer_macs(model).values()))

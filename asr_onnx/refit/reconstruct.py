@@ -1,0 +1,381 @@
+"""Least-squares reconstruction: the kept weights of every layer refitted so that the pruned layer's output,
+on its input in the network pruned and refitted so far, matches the dense layer's output on its dense input.
+
+For output row o with kept inputs S, the ridge problem
+
+    min_w ||X_S w - y_o||² + λ ||w - w_dense,S||²,    λ = damping · mean(diag(XᵀX))
+
+is solved on the host from the Gram sums (float64). Its prior is the dense weight, so that a layer whose
+input is unchanged and which loses no weight refits to itself, and the solution never fits the calibration
+data worse than the pruned weights do (their penalty is 0). Pruned weights stay zero: the sparsity and any
+N:M pattern hold exactly. Layers are refitted one depth level at a time (one Gram pass per level).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from asr_onnx.calib.specs import fixed_batch, input_specs
+from asr_onnx.errors import AsrError
+from asr_onnx.measure.stats import GramStats
+from asr_onnx.refit.gram import (
+    accumulate,
+    add_batch,
+    from_rows,
+    patch_size,
+    weight_rows,
+)
+
+METHODS = ("none", "ls")
+DAMPING = 0.01  # 1% of the mean diagonal of XᵀX, as in the PyTorch reference
+
+
+def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, damping: float = DAMPING):
+    """The ridge refit of every output row on its kept inputs.
+
+    Args:
+        dense_rows: (output channels, patch length) dense weights (see :func:`asr_onnx.refit.gram.weight_rows`).
+        keep: the same shape, True where a weight survives pruning.
+        gram: the layer's sums, groups along the first axis of ``xtx`` and ``xty``.
+        damping: λ as a fraction of the mean diagonal of each group's XᵀX. Defaults to 0.01.
+
+    Returns:
+        (refitted rows, zero where ``keep`` is False; a dict with err_before, err_after and cond).
+    """
+    groups, per_group = gram.xtx.shape[0], dense_rows.shape[0] // gram.xtx.shape[0]
+    dense_rows = dense_rows.astype(np.float64)
+    rows = np.where(keep, dense_rows, 0.0)
+    before = after = 0.0
+    cond = 1.0
+    for g in range(groups):
+        xtx, xty = gram.xtx[g], gram.xty[g]
+        lam = damping * float(np.mean(np.diag(xtx)))
+        block = slice(g * per_group, (g + 1) * per_group)
+        old = rows[block].copy()
+        if lam > 0:
+            damped = xtx + lam * np.eye(len(xtx))
+            rhs = xty.T + lam * dense_rows[block]  # (rows, patch): each row's right-hand side on every input
+            inverse = _inverse(damped) if (~keep[block]).sum(axis=1).min() < keep[block].sum(axis=1).max() else None
+            masks, which = np.unique(keep[block], axis=0, return_inverse=True)
+            for m, kept in enumerate(masks):  # rows with one mask (all of them, after channel pruning) share a solve
+                same = np.flatnonzero(which.reshape(-1) == m)
+                rows[g * per_group + same] = _solve_kept(damped, inverse, rhs[same], kept)
+            eig = np.linalg.eigvalsh(damped)
+            cond = max(cond, float(eig[-1] / max(eig[0], lam)))
+        before += _residual(old, xtx, xty)
+        after += _residual(rows[block], xtx, xty)
+    total = float(gram.yy.sum())
+    scale = max(total, np.finfo(np.float64).tiny)
+    return rows, {"err_before": float(np.sqrt(max(before + total, 0.0) / scale)),
+                  "err_after": float(np.sqrt(max(after + total, 0.0) / scale)), "cond": cond}
+
+
+def _solve_kept(damped: np.ndarray, inverse: np.ndarray | None, rhs: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """argmin ½wᵀAw − bᵀw with w zero off ``kept``, for each row b of ``rhs`` (rows sharing that mask): A_SS⁻¹ b_S
+    on the kept set S, or, when fewer inputs are pruned (P) than kept, the same from A⁻¹ = H:
+    w = Hb − H_{:,P} H_PP⁻¹ (Hb)_P (a Lagrange multiplier per pruned weight), a |P|-sized solve."""
+    w = np.zeros_like(rhs)
+    pruned = np.flatnonzero(~kept)
+    if inverse is not None and pruned.size < kept.sum():
+        free = rhs @ inverse  # H is symmetric: each row is (H b)ᵀ
+        w = free - np.linalg.solve(inverse[np.ix_(pruned, pruned)], free[:, pruned].T).T @ inverse[pruned]
+        w[:, pruned] = 0.0  # exactly zero, not rounding noise
+    elif kept.any():
+        s = np.flatnonzero(kept)
+        w[:, s] = np.linalg.solve(damped[np.ix_(s, s)], rhs[:, s].T).T
+    return w
+
+
+def _inverse(damped: np.ndarray) -> np.ndarray:
+    """A⁻¹ of a symmetric positive definite A, from its Cholesky factor."""
+    lower_inv = np.linalg.inv(np.linalg.cholesky(damped))
+    return lower_inv.T @ lower_inv
+
+
+def _residual(rows: np.ndarray, xtx: np.ndarray, xty: np.ndarray) -> float:
+    """Σ_o ||X w_o - y_o||² less ΣY² (which the caller adds once per layer): Σ_o wᵀXᵀXw - 2wᵀXᵀy."""
+    return float(np.sum((rows @ xtx) * rows) - 2 * np.sum(rows * xty.T))
+
+
+def layer_levels(graph, layers) -> list[int]:
+    """Per layer, the largest number of prunable layers on a path from the graph inputs to its data input."""
+    by_node = {id(layer.node): i for i, layer in enumerate(layers)}
+    depth, levels = {}, [0] * len(layers)
+    graph.toposort()
+    for node in graph.nodes:
+        level = max((depth.get(t.name, 0) for t in node.inputs), default=0)
+        if id(node) in by_node:
+            level = depth.get(node.inputs[0].name, 0)
+            levels[by_node[id(node)]] = level
+            level += 1
+        for t in node.outputs:
+            depth[t.name] = level
+    return levels
+
+
+def gram_bytes(layer) -> int:
+    """The float64 bytes of a layer's XᵀX and XᵀY."""
+    groups, length, per_group = patch_size(layer)
+    return 8 * groups * length * (length + per_group)
+
+
+def skip_reason(layer, shared: bool, max_gram_mb: float) -> str | None:
+    """Why a layer is not refitted, or None."""
+    if layer.op not in ("Conv", "Gemm", "MatMul"):
+        return f"{layer.op} is not refitted"
+    if layer.op == "MatMul" and len(layer.weight.shape) != 2:
+        return "MatMul weight of rank > 2"
+    if layer.weight.values.dtype != np.float32:
+        return f"{layer.weight.values.dtype} weight (float32 only)"
+    if shared:
+        return "weight shared by several layers"
+    if gram_bytes(layer) > max_gram_mb * 2**20:
+        return f"Gram matrix of {gram_bytes(layer) / 2**20:.0f} MB exceeds --max-gram-mb {max_gram_mb:g}"
+    return None
+
+
+def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", threads: int = 0,
+                progress: bool = False, max_gram_mb: float = 256.0, damping: float = DAMPING, passes: int = 0,
+                frontier_mb: float = 0.0, max_frontier_mb: float = 8192.0, row_scales: list | None = None):
+    """Refits every prunable layer of ``pruned``, level by level, against ``dense``.
+
+    A layer is left as it is when it lost no weight and nothing upstream changed (its refit is itself).
+    Each level's pass starts from the activations (pruned and dense) where the previous pass stopped, kept
+    per batch (see :mod:`asr_onnx.refit.frontier`), and runs only the part of both networks up to that level.
+
+    Args:
+        dense, pruned: onnx.ModelProto of the same graph, ``pruned`` with zeroed weights.
+        calib: the calibration set.
+        batch_size, device, threads, progress: as for the statistics passes.
+        max_gram_mb: skip a layer whose float64 XᵀX and XᵀY would exceed this. Defaults to 256.
+        damping: see :func:`refit_rows`. Defaults to 0.01.
+        passes: Gram passes over the calibration set; 0 is one per depth level (exactly sequential). With
+            fewer, consecutive levels share a pass, and a layer's input then comes from the network whose
+            earlier passes' layers are refitted and the same pass's only pruned; such passes run the whole
+            network prefix each time. Defaults to 0.
+        frontier_mb: MB of kept activations held in memory; the rest waits in a temporary folder (see
+            :class:`asr_onnx.refit.frontier.BatchStore`). Defaults to 0.
+        max_frontier_mb: a frontier larger than this is not kept: the next pass starts from the last one
+            kept (or from the calibration set) and runs more of the network. Defaults to 8192.
+        row_scales: per layer, a factor per output row (or None) by which ``pruned``'s weights differ from
+            the dense frame the refit solves in (a correction folded into the layer, see :func:`row_scales`):
+            each refitted row is written times it, so that the layer keeps its correction. Defaults to None.
+
+    Returns:
+        (the refitted onnx.ModelProto, per layer a dict: err_before, err_after, gram_size, cond, or
+        skipped; timings {"gram": s, "solve": s}; the provider, or None when no pass ran).
+    """
+    from asr_onnx.model.graph import find_layers, to_graph, to_model
+
+    graph = to_graph(pruned)
+    layers = find_layers(graph)
+    levels = layer_levels(graph, layers)
+    count = max(levels, default=-1) + 1
+    if 0 < passes < count:  # consecutive levels share a pass
+        levels = [level * passes // count for level in levels]
+    uses: dict[str, int] = {}
+    for layer in layers:
+        uses[layer.weight.name] = uses.get(layer.weight.name, 0) + 1
+    reasons = [skip_reason(layer, uses[layer.weight.name] > 1, max_gram_mb) for layer in layers]
+    dense_values = [layer.weight.values for layer in find_layers(to_graph(dense))]
+    refits: list[dict] = [{} for _ in layers]
+    changed = [bool((layer.weight.values != d).any()) for layer, d in zip(layers, dense_values)]
+    timings, provider, model = {"gram": 0.0, "solve": 0.0}, None, pruned
+    options = dict(batch_size=batch_size, device=device, threads=threads, progress=progress)
+    walk = None
+    try:
+        for level in range(max(levels, default=-1) + 1):
+            todo = []
+            for i, layer in enumerate(layers):
+                if levels[i] != level:
+                    continue
+                reason = reasons[i]
+                if reason is None and not changed[i] and not _upstream_changed(layer, graph, layers, changed):
+                    reason = "dense, and its input is unchanged"
+                if reason:
+                    refits[i] = {"skipped": reason}
+                else:
+                    todo.append(i)
+            if not todo:
+                continue
+            start = time.perf_counter()
+            if passes:
+                grams, provider = accumulate(dense, model, todo, calib, desc=f"gram {level + 1}", **options)
+            else:
+                if walk is None:
+                    walk = _Walk(dense, pruned, options, frontier_mb, max_frontier_mb)
+                later = any(levels[j] > level and reasons[j] is None for j in range(len(layers)))
+                grams, provider = walk.grams(todo, calib, level, keep=later)
+            timings["gram"] += time.perf_counter() - start
+            start = time.perf_counter()
+            for i, gram in zip(todo, grams):
+                layer = layers[i]
+                if not all(np.isfinite(a).all() for a in (gram.xtx, gram.xty, gram.yy)):
+                    refits[i] = {"skipped": "its Gram sums overflow float32 (activations too large to square)"}
+                    continue
+                rows = weight_rows(layer, dense_values[i])
+                keep = weight_rows(layer, layer.weight.values) != 0
+                new_rows, info = refit_rows(rows, keep, gram, damping)
+                if not np.isfinite(new_rows).all():
+                    raise AsrError(f"the refit of layer {layer.name} is not finite")
+                if row_scales is not None and row_scales[i] is not None:
+                    new_rows = new_rows * row_scales[i][:, None]
+                layer.weight.values = from_rows(layer, new_rows.astype(np.float32))
+                if walk is not None:
+                    walk.both.set_weight(i, layer.weight.values)
+                changed[i] = True
+                refits[i] = dict(info, gram_size=int(gram.xtx.shape[-1]))
+            timings["solve"] += time.perf_counter() - start
+            if passes:  # the next pass runs the whole network as refitted so far
+                model = to_model(graph, pruned)
+    finally:
+        if walk is not None:
+            walk.store.close()
+    return (to_model(graph, pruned) if any(changed) else pruned), refits, timings, provider
+
+
+def _rows(layer):
+    """The layer's weight as float64 rows, or None where the refit does not apply (see :func:`skip_reason`)."""
+    if layer.op not in ("Conv", "Gemm", "MatMul") or (layer.op == "MatMul" and len(layer.weight.shape) != 2):
+        return None
+    return weight_rows(layer, layer.weight.values).astype(np.float64)
+
+
+def row_scales(base, corrected) -> list:
+    """Per layer, the factor per output row by which ``corrected``'s weights are ``base``'s (a correction
+    folded into the layer; 1 where a row is zero or nothing was folded), by least squares on each row.
+
+    Args:
+        base, corrected: onnx.ModelProto of the same graph, such as a Repair's pruned model and its output.
+
+    Returns:
+        per layer (find_layers order) an array of one factor per output row, or None for a layer the
+        refit does not apply to.
+
+    Raises:
+        AsrError: the graphs do not have the same layers.
+    """
+    from asr_onnx.model.graph import find_layers, to_graph
+
+    pairs = list(zip(find_layers(to_graph(base)), find_layers(to_graph(corrected)), strict=False))
+    if len(pairs) != len(find_layers(to_graph(base))) or any(a.weight.shape != b.weight.shape for a, b in pairs):
+        raise AsrError("the corrected model does not have the layers of the pruned one")
+    scales = []
+    for a, b in pairs:
+        old, new = _rows(a), _rows(b)
+        if old is None or new is None:
+            scales.append(None)
+            continue
+        norm = np.sum(old * old, axis=1)
+        scale = np.sum(old * new, axis=1) / np.maximum(norm, np.finfo(np.float64).tiny)
+        scales.append(np.where((norm > 0) & (scale != 0), scale, 1.0))  # a zeroed row keeps no frame to undo
+    return scales
+
+
+def unscaled_refit(base, refitted, scales: list, refits: list):
+    """``base`` with the weights that :func:`reconstruct` refitted in ``refitted`` (with ``row_scales``),
+    divided by those scales; ``base``'s zeros stay zero.
+
+    Raises:
+        AsrError: a weight would not be finite.
+    """
+    from asr_onnx.model.graph import find_layers, to_graph, to_model
+
+    graph = to_graph(base)
+    for layer, new, scale, refit in zip(find_layers(graph), find_layers(to_graph(refitted)), scales, refits,
+                                        strict=True):
+        if "err_after" not in refit:
+            continue
+        rows = _rows(new) / (1.0 if scale is None else scale[:, None])
+        values = np.where(layer.weight.values != 0, from_rows(layer, rows), 0.0).astype(layer.weight.values.dtype)
+        if not np.isfinite(values).all():
+            raise AsrError(f"the second refit of layer {layer.name} is not finite")
+        layer.weight.values = values
+    return to_model(graph, base)
+
+
+class _Walk:
+    """The frontier passes of one refit: the store holds, per batch, the frontier at depth ``at`` of both
+    networks (-1: nothing yet, the passes start from the calibration batches).
+
+    Args:
+        dense, pruned: the models, as for :func:`reconstruct`.
+        options: batch_size, device, threads, progress.
+        frontier_mb, max_frontier_mb: as for :func:`reconstruct`.
+    """
+
+    def __init__(self, dense, pruned, options: dict, frontier_mb: float, max_frontier_mb: float):
+        from asr_onnx.refit.frontier import BatchStore
+        from asr_onnx.refit.gram import SideBySide
+
+        self.both, self.options, self.at = SideBySide(dense, pruned), options, -1
+        self.store, self.cap = BatchStore(frontier_mb), max_frontier_mb * 2**20
+        self.held = [t.name for t in self.both.graph.inputs]
+        self.fixed = fixed_batch(input_specs(pruned))
+
+
+    def grams(self, todo: list[int], calib, level: int, keep: bool):
+        """Runs both networks from the held frontier to depth ``level``, returns the Gram sums of ``todo``
+        and, with ``keep``, holds the frontier at ``level`` for the next pass (unless it would exceed
+        ``max_frontier_mb``: the next pass then starts from the frontier held now)."""
+        from asr_onnx.errors import first_line
+        from asr_onnx.model.session import make_session, provider_of, release_memory
+        from asr_onnx.progress import bar
+
+        wanted = self.both.frontier(level) if keep else []
+        produced = [n for n in wanted if n not in self.held]
+        batch_size, fixed = self.options["batch_size"], self.fixed
+        if self.at < 0:
+            feeds = (feed for feed in calib.batches(batch_size) if not fixed or len(next(iter(feed.values()))) == fixed)
+            total = -(-len(calib) // batch_size)
+        else:
+            feeds = (self.store.get(i) for i in range(len(self.store)))
+            total = len(self.store)
+        session = grams = None
+        totals: list = [None] * len(todo)
+        for index, feed in enumerate(bar(feeds, total=total, desc=f"gram {level + 1}", enabled=self.options["progress"])):
+            if session is None:
+                segment, grams = self.both.segment(self.at, level, todo, {n: feed[n].dtype for n in self.held}, produced)
+                try:
+                    session = make_session(segment, self.options["device"], self.options["threads"], mem_pattern=False)
+                except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: an unknown op, a bad graph
+                    raise AsrError(f"onnxruntime cannot load the Gram graph: {first_line(e)}") from None
+                del segment
+                needed = [i.name for i in session.get_inputs()]
+                outputs = [name for gram in grams for name in gram.names] + produced
+            try:
+                values = dict(zip(outputs, session.run(outputs, {n: feed[n] for n in needed})))
+            except Exception as e:  # noqa: BLE001
+                raise AsrError(f"onnxruntime failed on a calibration batch: {first_line(e)}") from None
+            add_batch(totals, grams, values)
+            if keep and index == 0:  # the frontier of every batch is about the size of the first one's
+                size = sum((values[n] if n in produced else feed[n]).nbytes for n in wanted)
+                keep = size * total <= self.cap
+            if keep:
+                self.store.put(index, {n: values[n] if n in produced else feed[n] for n in wanted})
+        if session is None or totals[0] is None:
+            raise AsrError(f"the calibration set has no full batch of {fixed} samples, the model's fixed batch size")
+        provider = provider_of(session)
+        del session
+        release_memory()
+        if keep:
+            self.held, self.at = wanted, level
+        return totals, provider
+
+
+def _upstream_changed(layer, graph, layers, changed) -> bool:
+    """Whether any changed layer lies upstream of ``layer``'s data input."""
+    changed_nodes = {id(other.node) for other, c in zip(layers, changed) if c}
+    seen, stack = set(), [layer.node.inputs[0]]
+    while stack:
+        tensor = stack.pop()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        for producer in tensor.inputs:
+            if id(producer) in changed_nodes:
+                return True
+            stack.extend(producer.inputs)
+    return False

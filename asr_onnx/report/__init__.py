@@ -1,0 +1,1 @@
+"""The report: its record, JSON, HTML page, plots, terminal summary, and `inspect`."""

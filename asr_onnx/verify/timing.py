@@ -1,0 +1,200 @@
+"""Measured onnxruntime speed of a model, against a reference model in the same run.
+
+Both sessions are made first; each is then run ``warmup`` times (not timed), then the timed runs
+alternate between the two models, the first model of each round swapping from one round to the next
+(ABBAAB...), so that a slow drift of the machine (another job, the CPU's clock) falls on both alike.
+Every run feeds the same seeded random batch. Figures are medians with the interquartile range.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import onnx
+
+from asr_onnx.errors import AsrError, first_line
+
+MODEL, REFERENCE = "model", "reference"
+
+
+def bench(model, reference=None, *, batch_size: int = 1, threads: int = 0, device: str = "cpu",
+          runs: int = 30, warmup: int = 5, seed: int = 0) -> dict:
+    """Median latency and throughput of ``model`` in onnxruntime, and of ``reference`` alternating with it.
+
+    Args:
+        model: the model to time (an onnx.ModelProto or a path).
+        reference: a model with the same inputs (the dense one) to time alternately in the same run, or
+            None. Defaults to None.
+        batch_size: samples per run, for a dynamic batch axis; a fixed batch must equal it. Defaults to 1.
+        threads: onnxruntime intra-op threads; 0 lets onnxruntime choose. Defaults to 0.
+        device: "cpu", "cuda" or "auto" (see runtime.providers). Defaults to "cpu".
+        runs: timed runs per model. Defaults to 30.
+        warmup: untimed runs per model before the first timed one. Defaults to 5.
+        seed: seed of the random input batch. Defaults to 0.
+
+    Returns:
+        {"settings", "models": {"model": stats[, "reference": stats]}, "schedule": the order of the timed
+        runs, "speedup": reference median / model median (or None), "output_rel_l2": relative L2
+        distance of the model's outputs from the reference's on the timed batch (or None), "trtexec"}.
+        Each stats dict has "path", "provider", "latency_ms" {"median", "q1", "q3", "iqr", "min"},
+        "throughput" (samples/s at the median), "runs_ms" (every timed run).
+
+    Raises:
+        AsrError: a model that cannot be read or run, inputs that differ between the two models, a
+            non-batch axis that is not fixed, a fixed batch other than ``batch_size``, or a count < 1.
+    """
+    from asr_onnx.calib import input_specs
+    from asr_onnx.model.files import load_model
+    from asr_onnx.model.session import make_session, provider_of, runner
+
+    if batch_size < 1 or runs < 1 or warmup < 0 or threads < 0:
+        raise AsrError("bench needs batch_size >= 1, runs >= 1, warmup >= 0 and threads >= 0")
+    protos, paths = {}, {}
+    for key, value in ((MODEL, model), (REFERENCE, reference)):
+        if value is None:
+            continue
+        paths[key] = None if isinstance(value, onnx.ModelProto) else str(value)
+        protos[key] = value if isinstance(value, onnx.ModelProto) else load_model(value)
+    specs = input_specs(protos[MODEL])
+    feed = random_feed(specs, batch_size, seed)
+    if REFERENCE in protos:
+        _check_same_inputs(specs, input_specs(protos[REFERENCE]))
+    sessions = {key: make_session(proto, device=device, threads=threads) for key, proto in protos.items()}
+    run_fns = {key: runner(session) for key, session in sessions.items()}
+    names = {key: [o.name for o in session.get_outputs()] for key, session in sessions.items()}
+
+    def run_once(key):
+        try:
+            return run_fns[key](names[key], feed)
+        except Exception as e:  # a shape the graph rejects, a kernel failure: one line
+            raise AsrError(f"onnxruntime cannot run the {key}: {type(e).__name__}: {first_line(e)}") from None
+
+    outputs = {}
+    for key in sessions:
+        for _ in range(warmup):
+            run_once(key)
+    timings: dict[str, list[float]] = {key: [] for key in sessions}
+    schedule = []
+    for order in alternating_schedule(list(sessions), runs):
+        for key in order:
+            start = time.perf_counter()
+            result = run_once(key)
+            timings[key].append(1e3 * (time.perf_counter() - start))
+            schedule.append(key)
+            outputs.setdefault(key, result)
+    stats = {key: {"path": paths[key], "provider": provider_of(sessions[key]),
+                   **summarize(timings[key], batch_size)} for key in sessions}
+    speedup = rel_l2 = None
+    if REFERENCE in stats:
+        speedup = stats[REFERENCE]["latency_ms"]["median"] / stats[MODEL]["latency_ms"]["median"]
+        rel_l2 = output_rel_l2(outputs[MODEL], outputs[REFERENCE])
+    return {
+        "settings": {"batch_size": batch_size, "threads": threads, "device": device, "runs": runs,
+                     "warmup": warmup, "seed": seed, "onnxruntime": _ort_version()},
+        "models": stats,
+        "schedule": schedule,
+        "speedup": speedup,
+        "output_rel_l2": rel_l2,
+        "trtexec": trtexec_command(protos[MODEL], paths[MODEL], feed),
+    }
+
+
+def alternating_schedule(keys: list[str], runs: int) -> list[list[str]]:
+    """``runs`` rounds over ``keys``, each round in the reverse order of the one before (AB, BA, AB...)."""
+    return [keys if i % 2 == 0 else keys[::-1] for i in range(runs)]
+
+
+def summarize(runs_ms: list[float], batch_size: int) -> dict:
+    """Median, quartiles and minimum of the run times (ms), and the throughput at the median (samples/s)."""
+    q1, median, q3 = (float(v) for v in np.percentile(runs_ms, [25, 50, 75]))
+    return {"latency_ms": {"median": median, "q1": q1, "q3": q3, "iqr": q3 - q1, "min": float(min(runs_ms))},
+            "throughput": batch_size / (median / 1e3), "runs_ms": [float(v) for v in runs_ms]}
+
+
+def random_feed(specs, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A seeded standard-normal batch for every input (zeros for integer and boolean inputs).
+
+    The first axis is the batch: a symbolic one takes ``batch_size``, a fixed one must equal it.
+    Every other axis must be fixed.
+    """
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in specs:
+        if not spec.shape:
+            raise AsrError(f"input {spec.name!r} is a scalar; bench needs a batch axis")
+        first, rest = spec.shape[0], spec.shape[1:]
+        if isinstance(first, int) and first > 0 and first != batch_size:
+            raise AsrError(f"input {spec.name!r} fixes a batch of {first}; pass --batch-size {first}")
+        if any(not isinstance(d, int) or d < 1 for d in rest):
+            raise AsrError(f"input {spec.name!r} has a non-batch axis that is not fixed {spec.describe()}")
+        shape = (batch_size, *rest)
+        if np.issubdtype(spec.dtype, np.floating):
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        else:
+            feed[spec.name] = np.zeros(shape, spec.dtype)
+    return feed
+
+
+def _check_same_inputs(model_specs, reference_specs) -> None:
+    def text(specs):
+        return ", ".join(f"{s.name} {s.dtype} {s.describe()}" for s in specs)
+
+    def key(specs):
+        return sorted((s.name, str(s.dtype), tuple(d if isinstance(d, int) else None for d in s.shape)) for s in specs)
+
+    if key(model_specs) != key(reference_specs):
+        raise AsrError(f"the model and the reference have different inputs: {text(model_specs)} against "
+                       f"{text(reference_specs)}")
+
+
+def output_rel_l2(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float | None:
+    """||model - reference|| / ||reference|| over all outputs together; None when their shapes differ."""
+    from asr_onnx.verify.evaluation import logit_rel_l2
+
+    if len(outputs) != len(reference) or any(a.shape != b.shape for a, b in zip(outputs, reference, strict=True)):
+        return None
+    err2 = [np.sum((a.astype(np.float64) - b.astype(np.float64)) ** 2) for a, b in zip(outputs, reference, strict=True)]
+    return logit_rel_l2(np.array(err2), sum(float(np.sum(b.astype(np.float64) ** 2)) for b in reference))
+
+
+def trtexec_command(model: onnx.ModelProto, path: str | None, feed: dict) -> dict:
+    """Where ``trtexec`` is (None when it is not on PATH), and the command line to time the model with it.
+
+    ``--sparsity=enable`` is added when some layer's weights already follow TensorRT's 2:4 pattern
+    (never ``force``, which would prune again without repair); ``--fp16`` because sparse tensor cores
+    need reduced precision.
+    """
+    from asr_onnx.prune.sparsecore import layer_rows
+
+    found = shutil.which("trtexec")
+    shapes = ",".join(f"{name}:{'x'.join(str(d) for d in value.shape)}" for name, value in feed.items())
+    has_24 = any(row["nm_24"] == "yes" and row["eligible"] for row in layer_rows(model))
+    parts = ["trtexec", f"--onnx={path or 'MODEL.onnx'}", f"--shapes={shapes}", "--fp16"]
+    if has_24:
+        parts.append("--sparsity=enable")
+    parts += ["--warmUp=500", "--iterations=100"]
+    return {"found": found, "sparse_24": has_24, "command": " ".join(parts) if found else None}
+
+
+def format_bench(result: dict) -> str:
+    """The terminal summary of :func:`bench`: one line per model, the speed-up, and the trtexec line."""
+    s = result["settings"]
+    lines = [f"batch {s['batch_size']}, threads {s['threads'] or 'auto'}, {s['runs']} alternating runs per model "
+             f"after {s['warmup']} warm-up runs, onnxruntime {s['onnxruntime']}"]
+    for key, stats in result["models"].items():
+        lat = stats["latency_ms"]
+        lines.append(f"{key:9s} {lat['median']:9.3f} ms median (IQR {lat['q1']:.3f}-{lat['q3']:.3f})  "
+                     f"{stats['throughput']:10.1f} samples/s  {stats['provider']}  {stats['path'] or ''}".rstrip())
+    if result["speedup"] is not None:
+        lines.append(f"speed-up {result['speedup']:.2f}x (reference median / model median)")
+    trt = result["trtexec"]
+    lines.append(f"TensorRT: {trt['command']}" if trt["found"] else "TensorRT: trtexec not found on PATH")
+    return "\n".join(lines)
+
+
+def _ort_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__
