@@ -86,6 +86,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     from asr_onnx.outputs import Plan
     from asr_onnx.pipeline.driver import Repair
     from asr_onnx.pipeline.guard import warning_line
+    from asr_onnx.pipeline.recipe import Recipe
     from asr_onnx.prune.channels import SCORES as CHANNEL_SCORES
     from asr_onnx.prune.masks import SCORES as WEIGHT_SCORES
     from asr_onnx.prune.masks import Pattern, check_sparsity
@@ -129,10 +130,11 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     if method != "none":
         dense_stats = load_stats(stats_path, stats_key(job.dense, calib)) if stats_path else None
     job.prune(sparsity, pattern, exclude, keep_first, keep_last, allocation, score, calib, flops_target)
-    job.run(calib, method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
-            correct_head=not no_head, dense_stats=dense_stats, sequential=sequential, fold_bn_nodes=fold_bn,
-            seed=seed, reference=reference, reconstruct=reconstruct, max_gram_mb=max_gram_mb,
-            refit_samples=refit_samples, guard=guard_mode if method != "none" else "off")
+    recipe = Recipe(method=method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
+                    correct_head=not no_head, sequential=sequential, fold_bn=fold_bn, seed=seed, reference=reference,
+                    reconstruct=reconstruct, max_gram_mb=max_gram_mb, refit_samples=refit_samples,
+                    guard=guard_mode if method != "none" else "off")
+    job.run(calib, recipe=recipe, dense_stats=dense_stats)
     warning = warning_line(job.settings.get("guard", {}))
     if warning:
         click.echo(warning, err=True)

@@ -292,8 +292,7 @@ def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, 
         model: with ``outputs``, the model, to probe when an output is not finite. Defaults to None.
     """
     from asr_onnx.calib.specs import fixed_batch, input_specs
-    from asr_onnx.model.session import provider_of, providers, release_memory, runner
-    from asr_onnx.progress import bar
+    from asr_onnx.model.session import Runner, batches, providers
 
     plan = _Plan(dict(scales or {}))
     stats_graph = build(plan)
@@ -302,17 +301,14 @@ def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, 
     if not keys:  # no wanted site in this model: nothing to run
         return {}, providers(device)[0]
     fixed = fixed_batch(input_specs(stats_graph.model))
-    session = _session(source or stats_graph.model, device, threads, outputs is not None)
+    session = Runner(source or stats_graph.model, device=device, threads=threads, mem_pattern=outputs is not None)
     del stats_graph
-    names, run = outputs or [o.name for o in session.get_outputs()], runner(session)
-    per_site = {key: [] for key in keys}
-    total, start = -(-len(calib) // batch_size), 0
-    for feed in bar(calib.batches(batch_size), total=total, desc=desc, enabled=progress):
+    names = outputs or session.output_names
+    per_site: dict = {key: [] for key in keys}
+    for start, feed in batches(calib, batch_size, fixed=fixed, desc=desc, progress=progress):
         samples = len(next(iter(feed.values())))
-        if fixed and samples != fixed:
-            continue  # the model cannot take a partial batch; the statistics do not need it
         while True:
-            values = _run_batch(run, names, feed)
+            values = session.run(names, feed)
             if outputs:
                 batch = {key: ChannelStats.of(values[key], -1) for key in keys}
                 for key in keys:
@@ -322,41 +318,18 @@ def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, 
             trouble = _trouble(batch, values, readers)
             if not trouble:
                 break
-            del session, run
-            release_memory()
+            session.close()
             plan = _replan(build, plan, trouble, feed, start, device, threads)
             stats_graph = build(plan)
             readers = stats_graph.readers
-            session = _session(stats_graph.model, device, threads, False)
+            session = Runner(stats_graph.model, device=device, threads=threads, mem_pattern=False)
             del stats_graph
-            names, run = [o.name for o in session.get_outputs()], runner(session)
+            names = session.output_names
         for key in keys:
             per_site[key].append(batch[key])
-        start += samples
-    if not per_site[keys[0]]:
-        raise AsrError(f"the calibration set has no full batch of {fixed} samples, the model's fixed batch size")
-    provider = provider_of(session)
-    del session, run
-    release_memory()
+    provider = session.provider
+    session.close()
     return per_site, provider
-
-
-def _session(model, device: str, threads: int, mem_pattern: bool):
-    from asr_onnx.model.session import load_error, make_session
-
-    try:
-        return make_session(model, device, threads, mem_pattern=mem_pattern)
-    except Exception as e:  # onnxruntime's own errors (an unknown op, a bad graph), or what really failed
-        raise load_error(e) from None
-
-
-def _run_batch(run, names, feed) -> dict:
-    from asr_onnx.errors import first_line
-
-    try:
-        return dict(zip(names, run(names, feed)))
-    except Exception as e:
-        raise AsrError(f"onnxruntime failed on a calibration batch: {first_line(e)}") from None
 
 
 def _trouble(batch: dict, values: dict, readers: list) -> dict:
@@ -410,15 +383,12 @@ def _probe(probed: StatsGraph, feed: dict, start: int, device: str, threads: int
         AsrError: an activation is NaN or infinite: the first site (in graph order) where one is, and the
             first calibration sample that has it (``start`` is the batch's first).
     """
-    from asr_onnx.model.session import release_memory
+    from asr_onnx.model.session import Runner
 
     readers = probed.readers
-    session = _session(probed.model, device, threads, False)
-    del probed
-    names = [o.name for o in session.get_outputs()]
-    values = dict(zip(names, session.run(names, feed)))
-    del session
-    release_memory()
+    with Runner(probed.model, device=device, threads=threads, mem_pattern=False) as session:
+        del probed
+        values = session.run(None, feed)
     for reader in readers:
         bad = np.flatnonzero(np.isnan(values[reader.bad].ravel()))
         if bad.size:

@@ -246,3 +246,60 @@ def _set_dims(value, dims) -> None:
             dim.dim_value = d
         elif d:
             dim.dim_param = d
+
+
+DEFAULT_BATCH = 64  # calibration samples per session run, unless the model fixes its batch or the set is smaller
+
+
+@dataclass
+class BatchPolicy:
+    """How many calibration samples each session run of one repair takes.
+
+    A model that fixes its batch is run with that batch; otherwise ``requested`` samples, and a default (no
+    batch size given) adapts to a calibration set smaller than it. A model that fixes a batch under
+    ``small`` is measured with a symbolic batch where :func:`free_batch` proves that safe (``plan``).
+
+    Attributes:
+        requested: the batch size asked for, or DEFAULT_BATCH.
+        size: samples per run of the model as it is (its fixed batch, or ``requested``).
+        adapt: whether ``size`` may shrink to a smaller calibration set.
+        plan: the symbolic-batch plan of the dense model, or None.
+    """
+
+    requested: int
+    size: int
+    adapt: bool
+    plan: BatchPlan | None
+
+    @classmethod
+    def of(cls, model, fixed: int | None, batch_size: int | None, small: int) -> "BatchPolicy":
+        """The policy for ``model`` (whose fixed batch is ``fixed``) and a requested ``batch_size`` (None: default).
+
+        Raises:
+            ValueError: a batch size under 1 (the caller words the error).
+        """
+        requested = int(DEFAULT_BATCH if batch_size is None else batch_size)
+        size = fixed or requested
+        if size < 1 or requested < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        plan = free_batch(model, fixed) if fixed and fixed < small else None
+        return cls(requested, size, not fixed and batch_size is None, plan)
+
+    def fit(self, samples: int) -> int | None:
+        """Adapts a default size to ``samples``; returns the size when ``samples`` are fewer, else None."""
+        if self.adapt and samples >= 1:
+            self.size = min(DEFAULT_BATCH, samples)
+        return self.size if samples < self.size else None
+
+    def stats_size(self, samples: int) -> int:
+        """Samples per statistics run: the model's own batch, or with a symbolic batch as many as asked and held."""
+        return min(self.requested, samples) if self.plan else self.size
+
+    def for_stats(self, model, dense):
+        """The model the statistics graphs are built from: with a symbolic batch where planned, else None
+        (its batch cannot be freed). The pruned model gets its own plan: importing it may have folded a
+        Shape-computed Reshape target into a constant that names the batch."""
+        if self.plan is None:
+            return model
+        plan = self.plan if model is dense else free_batch(model, self.plan.batch)
+        return plan.apply(model) if plan else None

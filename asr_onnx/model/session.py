@@ -1,4 +1,11 @@
-"""onnxruntime sessions: provider choice and session creation."""
+"""onnxruntime sessions: provider choice, session creation, and the one loop that runs a model over data.
+
+Every stage that runs a model over calibration or evaluation data does it here: a :class:`Runner` holds the
+session (onnxruntime's load and run errors become one line; the C heap is trimmed when it closes) and
+:func:`batches` walks the data (a fixed-batch model skips the last partial batch, and says so when no batch
+is left; progress shows on a TTY). Only ``bench`` (its own timed sessions) and the output check make
+sessions elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from asr_onnx.errors import AsrError
+from asr_onnx.errors import AsrError, first_line
+from asr_onnx.progress import bar
 
 DEVICES = ("auto", "cpu", "cuda")
 LOG_SEVERITY = 3  # onnxruntime logs errors only: its warnings would precede our one error line
@@ -46,7 +54,8 @@ def _cuda_device_visible() -> bool:
     return os.path.exists("/dev/nvidia0")
 
 
-def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: bool = True, optimize: bool = True):
+def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: bool = True, optimize: bool = True,
+                 what: str = "the model"):
     """An InferenceSession over a ModelProto, serialized bytes or a path.
 
     A ModelProto over 2 GB cannot be serialized, so it is written with external data to a temporary
@@ -61,6 +70,7 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
             for no measurable speed. Defaults to True.
         optimize: onnxruntime's graph optimisations; a session that only checks a model turns them
             off. Defaults to True.
+        what: what a load error calls the model. Defaults to "the model".
     """
     import onnx
     import onnxruntime as ort
@@ -78,7 +88,7 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
     if isinstance(model, onnx.ModelProto) and is_large(model):
         with tempfile.TemporaryDirectory(prefix="asr-onnx.") as folder:
             write_external(model, Path(folder) / "model.onnx")
-            return make_session(Path(folder) / "model.onnx", device, threads, mem_pattern, optimize)
+            return make_session(Path(folder) / "model.onnx", device, threads, mem_pattern, optimize, what)
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     wanted = providers(device)
@@ -87,7 +97,7 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
             session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                            providers=wanted)
         except Exception as e:  # an unknown op, a bad graph: one line, for every caller
-            raise load_error(e) from None
+            raise load_error(e, what) from None
     if provider_of(session) == wanted[0] and printed.getvalue():
         with contextlib.suppress(OSError, AttributeError):  # a closed stdout (None) or /dev/full is no session error
             sys.stdout.write(printed.getvalue())
@@ -97,8 +107,6 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
 def load_error(e: Exception, what: str = "the model") -> AsrError:
     """The one-line error for a failure while a session was being made: onnxruntime's own errors say
     that onnxruntime cannot load ``what``; anything else says what really failed."""
-    from asr_onnx.errors import first_line
-
     if isinstance(e, AsrError):
         return e
     if type(e).__module__.startswith("onnxruntime"):
@@ -184,3 +192,76 @@ def runner(session, io_binding: bool | None = None):
         return binding.copy_outputs_to_cpu()
 
     return run
+
+
+class Runner:
+    """One onnxruntime session over a model, run with its errors translated; closed (and the C heap trimmed)
+    when its ``with`` block ends.
+
+    Args:
+        model: onnx.ModelProto, bytes or a path.
+        device, threads, mem_pattern: as for :func:`make_session`. Defaults to "auto", 0 and True.
+        what: what a load error calls the model. Defaults to "the model".
+        on: what a run error says failed. Defaults to "a calibration batch".
+        io_binding: as for :func:`runner`. Defaults to None (on CUDA only).
+    """
+
+    def __init__(self, model, *, device: str = "auto", threads: int = 0, mem_pattern: bool = True,
+                 what: str = "the model", on: str = "a calibration batch", io_binding: bool | None = None):
+        self.session = make_session(model, device, threads, mem_pattern=mem_pattern, what=what)
+        self.inputs = self.session.get_inputs()
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.provider = provider_of(self.session)
+        self.on, self._run = on, runner(self.session, io_binding)
+
+    def run(self, names: list[str] | None, feed: dict) -> dict:
+        """Output name -> value for ``names`` (None: every output) on ``feed``.
+
+        Raises:
+            AsrError: onnxruntime failed on the feed (one line).
+        """
+        names = self.output_names if names is None else names
+        try:
+            return dict(zip(names, self._run(names, feed)))
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: a shape it cannot take, memory
+            raise AsrError(f"onnxruntime failed on {self.on}: {first_line(e)}") from None
+
+    def close(self) -> None:
+        self.session = self._run = None
+        release_memory()
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def batches(data, batch_size: int, *, fixed: int | None = None, desc: str | None = None, progress: bool = False,
+            total: int | None = None):
+    """The one batch loop: ``(first sample index, feed)`` for each batch of ``data`` that the model can take.
+
+    Args:
+        data: anything with ``batches(batch_size)`` and ``len`` (a calib.CalibSet), or an iterable of feeds.
+        batch_size: samples per batch.
+        fixed: the model's fixed batch: a batch of any other size (the last, partial one) is skipped.
+            Defaults to None.
+        desc: the progress bar's label; None shows none. Defaults to None.
+        progress: show the bar (on a TTY only). Defaults to False.
+        total: the batches to expect, for the bar. Defaults to None: len(data) / batch_size.
+
+    Raises:
+        AsrError: ``fixed`` and no batch of that size came (checked once the data ran out).
+    """
+    feeds = data.batches(batch_size) if hasattr(data, "batches") else data
+    if total is None and hasattr(data, "__len__"):
+        total = -(-len(data) // batch_size) if hasattr(data, "batches") else len(data)
+    start, yielded = 0, False
+    for feed in bar(feeds, total=total, desc=desc or "", enabled=progress and desc is not None):
+        samples = len(next(iter(feed.values())))
+        if fixed and samples != fixed:
+            continue  # a model with a fixed batch cannot take the last partial batch; the sums do not need it
+        yield start, feed
+        start, yielded = start + samples, True
+    if fixed and not yielded:
+        raise AsrError(f"the calibration set has no full batch of {fixed} samples, the model's fixed batch size")

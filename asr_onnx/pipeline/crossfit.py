@@ -48,36 +48,36 @@ def choose(job, calib, candidates=AUTO_CANDIDATES, *, folds: int = 4, seed: int 
     return _pick_scored([{"method": m, "placement": p, "lambda_rule": r} for m, p, r in candidates], *scored)
 
 
-def choose_reconstruction(job, calib, correction: dict, *, measure: dict, folds: int = RECONSTRUCT_FOLDS,
-                          seed: int = 0, max_gram_mb: float = 256.0, passes: int = 0,
-                          samples: int = 0) -> tuple[dict, list[dict]]:
+def choose_reconstruction(job, calib, recipe, *, folds: int = RECONSTRUCT_FOLDS) -> tuple[dict, list[dict]]:
     """Scores the model refitted or not (RECONSTRUCT_CANDIDATES) on held-out calibration data, and picks one.
 
     For each fold, a probe starting from the model as pruned is refitted or not on the fit part only,
-    measured and corrected on it with ``correction``, and scored on the held-out part against the dense
+    measured and corrected on it as ``recipe`` says, and scored on the held-out part against the dense
     model (:func:`pick`, with "none" the default: the cheaper one is kept where the held-out data cannot
     tell them apart). The refit is the expensive candidate, so 2 folds: 2 refits on half the set.
 
     Args:
         job: the Repair after prune, not yet refitted.
         calib: a calib.CalibSet (needs ``folds``).
-        correction: keyword arguments of :meth:`Repair.correct` (its ``method`` "none": the probe as it is).
-        measure: keyword arguments of :meth:`Repair.measure`.
-        folds, seed: the parts and their seed. Defaults to RECONSTRUCT_FOLDS (2) and 0.
-        max_gram_mb, passes, samples: as for :meth:`Repair.reconstruct`. Defaults to 256, 0 and 0.
+        recipe: a pipeline.Recipe: its correction (method "none": the probe as it is), measurement and refit
+            options, and seed.
+        folds: the parts. Defaults to RECONSTRUCT_FOLDS (2).
 
     Returns:
         (the picked score, every candidate's score): each names its ``reconstruct``, with its held-out
         agreement (None where top-1 means nothing) and logit_rel_l2.
     """
-    correct = correction.get("method") != "none"
+    correct = recipe.method != "none"
+    measure = {"sequential": recipe.sequential, "reference": recipe.reference}
+    seed = recipe.seed
 
     def fitted(fit):
         for refit in RECONSTRUCT_CANDIDATES:
             probe = fit_probe(job, fit, seed=seed, measure=measure if correct else None,
-                              reconstruct={"method": refit, "max_gram_mb": max_gram_mb, "passes": passes,
-                                           "samples": samples, "seed": seed})
-            yield probe.correct(**correction).fold().output if correct else probe.pruned
+                              reconstruct={"method": refit, "max_gram_mb": recipe.max_gram_mb,
+                                           "passes": recipe.refit_passes, "samples": recipe.refit_samples,
+                                           "seed": seed})
+            yield probe.correct(**recipe.correction()).fold().output if correct else probe.pruned
 
     scored = cross_fit(job, calib, fitted, len(RECONSTRUCT_CANDIDATES), folds=folds, seed=seed)
     return _pick_scored([{"reconstruct": refit} for refit in RECONSTRUCT_CANDIDATES], *scored)
@@ -160,7 +160,7 @@ def fit_probe(job, fit, *, seed: int, measure: dict | None, reconstruct: dict | 
             and is refitted on ``fit`` (a refit on the whole set would have seen the held-out part). None
             shares ``job``'s pruned model. Defaults to None.
     """
-    probe = job.fork(batch_size=min(job.requested_batch, len(fit)), progress=False, refit=reconstruct is None)
+    probe = job.fork(batch_size=min(job.batch.requested, len(fit)), progress=False, refit=reconstruct is None)
     if reconstruct is not None:
         probe.reconstruct(fit, **reconstruct)
     if measure is not None:

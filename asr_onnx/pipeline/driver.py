@@ -1,4 +1,5 @@
-"""The public pipeline: prune -> measure -> correct -> fold -> verify -> save, and ``repair()``."""
+"""The driver: one repair's stage order and state (prune -> refit -> measure -> correct -> fold -> guard), and
+``repair()``. What each stage does lives in its package; the choices live in a :class:`Recipe`."""
 
 from __future__ import annotations
 
@@ -10,20 +11,18 @@ import onnx
 
 from asr_onnx.calib.calibset import CalibSet
 from asr_onnx.calib.specs import fixed_batch, input_specs
-from asr_onnx.correct.gains import METHODS
 from asr_onnx.correct.recal import correct, fold_bn, write
 from asr_onnx.errors import AsrError
 from asr_onnx.measure.norms import DEFAULT_REFERENCE, REFERENCES
 from asr_onnx.measure.passes import SMALL_BATCH, dense_keys, dense_weights, measure, measure_pruned, site_map
 from asr_onnx.measure.stats import merge_all
-from asr_onnx.model.batch import free_batch
+from asr_onnx.model.batch import BatchPolicy
 from asr_onnx.model.check import check_output
 from asr_onnx.model.files import load_model, save_model
 from asr_onnx.model.graph import find_layers, find_sites, to_graph, to_model
 from asr_onnx.pipeline.crossfit import AUTO_CANDIDATES, PICK_RULE
+from asr_onnx.pipeline.recipe import Recipe
 from asr_onnx.prune.masks import Pattern, check_sparsity, prune_layers
-
-DEFAULT_BATCH = 64  # calibration samples per session run, unless the model fixes its batch or the set is smaller
 
 
 class Repair:
@@ -35,16 +34,15 @@ class Repair:
         model: a path or an onnx.ModelProto. A path is read once and never written.
         device: "auto", "cpu" or "cuda". Defaults to "auto".
         batch_size: calibration samples per session run. Defaults to None: 64, or the calibration set's size
-            when that is smaller; only a batch size given here refuses a smaller calibration set. A model that
-            fixes a batch under 8 is measured with a symbolic batch of min(batch_size, calibration samples)
-            where shape inference proves that safe (see :mod:`asr_onnx.model.batch`), else with its own batch.
+            when that is smaller (see :class:`asr_onnx.model.batch.BatchPolicy`).
         progress: progress bars on a TTY. Defaults to True.
         threads: onnxruntime intra-op threads; 0 lets onnxruntime choose. Defaults to 0.
 
     Attributes:
-        pruned: the model every later stage works on: as pruned, then as refitted by :meth:`reconstruct`.
+        pruned: the model every later stage works on: as pruned, then as refitted.
         pruned_alone: the model as pruned, never refitted: the guard's "pruning alone" baseline.
         output: the finished model, once :meth:`run` or :meth:`fold` ran.
+        recipe: the Recipe :meth:`run` ran, with ``auto``'s picks resolved.
     """
 
     def __init__(self, model, *, device: str = "auto", batch_size: int | None = None, progress: bool = True,
@@ -53,36 +51,41 @@ class Repair:
         self.dense = model if self.source is None else load_model(self.source)
         self.device, self.progress, self.threads = device, progress, threads
         self.specs = input_specs(self.dense)
-        fixed = fixed_batch(self.specs)
-        self.requested_batch = int(DEFAULT_BATCH if batch_size is None else batch_size)
-        self._adapt_batch = not fixed and batch_size is None  # a default adapts to a small set (issue 17)
-        self.batch_size = fixed or self.requested_batch
-        if self.batch_size < 1 or self.requested_batch < 1:
-            raise AsrError(f"batch size must be >= 1, got {batch_size}")
-        # too few samples per run for batch statistics: measure with a symbolic batch where that is safe
-        self.batch_plan = free_batch(self.dense, fixed) if fixed and fixed < SMALL_BATCH else None
+        try:
+            self.batch = BatchPolicy.of(self.dense, fixed_batch(self.specs), batch_size, SMALL_BATCH)
+        except ValueError as e:
+            raise AsrError(str(e)) from None
         self.pruned = self.pruned_alone = self.dense
         self.layers, self.refits, self.settings, self.timings = [], [], {}, {}
         self.measurement = None  # a measure.Measurement, once measured
         self.corrections, self.written, self.output = {}, {}, None
-        self.evaluation = None
+        self.evaluation = self.recipe = None
         self.channel_plan = self.channel_report = None
         self._batch_arg = batch_size
         self._dense_weights = None  # layer name -> dense weight, read once
         self._site_map = None  # (pruned model, its measure.SiteMap): found once per pruned model
 
+    @property
+    def batch_size(self) -> int:
+        return self.batch.size
+
+    @property
+    def batch_plan(self):
+        return self.batch.plan
+
+    @batch_plan.setter
+    def batch_plan(self, plan) -> None:
+        self.batch.plan = plan
+
+    @property
+    def result(self) -> onnx.ModelProto:
+        """The model as it stands: the output once there is one, else the pruned model."""
+        return self.output if self.output is not None else self.pruned
+
     def fork(self, *, batch_size: int | None = None, progress: bool | None = None, pruned: bool = True,
              refit: bool = True) -> "Repair":
-        """A new Repair over the same dense model (its file and weights shared, nothing measured).
-
-        Args:
-            batch_size: as for :class:`Repair`. Defaults to None: this one's.
-            progress: as for :class:`Repair`. Defaults to None: this one's.
-            pruned: start from this one's pruned model (its layers and sites shared) instead of the dense
-                one. Defaults to True.
-            refit: with ``pruned``, start from the refitted model; False starts from ``pruned_alone``, to be
-                refitted on other data. Defaults to True.
-        """
+        """A new Repair over the same dense model (its file and weights shared, nothing measured); with
+        ``pruned``, from this one's pruned model (``refit`` False: from ``pruned_alone``)."""
         new = Repair(self.dense, device=self.device, batch_size=self._batch_arg if batch_size is None else batch_size,
                      progress=self.progress if progress is None else progress, threads=self.threads)
         new.source, new._dense_weights = self.source, self._weights()
@@ -93,7 +96,6 @@ class Repair:
         return new
 
     def _weights(self) -> dict:
-        """The dense model's layer weights, read on first use."""
         if self._dense_weights is None:
             self._dense_weights = dense_weights(self.dense)
         return self._dense_weights
@@ -110,26 +112,30 @@ class Repair:
         yield
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
+    def _check_size(self, calib) -> None:
+        if self.batch.fit(len(calib)) is not None:
+            raise AsrError(f"the calibration set has {len(calib)} samples, fewer than the batch size {self.batch_size}")
+
+    def _options(self, batch_size: int | None = None) -> dict:
+        return dict(batch_size=batch_size or self.batch_size, device=self.device, progress=self.progress,
+                    threads=self.threads)
+
     def prune(self, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
               keep_last: bool = False, allocation: str = "global", score: str = "magnitude",
               calib=None, flops_target: float | None = None) -> "Repair":
         """Zeroes weights of Conv, ConvTranspose, Gemm and MatMul layers, or removes whole channels.
 
         Args:
-            sparsity: fraction of eligible weights to zero, in [0, 1); under "channels" the fraction of each
-                prunable group's channels removed. Defaults to 0.9 (ignored for N:M and a FLOPs target).
-            pattern: "global", "uniform", "N:M" or "channels" (see :meth:`prune_channels`). Defaults to "global".
+            sparsity: fraction of eligible weights to zero, in [0, 1); under "channels" of each group's channels.
+                Defaults to 0.9 (ignored for N:M and a FLOPs target).
+            pattern: "global", "uniform", "N:M" or "channels" (:meth:`prune_channels`). Defaults to "global".
             exclude: regexes of node or weight names to leave dense. Defaults to none.
-            keep_first: leave the first prunable layer dense. Defaults to False.
-            keep_last: leave the last prunable layer dense. Defaults to False.
-            allocation: "global", "lamp" or "uniform" (see :func:`asr_onnx.prune.masks.prune_layers`). Defaults
-                to "global".
-            score: "magnitude" (|w|), "wanda" (|w| times its input channel's norm on ``calib``) or "rownorm"
-                (|w| over its output channel's weight norm, blind to a folded BN's gamma / sigma); under
-                "channels", "magnitude", "bn-scale" or "greedy". Defaults to "magnitude".
-            calib: the calibration set, needed by "wanda" and "greedy". Defaults to None.
-            flops_target: under "channels", the fraction of multiply-accumulates to keep instead of a
-                sparsity. Defaults to None.
+            keep_first, keep_last: leave the first / last prunable layer dense. Defaults to False.
+            allocation: "global", "lamp" or "uniform" (:func:`asr_onnx.prune.masks.prune_layers`). Defaults to "global".
+            score: "magnitude", "wanda" (needs ``calib``) or "rownorm"; under "channels", "magnitude",
+                "bn-scale" or "greedy". Defaults to "magnitude".
+            calib: the calibration set, for "wanda" and "greedy". Defaults to None.
+            flops_target: under "channels", the fraction of multiply-accumulates to keep. Defaults to None.
         """
         if str(pattern).strip().lower() == "channels":
             return self.prune_channels(sparsity, score=score, calib=calib, flops_target=flops_target,
@@ -140,8 +146,7 @@ class Repair:
             graph = to_graph(self.dense)
             self.layers = prune_layers(find_layers(graph), sparsity, parsed, exclude, keep_first, keep_last,
                                        allocation, norms, score)
-            self.pruned = to_model(graph, self.dense)
-            self.pruned_alone = self.pruned
+            self.pruned = self.pruned_alone = to_model(graph, self.dense)
         used = self.layers[0].allocation if self.layers else allocation  # "uniform" for the pattern uniform
         self.settings.update(sparsity=sparsity, pattern=str(parsed), exclude=list(exclude),
                              keep_first=keep_first, keep_last=keep_last, allocation=used, score=score)
@@ -149,13 +154,9 @@ class Repair:
 
     def prune_channels(self, sparsity: float = 0.5, *, score: str = "magnitude", calib=None,
                        flops_target: float | None = None, exclude=(), channel_plan=None) -> "Repair":
-        """Removes whole output channels, group by group (see :mod:`asr_onnx.prune.channels`).
-
-        Until :meth:`run` ends, ``pruned`` and ``output`` keep the dense shapes with the removed filters zeroed
-        (every stage works on them); run then shrinks the output. Arguments as for :meth:`prune`, and
-        ``channel_plan``: a plan of this model made earlier (:func:`asr_onnx.prune.channels.plan`), whose removal
-        orders are reused at this sparsity or target. Defaults to None.
-        """
+        """Removes whole output channels, group by group (:mod:`asr_onnx.prune.channels`): until :meth:`shrink`,
+        the models keep the dense shapes with the removed filters zeroed. ``channel_plan``: a plan made earlier
+        (:func:`asr_onnx.prune.channels.plan`), reused at this sparsity or target. Else as for :meth:`prune`."""
         from asr_onnx.prune import channels
 
         sparsity = check_sparsity(sparsity)
@@ -170,28 +171,26 @@ class Repair:
                 self.channel_plan = channels.plan(self.dense, sparsity=None if target else sparsity,
                                                   flops_target=target, score=score, calib=calib, exclude=exclude,
                                                   batch_size=self.batch_size, device=self.device, threads=self.threads)
-            self.pruned = channels.mask(self.dense, self.channel_plan.groups, self.channel_plan.keep)
-            self.pruned_alone = self.pruned
+            self.pruned = self.pruned_alone = channels.mask(self.dense, self.channel_plan.groups,
+                                                            self.channel_plan.keep)
         self.layers, self.channel_report = [], None
         self.settings.update(sparsity=sparsity, pattern="channels", flops_target=target, exclude=list(exclude),
                              score=score)
         return self
 
     def shrink(self) -> "Repair":
-        """Slices the removed channels out of the output (or the pruned model), after :meth:`prune_channels`;
-        :meth:`run`, :meth:`save` and :meth:`report` call it; a shrunk output is left as it is."""
+        """Slices the removed channels out of the result, after :meth:`prune_channels`; counted once."""
         from asr_onnx.prune import channels
 
-        masked = self.output if self.output is not None else self.pruned
         if self.channel_plan is None:
             return self
-        if not channels.masked(self.channel_plan, masked) and self.channel_report is not None:
+        masked = channels.masked(self.channel_plan, self.result)
+        if not masked and self.channel_report is not None:
             return self  # shrunk and counted already: the summary's shape inference is not repeated
         with self._timed("shrink"):
-            if channels.masked(self.channel_plan, masked):
-                self.output = channels.shrink(masked, self.channel_plan.groups, self.channel_plan.keep)
-            self.channel_report = channels.summary(self.channel_plan, self.dense,
-                                                   masked if self.output is None else self.output)
+            if masked:
+                self.output = channels.shrink(self.result, self.channel_plan.groups, self.channel_plan.keep)
+            self.channel_report = channels.summary(self.channel_plan, self.dense, self.result)
         return self
 
     def _input_norms(self, score: str, calib):
@@ -210,78 +209,58 @@ class Repair:
             return input_norms(self.dense, calib, batch_size=self.batch_size, device=self.device, threads=self.threads)
 
     def reconstruct(self, calib, method: str = "ls", *, max_gram_mb: float = 256.0, passes: int = 0,
-                    samples: int = 0, correction: dict | None = None, measure: dict | None = None,
-                    seed: int = 0) -> "Repair":
-        """Refits the kept weights of every layer by least squares (see :mod:`asr_onnx.refit.reconstruct`), after prune.
-
-        "auto" refits only where that helps on held-out calibration data: with 2 folds (the refit is the
-        expensive stage), each fold's probe is refitted or not on the fit part, corrected with
-        ``correction`` and scored on the other part against the dense model
-        (:func:`asr_onnx.pipeline.crossfit.choose_reconstruction`; "none" is kept where they tie). The pick is then
-        applied with the whole set, and the verdict goes to ``settings["reconstruct_auto"]``. It costs two
-        refits on half the set, plus the final one when "ls" wins.
+                    samples: int = 0, seed: int = 0, recipe: Recipe | None = None) -> "Repair":
+        """Refits the kept weights of every layer by least squares (:mod:`asr_onnx.refit.reconstruct`), after prune.
 
         Args:
             calib: the calibration set ("auto": a calib.CalibSet, which has ``folds``).
-            method: "ls", "none" or "auto". Defaults to "ls".
+            method: "ls", "none" or "auto" (refit or not, picked on 2 held-out folds with ``recipe``'s
+                correction: :func:`asr_onnx.pipeline.crossfit.choose_reconstruction`). Defaults to "ls".
             max_gram_mb: skip a layer whose Gram matrices would exceed this many MB. Defaults to 256.
-            passes: Gram passes over the calibration set, 0 for one per depth level (exactly sequential);
-                see :func:`asr_onnx.refit.reconstruct.reconstruct`. Defaults to 0.
-            samples: refit on a seeded ``samples`` of the calibration samples (``calib.take(samples, seed)``),
-                0 for all of them; the Gram passes cost in proportion. Defaults to 0.
-            correction: with "auto", keyword arguments of :meth:`correct` for the probes (method "none"
-                scores them uncorrected). Defaults to None: ``{"method": "bn"}``.
-            measure: with "auto", keyword arguments of :meth:`measure` for the probes. Defaults to None
-                (its defaults).
-            seed: the seed of ``samples``' draw; with "auto", also the folds' seed and the probes' batch
-                order. Defaults to 0.
+            passes: Gram passes, 0 for one per depth level (exactly sequential). Defaults to 0.
+            samples: refit on a seeded ``samples`` of the calibration samples, 0 for all. Defaults to 0.
+            seed: the seed of ``samples``' draw (and of "auto"'s folds). Defaults to 0.
+            recipe: with "auto", how the probes are measured and corrected. Defaults to None (Recipe()).
         """
         from asr_onnx.refit.reconstruct import METHODS, reconstruct
 
         if method not in METHODS + ("auto",):
             raise AsrError(f"unknown reconstruction {method!r}; choose one of {', '.join(METHODS + ('auto',))}")
         if method == "auto":
-            return self._reconstruct_auto(calib, max_gram_mb, passes, samples, correction or {"method": "bn"},
-                                          measure or {}, seed)
+            return self._reconstruct_auto(calib, recipe or Recipe(max_gram_mb=max_gram_mb, refit_passes=passes,
+                                                                  refit_samples=samples, seed=seed))
         if samples < 0 or (samples and not hasattr(calib, "take")):
             raise AsrError(f"cannot refit on {samples} samples of this calibration set")
         if method == "ls":
             fit = calib.take(samples, seed) if 0 < samples < len(calib) else calib
             self._check_size(fit)
             with self._timed("reconstruct"):
-                self.pruned, self.refits, split, _ = reconstruct(self.dense, self.pruned, fit,
-                                                                 max_gram_mb=max_gram_mb, passes=passes,
-                                                                 **self._refit_options())
+                self.pruned, self.refits, split, _ = reconstruct(self.dense, self.pruned, fit, max_gram_mb=max_gram_mb,
+                                                                 passes=passes, **self._options())
             self.timings.update({f"reconstruct_{k}": v for k, v in split.items()})
         self.settings.update(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples)
         return self
 
-    def _reconstruct_auto(self, calib, max_gram_mb: float, passes: int, samples: int, correction: dict,
-                          measure: dict, seed: int) -> "Repair":
-        """:meth:`reconstruct` "auto": picks "none" or "ls" on held-out folds, then applies it to the whole set."""
-        from asr_onnx.pipeline.crossfit import PICK_RULE, RECONSTRUCT_FOLDS, choose_reconstruction
+    def _reconstruct_auto(self, calib, recipe: Recipe) -> "Repair":
+        from asr_onnx.pipeline.crossfit import RECONSTRUCT_FOLDS, choose_reconstruction
 
         if not hasattr(calib, "folds"):
             raise AsrError("reconstruct auto needs a calibration set that can be cut into folds")
         self._check_size(calib)
+        # the reconstruction is chosen with the recipe's correction; "auto" scores its probes with "bn"
+        probe_recipe = recipe if recipe.method != "auto" else recipe.resolved(method="bn", placement="recal")
         with self._timed("reconstruct_auto"):
-            best, scores = choose_reconstruction(self, calib, correction, measure=measure, seed=seed,
-                                                 max_gram_mb=max_gram_mb, passes=passes, samples=samples)
-        self.reconstruct(calib, best["reconstruct"], max_gram_mb=max_gram_mb, passes=passes, samples=samples,
-                         seed=seed)
+            best, scores = choose_reconstruction(self, calib, probe_recipe)
+        self.reconstruct(calib, best["reconstruct"], max_gram_mb=recipe.max_gram_mb, passes=recipe.refit_passes,
+                         samples=recipe.refit_samples, seed=recipe.seed)
         self.settings.update(reconstruct="auto", reconstruct_auto={
             "picked": best, "candidates": scores, "folds": RECONSTRUCT_FOLDS, "held_out": len(calib),
-            "scored_with": correction["method"], "reason": PICK_RULE})
+            "scored_with": probe_recipe.method, "reason": PICK_RULE})
         return self
 
     def refit_corrected(self, calib, *, max_gram_mb: float = 256.0, passes: int = 0) -> "Repair":
-        """Refits the kept weights again, after :meth:`fold`: each layer's input now comes from the corrected
-        output, and each layer keeps the correction folded into it while it is refitted. The pruned model
-        takes the new weights (its masks unchanged), so it must be measured and corrected again.
-
-        Args:
-            calib, max_gram_mb, passes: as for :meth:`reconstruct`.
-        """
+        """Refits the kept weights again after :meth:`fold`, each layer fed the corrected output and keeping its
+        folded correction while refitted; the pruned model takes the new weights, to be measured again."""
         from asr_onnx.refit.reconstruct import reconstruct, row_scales, unscaled_refit
 
         if self.output is None:
@@ -290,85 +269,36 @@ class Repair:
         with self._timed("reconstruct"):
             scales = row_scales(self.pruned, self.output)
             refitted, self.refits, split, _ = reconstruct(self.dense, self.output, calib, max_gram_mb=max_gram_mb,
-                                                          passes=passes, row_scales=scales, **self._refit_options())
+                                                          passes=passes, row_scales=scales, **self._options())
             self.pruned = unscaled_refit(self.pruned, refitted, scales, self.refits)
         self.measurement, self.output = None, None
         for k, v in split.items():
             self.timings[f"reconstruct_{k}"] = self.timings.get(f"reconstruct_{k}", 0.0) + v
         return self
 
-    def _check_size(self, calib) -> None:
-        if self._adapt_batch and len(calib) >= 1:
-            self.batch_size = min(DEFAULT_BATCH, len(calib))
-        if len(calib) < self.batch_size:
-            raise AsrError(f"the calibration set has {len(calib)} samples, fewer than the batch size {self.batch_size}")
-
-    def _refit_options(self) -> dict:
-        """The Gram passes run the model as it is, so with its own batch."""
-        return dict(batch_size=self.batch_size, device=self.device, progress=self.progress, threads=self.threads)
-
-    def _stats_batch(self, calib) -> int:
-        """Samples per statistics run: the model's own batch, or with a symbolic batch as many as asked and held."""
-        return min(self.requested_batch, len(calib)) if self.batch_plan else self.batch_size
-
-    def _for_stats(self, model):
-        """The model that the statistics graphs are built from: with a symbolic batch where planned, else None.
-
-        The pruned model gets its own plan: importing it may have folded a Shape-computed Reshape target
-        into a constant that names the batch.
-        """
-        if self.batch_plan is None:
-            return model
-        plan = self.batch_plan if model is self.dense else free_batch(model, self.batch_plan.batch)
-        return plan.apply(model) if plan else None
-
-    def _session_options(self, calib) -> dict:
-        return dict(batch_size=self._stats_batch(calib), device=self.device, progress=self.progress,
-                    threads=self.threads)
-
     def measure_dense(self, calib, keys=None) -> dict:
-        """The dense model's per-channel statistics over ``calib``: site key -> ChannelStats.
-
-        Args:
-            calib: the calibration set.
-            keys: the sites to measure. Defaults to None (every site).
-
-        Raises:
-            AsrError: the calibration set is smaller than one batch.
-        """
+        """The dense model's per-channel statistics over ``calib`` (``keys``: these sites only): key -> ChannelStats."""
         self._check_size(calib)
         with self._timed("measure_dense"):
-            batches, _ = measure(self._for_stats(self.dense), calib, desc="dense", keys=keys,
-                                 source=None if self.batch_plan else self.source, **self._session_options(calib))
+            batches, _ = measure(self.batch.for_stats(self.dense, self.dense), calib, desc="dense", keys=keys,
+                                 source=None if self.batch.plan else self.source,
+                                 **self._options(self.batch.stats_size(len(calib))))
         return {key: merge_all(b) for key, b in batches.items()}
 
     def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False,
                 all_dense: bool = False, seed: int = 0, reference: str = DEFAULT_REFERENCE) -> "Repair":
-        """Per-channel statistics of the dense model, then of the pruned one with upstream renormalised.
-
-        Under ``reference="running"`` a real BN's reference is its own running statistics, so the dense
-        pass only measures the sites that have no BN (layers that get a virtual one, such as a
-        classifier head); under "calib" it measures every site. A site that
-        no pruned layer reaches sees the dense activations: it is measured but not renormalised, and
-        its correction is the identity (so ``sparsity 0`` changes nothing).
+        """Per-channel statistics of the dense model, then of the pruned one with upstream renormalised
+        (:func:`asr_onnx.measure.passes.measure_pruned`); an untouched site's correction is the identity.
 
         Args:
-            calib: a calib.CalibSet (or anything with ``__len__`` and ``batches(batch_size)``).
-            dense_stats: site key -> ChannelStats from an earlier run (see stats cache). Defaults to None.
-            sequential: measure the pruned model level by level, each level with every shallower site
-                fixed at its whole-set statistics: exact layer-by-layer recalibration, at one pass per
-                depth of sites. Defaults to False (one pass, upstream renormalised with batch statistics).
-            all_dense: measure every site of the dense model, BN sites too, for the report. Defaults to False.
-            seed: a CalibSet is read in this seeded random order, so that no batch holds one class
-                only (batch statistics renormalise the pruned pass). Another kind of set is read in its
-                own order. Defaults to 0.
-            reference: what a BN site's correction restores: "calib", the dense model's statistics at
-                the BN's input on the calibration data (the identity where nothing changed), or
-                "running", the BN's running statistics (REFLOW's target, for calibration data drawn
-                from the training distribution). Defaults to DEFAULT_REFERENCE.
-
-        Raises:
-            AsrError: the calibration set is smaller than one batch.
+            calib: a calib.CalibSet (read in a seeded random order: no one-class batches), or anything with
+                ``__len__`` and ``batches(batch_size)``.
+            dense_stats: site key -> ChannelStats from an earlier run (the stats cache). Defaults to None.
+            sequential: exact layer-by-layer recalibration, one pass per depth of sites. Defaults to False.
+            all_dense: measure every site of the dense model, for the report. Defaults to False.
+            seed: the batches' order. Defaults to 0.
+            reference: "calib" (the dense statistics on the calibration data) or "running" (a BN's running
+                statistics, REFLOW's target). Defaults to DEFAULT_REFERENCE.
         """
         self._check_size(calib)
         calib = calib.shuffled(seed) if isinstance(calib, CalibSet) else calib
@@ -378,11 +308,11 @@ class Repair:
         needed = dense_keys(sites.sites, reference)
         if dense_stats is None:
             dense_stats = self.measure_dense(calib, None if all_dense else needed) if needed or all_dense else {}
-        options = self._session_options(calib)
+        options = self._options(self.batch.stats_size(len(calib)))
         with self._timed("measure_pruned"):
-            pruned = self._for_stats(self.pruned)
+            pruned = self.batch.for_stats(self.pruned, self.dense)
             if pruned is None:  # the pruned graph's batch cannot be freed: its own batch, level by level
-                pruned, options = self.pruned, dict(options, batch_size=self.batch_size)
+                pruned, options = self.pruned, self._options()
             self.measurement = measure_pruned(pruned, calib, sites, dense_stats, reference, sequential=sequential,
                                               **options)
         self.settings.update(calib_size=len(calib), batch_size=options["batch_size"], sequential=sequential,
@@ -391,15 +321,11 @@ class Repair:
 
     def correct(self, method: str = "bn", *, placement: str = "recal", recal: str = "exact", momentum: float = 0.1,
                 lambda_rule="median", correct_head: bool = True) -> "Repair":
-        """Computes every site's correction (see :func:`asr_onnx.correct.recal.correct` for the options).
-
-        Args:
-            correct_head: also match a classifier head's per-class logit mean and variance to the dense
-                model's (a BN-free layer whose output is a graph output). BN recalibration alone
-                (PyTorch's REFLOW) leaves the head as it is. Defaults to True.
-        """
-        if method not in METHODS:
-            raise AsrError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        """Computes every site's correction (:func:`asr_onnx.correct.recal.correct`); ``correct_head`` also matches
+        a classifier head's per-class logit mean and variance to the dense model's (REFLOW leaves it alone)."""
+        Recipe(method=method, placement=placement, recal=recal, momentum=momentum)  # refuses an unknown choice
+        if method == "auto":
+            raise AsrError("method auto is a choice among corrections: use auto() or run()")
         if self.measurement is None:
             raise AsrError("measure() must run before correct()")
         m = self.measurement
@@ -407,127 +333,87 @@ class Repair:
             self.corrections = {
                 s.key: correct(s, m.references[s.key], m.pruned[s.key],
                                "none" if (s.head and not correct_head) or s.key not in m.touched else method,
-                               placement=placement,
-                               recal=recal, momentum=momentum, lambda_rule=lambda_rule)
-                for s in m.sites
-            }
+                               placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule)
+                for s in m.sites}
         self.settings.update(method=method, placement=placement, recal=recal, momentum=momentum,
                              lambda_rule=lambda_rule, correct_head=correct_head)
         return self
 
-    def run(self, calib, method: str = "bn", *, placement: str = "recal", recal: str = "exact",
-            momentum: float = 0.1, lambda_rule="median", correct_head: bool = True, dense_stats=None,
-            sequential: bool = False, fold_bn_nodes: bool = False, seed: int = 0,
-            reference: str = DEFAULT_REFERENCE, reconstruct: str = "none", max_gram_mb: float = 256.0,
-            refit_passes: int = 0, refit_samples: int = 0, refit_rounds: int = 1, guard: str = "off") -> "Repair":
+    def run(self, calib, method: str = "bn", *, recipe: Recipe | None = None, dense_stats=None,
+            fold_bn_nodes: bool = False, **options) -> "Repair":
         """reconstruct -> measure -> correct (or auto) -> fold -> guard, after :meth:`prune`.
 
         Args:
             calib: the calibration set.
-            method: none, bn, lw, naive, asr or auto. Defaults to "bn". With "none" nothing is measured
-                and the output is the pruned model.
-            placement, recal, momentum, lambda_rule, correct_head: as for :meth:`correct`.
-            dense_stats, sequential, reference: as for :meth:`measure`. Defaults to None, False and
-                DEFAULT_REFERENCE.
-            fold_bn_nodes: as for :meth:`fold`. Defaults to False.
-            seed: the seed of the calibration batches' order and of "auto"'s folds. Defaults to 0.
-            reconstruct, max_gram_mb, refit_passes, refit_samples: as for :meth:`reconstruct` (``passes``,
-                ``samples``). Defaults to "none", 256, 0 and 0. "auto" scores its probes with this run's method and options; when
-                ``method`` is "auto" too, the reconstruction is chosen first, with "bn" (the default
-                method), and then auto picks the method on the result.
-            refit_rounds: with "ls", how many times refit and correction run: each round after the first
-                refits again from the corrected output (:meth:`refit_corrected`) and corrects again.
-                Defaults to 1.
-            guard: "fallback", "warn" or "off", as for :meth:`guard`. Defaults to "off" (the CLI's default
-                is "fallback").
+            method: as :class:`Recipe`'s, when no ``recipe`` is given. Defaults to "bn"; "none" measures
+                nothing and the output is the pruned model.
+            recipe: every choice of the repair. Defaults to None: ``Recipe(method, fold_bn=fold_bn_nodes,
+                **options)``.
+            dense_stats: site key -> ChannelStats from an earlier run (the stats cache). Defaults to None.
         """
-        if refit_rounds != 1 and (refit_rounds < 1 or reconstruct != "ls" or method == "none"):
-            raise AsrError(f"refit_rounds {refit_rounds}: more than one round needs reconstruct ls and a method")
-        correction = {"method": method, "placement": placement, "recal": recal, "momentum": momentum,
-                      "lambda_rule": lambda_rule, "correct_head": correct_head}
-        if method == "auto":  # the reconstruction is chosen first, with the default method
-            correction.update(method="bn", placement="recal")
-        self.reconstruct(calib, reconstruct, max_gram_mb=max_gram_mb, passes=refit_passes, samples=refit_samples,
-                         correction=correction,
-                         measure={"sequential": sequential, "reference": reference}, seed=seed)
-        if method == "none":
+        recipe = recipe or Recipe(method=method, fold_bn=fold_bn_nodes, **options)
+        self.recipe = recipe
+        self.reconstruct(calib, recipe.reconstruct, max_gram_mb=recipe.max_gram_mb, passes=recipe.refit_passes,
+                         samples=recipe.refit_samples, seed=recipe.seed, recipe=recipe)
+        if recipe.reconstruct == "auto":
+            self.recipe = recipe.resolved(reconstruct=self.settings["reconstruct_auto"]["picked"]["reconstruct"])
+        if recipe.method == "none":
             self.output = self.pruned
             self.settings.update(method="none")
             return self.shrink()
-        for round_ in range(refit_rounds):
+        for round_ in range(recipe.refit_rounds):
             if round_:
-                self.refit_corrected(calib, max_gram_mb=max_gram_mb, passes=refit_passes)
-            self.measure(calib, dense_stats, sequential, seed=seed, reference=reference)
-            if method == "auto":
-                self.auto(calib, recal=recal, momentum=momentum, seed=seed, correct_head=correct_head,
-                          reference=reference)
+                self.refit_corrected(calib, max_gram_mb=recipe.max_gram_mb, passes=recipe.refit_passes)
+            self.measure(calib, dense_stats, recipe.sequential, seed=recipe.seed, reference=recipe.reference)
+            if recipe.method == "auto":
+                self.auto(calib, recal=recipe.recal, momentum=recipe.momentum, seed=recipe.seed,
+                          correct_head=recipe.correct_head, reference=recipe.reference)
             else:
-                self.correct(method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
-                             correct_head=correct_head)
-            self.fold(fold_bn_nodes and round_ == refit_rounds - 1)  # the next round refits the same graph
-        self.settings.update(refit_rounds=refit_rounds)
-        if guard == "off":
-            self.settings.update(guard={"mode": "off", "held_out": 0, "kept": "repair"})
-            return self.shrink()
-        return self.guard(calib, guard, seed=seed).shrink()
+                self.correct(**recipe.correction())
+            self.fold(recipe.fold_bn and round_ == recipe.refit_rounds - 1)  # the next round refits the same graph
+        self.settings.update(refit_rounds=recipe.refit_rounds)
+        return self.guard(calib, recipe.guard, seed=recipe.seed).shrink()
 
     def guard(self, calib, mode: str = "fallback", *, seed: int = 0) -> "Repair":
         """Scores the repair and pruning alone against the dense model on held-out calibration samples
-        (2-fold cross-fitting, see :mod:`asr_onnx.pipeline.guard`); the verdict goes to ``settings["guard"]``.
-
-        Args:
-            calib: the calibration set the repair used (needs ``folds``, as a calib.CalibSet has).
-            mode: "fallback" keeps the pruned model when it scores better; "warn" only reports it; "off"
-                does nothing. Defaults to "fallback".
-            seed: the folds' seed. Defaults to 0.
-        """
+        (:mod:`asr_onnx.pipeline.guard`), and keeps the pruned model when the verdict says so ("fallback")."""
         from asr_onnx.pipeline.guard import guard_repair
 
-        if self.output is None or not hasattr(calib, "folds"):
-            raise AsrError("the guard needs a finished repair and a calibration set that can be cut into folds")
-        guard_repair(self, calib, mode, seed=seed)
+        if mode != "off" and (self.recipe is None or self.output is None or not hasattr(calib, "folds")):
+            raise AsrError("the guard needs a repair finished by run() and a calibration set that can be cut into folds")
+        verdict = guard_repair(self, calib, self.recipe, mode, seed=seed)
+        if verdict.keep_pruned:
+            self.output, self.written = self.pruned_alone, {}
+        self.settings["guard"] = verdict.entry
+        if "cost_s" in verdict.entry:
+            self.timings["guard"] = self.timings.get("guard", 0.0) + verdict.entry["cost_s"]
         return self
 
     def auto(self, calib, *, folds: int = 4, seed: int = 0, recal: str = "exact", momentum: float = 0.1,
              correct_head: bool = True, candidates=AUTO_CANDIDATES, reference: str | None = None) -> "Repair":
-        """Picks the method that best agrees with the dense model on held-out calibration data.
-
-        Cross-fitted: ``calib`` is cut into ``folds`` parts; each part is held out in turn while every
-        candidate is repaired with statistics from the other parts. Each candidate is scored, label-free,
-        on every calibration sample it did not see: top-1 agreement with the dense model, with paired
-        ties broken by logit error (see :func:`asr_onnx.pipeline.crossfit.pick`). The winner is then applied with the
-        whole set.
-
-        Args:
-            calib: a calib.CalibSet (needs ``folds``).
-            folds: how many parts; each sample is held out once. Defaults to 4.
-            seed: the parts' seed. Defaults to 0.
-            recal, momentum, correct_head: as in :meth:`correct`.
-            candidates: (method, placement, lambda_rule) triples. Defaults to AUTO_CANDIDATES.
-            reference: as for :meth:`measure`. Defaults to None: the one of the last measure, else
-                DEFAULT_REFERENCE.
-        """
+        """Picks the correction that best agrees with the dense model on held-out calibration data (``folds``
+        parts, each held out once while every candidate is fitted on the others; :func:`asr_onnx.pipeline.
+        crossfit.pick`), then applies it with the whole set. ``reference``: None is the measured one's."""
         from asr_onnx.pipeline.crossfit import choose
 
-        reference = reference or self.settings.get("reference", DEFAULT_REFERENCE)
+        measured = self.measurement.reference if self.measurement is not None else DEFAULT_REFERENCE
+        reference = reference or measured
         with self._timed("auto"):
             best, scores = choose(self, calib, candidates, folds=folds, seed=seed, recal=recal, momentum=momentum,
                                   correct_head=correct_head, reference=reference)
         if self.measurement is None:
             self.measure(calib, seed=seed, reference=reference)
-        self.correct(best["method"], placement=best["placement"], recal=recal, momentum=momentum,
-                     lambda_rule=best["lambda_rule"], correct_head=correct_head)
+        picked = {"method": best["method"], "placement": best["placement"], "lambda_rule": best["lambda_rule"]}
+        self.correct(**picked, recal=recal, momentum=momentum, correct_head=correct_head)
+        if self.recipe is not None:
+            self.recipe = self.recipe.resolved(**picked)
         self.settings.update(method="auto", auto={"picked": best, "candidates": scores, "folds": folds,
                                                   "held_out": len(calib), "reason": PICK_RULE})
         return self
 
     def fold(self, fold_bn_nodes: bool = False) -> "Repair":
-        """Writes the corrections into a copy of the pruned graph (BN nodes, or layer weights and biases).
-
-        Args:
-            fold_bn_nodes: afterwards fold every BN that directly follows its layer into that layer.
-                Defaults to False.
-        """
+        """Writes the corrections into a copy of the pruned graph (BN nodes, or layer weights and biases);
+        ``fold_bn_nodes`` then folds every BN that directly follows its layer into it."""
         with self._timed("fold"):
             graph = to_graph(self.pruned)
             sites = find_sites(graph, find_layers(graph))
@@ -543,29 +429,13 @@ class Repair:
         return self
 
     def evaluate(self, data, *, name: str | None = None, batch_size: int = 256) -> "Repair":
-        """Scores the output against the dense model on ``data``, for the report's ``eval`` entry.
+        """Scores the result against the dense model on ``data`` (:func:`asr_onnx.verify.evaluation.score`),
+        for the report's ``eval`` entry."""
+        from asr_onnx.verify.evaluation import score
 
-        The dense model runs once: its logits give agreement, logit error and, with labels, its own top-1.
-
-        Args:
-            data: a calib.CalibSet, labelled or not.
-            name: what the report calls the data. Defaults to None ("given").
-            batch_size: samples per run. Defaults to 256.
-        """
-        from asr_onnx.model.kinds import output_kinds
-        from asr_onnx.verify.evaluation import agreement, evaluate
-
-        dense_logits: list = []  # the dense model runs once: its outputs also give its own top-1
         with self._timed("eval"):
-            scores = evaluate(self.output if self.output is not None else self.pruned, data, reference=self.dense,
-                              batch_size=batch_size, device=self.device, progress=self.progress,
-                              reference_logits=dense_logits)
-        dense_top1 = None
-        if data.labels is not None and scores.get("top1") is not None:  # the first output is (N, classes)
-            dense_top1 = agreement(dense_logits, output_kinds(self.dense), data.labels)["top1"]
-        self.evaluation = {"data": name or "given", "samples": scores["samples"], "top1": scores.get("top1"),
-                           "dense_top1": dense_top1, "agreement": scores.get("agreement"),
-                           "logit_rel_l2": scores["logit_rel_l2"]}
+            self.evaluation = score(self.result, self.dense, data, name=name, batch_size=batch_size,
+                                    device=self.device, progress=self.progress)
         return self
 
     def verify(self) -> "Repair":
@@ -575,21 +445,13 @@ class Repair:
         return self
 
     def to_fp16(self, keep_io: bool = True, calib=None) -> "Repair":
-        """Casts the output's weights and arithmetic to float16 for deployment.
-
-        Args:
-            keep_io: keep float32 graph inputs and outputs (Casts at the edges). Defaults to True.
-            calib: compare the float16 output with the float32 one on up to 64 of these samples first
-                (see :func:`asr_onnx.verify.fp16.check_fp16`). Defaults to None (no comparison).
-
-        Raises:
-            AsrError: the float16 output is not finite or is too far from the float32 one on ``calib``.
-        """
+        """Casts the result to float16 (``keep_io``: float32 inputs and outputs), first checked against float32
+        on up to 64 samples of ``calib`` when given (:func:`asr_onnx.verify.fp16.check_fp16`)."""
         from asr_onnx.verify.fp16 import check_fp16, to_fp16
 
         self.shrink()  # the channel plan slices float32 constants
         with self._timed("fp16"):
-            single = self.output if self.output is not None else self.pruned
+            single = self.result
             half = to_fp16(single, keep_io=keep_io)
             errors = check_fp16(single, half, calib, device=self.device) if calib is not None else None
             self.output = half
@@ -597,15 +459,14 @@ class Repair:
         return self
 
     def save(self, path, *, overwrite: bool = False) -> "Repair":
-        """Checks and writes the output atomically; the input model is never overwritten unless ``overwrite``."""
+        """Checks and writes the result atomically; the input model is never overwritten unless ``overwrite``."""
         self.shrink()
         with self._timed("save"):
-            save_model(self.output if self.output is not None else self.pruned, path, overwrite=overwrite,
-                       source=self.source, check=check_output)
+            save_model(self.result, path, overwrite=overwrite, source=self.source, check=check_output)
         return self
 
     def report(self) -> dict:
-        """The JSON-ready report (see :mod:`asr_onnx.report.build`)."""
+        """The JSON-ready report (:mod:`asr_onnx.report.build`)."""
         from asr_onnx.report.build import build_report
 
         return build_report(self.shrink())
@@ -614,17 +475,7 @@ class Repair:
 def repair(model, calib, *, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
            keep_last: bool = False, batch_size: int | None = None, device: str = "auto", progress: bool = True,
            threads: int = 0, **options) -> Repair:
-    """Prunes and repairs a model in one call.
-
-    Args:
-        model, batch_size, device, progress, threads: as for :class:`Repair`.
-        calib: the calibration set (unused with ``method="none"``).
-        sparsity, pattern, exclude, keep_first, keep_last: as for :meth:`Repair.prune`.
-        **options: as for :meth:`Repair.run` (method, placement, recal, momentum, lambda_rule,
-            correct_head, dense_stats, sequential, fold_bn_nodes).
-
-    Returns:
-        the finished Repair: ``.output`` is the repaired onnx.ModelProto, ``.report()`` its report.
-    """
+    """Prunes and repairs a model in one call: :class:`Repair`'s arguments, :meth:`Repair.prune`'s, and
+    :meth:`Repair.run`'s (``recipe``, or the Recipe's fields). Returns the finished Repair."""
     job = Repair(model, device=device, batch_size=batch_size, progress=progress, threads=threads)
     return job.prune(sparsity, pattern, exclude, keep_first, keep_last).run(calib, **options)

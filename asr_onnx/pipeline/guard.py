@@ -13,65 +13,68 @@ alone, never towards the repair.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from asr_onnx.errors import AsrError
+from asr_onnx.pipeline.recipe import GUARD_MODES, Recipe
 
-GUARD_MODES = ("fallback", "warn", "off")
 FOLDS = 2
 Z = 2.0  # paired standard errors a difference must exceed to count
 
 
-def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
-    """Scores ``job``'s repair against pruning alone on held-out calibration samples.
+@dataclass(frozen=True)
+class GuardVerdict:
+    """What the guard found: the report's ``settings["guard"]`` entry, and whether to keep pruning alone."""
+
+    entry: dict
+    keep_pruned: bool = False
+
+
+def guard_repair(job, calib, recipe: Recipe, mode: str = "fallback", *, seed: int = 0) -> GuardVerdict:
+    """Scores ``job``'s repair against pruning alone on held-out calibration samples; changes nothing.
 
     The repair refitted on each fit half is the one ``job`` ran (for ``auto``, the candidate it picked on
     the whole set), least-squares refit included: a probe of a refitted job starts from the model as pruned
     and is refitted on the fit half, since a refit on the whole set has seen the held-out half. Pruning alone
-    is ``job.pruned_alone``, never refitted. With ``fallback``, ``job.output`` becomes that model when the
-    verdict is "pruning alone better", or a tie where the repair's held-out error is the higher (the held-out
-    evidence is for the whole model, not for each site, so the choice is made as a whole).
+    is ``job.pruned_alone``, never refitted. With ``fallback``, the verdict asks for that model when pruning
+    alone is better, or in a tie where the repair's held-out error is the higher (the held-out evidence is for
+    the whole model, not for each site, so the choice is made as a whole); the driver applies it.
 
     Args:
-        job: a Repair after ``run`` (its output folded); its settings name the method and options.
+        job: a Repair after ``run`` (its output folded).
+        recipe: the repair that ran, ``auto``'s picks resolved (:attr:`Repair.recipe`).
         calib: the calibration set the repair used (needs ``folds``).
         mode: "fallback", "warn" or "off". Defaults to "fallback".
         seed: the folds' seed. Defaults to 0.
 
     Returns:
-        the report's ``settings["guard"]`` entry (also stored there).
+        a GuardVerdict.
 
     Raises:
         AsrError: an unknown mode.
     """
     from asr_onnx.calib.specs import fixed_batch
-    from asr_onnx.measure.norms import DEFAULT_REFERENCE
     from asr_onnx.pipeline.crossfit import held_out_scores
     from asr_onnx.verify.evaluation import logit_rel_l2
 
     if mode not in GUARD_MODES:
         raise AsrError(f"unknown guard mode {mode!r}; choose one of {', '.join(GUARD_MODES)}")
+    if mode == "off":
+        return GuardVerdict({"mode": mode, "held_out": 0, "kept": "repair"})
     fixed = fixed_batch(job.specs) or 1
     skipped = (f"{len(calib)} calibration samples are too few to hold any out" if len(calib) < 2 * FOLDS * fixed
                else f"held-out parts of a model with a fixed batch of {fixed} are not supported" if fixed > 1 else None)
-    if mode == "off" or skipped:
-        entry = {"mode": mode, "held_out": 0, "kept": "repair"}
-        if mode != "off":
-            entry["skipped"] = skipped
-        job.settings["guard"] = entry
-        return entry
-    s = job.settings
-    method = s["auto"]["picked"]["method"] if s.get("method") == "auto" else s["method"]
-    options = {key: s[key] for key in ("placement", "recal", "momentum", "lambda_rule", "correct_head")}
-    refit = s["reconstruct_auto"]["picked"]["reconstruct"] if s.get("reconstruct") == "auto" else s.get("reconstruct")
-    reconstruct = {"method": "ls", "max_gram_mb": s["max_gram_mb"], "passes": s["refit_passes"],
-                   "samples": s.get("refit_samples", 0), "seed": seed} if refit == "ls" else None
+    if skipped:
+        return GuardVerdict({"mode": mode, "held_out": 0, "kept": "repair", "skipped": skipped})
+    correction, reconstruct = recipe.correction(), recipe.refit()
+    if reconstruct is not None:
+        reconstruct["seed"] = seed
     start = time.perf_counter()
-    variants = [lambda probe: probe.correct(method, **options).fold().output, lambda probe: job.pruned_alone]
+    variants = [lambda probe: probe.correct(**correction).fold().output, lambda probe: job.pruned_alone]
     found, errors, ref2 = held_out_scores(job, calib, variants, folds=FOLDS, seed=seed, batch_size=job.batch_size,
-                                          measure={"sequential": s.get("sequential", False),
-                                                   "reference": s.get("reference", DEFAULT_REFERENCE)},
+                                          measure={"sequential": recipe.sequential, "reference": recipe.reference},
                                           reconstruct=reconstruct)
     has_top1 = found[0] is not None
     matches = found if has_top1 else [np.zeros(len(calib))] * 2
@@ -83,8 +86,6 @@ def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
     # is a coin per sample (on 64 samples of a 2-class model a few flips move it by 5 points)
     loses = verdict == "pruning alone better" or (verdict == "tie" and errors[0].sum() > errors[1].sum())
     kept = "pruned" if mode == "fallback" and loses else "repair"
-    if kept == "pruned":
-        job.output, job.written = job.pruned_alone, {}
     entry = {"mode": mode, "held_out": len(calib), "folds": FOLDS, "repair": scores[0], "pruned": scores[1],
              "repair_refitted": reconstruct is not None,
              "verdict": verdict, "repair_loses": bool(loses), "kept": kept, "cost_s": round(time.perf_counter() - start, 4),
@@ -92,9 +93,7 @@ def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
                      f"something), then each sample's squared error over all outputs; a difference counts past "
                      f"{Z:g} paired standard errors; within noise the repair is kept only when its held-out error is "
                      f"lower"}
-    job.settings["guard"] = entry
-    job.timings["guard"] = job.timings.get("guard", 0.0) + entry["cost_s"]
-    return entry
+    return GuardVerdict(entry, kept == "pruned")
 
 
 def _verdict(top1_gain, err2_gain) -> str:

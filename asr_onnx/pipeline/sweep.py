@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from asr_onnx.pipeline.driver import Repair
+from asr_onnx.pipeline.recipe import Recipe
 from asr_onnx.verify.evaluation import evaluate
 
 
@@ -131,11 +132,12 @@ def run_sweep(model, calib, eval_data, grid: Grid | None = None, *, name: str | 
                 if method == "none":
                     output = job.pruned
                 else:
-                    if method == "auto":
-                        job.auto(calib, recal=mode, momentum=momentum, correct_head=head)
-                    else:
-                        job.correct("bn" if method == "reflow" else method, placement=placement, recal=mode,
+                    recipe = Recipe(method="bn" if method == "reflow" else method, placement=placement, recal=mode,
                                     momentum=momentum, lambda_rule=grid.lambda_rule, correct_head=corrects_head)
+                    if method == "auto":
+                        job.auto(calib, recal=recipe.recal, momentum=recipe.momentum, correct_head=head)
+                    else:
+                        job.correct(**recipe.correction())
                     output = job.fold().output
                 repair_s = time.perf_counter() - start
                 digest = hashlib.sha256(output.SerializeToString(deterministic=True)).hexdigest()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from asr_onnx.calib.specs import fixed_batch, input_specs
-from asr_onnx.errors import AsrError
 from asr_onnx.model.builder import GraphBuilder
 
 
@@ -14,9 +13,8 @@ def input_norms(model, calib, *, batch_size: int, device: str = "auto", threads:
 
     One pass; in-graph ReduceSumSquare, so only per-channel vectors leave the session.
     """
-    from asr_onnx.errors import first_line
     from asr_onnx.model.graph import find_layers, opset, to_graph, to_model
-    from asr_onnx.model.session import make_session, release_memory
+    from asr_onnx.model.session import Runner, batches
 
     graph = to_graph(model)
     layers = find_layers(graph)
@@ -33,17 +31,11 @@ def input_norms(model, calib, *, batch_size: int, device: str = "auto", threads:
         outputs.append(b.reduce("ReduceSumSquare", moved, axes))
     graph.outputs = outputs
     graph.cleanup().toposort()
-    try:
-        session = make_session(to_model(graph, model), device, threads, mem_pattern=False)
-    except Exception as e:  # noqa: BLE001
-        raise AsrError(f"onnxruntime cannot load the input-norm graph: {first_line(e)}") from None
     names, fixed = [t.name for t in outputs], fixed_batch(input_specs(model))
     sums = [0.0] * len(names)
-    for feed in calib.batches(batch_size):
-        if fixed and len(next(iter(feed.values()))) != fixed:
-            continue
-        for i, value in enumerate(session.run(names, feed)):
-            sums[i] = sums[i] + value.astype(np.float64).ravel()
-    del session
-    release_memory()
+    with Runner(to_model(graph, model), device=device, threads=threads, mem_pattern=False,
+                what="the input-norm graph") as session:
+        for _, feed in batches(calib, batch_size, fixed=fixed):
+            for i, value in enumerate(session.run(names, feed).values()):
+                sums[i] = sums[i] + value.astype(np.float64).ravel()
     return {i: np.sqrt(total) for i, total in enumerate(sums)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 from asr_onnx.calib.specs import fixed_batch, input_specs
-from asr_onnx.errors import AsrError
 from asr_onnx.measure.stats import GramStats
 from asr_onnx.model.builder import GraphBuilder
 
@@ -366,33 +365,17 @@ def accumulate(dense, pruned, indices: list[int], calib, *, batch_size: int, dev
         AsrError: onnxruntime fails. A sum that is not finite (activations too large to square in
             float32) is returned as it is, for the caller to skip.
     """
-    from asr_onnx.errors import first_line
-    from asr_onnx.model.session import make_session, provider_of, release_memory
-    from asr_onnx.progress import bar
+    from asr_onnx.model.session import Runner, batches
 
     model, grams = gram_model(dense, pruned, indices)
     fixed = fixed_batch(input_specs(model))
-    try:
-        session = make_session(model, device, threads, mem_pattern=False)
-    except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: an unknown op, a bad graph
-        raise AsrError(f"onnxruntime cannot load the Gram graph: {first_line(e)}") from None
-    del model
     wanted = [name for gram in grams for name in gram.names]
     totals: list[GramStats | None] = [None] * len(indices)
-    for feed in bar(calib.batches(batch_size), total=-(-len(calib) // batch_size), desc=desc, enabled=progress):
-        if fixed and len(next(iter(feed.values()))) != fixed:
-            continue  # a model with a fixed batch cannot take the last partial batch
-        try:
-            values = dict(zip(wanted, session.run(wanted, feed)))
-        except Exception as e:  # noqa: BLE001
-            raise AsrError(f"onnxruntime failed on a calibration batch: {first_line(e)}") from None
-        add_batch(totals, grams, values)
-    provider = provider_of(session)
-    del session
-    release_memory()
-    if totals and totals[0] is None:
-        raise AsrError(f"the calibration set has no full batch of {fixed} samples, the model's fixed batch size")
-    return totals, provider
+    with Runner(model, device=device, threads=threads, mem_pattern=False, what="the Gram graph") as session:
+        del model
+        for _, feed in batches(calib, batch_size, fixed=fixed, desc=desc, progress=progress):
+            add_batch(totals, grams, session.run(wanted, feed))
+    return totals, session.provider
 
 
 def add_batch(totals: list, grams: list, values: dict) -> None:

@@ -147,20 +147,24 @@ def run_both(candidate, reference, data, *, batch_size: int = 64, device: str = 
     Raises:
         AsrError: the models' inputs differ, or their outputs cannot be matched by name or position.
     """
-    from asr_onnx.model.session import make_session
+    from asr_onnx.model.session import Runner, batches
 
-    sa, sb = make_session(candidate, device), make_session(reference, device)
-    ins_a, ins_b = [i.name for i in sa.get_inputs()], [i.name for i in sb.get_inputs()]
+    with Runner(candidate, device=device, on="a batch") as sa, Runner(reference, device=device, on="a batch") as sb:
+        return _run_both(sa, sb, reference, batches(data, batch_size), limit)
+
+
+def _run_both(sa, sb, reference, feeds, limit: int | None):
+    ins_a, ins_b = [i.name for i in sa.inputs], [i.name for i in sb.inputs]
     if sorted(ins_a) != sorted(ins_b):
         raise AsrError(f"the models have different inputs: {ins_a} and {ins_b}")
-    names_a, names_b = [o.name for o in sa.get_outputs()], [o.name for o in sb.get_outputs()]
+    names_a, names_b = sa.output_names, sb.output_names
     if sorted(names_a) == sorted(names_b):
         pairs = [(n, n) for n in names_a]
     elif len(names_a) == len(names_b):
         pairs = list(zip(names_a, names_b))
     else:
         raise AsrError(f"the models have different outputs: {names_a} and {names_b}")
-    specs_a, specs_b = {i.name: i for i in sa.get_inputs()}, {i.name: i for i in sb.get_inputs()}
+    specs_a, specs_b = {i.name: i for i in sa.inputs}, {i.name: i for i in sb.inputs}
     from asr_onnx.model.files import load_model
 
     kinds = {k.name: k for k in output_kinds(reference if not isinstance(reference, (str, Path)) else
@@ -169,15 +173,14 @@ def run_both(candidate, reference, data, *, batch_size: int = 64, device: str = 
     got_a = {n: [] for n, _ in pairs}
     got_b = {n: [] for n, _ in pairs}
     seen = 0
-    for batch in data.batches(batch_size):
+    for _, batch in feeds:
         if limit is not None and seen >= limit:
             break
         if limit is not None:
             batch = {k: v[: limit - seen] for k, v in batch.items()}
         feeds_a = {k: _as_input(v, specs_a[k]) for k, v in batch.items() if k in specs_a}
         feeds_b = {k: _as_input(v, specs_b[k]) for k, v in batch.items() if k in specs_b}
-        out_a = dict(zip(names_a, sa.run(None, feeds_a)))
-        out_b = dict(zip(names_b, sb.run(None, feeds_b)))
+        out_a, out_b = sa.run(None, feeds_a), sb.run(None, feeds_b)
         fed = len(next(iter(batch.values())))
         for na, nb in pairs:
             if out_a[na].shape != out_b[nb].shape:

@@ -17,8 +17,7 @@ from asr_onnx.errors import AsrError
 from asr_onnx.model.files import load_model
 from asr_onnx.model.kinds import PER_SAMPLE, OutputKind, agreement_kind, batch_axis, output_kinds, top1_matches
 from asr_onnx.model.kinds import per_sample as flat
-from asr_onnx.model.session import make_session
-from asr_onnx.progress import bar
+from asr_onnx.model.session import Runner, batches
 
 Batch = tuple[int, list]  # (samples fed, every output of that run in graph order)
 
@@ -42,10 +41,10 @@ def logits(model, data, *, batch_size: int = 256, device: str = "auto", progress
         (samples fed, the run's outputs in graph order).
     """
     proto = load_model(model) if isinstance(model, (str, Path)) else model
-    session = make_session(proto, device)
     batch_size = fixed_batch(input_specs(proto)) or batch_size
-    for feed in bar(data.batches(batch_size), total=-(-len(data) // batch_size), desc="eval", enabled=progress):
-        yield len(next(iter(feed.values()))), session.run(None, feed)
+    with Runner(proto, device=device, on="a batch") as session:
+        for _, feed in batches(data, batch_size, desc="eval", progress=progress):
+            yield len(next(iter(feed.values()))), list(session.run(None, feed).values())
 
 
 def agreement(outputs: Iterable[Batch], kinds: list[OutputKind], labels=None, reference: Iterable[Batch] | None = None,
@@ -145,3 +144,24 @@ def _kept(batches: Iterable[Batch], into: list) -> Iterator[Batch]:
     for batch in batches:
         into.append(batch)
         yield batch
+
+
+def score(model, dense, data, *, name: str | None = None, batch_size: int = 256, device: str = "auto",
+          progress: bool = True) -> dict:
+    """The report's ``eval`` entry: ``model`` scored against ``dense`` on ``data``; the dense model runs once,
+    and its outputs also give its own top-1 where ``data`` has labels.
+
+    Args:
+        model, dense: onnx.ModelProto.
+        data: a calib.CalibSet, labelled or not.
+        name: what the report calls the data. Defaults to None ("given").
+        batch_size, device, progress: as for :func:`evaluate`. Defaults to 256, "auto" and True.
+    """
+    dense_logits: list = []
+    scores = evaluate(model, data, reference=dense, batch_size=batch_size, device=device, progress=progress,
+                      reference_logits=dense_logits)
+    dense_top1 = None
+    if data.labels is not None and scores.get("top1") is not None:  # the first output is (N, classes)
+        dense_top1 = agreement(dense_logits, output_kinds(dense), data.labels)["top1"]
+    return {"data": name or "given", "samples": scores["samples"], "top1": scores.get("top1"),
+            "dense_top1": dense_top1, "agreement": scores.get("agreement"), "logit_rel_l2": scores["logit_rel_l2"]}

@@ -189,7 +189,7 @@ def check_fp16(reference, half, calib, *, device: str = "auto", limit: int = 64,
     """
     from asr_onnx.calib.specs import fixed_batch, input_specs
     from asr_onnx.model.batch import free_batch
-    from asr_onnx.model.session import make_session
+    from asr_onnx.model.session import Runner, batches
 
     fixed = fixed_batch(input_specs(reference))
     plans = [free_batch(m, fixed) for m in (reference, half)] if fixed else []
@@ -197,27 +197,25 @@ def check_fp16(reference, half, calib, *, device: str = "auto", limit: int = 64,
         reference, half, fixed = plans[0].apply(reference), plans[1].apply(half), None
     elif fixed:
         limit = min(limit, FIXED_LIMIT)  # one run per sample
-    sessions = [make_session(m, device) for m in (reference, half)]
-    names = [o.name for o in sessions[0].get_outputs()]
-    feeds_of = [{i.name: np.float16 if i.type == "tensor(float16)" else None for i in s.get_inputs()}
-                for s in sessions]
-    err2, ref2, size, seen = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0), 0
-    for feed in calib.batches(fixed or limit):
-        if fixed and len(next(iter(feed.values()))) != fixed:
-            continue  # a last partial batch
-        outs = [s.run(names, {k: v.astype(types[k]) if types.get(k) else v for k, v in feed.items()})
-                for s, types in zip(sessions, feeds_of)]
-        for name, want, got in zip(names, *outs):
-            want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
-            if not np.isfinite(got).all():
-                raise AsrError(f"fp16: output {name!r} is not finite in float16 on calibration data (activations "
-                               "outside the float16 range); keep the model in float32")
-            err2[name] += float(np.sum((got - want) ** 2))
-            ref2[name] += float(np.sum(want**2))
-            size[name] += want.size
-        seen += len(next(iter(feed.values())))
-        if seen >= limit:
-            break
+    with Runner(reference, device=device) as single, Runner(half, device=device) as double:
+        names = single.output_names
+        err2, ref2, size = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
+        halves = {i.name: np.float16 for i in double.inputs if i.type == "tensor(float16)"}
+        seen = 0
+        for _, feed in batches(calib, fixed or limit, fixed=fixed):
+            want_out = single.run(names, feed)
+            got_out = double.run(names, {k: v.astype(halves[k]) if k in halves else v for k, v in feed.items()})
+            for name in names:
+                want, got = np.asarray(want_out[name], np.float64), np.asarray(got_out[name], np.float64)
+                if not np.isfinite(got).all():
+                    raise AsrError(f"fp16: output {name!r} is not finite in float16 on calibration data (activations "
+                                   "outside the float16 range); keep the model in float32")
+                err2[name] += float(np.sum((got - want) ** 2))
+                ref2[name] += float(np.sum(want**2))
+                size[name] += want.size
+            seen += len(next(iter(feed.values())))
+            if seen >= limit:
+                break
     # an output whose RMS is below float16's smallest normal (a probability map near 0) is measured
     # against that: float16 cannot tell such values apart, and they are not what the output says
     errors = {name: float(np.sqrt(err2[name] / max(ref2[name], size[name] * FP16_TINY**2))) for name in names}

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import zoo
 from onnx import numpy_helper
+from oracles import conv3x3
 
 from asr_onnx.pipeline.driver import repair
 
@@ -25,17 +26,6 @@ def quantize(x, scale, zero):
 
 def qdq(x, scale, zero=128):
     return (quantize(x, scale, zero) - zero) * scale
-
-
-def conv3x3(x, w):
-    """Cross-correlation with 1-pixel zero padding, in float64."""
-    n, _, height, width = x.shape
-    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    out = np.zeros((n, w.shape[0], height, width))
-    for i in range(3):
-        for j in range(3):
-            out += np.einsum("nchw,oc->nohw", padded[:, :, i:i + height, j:j + width], w[:, :, i, j])
-    return out
 
 
 def oracle(name, model, x):

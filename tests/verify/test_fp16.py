@@ -91,7 +91,7 @@ def test_scales_shape_arithmetic_and_ops_without_fp16_stay_float32():
 
 def numpy_wide_bn(model, x, after):
     """zoo.wide_bn computed in float64 from its initializers."""
-    from test_quantized import conv3x3
+    from oracles import conv3x3
 
     a = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     channel = (1, -1, 1, 1)

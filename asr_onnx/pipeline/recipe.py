@@ -1,0 +1,97 @@
+"""The recipe: every choice of one repair, as one frozen value.
+
+Built once, from the CLI's options or the API's keyword arguments, and read by every stage that needs a
+choice: the driver, ``auto``, the guard and the sweep. The report records what ran; nothing reads the
+report back as configuration. ``auto`` choices are resolved into a new recipe (:meth:`Recipe.resolved`),
+so that the guard refits and corrects exactly what was kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from asr_onnx.correct.gains import METHODS
+from asr_onnx.correct.recal import PLACEMENTS
+from asr_onnx.errors import AsrError
+from asr_onnx.measure.norms import DEFAULT_REFERENCE, REFERENCES
+
+RECONSTRUCTIONS = ("none", "ls", "auto")
+GUARD_MODES = ("fallback", "warn", "off")
+RECAL_MODES = ("exact", "momentum")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a pruned model is repaired (the pruning itself is :meth:`Repair.prune`'s arguments).
+
+    Attributes:
+        method: "none", "bn", "lw", "naive", "asr" or "auto" (picked on held-out folds). Defaults to "bn".
+        placement: "recal" or "pre-bn". Defaults to "recal".
+        recal: "exact" or "momentum". Defaults to "exact".
+        momentum: with "momentum", PyTorch's running-average momentum. Defaults to 0.1.
+        lambda_rule: ASR's lambda: "median", "mean" or a number. Defaults to "median".
+        correct_head: match the classifier head's logit statistics too. Defaults to True.
+        reference: what a BN's correction restores, "calib" or "running". Defaults to DEFAULT_REFERENCE.
+        sequential: one statistics pass per depth of sites. Defaults to False.
+        fold_bn: fold every BN into its layer at the end. Defaults to False.
+        reconstruct: "none", "ls" (least-squares refit) or "auto" (picked on held-out folds). Defaults to "none".
+        max_gram_mb: skip a layer whose Gram matrices exceed this. Defaults to 256.
+        refit_passes: Gram passes, 0 for one per depth level. Defaults to 0.
+        refit_samples: refit on a seeded subset of this size, 0 for all. Defaults to 0.
+        refit_rounds: refit and correct this many times. Defaults to 1.
+        guard: "fallback", "warn" or "off". Defaults to "off" (the CLI's default is "fallback").
+        seed: the calibration batches' order, the folds and the refit subset. Defaults to 0.
+    """
+
+    method: str = "bn"
+    placement: str = "recal"
+    recal: str = "exact"
+    momentum: float = 0.1
+    lambda_rule: str | float = "median"
+    correct_head: bool = True
+    reference: str = DEFAULT_REFERENCE
+    sequential: bool = False
+    fold_bn: bool = False
+    reconstruct: str = "none"
+    max_gram_mb: float = 256.0
+    refit_passes: int = 0
+    refit_samples: int = 0
+    refit_rounds: int = 1
+    guard: str = "off"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, value, allowed in (("method", self.method, METHODS + ("auto",)),
+                                     ("placement", self.placement, PLACEMENTS), ("recal", self.recal, RECAL_MODES),
+                                     ("reference", self.reference, REFERENCES),
+                                     ("reconstruct", self.reconstruct, RECONSTRUCTIONS),
+                                     ("guard", self.guard, GUARD_MODES)):
+            if value not in allowed:
+                raise AsrError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        if not 0 < self.momentum <= 1:
+            raise AsrError(f"momentum must be in (0, 1], got {self.momentum}")
+        if not self.max_gram_mb > 0:  # also refuses NaN
+            raise AsrError(f"max_gram_mb must be a positive number of MB, got {self.max_gram_mb}")
+        if self.refit_samples < 0 or self.refit_passes < 0 or self.seed < 0:
+            raise AsrError("refit_samples, refit_passes and seed must be >= 0")
+        if self.refit_rounds != 1 and (self.refit_rounds < 1 or self.reconstruct != "ls" or self.method == "none"):
+            raise AsrError(f"refit_rounds {self.refit_rounds}: more than one round needs reconstruct ls and a method")
+
+    def correction(self) -> dict:
+        """The keyword arguments of :meth:`Repair.correct`."""
+        return {"method": self.method, "placement": self.placement, "recal": self.recal, "momentum": self.momentum,
+                "lambda_rule": self.lambda_rule, "correct_head": self.correct_head}
+
+    def refit(self) -> dict | None:
+        """The keyword arguments of a probe's refit (:func:`asr_onnx.pipeline.crossfit.fit_probe`), or None."""
+        if self.reconstruct != "ls":
+            return None
+        return {"method": "ls", "max_gram_mb": self.max_gram_mb, "passes": self.refit_passes,
+                "samples": self.refit_samples, "seed": self.seed}
+
+    def resolved(self, **picked) -> "Recipe":
+        """This recipe with ``auto``'s picks (method, placement, lambda_rule; reconstruct) in place of "auto"."""
+        return replace(self, **picked)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
