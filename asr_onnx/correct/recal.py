@@ -250,3 +250,29 @@ def _add_bias(graph, layer, c: np.ndarray):
     shift = gs.Constant(f"{layer.name}.asr_shift_c", c)
     graph.nodes.append(gs.Node("Add", f"{layer.name}.asr_shift", inputs=[out, shift], outputs=[shifted]))
     return shift
+
+
+def write_all(pruned, references: dict, corrections: dict, fold_bn_nodes: bool = False, *, like=None) -> tuple:
+    """Writes every site's correction into a copy of ``pruned`` (BN initializers, or folded into the layer).
+
+    Args:
+        pruned: the pruned onnx.ModelProto.
+        references: site key -> Norm (a Measurement's references).
+        corrections: site key -> Correction.
+        fold_bn_nodes: afterwards fold every BN that directly follows its layer into that layer. Defaults to False.
+        like: the model whose opset and metadata the output keeps. Defaults to None (``pruned``).
+
+    Returns:
+        (the corrected onnx.ModelProto, site key -> what was written there).
+    """
+    from asr_onnx.model.graph import find_layers, find_sites, to_graph, to_model
+
+    graph = to_graph(pruned)
+    sites = find_sites(graph, find_layers(graph))
+    written = {s.key: write(graph, s, references[s.key], corrections[s.key]) for s in sites if s.key in corrections}
+    if fold_bn_nodes:
+        for site in sites:
+            if site.bn is not None and site.layer is not None:
+                fold_bn(graph, site)
+    graph.cleanup().toposort()
+    return to_model(graph, like if like is not None else pruned), written

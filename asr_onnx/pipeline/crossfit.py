@@ -48,7 +48,7 @@ def choose(job, calib, candidates=AUTO_CANDIDATES, *, folds: int = 4, seed: int 
     return _pick_scored([{"method": m, "placement": p, "lambda_rule": r} for m, p, r in candidates], *scored)
 
 
-def choose_reconstruction(job, calib, recipe, *, folds: int = RECONSTRUCT_FOLDS) -> tuple[dict, list[dict]]:
+def choose_reconstruction(job, calib, recipe, *, folds: int = RECONSTRUCT_FOLDS) -> tuple[str, dict]:
     """Scores the model refitted or not (RECONSTRUCT_CANDIDATES) on held-out calibration data, and picks one.
 
     For each fold, a probe starting from the model as pruned is refitted or not on the fit part only,
@@ -64,8 +64,8 @@ def choose_reconstruction(job, calib, recipe, *, folds: int = RECONSTRUCT_FOLDS)
         folds: the parts. Defaults to RECONSTRUCT_FOLDS (2).
 
     Returns:
-        (the picked score, every candidate's score): each names its ``reconstruct``, with its held-out
-        agreement (None where top-1 means nothing) and logit_rel_l2.
+        (the picked reconstruction, the report's ``reconstruct_auto`` entry: the picked score and every
+        candidate's, each naming its ``reconstruct`` with its held-out agreement and logit_rel_l2).
     """
     correct = recipe.method != "none"
     measure = {"sequential": recipe.sequential, "reference": recipe.reference}
@@ -80,7 +80,9 @@ def choose_reconstruction(job, calib, recipe, *, folds: int = RECONSTRUCT_FOLDS)
             yield probe.correct(**recipe.correction()).fold().output if correct else probe.pruned
 
     scored = cross_fit(job, calib, fitted, len(RECONSTRUCT_CANDIDATES), folds=folds, seed=seed)
-    return _pick_scored([{"reconstruct": refit} for refit in RECONSTRUCT_CANDIDATES], *scored)
+    best, scores = _pick_scored([{"reconstruct": refit} for refit in RECONSTRUCT_CANDIDATES], *scored)
+    return best["reconstruct"], {"picked": best, "candidates": scores, "folds": folds, "held_out": len(calib),
+                                 "scored_with": recipe.method, "reason": PICK_RULE}
 
 
 def _pick_scored(names: list[dict], matches, err2, ref2) -> tuple[dict, list[dict]]:

@@ -11,7 +11,7 @@ import onnx
 
 from asr_onnx.calib.calibset import CalibSet
 from asr_onnx.calib.specs import fixed_batch, input_specs
-from asr_onnx.correct.recal import correct, fold_bn, write
+from asr_onnx.correct.recal import correct, write_all
 from asr_onnx.errors import AsrError
 from asr_onnx.measure.norms import DEFAULT_REFERENCE, REFERENCES
 from asr_onnx.measure.passes import SMALL_BATCH, dense_keys, dense_weights, measure, measure_pruned, site_map
@@ -19,10 +19,11 @@ from asr_onnx.measure.stats import merge_all
 from asr_onnx.model.batch import BatchPolicy
 from asr_onnx.model.check import check_output
 from asr_onnx.model.files import load_model, save_model
-from asr_onnx.model.graph import find_layers, find_sites, to_graph, to_model
 from asr_onnx.pipeline.crossfit import AUTO_CANDIDATES, PICK_RULE
 from asr_onnx.pipeline.recipe import Recipe
-from asr_onnx.prune.masks import Pattern, check_sparsity, prune_layers
+from asr_onnx.prune.masks import Pattern, check_sparsity
+from asr_onnx.prune.stage import needs_data, prune_channels, prune_weights
+from asr_onnx.prune.wanda import input_norms
 
 
 class Repair:
@@ -116,70 +117,59 @@ class Repair:
         if self.batch.fit(len(calib)) is not None:
             raise AsrError(f"the calibration set has {len(calib)} samples, fewer than the batch size {self.batch_size}")
 
-    def _options(self, batch_size: int | None = None) -> dict:
-        return dict(batch_size=batch_size or self.batch_size, device=self.device, progress=self.progress,
-                    threads=self.threads)
+    def _options(self, batch_size: int | None = None, progress: bool = True) -> dict:
+        """The session options of a pass: samples per run, device, threads, and (where it shows one) progress."""
+        options = dict(batch_size=batch_size or self.batch_size, device=self.device, threads=self.threads)
+        return options | {"progress": self.progress} if progress else options
 
     def prune(self, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
               keep_last: bool = False, allocation: str = "global", score: str = "magnitude",
-              calib=None, flops_target: float | None = None) -> "Repair":
-        """Zeroes weights of Conv, ConvTranspose, Gemm and MatMul layers, or removes whole channels.
+              calib=None, flops_target: float | None = None, channel_plan=None) -> "Repair":
+        """Zeroes weights of Conv, ConvTranspose, Gemm and MatMul layers (:func:`asr_onnx.prune.stage.prune_weights`),
+        or under ``pattern="channels"`` removes whole channels (:func:`asr_onnx.prune.stage.prune_channels`), whose
+        removed filters stay zeroed in the dense shapes until :meth:`shrink`.
 
         Args:
             sparsity: fraction of eligible weights to zero, in [0, 1); under "channels" of each group's channels.
                 Defaults to 0.9 (ignored for N:M and a FLOPs target).
-            pattern: "global", "uniform", "N:M" or "channels" (:meth:`prune_channels`). Defaults to "global".
-            exclude: regexes of node or weight names to leave dense. Defaults to none.
-            keep_first, keep_last: leave the first / last prunable layer dense. Defaults to False.
-            allocation: "global", "lamp" or "uniform" (:func:`asr_onnx.prune.masks.prune_layers`). Defaults to "global".
+            pattern: "global", "uniform", "N:M" or "channels". Defaults to "global".
+            exclude, keep_first, keep_last: layers left dense (regexes of names, the first, the last).
+            allocation: "global", "lamp" or "uniform". Defaults to "global".
             score: "magnitude", "wanda" (needs ``calib``) or "rownorm"; under "channels", "magnitude",
-                "bn-scale" or "greedy". Defaults to "magnitude".
+                "bn-scale" or "greedy" (needs ``calib``). Defaults to "magnitude".
             calib: the calibration set, for "wanda" and "greedy". Defaults to None.
             flops_target: under "channels", the fraction of multiply-accumulates to keep. Defaults to None.
+            channel_plan: under "channels", a plan made earlier, reused. Defaults to None.
         """
-        if str(pattern).strip().lower() == "channels":
-            return self.prune_channels(sparsity, score=score, calib=calib, flops_target=flops_target,
-                                       exclude=exclude)
-        sparsity, parsed = check_sparsity(sparsity), Pattern.parse(pattern)
-        norms = self._input_norms(score, calib)
-        with self._timed("prune"):
-            graph = to_graph(self.dense)
-            self.layers = prune_layers(find_layers(graph), sparsity, parsed, exclude, keep_first, keep_last,
-                                       allocation, norms, score)
-            self.pruned = self.pruned_alone = to_model(graph, self.dense)
-        used = self.layers[0].allocation if self.layers else allocation  # "uniform" for the pattern uniform
-        self.settings.update(sparsity=sparsity, pattern=str(parsed), exclude=list(exclude),
-                             keep_first=keep_first, keep_last=keep_last, allocation=used, score=score)
-        return self
-
-    def prune_channels(self, sparsity: float = 0.5, *, score: str = "magnitude", calib=None,
-                       flops_target: float | None = None, exclude=(), channel_plan=None) -> "Repair":
-        """Removes whole output channels, group by group (:mod:`asr_onnx.prune.channels`): until :meth:`shrink`,
-        the models keep the dense shapes with the removed filters zeroed. ``channel_plan``: a plan made earlier
-        (:func:`asr_onnx.prune.channels.plan`), reused at this sparsity or target. Else as for :meth:`prune`."""
-        from asr_onnx.prune import channels
-
-        sparsity = check_sparsity(sparsity)
-        target = None if flops_target is None else channels.check_flops_target(flops_target)
-        if score == "greedy" and channel_plan is None:
+        channels = str(pattern).strip().lower() == "channels"
+        if not channels:
+            check_sparsity(sparsity), Pattern.parse(pattern)  # refused before any data is read
+        if needs_data(pattern, score, channel_plan):
+            if calib is None:
+                raise AsrError(f"the score {score} needs calibration data")
             self._check_size(calib)
+        norms = None
+        if score == "wanda" and not channels:
+            with self._timed("input_norms"):
+                norms = input_norms(self.dense, calib, **self._options(progress=False))
         with self._timed("prune"):
-            if channel_plan is not None:
-                self.channel_plan = channels.choose(channel_plan, sparsity=None if target else sparsity,
-                                                    flops_target=target)
+            if channels:
+                done = prune_channels(self.dense, sparsity, score=score, calib=calib, flops_target=flops_target,
+                                      exclude=exclude, channel_plan=channel_plan, **self._options(progress=False))
             else:
-                self.channel_plan = channels.plan(self.dense, sparsity=None if target else sparsity,
-                                                  flops_target=target, score=score, calib=calib, exclude=exclude,
-                                                  batch_size=self.batch_size, device=self.device, threads=self.threads)
-            self.pruned = self.pruned_alone = channels.mask(self.dense, self.channel_plan.groups,
-                                                            self.channel_plan.keep)
-        self.layers, self.channel_report = [], None
-        self.settings.update(sparsity=sparsity, pattern="channels", flops_target=target, exclude=list(exclude),
-                             score=score)
+                done = prune_weights(self.dense, sparsity, pattern, exclude, keep_first, keep_last, allocation, score,
+                                     norms)
+        self.pruned = self.pruned_alone = done.model
+        self.layers, self.channel_plan, self.channel_report = done.layers, done.channel_plan, None
+        self.settings.update(done.settings)
         return self
+
+    def prune_channels(self, sparsity: float = 0.5, **options) -> "Repair":
+        """:meth:`prune` with ``pattern="channels"``."""
+        return self.prune(sparsity, "channels", **options)
 
     def shrink(self) -> "Repair":
-        """Slices the removed channels out of the result, after :meth:`prune_channels`; counted once."""
+        """Slices the removed channels out of the result, after channel pruning; counted once."""
         from asr_onnx.prune import channels
 
         if self.channel_plan is None:
@@ -193,44 +183,32 @@ class Repair:
             self.channel_report = channels.summary(self.channel_plan, self.dense, self.result)
         return self
 
-    def _input_norms(self, score: str, calib):
-        """Wanda's per-layer input norms on the dense model, or None for a score that needs no data."""
-        from asr_onnx.prune.masks import SCORES
-        from asr_onnx.prune.wanda import input_norms
-
-        if score not in SCORES:
-            raise AsrError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-        if score != "wanda":
-            return None
-        if calib is None:
-            raise AsrError("the score wanda needs calibration data")
-        self._check_size(calib)
-        with self._timed("input_norms"):
-            return input_norms(self.dense, calib, batch_size=self.batch_size, device=self.device, threads=self.threads)
-
     def reconstruct(self, calib, method: str = "ls", *, max_gram_mb: float = 256.0, passes: int = 0,
                     samples: int = 0, seed: int = 0, recipe: Recipe | None = None) -> "Repair":
-        """Refits the kept weights of every layer by least squares (:mod:`asr_onnx.refit.reconstruct`), after prune.
+        """Refits the kept weights of every layer by least squares (:func:`asr_onnx.refit.reconstruct.reconstruct`).
 
-        Args:
-            calib: the calibration set ("auto": a calib.CalibSet, which has ``folds``).
-            method: "ls", "none" or "auto" (refit or not, picked on 2 held-out folds with ``recipe``'s
-                correction: :func:`asr_onnx.pipeline.crossfit.choose_reconstruction`). Defaults to "ls".
-            max_gram_mb: skip a layer whose Gram matrices would exceed this many MB. Defaults to 256.
-            passes: Gram passes, 0 for one per depth level (exactly sequential). Defaults to 0.
-            samples: refit on a seeded ``samples`` of the calibration samples, 0 for all. Defaults to 0.
-            seed: the seed of ``samples``' draw (and of "auto"'s folds). Defaults to 0.
-            recipe: with "auto", how the probes are measured and corrected. Defaults to None (Recipe()).
+        ``method``: "ls" (default), "none", or "auto": refit or not, picked on 2 held-out folds with ``recipe``'s
+        correction (:func:`asr_onnx.pipeline.crossfit.choose_reconstruction`). ``max_gram_mb`` (256) skips a layer
+        with bigger Gram matrices; ``passes`` (0: one per depth level) the Gram passes; ``samples`` (0: all) a
+        seeded subset to refit on; ``seed`` its draw and auto's folds.
         """
+        from asr_onnx.pipeline.crossfit import choose_reconstruction
         from asr_onnx.refit.reconstruct import METHODS, reconstruct
 
         if method not in METHODS + ("auto",):
             raise AsrError(f"unknown reconstruction {method!r}; choose one of {', '.join(METHODS + ('auto',))}")
-        if method == "auto":
-            return self._reconstruct_auto(calib, recipe or Recipe(max_gram_mb=max_gram_mb, refit_passes=passes,
-                                                                  refit_samples=samples, seed=seed))
         if samples < 0 or (samples and not hasattr(calib, "take")):
             raise AsrError(f"cannot refit on {samples} samples of this calibration set")
+        auto = None
+        if method == "auto":
+            if not hasattr(calib, "folds"):
+                raise AsrError("reconstruct auto needs a calibration set that can be cut into folds")
+            self._check_size(calib)
+            with self._timed("reconstruct_auto"):
+                recipe = recipe or Recipe(max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples, seed=seed)
+                # the probes are corrected as the recipe says; "auto" scores them with "bn"
+                probes = recipe if recipe.method != "auto" else recipe.resolved(method="bn", placement="recal")
+                method, auto = choose_reconstruction(self, calib, probes)
         if method == "ls":
             fit = calib.take(samples, seed) if 0 < samples < len(calib) else calib
             self._check_size(fit)
@@ -238,39 +216,23 @@ class Repair:
                 self.pruned, self.refits, split, _ = reconstruct(self.dense, self.pruned, fit, max_gram_mb=max_gram_mb,
                                                                  passes=passes, **self._options())
             self.timings.update({f"reconstruct_{k}": v for k, v in split.items()})
-        self.settings.update(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples)
-        return self
-
-    def _reconstruct_auto(self, calib, recipe: Recipe) -> "Repair":
-        from asr_onnx.pipeline.crossfit import RECONSTRUCT_FOLDS, choose_reconstruction
-
-        if not hasattr(calib, "folds"):
-            raise AsrError("reconstruct auto needs a calibration set that can be cut into folds")
-        self._check_size(calib)
-        # the reconstruction is chosen with the recipe's correction; "auto" scores its probes with "bn"
-        probe_recipe = recipe if recipe.method != "auto" else recipe.resolved(method="bn", placement="recal")
-        with self._timed("reconstruct_auto"):
-            best, scores = choose_reconstruction(self, calib, probe_recipe)
-        self.reconstruct(calib, best["reconstruct"], max_gram_mb=recipe.max_gram_mb, passes=recipe.refit_passes,
-                         samples=recipe.refit_samples, seed=recipe.seed)
-        self.settings.update(reconstruct="auto", reconstruct_auto={
-            "picked": best, "candidates": scores, "folds": RECONSTRUCT_FOLDS, "held_out": len(calib),
-            "scored_with": probe_recipe.method, "reason": PICK_RULE})
+        self.settings.update(reconstruct=method if auto is None else "auto", max_gram_mb=max_gram_mb,
+                             refit_passes=passes, refit_samples=samples)
+        if auto is not None:
+            self.settings["reconstruct_auto"] = auto
         return self
 
     def refit_corrected(self, calib, *, max_gram_mb: float = 256.0, passes: int = 0) -> "Repair":
-        """Refits the kept weights again after :meth:`fold`, each layer fed the corrected output and keeping its
-        folded correction while refitted; the pruned model takes the new weights, to be measured again."""
-        from asr_onnx.refit.reconstruct import reconstruct, row_scales, unscaled_refit
+        """Refits the kept weights again after :meth:`fold`, from the corrected output
+        (:func:`asr_onnx.refit.reconstruct.refit_corrected`); the pruned model is then measured and corrected again."""
+        from asr_onnx.refit.reconstruct import refit_corrected
 
         if self.output is None:
             raise AsrError("refit_corrected() needs a corrected output: run fold() first")
         self._check_size(calib)
         with self._timed("reconstruct"):
-            scales = row_scales(self.pruned, self.output)
-            refitted, self.refits, split, _ = reconstruct(self.dense, self.output, calib, max_gram_mb=max_gram_mb,
-                                                          passes=passes, row_scales=scales, **self._options())
-            self.pruned = unscaled_refit(self.pruned, refitted, scales, self.refits)
+            self.pruned, self.refits, split = refit_corrected(self.dense, self.pruned, self.output, calib,
+                                                              max_gram_mb=max_gram_mb, passes=passes, **self._options())
         self.measurement, self.output = None, None
         for k, v in split.items():
             self.timings[f"reconstruct_{k}"] = self.timings.get(f"reconstruct_{k}", 0.0) + v
@@ -288,18 +250,9 @@ class Repair:
     def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False,
                 all_dense: bool = False, seed: int = 0, reference: str = DEFAULT_REFERENCE) -> "Repair":
         """Per-channel statistics of the dense model, then of the pruned one with upstream renormalised
-        (:func:`asr_onnx.measure.passes.measure_pruned`); an untouched site's correction is the identity.
-
-        Args:
-            calib: a calib.CalibSet (read in a seeded random order: no one-class batches), or anything with
-                ``__len__`` and ``batches(batch_size)``.
-            dense_stats: site key -> ChannelStats from an earlier run (the stats cache). Defaults to None.
-            sequential: exact layer-by-layer recalibration, one pass per depth of sites. Defaults to False.
-            all_dense: measure every site of the dense model, for the report. Defaults to False.
-            seed: the batches' order. Defaults to 0.
-            reference: "calib" (the dense statistics on the calibration data) or "running" (a BN's running
-                statistics, REFLOW's target). Defaults to DEFAULT_REFERENCE.
-        """
+        (:func:`asr_onnx.measure.passes.measure_pruned`). ``calib``: a CalibSet, read in the seeded order ``seed``
+        (no one-class batches); ``dense_stats``: the stats cache's; ``sequential``: one pass per depth of sites;
+        ``all_dense``: every dense site, for the report; ``reference``: "calib" or "running" (REFLOW's target)."""
         self._check_size(calib)
         calib = calib.shuffled(seed) if isinstance(calib, CalibSet) else calib
         sites = self._pruned_sites()
@@ -341,16 +294,8 @@ class Repair:
 
     def run(self, calib, method: str = "bn", *, recipe: Recipe | None = None, dense_stats=None,
             fold_bn_nodes: bool = False, **options) -> "Repair":
-        """reconstruct -> measure -> correct (or auto) -> fold -> guard, after :meth:`prune`.
-
-        Args:
-            calib: the calibration set.
-            method: as :class:`Recipe`'s, when no ``recipe`` is given. Defaults to "bn"; "none" measures
-                nothing and the output is the pruned model.
-            recipe: every choice of the repair. Defaults to None: ``Recipe(method, fold_bn=fold_bn_nodes,
-                **options)``.
-            dense_stats: site key -> ChannelStats from an earlier run (the stats cache). Defaults to None.
-        """
+        """reconstruct -> measure -> correct (or auto) -> fold -> guard, after :meth:`prune`, as ``recipe`` says
+        (default: ``Recipe(method, fold_bn=fold_bn_nodes, **options)``); ``dense_stats``: the stats cache's."""
         recipe = recipe or Recipe(method=method, fold_bn=fold_bn_nodes, **options)
         self.recipe = recipe
         self.reconstruct(calib, recipe.reconstruct, max_gram_mb=recipe.max_gram_mb, passes=recipe.refit_passes,
@@ -391,13 +336,12 @@ class Repair:
 
     def auto(self, calib, *, folds: int = 4, seed: int = 0, recal: str = "exact", momentum: float = 0.1,
              correct_head: bool = True, candidates=AUTO_CANDIDATES, reference: str | None = None) -> "Repair":
-        """Picks the correction that best agrees with the dense model on held-out calibration data (``folds``
-        parts, each held out once while every candidate is fitted on the others; :func:`asr_onnx.pipeline.
-        crossfit.pick`), then applies it with the whole set. ``reference``: None is the measured one's."""
+        """Picks the correction that best agrees with the dense model on held-out calibration data, each of
+        ``folds`` parts held out once (:func:`asr_onnx.pipeline.crossfit.choose`), then applies it with the whole
+        set. ``reference``: None is the measured one's."""
         from asr_onnx.pipeline.crossfit import choose
 
-        measured = self.measurement.reference if self.measurement is not None else DEFAULT_REFERENCE
-        reference = reference or measured
+        reference = reference or (self.measurement.reference if self.measurement is not None else DEFAULT_REFERENCE)
         with self._timed("auto"):
             best, scores = choose(self, calib, candidates, folds=folds, seed=seed, recal=recal, momentum=momentum,
                                   correct_head=correct_head, reference=reference)
@@ -405,26 +349,17 @@ class Repair:
             self.measure(calib, seed=seed, reference=reference)
         picked = {"method": best["method"], "placement": best["placement"], "lambda_rule": best["lambda_rule"]}
         self.correct(**picked, recal=recal, momentum=momentum, correct_head=correct_head)
-        if self.recipe is not None:
-            self.recipe = self.recipe.resolved(**picked)
+        self.recipe = self.recipe.resolved(**picked) if self.recipe is not None else None
         self.settings.update(method="auto", auto={"picked": best, "candidates": scores, "folds": folds,
                                                   "held_out": len(calib), "reason": PICK_RULE})
         return self
 
     def fold(self, fold_bn_nodes: bool = False) -> "Repair":
-        """Writes the corrections into a copy of the pruned graph (BN nodes, or layer weights and biases);
+        """Writes the corrections into a copy of the pruned graph (:func:`asr_onnx.correct.recal.write_all`);
         ``fold_bn_nodes`` then folds every BN that directly follows its layer into it."""
         with self._timed("fold"):
-            graph = to_graph(self.pruned)
-            sites = find_sites(graph, find_layers(graph))
-            self.written = {s.key: write(graph, s, self.measurement.references[s.key], self.corrections[s.key])
-                            for s in sites if s.key in self.corrections}
-            if fold_bn_nodes:
-                for site in sites:
-                    if site.bn is not None and site.layer is not None:
-                        fold_bn(graph, site)
-            graph.cleanup().toposort()
-            self.output = to_model(graph, self.dense)
+            self.output, self.written = write_all(self.pruned, self.measurement.references, self.corrections,
+                                                  fold_bn_nodes, like=self.dense)
         self.settings.update(fold_bn=fold_bn_nodes)
         return self
 

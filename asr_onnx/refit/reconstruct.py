@@ -320,46 +320,42 @@ class _Walk:
         """Runs both networks from the held frontier to depth ``level``, returns the Gram sums of ``todo``
         and, with ``keep``, holds the frontier at ``level`` for the next pass (unless it would exceed
         ``max_frontier_mb``: the next pass then starts from the frontier held now)."""
-        from asr_onnx.errors import first_line
-        from asr_onnx.model.session import make_session, provider_of, release_memory
-        from asr_onnx.progress import bar
+        from asr_onnx.model.session import Runner, batches
 
         wanted = self.both.frontier(level) if keep else []
         produced = [n for n in wanted if n not in self.held]
         batch_size, fixed = self.options["batch_size"], self.fixed
         if self.at < 0:
-            feeds = (feed for feed in calib.batches(batch_size) if not fixed or len(next(iter(feed.values()))) == fixed)
-            total = -(-len(calib) // batch_size)
+            feeds, total = calib, -(-len(calib) // batch_size)
         else:
-            feeds = (self.store.get(i) for i in range(len(self.store)))
-            total = len(self.store)
+            feeds, total = (self.store.get(i) for i in range(len(self.store))), len(self.store)
         session = grams = None
         totals: list = [None] * len(todo)
-        for index, feed in enumerate(bar(feeds, total=total, desc=f"gram {level + 1}", enabled=self.options["progress"])):
+        try:
+            for index, (_, feed) in enumerate(batches(feeds, batch_size, fixed=fixed if self.at < 0 else None,
+                                                      desc=f"gram {level + 1}", progress=self.options["progress"],
+                                                      total=total)):
+                if session is None:
+                    segment, grams = self.both.segment(self.at, level, todo, {n: feed[n].dtype for n in self.held},
+                                                       produced)
+                    session = Runner(segment, device=self.options["device"], threads=self.options["threads"],
+                                     mem_pattern=False, what="the Gram graph")
+                    del segment
+                    needed = [i.name for i in session.inputs]
+                    outputs = [name for gram in grams for name in gram.names] + produced
+                values = session.run(outputs, {n: feed[n] for n in needed})
+                add_batch(totals, grams, values)
+                if keep and index == 0:  # the frontier of every batch is about the size of the first one's
+                    size = sum((values[n] if n in produced else feed[n]).nbytes for n in wanted)
+                    keep = size * total <= self.cap
+                if keep:
+                    self.store.put(index, {n: values[n] if n in produced else feed[n] for n in wanted})
             if session is None:
-                segment, grams = self.both.segment(self.at, level, todo, {n: feed[n].dtype for n in self.held}, produced)
-                try:
-                    session = make_session(segment, self.options["device"], self.options["threads"], mem_pattern=False)
-                except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: an unknown op, a bad graph
-                    raise AsrError(f"onnxruntime cannot load the Gram graph: {first_line(e)}") from None
-                del segment
-                needed = [i.name for i in session.get_inputs()]
-                outputs = [name for gram in grams for name in gram.names] + produced
-            try:
-                values = dict(zip(outputs, session.run(outputs, {n: feed[n] for n in needed})))
-            except Exception as e:  # noqa: BLE001
-                raise AsrError(f"onnxruntime failed on a calibration batch: {first_line(e)}") from None
-            add_batch(totals, grams, values)
-            if keep and index == 0:  # the frontier of every batch is about the size of the first one's
-                size = sum((values[n] if n in produced else feed[n]).nbytes for n in wanted)
-                keep = size * total <= self.cap
-            if keep:
-                self.store.put(index, {n: values[n] if n in produced else feed[n] for n in wanted})
-        if session is None or totals[0] is None:
-            raise AsrError(f"the calibration set has no full batch of {fixed} samples, the model's fixed batch size")
-        provider = provider_of(session)
-        del session
-        release_memory()
+                raise AsrError("the calibration set has no batch to refit on")
+            provider = session.provider
+        finally:
+            if session is not None:
+                session.close()
         if keep:
             self.held, self.at = wanted, level
         return totals, provider
@@ -379,3 +375,21 @@ def _upstream_changed(layer, graph, layers, changed) -> bool:
                 return True
             stack.extend(producer.inputs)
     return False
+
+
+def refit_corrected(dense, pruned, corrected, calib, **options) -> tuple:
+    """Refits the kept weights again, from the corrected output: each layer's input now comes from the corrected
+    network, and each layer keeps the correction folded into it while it is refitted (:func:`row_scales`).
+
+    Args:
+        dense, pruned: the models, as for :func:`reconstruct`.
+        corrected: ``pruned`` with its corrections folded in.
+        calib: the calibration set.
+        **options: as for :func:`reconstruct`.
+
+    Returns:
+        (``pruned`` with the new weights and its masks unchanged, the refit records, the time split).
+    """
+    scales = row_scales(pruned, corrected)
+    refitted, refits, split, _ = reconstruct(dense, corrected, calib, row_scales=scales, **options)
+    return unscaled_refit(pruned, refitted, scales, refits), refits, split

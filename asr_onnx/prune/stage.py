@@ -1,0 +1,71 @@
+"""Pruning as one stage: a dense model in, the pruned model and what the report records out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from asr_onnx.errors import AsrError
+from asr_onnx.model.graph import find_layers, to_graph, to_model
+from asr_onnx.prune.masks import SCORES, Pattern, check_sparsity, prune_layers
+
+
+@dataclass
+class Pruned:
+    """What pruning hands the next stage.
+
+    Attributes:
+        model: the pruned model (under channels: the dense shapes, the removed filters zeroed).
+        layers: the pruned layers with their masks (none under channels).
+        channel_plan: under channels, the prune.channels.ChannelPlan; else None.
+        settings: what the report records of the pruning.
+    """
+
+    model: onnx.ModelProto
+    layers: list = field(default_factory=list)
+    channel_plan: object = None
+    settings: dict = field(default_factory=dict)
+
+
+def needs_data(pattern: str, score: str, channel_plan=None) -> bool:
+    """Whether the pruning reads calibration data: Wanda's norms, or the greedy channel score."""
+    channels = str(pattern).strip().lower() == "channels"
+    return score == "wanda" if not channels else score == "greedy" and channel_plan is None
+
+
+def prune_weights(dense, sparsity: float, pattern: str = "global", exclude=(), keep_first: bool = False,
+                  keep_last: bool = False, allocation: str = "global", score: str = "magnitude",
+                  norms: dict | None = None) -> Pruned:
+    """Zeroes weights of Conv, ConvTranspose, Gemm and MatMul layers (:func:`asr_onnx.prune.masks.prune_layers`);
+    ``norms``: Wanda's per-layer input norms (:func:`asr_onnx.prune.wanda.input_norms`) for the score "wanda"."""
+    sparsity, parsed = check_sparsity(sparsity), Pattern.parse(pattern)
+    if score not in SCORES:
+        raise AsrError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    if score == "wanda" and norms is None:
+        raise AsrError("the score wanda needs calibration data")
+    graph = to_graph(dense)
+    layers = prune_layers(find_layers(graph), sparsity, parsed, exclude, keep_first, keep_last, allocation,
+                          norms, score)
+    used = layers[0].allocation if layers else allocation  # "uniform" for the pattern uniform
+    return Pruned(to_model(graph, dense), layers, None,
+                  dict(sparsity=sparsity, pattern=str(parsed), exclude=list(exclude), keep_first=keep_first,
+                       keep_last=keep_last, allocation=used, score=score))
+
+
+def prune_channels(dense, sparsity: float, *, score: str = "magnitude", calib=None, flops_target: float | None = None,
+                   exclude=(), channel_plan=None, batch_size: int = 64, device: str = "auto",
+                   threads: int = 0) -> Pruned:
+    """Removes whole output channels group by group (:mod:`asr_onnx.prune.channels`), as masks on the dense
+    shapes; ``channel_plan``: a plan made earlier, reused at this sparsity or FLOPs target."""
+    from asr_onnx.prune import channels
+
+    sparsity = check_sparsity(sparsity)
+    target = None if flops_target is None else channels.check_flops_target(flops_target)
+    if channel_plan is not None:
+        plan = channels.choose(channel_plan, sparsity=None if target else sparsity, flops_target=target)
+    else:
+        plan = channels.plan(dense, sparsity=None if target else sparsity, flops_target=target, score=score,
+                             calib=calib, exclude=exclude, batch_size=batch_size, device=device, threads=threads)
+    return Pruned(channels.mask(dense, plan.groups, plan.keep), [], plan,
+                  dict(sparsity=sparsity, pattern="channels", flops_target=target, exclude=list(exclude), score=score))
