@@ -1035,3 +1035,154 @@ class DictSet:
             return DictSet({name: x[np.sort(indices)] for name, x in self.feeds.items()})
 
         return [(subset(np.concatenate(parts[:i] + parts[i + 1:])), subset(part)) for i, part in enumerate(parts)]
+
+
+# ---------------------------------------------------------------- 17. channel surgery hazards (issue 25)
+# Graphs on which channel pruning once wrote a wrong model or raised: each is pruned exactly (the shrunk model
+# computes what the masked one does) or keeps the groups in question whole, with the reason.
+# tests/test_channels.py's PyTorch interpreter is the oracle of every output.
+
+
+def _outputs(model, extra):
+    """``model`` with more graph outputs: (name, elem type, shape) each."""
+    model.graph.output.extend(helper.make_tensor_value_info(n, t, s) for n, t, s in extra)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _input(g, out, extra=(), opset=17):
+    model = g.model([("input", ["N", 3, 8, 8], None)], out, opset=opset)
+    return _outputs(model, extra) if extra else model, {"input": _feed((3, 8, 8))}
+
+
+def channels_maxpool_indices():
+    """conv, ReLU, a MaxPool whose Indices output is a graph output (flat N*C*H*W positions: they count the
+    channels), a 1x1 conv and the head."""
+    g = G(41)
+    h = g.relu(g.conv("input", 3, 8))
+    g.nodes.append(helper.make_node("MaxPool", [h], ["pooled", "indices"], name="pool", kernel_shape=[2, 2],
+                                    strides=[2, 2]))
+    out = g.head(g.relu(g.conv("pooled", 8, 6, k=1)), 6)
+    return _input(g, out, [("indices", TensorProto.INT64, ["N", 8, 4, 4])])
+
+
+def channels_dropout_mask():
+    """conv, ReLU, an inference Dropout whose mask is a graph output, a conv and the head; a second conv's
+    Dropout mask is read by nobody (it may go with its channels)."""
+    g = G(42)
+    h = g.relu(g.conv("input", 3, 8))
+    g.nodes.append(helper.make_node("Dropout", [h], ["dropped", "mask"], name="drop"))
+    h = g.relu(g.conv("dropped", 8, 6))
+    g.nodes.append(helper.make_node("Dropout", [h], ["dropped2", "unused_mask"], name="drop2"))
+    out = g.head(g.relu(g.conv("dropped2", 6, 6, k=1)), 6)
+    return _input(g, out, [("mask", TensorProto.BOOL, ["N", 8, 8, 8])])
+
+
+def channels_initializer_output():
+    """A conv whose weight initializer is also a graph output, then a prunable conv and the head."""
+    g = G(43)
+    h = g.relu(g.conv("input", 3, 8))
+    weight = g.nodes[-2].input[1]
+    h = g.relu(g.conv(h, 8, 6))
+    return _input(g, g.head(h, 6), [(weight, TensorProto.FLOAT, [8, 3, 3, 3])])
+
+
+def channels_tensor_output():
+    """An intermediate activation (after the first conv's GlobalAveragePool) that is also a graph output."""
+    g = G(44)
+    h = g.relu(g.conv("input", 3, 8))
+    pooled = g.node("GlobalAveragePool", [h])
+    h = g.relu(g.conv(h, 8, 6))
+    return _input(g, g.head(g.relu(g.conv(h, 6, 6, k=1)), 6), [(pooled, TensorProto.FLOAT, ["N", 8, 1, 1])])
+
+
+def channels_reciprocal():
+    """conv, Sigmoid, 1/x (Div of a scalar by the channels), a conv and the head."""
+    g = G(45)
+    h = g.node("Sigmoid", [g.conv("input", 3, 8)])
+    h = g.node("Div", [g.init("one", np.array(1.0)), h])
+    return _input(g, g.head(g.relu(g.conv(h, 8, 6)), 6))
+
+
+def channels_computed_bias():
+    """A conv whose bias is computed from the input (a constant plus the input's mean), then a prunable conv."""
+    g = G(46)
+    mean = g.node("ReduceMean", ["input"], keepdims=0)
+    bias = g.node("Add", [g.init("b", g.rng.normal(0, 0.1, 8)), mean])
+    h = g.relu(g.node("Conv", ["input", g.init("w", g.weight((8, 3, 3, 3), 27)), bias], "conv", pads=[1] * 4))
+    return _input(g, g.head(g.relu(g.conv(h, 8, 6)), 6))
+
+
+def channels_flatten_matmul():
+    """conv, ReLU, MaxPool to 4x4, Flatten into a bias-less MatMul (128 x 5) that is the graph output: each
+    channel is 16 rows of the MatMul's weight (the head correction gives the MatMul a bias of its own)."""
+    g = G(47)
+    h = g.node("MaxPool", [g.relu(g.conv("input", 3, 8))], kernel_shape=[2, 2], strides=[2, 2])
+    return _input(g, g.node("MatMul", [g.node("Flatten", [h]), g.init("fc", g.weight((128, 5), 128))]))
+
+
+def channels_gemm_beta0():
+    """conv, GlobalAveragePool, a Gemm with a bias and ReLU (its removed channels are a known constant), then a
+    Gemm with beta 0, whose C (ones) is ignored: nothing to fold that constant into."""
+    g = G(48)
+    flat = g.node("Flatten", [g.node("GlobalAveragePool", [g.relu(g.conv("input", 3, 8))])])
+    hidden = g.relu(g.node("Gemm", [flat, g.init("fc", g.weight((16, 8), 8)), g.init("fcb", np.ones(16))],
+                           transB=1))
+    return _input(g, g.node("Gemm", [hidden, g.init("fc", g.weight((5, 16), 16)), g.init("fcb", np.ones(5))],
+                            transB=1, beta=0.0))
+
+
+def channels_variadic_max(inputs=3):
+    """``inputs`` conv-ReLU branches joined by one Max (1 input: the identity), a conv and the head."""
+    g = G(49)
+    h = g.node("Max", [g.relu(g.conv("input", 3, 8)) for _ in range(inputs)])
+    return _input(g, g.head(g.relu(g.conv(h, 8, 6)), 6))
+
+
+def channels_rank0():
+    """Rank-0 tensors as a YOLOv8 export has them: a conv scaled by a rank-0 initializer, and a head whose
+    Reshape target is computed from the pooled tensor's batch (Shape, Gather of a rank-0 index: a rank-0
+    tensor, Unsqueeze, Concat), as ``x.view(x.shape[0], -1)`` exports."""
+    g = G(50)
+    h = g.node("Mul", [g.relu(g.conv("input", 3, 8)), g.init("scale", np.array(0.5))])
+    pooled = g.node("GlobalAveragePool", [g.relu(g.conv(h, 8, 6))])
+    batch = g.node("Gather", [g.node("Shape", [pooled]), g.init("zero", np.array(0), np.int64)], axis=0)
+    target = g.node("Concat", [g.node("Unsqueeze", [batch, g.init("axes", [0], np.int64)]),
+                               g.init("rest", [-1], np.int64)], axis=0)
+    flat = g.node("Reshape", [pooled, target])
+    return _input(g, g.node("Gemm", [flat, g.init("fc", g.weight((5, 6), 6)), g.init("fcb", np.zeros(5))],
+                            transB=1))
+
+
+def channels_se_bias():
+    """PP-LCNet's SE block as Paddle exports it: conv (no bias), BN, HardSwish, then GlobalAveragePool, 1x1
+    convs without bias each followed by an Add of a (1, C, 1, 1) bias, ReLU and HardSigmoid, the gate's Mul,
+    a 1x1 conv, BN, HardSwish and the head. The repair gives the bias-less convs a bias of their own."""
+    g = G(51)
+    x = g.node("HardSwish", [g.bn(g.conv("input", 3, 16, bias=False), 16)])
+    s = g.conv(g.node("GlobalAveragePool", [x]), 16, 4, k=1, bias=False)
+    s = g.relu(g.node("Add", [s, g.init("b", g.rng.normal(0, 0.1, (1, 4, 1, 1)))]))
+    s = g.node("Add", [g.conv(s, 4, 16, k=1, bias=False), g.init("b", g.rng.normal(0, 0.1, (1, 16, 1, 1)))])
+    h = g.node("Mul", [x, g.node("HardSigmoid", [s], alpha=1 / 6, beta=0.5)])
+    h = g.node("HardSwish", [g.bn(g.conv(h, 16, 8, k=1, bias=False), 8)])
+    return _input(g, g.head(h, 8))
+
+
+def channels_silu():
+    """YOLOv8's conv block: conv, BN, SiLU as x * Sigmoid(x) (a Mul of a tensor with itself, no join), twice, then
+    the head."""
+    g = G(52)
+    h = g.bn(g.conv("input", 3, 8, bias=False), 8)
+    h = g.node("Mul", [h, g.node("Sigmoid", [h])])
+    h = g.bn(g.conv(h, 8, 6, k=1, bias=False), 6)
+    return _input(g, g.head(g.node("Mul", [h, g.node("Sigmoid", [h])]), 6))
+
+
+CHANNEL_HAZARDS = {
+    "maxpool_indices": channels_maxpool_indices, "dropout_mask": channels_dropout_mask,
+    "initializer_output": channels_initializer_output, "tensor_output": channels_tensor_output,
+    "reciprocal": channels_reciprocal, "computed_bias": channels_computed_bias,
+    "flatten_matmul": channels_flatten_matmul, "gemm_beta0": channels_gemm_beta0,
+    "max_1": lambda: channels_variadic_max(1), "max_3": channels_variadic_max, "rank0": channels_rank0,
+    "se_bias": channels_se_bias,
+}

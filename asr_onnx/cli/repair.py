@@ -105,7 +105,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     needs = [option for option, used in ((f"--method {method}", method != "none"), ("--fp16", fp16 or fp16_io),
                                          (f"--reconstruct {reconstruct}", reconstruct != "none"),
                                          (f"--score {score}", score in ("wanda", "greedy"))) if used]
-    if needs and calib_path:  # --fp16 checks its output on the calibration data
+    channels = str(pattern).strip().lower() == "channels"  # its output is run on calibration samples first
+    if (needs or channels) and calib_path:  # --fp16 checks its output on the calibration data
         plan.read_data(calib_path, "the --calib data")
     if eval_path:
         plan.read_data(eval_path, "the --eval data")
@@ -113,7 +114,6 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     report_out = plan.write(report_path, "--report") if report_path else None
     plan.check()
     job = Repair(model, device=run.device, batch_size=run.batch_size, progress=not quiet, threads=run.threads)
-    channels = str(pattern).strip().lower() == "channels"
     check_sparsity(sparsity)  # a bad pattern or score fails before any data is read
     if not channels:
         Pattern.parse(pattern)
@@ -123,9 +123,9 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
         raise click.BadParameter("--flops-target needs --pattern channels", param_hint="--flops-target")
     calib = dense_stats = None
     half = fp16 or fp16_io
-    if needs:
-        if not calib_path:  # a float16 output is checked against float32 on calibration data
-            raise AsrError(f"--calib is required for {needs[0]}")
+    if needs and not calib_path:  # a float16 output is checked against float32 on calibration data
+        raise AsrError(f"--calib is required for {needs[0]}")
+    if calib_path and (needs or channels):
         calib = run.open_data(calib_path, job.dense, limit=calib_size, seed=seed)
     if method != "none":
         dense_stats = load_stats(stats_path, stats_key(job.dense, calib)) if stats_path else None

@@ -62,6 +62,8 @@ class Repair:
         self.corrections, self.written, self.output = {}, {}, None
         self.evaluation = self.recipe = None
         self.channel_plan = self.channel_report = None
+        self.channel_data = None  # calibration samples that a channel-pruned model is run on before it is written
+        self.half_io = False  # float16 inputs and outputs (to_fp16)
         self._batch_arg = batch_size
         self._dense_weights = None  # layer name -> dense weight, read once
         self._site_map = None  # (pruned model, its measure.SiteMap): found once per pruned model
@@ -161,6 +163,7 @@ class Repair:
                                      norms)
         self.pruned = self.pruned_alone = done.model
         self.layers, self.channel_plan, self.channel_report = done.layers, done.channel_plan, None
+        self.channel_data = calib if calib is not None else self.channel_data
         self.settings.update(done.settings)
         return self
 
@@ -178,9 +181,13 @@ class Repair:
         if not masked and self.channel_report is not None:
             return self  # shrunk and counted already: the summary's shape inference is not repeated
         with self._timed("shrink"):
-            if masked:
-                self.output = channels.shrink(self.result, self.channel_plan.groups, self.channel_plan.keep)
-            self.channel_report = channels.summary(self.channel_plan, self.dense, self.result)
+            shrunk = channels.Shrunk(self.result)
+            if masked:  # groups found again on the repaired graph; checked against the masked model on samples
+                feeds = channels.sample_feeds(self.dense, self.channel_data, required=False)
+                shrunk = channels.shrink_model(self.result, *self.channel_plan.groups_keep(), feeds=feeds,
+                                               device=self.device)
+                self.output = shrunk.model
+            self.channel_report = channels.summary(self.channel_plan, self.dense, shrunk.model, shrunk.whole)
         return self
 
     def reconstruct(self, calib, method: str = "ls", *, max_gram_mb: float = 256.0, passes: int = 0,
@@ -298,6 +305,7 @@ class Repair:
         (default: ``Recipe(method, fold_bn=fold_bn_nodes, **options)``); ``dense_stats``: the stats cache's."""
         recipe = recipe or Recipe(method=method, fold_bn=fold_bn_nodes, **options)
         self.recipe = recipe
+        self.channel_data = calib if calib is not None else self.channel_data
         self.reconstruct(calib, recipe.reconstruct, max_gram_mb=recipe.max_gram_mb, passes=recipe.refit_passes,
                          samples=recipe.refit_samples, seed=recipe.seed, recipe=recipe)
         if recipe.reconstruct == "auto":
@@ -390,14 +398,22 @@ class Repair:
             half = to_fp16(single, keep_io=keep_io)
             errors = check_fp16(single, half, calib, device=self.device) if calib is not None else None
             self.output = half
+        self.half_io = not keep_io
         self.settings.update(fp16=True, fp16_io=not keep_io, fp16_rel_l2=errors)
         return self
 
     def save(self, path, *, overwrite: bool = False) -> "Repair":
-        """Checks and writes the result atomically; the input model is never overwritten unless ``overwrite``."""
+        """Checks and writes the result atomically; the input model is never overwritten unless ``overwrite``.
+        A channel-pruned result is first run on a few calibration samples beside the input model and refused
+        unless its outputs have the input's names, dtypes and shapes (:func:`asr_onnx.prune.channels.check.save_check`)."""
+        from asr_onnx.prune.channels.check import save_check
+
         self.shrink()
+        check = check_output
+        if self.channel_plan is not None and self.channel_plan.keep:
+            check = save_check(self.dense, self.channel_data, device=self.device, half_io=self.half_io)
         with self._timed("save"):
-            save_model(self.result, path, overwrite=overwrite, source=self.source, check=check_output)
+            save_model(self.result, path, overwrite=overwrite, source=self.source, check=check)
         return self
 
     def report(self) -> dict:

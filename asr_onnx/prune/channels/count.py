@@ -7,9 +7,12 @@ import onnx
 
 
 def params(model: onnx.ModelProto) -> int:
-    """Elements of every floating-point initializer."""
+    """Elements of every floating-point initializer and Constant node value (old exporters write weights as
+    Constant nodes, which the shrunk graph stores as initializers)."""
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
-    return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if t.data_type in floats))
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
+                                               for a in n.attribute if a.name == "value"]
+    return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in tensors if t.data_type in floats))
 
 
 def layer_macs(model: onnx.ModelProto, shapes: dict | None = None) -> dict[str, int]:

@@ -6,8 +6,8 @@ into a Gemm makes ``repeat`` the spatial size). A Conv or Gemm with a constant w
 channel-wise ops (BN, activations, pooling, per-channel affines, depthwise convs) pass the layout on; a
 residual Add or an SE-style Mul joins the groups of its two inputs (union-find, as torch-pruning's DepGraph
 couples the channels of a residual stream); Concat concatenates layouts. Whatever the walk cannot prove safe
-(a graph output, an unknown or custom-domain op, a grouped conv, a shared constant) keeps its groups whole,
-with the reason.
+(a graph output of any kind, a second output that is read, an unknown or custom-domain op, a division by the
+channels, a computed bias, a grouped conv, a shared constant) keeps its groups whole, with the reason.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ UNARY = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Cl
          "GlobalMaxPool")
 REDUCE = ("ReduceMean", "ReduceMax", "ReduceSum", "ReduceMin")
 BINARY = ("Add", "Sub", "Mul", "Div", "Max", "Min")
+VARIADIC = ("Max", "Min")  # elementwise ops that take any number of inputs
+LAYERS = ("Conv", "Gemm", "MatMul")
 KIND_ORDER = ("grouped", "residual", "concat", "se-gate", "depthwise", "flatten-gemm", "bn", "affine", "plain")
 
 
@@ -34,6 +36,7 @@ class Edit:
         axis: the constant's axis that runs over the layout's positions.
         layout: ((group, repeat), ...).
         role: "producer" (a layer's output channels), "consumer" (a layer's input channels) or "param".
+        const: the constant's name when it was walked.
     """
 
     node: str
@@ -41,6 +44,7 @@ class Edit:
     axis: int
     layout: tuple
     role: str = "param"
+    const: str = ""
 
 
 @dataclass
@@ -128,7 +132,7 @@ class _Walk:
                       whole={number[self.find(g)]: why for g, why in self.whole.items()},
                       kinds={number[r]: k for r, k in self.kinds.items() if r in number},
                       layouts={name: renumber(lay) for name, lay in self.layouts.items()},
-                      edits=[Edit(e.node, e.index, e.axis, renumber(e.layout), e.role) for e in self.edits],
+                      edits=[Edit(e.node, e.index, e.axis, renumber(e.layout), e.role, e.const) for e in self.edits],
                       depthwise={n: renumber(lay) for n, lay in self.depthwise.items()},
                       reshapes={n: renumber(lay) for n, lay in self.reshapes.items()})
 
@@ -155,16 +159,24 @@ def find_groups(graph, shapes: dict) -> Groups:
     readers: dict[str, int] = {}
     for node in graph.nodes:
         for t in node.inputs:
-            if isinstance(t, gs.Constant):
-                readers[t.name] = readers.get(t.name, 0) + 1
+            readers[t.name] = readers.get(t.name, 0) + 1
+    outputs = {t.name for t in graph.outputs}
+    interface = outputs | {t.name for t in graph.inputs}
 
     def param(node, index, axis, layout, role="param") -> bool:
-        """Records a constant slice, or stops the layout when the constant is shared."""
+        """Records a constant slice, or stops the layout when the constant is shared or is a graph output."""
         const = node.inputs[index]
+        if not isinstance(const, gs.Constant):
+            walk.stop(layout, f"{node.op} {node.name or node.outputs[0].name}: input {index} ({const.name}) is "
+                              "computed, not a constant")
+            return False
+        if const.name in interface:
+            walk.stop(layout, f"constant {const.name} is also a graph input or output")
+            return False
         if readers.get(const.name, 0) > 1:
             walk.stop(layout, f"constant {const.name} is shared by several nodes")
             return False
-        walk.edits.append(Edit(node.outputs[0].name, index, axis, layout, role))
+        walk.edits.append(Edit(node.outputs[0].name, index, axis, layout, role, const.name))
         return True
 
     for node in graph.nodes:
@@ -182,6 +194,13 @@ def find_groups(graph, shapes: dict) -> Groups:
                 walk.stop(lay, f"read by {where}")
         elif out is not None:
             walk.layouts[out] = result
+        # a second output (MaxPool's Indices, Dropout's mask, ...) that is read or is a graph output has a
+        # shape or values that depend on the channel count: the node's channels stay
+        extra = [t.name for t in node.outputs[1:] if t.name and (t.name in outputs or readers.get(t.name))]
+        if extra and (tracked or result):
+            reason = f"{where}: its output {extra[0]} is {'a graph output' if extra[0] in outputs else 'read'}"
+            for lay in tracked + [result or ()]:
+                walk.stop(lay, reason)
     for t in graph.outputs:
         walk.stop(walk.layouts.get(t.name), f"graph output {t.name}")
     return walk.finish()
@@ -197,12 +216,14 @@ def _step(node, ins, shapes, walk, span, param, where):
     import onnx_graphsurgeon as gs
 
     op, x = node.op, ins[0] if ins else None
-    if op in ("Conv", "Gemm", "MatMul"):
+    if op in LAYERS:
         return _layer(node, x, shapes, walk, span, param, where)
+    if not any(ins):
+        return ()  # a node on constants or untracked tensors only: nothing to follow
     if op in BINARY:
-        return _binary(node, ins, shapes, walk, param, where) if any(ins) else ()
+        return _binary(node, ins, shapes, walk, param, where)
     if x is None:
-        return None if any(ins) else ()  # a node on constants or untracked tensors only: nothing to follow
+        return None
     if op == "BatchNormalization":
         if len(node.outputs) > 1 or not all(isinstance(t, gs.Constant) for t in node.inputs[1:5]):
             return None
@@ -215,7 +236,7 @@ def _step(node, ins, shapes, walk, span, param, where):
         if op in REDUCE or op in ("Squeeze", "Unsqueeze"):
             axes = _axes(node)
             rank = _rank(shapes, node.inputs[0])
-            if axes is None or rank is None or any(a % rank in (0, 1) for a in axes):
+            if axes is None or not rank or any(a % rank in (0, 1) for a in axes):
                 return None
             if op in REDUCE and not int(node.attrs.get("keepdims", 1)) or op == "Unsqueeze":
                 return None
@@ -240,10 +261,11 @@ def _layer(node, x, shapes, walk, span, param, where):
     if not isinstance(weight, gs.Constant) or weight.values.dtype.kind != "f":
         return None
     shape = weight.shape
+    has_bias = len(node.inputs) > 2 and node.inputs[2].name != ""  # an empty name: the optional input is absent
     if node.op == "Conv":
         groups, c_in = int(node.attrs.get("group", 1)), shape[1] * int(node.attrs.get("group", 1))
         if groups > 1 and shape[1] == 1 and shape[0] == groups and x and span(x) == groups:
-            ok = param(node, 1, 0, x) and (len(node.inputs) < 3 or param(node, 2, 0, x))
+            ok = param(node, 1, 0, x) and (not has_bias or param(node, 2, 0, x))
             if ok:
                 walk.depthwise[node.outputs[0].name] = x
                 walk.mark(x, "depthwise")
@@ -260,8 +282,8 @@ def _layer(node, x, shapes, walk, span, param, where):
             param(node, 1, 1, x, "consumer")
         g = walk.new(shape[0])
         lay = ((g, 1),)
-        if not param(node, 1, 0, lay, "producer") or (len(node.inputs) > 2 and not param(node, 2, 0, lay)):
-            walk.stop(lay, f"{where}: a shared weight")
+        if param(node, 1, 0, lay, "producer") and has_bias:
+            param(node, 2, 0, lay)  # a computed or shared bias stops the group, with its reason
         return lay
     if node.op == "Gemm":
         if int(node.attrs.get("transA", 0)) or len(shape) != 2:
@@ -274,12 +296,15 @@ def _layer(node, x, shapes, walk, span, param, where):
             param(node, 1, in_axis, x, "consumer")
         g = walk.new(shape[out_axis])
         lay = ((g, 1),)
-        ok = param(node, 1, out_axis, lay, "producer")
-        if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and node.inputs[2].values.size > 1:
-            bias = node.inputs[2]
-            ok = ok and bias.values.shape[-1] == shape[out_axis] and param(node, 2, len(bias.shape) - 1, lay)
-        if not ok:
-            walk.stop(lay, f"{where}: a shared weight or a bias that is not one value per output")
+        bias = node.inputs[2] if has_bias else None
+        if not param(node, 1, out_axis, lay, "producer") or bias is None:
+            return lay
+        if not isinstance(bias, gs.Constant):
+            walk.stop(lay, f"{where}: its C input {bias.name} is computed, not a constant")
+        elif bias.values.size > 1 and (bias.values.ndim > 2 or bias.values.shape[-1] != shape[out_axis]):
+            walk.stop(lay, f"{where}: its C input is not one value per output")
+        elif bias.values.size > 1:
+            param(node, 2, bias.values.ndim - 1, lay)
         return lay
     # MatMul: reads rows of a 2-D constant; its channel-last output starts a group that stays whole
     if len(shape) != 2 or _rank(shapes, node.inputs[0]) != 2:
@@ -303,35 +328,50 @@ def _axes(node):
 
 
 def _binary(node, ins, shapes, walk, param, where):
-    """Elementwise ops: by a constant (an affine, sliced where per channel) or of two tracked tensors (joined)."""
+    """Elementwise ops: by a constant (an affine, sliced where per channel) or of tracked tensors (joined).
+
+    A division by tracked channels stays whole: a removed channel is zero in the masked model.
+    """
     import onnx_graphsurgeon as gs
 
     rank = _rank(shapes, node.outputs[0])
-    if rank is None or rank < 2:
+    tracked = [lay for lay in ins if lay]
+    if rank is None or rank < 2 or (len(ins) != 2 and node.op not in VARIADIC):
         return None
+    if node.op == "Div" and ins[1]:
+        for lay in tracked:
+            walk.stop(lay, f"{where} divides by the channels (a removed channel is a division by zero)")
+        return None
+    if any(_rank(shapes, t) != rank for t, lay in zip(node.inputs, ins) if lay):
+        return None  # broadcast to a higher rank moves the channel axis
+    if len(ins) == 1:  # a one-input Max or Min is the identity
+        return ins[0]
     variables = [i for i, t in enumerate(node.inputs) if not isinstance(t, gs.Constant)]
-    if len(variables) == 1:
+    if len(ins) == 2 and len(variables) == 1:
         x, const = ins[variables[0]], node.inputs[1 - variables[0]]
-        if not x:
-            return None
         full = (1,) * (rank - len(const.shape)) + tuple(const.shape)
         axis = 1 - (rank - len(const.shape))
         if full[1] != 1 and not (axis >= 0 and param(node, 1 - variables[0], axis, x)):
             return None
         walk.mark(x, "affine")
         return x
-    a, b = ins
-    if not a or not b:
+    if len(tracked) != len(ins):
+        other = next(t.name for t, lay in zip(node.inputs, ins) if not lay)
+        for lay in tracked:
+            walk.stop(lay, f"read by {where} with {other}, whose channels the walk does not follow")
         return None
-    ranks = [_rank(shapes, t) for t in node.inputs]
-    if ranks[0] != ranks[1] or len(a) != len(b) or any(
-            walk.sizes[ga] != walk.sizes[gb] or ra != rb for (ga, ra), (gb, rb) in zip(a, b)):
-        walk.stop(a, f"{where} joins tensors whose channel layouts differ")
-        walk.stop(b, f"{where} joins tensors whose channel layouts differ")
+    a = ins[0]
+    if any(len(a) != len(b) or any(walk.sizes[ga] != walk.sizes[gb] or ra != rb
+                                   for (ga, ra), (gb, rb) in zip(a, b)) for b in ins[1:]):
+        for lay in ins:
+            walk.stop(lay, f"{where} joins tensors whose channel layouts differ")
         return None
-    for (ga, _), (gb, _) in zip(a, b):
-        walk.union(ga, gb)
-    walk.mark(a, "residual" if node.op in ("Add", "Sub") else "se-gate")
+    joined = any(walk.find(ga) != walk.find(gb) for b in ins[1:] for (ga, _), (gb, _) in zip(a, b))
+    for b in ins[1:]:
+        for (ga, _), (gb, _) in zip(a, b):
+            walk.union(ga, gb)
+    if joined:  # x * sigmoid(x) (SiLU) joins nothing
+        walk.mark(a, "residual" if node.op in ("Add", "Sub") else "se-gate")
     return a
 
 

@@ -10,9 +10,12 @@ exactly what the masked model computes.
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass, field
+
 import numpy as np
 
-from asr_onnx.prune.channels.groups import Groups
+from asr_onnx.prune.channels.groups import Groups, find_groups
 
 ACTIVATIONS = {
     "Relu": lambda v, n: np.maximum(v, 0.0),
@@ -47,10 +50,13 @@ def removed_positions(layout, keep: dict, sizes) -> np.ndarray:
 
 
 def exact_fold(node) -> bool:
-    """Whether a consumer sees a constant input channel as one constant at every output (no zero padding)."""
+    """Whether a consumer sees a constant input channel as one constant at every output (no zero padding),
+    and has a bias to fold it into (a Gemm with beta 0 ignores its C)."""
     if node.op == "Gemm":
-        return True
-    if node.op != "Conv":
+        bias = _const_input(node, 2)
+        outputs = node.inputs[1].shape[0 if int(node.attrs.get("transB", 0)) else 1]
+        return float(node.attrs.get("beta", 1.0)) != 0.0 and bias is not None and bias.size in (0, 1, outputs)
+    if node.op != "Conv" or _const_input(node, 2) is None:
         return False
     kernel = node.inputs[1].shape[2:]
     unpadded = not any(node.attrs.get("pads", [0])) and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
@@ -82,7 +88,10 @@ def _constant(node, ins, span, depthwise, axes):
     op, x = node.op, ins[0]
     nan = np.full(span, np.nan)
     if op == "Conv":
-        bias = node.inputs[2].values.astype(np.float64) if len(node.inputs) > 2 else np.zeros(span)
+        bias = _const_input(node, 2)
+        if bias is None:
+            return nan  # a computed bias
+        bias = bias.astype(np.float64) if bias.size else np.zeros(span)
         if depthwise:
             if x is None or not exact_fold(node):
                 return nan
@@ -113,12 +122,28 @@ def _constant(node, ins, span, depthwise, axes):
         out = node.outputs[0].name
         operands = [v if v is not None else _per_position(t, span, axes.get((out, i)))
                     for i, (v, t) in enumerate(zip(ins, node.inputs))]
-        return BINARY[op](*operands)
+        return functools.reduce(BINARY[op], operands)
     if op == "Concat":
         return np.concatenate(ins)
     if op in ("Flatten", "Reshape"):
         return np.repeat(x, span // len(x))
     return nan
+
+
+def _known(values: dict, name: str, removed: np.ndarray) -> bool:
+    """Whether every removed position of tensor ``name`` is one known constant."""
+    value = values.get(name)
+    return value is not None and value.size > int(removed.max(initial=-1)) and bool(np.isfinite(value[removed]).all())
+
+
+def _const_input(node, index: int):
+    """The values of an optional constant input: empty when the input is absent, None when it is computed."""
+    import onnx_graphsurgeon as gs
+
+    if len(node.inputs) <= index or node.inputs[index].name == "":
+        return np.zeros(0)
+    t = node.inputs[index]
+    return t.values if isinstance(t, gs.Constant) else None
 
 
 def _clip_bounds(node):
@@ -184,46 +209,175 @@ def mask(model, groups: Groups, keep: dict):
             continue
         node = nodes[edit.node]
         removed = removed_positions(edit.layout, keep, groups.sizes)
-        known = np.isfinite(values.get(node.inputs[0].name, np.full(1, np.nan))[removed]) if removed.size else []
-        if removed.size and not (exact_fold(node) and np.all(known)):
+        if removed.size and not (exact_fold(node) and _known(values, node.inputs[0].name, removed)):
             node.inputs[edit.index].values = _zero(node.inputs[edit.index].values, edit.axis, removed)
     return to_model(graph, model)
+
+
+@dataclass
+class Shrunk:
+    """What :func:`shrink_model` made.
+
+    Attributes:
+        model: the shrunk model; the input model itself when nothing could be sliced.
+        whole: planned group -> why its channels stay after all (the repaired graph does not let them go).
+    """
+
+    model: object
+    whole: dict = field(default_factory=dict)
 
 
 def shrink(model, groups: Groups, keep: dict):
     """The model with every removed channel sliced away; computes what :func:`mask`'s model computes.
 
-    Returns the input model itself when nothing is removed.
+    Returns the input model itself when nothing is removed. See :func:`shrink_model`.
+    """
+    return shrink_model(model, groups, keep).model
+
+
+def shrink_model(model, groups: Groups, keep: dict, *, feeds: dict | None = None, device: str = "cpu") -> Shrunk:
+    """Slices the planned channels out of a masked model, which the repair may have changed since
+    :func:`mask` (a correction gives a layer a bias, a BN is folded into its conv, a head is rewritten).
+
+    The groups are found again on ``model`` itself and matched with the planned ones through the tensors
+    both walks follow (:func:`carry`); a group whose removed channels the model still uses in a way that
+    slicing cannot keep (a nonzero removed filter, a consumer that reads a removed channel that is not one
+    constant there) stays whole, with the reason.
+
+    Args:
+        model: the masked model, dense-shaped.
+        groups: the planned groups (of the dense model).
+        keep: planned group -> its kept channels.
+        feeds: a few calibration samples; the shrunk model must compute on them what ``model`` computes
+            (:func:`asr_onnx.prune.channels.check.check_shrunk`). Defaults to None (not run).
+        device: where that check runs. Defaults to "cpu".
+
+    Raises:
+        AsrError: with ``feeds``, the shrunk model does not compute what the masked one does.
     """
     import onnx_graphsurgeon as gs
 
-    from asr_onnx.model.graph import to_graph, to_model
+    from asr_onnx.model.graph import static_shapes, to_graph, to_model
 
     if not keep:
-        return model
+        return Shrunk(model)
     graph = to_graph(model)
+    now = find_groups(graph, static_shapes(model))
     nodes = _nodes(graph)
-    values = constants(graph, groups)
-    for edit in groups.edits:
+    kept, origin, whole = carry(groups, keep, now)
+    values = constants(graph, now)
+    for g, why in _unsliceable(nodes, now, kept, values).items():
+        kept.pop(g, None)
+        for planned in origin[g]:
+            if keep.get(planned) is not None:
+                whole.setdefault(planned, why)
+    while True:  # a planned group is sliced everywhere or nowhere
+        partly = [g for g in kept if origin[g] & set(whole)]
+        if not partly:
+            break
+        for g in partly:
+            del kept[g]
+            why = next(whole[o] for o in origin[g] if o in whole)
+            for planned in origin[g]:
+                if keep.get(planned) is not None:
+                    whole.setdefault(planned, why)
+    if not kept:
+        return Shrunk(model, whole)
+    for edit in now.edits:
         if edit.role == "consumer":
-            _fold(nodes[edit.node], edit, values, keep, groups)
-    for edit in groups.edits:
+            _fold(nodes[edit.node], edit, values, kept, now)
+    for edit in now.edits:
         const = nodes[edit.node].inputs[edit.index]
-        const.values = _take(const.values, edit.axis, positions(edit.layout, keep, groups.sizes))
-    for name, layout in groups.depthwise.items():
-        nodes[name].attrs["group"] = int(len(positions(layout, keep, groups.sizes)))
-    for name, layout in groups.reshapes.items():
+        const.values = _take(const.values, edit.axis, positions(edit.layout, kept, now.sizes))
+    for name, layout in now.depthwise.items():
+        nodes[name].attrs["group"] = int(len(positions(layout, kept, now.sizes)))
+    for name, layout in now.reshapes.items():
         node = nodes[name]
         target = np.array(node.inputs[1].values, np.int64)
         if target[1] != -1:
-            target[1] = len(positions(layout, keep, groups.sizes))
+            target[1] = len(positions(layout, kept, now.sizes))
             node.inputs[1] = gs.Constant(f"{name}_target", target)
     keep_shapes = {t.name for t in graph.inputs + graph.outputs}
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor.name not in keep_shapes:
             tensor.shape = None
     graph.cleanup().toposort()
-    return to_model(graph, model)
+    shrunk = to_model(graph, model)
+    if feeds is not None:
+        from asr_onnx.prune.channels.check import check_shrunk
+
+        check_shrunk(model, shrunk, feeds, device=device)
+    return Shrunk(shrunk, whole)
+
+
+def carry(planned: Groups, keep: dict, now: Groups) -> tuple[dict, dict, dict]:
+    """The planned kept channels, carried over to the groups found on the graph being shrunk.
+
+    Two groups match where a tensor that both walks follow has them at the same place of its layout.
+
+    Returns:
+        (now group -> its kept channels; now group -> the planned groups it matches; planned group -> why
+        it cannot be sliced there: the group is whole now, is laid out or counted differently, is joined with
+        a group that keeps other channels, or no tensor carries it).
+    """
+    origin: dict[int, set] = {}
+    moved: set = set()
+    for name, layout in now.layouts.items():
+        before = planned.layouts.get(name)
+        if not before or not layout:
+            continue
+        if len(before) != len(layout) or any(r != rb for (_, r), (_, rb) in zip(layout, before)):
+            moved.update(g for g, _ in layout)
+            for g, _ in layout:
+                origin.setdefault(g, set()).update(gb for gb, _ in before)
+            continue
+        for (g, _), (gb, _) in zip(layout, before):
+            origin.setdefault(g, set()).add(gb)
+    kept: dict = {}
+    whole: dict = {}
+    for g, olds in origin.items():
+        plans = [keep.get(o) for o in olds]
+        if all(k is None for k in plans):
+            continue
+        why = now.whole.get(g)
+        if why is None and g in moved:
+            why = "the repaired graph lays its channels out differently"
+        elif why is None and any(now.sizes[g] != planned.sizes[o] for o in olds):
+            why = "the repaired graph has another channel count for it"
+        elif why is None and any(k is None or not np.array_equal(k, plans[0]) for k in plans):
+            why = "the repaired graph joins it with a group that keeps other channels"
+        if why is None:
+            kept[g] = np.asarray(plans[0])
+        for o in olds:
+            if why is not None and keep.get(o) is not None:
+                whole.setdefault(o, why)
+    matched = set().union(*origin.values()) if origin else set()
+    for o in keep:
+        if o not in matched:
+            whole.setdefault(o, "no tensor of the repaired graph carries it")
+    return kept, origin, whole
+
+
+def _unsliceable(nodes: dict, now: Groups, kept: dict, values: dict) -> dict:
+    """Group -> why slicing would change what the masked model computes: a removed filter that is not zero, or
+    a consumer that reads a removed channel which is not one constant it can fold into its bias."""
+    reasons: dict = {}
+    for edit in now.edits:
+        if edit.role not in ("producer", "consumer"):
+            continue
+        node = nodes[edit.node]
+        weight = node.inputs[edit.index].values
+        for g in {g for g, _ in edit.layout if g in kept and g not in reasons}:
+            removed = removed_positions(edit.layout, {g: kept[g]}, now.sizes)
+            if not removed.size or not np.take(weight, removed, axis=edit.axis).any():
+                continue
+            where = f"{node.op} {node.name or edit.node}"
+            if edit.role == "producer":
+                reasons[g] = f"{where}: the removed channels' filters are not zero in the repaired model"
+                continue
+            if not exact_fold(node) or not _known(values, node.inputs[0].name, removed):
+                reasons[g] = f"{where} reads the removed channels, and they are not one constant it can fold"
+    return reasons
 
 
 def _fold(node, edit, values, keep, groups) -> None:
