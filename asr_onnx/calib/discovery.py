@@ -12,6 +12,7 @@ from asr_onnx.calib.images import ImagePlan, check_image_size, plan_images
 from asr_onnx.calib.sources import ArrayFiles, IdxImages, ImageFiles, Source
 from asr_onnx.calib.specs import Preprocess
 from asr_onnx.errors import AsrError
+from asr_onnx.filekinds import check_input
 
 _IDX_ANY = re.compile(r"idx\d-ubyte(\.gz)?$")
 _IDX_IMAGES = re.compile(r"images[-.]idx3-ubyte(\.gz)?$")
@@ -35,6 +36,7 @@ def idx_labels_path(images_path: Path) -> Path | None:
     base = re.sub(r"images([-.])idx3-ubyte(\.gz)?$", r"labels\1idx1-ubyte", images_path.name)
     for name in (base, base + ".gz"):
         candidate = images_path.with_name(name)
+        check_input(candidate, "the IDX labels")  # a FIFO there would not be passed over in silence
         if candidate.is_file():
             return candidate
     return None
@@ -104,6 +106,7 @@ def _idx_source(images_path: Path, specs, preprocess: Preprocess) -> IdxImages:
 
 
 def file_source(path: Path, specs, preprocess: Preprocess, strict: bool) -> Source:
+    check_input(path, "data")  # a FIFO named x.npy would block, a device never end
     suffix = path.suffix.lower()
     if suffix in ARRAY_SUFFIXES:
         return ArrayFiles(path.parent, [path], specs)

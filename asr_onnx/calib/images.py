@@ -14,6 +14,7 @@ import numpy as np
 from asr_onnx.calib.checks import check_dtype, check_sample_shape
 from asr_onnx.calib.specs import InputSpec, Preprocess, is_static
 from asr_onnx.errors import AsrError
+from asr_onnx.filekinds import check_input
 
 if TYPE_CHECKING:  # Pillow is imported where images are decoded: array data never needs it
     from PIL import Image
@@ -134,6 +135,7 @@ def _import_hook_module(target: str):
     if not (target.endswith(".py") or "/" in target or os.sep in target):
         return importlib.import_module(target)
     path = Path(target).expanduser()
+    check_input(path, "hook file")
     if not path.is_file():
         raise AsrError(f"hook file {path} does not exist")
     module_spec = importlib.util.spec_from_file_location(f"asr_onnx_hook_{path.stem}", path)
@@ -159,16 +161,28 @@ def _resize_then_crop(image: Image.Image, resize: int, size: tuple[int, int]) ->
     return image.crop((left, top, left + crop_width, top + crop_height))
 
 
-def _in_8bit_range(image: Image.Image, channels: int) -> Image.Image:
-    """The image as L or RGB, or, for a 16-bit grayscale PNG, as float pixels scaled to 0..255 (65535 -> 255).
+SIXTEEN_BIT_AS_I = frozenset({"PNG", "PPM"})  # formats whose 16-bit grayscale Pillow reads as mode I
 
-    Pillow's own conversion of 16-bit to 8-bit clips every value above 255; --scale then applies as for
-    any 8-bit image.
+
+def _in_8bit_range(image: Image.Image, channels: int) -> Image.Image:
+    """The image as L or RGB; a 16-bit grayscale one as float pixels scaled to 0..255 (65535 -> 255); a
+    32-bit integer one (a TIFF, mode I) with the values it holds.
+
+    Pillow's own conversions to 8 bits clip every value above 255, so these become float images (mode
+    F), and --scale then applies as for any 8-bit image. Mode I is told apart by the file's format: a
+    16-bit PNG or PGM (Pillow reads those as I, older Pillow every 16-bit PNG), or else 32-bit integers,
+    which are pixel values as they are: one within 0..255 is an 8-bit image (L, so that a resize rounds
+    as it does for one), and a 32-bit TIFF gives the same array as an 8-bit PNG of the same pixels.
     """
-    if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit grayscale (older Pillow reads it as I)
+    sixteen = image.mode.startswith("I;16") or (image.mode == "I" and image.format in SIXTEEN_BIT_AS_I)
+    if sixteen or image.mode == "I":
         from PIL import Image
 
-        return Image.fromarray(np.asarray(image, np.float32) * np.float32(255 / 65535), mode="F")
+        values = np.asarray(image)
+        if not sixteen and values.size and 0 <= values.min() and values.max() <= 255:
+            return Image.fromarray(values.astype(np.uint8)).convert("L" if channels == 1 else "RGB")
+        factor = np.float32(255 / 65535) if sixteen else np.float32(1)
+        return Image.fromarray(values.astype(np.float32) * factor, mode="F")
     return image.convert("L" if channels == 1 else "RGB")
 
 

@@ -25,11 +25,15 @@ def tolerance(ctx, param, value):
 
 
 def regexes(ctx, param, values):
-    """A click callback: every value compiles as a regular expression."""
+    """A click callback: every value compiles as a regular expression, before any work.
+
+    ``re.compile`` raises more than ``re.error``: OverflowError for a repeat count past sys.maxsize
+    (``a{99999999999}``), RecursionError for deep nesting, MemoryError for a huge one.
+    """
     for value in values:
         try:
             re.compile(value)
-        except re.error as e:
+        except (re.error, OverflowError, RecursionError, MemoryError, ValueError) as e:
             raise click.BadParameter(f"{value!r} is not a regular expression: {e}") from None
     return values
 

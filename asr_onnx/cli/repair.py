@@ -99,7 +99,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
         except AsrError as e:
             raise click.BadParameter(str(e), param_hint="--report") from None
     output = Path(output) if output else default_output(model)
-    plan = Plan()  # every path read and written, checked for overlap before any work
+    plan = Plan(final=True)  # every path read and written, checked for overlap before any work
     inputs = plan.read_model(model)
     plan.read(stats_path, "the --stats file")
     needs = [option for option, used in ((f"--method {method}", method != "none"), ("--fp16", fp16 or fp16_io),
@@ -142,14 +142,14 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
         job.to_fp16(keep_io=not fp16_io, calib=calib)
     if eval_path:
         job.evaluate(run.open_data(eval_path, job.dense, limit=eval_size, seed=seed), name=eval_path)
-    with plan.staged():  # every output is staged, then all are renamed into place together
+    with plan.staged():  # every output is staged, then all are renamed into place together, as the last act
         job.save(model_out.staged)
         report = job.report()
         if report_out:
             write_report(report, report_out.staged)
-    if not quiet:
-        say(summary(report))
-        say(f"wrote {output}")
+        if not quiet:
+            say(summary(report))
+            say(f"wrote {output}")
 
 
 def parse_recal(text: str) -> tuple[str, float]:

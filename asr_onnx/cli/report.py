@@ -20,7 +20,7 @@ def report_command(report_path, output, site):
 
     if FORMATS.get(Path(output).suffix.lower()) != "html":
         raise click.BadParameter(f"{output}: the page must end in .html", param_hint="-o")
-    plan = Plan()
+    plan = Plan(final=True)
     plan.read(report_path, "the JSON report")
     page = plan.write(output, "-o")
     plan.check()

@@ -25,7 +25,7 @@ def stats_command(model, calib_path, output, calib_size, seed, quiet, run):
     from asr_onnx.outputs import Plan
     from asr_onnx.pipeline.driver import Repair
 
-    plan = Plan()
+    plan = Plan(final=True)
     plan.read_model(model)
     plan.read_data(calib_path, "the --calib data")
     stats_out = plan.write(output, "-o")
@@ -33,7 +33,7 @@ def stats_command(model, calib_path, output, calib_size, seed, quiet, run):
     job = Repair(model, device=run.device, batch_size=run.batch_size, progress=not quiet)
     calib = run.open_data(calib_path, job.dense, limit=calib_size, seed=seed)
     stats = job.measure_dense(calib)
-    with plan.staged():
+    with plan.staged():  # the commit is the last act
         save_stats(stats_out.staged, stats, stats_key(job.dense, calib))
-    if not quiet:
-        say(f"wrote statistics of {len(stats)} sites to {output}")
+        if not quiet:
+            say(f"wrote statistics of {len(stats)} sites to {output}")

@@ -49,7 +49,7 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
     from asr_onnx.prune.masks import Pattern, check_sparsity
     from asr_onnx.report.plots import PLOT_FILES
 
-    plan = Plan()
+    plan = Plan(final=True)
     plan.read_model(model)
     plan.read_data(calib_path, "the --calib data")
     plan.read_data(eval_path, "the --eval data")
@@ -75,11 +75,11 @@ def sweep_command(model, calib_path, eval_path, sparsity, pattern, method, recal
 
     result = run_sweep(model, calib, eval_data, grid, batch_size=run.batch_size, device=run.device, progress=not quiet,
                        dense_stats=dense_stats, on_row=show, watch_site=plot_site)
-    with plan.staged():  # results and plots appear together, or not at all
+    with plan.staged():  # results and plots appear together, or not at all; the commit is the last act
         written = list(result.write(folder.staged))
         if plots:
             from asr_onnx.report.plots import sweep_plots
 
             written += sweep_plots(result, folder.staged)
-    if not quiet:
-        say("wrote " + ", ".join(str(folder.path / p.name) for p in written))
+        if not quiet:
+            say("wrote " + ", ".join(str(folder.path / p.name) for p in written))

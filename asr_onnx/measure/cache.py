@@ -39,6 +39,9 @@ def load_stats(path, key: str) -> dict[str, ChannelStats]:
             entry is malformed: a count that is not a positive number, a mean and sum of squares that are
             not two float vectors of one length, NaN or Inf, or a negative sum of squares.
     """
+    from asr_onnx.filekinds import check_input
+
+    check_input(path, "the statistics file")
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["__meta__"]))

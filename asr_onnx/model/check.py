@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -19,7 +18,9 @@ def check_output(model) -> None:
         AsrError: either check fails.
     """
     if isinstance(model, onnx.ModelProto) and is_large(model):
-        with tempfile.TemporaryDirectory() as folder:
+        from asr_onnx.tempdirs import temporary_folder
+
+        with temporary_folder("check") as folder:
             write_external(model, Path(folder) / "model.onnx")
             return check_output(Path(folder) / "model.onnx")
     try:

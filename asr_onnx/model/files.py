@@ -8,6 +8,7 @@ from typing import Callable
 import onnx
 
 from asr_onnx.errors import AsrError, first_line
+from asr_onnx.filekinds import check_input
 from asr_onnx.outputs import external_files, external_locations
 
 LARGE_BYTES = 2**31 - 1  # protobuf's limit on one serialized message
@@ -18,12 +19,13 @@ def load_model(path) -> onnx.ModelProto:
     """Reads and checks an ONNX file, with any external data beside it.
 
     Raises:
-        AsrError: the path is missing, not a file, empty, not ONNX, fails onnx.checker,
-            or names external data that is missing.
+        AsrError: the path is missing, not a file (a FIFO or a device is refused before it is opened),
+            empty, not ONNX, fails onnx.checker, or names external data that is missing.
     """
     path = Path(path)
     if not path.exists():
         raise AsrError(f"model not found: {path}")
+    check_input(path, "model")
     if not path.is_file():
         raise AsrError(f"model path is not a file: {path}")
     if path.stat().st_size == 0:
@@ -74,6 +76,7 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
         target = path.parent / location
         if Path(location).is_absolute() or ".." in Path(location).parts:
             raise AsrError(f"external data of {path} lies outside its folder: {location}")
+        check_input(target, f"the external data of {path}")
         if not target.is_file():
             raise AsrError(f"external data of {path} is missing: {target}")
     if files:

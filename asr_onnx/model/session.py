@@ -13,7 +13,6 @@ import contextlib
 import io
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -86,7 +85,9 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if isinstance(model, onnx.ModelProto) and is_large(model):
-        with tempfile.TemporaryDirectory(prefix="asr-onnx.") as folder:
+        from asr_onnx.tempdirs import temporary_folder
+
+        with temporary_folder("model") as folder:
             write_external(model, Path(folder) / "model.onnx")
             return make_session(Path(folder) / "model.onnx", device, threads, mem_pattern, optimize, what)
     if isinstance(model, onnx.ModelProto):

@@ -151,7 +151,7 @@ def exclusion(layers, exclude=(), keep_first: bool = False, keep_last: bool = Fa
     for pattern in exclude:
         try:
             compiled.append((pattern, re.compile(pattern)))
-        except re.error as e:
+        except (re.error, OverflowError, RecursionError) as e:  # a{99999999999} overflows, deep nesting recurses
             raise AsrError(f"--exclude {pattern!r} is not a regular expression: {e}") from None
     reasons = {}
     for i, layer in enumerate(layers):

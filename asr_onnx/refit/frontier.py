@@ -14,6 +14,8 @@ import tempfile
 
 import numpy as np
 
+from asr_onnx.tempdirs import temporary_folder
+
 
 def tensor_depths(graph, layer_nodes: set[int]) -> dict[str, int]:
     """Tensor name -> depth, for every tensor computed from a graph input.
@@ -48,7 +50,8 @@ def frontier(graph, depth: dict[str, int], at: int) -> list[str]:
 
 class BatchStore:
     """Per calibration batch, named arrays: in memory up to ``memory_mb``, beyond it one file per array in a
-    temporary folder (removed by :meth:`close`), read back whole, so that nothing stays mapped. An array
+    temporary folder (removed by :meth:`close`, or after a SIGKILL by a later run: see
+    :mod:`asr_onnx.tempdirs`), read back whole, so that nothing stays mapped. An array
     kept from one pass to the next is written once.
 
     Args:
@@ -98,7 +101,7 @@ class BatchStore:
 
     def _write(self, array: np.ndarray) -> str:
         if self._folder is None:
-            self._folder = tempfile.TemporaryDirectory(prefix="asr-onnx-frontier.")
+            self._folder = temporary_folder("frontier")
         self._files += 1
         path = os.path.join(self._folder.name, f"{self._files}.npy")
         np.save(path, array, allow_pickle=False)

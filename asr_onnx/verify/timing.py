@@ -17,6 +17,10 @@ import onnx
 from asr_onnx.errors import AsrError, first_line
 
 MODEL, REFERENCE = "model", "reference"
+FEED_SHARE = 4  # the random batch may take this fraction (1/4) of the memory available: onnxruntime's activations
+# and the model's outputs need more beside it, usually several times the input of a CNN
+CGROUP_LIMITS = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
 
 
 def bench(model, reference=None, *, batch_size: int = 1, threads: int = 0, device: str = "cpu",
@@ -43,7 +47,8 @@ def bench(model, reference=None, *, batch_size: int = 1, threads: int = 0, devic
 
     Raises:
         AsrError: a model that cannot be read or run, inputs that differ between the two models, a
-            non-batch axis that is not fixed, a fixed batch other than ``batch_size``, or a count < 1.
+            non-batch axis that is not fixed, a fixed batch other than ``batch_size``, a count < 1, or a
+            batch over a quarter of the available memory (see :func:`check_feed_size`).
     """
     from asr_onnx.calib import input_specs
     from asr_onnx.model.files import load_model
@@ -58,6 +63,7 @@ def bench(model, reference=None, *, batch_size: int = 1, threads: int = 0, devic
         paths[key] = None if isinstance(value, onnx.ModelProto) else str(value)
         protos[key] = value if isinstance(value, onnx.ModelProto) else load_model(value)
     specs = input_specs(protos[MODEL])
+    check_feed_size(specs, batch_size)
     feed = random_feed(specs, batch_size, seed)
     if REFERENCE in protos:
         _check_same_inputs(specs, input_specs(protos[REFERENCE]))
@@ -113,14 +119,14 @@ def summarize(runs_ms: list[float], batch_size: int) -> dict:
             "throughput": batch_size / (median / 1e3), "runs_ms": [float(v) for v in runs_ms]}
 
 
-def random_feed(specs, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A seeded standard-normal batch for every input (zeros for integer and boolean inputs).
+def feed_shapes(specs, batch_size: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every input's batch: a symbolic first axis takes ``batch_size``, a fixed one must equal
+    it; every other axis must be fixed.
 
-    The first axis is the batch: a symbolic one takes ``batch_size``, a fixed one must equal it.
-    Every other axis must be fixed.
+    Raises:
+        AsrError: a scalar input, a fixed batch other than ``batch_size``, or a non-batch axis not fixed.
     """
-    rng = np.random.default_rng(seed)
-    feed = {}
+    shapes = {}
     for spec in specs:
         if not spec.shape:
             raise AsrError(f"input {spec.name!r} is a scalar; bench needs a batch axis")
@@ -129,9 +135,76 @@ def random_feed(specs, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
             raise AsrError(f"input {spec.name!r} fixes a batch of {first}; pass --batch-size {first}")
         if any(not isinstance(d, int) or d < 1 for d in rest):
             raise AsrError(f"input {spec.name!r} has a non-batch axis that is not fixed {spec.describe()}")
-        shape = (batch_size, *rest)
-        if np.issubdtype(spec.dtype, np.floating):
-            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        shapes[spec.name] = (batch_size, *rest)
+    return shapes
+
+
+def check_feed_size(specs, batch_size: int, available: int | None = None) -> int:
+    """Refuses a batch that would take over 1/FEED_SHARE of the available memory, before it is allocated
+    (a 3x100000x100000 input is 112 GiB a sample). Returns the batch's bytes.
+
+    Args:
+        specs: the model's inputs.
+        batch_size: samples per run.
+        available: bytes that can be allocated. Defaults to None: :func:`available_memory` (no bound where
+            it is unknown).
+
+    Raises:
+        AsrError: the batch is too large, or its shape cannot be filled (see :func:`feed_shapes`).
+    """
+    import math
+
+    shapes = feed_shapes(specs, batch_size)
+    # Python integers: no product of dims can overflow, however large
+    size = sum(math.prod(shape) * spec.dtype.itemsize for spec, shape in zip(specs, shapes.values(), strict=True))
+    available = available_memory() if available is None else available
+    if available is not None and size * FEED_SHARE > available:
+        shown = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in shapes.items())
+        advice = "pass a smaller --batch-size" if batch_size > 1 else "one sample is too large to time here"
+        raise AsrError(f"the random batch ({shown}) takes {_gib(size)}, over a quarter of the {_gib(available)} of "
+                       f"memory available (onnxruntime needs several times the input beside it); {advice}")
+    return size
+
+
+def available_memory() -> int | None:
+    """Bytes that can be allocated without swapping: the kernel's MemAvailable, or less where the process's
+    memory cgroup has less room left. None where neither is known."""
+    found = []
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_path, usage_path in CGROUP_LIMITS:
+        try:
+            with open(limit_path) as limit, open(usage_path) as usage:
+                text = limit.read().strip()
+                if text != "max":
+                    found.append(max(int(text) - int(usage.read().strip()), 0))
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else None
+
+
+def _gib(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale / 8:
+            return f"{size / scale:,.1f} {unit}"
+    return f"{size} bytes"
+
+
+def random_feed(specs, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A seeded standard-normal batch for every input (zeros for integer and boolean inputs), of the shapes
+    of :func:`feed_shapes`.
+    """
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec, shape in zip(specs, feed_shapes(specs, batch_size).values(), strict=True):
+        if np.issubdtype(spec.dtype, np.floating):  # drawn in float32 where that holds it: no float64 copy
+            drawn = np.float64 if spec.dtype.itemsize > 4 else np.float32
+            feed[spec.name] = rng.standard_normal(shape, dtype=drawn).astype(spec.dtype, copy=False)
         else:
             feed[spec.name] = np.zeros(shape, spec.dtype)
     return feed

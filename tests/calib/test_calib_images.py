@@ -274,3 +274,40 @@ def test_16_bit_png_is_scaled_to_the_8_bit_range_not_clipped(tmp_path, specs, re
     expected = deep.astype(np.float64) / 257 * SCALE  # 65535 / 257 = 255
     for channel in x:
         np.testing.assert_allclose(channel, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("specs", [GRAY, RGB_NCHW])
+@pytest.mark.parametrize("resize", [None, 6])
+def test_a_32_bit_integer_tiff_gives_the_array_of_an_8_bit_png_of_the_same_pixels(tmp_path, specs, resize):
+    """Issue 25: Pillow reads a 32-bit integer TIFF as mode I; its values are pixel values as they are,
+    not 16-bit ones scaled down by 257."""
+    raw = pixels(11, (6, 5))
+    save_png(tmp_path / "png" / "a.png", raw)
+    save_png(tmp_path / "tif" / "a.tif", raw.astype(np.int32))
+    with Image.open(tmp_path / "tif" / "a.tif") as image:
+        assert image.mode == "I" and image.tag_v2[258] == (32,)  # the file really holds 32-bit integers
+    preprocess = Preprocess(resize=resize)
+    from_png, from_tif = (all_batches(load_calib(tmp_path / kind, specs, preprocess))["input"] for kind in ("png", "tif"))
+    np.testing.assert_array_equal(from_tif, from_png)
+    if resize is None:
+        np.testing.assert_array_equal(from_png[0, 0], raw.astype(np.float32) * SCALE)
+
+
+def test_a_16_bit_pgm_read_as_mode_i_is_scaled_like_a_16_bit_png(tmp_path):
+    """Pillow reads a 16-bit PGM as mode I (older Pillow a 16-bit PNG too): those stay 16-bit, 65535 -> 255."""
+    deep = np.random.default_rng(5).integers(0, 65536, (6, 5), dtype=np.uint16)
+    deep[0, :2] = (0, 65535)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.pgm").write_bytes(b"P5\n5 6\n65535\n" + deep.astype(">u2").tobytes())
+    with Image.open(tmp_path / "data" / "a.pgm") as image:
+        assert image.mode == "I"
+    x = all_batches(load_calib(tmp_path / "data", GRAY))["input"][0, 0]
+    np.testing.assert_allclose(x, deep.astype(np.float64) / 257 * SCALE, rtol=1e-5, atol=1e-6)
+
+
+def test_a_32_bit_integer_tiff_past_255_keeps_its_values(tmp_path):
+    """Values above 255 are neither clipped (Pillow's own conversion) nor divided by 257."""
+    raw = pixels(12, (6, 5)).astype(np.int32) * 40  # up to 10,200
+    save_png(tmp_path / "tif" / "a.tif", raw)
+    x = all_batches(load_calib(tmp_path / "tif", GRAY))["input"][0, 0]
+    np.testing.assert_array_equal(x, raw.astype(np.float32) * SCALE)

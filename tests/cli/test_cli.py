@@ -153,6 +153,9 @@ def test_console_script_help_runs():
 # issue 14.6: every bad option is one line with status 2 (usage), before any work
 BAD_OPTIONS = [
     ("repair", ["--exclude", "conv("], "not a regular expression"),
+    # issue 25: re.compile raises OverflowError and RecursionError too; every --exclude is compiled up front
+    ("repair", ["--exclude", "conv", "--exclude", "a{99999999999}"], "not a regular expression"),
+    ("repair", ["--exclude", "(" * 10000 + ")" * 10000], "not a regular expression"),
     ("repair", ["--seed", "-1"], "--seed"),
     ("stats", ["--seed", "-1"], "--seed"),
     ("sweep", ["--seed", "-1"], "--seed"),
@@ -211,8 +214,9 @@ def test_the_api_refuses_a_bad_regex_and_a_nan_tolerance():
     from asr_onnx.verify.compare import compare_models
 
     model = conv_net(bn=True)
-    with pytest.raises(AsrError, match="not a regular expression"):
-        Repair(model, progress=False).prune(0.5, exclude=["conv("])
+    for pattern in ("conv(", "a{99999999999}", "(" * 10000 + ")" * 10000):
+        with pytest.raises(AsrError, match="not a regular expression"):
+            Repair(model, progress=False).prune(0.5, exclude=[pattern])
     with pytest.raises(AsrError, match="atol must be a number >= 0"):
         compare_models(model, model, DictSet({"input": random_inputs(8)}), atol=float("nan"))
 

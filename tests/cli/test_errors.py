@@ -1,6 +1,7 @@
 """Issue 6, bad input: the cases tests/test_cli.py does not cover, each a one-line error with exit code 1
 that writes nothing and leaves the input as it was; and determinism of the whole run."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -455,3 +456,419 @@ def test_a_result_that_cannot_be_printed_is_one_line_with_status_1(bn_model, cal
         result = cli(["eval", str(bn_model), "--data", str(calib_dir), "--reference", str(bn_model)], stdout=full,
                      stderr=-1)
     assert result.returncode == 1 and result.stderr.strip() == "error: cannot write the output: No space left on device"
+
+
+# ---------------------------------------------------------------- issue 25: the second round
+
+
+@pytest.mark.parametrize("limit", ["hard", "soft"])
+def test_a_low_limit_on_open_files_is_our_one_line_and_never_onnxruntimes(limit, bn_model, calib_dir, tmp_path):
+    """With `ulimit -n 6`, importing onnxruntime prints "Error in cpuinfo" and log lines beside the error.
+    A hard limit that low is refused before the import; a soft one is raised, and the run goes on."""
+    import resource
+
+    hard = 6 if limit == "hard" else resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    out = tmp_path / "m.onnx"
+    result = cli(["repair", str(bn_model), "--calib", str(calib_dir), "--batch-size", "16", "-o", str(out), "-q"],
+                 capture_output=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (6, hard)))
+    if limit == "hard":
+        assert result.returncode == 1 and not out.exists()
+        assert result.stderr == "error: the limit on open files (ulimit -n) is 6; asr-onnx needs at least 32\n", \
+            result.stderr
+    else:
+        assert result.returncode == 0 and result.stderr == "" and out.exists(), result.stderr
+
+
+NODES = {"null": (1, 3), "full": (1, 7), "zero": (1, 5)}  # character devices: the numbers of /dev/null, full, zero
+
+
+def make_node(path, kind):
+    """A copy of /dev/null, /dev/full or /dev/zero made with mknod, or a FIFO; skips without root."""
+    import stat
+
+    if kind == "fifo":
+        os.mkfifo(path)
+        return path
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(*NODES[kind]))
+    except PermissionError:
+        pytest.skip("mknod needs root (CAP_MKNOD)")
+    return path
+
+
+def node_state(path):
+    """What must not change about a node: its inode, type and device number."""
+    info = os.lstat(path)
+    return info.st_ino, info.st_mode, info.st_rdev
+
+
+def output_cases(folder, other):
+    """Every output option, as (argv with the node's place as {}, the node's name, what the node is in that place):
+    "named" for the path the option names (the null device discards it), "inside" for a file the output would
+    write beside or inside it (never replaced, whatever it is)."""
+    model, calib, stats = str(folder / "m.onnx"), str(folder / "calib"), str(folder / "s.npz")
+    repair = ["repair", model, "--calib", calib, "--stats", stats, "--batch-size", "16"]
+    sweep = ["sweep", model, "--calib", calib, "--eval", str(folder / "eval.npz"), "--sparsity", "0.5",
+             "--method", "bn", "--batch-size", "16", "--no-plots"]
+    return {
+        "repair -o": ([*repair, "-o", "{}"], "m.onnx", "named"),
+        "repair -o, its .data": ([*repair, "-o", "{}"], "m.onnx.data", "inside"),
+        "repair --report .json": ([*repair, "-o", str(other / "ok.onnx"), "--report", "{}"], "r.json", "named"),
+        "stats -o": (["stats", model, "--calib", calib, "--batch-size", "16", "-o", "{}"], "s.npz", "named"),
+        "sweep -o": ([*sweep, "-o", "{}"], "sweep", "named"),
+        "sweep -o, its results.json": ([*sweep, "-o", "{}"], "sweep/results.json", "inside"),
+        "report -o": (["report", str(folder / "r.json"), "-o", "{}"], "page.html", "named"),
+        "-o through a symlink": ([*repair, "-o", "{}"], "link.onnx", "named"),
+    }
+
+
+@pytest.fixture(scope="module")
+def workbench(tmp_path_factory):
+    """A model, calibration data, an evaluation set, its statistics and a JSON report: every kind of input,
+    made once for the tables below (which never write into it)."""
+    folder = tmp_path_factory.mktemp("workbench")
+    onnx.save(conv_net(bn=True), folder / "m.onnx")
+    (folder / "calib").mkdir()
+    np.save(folder / "calib" / "x.npy", random_inputs(32))
+    np.savez(folder / "eval.npz", x=random_inputs(16, seed=1), y=np.arange(16) % 5)
+    assert main(["stats", str(folder / "m.onnx"), "--calib", str(folder / "calib"), "-o", str(folder / "s.npz"),
+                 "--batch-size", "16", "-q"]) == 0
+    assert main(["repair", str(folder / "m.onnx"), "--calib", str(folder / "calib"), "-o", str(folder / "rep.onnx"),
+                 "--report", str(folder / "r.json"), "--batch-size", "16", "-q"]) == 0
+    return folder
+
+
+OUTPUT_OPTIONS = ["repair -o", "repair -o, its .data", "repair --report .json", "stats -o",
+                  "sweep -o", "sweep -o, its results.json", "report -o", "-o through a symlink"]
+
+
+@pytest.mark.parametrize("kind", ["null", "full", "fifo"])
+@pytest.mark.parametrize("option", OUTPUT_OPTIONS)
+def test_a_device_or_fifo_named_as_an_output_is_never_replaced(option, kind, workbench, tmp_path, capsys):
+    """Issue 25: a copy of /dev/full or a FIFO as any output is refused with one line; a copy of /dev/null as
+    the path an option names discards that output. The node stays as it was, and nothing is written beside it."""
+    devices, other = tmp_path / "dev", tmp_path / "other"
+    devices.mkdir()
+    other.mkdir()
+    template, name, place = output_cases(workbench, other)[option]
+    node = devices / name
+    node.parent.mkdir(exist_ok=True)
+    make_node(devices / "target" if option.endswith("symlink") else node, kind)
+    if option.endswith("symlink"):
+        node.symlink_to(devices / "target")
+    aimed = devices / ("m.onnx" if option == "repair -o, its .data" else name.split("/")[0])
+    before, inputs = {p: node_state(p) for p in devices.rglob("*")}, snapshot(workbench / "calib")
+    code = main([*(str(aimed) if a == "{}" else a for a in template), *(["-q"] if template[0] != "report" else [])])
+    err = capsys.readouterr().err.strip()
+    assert {p: node_state(p) for p in devices.rglob("*")} == before, option  # the node, and nothing new beside it
+    assert snapshot(workbench / "calib") == inputs
+    if kind == "null" and place == "named":
+        assert code == 0 and err == "", err
+    else:
+        what = "a FIFO" if kind == "fifo" else "a character device"
+        assert code == 1 and len(err.splitlines()) == 1 and err.startswith("error: ") and what in err, err
+        assert list(other.iterdir()) == []  # refused before any work: the other outputs are not written either
+
+
+def test_write_file_follows_a_symlink_discards_to_the_null_device_and_refuses_any_other_device(tmp_path):
+    """The API's atomic writer (reports, pages, statistics, plots) keeps the same rules as a Plan."""
+    from asr_onnx.errors import AsrError
+    from asr_onnx.outputs import write_file
+
+    null, full, fifo = (make_node(tmp_path / name, name) for name in ("null", "full", "fifo"))
+    states = {p: node_state(p) for p in (null, full, fifo)}
+    assert write_file(null, lambda handle: handle.write(b"gone")) == null
+    for node, what in ((full, "a character device"), (fifo, "a FIFO")):
+        with pytest.raises(AsrError, match=what):
+            write_file(node, lambda handle: handle.write(b"never"))
+    assert {p: node_state(p) for p in states} == states
+    (tmp_path / "real.json").write_text("old")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    write_file(tmp_path / "link.json", lambda handle: handle.write(b"new"))
+    assert (tmp_path / "link.json").is_symlink() and (tmp_path / "real.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "full", "link.json", "null", "real.json"]
+
+
+class Blocked(BaseException):
+    """Not an Exception (nor an OSError), so that no handler of the tool can turn it into an error line."""
+
+
+@contextlib.contextmanager
+def bounded(seconds=20, memory=2**30):
+    """A FIFO read blocks and /dev/zero never ends: a tool that reads them fails this test (Blocked, or a
+    MemoryError past ``memory`` more bytes of address space) instead of hanging it or eating the machine."""
+    import re
+    import resource
+    import signal
+
+    def expired(signum, frame):
+        raise Blocked(f"still running after {seconds} s")
+
+    used = int(re.search(r"VmSize:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    previous = signal.signal(signal.SIGALRM, expired)
+    resource.setrlimit(resource.RLIMIT_AS, (used + memory, hard))
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def input_cases(folder):
+    """Every input a command reads, as (argv with the node's place as {}, the node's name)."""
+    model, calib, data, stats = (str(folder / name) for name in ("m.onnx", "calib", "eval.npz", "s.npz"))
+    repair = ["repair", "{m}", "--calib", "{c}", "--stats", "{s}", "--eval", "{e}", "--batch-size", "16", "-q"]
+    sweep = ["sweep", "{m}", "--calib", "{c}", "--eval", "{e}", "--stats", "{s}", "--sparsity", "0.5", "--method",
+             "bn", "--batch-size", "16", "--no-plots", "-q"]
+    cases = {
+        "repair MODEL": (repair, "m", "m.onnx"), "repair --calib": (repair, "c", "x.npy"),
+        "repair --stats": (repair, "s", "s.npz"), "repair --eval": (repair, "e", "eval.npz"),
+        "stats MODEL": (["stats", "{m}", "--calib", "{c}", "-q"], "m", "m.onnx"),
+        "stats --calib": (["stats", "{m}", "--calib", "{c}", "-q"], "c", "x.npy"),
+        "sweep MODEL": (sweep, "m", "m.onnx"), "sweep --calib": (sweep, "c", "x.npy"),
+        "sweep --eval": (sweep, "e", "eval.npz"), "sweep --stats": (sweep, "s", "s.npz"),
+        "eval MODEL": (["eval", "{m}", "--data", "{e}"], "m", "m.onnx"),
+        "eval --data": (["eval", "{m}", "--data", "{e}"], "e", "eval.npz"),
+        "eval --reference": (["eval", "{m}", "--data", "{c}", "--reference", "{r}"], "r", "ref.onnx"),
+        "verify MODEL": (["verify", "{m}", "--reference", "{r}", "--data", "{c}"], "m", "m.onnx"),
+        "verify --reference": (["verify", "{m}", "--reference", "{r}", "--data", "{c}"], "r", "ref.onnx"),
+        "verify --data": (["verify", "{m}", "--reference", "{r}", "--data", "{c}"], "c", "x.npy"),
+        "inspect MODEL": (["inspect", "{m}"], "m", "m.onnx"),
+        "bench MODEL": (["bench", "{m}", "--runs", "1", "--warmup", "0"], "m", "m.onnx"),
+        "bench --reference": (["bench", "{m}", "--reference", "{r}", "--runs", "1", "--warmup", "0"], "r", "ref.onnx"),
+        "report REPORT.json": (["report", "{j}", "-o", "{out}/page.html"], "j", "r.json"),
+    }
+    defaults = {"m": model, "c": calib, "s": stats, "e": data, "r": model, "j": str(folder / "r.json")}
+    return cases, defaults
+
+
+INPUTS = ["repair MODEL", "repair --calib", "repair --stats", "repair --eval", "stats MODEL", "stats --calib",
+          "sweep MODEL", "sweep --calib", "sweep --eval", "sweep --stats", "eval MODEL", "eval --data",
+          "eval --reference", "verify MODEL", "verify --reference", "verify --data", "inspect MODEL", "bench MODEL",
+          "bench --reference", "report REPORT.json"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+@pytest.mark.parametrize("case", INPUTS)
+def test_an_input_that_is_a_fifo_or_a_device_is_refused_before_it_is_read(case, kind, workbench, tmp_path, capsys):
+    """Issue 25: a FIFO as any input blocked the run, and /dev/zero was read until the memory ran out: each is
+    one line, before anything opens it, and nothing is written."""
+    cases, paths = input_cases(workbench)
+    template, slot, name = cases[case]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    node = make_node(tmp_path / "in" / name, kind)
+    paths = {**paths, slot: str(node), "out": str(tmp_path / "out")}
+    argv = [a.format(**paths) for a in template]
+    if template[0] in ("repair", "stats", "sweep"):
+        argv += ["-o", str(tmp_path / "out" / {"repair": "o.onnx", "stats": "s.npz", "sweep": "sweep"}[template[0]])]
+    with bounded():
+        code = main(argv)
+    err = capsys.readouterr().err.strip()
+    what = "a FIFO" if kind == "fifo" else "a character device"
+    assert code == 1 and len(err.splitlines()) == 1 and err.startswith("error: ") and what in err, err
+    assert str(node) in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_external_data_that_is_a_fifo_or_a_device_is_refused(kind, tmp_path, calib_dir, capsys):
+    path = missing_external(tmp_path)  # its weights belong in ext.weights, which is a node here
+    make_node(tmp_path / "ext.weights", kind)
+    for argv in (["repair", str(path), "--calib", str(calib_dir), "-o", str(tmp_path / "o.onnx"), "-q"],
+                 ["inspect", str(path)]):
+        with bounded():
+            assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "ext.weights" in err and ("a FIFO" if kind == "fifo" else "device") in err, err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def signalled_run(moment, signal_name, argv):
+    """Runs the CLI in a child that sends itself ``signal_name`` at ``moment``: "summary" (while the summary is
+    printed, before the commit), "first rename", "between renames" (after the model's, before the report's) or
+    "after the renames" (the report's done, the run not yet over)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal, sys
+import asr_onnx.cli.common as common
+import asr_onnx.outputs as outputs
+moment, number, renames = {moment!r}, signal.{signal_name}, []
+say, commit = common.say, outputs._commit
+def send():
+    os.kill(os.getpid(), number)
+def say_then_signal(text):
+    say(text)
+    if moment == "summary" and text.startswith("wrote"):
+        send()
+def commit_with_signal(output):
+    if output.what not in ("-o", "--report"):  # the plan of save_model, inside the command's staging folder
+        return commit(output)
+    if moment == "first rename" and not renames or moment == "between renames" and len(renames) == 1:
+        send()
+    commit(output)
+    renames.append(output)
+    if moment == "after the renames" and len(renames) == 2:
+        send()
+common.say, outputs._commit = say_then_signal, commit_with_signal
+from asr_onnx.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+    return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(("moment", "signal_name"), [
+    ("summary", "SIGINT"), ("first rename", "SIGINT"), ("between renames", "SIGINT"), ("between renames", "SIGTERM"),
+    ("after the renames", "SIGINT")])
+def test_a_signal_never_leaves_a_run_that_reports_failure_with_its_outputs(moment, signal_name, bn_model, calib_dir,
+                                                                           tmp_path):
+    """Issue 25: a SIGINT in the last moments of a run exited 130 with "wrote" printed and its outputs in place.
+    The summary comes before the commit, and the commit is the run's last act: a signal before it ends the run
+    with nothing written; one during or after it is ignored, and the run succeeds."""
+    out = tmp_path / "out"
+    out.mkdir()
+    result = signalled_run(moment, signal_name, ["repair", str(bn_model), "--calib", str(calib_dir), "--batch-size",
+                                                 "16", "--guard", "fallback", "-o", str(out / "m.onnx"),
+                                                 "--report", str(out / "r.json")])
+    assert "wrote" in result.stdout
+    if moment == "summary":
+        assert result.returncode == 1 and result.stderr.strip() == "error: aborted", result.stderr
+        assert list(out.iterdir()) == []
+    else:
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["m.onnx", "r.json"]
+        onnx.checker.check_model(str(out / "m.onnx"))
+
+
+def test_a_plan_of_the_api_defers_a_signal_until_every_output_is_renamed(tmp_path):
+    """Outside the command line (Plan(final=False)) a signal during the commit arrives once it is complete."""
+    import signal
+
+    import asr_onnx.outputs as outputs
+
+    plan = outputs.Plan()
+    first, second = plan.write(tmp_path / "a.txt", "a"), plan.write(tmp_path / "b.txt", "b")
+    plan.check()
+    real_commit = outputs._commit
+
+    def commit(output):
+        if output is first:
+            os.kill(os.getpid(), signal.SIGINT)
+        real_commit(output)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(outputs, "_commit", commit)
+                with plan.staged():
+                    first.staged.write_text("a")
+                    second.staged.write_text("b")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_main_called_from_python_gives_back_the_signal_handlers(bn_model, calib_dir, tmp_path):
+    """A committed run ignores SIGINT and SIGTERM to its end; a Python caller gets its handlers back."""
+    import signal
+
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    assert main(["repair", str(bn_model), "--calib", str(calib_dir), "--batch-size", "16", "-o",
+                 str(tmp_path / "m.onnx"), "-q"]) == 0
+    assert {number: signal.getsignal(number) for number in before} == before
+
+
+def test_a_refit_folder_left_by_sigkill_is_removed_by_the_next_run(bn_model, tmp_path, monkeypatch):
+    """Issue 25: a refit killed by SIGKILL left its frontier folder in $TMPDIR for good. Its folders now name
+    their process, and every run removes those of processes that are gone, never a live one's or another
+    user's."""
+    import subprocess
+    import sys
+    import tempfile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    child = ("import os, signal, numpy as np\nfrom asr_onnx.refit.frontier import BatchStore\nstore = BatchStore(0)\n"
+             "store.put(0, {'x': np.zeros(1000, np.float32)})\nprint(store._folder.name, flush=True)\n"
+             "os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "TMPDIR": str(temp)})
+    assert killed.returncode == -9
+    left = temp / os.path.basename(killed.stdout.strip())
+    assert left.is_dir() and any(left.iterdir())  # the array it wrote is still there
+    live = temp / f"asr-onnx-frontier.{os.getppid()}.live0001"
+    others = temp / "asr-onnx-frontier.4194305.other001"  # a pid that no process has, but another user's folder
+    unrelated = temp / "asr-onnx-frontier.4194305"  # not a name this tool makes
+    for folder in (live, others, unrelated):
+        folder.mkdir()
+    if os.geteuid() == 0:
+        os.chown(others, 4242, 4242)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert main(["inspect", str(bn_model)]) == 0
+    kept = [live, unrelated] + ([others] if os.geteuid() == 0 else [])
+    assert sorted(temp.iterdir()) == sorted(kept)
+
+
+def wide_input(tmp_path, dims=(3, 100000, 100000)):
+    model = conv_net(bn=True)
+    for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim[1:], dims, strict=True):
+        dim.dim_value = value
+    path = tmp_path / "wide.onnx"
+    path.write_bytes(model.SerializeToString())  # onnx.save would run no checks either: the graph is not run
+    return path
+
+
+@pytest.mark.parametrize(("case", "code", "message"), [
+    ("3x100000x100000 input", 1, "one sample is too large"),
+    ("--batch-size 1000000000", 1, "pass a smaller --batch-size"),
+    ("--batch-size 1e9", 2, "not a valid integer"),
+])
+def test_bench_refuses_a_batch_the_machine_cannot_hold_before_allocating_it(case, code, message, bn_model, tmp_path,
+                                                                            capsys):
+    """Issue 25: the random batch of `bench` is bounded by the memory available before it is drawn."""
+    model = wide_input(tmp_path) if case.endswith("input") else bn_model
+    argv = ["bench", str(model), "--runs", "1", "--warmup", "0"] + (case.split() if case.startswith("--") else [])
+    with bounded():
+        assert main(argv) == code
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err and captured.out == "", err
+
+
+def test_the_bench_batch_may_take_a_quarter_of_the_available_memory():
+    from asr_onnx.calib import InputSpec
+    from asr_onnx.errors import AsrError
+    from asr_onnx.verify.timing import check_feed_size
+
+    specs = [InputSpec("image", ("N", 3, 8, 8), np.dtype(np.float32)), InputSpec("mask", ("N", 1, 8, 8),
+                                                                                 np.dtype(np.float16))]
+    size = 5 * (3 * 64 * 4 + 64 * 2)  # both inputs, 5 samples
+    assert check_feed_size(specs, 5, available=4 * size) == size
+    with pytest.raises(AsrError, match=r"\(image 5x3x8x8, mask 5x1x8x8\) takes 4\.4 KiB, over a quarter of the 17\.5 KiB"):
+        check_feed_size(specs, 5, available=4 * size - 1)
+
+
+@pytest.mark.parametrize("case", ["IDX labels", "--preprocess hook file"])
+def test_a_fifo_beside_the_data_is_refused_too(case, tmp_path, capsys):
+    """The files that come with the data: an IDX images file's labels, a hook's file."""
+    from calib_files import write_idx
+
+    model = tmp_path / "gray.onnx"
+    onnx.save(conv_net(bn=True, channels=(1, 8, 16)), model)  # a grayscale model: IDX images have one channel
+    (tmp_path / "data").mkdir()
+    images = write_idx(tmp_path / "data" / "train-images-idx3-ubyte", np.zeros((4, 8, 8), np.uint8), False)
+    if case == "IDX labels":
+        node, argv = make_node(tmp_path / "data" / "train-labels-idx1-ubyte", "fifo"), []
+    else:
+        node = make_node(tmp_path / "hook.py", "fifo")
+        argv = ["--preprocess", f"{node}:prep"]
+    with bounded():
+        code = main(["eval", str(model), "--data", str(images), "--reference", str(model), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "a FIFO" in err and str(node) in err, err
