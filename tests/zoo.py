@@ -816,6 +816,38 @@ def detector_head(channels=22, size=8):
 
 
 
+def dynamic_hw_detector(classes=3):
+    """A YOLO export with ``dynamic=True``: input (batch, 3, height, width), a strided 3x3 Conv with SiLU
+    (x * Sigmoid(x)), a 1x1 head split into 4 box and ``classes`` score channels, Sigmoid on the scores,
+    concatenated and reshaped to (batch, 4 + classes, anchors) with anchors = ceil(H/2) * ceil(W/2)."""
+    g = G(29)
+    h = g.conv("images", 3, 8, strides=[2, 2])
+    h = g.node("Mul", [h, g.node("Sigmoid", [h])], "silu")
+    head = g.conv(h, 8, 4 + classes, k=1, pads=[0, 0, 0, 0])
+    boxes, scores = g.name("boxes"), g.name("scores")
+    g.nodes.append(helper.make_node("Split", [head, g.init("split", [4, classes], np.int64)], [boxes, scores],
+                                    name=g.name("split"), axis=1))
+    joined = g.node("Concat", [boxes, g.node("Sigmoid", [scores])], axis=1)
+    out = g.node("Reshape", [joined, g.init("shape", [0, 4 + classes, -1], np.int64)])
+    model = g.model([("images", ["batch", 3, "height", "width"], None)], out,
+                    out_shape=["batch", 4 + classes, "anchors"])
+    return model, {"images": _feed((3, 12, 10), seed=29)}
+
+
+def dynamic_hw_detector_oracle(model, x):
+    """numpy's forward pass of :func:`dynamic_hw_detector` on (N, 3, H, W) ``x``: (N, 4 + classes, anchors)."""
+    w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    (w1, b1), (w2, b2) = ((w[n.input[1]], w[n.input[2]]) for n in model.graph.node if n.op_type == "Conv")
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out_h, out_w = (x.shape[2] - 1) // 2 + 1, (x.shape[3] - 1) // 2 + 1
+    patches = np.stack([padded[:, :, i:i + 2 * out_h:2, j:j + 2 * out_w:2] for i in range(3) for j in range(3)], 2)
+    h = np.einsum("ncphw,ocp->nohw", patches, w1.reshape(*w1.shape[:2], 9)) + b1[:, None, None]
+    h = h / (1 + np.exp(-h))  # SiLU
+    head = np.einsum("nchw,oc->nohw", h, w2[:, :, 0, 0]) + b2[:, None, None]
+    head[:, 4:] = 1 / (1 + np.exp(-head[:, 4:]))
+    return head.reshape(len(x), head.shape[1], -1)
+
+
 def bn_with_statistics(stale: bool, n=96, seed=23, shift=2.0, scale=9.0):
     """Two Conv+BN+Relu blocks and a head, whose BN running statistics are the dense model's own on its
     calibration samples (``stale=False``), or, for the first BN, far from them (``stale=True``: variance x

@@ -11,6 +11,7 @@ from typing import Iterator
 import numpy as np
 
 from asr_onnx.calib.discovery import file_source, folder_source
+from asr_onnx.calib.labels import ClassMap, ClassNaming
 from asr_onnx.calib.named import resolve_data
 from asr_onnx.calib.sources import Source, hash_file
 from asr_onnx.calib.specs import InputSpec, Preprocess, input_specs
@@ -42,6 +43,12 @@ class CalibSet:
         if self._source.labels is None:
             return None
         return self._source.labels[self._indices]
+
+    @property
+    def classes(self) -> ClassMap | None:
+        """How class folder names became the labels, or None (no class folders: labels, if any, were read
+        from the data files)."""
+        return self._source.classes
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Yield ``{input_name: array (b, ...)}`` in the model's dtype, in the set's order (source order
@@ -143,7 +150,8 @@ def _hook_source_file(source: Source) -> Path | None:
         return None  # builtins and C functions have no source file
 
 
-def load_calib(path, model, preprocess: Preprocess | None = None, strict: bool = False) -> CalibSet:
+def load_calib(path, model, preprocess: Preprocess | None = None, strict: bool = False,
+               labels=None) -> CalibSet:
     """Open a calibration source and validate it against the model inputs.
 
     Args:
@@ -154,16 +162,21 @@ def load_calib(path, model, preprocess: Preprocess | None = None, strict: bool =
         preprocess: Image preprocessing. Defaults to None: ``Preprocess.for_model(model)`` for a model,
             ``Preprocess()`` for specs. Arrays ignore it.
         strict: Refuse corrupt images instead of skipping them with a warning; default False.
+        labels: A labels file naming the class folders' class numbers (see :func:`asr_onnx.calib.labels.read_labels`);
+            None (default) numbers them by the rule of :mod:`asr_onnx.calib.labels`.
 
     Raises:
-        AsrError: Any problem with the path, its files or their fit to the model.
+        AsrError: Any problem with the path, its files or their fit to the model, or a labels file for
+            data without class folders.
     """
     if isinstance(model, (list, tuple)):
         specs = list(model)
         preprocess = Preprocess() if preprocess is None else preprocess
+        naming = ClassNaming.for_model(None, labels)
     else:
         specs = input_specs(model)
         preprocess = Preprocess.for_model(model) if preprocess is None else preprocess
+        naming = ClassNaming.for_model(model, labels)
     if not specs:
         raise AsrError("model has no inputs")
     path = resolve_data(path).expanduser()
@@ -172,9 +185,12 @@ def load_calib(path, model, preprocess: Preprocess | None = None, strict: bool =
     if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
         raise AsrError(f"cannot read calibration path {path}: permission denied")
     if path.is_dir():
-        source = folder_source(path, specs, preprocess, strict)
+        source = folder_source(path, specs, preprocess, strict, naming)
     else:
         source = file_source(path, specs, preprocess, strict)
     if source.count == 0:
         raise AsrError(f"no samples in {path}")
+    if labels is not None and source.classes is None:
+        has = "labels stored in its files" if source.labels is not None else "no class subfolders"
+        raise AsrError(f"--labels {labels} numbers class folders, but {path} has {has}")
     return CalibSet(source, specs, preprocess, np.arange(source.count))

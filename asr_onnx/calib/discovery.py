@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from asr_onnx.calib.images import ImagePlan, check_image_size, plan_images
+from asr_onnx.calib.labels import ClassMap, ClassNaming
 from asr_onnx.calib.sources import ArrayFiles, IdxImages, ImageFiles, Source
 from asr_onnx.calib.specs import Preprocess
 from asr_onnx.errors import AsrError
@@ -64,19 +65,19 @@ def _scan_images(folder: Path, paths: list[Path], plan: ImagePlan, strict: bool)
     return good
 
 
-def _class_labels(folder: Path, paths: list[Path], all_paths: list[Path]) -> np.ndarray | None:
-    """Labels from first-level subfolders, or None when any image sits at the root."""
+def _class_labels(folder: Path, paths: list[Path], all_paths: list[Path],
+                  naming: ClassNaming) -> tuple[np.ndarray | None, ClassMap | None]:
+    """Labels from first-level subfolders and how their names were numbered (see :mod:`.labels`), or
+    (None, None) when any image sits at the root."""
     if any(len(path.relative_to(folder).parts) < 2 for path in all_paths):
-        return None
-    classes = sorted({path.relative_to(folder).parts[0] for path in all_paths})
-    if all(re.fullmatch(r"\d+", name) for name in classes):
-        index_of = {name: int(name) for name in classes}  # "3" is class 3 even when other classes are absent
-    else:
-        index_of = {name: index for index, name in enumerate(classes)}
-    return np.array([index_of[path.relative_to(folder).parts[0]] for path in paths], np.int64)
+        return None, None
+    class_map = naming.classes(path.relative_to(folder).parts[0] for path in all_paths)
+    index_of = class_map.index_of
+    return np.array([index_of[path.relative_to(folder).parts[0]] for path in paths], np.int64), class_map
 
 
-def folder_source(folder: Path, specs, preprocess: Preprocess, strict: bool) -> Source:
+def folder_source(folder: Path, specs, preprocess: Preprocess, strict: bool,
+                  naming: ClassNaming | None = None) -> Source:
     paths = _list_files(folder)
     images = [path for path in paths if path.suffix.lower() in IMAGE_SUFFIXES]
     arrays = [path for path in paths if path.suffix.lower() in ARRAY_SUFFIXES]
@@ -97,7 +98,8 @@ def folder_source(folder: Path, specs, preprocess: Preprocess, strict: bool) -> 
         raise AsrError(f"no images or .npy/.npz files in {folder}{found}")
     plan = plan_images(specs, preprocess)
     good = _scan_images(folder, images, plan, strict)
-    return ImageFiles(folder, good, _class_labels(folder, good, images), plan)
+    labels, class_map = _class_labels(folder, good, images, naming or ClassNaming())
+    return ImageFiles(folder, good, labels, plan, class_map)
 
 
 def _idx_source(images_path: Path, specs, preprocess: Preprocess) -> IdxImages:

@@ -100,7 +100,7 @@ def _target_size(spec: InputSpec, layout: str | None, preprocess: Preprocess) ->
     for wanted, dim in zip(size, model_hw):
         if is_static(dim) and wanted != dim:
             raise AsrError(f"--size {size[0]}x{size[1]} does not match model input '{spec.name}' {spec.describe()}")
-    if preprocess.resize is not None and preprocess.resize < max(size):
+    if preprocess.resize is not None and preprocess.resize < max(size):  # a crop: only resize_mode crop has one
         raise AsrError(f"--resize {preprocess.resize} is smaller than the crop size {size[0]}x{size[1]}")
     return size
 
@@ -164,6 +164,34 @@ def _resize_then_crop(image: Image.Image, resize: int, size: tuple[int, int]) ->
 SIXTEEN_BIT_AS_I = frozenset({"PNG", "PPM"})  # formats whose 16-bit grayscale Pillow reads as mode I
 
 
+def _stretched(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A plain bilinear resize to ``size`` (H, W); the aspect is not kept."""
+    if image.size == (size[1], size[0]):
+        return image
+    from PIL import Image
+
+    return image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+
+
+def _letterboxed(image: Image.Image, size: tuple[int, int], pad_value: float) -> Image.Image:
+    """Scaled to fit inside ``size`` (H, W) with its aspect kept (bilinear), centred on a ``pad_value``
+    canvas, with Ultralytics' LetterBox arithmetic (the rounding of the new size and of the offsets)."""
+    from PIL import Image
+
+    height, width = size
+    scale = min(height / image.height, width / image.width)
+    new_width, new_height = int(round(image.width * scale)), int(round(image.height * scale))
+    if (new_width, new_height) != image.size:
+        image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
+    left, top = int(round((width - new_width) / 2 - 0.1)), int(round((height - new_height) / 2 - 0.1))
+    fill: float | int | tuple = pad_value if image.mode == "F" else int(round(pad_value))
+    if image.mode == "RGB":
+        fill = (fill,) * 3
+    canvas = Image.new(image.mode, (width, height), fill)
+    canvas.paste(image, (left, top))
+    return canvas
+
+
 def _in_8bit_range(image: Image.Image, channels: int) -> Image.Image:
     """The image as L or RGB; a 16-bit grayscale one as float pixels scaled to 0..255 (65535 -> 255); a
     32-bit integer one (a TIFF, mode I) with the values it holds.
@@ -189,7 +217,11 @@ def _in_8bit_range(image: Image.Image, channels: int) -> Image.Image:
 def _image_to_sample(image: Image.Image, plan: ImagePlan) -> np.ndarray:
     """Convert, resize, scale, normalise and lay out one image as float32."""
     image = _in_8bit_range(image, plan.channels)
-    if plan.preprocess.resize is not None:
+    if plan.preprocess.resize_mode == "stretch":
+        image = _stretched(image, plan.size)
+    elif plan.preprocess.resize_mode == "letterbox":
+        image = _letterboxed(image, plan.size, plan.preprocess.pad_value)
+    elif plan.preprocess.resize is not None:
         image = _resize_then_crop(image, plan.preprocess.resize, plan.size)
     pixels = np.asarray(image).astype(np.float32)  # (H, W) or (H, W, 3)
     if plan.channels == 3 and pixels.ndim == 2:  # a 16-bit grayscale image for an RGB model
@@ -218,12 +250,14 @@ def _hook_to_sample(image: Image.Image, plan: ImagePlan, origin: str) -> np.ndar
 
 
 def check_image_size(origin: str, width: int, height: int, plan: ImagePlan):
-    if plan.hook is not None or plan.preprocess.resize is not None:
+    if plan.hook is not None or plan.preprocess.resize is not None or plan.preprocess.resize_mode != "crop":
         return
     if (height, width) != plan.size:
+        given = plan.preprocess.size is not None  # then "pass --size" would be no help
         raise AsrError(
-            f"image {origin} is {height}x{width} but the model expects {plan.size[0]}x{plan.size[1]}; "
-            "pass --size or --resize"
+            f"image {origin} is {height}x{width} but {'--size' if given else 'the model'} expects "
+            f"{plan.size[0]}x{plan.size[1]}; pass {'' if given else '--size, '}--resize (the shorter side, then a "
+            "centre crop) or --resize-mode stretch or letterbox"
         )
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from asr_onnx.calib.checks import sample_count
 from asr_onnx.calib.idx import read_idx
 from asr_onnx.calib.images import ImagePlan, check_image_size, stack_images
+from asr_onnx.calib.labels import ClassMap
 from asr_onnx.calib.specs import InputSpec
 from asr_onnx.errors import AsrError
 
@@ -28,6 +29,7 @@ class Source:
     labels: np.ndarray | None
     root: Path
     files: list[Path]
+    classes: ClassMap | None = None  # how class folder names became labels; None for labels read from files
     _digest: bytes | None = None
 
     def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -57,8 +59,10 @@ def hash_file(hasher, path: Path, root: Path):
 class ImageFiles(Source):
     """Image files decoded on demand."""
 
-    def __init__(self, root: Path, paths: list[Path], labels: np.ndarray | None, plan: ImagePlan):
+    def __init__(self, root: Path, paths: list[Path], labels: np.ndarray | None, plan: ImagePlan,
+                 classes: ClassMap | None = None):
         self.root, self.files, self.labels, self.plan = root, paths, labels, plan
+        self.classes = classes
         self.count = len(paths)
 
     def read(self, indices):

@@ -11,7 +11,11 @@ from asr_onnx.errors import AsrError
 
 METADATA_KEY = "asr_onnx.preprocess"
 # what a model file may say about its preprocessing: data only, never code (no hook: a model never runs anything)
-METADATA_FIELDS = ("size", "resize", "mean", "std", "scale", "channel_order", "layout")
+METADATA_FIELDS = ("size", "resize", "mean", "std", "scale", "channel_order", "layout", "resize_mode", "pad_value")
+RESIZE_MODES = ("crop", "stretch", "letterbox")
+# fields added after stats files were first keyed: left out of Preprocess.key() at their defaults, so that a
+# saved --stats file stays valid
+_KEYED_WHEN_SET = {"resize_mode": "crop", "pad_value": 114.0}
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,15 @@ class Preprocess:
         channel_order: "rgb" (default) or "bgr".
         layout: "nchw", "nhwc" or None (default) to infer from the input shape.
         hook: "module:function" or "path/file.py:function" called as ``fn(pil_image, spec)`` returning
-            one sample without batch axis; replaces all other preprocessing. Default None.
+            one sample without batch axis; replaces all other preprocessing. Default None. ``pil_image`` is
+            the decoded file as Pillow opened it (any mode: RGB, L, RGBA, P, I;16...), ``spec`` the
+            :class:`InputSpec` of the model input; the sample must have the input's dtype (or one that casts
+            to it) and its shape without the batch axis, and be finite.
+        resize_mode: how an image of another size meets ``size``: "crop" (default: ``resize`` then a centre
+            crop, or no resize at all without ``resize``), "stretch" (a plain bilinear resize to ``size``,
+            aspect not kept) or "letterbox" (scaled to fit inside ``size`` with its aspect kept, centred,
+            the border filled with ``pad_value``: a YOLO export's preprocessing).
+        pad_value: the letterbox border, in pixel units before ``scale`` (0..255). Default 114, Ultralytics'.
     """
 
     size: tuple[int, int] | None = None
@@ -101,6 +113,8 @@ class Preprocess:
     channel_order: str = "rgb"
     layout: str | None = None
     hook: str | None = None
+    resize_mode: str = "crop"
+    pad_value: float = 114.0
 
     def __post_init__(self):
         object.__setattr__(self, "size", _as_size(self.size))
@@ -115,10 +129,21 @@ class Preprocess:
             raise AsrError(f"preprocessing std {self.std} contains 0")
         if self.hook is not None and not isinstance(self.hook, str):
             raise AsrError(f"preprocessing hook must be 'module:function', got {self.hook!r}")
+        object.__setattr__(self, "resize_mode", _as_choice("resize_mode", self.resize_mode, RESIZE_MODES))
+        object.__setattr__(self, "pad_value", _as_finite_float("pad_value", self.pad_value))
+        if not 0 <= self.pad_value <= 255:
+            raise AsrError(f"preprocessing pad_value must be between 0 and 255 (pixel units), got {self.pad_value}")
+        if self.resize is not None and self.resize_mode != "crop":
+            raise AsrError(f"--resize {self.resize} goes with --resize-mode crop; {self.resize_mode} resizes to "
+                           "--size itself")
 
     def key(self) -> str:
         """Stable JSON text of all fields, for cache keys."""
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        values = asdict(self)
+        for name, default in _KEYED_WHEN_SET.items():
+            if values[name] == default:
+                del values[name]
+        return json.dumps(values, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_metadata(cls, props: dict[str, str], **overrides) -> "Preprocess":
@@ -140,6 +165,8 @@ class Preprocess:
                 raise AsrError(f"unknown preprocessing option {name!r}")
             if value is not None:
                 values[name] = value
+        if overrides.get("resize_mode") not in (None, "crop") and overrides.get("resize") is None:
+            values.pop("resize", None)  # the model's crop gives way to the stretch or letterbox asked for
         return cls(**values)
 
     @classmethod

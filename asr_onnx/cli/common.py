@@ -49,24 +49,37 @@ def _size(text):
     return (int(parts[0]), int(parts[-1]))
 
 
+HOOK_HELP = ("A module:function (or file.py:function) that makes one sample, called as fn(image, spec): image is "
+             "the decoded file (a PIL.Image in its own mode), spec the model input (asr_onnx.calib.InputSpec: "
+             ".name, .shape, .dtype); it returns the sample without its batch axis, e.g. (3, H, W) float32. It "
+             "replaces every other preprocessing option.")
+
+
 def preprocess_options(command):
-    """--size, --resize, --mean, --std, --scale, --channel-order, --layout, --preprocess, --strict."""
+    """--size, --resize, --resize-mode, --pad-value, --mean, --std, --scale, --channel-order, --layout,
+    --preprocess, --strict."""
     options = [
         click.option("--size", help="Image size H,W fed to the model. Default: the model's input shape."),
         click.option("--resize", type=int, help="Resize the shorter side to this, then centre-crop to --size."),
+        click.option("--resize-mode", type=click.Choice(["crop", "stretch", "letterbox"]),
+                     help="How images of another size meet --size: crop (default: --resize, then a centre crop), "
+                          "stretch (a plain resize, aspect not kept) or letterbox (aspect kept, centred, the "
+                          "border filled with --pad-value: a YOLO export's preprocessing)."),
+        click.option("--pad-value", type=float, help="The letterbox border in pixel units, 0..255. Default 114, "
+                                                     "as Ultralytics pads."),
         click.option("--mean", help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406. Default 0."),
         click.option("--std", help="Per-channel std after scaling. Default 1."),
         click.option("--scale", type=float, help="Pixel multiplier applied first. Default 1/255."),
         click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), help="Default rgb."),
         click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Default: inferred from the input shape."),
-        click.option("--preprocess", "hook", help="A module:function (or file.py:function) that makes one sample."),
+        click.option("--preprocess", "hook", help=HOOK_HELP),
         click.option("--strict", is_flag=True, help="Refuse corrupt images instead of skipping them."),
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), command)
 
 
 def make_preprocess(model, size=None, resize=None, mean=None, std=None, scale=None, channel_order=None,
-                    layout=None, hook=None):
+                    layout=None, hook=None, resize_mode=None, pad_value=None):
     """A calib.Preprocess from the model's metadata defaults and the command-line overrides."""
     from asr_onnx.calib import Preprocess
 
@@ -74,11 +87,15 @@ def make_preprocess(model, size=None, resize=None, mean=None, std=None, scale=No
         overrides = dict(size=_size(size), mean=_floats(mean), std=_floats(std))
     except ValueError as e:
         raise click.BadParameter(f"not a list of numbers: {e}") from None
-    return Preprocess.for_model(model, resize=resize, scale=scale, channel_order=channel_order, layout=layout,
-                                hook=hook, **overrides)
+    preprocess = Preprocess.for_model(model, resize=resize, scale=scale, channel_order=channel_order, layout=layout,
+                                      hook=hook, resize_mode=resize_mode, pad_value=pad_value, **overrides)
+    if pad_value is not None and preprocess.resize_mode != "letterbox":
+        raise click.BadParameter("it fills a letterbox's border; pass --resize-mode letterbox", param_hint="--pad-value")
+    return preprocess
 
 
-PREPROCESS_KEYS = ("size", "resize", "mean", "std", "scale", "channel_order", "layout", "hook")
+PREPROCESS_KEYS = ("size", "resize", "mean", "std", "scale", "channel_order", "layout", "hook", "resize_mode",
+                   "pad_value")
 CALIB_BATCH_HELP = "Calibration samples per run. Default: 64, or the calibration set's size when smaller."
 
 
@@ -101,12 +118,14 @@ class RunOptions:
     preprocess: dict = field(default_factory=dict)
     strict: bool = False
 
-    def open_data(self, path, model, limit: int | None = None, seed: int = 0):
+    def open_data(self, path, model, limit: int | None = None, seed: int = 0, labels=None):
         """Loads a calibration or evaluation set for ``model``: its metadata preprocessing, overridden by the
-        command line; a seeded subset of ``limit`` samples when given."""
+        command line; a seeded subset of ``limit`` samples when given; class folders numbered by the
+        ``labels`` file when given."""
         from asr_onnx.calib import load_calib
 
-        data = load_calib(path, model, make_preprocess(model, **self.preprocess), strict=self.strict)
+        data = load_calib(path, model, make_preprocess(model, **self.preprocess), strict=self.strict,
+                          labels=labels)
         return data.take(limit, seed) if limit else data
 
 
@@ -145,6 +164,10 @@ def run_options(*, device: str = "auto", batch_size: int | bool | None = None, b
         return functools.reduce(lambda f, option: option(f), reversed(options), inner)
 
     return decorate
+
+
+LABELS_HELP = ("Class numbers of the data's class folders: a text file, line i naming class i, or a JSON list "
+               "or object (name -> number). Default: sorted names; integer names in numeric order.")
 
 
 def say(text: str) -> None:

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from asr_onnx.cli.common import COUNT, run_options
+from asr_onnx.cli.common import COUNT, LABELS_HELP, run_options
 
 
 @click.command("eval")
@@ -14,22 +14,27 @@ from asr_onnx.cli.common import COUNT, run_options
 @click.option("--data", "data_path", required=True,
               help="Image folder (class subfolders), .npz with x/y, IDX files, or fashion-mnist:test.")
 @click.option("--reference", type=click.Path(), help="A reference (dense) model for label-free agreement.")
+@click.option("--labels", "labels_path", type=click.Path(), help=LABELS_HELP)
 @click.option("--limit", type=COUNT, help="Evaluate only the first N samples of a seeded subset.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @run_options(batch_size=256)
-def eval_command(model, data_path, reference, limit, as_json, quiet, run):
+def eval_command(model, data_path, reference, labels_path, limit, as_json, quiet, run):
     """Evaluate MODEL on labelled or unlabelled data."""
+    from asr_onnx.calib.labels import chance_warning, model_class_count
     from asr_onnx.errors import AsrError
     from asr_onnx.model.files import load_model
     from asr_onnx.verify.evaluation import evaluate
 
     proto = load_model(model)
     ref = load_model(reference) if reference else None
-    data = run.open_data(data_path, proto, limit=limit)
+    data = run.open_data(data_path, proto, limit=limit, labels=labels_path)
     if data.labels is None and ref is None:
         raise AsrError(f"{data_path} has no labels; pass --reference to measure agreement instead")
     result = evaluate(proto, data, reference=ref, batch_size=run.batch_size, device=run.device, progress=not quiet)
+    warning = chance_warning(result.get("top1"), data.labels, data.classes, model_class_count(proto))
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from asr_onnx.cli.common import COUNT, NON_NEGATIVE, regexes, run_options, say
+from asr_onnx.cli.common import COUNT, LABELS_HELP, NON_NEGATIVE, regexes, run_options, say
 from asr_onnx.measure.norms import DEFAULT_REFERENCE, REFERENCES
 
 
@@ -73,14 +73,16 @@ def default_output(model: str) -> Path:
               help="Write the report here: JSON for .json, a self-contained page for .html.")
 @click.option("--eval", "eval_path", help="Score the output against the dense model on this data (top-1 with labels).")
 @click.option("--eval-size", type=COUNT, help="With --eval, a seeded subset of this size. Default: all.")
+@click.option("--labels", "labels_path", type=click.Path(), help="With --eval: " + LABELS_HELP)
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @run_options(threads=True)
 def repair_command(model, calib_path, output, sparsity, pattern, flops_target, allocation, score, reconstruct, refit_samples, max_gram_mb, method,
                    placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
                    seed, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io,
-                   stats_path, report_path, eval_path, eval_size, overwrite, quiet, run):
+                   stats_path, report_path, eval_path, eval_size, labels_path, overwrite, quiet, run):
     """Prune MODEL and repair it with calibration data."""
+    from asr_onnx.calib.labels import chance_warning, model_class_count
     from asr_onnx.errors import AsrError
     from asr_onnx.measure.cache import load_stats, stats_key
     from asr_onnx.outputs import Plan
@@ -98,10 +100,13 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
             report_format(report_path)  # refuse an unknown extension before any work
         except AsrError as e:
             raise click.BadParameter(str(e), param_hint="--report") from None
+    if labels_path and not eval_path:
+        raise click.BadParameter("it numbers the classes of the --eval data; pass --eval", param_hint="--labels")
     output = Path(output) if output else default_output(model)
     plan = Plan(final=True)  # every path read and written, checked for overlap before any work
     inputs = plan.read_model(model)
     plan.read(stats_path, "the --stats file")
+    plan.read(labels_path, "the --labels file")
     needs = [option for option, used in ((f"--method {method}", method != "none"), ("--fp16", fp16 or fp16_io),
                                          (f"--reconstruct {reconstruct}", reconstruct != "none"),
                                          (f"--score {score}", score in ("wanda", "greedy"))) if used]
@@ -141,7 +146,12 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     if half:
         job.to_fp16(keep_io=not fp16_io, calib=calib)
     if eval_path:
-        job.evaluate(run.open_data(eval_path, job.dense, limit=eval_size, seed=seed), name=eval_path)
+        eval_data = run.open_data(eval_path, job.dense, limit=eval_size, seed=seed, labels=labels_path)
+        job.evaluate(eval_data, name=eval_path)
+        warning = chance_warning(job.evaluation["dense_top1"], eval_data.labels, eval_data.classes,
+                                 model_class_count(job.dense), who="the dense model")
+        if warning:
+            click.echo(f"warning: {warning}", err=True)
     with plan.staged():  # every output is staged, then all are renamed into place together, as the last act
         job.save(model_out.staged)
         report = job.report()

@@ -21,6 +21,7 @@ from asr_onnx.model.check import check_output
 from asr_onnx.model.files import load_model, save_model
 from asr_onnx.pipeline.crossfit import AUTO_CANDIDATES, PICK_RULE
 from asr_onnx.pipeline.recipe import Recipe
+from asr_onnx.progress import stage_done
 from asr_onnx.prune.masks import Pattern, check_sparsity
 from asr_onnx.prune.stage import needs_data, prune_channels, prune_weights
 from asr_onnx.prune.wanda import input_norms
@@ -113,7 +114,9 @@ class Repair:
     def _timed(self, stage: str):
         start = time.perf_counter()
         yield
-        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.timings[stage] = self.timings.get(stage, 0.0) + elapsed
+        stage_done(stage, elapsed, enabled=self.progress)  # off a TTY, a line per stage instead of bars
 
     def _check_size(self, calib) -> None:
         if self.batch.fit(len(calib)) is not None:
@@ -340,6 +343,7 @@ class Repair:
         self.settings["guard"] = verdict.entry
         if "cost_s" in verdict.entry:
             self.timings["guard"] = self.timings.get("guard", 0.0) + verdict.entry["cost_s"]
+            stage_done("guard", verdict.entry["cost_s"], enabled=self.progress)
         return self
 
     def auto(self, calib, *, folds: int = 4, seed: int = 0, recal: str = "exact", momentum: float = 0.1,

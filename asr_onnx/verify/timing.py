@@ -23,20 +23,23 @@ CGROUP_LIMITS = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                  ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
 
 
-def bench(model, reference=None, *, batch_size: int = 1, threads: int = 0, device: str = "cpu",
-          runs: int = 30, warmup: int = 5, seed: int = 0) -> dict:
+def bench(model, reference=None, *, batch_size: int | None = None, threads: int = 0, device: str = "cpu",
+          runs: int = 30, warmup: int = 5, seed: int = 0, input_shapes: dict | None = None) -> dict:
     """Median latency and throughput of ``model`` in onnxruntime, and of ``reference`` alternating with it.
 
     Args:
         model: the model to time (an onnx.ModelProto or a path).
         reference: a model with the same inputs (the dense one) to time alternately in the same run, or
             None. Defaults to None.
-        batch_size: samples per run, for a dynamic batch axis; a fixed batch must equal it. Defaults to 1.
+        batch_size: samples per run, for a dynamic batch axis; a fixed batch must equal it. Defaults to None:
+            the batch of ``input_shapes``, else 1.
         threads: onnxruntime intra-op threads; 0 lets onnxruntime choose. Defaults to 0.
         device: "cpu", "cuda" or "auto" (see runtime.providers). Defaults to "cpu".
         runs: timed runs per model. Defaults to 30.
         warmup: untimed runs per model before the first timed one. Defaults to 5.
         seed: seed of the random input batch. Defaults to 0.
+        input_shapes: input name -> the shape to feed it (batch axis first), for inputs with axes that are
+            not fixed, e.g. a detector's (N, 3, H, W); see :func:`parse_input_shapes`. Defaults to None.
 
     Returns:
         {"settings", "models": {"model": stats[, "reference": stats]}, "schedule": the order of the timed
@@ -47,13 +50,14 @@ def bench(model, reference=None, *, batch_size: int = 1, threads: int = 0, devic
 
     Raises:
         AsrError: a model that cannot be read or run, inputs that differ between the two models, a
-            non-batch axis that is not fixed, a fixed batch other than ``batch_size``, a count < 1, or a
-            batch over a quarter of the available memory (see :func:`check_feed_size`).
+            non-batch axis that is not fixed and not given, a given shape that does not fit its input, a fixed
+            batch other than ``batch_size``, a count < 1, or a batch over a quarter of the available memory.
     """
     from asr_onnx.calib import input_specs
     from asr_onnx.model.files import load_model
     from asr_onnx.model.session import make_session, provider_of, runner
 
+    batch_size = shapes_batch(input_shapes or {}, batch_size)
     if batch_size < 1 or runs < 1 or warmup < 0 or threads < 0:
         raise AsrError("bench needs batch_size >= 1, runs >= 1, warmup >= 0 and threads >= 0")
     protos, paths = {}, {}
@@ -63,8 +67,8 @@ def bench(model, reference=None, *, batch_size: int = 1, threads: int = 0, devic
         paths[key] = None if isinstance(value, onnx.ModelProto) else str(value)
         protos[key] = value if isinstance(value, onnx.ModelProto) else load_model(value)
     specs = input_specs(protos[MODEL])
-    check_feed_size(specs, batch_size)
-    feed = random_feed(specs, batch_size, seed)
+    check_feed_size(specs, batch_size, shapes=input_shapes)
+    feed = random_feed(specs, batch_size, seed, input_shapes)
     if REFERENCE in protos:
         _check_same_inputs(specs, input_specs(protos[REFERENCE]))
     sessions = {key: make_session(proto, device=device, threads=threads) for key, proto in protos.items()}
@@ -119,27 +123,38 @@ def summarize(runs_ms: list[float], batch_size: int) -> dict:
             "throughput": batch_size / (median / 1e3), "runs_ms": [float(v) for v in runs_ms]}
 
 
-def feed_shapes(specs, batch_size: int) -> dict[str, tuple[int, ...]]:
-    """The shape of every input's batch: a symbolic first axis takes ``batch_size``, a fixed one must equal
-    it; every other axis must be fixed.
+def feed_shapes(specs, batch_size: int, given: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """The shape of every input's batch. An input named in ``given`` takes that shape, which must keep every
+    fixed axis; for the others a symbolic first axis takes ``batch_size``, a fixed one must equal it, and
+    every other axis must be fixed.
 
     Raises:
-        AsrError: a scalar input, a fixed batch other than ``batch_size``, or a non-batch axis not fixed.
+        AsrError: a name in ``given`` that is no input, a scalar input, a fixed batch other than
+            ``batch_size``, or a non-batch axis neither fixed nor given.
     """
+    given = dict(given or {})
+    unknown = sorted(set(given) - {spec.name for spec in specs})
+    if unknown:
+        raise AsrError(f"--input-shapes names {', '.join(map(repr, unknown))}, not an input of the model "
+                       f"(inputs: {', '.join(spec.name for spec in specs)})")
     shapes = {}
     for spec in specs:
         if not spec.shape:
             raise AsrError(f"input {spec.name!r} is a scalar; bench needs a batch axis")
+        if spec.name in given:
+            shapes[spec.name] = _given_shape(spec, given[spec.name])
+            continue
         first, rest = spec.shape[0], spec.shape[1:]
         if isinstance(first, int) and first > 0 and first != batch_size:
             raise AsrError(f"input {spec.name!r} fixes a batch of {first}; pass --batch-size {first}")
         if any(not isinstance(d, int) or d < 1 for d in rest):
-            raise AsrError(f"input {spec.name!r} has a non-batch axis that is not fixed {spec.describe()}")
+            raise AsrError(f"input {spec.name!r} has a non-batch axis that is not fixed {spec.describe()}; "
+                           f"give every axis a size with --input-shapes {shape_example(spec, batch_size)}")
         shapes[spec.name] = (batch_size, *rest)
     return shapes
 
 
-def check_feed_size(specs, batch_size: int, available: int | None = None) -> int:
+def check_feed_size(specs, batch_size: int, available: int | None = None, shapes: dict | None = None) -> int:
     """Refuses a batch that would take over 1/FEED_SHARE of the available memory, before it is allocated
     (a 3x100000x100000 input is 112 GiB a sample). Returns the batch's bytes.
 
@@ -148,13 +163,14 @@ def check_feed_size(specs, batch_size: int, available: int | None = None) -> int
         batch_size: samples per run.
         available: bytes that can be allocated. Defaults to None: :func:`available_memory` (no bound where
             it is unknown).
+        shapes: input name -> a shape given for it (``--input-shapes``). Defaults to None.
 
     Raises:
         AsrError: the batch is too large, or its shape cannot be filled (see :func:`feed_shapes`).
     """
     import math
 
-    shapes = feed_shapes(specs, batch_size)
+    shapes = feed_shapes(specs, batch_size, shapes)
     # Python integers: no product of dims can overflow, however large
     size = sum(math.prod(shape) * spec.dtype.itemsize for spec, shape in zip(specs, shapes.values(), strict=True))
     available = available_memory() if available is None else available
@@ -195,19 +211,98 @@ def _gib(size: int) -> str:
     return f"{size} bytes"
 
 
-def random_feed(specs, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+def random_feed(specs, batch_size: int, seed: int = 0, shapes: dict | None = None) -> dict[str, np.ndarray]:
     """A seeded standard-normal batch for every input (zeros for integer and boolean inputs), of the shapes
-    of :func:`feed_shapes`.
+    of :func:`feed_shapes` (``shapes``: the given ones).
     """
     rng = np.random.default_rng(seed)
     feed = {}
-    for spec, shape in zip(specs, feed_shapes(specs, batch_size).values(), strict=True):
+    for spec, shape in zip(specs, feed_shapes(specs, batch_size, shapes).values(), strict=True):
         if np.issubdtype(spec.dtype, np.floating):  # drawn in float32 where that holds it: no float64 copy
             drawn = np.float64 if spec.dtype.itemsize > 4 else np.float32
             feed[spec.name] = rng.standard_normal(shape, dtype=drawn).astype(spec.dtype, copy=False)
         else:
             feed[spec.name] = np.zeros(shape, spec.dtype)
     return feed
+
+
+def shape_example(spec, batch_size: int = 1) -> str:
+    """``name:[1,3,H,W]``: the --input-shapes entry for ``spec``, its unknown axes by name (H, W or ?)."""
+    dims = [str(batch_size) if axis == 0 and not (isinstance(d, int) and d > 0) else
+            str(d) if isinstance(d, int) and d > 0 else (d if isinstance(d, str) and d else "?")
+            for axis, d in enumerate(spec.shape)]
+    return f"{spec.name}:[{','.join(dims)}]"
+
+
+def _given_shape(spec, shape: tuple) -> tuple:
+    if len(shape) != len(spec.shape):
+        raise AsrError(f"--input-shapes gives {spec.name!r} {len(shape)} axes, but the input has "
+                       f"{len(spec.shape)} {spec.describe()}")
+    for axis, (given, dim) in enumerate(zip(shape, spec.shape)):
+        if isinstance(dim, int) and dim > 0 and given != dim:
+            raise AsrError(f"--input-shapes gives {spec.name!r} {given} on axis {axis}, which the input fixes at "
+                           f"{dim} {spec.describe()}")
+    return tuple(shape)
+
+
+def shapes_batch(shapes: dict, batch_size: int | None) -> int:
+    """The batch of a run: ``batch_size``, else the first axis the given shapes agree on, else 1.
+
+    Raises:
+        AsrError: the given shapes' first axes differ from each other or from ``batch_size``.
+    """
+    batches = {shape[0] for shape in shapes.values() if shape}
+    if len(batches) > 1:
+        raise AsrError(f"--input-shapes gives batches of {sorted(batches)}; the inputs of one run share a batch")
+    if batch_size is None:
+        return batches.pop() if batches else 1
+    if batches and batches != {batch_size}:
+        raise AsrError(f"--input-shapes gives a batch of {batches.pop()} but --batch-size is {batch_size}")
+    return batch_size
+
+
+def parse_input_shapes(values) -> dict[str, tuple[int, ...]]:
+    """Input shapes as Polygraphy's ``--input-shapes`` writes them, ``name:[1,3,320,320]``, or as trtexec's
+    ``--shapes``, ``name:1x3x320x320``; several in one value are separated by spaces or commas.
+
+    The name is what comes before the last colon (TensorFlow names such as ``input:0`` keep theirs).
+
+    Args:
+        values: strings, each holding one or several entries.
+
+    Raises:
+        AsrError: an entry without a name or a shape, an axis that is not a positive integer, or a name
+            given twice.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for entry in (part for value in values for part in _entries(str(value))):
+        name, sep, text = entry.rpartition(":")
+        if not sep or not name or not text:
+            raise AsrError(f"--input-shapes entry {entry!r} is not NAME:[D,D,...] (e.g. images:[1,3,640,640])")
+        dims = text[1:-1].split(",") if text.startswith("[") and text.endswith("]") else text.lower().split("x")
+        try:
+            shape = tuple(int(d) for d in dims)
+        except ValueError:
+            raise AsrError(f"--input-shapes entry {entry!r}: every axis needs a size, a positive integer") from None
+        if not shape or min(shape) < 1:
+            raise AsrError(f"--input-shapes entry {entry!r}: every axis needs a size, a positive integer")
+        if name in shapes:
+            raise AsrError(f"--input-shapes gives {name!r} twice")
+        shapes[name] = shape
+    return shapes
+
+
+def _entries(text: str) -> list[str]:
+    """``text`` cut at spaces and commas outside brackets."""
+    entries, current, depth = [], "", 0
+    for char in text:
+        depth += (char == "[") - (char == "]")
+        if depth == 0 and (char == "," or char.isspace()):
+            entries.append(current)
+            current = ""
+        elif not char.isspace():
+            current += char
+    return [entry for entry in entries + [current] if entry]
 
 
 def _check_same_inputs(model_specs, reference_specs) -> None:

@@ -71,7 +71,7 @@ def test_idx_size_mismatch_and_resize(tmp_path):
     path = write_idx(tmp_path / "t10k-images-idx3-ubyte", pixels(35, (2, 28, 28)), False)
     spec = [InputSpec("input", (None, 1, 24, 24), F32)]
 
-    with pytest.raises(AsrError, match=r"is 28x28 but the model expects 24x24; pass --size or --resize"):
+    with pytest.raises(AsrError, match=r"is 28x28 but the model expects 24x24; pass --size, --resize"):
         load_calib(path, spec)
     assert all_batches(load_calib(path, spec, Preprocess(resize=24)))["input"].shape == (2, 1, 24, 24)
 

@@ -17,7 +17,7 @@ def test_gray_class_subfolders_give_numeric_labels_and_exact_values(tmp_path):
     calib = load_calib(tmp_path, GRAY, pre)
 
     assert len(calib) == 4
-    np.testing.assert_array_equal(calib.labels, [0, 1, 10, 2])  # integer folder names are the labels
+    np.testing.assert_array_equal(calib.labels, [0, 1, 3, 2])  # numeric order: "10" is the fourth class
     assert calib.labels.dtype == np.int64
     got = all_batches(calib)["input"]
     for row, path in enumerate(images):
@@ -170,7 +170,7 @@ def test_image_size_mismatch(tmp_path):
     save_png(tmp_path / "a.png", pixels(15, (32, 32)))
     spec = [InputSpec("input", (None, 1, 28, 28), F32)]
 
-    with pytest.raises(AsrError, match=r"image .*a\.png is 32x32 but the model expects 28x28; pass --size or --resize"):
+    with pytest.raises(AsrError, match=r"image .*a\.png is 32x32 but the model expects 28x28; pass --size, --resize"):
         load_calib(tmp_path, spec)
 
 

@@ -126,7 +126,7 @@ def train_module():
     return module
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", zoo.slow_except(MODEL_NAMES, ("resnet20",)))  # the demo's by default
 def test_torch_matches_onnx(name, train_module, eval_data):
     import torch
 

@@ -290,7 +290,7 @@ def test_a_batch_store_keeps_arrays_in_memory_then_on_disk_and_writes_a_kept_arr
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["bn_kept", "bn_folded"])
+@pytest.mark.parametrize("name", zoo.slow_except(["bn_kept", "bn_folded"], ("bn_kept",)))
 def test_a_second_round_refits_on_the_corrected_network_and_keeps_the_masks(name):
     dense, feeds = zoo.CLASSES[name]()
     calib = zoo.DictSet(feeds)

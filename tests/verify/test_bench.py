@@ -16,7 +16,7 @@ from asr_onnx.calib import input_specs
 from asr_onnx.cli.main import main
 from asr_onnx.errors import AsrError
 from asr_onnx.prune.masks import nm_mask
-from asr_onnx.verify.timing import alternating_schedule, bench, random_feed
+from asr_onnx.verify.timing import alternating_schedule, bench, parse_input_shapes, random_feed
 
 
 def conv_weights_edited(model, edit):
@@ -154,3 +154,96 @@ def test_cli_bench_bad_input_is_one_error_line(case, tmp_path, capsys):
 def test_cli_bench_bad_usage_is_status_2(tmp_path, capsys):
     assert main(["bench", "m.onnx", "--runs", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize("values, expected", [
+    (["images:[1,3,320,320]"], {"images": (1, 3, 320, 320)}),
+    (["a:[2,3,8,8] b:[2,1,8,8]"], {"a": (2, 3, 8, 8), "b": (2, 1, 8, 8)}),  # one quoted value
+    (["a:[2,3,8,8],b:[2,1,8,8]"], {"a": (2, 3, 8, 8), "b": (2, 1, 8, 8)}),
+    (["a:[2, 3, 8, 8]", "b:[2,1,8,8]"], {"a": (2, 3, 8, 8), "b": (2, 1, 8, 8)}),  # repeated option
+    (["a:2x3x8x8,b:2x1x8x8"], {"a": (2, 3, 8, 8), "b": (2, 1, 8, 8)}),  # trtexec's --shapes
+    (["input:0:[1,4]"], {"input:0": (1, 4)}),  # a TensorFlow name keeps its colon
+])
+def test_parse_input_shapes_reads_polygraphys_and_trtexecs_syntax(values, expected):
+    assert parse_input_shapes(values) == expected
+
+
+@pytest.mark.parametrize("value, message", [
+    ("images", "is not NAME:"),
+    (":[1,3]", "is not NAME:"),
+    ("images:[1,3,H,W]", "every axis needs a size"),
+    ("images:[1,0,8]", "every axis needs a size"),
+    ("images:[]", "every axis needs a size"),
+    ("a:[1] a:[2]", "'a' twice"),
+])
+def test_parse_input_shapes_refuses_bad_entries(value, message):
+    with pytest.raises(AsrError, match=message):
+        parse_input_shapes([value])
+
+
+def test_the_dynamic_hw_detector_matches_its_numpy_oracle_at_two_sizes():
+    model, feeds = zoo.dynamic_hw_detector()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for x in (feeds["images"], feeds["images"][:3, :, :7, :9]):
+        got = session.run(None, {"images": np.ascontiguousarray(x)})[0]
+        np.testing.assert_allclose(got, zoo.dynamic_hw_detector_oracle(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_times_a_dynamic_hw_model_at_the_given_shape():
+    model, _ = zoo.dynamic_hw_detector()
+    with pytest.raises(AsrError, match=r"not fixed \(batch, 3, height, width\); give every axis a size with "
+                                       r"--input-shapes images:\[1,3,height,width\]"):
+        bench(model, runs=1, warmup=0)
+    result = bench(model, model, runs=2, warmup=0, input_shapes={"images": (2, 3, 32, 24)})
+    assert result["settings"]["batch_size"] == 2 and result["output_rel_l2"] == 0.0
+    feed = random_feed(input_specs(model), 2, seed=3, shapes={"images": (2, 3, 32, 24)})
+    assert feed["images"].shape == (2, 3, 32, 24)
+    np.testing.assert_array_equal(feed["images"], random_feed(input_specs(model), 2, seed=3,
+                                                              shapes={"images": (2, 3, 32, 24)})["images"])
+
+
+@pytest.mark.parametrize("shapes, batch_size, message", [
+    ({"image": (2, 3, 8, 8), "mask": (4, 1, 8, 8)}, None, r"batches of \[2, 4\]"),
+    ({"image": (2, 3, 8, 8)}, 4, "a batch of 2 but --batch-size is 4"),
+    ({"picture": (1, 3, 8, 8)}, None, "'picture', not an input of the model .inputs: image, mask"),
+    ({"image": (1, 3, 8)}, None, "gives 'image' 3 axes, but the input has 4"),
+    ({"image": (1, 4, 8, 8)}, None, "gives 'image' 4 on axis 1, which the input fixes at 3"),
+])
+def test_bench_refuses_shapes_that_do_not_fit(shapes, batch_size, message):
+    model, _ = zoo.two_inputs()
+    with pytest.raises(AsrError, match=message):
+        bench(model, runs=1, warmup=0, batch_size=batch_size, input_shapes=shapes)
+
+
+@pytest.mark.parametrize("words", [
+    ["--input-shapes", "image:[2,3,8,8]", "mask:[2,1,8,8]"],  # Polygraphy: one option, several words
+    ["--input-shapes", "image:[2,3,8,8],mask:[2,1,8,8]"],
+    ["--input-shapes", "image:[2,3,8,8]", "--input-shapes", "mask:[2,1,8,8]"],
+    ["--input-shapes", "image:2x3x8x8", "mask:2x1x8x8", "--batch-size", "2"],
+])
+def test_cli_bench_input_shapes(words, tmp_path, capsys):
+    onnx.save(zoo.two_inputs()[0], tmp_path / "two.onnx")
+    for argv in ([str(tmp_path / "two.onnx"), *words], [*words, str(tmp_path / "two.onnx")]):  # model first or last
+        assert main(["bench", *argv, "--runs", "1", "--warmup", "0", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["settings"]["batch_size"] == 2
+
+
+def test_cli_bench_of_a_dynamic_hw_model_hints_and_then_runs(tmp_path, capsys):
+    onnx.save(zoo.dynamic_hw_detector()[0], tmp_path / "det.onnx")
+    assert main(["bench", str(tmp_path / "det.onnx"), "--runs", "1"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "--input-shapes images:[1,3,height,width]" in line
+    assert main(["bench", str(tmp_path / "det.onnx"), "--runs", "2", "--input-shapes", "images:[1,3,64,48]"]) == 0
+    assert "batch 1," in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("words, message", [
+    (["--input-shapes", "images:[1,3,H,W]"], "every axis needs a size"),
+    (["images:[1,3,8,8]"], "unexpected argument"),  # a shape without --input-shapes
+    (["--input-shapes", "images:[1,3,8,8]", "other.onnx"], "unexpected argument"),
+])
+def test_cli_bench_input_shapes_bad_usage(words, message, tmp_path, capsys):
+    onnx.save(zoo.dynamic_hw_detector()[0], tmp_path / "det.onnx")
+    assert main(["bench", str(tmp_path / "det.onnx"), *words, "--runs", "1"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and message in line

@@ -144,3 +144,71 @@ def test_a_fixed_batch_reference_is_compared_on_whole_batches_from_the_api(tmp_p
     np.save(tmp_path / "few.npy", random_inputs(3, seed=4))
     with pytest.raises(AsrError, match="3 samples, fewer than the model's fixed batch size 4"):
         compare_models(model, model, load_calib(tmp_path / "few.npy", model), device="cpu")
+
+
+def shifted_model(bn_model, tmp_path, shift=0.01):
+    """bn_model with every logit moved by ``shift``: outside the default tolerances, the same top-1 everywhere."""
+    changed = onnx.load(str(bn_model))
+    bias = next(t for t in changed.graph.initializer if t.name == "fc.bias")
+    bias.CopyFrom(onnx.numpy_helper.from_array(np.full(10, shift, np.float32), "fc.bias"))
+    onnx.save(changed, tmp_path / "shifted.onnx")
+    return tmp_path / "shifted.onnx"
+
+
+def test_verify_min_agreement_decides_alone_and_the_default_failure_says_why(bn_model, calib_dir, tmp_path, capsys):
+    shifted = shifted_model(bn_model, tmp_path)
+    assert verify(shifted, "--reference", bn_model, "--data", calib_dir) == 1
+    captured = capsys.readouterr()
+    (err,) = captured.err.strip().splitlines()
+    assert "default tolerances (atol = rtol = 1e-05, elemwise) pass only a model that computes the same" in err
+    assert "its top-1 agreement is 100.00%; gate it with --min-agreement" in err
+    assert "gate it with --min-agreement" in captured.out
+    assert verify(shifted, "--reference", bn_model, "--data", calib_dir, "--min-agreement", "0.99") == 0
+    out = capsys.readouterr().out
+    assert "(informative); gate: top-1 agreement >= 99.00%" in out
+    assert "PASSED (outside the tolerances, which do not gate)" in out and "PASSED: 1 output(s)" in out
+    assert verify(shifted, "--reference", bn_model, "--data", calib_dir, "--min-agreement", "0.99", "--json") == 0
+    (output,) = json.loads(capsys.readouterr().out)["outputs"]
+    assert output["passed"] and output["within_tolerance"] is False and output["agreement_passed"] is True
+
+
+@pytest.mark.parametrize("extra, code, message", [
+    (["--min-agreement", "0.99", "--atol", "1e-5"], 1, "every element within"),  # both gates: tolerances fail
+    (["--min-agreement", "0.99", "--atol", "0.02"], 0, ""),  # both pass
+    (["--min-agreement", "1", "--check-error-stat", "mean"], 1, "mean abs error"),
+])
+def test_verify_with_tolerances_given_both_gates_decide(bn_model, calib_dir, tmp_path, capsys, extra, code, message):
+    shifted = shifted_model(bn_model, tmp_path)
+    assert verify(shifted, "--reference", bn_model, "--data", calib_dir, *extra) == code
+    err = capsys.readouterr().err
+    assert (code == 0) == (err == "")
+    assert "default tolerances" not in err  # they were given: no note
+
+
+def test_verify_agreement_gate_fails_a_model_that_disagrees(bn_model, calib_dir, tmp_path, capsys):
+    changed = onnx.load(str(bn_model))
+    weight = next(t for t in changed.graph.initializer if t.name == "fc.weight")
+    flipped = -onnx.numpy_helper.to_array(weight)
+    weight.CopyFrom(onnx.numpy_helper.from_array(flipped, "fc.weight"))
+    onnx.save(changed, tmp_path / "flipped.onnx")
+    assert verify(tmp_path / "flipped.onnx", "--reference", bn_model, "--data", calib_dir,
+                  "--min-agreement", "0.5") == 1
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("error: verify FAILED: output logits: top-1 agreement ") and "< 50.00%" in err
+
+
+@pytest.mark.parametrize("value, code, message", [
+    ("1.5", 2, "--min-agreement"),
+    ("nan", 2, "--min-agreement"),
+    ("0.9", 1, "no output has a top-1 agreement"),  # a detector: nothing to gate on
+])
+def test_verify_min_agreement_bad_input(tmp_path, capsys, value, code, message):
+    from zoo import detector_head
+
+    dense, feeds = detector_head()
+    onnx.save(dense, tmp_path / "det.onnx")
+    np.save(tmp_path / "x.npy", feeds["input"])
+    assert verify(tmp_path / "det.onnx", "--reference", tmp_path / "det.onnx", "--data", tmp_path / "x.npy",
+                  "--min-agreement", value) == code
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("error: ") and message in err

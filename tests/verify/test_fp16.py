@@ -182,7 +182,7 @@ def test_the_cli_refuses_a_float16_output_that_is_far_from_float32(tmp_path, cap
     code = main(["repair", str(source), "--sparsity", "0", "--method", "none", "--fp16", "-o", str(out)])
     assert code == 1 and "--calib is required for --fp16" in capsys.readouterr().err
     code = main(["repair", str(source), "--calib", str(calib), "--sparsity", "0", "--method", "none", "--fp16",
-                 "-o", str(out)])
+                 "-o", str(out), "-q"])  # -q: no stage lines before the error off a TTY
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: fp16: output 'y' differs from float32") and len(err.splitlines()) == 1
     assert not out.exists()  # y = 1e-4 * x, but 1.0001 is 1 in float16
