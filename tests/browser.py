@@ -104,13 +104,30 @@ class _Pipe:
             self.process.wait()
 
 
+# every element of the live DOM that could run code, after the page loaded
+ACTIVE = """[...document.querySelectorAll('*')].flatMap(e => {
+  const tag = e.tagName.toLowerCase();
+  const found = ['script', 'iframe', 'object', 'embed', 'frame', 'base', 'form'].includes(tag) ? [tag] : [];
+  for (const a of e.attributes) {
+    const value = a.value.replace(/[\\s\\x00-\\x1f]/g, '').toLowerCase();
+    if (a.name.toLowerCase().startsWith('on') || value.startsWith('javascript:') || value.startsWith('vbscript:')
+        || (value.startsWith('data:') && !value.startsWith('data:image/svg+xml;base64,')))
+      found.push(tag + '@' + a.name);
+  }
+  return found;
+})"""
+
+
 def open_page(path, *, width: int = 1100, height: int = 900, full_page: bool = True,
               script: str = "[...document.querySelectorAll('section[id]')].map(s => s.id)") -> dict:
     """Loads ``path`` and returns what a person would see and what went wrong.
 
     Returns:
         {"requests": every URL requested, "failed": failed requests, "errors": script errors and
-        console errors, "value": the result of ``script`` after load, "png": the screenshot bytes}.
+        console errors, "value": the result of ``script`` after load, "png": the screenshot bytes,
+        "dialogs": the messages of alert/confirm/prompt dialogs the page opened, "active": what in the
+        live DOM could run code: each <script>, <iframe>, <object>, <embed> element, each on* attribute
+        and each javascript: URL, as "tag" or "tag@attribute"}.
     """
     binary = find_chromium()
     if binary is None:
@@ -131,6 +148,7 @@ def open_page(path, *, width: int = 1100, height: int = 900, full_page: bool = T
             browser.send("Page.navigate", session, url=url)
             browser.wait_for("Page.loadEventFired")
             value = browser.send("Runtime.evaluate", session, expression=script, returnByValue=True)
+            active = browser.send("Runtime.evaluate", session, expression=ACTIVE, returnByValue=True)
             shot = browser.send("Page.captureScreenshot", session, format="png", captureBeyondViewport=full_page)
         finally:
             browser.close()
@@ -147,4 +165,6 @@ def open_page(path, *, width: int = 1100, height: int = 900, full_page: bool = T
         "errors": errors,
         "value": value.get("result", {}).get("value"),
         "png": base64.b64decode(shot["data"]),
+        "dialogs": [p.get("message") for m, p in params if m == "Page.javascriptDialogOpening"],
+        "active": active.get("result", {}).get("value"),
     }

@@ -93,6 +93,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     from asr_onnx.prune.masks import SCORES as WEIGHT_SCORES
     from asr_onnx.prune.masks import Pattern, check_sparsity
     from asr_onnx.report.build import report_format, summary, write_report
+    from asr_onnx.report.schema import from_dict
 
     recal, momentum = parse_recal(recal_mode)
     if report_path:
@@ -154,11 +155,11 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
             click.echo(f"warning: {warning}", err=True)
     with plan.staged():  # every output is staged, then all are renamed into place together, as the last act
         job.save(model_out.staged)
-        report = job.report()
+        report = from_dict(job.report())  # typed and validated once, for the report and the summary
         if report_out:
             write_report(report, report_out.staged)
         if not quiet:
-            say(summary(report))
+            say(summary(report, report_path))
             say(f"wrote {output}")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import textwrap
 from dataclasses import asdict
 from pathlib import Path
@@ -88,10 +87,11 @@ def build_report(job) -> dict:
       | ({"channels": job.channel_report} if job.channel_report else {})
 
 
-def write_json(report: dict, path) -> Path:
-    """Writes the report atomically (a staging file, then rename)."""
-    text = json.dumps(report, indent=1, sort_keys=False).replace('"lambda_"', '"lambda"')
-    return write_text(text + "\n", path)
+def write_json(report, path) -> Path:
+    """Writes the report (a report dict or a :class:`~asr_onnx.report.schema.Report`) as JSON, atomically."""
+    from asr_onnx.report.schema import write_json as write_typed
+
+    return write_typed(report, path)
 
 
 def write_text(text: str, path) -> Path:
@@ -118,8 +118,15 @@ def report_format(path) -> str:
     return FORMATS[suffix]
 
 
-def write_report(report: dict, path) -> Path:
-    """Writes the report as JSON or as a self-contained HTML page, as the extension says (atomically)."""
+def write_report(report, path) -> Path:
+    """Writes the report as JSON or as a self-contained HTML page, as the extension says (atomically).
+
+    Raises:
+        AsrError: a field of the report does not validate (see :func:`asr_onnx.report.schema.from_dict`).
+    """
+    from asr_onnx.report.schema import from_dict
+
+    report = from_dict(report)
     if report_format(path) == "html":
         from asr_onnx.report.html import write_html
 
@@ -127,119 +134,170 @@ def write_report(report: dict, path) -> Path:
     return write_json(report, path)
 
 
-def _channel_lines(entry: dict) -> list[str]:
-    groups = entry["groups"]
-    removed, total = sum(g["removed"] for g in groups), sum(g["channels"] for g in groups)
-    whole = [g for g in groups if g["whole"]]
-    (p0, p1), (m0, m1) = entry["params"], entry["macs"]
+def _channel_lines(entry) -> list[str]:
+    groups = entry.groups
+    removed, total = sum(g.removed for g in groups), sum(g.channels for g in groups)
+    whole = [g for g in groups if g.whole]
+    (p0, p1), (m0, m1) = entry.params, entry.macs
     lines = [f"channels: {removed:,} of {total:,} removed in {len(groups) - len(whole)} prunable groups "
-             f"(score {entry['score']}); params {p0:,} -> {p1:,} ({p1 / max(p0, 1):.3f}); "
+             f"(score {entry.score}); params {p0:,} -> {p1:,} ({p1 / max(p0, 1):.3f}); "
              f"MACs {m0:,} -> {m1:,} ({m1 / max(m0, 1):.3f})"]
-    lines += [f"  whole: {g['kind']} group of {g['channels']} ({g['reason']})" for g in whole[:5]]
+    lines += [f"  whole: {g.kind} group of {g.channels} ({g.reason})" for g in whole[:5]]
     return lines
 
 
-def summary(report: dict, width: int = 100) -> str:
-    """A one-screen, human-readable summary."""
-    s = report["settings"]
-    lines = [
-        f"asr-onnx {report['tool']['version']}  onnxruntime {report['onnxruntime']['version']}"
-        f" ({report['onnxruntime']['provider'] or 'no session'})",
-        f"pattern {s.get('pattern')}  sparsity {report['totals']['sparsity']:.3f} over "
-        f"{report['totals']['prunable_weights']:,} prunable weights  method {s.get('method')}"
-        + (f" (placement {s.get('placement')}, recal {s.get('recal')})" if s.get("method") != "none" else ""),
+def _where_all(report_path) -> str:
+    """Where the rows a summary leaves out can be read: the report that was written, if any."""
+    if report_path is None:
+        return "--report r.json or r.html lists them all"
+    return f"{'the page' if report_format(report_path) == 'html' else 'the JSON report'} {report_path} lists them all"
+
+
+def summary(report, report_path=None) -> str:
+    """A short, human-readable summary; no line is cut (a long name makes a long line).
+
+    Args:
+        report: a report dict or a :class:`~asr_onnx.report.schema.Report`.
+        report_path: the report written beside the model (its rows are mentioned only then). Defaults to
+            None.
+
+    Raises:
+        AsrError: a field of the report does not validate.
+    """
+    from asr_onnx.report.schema import from_dict
+
+    report = from_dict(report)
+    s, totals = report.settings, report.totals
+    tool, ort = report.tool, report.onnxruntime
+    lines = [report.verdict.line()] if report.verdict is not None else []
+    lines += [
+        f"asr-onnx {tool.version if tool else '?'}  onnxruntime {ort.version if ort else '?'}"
+        f" ({(ort.provider if ort else None) or 'no session'})",
+        f"pattern {s.pattern}  sparsity {totals.sparsity if totals and totals.sparsity is not None else 0:.3f} over "
+        f"{totals.prunable_weights if totals and totals.prunable_weights is not None else 0:,} prunable weights  "
+        f"method {s.method}" + (f" (placement {s.placement}, recal {s.recal})" if s.method != "none" else ""),
     ]
-    if s.get("reconstruct_auto"):
-        lines.extend(_reconstruct_auto_lines(s["reconstruct_auto"]))
-    if s.get("auto"):
-        lines.extend(_auto_lines(s["auto"]))
-    if s.get("guard", {}).get("verdict"):
-        lines.extend(_guard_lines(s["guard"]))
-    elif s.get("guard", {}).get("skipped"):
-        lines.append(f"guard skipped: {s['guard']['skipped']}")
-    if report.get("channels"):
-        lines.extend(_channel_lines(report["channels"]))
-    skipped = [layer for layer in report["layers"] if not layer["pruned"]]
-    lines.append(f"layers: {len(report['layers'])} prunable, {len(skipped)} left dense")
+    if s.reconstruct_auto is not None:
+        lines.extend(_reconstruct_auto_lines(s.reconstruct_auto))
+    if s.auto is not None:
+        lines.extend(_auto_lines(s.auto))
+    if s.guard is not None and s.guard.verdict:
+        lines.extend(_guard_lines(s.guard))
+    elif s.guard is not None and s.guard.skipped:
+        lines.append(f"guard skipped: {s.guard.skipped}")
+    if report.channels is not None:
+        lines.extend(_channel_lines(report.channels))
+    skipped = [layer for layer in report.layers if not layer.pruned]
+    lines.append(f"layers: {len(report.layers)} prunable, {len(skipped)} left dense")
     for layer in skipped[:5]:
-        lines.append(f"  dense: {layer['name']} ({layer['reason']})")
-    lines.extend(_refit_lines(report["layers"]))
-    if report["sites"]:
-        lines.append(f"{'site':<40} {'norm':<14} {'ch':>5} {'gain min/med/max':>22} {'collapsed':>9}")
-        rows = report["sites"]
-        shown = rows if len(rows) <= 24 else rows[:12] + [None] + rows[-11:]
+        lines.append(f"  dense: {layer.name} ({layer.reason})")
+    lines.extend(_refit_lines(report.layers))
+    if report.sites:
+        from asr_onnx.report.damage import collapsed
+
+        rows = report.sites
+        width = max(len("layer / site"), *(len(row.label) for row in rows[:12] + rows[-11:]))
+        lines.append(f"{'layer / site':<{width}} {'norm':<14} {'ch':>5} {'gain min/med/max':>22} {'collapsed':>9}")
+        shown = rows if len(rows) <= 24 else rows[:12] + (None,) + rows[-11:]
         for row in shown:
             if row is None:
-                lines.append(f"  ... {len(rows) - 23} more sites in the JSON report")
+                lines.append(f"  ... {len(rows) - 23} more sites: {_where_all(report_path)}")
                 continue
-            gain = row.get("gain")
-            spread = f"{gain['min']:.3g}/{gain['median']:.3g}/{gain['max']:.3g}" if gain else "-"
-            lines.append(f"{row['tensor'][:40]:<40} {row['norm']:<14} {row['channels']:>5} {spread:>22}"
-                         f" {len(row.get('collapsed', [])):>9}")
+            gain = row.gain
+            spread = (f"{gain.min:.3g}/{gain.median:.3g}/{gain.max:.3g}" if gain and None not in
+                      (gain.min, gain.median, gain.max) else "-")
+            lines.append(f"{row.label:<{width}} {row.norm or '-':<14} {_count(row.channels):>5} {spread:>22}"
+                         f" {collapsed(row):>9}")
     from asr_onnx.prune.sparsecore import eligibility_summary
 
-    if report.get("sparse_core") is not None:
-        lines.extend(eligibility_summary(report["sparse_core"]))
-    if report.get("eval"):
-        lines.append(eval_line(report["eval"]))
-    timings = "  ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items())
-    lines.append(f"time: {timings}")
-    return "\n".join(line[:width] for line in lines)
+    if report.sparse_core is not None:
+        from asr_onnx.report.schema import to_dict
+
+        rows = [to_dict(row) for row in report.sparse_core]  # every ineligible layer when nowhere lists them
+        lines.extend(eligibility_summary(rows, limit=5 if report_path else len(rows)))
+    if report.eval is not None:
+        lines.append(eval_line(report.eval))
+    timings = "  ".join(f"{k} {v:.2f}s" for k, v in report.timings_s.items())
+    lines.extend(textwrap.wrap(f"time: {timings}", 100, subsequent_indent="  ", break_long_words=False,
+                               break_on_hyphens=False) or ["time: -"])
+    return "\n".join(lines)
 
 
-def eval_line(scores: dict) -> str:
-    """``eval (N samples): top-1 a% (dense b%)  agreement c%  logit rel-L2 d``."""
+def _count(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def eval_line(scores) -> str:
+    """``eval (N samples): top-1 a% (dense b%)  agreement c%  logit rel-L2 d`` (a dict or a typed Eval)."""
+    from asr_onnx.report.schema import Eval, Section
+
+    if isinstance(scores, dict):
+        scores = Section(Eval)(scores, "eval")
+
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}%"
 
-    top1 = (f"top-1 {pct(scores.get('top1'))} (dense {pct(scores.get('dense_top1'))})  "
-            if scores.get("top1") is not None else "")
-    return (f"eval ({scores.get('samples')} samples): {top1}agreement {pct(scores.get('agreement'))}  "
-            f"logit rel-L2 {scores.get('logit_rel_l2', float('nan')):.4f}")
+    top1 = f"top-1 {pct(scores.top1)} (dense {pct(scores.dense_top1)})  " if scores.top1 is not None else ""
+    error = "-" if scores.logit_rel_l2 is None else f"{scores.logit_rel_l2:.4f}"
+    return f"eval ({_count(scores.samples)} samples): {top1}agreement {pct(scores.agreement)}  logit rel-L2 {error}"
 
-def _refit_lines(layers: list[dict]) -> list[str]:
+
+def _refit_lines(layers) -> list[str]:
     """How many layers the least-squares refit changed, their median relative output errors, and the skips."""
-    done = [layer["refit"] for layer in layers if "err_after" in layer.get("refit", {})]
-    skips = [(layer["name"], layer["refit"]["skipped"]) for layer in layers if "skipped" in layer.get("refit", {})]
+    done = [layer.refit for layer in layers if layer.refit is not None and layer.refit.err_after is not None
+            and layer.refit.err_before is not None]
+    skips = [(layer.name, layer.refit.skipped) for layer in layers if layer.refit is not None and layer.refit.skipped]
     if not done and not skips:
         return []
-    lines = [f"refit: {len(done)} layers, median output error {np.median([r['err_before'] for r in done]):.3f}"
-             f" -> {np.median([r['err_after'] for r in done]):.3f}" if done else "refit: no layer"]
+    lines = [f"refit: {len(done)} layers, median output error {np.median([r.err_before for r in done]):.3f}"
+             f" -> {np.median([r.err_after for r in done]):.3f}" if done else "refit: no layer"]
     return lines + [f"  not refitted: {name} ({reason})" for name, reason in skips[:5]]
 
 
-def _auto_lines(auto: dict) -> list[str]:
+def _candidate_name(c) -> str:
+    return f"{c.method} ({c.placement}" + (f", lambda {c.lambda_rule})" if c.method == "asr" else ")")
+
+
+def _pct1(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _err(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _auto_lines(auto) -> list[str]:
     """What ``auto`` picked, each candidate's held-out scores, and the rule."""
-    def name(c):
-        return f"{c['method']} ({c['placement']}" + (f", lambda {c['lambda_rule']})" if c["method"] == "asr" else ")")
-
-    picked = auto["picked"]
-    lines = [f"auto picked {name(picked)} on {auto['held_out']} held-out calibration samples ({auto['folds']} folds)",
+    picked = auto.picked
+    lines = [f"auto picked {_candidate_name(picked) if picked else '-'} on {_count(auto.held_out)} held-out "
+             f"calibration samples ({_count(auto.folds)} folds)",
              f"  {'candidate':<28} {'agreement':>9} {'logit err':>9}  tied"]
-    for c in auto["candidates"]:
+    for c in auto.candidates:
         mark = "  <- picked" if c == picked else ""
-        agreement = "-" if c["agreement"] is None else f"{100 * c['agreement']:.1f}%"
-        lines.append(f"  {name(c):<28} {agreement:>9} {c['logit_rel_l2']:>9.3f}  "
-                     f"{'yes' if c['tied'] else 'no':<4}{mark}".rstrip())
-    return lines + textwrap.wrap(f"rule: {auto['reason']}", 96, initial_indent="  ", subsequent_indent="    ")
+        lines.append(f"  {_candidate_name(c):<28} {_pct1(c.agreement):>9} {_err(c.logit_rel_l2):>9}  "
+                     f"{'yes' if c.tied else 'no':<4}{mark}".rstrip())
+    return lines + textwrap.wrap(f"rule: {auto.reason}", 96, initial_indent="  ", subsequent_indent="    ")
 
 
-def _reconstruct_auto_lines(entry: dict) -> list[str]:
+def _reconstruct_auto_lines(entry) -> list[str]:
     """What ``--reconstruct auto`` picked and both candidates' held-out scores."""
     def score(c):
-        agree = "" if c["agreement"] is None else f"agreement {100 * c['agreement']:.1f}%, "
-        return f"{c['reconstruct']} {agree}logit err {c['logit_rel_l2']:.3f}"
+        agree = "" if c.agreement is None else f"agreement {100 * c.agreement:.1f}%, "
+        return f"{c.reconstruct} {agree}logit err {_err(c.logit_rel_l2)}"
 
-    return [f"reconstruct auto picked {entry['picked']['reconstruct']} on {entry['held_out']} held-out calibration "
-            f"samples ({entry['folds']} folds, scored with {entry['scored_with']})",
-            "  " + "; ".join(score(c) for c in entry["candidates"])]
+    picked = entry.picked.reconstruct if entry.picked else "-"
+    return [f"reconstruct auto picked {picked} on {_count(entry.held_out)} held-out calibration "
+            f"samples ({_count(entry.folds)} folds, scored with {entry.scored_with})",
+            "  " + "; ".join(score(c) for c in entry.candidates)]
 
 
-def _guard_lines(guard: dict) -> list[str]:
+def _guard_lines(guard) -> list[str]:
     """The guard's verdict, what it kept and cost, then both held-out scores."""
     def score(entry):
-        agree = "" if entry["agreement"] is None else f"agreement {100 * entry['agreement']:.1f}%, "
-        return f"{agree}rel err {entry['logit_rel_l2']:.4g}"
+        if entry is None:
+            return "-"
+        agree = "" if entry.agreement is None else f"agreement {100 * entry.agreement:.1f}%, "
+        return f"{agree}rel err {_err(entry.logit_rel_l2, '.4g')}"
 
-    return [f"guard ({guard['mode']}, {guard['held_out']} held-out samples): {guard['verdict']}, kept {guard['kept']}"
-            f" ({guard['cost_s']:.2f}s)", f"  repair {score(guard['repair'])}; pruning alone {score(guard['pruned'])}"]
+    return [f"guard ({guard.mode}, {_count(guard.held_out)} held-out samples): {guard.verdict}, kept {guard.kept}"
+            f" ({_err(guard.cost_s, '.2f')}s)", f"  repair {score(guard.repair)}; pruning alone {score(guard.pruned)}"]

@@ -1,30 +1,44 @@
 """The repair report as one self-contained HTML page: no script, no network, no external file.
 
-Plots are inline SVG data (matplotlib, optional: without it each plot is a table, and the page says
-why). The page reads a report dict (:func:`asr_onnx.report.build.build_report`, or a saved JSON report of an
-older run) and tolerates any missing key. Besides build_report's keys it renders, when present:
+The page renders from a typed, validated report (:class:`asr_onnx.report.schema.Report`; a dict is
+validated first), so every number on it is a number. Escaping is structural: :func:`tag` is the only
+writer of markup, and :func:`text` the only place where a value becomes HTML (``html.escape``). A tag
+or an attribute outside TAGS and ATTRIBUTES cannot be written, and an attribute's value must match its
+pattern in ATTRIBUTES (a link is a ``#section``, an image a base64 SVG data URL), whatever the report holds.
 
-- ``settings["guard"]``: the guard's verdict (mode, held_out, repair/pruned scores, verdict, kept, cost_s);
-- ``eval``: ``repair --eval`` (data, samples, top1, dense_top1, agreement, logit_rel_l2);
-- ``layers[i]["refit"]`` = ``{"rel_err_before": float, "rel_err_after": float}``: the layer's output
-  error relative to the dense model's, ||y - y_dense|| / ||y_dense|| over the calibration set, before
-  and after a reconstruction stage refits it (no stage writes it yet).
+Plots are inline SVG data (matplotlib, optional: without it each plot is a table, and the page says
+why). However large the report, the page stays bounded: at most MAX_TABLE_ROWS rows a table (the most
+damaged sites, the layers in graph order) and MAX_PLOT_SITES strips a plot, each with a count of the rest.
 """
 
 from __future__ import annotations
 
 import base64
+import re
 from html import escape
 from pathlib import Path
 
 import numpy as np
 
-from asr_onnx.report.damage import collapsed, most_damaged, site_label, variance_ratio
+from asr_onnx.report.damage import (
+    collapsed,
+    damage_key,
+    dead_mask,
+    most_damaged,
+    short_name,
+    site_label,
+    variance_ratio,
+    worst,
+)
 
 SECTIONS = {"summary": "Summary", "settings": "Settings", "sparsity": "Per-layer sparsity",
             "damage": "Damage per site", "channels": "Channels of one site", "gains": "Gains applied",
             "refit": "Refit", "guard": "Guard", "eval": "Evaluation against dense"}
 MAX_ROWS = 40  # channel rows shown in a table before "... more"
+MAX_TABLE_ROWS = 400  # site or layer rows of one table
+MAX_PLOT_SITES = 48  # a strip plot with more sites shows the PLOT_WORST most damaged
+PLOT_WORST = 32
+MAX_DEAD_LISTED = 200
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1b1f24;margin:0;background:#f6f7f9}
@@ -36,35 +50,115 @@ h1{font-size:22px;margin:6px 0 2px}h2{font-size:17px;margin:28px 0 8px;border-bo
 .card b{display:block;font-size:20px}.card span{color:#57606a;font-size:12px}
 table{border-collapse:collapse;font-size:12.5px;margin:6px 0}th,td{padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#eef1f4;font-weight:600}tr:nth-child(even) td{background:#fafbfc}td.n{text-align:right;font-variant-numeric:tabular-nums}
+td.name{overflow-wrap:anywhere;max-width:460px}
 .bar{width:220px;height:11px;background:#eef1f4;border-radius:2px;display:inline-block;vertical-align:middle}
 .bar span{display:block;height:100%;background:#3b7dd8;border-radius:2px}.bar.bad span{background:#d9534f}
 tr.dense td{color:#6e7781}.note{color:#57606a;font-size:13px}.warn{color:#9a6700}
 .verdict{font-size:16px;font-weight:600}img.plot{width:100%;max-width:960px;display:block;margin:6px 0}
-code{font-size:12px;background:#eef1f4;padding:0 3px;border-radius:3px}
+code{font-size:12px;background:#eef1f4;padding:0 3px;border-radius:3px;overflow-wrap:anywhere}
+.banner{border-radius:6px;padding:10px 14px;margin:0 0 12px;border:1px solid}.banner b{font-size:17px}
+.banner.usable{background:#e6f4ea;border-color:#1a7f37;color:#0f5323}
+.banner.degraded{background:#fff4d6;border-color:#9a6700;color:#6b4700}
+.banner.broken{background:#fde7e9;border-color:#cf222e;color:#82071e}
 """
+
+# ---------------------------------------------------------------- the only writers of markup
+
+TAGS = frozenset({"html", "head", "meta", "title", "style", "body", "main", "h1", "h2", "p", "nav", "a", "section",
+                  "div", "b", "span", "table", "tr", "th", "td", "img", "code"})
+VOID = frozenset({"meta", "img"})
+# attribute -> the pattern its whole value must match (the values are this module's, never a report's)
+ATTRIBUTES = {"lang": r"en", "charset": r"utf-8", "class": r"[a-z][a-z ]*", "id": r"[a-z_]+",
+              "href": r"#[a-z_]+", "style": r"width:\d+(\.\d+)?%", "src": r"data:image/svg\+xml;base64,[A-Za-z0-9+/=]*",
+              "title": r"[^\x00]*", "alt": r"[^\x00]*"}
+
+
+class Markup(str):
+    """HTML that :func:`tag` or :func:`text` made; any other str is text, and is escaped."""
+
+
+def text(value) -> Markup:
+    """A value as HTML text: the one place where anything from a report enters the page."""
+    return Markup(escape("" if value is None else str(value), quote=True))
+
+
+def _children(children) -> str:
+    parts = []
+    for child in children:
+        if isinstance(child, (list, tuple)):
+            parts.append(_children(child))
+        elif isinstance(child, Markup):
+            parts.append(child)
+        elif child is not None:
+            parts.append(text(child))
+    return "".join(parts)
+
+
+def tag(name: str, *children, **attributes) -> Markup:
+    """``<name attributes>children</name>``: children that are not Markup are text; ``class_`` is class.
+
+    Raises:
+        ValueError: a tag or attribute outside the allowlists, or a value that does not match its pattern
+            (a bug of this module: a report never chooses tags, attributes or their patterns).
+    """
+    if name not in TAGS:
+        raise ValueError(f"tag {name!r} is not allowed")
+    written = []
+    for key, value in attributes.items():
+        key = key.rstrip("_")
+        if value is None:
+            continue
+        if key not in ATTRIBUTES or not re.fullmatch(ATTRIBUTES[key], str(value)):
+            raise ValueError(f"attribute {key}={str(value)[:40]!r} is not allowed")
+        written.append(f' {key}="{text(value)}"')
+    opening = f"<{name}{''.join(written)}>"
+    if name in VOID:
+        return Markup(opening)
+    return Markup(f"{opening}{_children(children)}</{name}>")
+
+
+def join(*parts) -> Markup:
+    return Markup(_children(parts))
+
+
+# ---------------------------------------------------------------- pieces
 
 
 def _num(value, digits: int = 3, pct: bool = False) -> str:
-    if value is None or not isinstance(value, (int, float)):
-        return "-" if value is None else escape(str(value))
+    if value is None:
+        return "-"
     return f"{100 * value:.{max(digits - 2, 1)}f}%" if pct else f"{value:.{digits}g}"
 
 
-def _table(header: list, rows: list, numeric=()) -> str:
-    """A table; cells are already HTML. ``numeric``: the column indices to right-align."""
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+def _count(value) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _table(header: list, rows: list, numeric=(), names=()) -> Markup:
+    """A table of text or Markup cells. A row ``("dense", cells)`` is greyed; ``numeric`` columns are
+    right-aligned and ``names`` columns wrap anywhere."""
     body = []
     for row in rows:
-        cls = ' class="dense"' if isinstance(row, tuple) and row and row[0] == "dense" else ""
-        cells = row[1] if cls else row
-        body.append(f"<tr{cls}>" + "".join(f'<td class="n">{c}</td>' if i in numeric else f"<td>{c}</td>"
-                                           for i, c in enumerate(cells)) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+        dense = isinstance(row, tuple) and len(row) == 2 and row[0] == "dense"
+        cells = row[1] if dense else row
+        body.append(tag("tr", [tag("td", c, class_="n" if i in numeric else "name" if i in names else None)
+                               for i, c in enumerate(cells)], class_="dense" if dense else None))
+    return tag("table", tag("tr", [tag("th", h) for h in header]), body)
 
 
-def _bar(fraction, bad: bool = False) -> str:
+def _bar(fraction, bad: bool = False) -> Markup:
     width = 100 * min(max(float(fraction or 0.0), 0.0), 1.0)
-    return f'<span class="bar{" bad" if bad else ""}"><span style="width:{width:.1f}%"></span></span>'
+    return tag("span", tag("span", style=f"width:{width:.1f}%"), class_="bar bad" if bad else "bar")
+
+
+def _note(*children) -> Markup:
+    return tag("p", *children, class_="note")
+
+
+def _left_out(shown: int, total: int, what: str, order: str) -> Markup | str:
+    if total <= shown:
+        return ""
+    return _note(f"{shown:,} of {total:,} {what} shown ({order}); the other {total - shown:,} are left out.")
 
 
 def _plots_missing() -> str | None:
@@ -79,293 +173,341 @@ def _plots_missing() -> str | None:
     return None
 
 
-def _image(fig, alt: str) -> str:
+def _image(fig, alt: str) -> Markup:
     from asr_onnx.report.plots import svg
 
     data = base64.b64encode(svg(fig).encode()).decode()
-    return f'<img class="plot" alt="{escape(alt)}" src="data:image/svg+xml;base64,{data}">'
+    return tag("img", class_="plot", alt=alt, src=f"data:image/svg+xml;base64,{data}")
 
 
-def _model_name(report: dict) -> str:
-    source = report.get("input")
-    return Path(source).stem if source else "model"
+def _model_name(report) -> str:
+    return Path(report.input).stem if report.input else "model"
 
 
-def _summary(report: dict, why_no_plots: str | None) -> str:
-    s, totals = report.get("settings") or {}, report.get("totals") or {}
-    layers, sites = report.get("layers") or [], report.get("sites") or []
-    method = s.get("method", "-")
-    if method == "auto" and (s.get("auto") or {}).get("picked"):
-        picked = s["auto"]["picked"]
-        method = f"auto: {picked.get('method')} ({picked.get('placement')})"
-    cards = [(_num(totals.get("sparsity"), 3, pct=True), "sparsity reached"),
-             (f"{totals.get('prunable_weights', 0):,}" if "prunable_weights" in totals else "-", "prunable weights"),
-             (escape(str(s.get("pattern", "-"))), "pattern"), (escape(str(method)), "method"),
-             (f"{sum(1 for x in layers if x.get('pruned'))} / {len(layers)}", "layers pruned"),
-             (f"{sum(collapsed(x) for x in sites)}", f"collapsed channels in {len(sites)} sites")]
-    scores = report.get("eval")
-    if scores and scores.get("top1") is not None:
-        cards.append((_num(scores["top1"], 4, pct=True), f"top-1 (dense {_num(scores.get('dense_top1'), 4, True)})"))
-    if scores and scores.get("agreement") is not None:
-        cards.append((_num(scores["agreement"], 4, pct=True), "agreement with dense"))
-    guard = s.get("guard")
-    if guard:
-        cards.append((escape(str(guard.get("verdict", "-"))), f"guard (kept {escape(str(guard.get('kept', '-')))})"))
-    html = '<div class="cards">' + "".join(f"<div class=card><b>{v}</b><span>{k}</span></div>" for v, k in cards)
-    html += "</div>"
-    if why_no_plots:
-        html += f'<p class="warn">{escape(why_no_plots)}</p>'
-    return html
+def _method(settings) -> str:
+    if settings.method == "auto" and settings.auto is not None and settings.auto.picked is not None:
+        picked = settings.auto.picked
+        return f"auto: {picked.method} ({picked.placement})"
+    return settings.method or "-"
 
 
-def _settings(report: dict) -> str:
-    s = report.get("settings") or {}
-    tool, ort = report.get("tool") or {}, report.get("onnxruntime") or {}
-    rows = [["model", escape(str(report.get("input") or "-"))],
-            ["asr-onnx", escape(str(tool.get("version", "-")))],
-            ["onnxruntime", escape(f"{ort.get('version', '-')} ({ort.get('provider') or 'no session'})")]]
-    rows += [[escape(k), escape(str(v))] for k, v in s.items() if not isinstance(v, dict)]
-    pairs = [rows[i:i + 3] for i in range(0, len(rows), 3)]  # three settings a row keep the section short
-    html = _table(["setting", "value"] * 3, [[cell for row in p for cell in row] + ["", ""] * (3 - len(p)) for p in pairs])
-    timings = report.get("timings_s") or {}
-    if timings:
-        html += f'<p class="note">time: {escape(", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))}</p>'
-    refit = s.get("reconstruct_auto")
-    if refit and refit.get("candidates"):
-        html += (f"<p>reconstruct auto scored the refit and no refit on {refit.get('held_out', '?')} held-out "
-                 f"calibration samples ({refit.get('folds', '?')} folds, corrected with "
-                 f"{escape(str(refit.get('scored_with', '-')))})</p>")
-        html += _table(["reconstruct", "agreement", "logit rel-L2", "tied", ""],
-                       [[escape(str(c.get("reconstruct"))), _num(c.get("agreement"), 3, True),
-                         _num(c.get("logit_rel_l2")), "yes" if c.get("tied") else "no",
-                         "picked" if c == refit.get("picked") else ""] for c in refit["candidates"]], numeric=(1, 2))
-    auto = s.get("auto")
-    if auto and auto.get("candidates"):
-        picked = auto.get("picked")
-        html += (f"<p>auto scored every candidate on {auto.get('held_out', '?')} held-out calibration samples "
-                 f"({auto.get('folds', '?')} folds); rule: {escape(str(auto.get('reason', '-')))}</p>")
-        html += _table(["candidate", "agreement", "logit rel-L2", "tied", ""],
-                       [[escape(f"{c.get('method')} ({c.get('placement')}, {c.get('lambda_rule')})"),
-                         _num(c.get("agreement"), 3, True), _num(c.get("logit_rel_l2")),
-                         "yes" if c.get("tied") else "no", "picked" if c == picked else ""]
-                        for c in auto["candidates"]], numeric=(1, 2))
-    return html
+# ---------------------------------------------------------------- sections
 
 
-def _sparsity(report: dict) -> str:
-    layers = report.get("layers") or []
+def _verdict(report) -> Markup | str:
+    verdict = report.verdict
+    if verdict is None:
+        return ""
+    detail = (f"{verdict.metric} {verdict.value:.4g}; usable at {verdict.threshold_usable:.4g}, broken at "
+              f"{verdict.threshold_broken:.4g}")
+    return tag("div", tag("b", f"verdict: {verdict.label}"), " - ", verdict.reason,
+               [" - ", tag("b", verdict.suggestion)] if verdict.suggestion else None,
+               tag("div", detail, class_="note"), class_=f"banner {verdict.label}")
+
+
+def _summary(report, why_no_plots: str | None) -> Markup:
+    s, totals, layers, sites = report.settings, report.totals, report.layers, report.sites
+    cards = [(_num(totals.sparsity if totals else None, 3, pct=True), "sparsity reached"),
+             (_count(totals.prunable_weights if totals else None), "prunable weights"),
+             (s.pattern or "-", "pattern"), (_method(s), "method"),
+             (f"{sum(1 for x in layers if x.pruned)} / {len(layers)}", "layers pruned"),
+             (f"{sum(collapsed(x) for x in sites):,}", f"collapsed channels in {len(sites):,} sites")]
+    scores = report.eval
+    if scores is not None and scores.top1 is not None:
+        cards.append((_num(scores.top1, 4, pct=True), f"top-1 (dense {_num(scores.dense_top1, 4, True)})"))
+    if scores is not None and scores.agreement is not None:
+        cards.append((_num(scores.agreement, 4, pct=True), "agreement with dense"))
+    if s.guard is not None:
+        cards.append((s.guard.verdict or "-", f"guard (kept {s.guard.kept or '-'})"))
+    html = tag("div", [tag("div", tag("b", value), tag("span", label), class_="card") for value, label in cards],
+               class_="cards")
+    return join(html, tag("p", why_no_plots, class_="warn") if why_no_plots else None)
+
+
+def _setting_value(value) -> str | None:
+    """A setting as one line of text, or None for a nested entry (rendered by its own table)."""
+    if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)):
+        return None
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "-"
+    return "-" if value is None else str(value)
+
+
+def _settings(report) -> Markup:
+    from asr_onnx.report.schema import to_dict
+
+    s, tool, ort = report.settings, report.tool, report.onnxruntime
+    rows = [["model", report.input or "-"], ["asr-onnx", (tool.version if tool else None) or "-"],
+            ["onnxruntime", f"{(ort.version if ort else None) or '-'} ({(ort.provider if ort else None) or 'no session'})"]]
+    rows += [[key, shown] for key, value in to_dict(s).items() if (shown := _setting_value(value)) is not None]
+    triples = [rows[i:i + 3] for i in range(0, len(rows), 3)]  # three settings a row keep the section short
+    parts = [_table(["setting", "value"] * 3, [[cell for row in t for cell in row] + ["", ""] * (3 - len(t))
+                                                for t in triples], names=(1, 3, 5))]
+    if report.timings_s:
+        parts.append(_note("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in report.timings_s.items())))
+    refit = s.reconstruct_auto
+    if refit is not None and refit.candidates:
+        parts.append(tag("p", f"reconstruct auto scored the refit and no refit on {_count(refit.held_out)} held-out "
+                              f"calibration samples ({_count(refit.folds)} folds, corrected with "
+                              f"{refit.scored_with or '-'})"))
+        parts.append(_table(["reconstruct", "agreement", "logit rel-L2", "tied", ""],
+                            [[c.reconstruct or "-", _num(c.agreement, 3, True), _num(c.logit_rel_l2),
+                              "yes" if c.tied else "no", "picked" if c == refit.picked else ""]
+                             for c in refit.candidates], numeric=(1, 2)))
+    auto = s.auto
+    if auto is not None and auto.candidates:
+        parts.append(tag("p", f"auto scored every candidate on {_count(auto.held_out)} held-out calibration samples "
+                              f"({_count(auto.folds)} folds); rule: {auto.reason or '-'}"))
+        parts.append(_table(["candidate", "agreement", "logit rel-L2", "tied", ""],
+                            [[f"{c.method} ({c.placement}, {c.lambda_rule})", _num(c.agreement, 3, True),
+                              _num(c.logit_rel_l2), "yes" if c.tied else "no", "picked" if c == auto.picked else ""]
+                             for c in auto.candidates], numeric=(1, 2)))
+    return join(parts)
+
+
+def _sparsity(report) -> Markup:
+    layers = report.layers
     if not layers:
-        return '<p class="note">This report lists no prunable layer.</p>'
+        return _note("This report lists no prunable layer.")
     rows = []
-    for layer in layers:
-        name = layer.get("name", "?")
-        cells = [f'<span title="{escape(name)}">{escape(site_label({"layer": name}))}</span>',
-                 escape(str(layer.get("op", ""))), escape("x".join(str(d) for d in layer.get("shape", []))),
-                 _bar(layer.get("sparsity")), _num(layer.get("sparsity"), 3, pct=True),
-                 "" if layer.get("pruned", True) else escape(f"left dense: {layer.get('reason') or '?'}")]
-        rows.append(cells if layer.get("pruned", True) else ("dense", cells))
-    dense = sum(1 for x in layers if not x.get("pruned", True))
-    return (f"<p>{len(layers) - dense} of {len(layers)} prunable layers pruned, {dense} left dense (with the "
-            f"reason). Bars: the fraction of each layer's weights set to zero.</p>"
-            + _table(["layer", "op", "weight", "sparsity", "", "note"], rows, numeric=(4,)))
+    for layer in layers[:MAX_TABLE_ROWS]:
+        cells = [layer.name, layer.op or "", "x".join(str(d) for d in layer.shape), _bar(layer.sparsity),
+                 _num(layer.sparsity, 3, pct=True), "" if layer.pruned else f"left dense: {layer.reason or '?'}"]
+        rows.append(cells if layer.pruned else ("dense", cells))
+    dense = sum(1 for x in layers if not x.pruned)
+    return join(tag("p", f"{len(layers) - dense:,} of {len(layers):,} prunable layers pruned, {dense:,} left dense "
+                         "(with the reason). Bars: the fraction of each layer's weights set to zero."),
+                _table(["layer", "op", "weight", "sparsity", "", "note"], rows, numeric=(4,), names=(0,)),
+                _left_out(min(len(layers), MAX_TABLE_ROWS), len(layers), "layers", "the first, in graph order"))
 
 
-def _dead_mask(site: dict) -> np.ndarray:
-    dead = np.zeros(int(site.get("channels") or len(site.get("pruned_var") or [])), bool)
-    if "collapsed" in site:
-        dead[[i for i in site["collapsed"] if i < dead.size]] = True
-    elif site.get("pruned_var") is not None and site.get("eps") is not None:
-        dead = np.asarray(site["pruned_var"]) < site["eps"]
-    return dead
-
-
-def _damage(report: dict, why_no_plots: str | None) -> str:
-    sites = report.get("sites") or []
+def _damage(report, why_no_plots: str | None, keys: list) -> Markup:
+    sites = report.sites
     if not sites:
-        return '<p class="note">No site statistics in this report (--method none measures nothing).</p>'
-    html = ("<p>Each channel's variance in the pruned network (upstream renormalised) over its reference "
-            "(the dense model's variance on the calibration data, or a BN's running variance under "
-            "--reference running): 1 is undamaged. A channel "
-            "collapses when its pruned variance falls under the site's epsilon.</p>")
-    rows, strips = [], []
-    for site in sites:
+        return _note("No site statistics in this report (--method none measures nothing).")
+    intro = tag("p", "Each channel's variance in the pruned network (upstream renormalised) over its reference "
+                     "(the dense model's variance on the calibration data, or a BN's running variance under "
+                     "--reference running): 1 is undamaged. A channel collapses when its pruned variance falls "
+                     "under the site's epsilon.")
+    table = range(len(sites)) if len(sites) <= MAX_TABLE_ROWS else worst(sites, MAX_TABLE_ROWS, keys)
+    rows = []
+    for i in table:
+        site = sites[i]
         ratio = variance_ratio(site)
-        label = site_label(site)
-        if ratio is not None and ratio.size:
-            strips.append((label, ratio, _dead_mask(site)))
-        median = None if ratio is None or not ratio.size else float(np.median(ratio))
-        rows.append([f'<span title="{escape(str(site.get("tensor")))}">{escape(label)}</span>',
-                     escape(str(site.get("norm", "-"))), str(site.get("channels", "-")), _bar(median, median is not None
-                     and median < 0.1), _num(median), _num(None if ratio is None or not ratio.size
-                                                            else float(ratio.min())), str(collapsed(site))])
+        middle = None if keys[i] is None else keys[i][0]
+        rows.append([tag("span", site_label(site), title=site.tensor), site.norm or "-", _count(site.channels),
+                     _bar(middle, middle is not None and middle < 0.1), _num(middle),
+                     _num(None if middle is None or ratio is None else float(ratio.min())), f"{collapsed(site):,}"])
+    parts: list = [intro]
     if why_no_plots:
-        html += f'<p class="note">No plot: {escape(why_no_plots)}</p>'
-    elif strips:
-        from asr_onnx.report.plots import strip_figure
+        parts.append(_note(f"No plot: {why_no_plots}"))
+    else:
+        with_variances = [i for i, key in enumerate(keys) if key is not None]
+        plotted = with_variances if len(with_variances) <= MAX_PLOT_SITES else worst(sites, PLOT_WORST, keys)
+        if plotted:
+            from asr_onnx.report.plots import strip_figure
 
-        html += _image(strip_figure(strips, "pruned / reference variance", f"{_model_name(report)}: damage per "
-                                    "channel, site by site"), "per-channel variance ratio of every site")
-    return html + _table(["site", "norm", "channels", "median ratio", "", "min", "collapsed"], rows,
-                         numeric=(2, 4, 5, 6))
+            title = f"{_model_name(report)}: damage per channel, site by site"
+            if len(plotted) < len(with_variances):
+                title += f" (the {len(plotted)} most damaged of {len(with_variances):,} sites)"
+            strips = [(short_name(site_label(sites[i])), variance_ratio(sites[i]), dead_mask(sites[i])) for i in plotted]
+            parts.append(_image(strip_figure(strips, "pruned / reference variance", title),
+                                "per-channel variance ratio of every site"))
+            if len(plotted) < len(with_variances):
+                parts.append(_note(f"The plot shows the {len(plotted)} most damaged of {len(with_variances):,} sites "
+                                   "with variances, in graph order; the table below lists more."))
+    parts.append(_table(["layer / site", "norm", "channels", "median ratio", "", "min", "collapsed"], rows,
+                        numeric=(2, 4, 5, 6), names=(0,)))
+    parts.append(_left_out(len(rows), len(sites), "sites", "the most damaged, in graph order"))
+    return join(parts)
 
 
-def _channels(report: dict, why_no_plots: str | None, site_name: str | None) -> str:
+def _channels(report, why_no_plots: str | None, site_name: str | None, keys: list) -> Markup:
     from asr_onnx.report.plots import channel_title
 
-    site = most_damaged(report.get("sites") or [], site_name)
-    if site is None:
-        return '<p class="note">No per-channel variances in this report.</p>'
-    s = report.get("settings") or {}
+    site = most_damaged(report.sites, site_name, keys)
+    if site is None or not site.has_variances:
+        return _note("No per-channel variances in this report.")
+    s = report.settings
     label = site_label(site)
-    series = {f"dense ({site.get('reference', 'reference')})": site["reference_var"], "pruned": site["pruned_var"]}
-    if site.get("repaired_var") is not None:
-        picked = (s.get("auto") or {}).get("picked") or {}
-        method = f"auto: {picked['method']}" if s.get("method") == "auto" and picked.get("method") else s.get("method")
-        series[f"repaired ({method or '?'})"] = site["repaired_var"]
+    series = {f"dense ({site.reference or 'reference'})": site.reference_var, "pruned": site.pruned_var}
+    if site.repaired_var is not None:
+        series[f"repaired ({(_method(s) if s.method == 'auto' else s.method) or '?'})"] = site.repaired_var
     chosen = "the one named" if site_name else "the most damaged: lowest median pruned/reference variance"
-    html = (f"<p>Site <code>{escape(str(site.get('tensor')))}</code> ({chosen}). Repaired: the pruned variance "
-            "as the corrected normalisation passes it on, in the reference's units.</p>")
-    if site.get("repaired_var") is None:
-        html += '<p class="note">This report has no repaired variances (an older asr-onnx, or --method none).</p>'
-    eps = site.get("eps")
+    parts = [tag("p", "Site ", tag("code", site.tensor), f" ({chosen}). Repaired: the pruned variance "
+                 "as the corrected normalisation passes it on, in the reference's units.")]
+    if site.repaired_var is None:
+        parts.append(_note("This report has no repaired variances (an older asr-onnx, or --method none)."))
     if not why_no_plots:
         from asr_onnx.report.plots import channel_figure
 
-        title = channel_title(_model_name(report), label, s.get("sparsity"), s.get("pattern", ""))
-        return html + _image(channel_figure(series, title, eps), f"per-channel variance of {label}")
-    values = {k: np.asarray(v, np.float64) for k, v in series.items()}
-    ratio, dead = variance_ratio(site), _dead_mask(site)
+        title = channel_title(_model_name(report), short_name(label), s.sparsity, s.pattern or "")
+        parts.append(_image(channel_figure(series, title, site.eps), f"per-channel variance of {label}"))
+        return join(parts)
+    ratio, dead = variance_ratio(site), dead_mask(site)
+    if ratio is None:  # has_variances said otherwise; kept for the type checker
+        return join(parts)
     order = [i for i in np.argsort(ratio, kind="stable") if not dead[i]]
-    html += f'<p class="note">No plot: {escape(why_no_plots)}</p>'
+    parts.append(_note(f"No plot: {why_no_plots}"))
     if dead.any():
-        html += (f"<p>{int(dead.sum())} dead channels (pruned variance under the epsilon {_num(eps)}): "
-                 f"{escape(', '.join(str(i) for i in np.flatnonzero(dead)))}.</p>")
-    rows = [[str(i)] + [_num(float(v[i])) for v in values.values()] + [_num(float(ratio[i]))] for i in
-            order[:MAX_ROWS]]
+        listed = np.flatnonzero(dead)
+        more = f" and {listed.size - MAX_DEAD_LISTED:,} more" if listed.size > MAX_DEAD_LISTED else ""
+        parts.append(tag("p", f"{int(dead.sum()):,} dead channels (pruned variance under the epsilon {_num(site.eps)}): "
+                              f"{', '.join(str(i) for i in listed[:MAX_DEAD_LISTED])}{more}."))
+    rows = [[str(i)] + [_num(float(v[i])) for v in series.values()] + [_num(float(ratio[i]))] for i in order[:MAX_ROWS]]
     if len(order) > MAX_ROWS:
-        rows.append([f"… {len(order) - MAX_ROWS} more channels in the JSON report"] + [""] * (len(values) + 1))
-    return html + "<p>The live channels, the most damaged first.</p>" + _table(
-        ["channel", *values, "ratio"], rows, numeric=tuple(range(1, len(values) + 2)))
+        rows.append([f"… {len(order) - MAX_ROWS:,} more channels"] + [""] * (len(series) + 1))
+    parts += [tag("p", "The live channels, the most damaged first."),
+              _table(["channel", *series, "ratio"], rows, numeric=tuple(range(1, len(series) + 2)))]
+    return join(parts)
 
 
-def _gains(report: dict, why_no_plots: str | None) -> str:
-    sites = [s for s in report.get("sites") or [] if s.get("gain") or s.get("gains")]
+def _gain_spread(site) -> float:
+    """How far a site's gains stray from 1 (|log| of the farthest), for choosing which to show."""
+    gains = site.gains if site.gains is not None else [v for v in (site.gain.min, site.gain.max) if v is not None]
+    gains = np.abs(np.asarray(gains, np.float64))
+    return float(np.abs(np.log(np.maximum(gains, 1e-300))).max()) if gains.size else 0.0
+
+
+def _largest(values: list[float], count: int) -> list[int]:
+    """The indices of the ``count`` largest values, in their order."""
+    return sorted(np.argsort(-np.asarray(values, np.float64), kind="stable")[:count].tolist())
+
+
+def _gains(report, why_no_plots: str | None) -> Markup:
+    sites = [s for s in report.sites if s.gain is not None or (s.gains is not None and s.gains.size)]
     if not sites:
-        return '<p class="note">No gains in this report (--method none corrects nothing).</p>'
-    html = "<p>The per-channel variance gain each site received (1 = left as it was).</p>"
+        return _note("No gains in this report (--method none corrects nothing).")
+    parts = [tag("p", "The per-channel variance gain each site received (1 = left as it was).")]
+    spreads = [_gain_spread(s) for s in sites]
     if why_no_plots:
-        html += f'<p class="note">No plot: {escape(why_no_plots)}</p>'
-    elif any(s.get("gains") for s in sites):
-        from asr_onnx.report.plots import strip_figure
+        parts.append(_note(f"No plot: {why_no_plots}"))
+    else:
+        with_gains = [i for i, s in enumerate(sites) if s.gains is not None and s.gains.size]
+        plotted = with_gains if len(with_gains) <= MAX_PLOT_SITES else \
+            [with_gains[j] for j in _largest([spreads[i] for i in with_gains], PLOT_WORST)]
+        if plotted:
+            from asr_onnx.report.plots import strip_figure
 
-        html += _image(strip_figure([(site_label(s), s["gains"], None) for s in sites if s.get("gains")], "gain",
-                                    f"{_model_name(report)}: gains per channel"), "per-channel gains")
+            title = f"{_model_name(report)}: gains per channel"
+            if len(plotted) < len(with_gains):
+                title += f" (the {len(plotted)} farthest from 1 of {len(with_gains):,} sites)"
+            parts.append(_image(strip_figure([(short_name(site_label(sites[i])), sites[i].gains, None)
+                                              for i in plotted], "gain", title), "per-channel gains"))
+            if len(plotted) < len(with_gains):
+                parts.append(_note(f"The plot shows the {len(plotted)} sites whose gains stray farthest from 1, of "
+                                   f"{len(with_gains):,}, in graph order."))
+    shown = range(len(sites)) if len(sites) <= MAX_TABLE_ROWS else _largest(spreads, MAX_TABLE_ROWS)
     rows = []
-    for s in sites:
-        spread = s.get("gain") or {}
-        lam = s.get("lambda", s.get("lambda_"))
-        rows.append([escape(site_label(s)), escape(str(s.get("written", "-"))), _num(spread.get("min")),
-                     _num(spread.get("median")), _num(spread.get("max")), _num(lam)])
-    return html + _table(["site", "written into", "min", "median", "max", "lambda"], rows, numeric=(2, 3, 4, 5))
+    for i in shown:
+        s = sites[i]
+        spread = s.gain
+        rows.append([site_label(s), s.written or "-", _num(spread.min if spread else None),
+                     _num(spread.median if spread else None), _num(spread.max if spread else None), _num(s.lambda_)])
+    return join(parts, _table(["layer / site", "written into", "min", "median", "max", "lambda"], rows,
+                              numeric=(2, 3, 4, 5), names=(0,)),
+                _left_out(len(rows), len(sites), "sites", "the gains farthest from 1, in graph order"))
 
 
-def _refit(report: dict) -> str:
-    layers = [x for x in report.get("layers") or [] if x.get("refit")]
+def _refit(report) -> Markup:
+    layers = [x for x in report.layers if x.refit is not None and (x.refit.err_after is not None or x.refit.skipped)]
     if not layers:
-        return ('<p class="note">Not run: this report has no reconstruction stage '
-                "(<code>layers[i].refit</code>).</p>")
-    rows = [[escape(site_label({"layer": x.get("name", "?")})), _num(x["refit"].get("rel_err_before")),
-             _num(x["refit"].get("rel_err_after")), _bar(x["refit"].get("rel_err_after"))] for x in layers]
-    return ("<p>Each layer's output error relative to the dense model's, before and after the refit.</p>"
-            + _table(["layer", "before", "after", ""], rows, numeric=(1, 2)))
+        return _note("Not run: this report has no reconstruction stage (", tag("code", "layers[i].refit"), ").")
+    errors = [x.refit.err_after if x.refit.err_after is not None else -1.0 for x in layers]
+    shown = range(len(layers)) if len(layers) <= MAX_TABLE_ROWS else _largest(errors, MAX_TABLE_ROWS)
+    rows = [[layers[i].name, _num(layers[i].refit.err_before), _num(layers[i].refit.err_after),
+             _bar(layers[i].refit.err_after), layers[i].refit.skipped or ""] for i in shown]
+    return join(tag("p", "Each layer's output error relative to the dense model's, before and after the refit."),
+                _table(["layer", "before", "after", "", "note"], rows, numeric=(1, 2), names=(0,)),
+                _left_out(len(rows), len(layers), "layers", "the largest errors after the refit, in graph order"))
 
 
-def _guard(report: dict) -> str:
-    guard = (report.get("settings") or {}).get("guard")
-    if not guard:
-        return '<p class="note">Not run: this report has no guard verdict.</p>'
-    html = (f'<p class="verdict">{escape(str(guard.get("verdict", "-")))}: kept {escape(str(guard.get("kept", "-")))}'
-            f'</p><p>mode {escape(str(guard.get("mode", "-")))}, on {guard.get("held_out", "?")} held-out samples, '
-            f'cost {_num(guard.get("cost_s"))} s</p>')
-    rows = [[name, _num((guard.get(name) or {}).get("agreement"), 4, True),
-             _num((guard.get(name) or {}).get("logit_rel_l2"))] for name in ("repair", "pruned")]
-    return html + _table(["candidate", "agreement with dense", "logit rel-L2"], rows, numeric=(1, 2))
+def _guard(report) -> Markup:
+    guard = report.settings.guard
+    if guard is None:
+        return _note("Not run: this report has no guard verdict.")
+    parts = [tag("p", f"{guard.verdict or '-'}: kept {guard.kept or '-'}", class_="verdict"),
+             tag("p", f"mode {guard.mode or '-'}, on {_count(guard.held_out)} held-out samples, "
+                      f"cost {_num(guard.cost_s)} s")]
+    if guard.skipped:
+        parts.append(_note(f"skipped: {guard.skipped}"))
+    rows = [[name, _num(scores.agreement if scores else None, 4, True), _num(scores.logit_rel_l2 if scores else None)]
+            for name, scores in (("repair", guard.repair), ("pruned", guard.pruned))]
+    return join(parts, _table(["candidate", "agreement with dense", "logit rel-L2"], rows, numeric=(1, 2)))
 
 
-def _eval(report: dict) -> str:
-    scores = report.get("eval")
-    if not scores:
-        return '<p class="note">Not run: pass <code>--eval DATA</code> to <code>repair</code>.</p>'
-    top1, dense = scores.get("top1"), scores.get("dense_top1")
-    rows = [["data", escape(str(scores.get("data", "-")))], ["samples", str(scores.get("samples", "-"))],
+def _eval(report) -> Markup:
+    scores = report.eval
+    if scores is None:
+        return _note("Not run: pass ", tag("code", "--eval DATA"), " to ", tag("code", "repair"), ".")
+    top1, dense = scores.top1, scores.dense_top1
+    rows = [["data", scores.data or "-"], ["samples", _count(scores.samples)],
             ["top-1", _num(top1, 4, True)], ["dense top-1", _num(dense, 4, True)],
             ["top-1 lost", "-" if top1 is None or dense is None else f"{100 * (dense - top1):.2f} points"],
-            ["agreement with dense", _num(scores.get("agreement"), 4, True)],
-            ["logit relative L2 error", _num(scores.get("logit_rel_l2"), 4)]]
-    return _table(["measure", "value"], rows)
+            ["agreement with dense", _num(scores.agreement, 4, True)],
+            ["logit relative L2 error", _num(scores.logit_rel_l2, 4)]]
+    return _table(["measure", "value"], rows, names=(1,))
 
 
-def render(report: dict, *, site: str | None = None, plots: bool = True) -> str:
+# ---------------------------------------------------------------- the page
+
+
+def render(report, *, site: str | None = None, plots: bool = True) -> str:
     """The page, as HTML text.
 
     Args:
-        report: a report dict, as built or as loaded from JSON.
+        report: a :class:`~asr_onnx.report.schema.Report`, or a report dict (built, or loaded from JSON),
+            which is validated first.
         site: the site of the per-channel plot (tensor, layer or short name). Defaults to None (the most
             damaged).
         plots: draw plots where matplotlib is installed. Defaults to True.
 
     Raises:
-        AsrError: ``site`` names no site of the report.
+        AsrError: the report does not validate, or ``site`` names no site of it with variances.
     """
     from asr_onnx.errors import AsrError
+    from asr_onnx.report.schema import from_dict
 
+    report = from_dict(report)
     if site is not None:
         try:
-            most_damaged(report.get("sites") or [], site)
+            named = most_damaged(report.sites, site)
         except KeyError:
             raise AsrError(f"no site named {site!r} in this report: name a site's tensor, layer or short name") \
                 from None
+        if not named.has_variances:
+            raise AsrError(f"site {site!r} has no per-channel variances in this report: name another")
     why_no_plots = _plots_missing() if plots else "plots were not asked for, so tables stand in for them."
-    s = report.get("settings") or {}
+    s = report.settings
+    keys = [damage_key(s) for s in report.sites]  # each site's damage, computed once
     bodies = {"summary": _summary(report, why_no_plots), "settings": _settings(report),
-              "sparsity": _sparsity(report), "damage": _damage(report, why_no_plots),
-              "channels": _channels(report, why_no_plots, site), "gains": _gains(report, why_no_plots),
+              "sparsity": _sparsity(report), "damage": _damage(report, why_no_plots, keys),
+              "channels": _channels(report, why_no_plots, site, keys), "gains": _gains(report, why_no_plots),
               "refit": _refit(report), "guard": _guard(report), "eval": _eval(report)}
-    name = _model_name(report)
-    tool = report.get("tool") or {}
-    sub = (f"{_num((report.get('totals') or {}).get('sparsity'), 3, True)} {s.get('pattern', '')} sparsity, "
-           f"method {s.get('method', '-')} · asr-onnx {tool.get('version', '?')}")
-    nav = "".join(f'<a href="#{key}">{escape(title)}</a>' for key, title in SECTIONS.items())
-    sections = "".join(f'<section id="{key}"><h2>{escape(SECTIONS[key])}</h2>{body}</section>'
-                       for key, body in bodies.items())
-    return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
-            f"<title>asr-onnx report: {escape(name)}</title><style>{CSS}</style></head><body><main>"
-            f"<h1>Repair report: {escape(name)}</h1><p class=sub>{escape(sub)}</p><nav>{nav}</nav>"
-            f"{sections}</main></body></html>\n")
+    name, s = _model_name(report), report.settings
+    sparsity = _num(report.totals.sparsity if report.totals else None, 3, True)
+    sub = (f"{sparsity} {s.pattern or ''} sparsity, method {s.method or '-'} · asr-onnx "
+           f"{(report.tool.version if report.tool else None) or '?'}")
+    nav = tag("nav", [tag("a", title, href=f"#{key}") for key, title in SECTIONS.items()])
+    sections = [tag("section", tag("h2", SECTIONS[key]), body, id=key) for key, body in bodies.items()]
+    head = tag("head", tag("meta", charset="utf-8"), tag("title", f"asr-onnx report: {name}"), tag("style", Markup(CSS)))
+    body = tag("body", tag("main", _verdict(report), tag("h1", f"Repair report: {name}"), tag("p", sub, class_="sub"),
+                           nav, sections))
+    return "<!doctype html>" + tag("html", head, body, lang="en") + "\n"
 
 
-def load_report(path) -> dict:
-    """A JSON report from disk.
+def load_report(path):
+    """A saved JSON report, typed and validated (see :func:`asr_onnx.report.schema.read_json`).
 
     Raises:
-        AsrError: the file is missing, unreadable, not JSON, or not a report.
+        AsrError: the file is not a regular file, is too large, unreadable, not JSON, or not a valid report.
     """
-    import json
+    from asr_onnx.report.schema import read_json
 
-    from asr_onnx.errors import AsrError
-
-    try:
-        report = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise AsrError(f"cannot read {path}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AsrError(f"{path} is not a JSON report: {e}") from None
-    if not isinstance(report, dict) or not {"settings", "layers", "sites"} & set(report):
-        raise AsrError(f"{path} is not an asr-onnx report (no settings, layers or sites)")
-    return report
+    return read_json(path)
 
 
-def write_html(report: dict, path, *, site: str | None = None) -> Path:
+def write_html(report, path, *, site: str | None = None) -> Path:
     """Writes :func:`render`'s page atomically (temporary file, then rename)."""
     from asr_onnx.outputs import write_file
 

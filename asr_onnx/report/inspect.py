@@ -62,15 +62,26 @@ def _norm_text(norm: dict) -> str:
     return "-"
 
 
-def format_inspection(info: dict, width: int = 120) -> str:
-    """The human-readable table: one line per layer, then the model total."""
-    name_w = max([4] + [min(len(r["name"]), 48) for r in info["layers"]])
+ROW_WIDTH = 100  # a row's columns after the layer's name
+
+
+def format_inspection(info: dict, width: int = 160) -> str:
+    """The human-readable table: one line per layer, then the model total.
+
+    A layer is named by its node name, whole, as the repair summary and the report page name it. The
+    name column is at most ``width`` less the other columns wide (24 at least); a longer name has a
+    line of its own, its row under it. No line is cut.
+    """
+    name_w = max([4] + [min(len(r["name"]), max(24, width - ROW_WIDTH)) for r in info["layers"]])
     header = (f"{'layer':<{name_w}} {'op':<13} {'weight shape':<18} {'params':>10} {'zeros':>10} {'sparsity':>8}"
               f" {'2:4':>4} {'sparse TC':>9}  {'after':<14}")
     lines = [f"{info['model'] or 'model'}  opset {info['opset']}", header]
     for r in info["layers"]:
         shape = "x".join(str(d) for d in r["shape"])
-        name = r["name"] if len(r["name"]) <= name_w else "…" + r["name"][-(name_w - 1):]
+        name = r["name"]
+        if len(name) > name_w:
+            lines.append(name)
+            name = ""
         shared = " (shared)" if r["shared"] else ""
         lines.append(f"{name:<{name_w}} {r['op']:<13} {shape:<18} {r['params']:>10,} {r['zeros']:>10,}"
                      f" {r['sparsity']:>8.3f} {r['nm_24']:>4} {r['eligibility']:>9}  {_norm_text(r['norm']):<14}{shared}")
@@ -87,4 +98,4 @@ def format_inspection(info: dict, width: int = 120) -> str:
         for r in notes:
             word = "not eligible" if not r["eligible"] else "note"
             lines.append(f"  {r['name']}: {word}: {'; '.join(r['reasons'])}")
-    return "\n".join(line if len(line) <= width else line[: width - 1] + "…" for line in lines)
+    return "\n".join(lines)

@@ -1,10 +1,21 @@
-"""PNG plots of a sweep (needs the ``plots`` extra: matplotlib)."""
+"""The plots of a sweep and of the report page (needs the ``plots`` extra: matplotlib).
+
+Every label from a model or a report is drawn as plain text (:func:`plain`): a ``$`` in a node or file
+name is a character, never mathtext (the log axes' own tick labels stay mathtext).
+A figure draws at most MAX_CHANNEL_POINTS channels of a site and MAX_STRIP_POINTS of each strip
+(an even spread over the sorted values, so the extremes stay), whatever the report holds.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from asr_onnx.errors import AsrError
+
+PLAIN_TEXT = {"text.usetex": False, "svg.fonttype": "path"}  # no TeX run, and no <text> in an SVG
+MAX_CHANNEL_POINTS = 4096
+MAX_STRIP_POINTS = 400
 
 
 def load_pyplot():
@@ -18,9 +29,35 @@ def load_pyplot():
     return plt
 
 
+def plain(text) -> str:
+    """``text`` as matplotlib draws it literally: every ``$`` escaped, so that no pair opens mathtext."""
+    return str(text).replace("$", r"\$")
+
+
+@contextlib.contextmanager
+def plain_text():
+    """Builds and draws figures without TeX (tick labels are made as late as the drawing)."""
+    plt = load_pyplot()
+    with plt.rc_context(PLAIN_TEXT):
+        yield plt
+
+
+def _spread(count: int, limit: int):
+    """At most ``limit`` indices spread evenly over range(count), the first and the last included."""
+    import numpy as np
+
+    if count <= limit:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, limit).round().astype(np.int64))
+
+
 def accuracy_vs_sparsity(result, path) -> Path:
     """Top-1 (or agreement) against sparsity, one line per (method, regime), for non-N:M patterns."""
-    plt = load_pyplot()
+    with plain_text() as plt:
+        return save(_accuracy_figure(plt, result), path)
+
+
+def _accuracy_figure(plt, result):
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = [r for r in result.rows if r["sparsity"] is not None]
     metric = "top1" if rows and rows[0].get("top1") is not None else "agreement"
@@ -29,19 +66,23 @@ def accuracy_vs_sparsity(result, path) -> Path:
         points = sorted((r["sparsity"], 100 * r[metric]) for r in rows
                         if (r["pattern"], r["method"], r["recal"], r["placement"]) == (pattern, method, recal, placement))
         label = method if method == "none" else f"{method} ({recal}, {placement})"
-        ax.plot(*zip(*points), marker="o", label=f"{pattern}: {label}")
+        ax.plot(*zip(*points), marker="o", label=plain(f"{pattern}: {label}"))
     ax.set_xlabel("sparsity")
     ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(result.dense["model"])
+    ax.set_title(plain(result.dense["model"]))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return save(fig, path)
+    return fig
 
 
 def gain_vs_severity(result, path) -> Path:
     """Top-1 of ASR minus that of LW against pruning severity (the paper's Fig. 6)."""
-    plt = load_pyplot()
+    with plain_text() as plt:
+        return save(_severity_figure(plt, result), path)
+
+
+def _severity_figure(plt, result):
     metric = "top1" if result.rows and result.rows[0].get("top1") is not None else "agreement"
     by_key = {(r["pattern"], r["sparsity"], r["recal"], r["placement"], r["method"]): r for r in result.rows}
     points = []
@@ -52,15 +93,15 @@ def gain_vs_severity(result, path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for regime in sorted({p[2] for p in points}):
         xs, ys = zip(*[(x, y) for x, y, r in points if r == regime])
-        ax.scatter(xs, ys, label=regime)
+        ax.scatter(xs, ys, label=plain(regime))
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("mean pruned / reference channel variance (lower = more severe)")
     ax.set_ylabel(f"ASR - LW {metric} (points)")
-    ax.set_title(result.dense["model"])
+    ax.set_title(plain(result.dense["model"]))
     if points:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return save(fig, path)
+    return fig
 
 
 MARKERS = ("o", "x", "s", "+", "^", "D", "v")  # the first (dense) filled, the others hollow so that overlaps show
@@ -71,6 +112,7 @@ def channel_figure(series: dict, title: str = "", dead_below: float | None = Non
 
     Channels are sorted by the first series (the dense reference). A channel under ``dead_below`` is
     dead: it is drawn on a dotted floor a decade below the lowest live value, and counted in the legend.
+    Past MAX_CHANNEL_POINTS channels, an even spread of the sorted channels is drawn (the counts are of all).
 
     Args:
         series: label -> per-channel variance; the first is the reference.
@@ -84,29 +126,36 @@ def channel_figure(series: dict, title: str = "", dead_below: float | None = Non
 
     from asr_onnx.report.damage import dead_threshold
 
-    plt = load_pyplot()
     values = {label: np.asarray(var, np.float64).ravel() for label, var in series.items()}
     reference = next(iter(values.values()))
     dead_below = dead_threshold(reference) if dead_below is None else dead_below
     live = np.concatenate([v[v >= dead_below] for v in values.values()])
     floor = (live.min() if live.size else dead_below) / 10
-    order = np.argsort(-reference, kind="stable")
+    x = _spread(reference.size, MAX_CHANNEL_POINTS)
+    order = np.argsort(-reference, kind="stable")[x]
+    with plain_text() as plt:
+        return _channel_axes(plt, values, order, x, floor, dead_below, title, reference.size)
+
+
+def _channel_axes(plt, values: dict, order, x, floor: float, dead_below: float, title: str, channels: int):
+    import numpy as np
+
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    x = np.arange(reference.size)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (label, var) in enumerate(values.items()):
-        var = var[order]
-        dead = int((var < dead_below).sum())
+    for i, (label, full) in enumerate(values.items()):
+        var = full[order]
+        dead = int((full < dead_below).sum())
         marker, color = MARKERS[i % len(MARKERS)], "black" if i == 0 else colors[(i - 1) % len(colors)]
         paint = {"color": color} if i == 0 or marker in "x+" else {"facecolors": "none", "edgecolors": color}
         ax.scatter(x, np.where(var < dead_below, floor, var), s=20 if i == 0 else 26, marker=marker, linewidths=1,
                    zorder=4 if i == 0 else 3, **paint,
-                   label=f"{label} ({dead} dead)" if dead else label)
+                   label=plain(f"{label} ({dead} dead)" if dead else label))
     ax.axhline(floor, color="grey", lw=0.8, ls=":", zorder=1)
     ax.set_yscale("log")
-    ax.set_xlabel("channel (sorted by dense variance)")
+    ax.set_xlabel("channel (sorted by dense variance)" if len(x) == channels else
+                  f"channel (sorted by dense variance; {len(x):,} of {channels:,} drawn, evenly spread)")
     ax.set_ylabel("activation variance")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(plain(title), fontsize=10)
     ax.grid(alpha=0.25)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0,
               title=f"dead: variance < {dead_below:.0e},\ndrawn on the dotted floor", title_fontsize=7)
@@ -129,47 +178,59 @@ def strip_figure(rows: list, ylabel: str, title: str = "", dead_label: str = "co
         ylabel: the y axis's label.
         title: the title. Defaults to none.
         dead_label: what the legend calls the dead channels. Defaults to "collapsed".
+
+    Each strip draws at most MAX_STRIP_POINTS live channels (an even spread of its sorted values) and as
+    many dead ones; the legend counts them all.
     """
     import numpy as np
 
-    plt = load_pyplot()
-    fig, ax = plt.subplots(figsize=(min(max(6.0, 0.3 * len(rows) + 2), 14.0), 3.6))
     values = [np.asarray(v, np.float64).ravel() for _, v, _ in rows]
     deads = [np.zeros(v.size, bool) if d is None else np.asarray(d, bool) | ~(v > 0) for v, (_, _, d) in
              zip(values, rows)]
-    live = np.concatenate([v[~d] for v, d in zip(values, deads)] or [np.ones(1)])
-    floor = live.min() / 10 if live.size else 1e-12
-    for i, (v, dead) in enumerate(zip(values, deads)):
-        jitter = (np.arange(v.size) % 9 - 4) * 0.06
-        ax.scatter(i + jitter[~dead], v[~dead], s=7, color="tab:blue", alpha=0.55, linewidths=0)
-        ax.scatter(i + jitter[dead], np.full(int(dead.sum()), floor), s=12, marker="v", color="tab:red")
+    lives = [v[~d] for v, d in zip(values, deads)]  # channel order, or an even spread of the sorted values
+    lives = [v if v.size <= MAX_STRIP_POINTS else np.sort(v)[_spread(v.size, MAX_STRIP_POINTS)] for v in lives]
+    low = [v.min() for v in lives if v.size]
+    floor = min(low) / 10 if low else 1e-12
+    with plain_text() as plt:
+        fig, ax = plt.subplots(figsize=(min(max(6.0, 0.3 * len(rows) + 2), 14.0), 3.6))
+        for i, (live, dead) in enumerate(zip(lives, deads)):
+            shown_dead = min(int(dead.sum()), MAX_STRIP_POINTS)
+            jitter = (np.arange(live.size + shown_dead) % 9 - 4) * 0.06
+            ax.scatter(i + jitter[:live.size], live, s=7, color="tab:blue", alpha=0.55, linewidths=0)
+            ax.scatter(i + jitter[live.size:], np.full(shown_dead, floor), s=12, marker="v", color="tab:red")
+        _strip_frame(ax, rows, deads, floor, ylabel, title, dead_label)
+    return fig
+
+
+def _strip_frame(ax, rows, deads, floor: float, ylabel: str, title: str, dead_label: str) -> None:
     if any(d is not None for _, _, d in rows):
         total = int(sum(d.sum() for d in deads))
         ax.scatter([], [], s=7, color="tab:blue", label="one channel")
-        ax.scatter([], [], s=12, marker="v", color="tab:red", label=f"{dead_label}: {total} channels, on the floor")
+        ax.scatter([], [], s=12, marker="v", color="tab:red",
+                   label=plain(f"{dead_label}: {total} channels, on the floor"))
         ax.axhline(floor, color="grey", lw=0.8, ls=":")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_yscale("log")
-    ax.set_xticks(range(len(rows)), [label for label, _, _ in rows], rotation=60, ha="right", fontsize=6)
+    ax.set_xticks(range(len(rows)), [plain(label) for label, _, _ in rows], rotation=60, ha="right", fontsize=6)
     ax.set_xlim(-0.7, len(rows) - 0.3)
-    ax.set_ylabel(ylabel, fontsize=8)
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(plain(ylabel), fontsize=8)
+    ax.set_title(plain(title), fontsize=10)
     ax.grid(alpha=0.25, axis="y")
-    fig.tight_layout()
-    return fig
+    ax.figure.tight_layout()
 
 
 def save(fig, path) -> Path:
     """Writes a figure (PNG, or SVG by the extension) atomically, and closes it."""
     from asr_onnx.outputs import write_file
 
-    plt, kind = load_pyplot(), Path(path).suffix.lstrip(".").lower() or "png"
-    try:
-        write_file(path, lambda handle: fig.savefig(handle, format=kind, dpi=120,
-                                                    metadata={"Date": None} if kind == "svg" else None))
-    finally:
-        plt.close(fig)
+    kind = Path(path).suffix.lstrip(".").lower() or "png"
+    with plain_text() as plt:
+        try:
+            write_file(path, lambda handle: fig.savefig(handle, format=kind, dpi=120,
+                                                        metadata={"Date": None} if kind == "svg" else None))
+        finally:
+            plt.close(fig)
     return Path(path)
 
 
@@ -177,10 +238,12 @@ def svg(fig) -> str:
     """A figure as SVG text (text drawn as paths, so the page needs no font), closed afterwards."""
     import io
 
-    plt = load_pyplot()
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", metadata={"Date": None})
-    plt.close(fig)
+    with plain_text() as plt:
+        try:
+            fig.savefig(buffer, format="svg", metadata={"Date": None})
+        finally:
+            plt.close(fig)
     return buffer.getvalue()
 
 

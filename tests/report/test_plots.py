@@ -93,3 +93,66 @@ def test_sweep_cli_writes_results_and_plots(tmp_path, capsys):
     assert len(rows) == 8 and (out / "results.md").read_text().count("| global |") == 2
     for name in ("accuracy_vs_sparsity.png", "asr_minus_lw_vs_severity.png", "channel_variance.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+DOLLARS = "m$^$ · /a$_{x$/Conv · 90% global"  # "$^$" is not valid mathtext: parsed, it raised ValueError
+
+
+def test_a_dollar_in_a_label_is_drawn_as_plain_text(tmp_path):
+    """Issue 25, medium: every label is plain text, whatever a node or file name holds."""
+    from asr_onnx.pipeline.sweep import SweepResult
+    from asr_onnx.report.plots import accuracy_vs_sparsity, channel_figure, strip_figure, svg
+
+    fig = channel_figure({"dense $x$": np.ones(4), "pruned $^$": np.array([1.0, 0.5, 0.5, 0.2])}, DOLLARS)
+    ax = fig.axes[0]
+    assert ax.get_title() == DOLLARS.replace("$", r"\$")  # "\$" draws "$", and no pair of them opens mathtext
+    assert "<svg" in svg(fig)  # drawing it is what parsed the mathtext
+    ticks = [t for t in ax.get_yticklabels() if t.get_text()]  # the log axis's own labels stay mathtext (10⁻¹)
+    assert ticks and all(t.get_parse_math() and t.get_text().startswith("$\\mathdefault{10^") for t in ticks)
+    assert "<svg" in svg(strip_figure([("/a$^$/Conv", np.ones(3), None), ("b$", np.ones(2), None)], "ratio $^$",
+                                      DOLLARS))
+    rows = [{"pattern": "global", "method": m, "recal": "exact", "placement": "recal", "sparsity": s, "top1": 0.5}
+            for m in ("none", "bn") for s in (0.5, 0.9)]
+    path = accuracy_vs_sparsity(SweepResult({"model": "m$^$"}, rows), tmp_path / "a.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_repair_writes_the_page_of_a_model_with_dollars_in_its_names(tmp_path, calib_dir):
+    import onnx
+    from zoo import conv_net
+
+    model = conv_net(bn=True)
+    for i, node in enumerate(model.graph.node):
+        node.name = f"/blk$^${i}/{node.op_type}"
+    path = tmp_path / "m$^$.onnx"
+    onnx.save(model, path)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["repair", str(path), "--calib", str(calib_dir), "--batch-size", "16", "-o", str(out / "o.onnx"),
+                 "--report", str(out / "r.html"), "-q"]) == 0
+    page = (out / "r.html").read_text()
+    assert "/blk$^$0/Conv" in page and page.count('src="data:image/svg+xml;base64,') == 3
+
+
+def test_a_site_of_many_channels_draws_a_bounded_spread():
+    """Past MAX_CHANNEL_POINTS (MAX_STRIP_POINTS) channels, an even spread of them is drawn, the counts of all."""
+    from asr_onnx.report.plots import MAX_CHANNEL_POINTS, MAX_STRIP_POINTS, channel_figure, strip_figure
+
+    rng = np.random.default_rng(0)
+    dense = rng.uniform(1, 2, 100_000)
+    pruned = dense * rng.uniform(0.1, 1, dense.size)
+    pruned[:700] = 0.0
+    ax = channel_figure({"dense": dense, "pruned": pruned}).axes[0]
+    offsets = {c.get_label(): np.asarray(c.get_offsets()) for c in ax.collections}
+    assert set(offsets) == {"dense", "pruned (700 dead)"}
+    xs = offsets["dense"][:, 0]
+    assert len(xs) == MAX_CHANNEL_POINTS and xs[0] == 0 and xs[-1] == dense.size - 1
+    assert offsets["dense"][0, 1] == dense.max() and offsets["dense"][-1, 1] == dense.min()
+    assert "4,096 of 100,000 drawn" in ax.get_xlabel()
+    dead = np.zeros(dense.size, bool)
+    dead[:700] = True
+    strip = strip_figure([("s", pruned, dead)], "ratio").axes[0]
+    live, fallen = (np.asarray(c.get_offsets()) for c in strip.collections[:2])
+    assert len(live) == MAX_STRIP_POINTS and len(fallen) == MAX_STRIP_POINTS
+    assert live[:, 1].min() == pruned[700:].min() and live[:, 1].max() == pruned.max()
+    assert "collapsed: 700 channels, on the floor" in [t.get_text() for t in strip.get_legend().get_texts()]

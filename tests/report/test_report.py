@@ -1,16 +1,22 @@
 """The HTML repair report: rendered for a repaired sample model, opened in a real headless browser."""
 
+import base64
 import io
 import json
+import re
 import subprocess
 import sys
+from html import escape
+from html.parser import HTMLParser
 
 import browser
 import numpy as np
 import pytest
 from paths import ROOT  # noqa: E402
+from test_report_schema import XSS, sample_report
 
 from asr_onnx.cli.main import main
+from asr_onnx.report.build import summary
 from asr_onnx.report.html import SECTIONS, render
 
 SAMPLES = ROOT / "sample_models"
@@ -83,7 +89,7 @@ def test_repaired_variance_is_the_reference_after_full_restoration():
         np.testing.assert_allclose(site["repaired_var"], site["pruned_var"], rtol=1e-5)
 
 
-def test_page_opens_in_headless_chromium(repaired):
+def test_page_opens_in_headless_chromium(repaired, tmp_path):
     from PIL import Image
 
     try:
@@ -94,6 +100,13 @@ def test_page_opens_in_headless_chromium(repaired):
     assert [u for u in seen["requests"] if u != page_url and not u.startswith("data:")] == []
     assert seen["failed"] == [] and seen["errors"] == []
     assert seen["value"] == list(SECTIONS)
+    assert seen["active"] == [] and seen["dialogs"] == []  # no <script>, no on* attribute, no javascript: URL
+    poisoned, page = payload_report()[0], tmp_path / "xss.html"
+    (tmp_path / "xss.json").write_text(json.dumps(poisoned))
+    assert main(["report", str(tmp_path / "xss.json"), "-o", str(page)]) == 0
+    attacked = browser.open_page(page)
+    assert attacked["active"] == [] and attacked["dialogs"] == [] and attacked["errors"] == []
+    assert [u for u in attacked["requests"] if u != page.resolve().as_uri() and not u.startswith("data:")] == []
     shot = Image.open(io.BytesIO(seen["png"])).convert("L")
     assert shot.width >= 1000 and shot.height > 2000  # the whole page, not a blank viewport
     dark = np.asarray(shot) < 128
@@ -122,12 +135,12 @@ def test_guard_and_refit_are_rendered_when_present(repaired):
                                    "kept": "pruned", "cost_s": 1.5,
                                    "repair": {"agreement": 0.25, "logit_rel_l2": 0.9},
                                    "pruned": {"agreement": 0.5, "logit_rel_l2": 0.7}}
-    report["layers"][3]["refit"] = {"rel_err_before": 0.42, "rel_err_after": 0.125}
+    report["layers"][3]["refit"] = {"err_before": 0.42, "err_after": 0.125}
     page = render(report)
     guard = page[page.index('<section id="guard">'):page.index('<section id="eval">')]
     assert "pruning alone better: kept pruned" in guard and "25.00%" in guard and "50.00%" in guard
     refit = page[page.index('<section id="refit">'):page.index('<section id="guard">')]
-    assert "0.42" in refit and "0.125" in refit and "stages.1/branch.0.0" in refit and "Not run" not in refit
+    assert "0.42" in refit and "0.125" in refit and report["layers"][3]["name"] in refit and "Not run" not in refit
 
 
 def test_reconstruct_auto_is_rendered_with_both_candidates(repaired):
@@ -168,3 +181,252 @@ def test_bad_report_input_is_one_line_and_writes_nothing(repaired, tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("error: ") == 5 and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
+
+
+def test_the_page_shows_the_refit_errors_the_refit_wrote():
+    """Issue 25, low: the refit writes err_before/err_after and the page read rel_err_*: every row showed "-"."""
+    import zoo
+
+    from asr_onnx import Repair
+
+    dense, feeds = zoo.odd_convs()
+    job = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.6).run(zoo.DictSet(feeds), "none",
+                                                                                 reconstruct="ls")
+    report = job.report()
+    page = render(report, plots=False)
+    refit = page[page.index('<section id="refit">'):page.index('<section id="guard">')]
+    done = [layer for layer in report["layers"] if "err_after" in layer["refit"]]
+    assert done and "Not run" not in refit
+    for layer in done:
+        row = refit[refit.index(f'<td class="name">{escape(layer["name"])}</td>'):]
+        row = row[:row.index("</tr>")]
+        cells = re.findall(r'<td class="n">([^<]*)</td>', row)
+        assert cells == [f"{layer['refit']['err_before']:.3g}", f"{layer['refit']['err_after']:.3g}"]
+
+
+def test_every_key_of_a_live_report_is_typed(repaired):
+    """The typed report knows every key a repair writes (an unknown one would be carried, untyped)."""
+    from asr_onnx.report.schema import _Base, from_dict, to_dict
+
+    saved = json.loads((repaired / "r.json").read_text())
+    typed = from_dict(saved)
+    assert to_dict(typed) == saved
+
+    def untyped(node, where=""):
+        if isinstance(node, _Base):
+            found = [f"{where}.{key}" for key in node.extra]
+            for name in node.__dataclass_fields__:
+                found += untyped(getattr(node, name), f"{where}.{name}")
+            return found
+        if isinstance(node, tuple):
+            return [f for i, item in enumerate(node) for f in untyped(item, f"{where}[{i}]")]
+        return []
+
+    assert untyped(typed) == []
+
+
+# ---------------------------------------------------------------- issue 25: no active content, whatever the JSON
+
+PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "main", "h1", "h2", "p", "nav", "a", "section", "div",
+             "b", "span", "table", "tr", "th", "td", "img", "code"}
+PAGE_ATTRIBUTES = {"lang", "charset", "class", "id", "href", "title", "alt", "src", "style"}
+
+
+def payload(i: int) -> str:
+    return f"{XSS}'><svg onload=alert({i})>javascript:alert({i})$^$<!--{i}"
+
+
+def payload_report():
+    """The sample report with a numbered payload in every string a report holds (a verdict's label, which
+    must be one of three words, aside), in the keys of timings_s and fp16_rel_l2, and in an unknown setting.
+
+    Returns:
+        (the report, path -> the number of its payload).
+    """
+    report, numbers = sample_report(), {}
+
+    def poison(node, where):
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in list(items):
+            path = f"{where}.{key}" if isinstance(node, dict) else f"{where}[{key}]"
+            if isinstance(value, str) and path != ".verdict.label":
+                numbers[path] = len(numbers)
+                node[key] = payload(numbers[path])
+            elif isinstance(value, (dict, list)):
+                poison(value, path)
+
+    poison(report, "")
+    for section in ("timings_s", "settings.fp16_rel_l2"):
+        parent = report
+        for key in section.split("."):
+            parent = parent[key]
+        for key in list(parent):
+            numbers[f".{section}:{key}"] = len(numbers)
+            parent[payload(numbers[f".{section}:{key}"])] = parent.pop(key)
+    numbers[".settings:key"] = len(numbers)
+    report["settings"][payload(numbers[".settings:key"])] = "value"
+    return report, numbers
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.attributes, self.text, self.comments = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attributes += [(tag, name, value or "") for name, value in attrs]
+
+    handle_startendtag = handle_starttag
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def handle_comment(self, data):
+        self.comments.append(data)
+
+
+# the strings the page shows (a site's tensor in a title attribute), each must be there as text
+SHOWN = [".input", ".tool.version", ".onnxruntime.version", ".onnxruntime.provider", ".verdict.metric",
+         ".verdict.reason", ".verdict.suggestion", ".settings.pattern", ".settings.exclude[0]",
+         ".settings.reconstruct", ".settings.reference", ".settings.method", ".settings.lambda_rule",
+         ".settings.resize_mode", ".settings:key", ".settings.reconstruct_auto.scored_with",
+         ".settings.reconstruct_auto.candidates[0].reconstruct", ".settings.auto.reason",
+         ".settings.auto.candidates[1].method", ".settings.auto.candidates[1].placement",
+         ".settings.auto.candidates[1].lambda_rule", ".settings.guard.mode", ".settings.guard.verdict",
+         ".settings.guard.kept", ".layers[0].name", ".layers[0].op", ".layers[1].reason", ".layers[2].refit.skipped",
+         ".sites[0].tensor", ".sites[1].layer", ".sites[0].norm", ".sites[2].written", ".sites[3].tensor",
+         ".eval.data", ".timings_s:prune"]
+
+
+def test_a_script_payload_in_every_string_stays_text(tmp_path):
+    """Issue 25, high: a saved JSON report's strings reach the page only as escaped text: every element and
+    attribute of the page is in an allowlist, no on* attribute, no javascript: URL, whatever the JSON holds."""
+    report, numbers = payload_report()
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    for extra in ([], ["--site", payload(numbers[".sites[1].layer"])]):
+        assert main(["report", str(tmp_path / "r.json"), "-o", str(tmp_path / "r.html"), *extra]) == 0
+        raw = (tmp_path / "r.html").read_text()
+        (tmp_path / "r.html").unlink()
+        page = Page()
+        page.feed(raw)
+        page.close()
+        assert set(page.tags) <= PAGE_TAGS, set(page.tags) - PAGE_TAGS
+        assert {name for _, name, _ in page.attributes} <= PAGE_ATTRIBUTES
+        assert page.comments == []  # "<!--" in a payload opens no comment
+        for tag, name, value in page.attributes:
+            if name == "href":
+                assert re.fullmatch(r"#[a-z_]+", value)
+            elif name == "src":
+                assert tag == "img" and re.fullmatch(r"data:image/svg\+xml;base64,[A-Za-z0-9+/=]+", value)
+            elif name == "style":
+                assert re.fullmatch(r"width:\d+(\.\d+)?%", value)
+            elif name in ("class", "id", "lang", "charset"):
+                assert re.fullmatch(r"[a-z0-9_ -]+", value), (name, value)
+        style = raw[raw.index("<style>"):raw.index("</style>")]
+        assert "alert" not in style and raw.count("<style>") == 1
+        shown = "".join(page.text) + "".join(value for _, name, value in page.attributes if name in ("title", "alt"))
+        missing = [path for path in SHOWN if payload(numbers[path]) not in shown]
+        assert missing == []
+
+
+def test_a_dollar_in_a_model_or_node_name_is_plain_text(tmp_path):
+    """Issue 25, medium: matplotlib's mathtext parsed "$...$" in a label, and "$^$" crashed the page."""
+    pytest.importorskip("matplotlib")
+    report = sample_report()
+    report["input"] = "models/m$^$x.onnx"
+    for entry in report["sites"] + report["layers"]:
+        for key in ("layer", "name"):
+            if key in entry:
+                entry[key] = entry[key].replace("/conv/", "/co$^$nv/")
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    assert main(["report", str(tmp_path / "r.json"), "-o", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert page.count('src="data:image/svg+xml;base64,') == 3 and "m$^$x" in page
+
+
+# ---------------------------------------------------------------- issue 29: the summary and the page's size
+
+
+def test_the_summary_cuts_no_line():
+    report = sample_report()
+    long = "/" + "a_rather_long_scope_name/" * 7 + "Conv"
+    report["layers"][1]["name"] = long  # the dense layer
+    report["sites"][0]["layer"] = long
+    report["timings_s"] = {f"stage_number_{i}": i + 0.25 for i in range(30)}
+    text = summary(report)
+    assert len(long) > 150 and f"  dense: {long} (" in text
+    assert any(line.startswith(long + " ") for line in text.splitlines())
+    for key, seconds in report["timings_s"].items():
+        assert f"{key} {seconds:.2f}s" in text
+
+
+def test_the_summary_mentions_the_report_only_when_one_is_written():
+    report = sample_report(sites=30)
+    report["sparse_core"] = [dict(row, name=f"/l{i}", eligible=False, eligibility="no", reasons=["depthwise"])
+                             for i, row in enumerate(report["sparse_core"])]
+    text = summary(report)
+    assert "JSON report" not in text and "--report r.json or r.html lists them all" in text
+    assert sum(line.startswith("  not eligible: ") for line in text.splitlines()) == 30  # listed, nowhere else
+    assert "the JSON report out/r.json lists them all" in summary(report, "out/r.json")
+    assert "the page out/r.html lists them all" in summary(report, "out/r.html")
+    assert "more not eligible (see the JSON report)" in summary(report, "out/r.json")
+
+
+def test_layers_are_named_alike_in_the_summary_inspect_and_the_page(repaired, capsys):
+    report = json.loads((repaired / "r.json").read_text())
+    page, text = (repaired / "r.html").read_text(), summary(report)
+    assert main(["inspect", str(SAMPLE)]) == 0
+    inspected = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:] if line.strip()]
+    for layer in report["layers"]:
+        assert f'<td class="name">{escape(layer["name"])}</td>' in page and layer["name"] in inspected
+    lines = text.splitlines()
+    for site in report["sites"]:
+        assert any(line.startswith(site["layer"] + " ") for line in lines), site["layer"]
+        assert f'title="{escape(site["tensor"])}">{escape(site["layer"])}</span>' in page
+
+
+def test_the_verdict_leads_the_summary_and_the_page():
+    report = sample_report()
+    assert summary(report).splitlines()[0] == \
+        "verdict: degraded - held-out agreement 0.82 < 0.95; try --reconstruct ls"
+    page = render(report, plots=False)
+    top = page[page.index("<main>") + len("<main>"):]
+    assert top.startswith('<div class="banner degraded"><b>verdict: degraded</b> - held-out agreement 0.82 &lt; 0.95'
+                          ' - <b>try --reconstruct ls</b>')
+    report["verdict"].update(label="broken", reason=XSS, suggestion=None)
+    top = render(report, plots=False)
+    top = top[top.index("<main>") + len("<main>"):]
+    assert top.startswith(f'<div class="banner broken"><b>verdict: broken</b> - {escape(XSS)}<div')
+    del report["verdict"]
+    assert "banner" not in render(report, plots=False).split("</style>")[1]
+    assert summary(report).startswith("asr-onnx 0.1.0")
+
+
+def _images(section: str) -> list[str]:
+    return [base64.b64decode(data).decode() for data in re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"',
+                                                                    section)]
+
+
+def test_the_damage_plot_of_many_sites_shows_the_worst():
+    pytest.importorskip("matplotlib")
+    report = sample_report(sites=50)
+    page = render(report)
+    damage = page[page.index('<section id="damage">'):page.index('<section id="channels">')]
+    gains = page[page.index('<section id="gains">'):page.index('<section id="refit">')]
+    (damage_svg,), (gains_svg,) = _images(damage), _images(gains)
+    assert damage_svg.count('id="xtick_') == 32 and gains_svg.count('id="xtick_') == 32
+    assert "The plot shows the 32 most damaged of 50 sites" in damage
+    small = _images(render(sample_report(sites=10)))[0]
+    assert small.count('id="xtick_') == 10
+
+
+def test_a_page_of_thousands_of_sites_is_bounded():
+    report = sample_report(sites=2000)
+    page = render(report, plots=False)
+    damage = page[page.index('<section id="damage">'):page.index('<section id="channels">')]
+    sparsity = page[page.index('<section id="sparsity">'):page.index('<section id="damage">')]
+    assert damage.count("<tr>") == 401 and "400 of 2,001 sites shown (the most damaged, in graph order)" in damage
+    assert sparsity.count("<tr") == 401 and "400 of 2,000 layers shown" in sparsity
+    worst = report["sites"][1999]["layer"]  # the damage falls with the index: the last sites are the worst
+    assert worst in damage and report["sites"][0]["layer"] not in damage
