@@ -13,6 +13,7 @@ Ray is an optional extra (``pip install "asr-onnx[ray]"``), imported only when a
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -137,9 +138,10 @@ class RayEngine:
         if self.started:
             try:
                 if self.address:
-                    ray.init(address=self.address, log_to_driver=False)
-                else:
-                    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+                    ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
+                else:  # Ray's start-up lines would precede our summary, or our one error line
+                    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                             logging_level=logging.WARNING)
             except Exception as e:  # noqa: BLE001 - Ray's connection errors are many; one line for each
                 raise AsrError(f"cannot start or join the Ray cluster {self.address or '(local)'}: "
                                f"{type(e).__name__}: {first_line(e)}") from None
