@@ -70,6 +70,10 @@ class CalibSet:
             restore[order] = np.arange(len(order))
             yield {name: array[restore] for name, array in arrays.items()}
 
+    def slice(self, start: int, stop: int) -> "CalibSet":
+        """Samples ``start`` to ``stop`` of the set, in the set's order (a shard of a sharded pass)."""
+        return CalibSet(self._source, self.specs, self.preprocess, self._indices[start:stop])
+
     def take(self, n: int, seed: int = 0) -> "CalibSet":
         """The first ``n`` of a seeded permutation (all if n >= len), kept in source order.
 

@@ -90,7 +90,7 @@ class IdxImages(Source):
         self.root = images_path.parent
         self.files = [images_path] + ([labels_path] if labels_path else [])
         self.plan = plan
-        self.pixels = read_idx(images_path)
+        self.pixels = _idx_pixels(images_path)
         if self.pixels.ndim != 3 or self.pixels.dtype != np.uint8:
             found = f"{self.pixels.dtype} {self.pixels.shape}"
             raise AsrError(f"{images_path}: IDX images must be uint8 (N, H, W), got {found}")
@@ -99,12 +99,34 @@ class IdxImages(Source):
         if self.count:
             check_image_size(f"0 of {images_path.name}", self.pixels.shape[2], self.pixels.shape[1], plan)
 
+    def __reduce__(self):
+        # a shard sent to another process (a Ray worker) carries the file's path, not its pixels: the worker
+        # reads them itself, once (see _idx_pixels)
+        return IdxImages, (self.files[0], self.files[1] if len(self.files) > 1 else None, self.plan)
+
     def read(self, indices):
         from PIL import Image
 
         name = self.files[0].name
         images = ((Image.fromarray(self.pixels[index]), f"{index} of {name}") for index in indices)
         return stack_images(images, self.plan)
+
+
+_PIXELS: dict = {}  # the last IDX image file read: (path, size, mtime) -> pixels
+
+
+def _idx_pixels(path: Path) -> np.ndarray:
+    """The pixels of an IDX image file, read once per process while the file is unchanged (a worker is sent
+    the file's path with every shard)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return read_idx(path)  # its one-line error
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _PIXELS:
+        _PIXELS.clear()
+        _PIXELS[key] = read_idx(path)
+    return _PIXELS[key]
 
 
 def _read_idx_labels(path: Path, count: int) -> np.ndarray:

@@ -110,6 +110,8 @@ class RunOptions:
         preprocess: the preprocessing options as given on the command line (None where not given), by
             :class:`asr_onnx.calib.Preprocess` field. Defaults to none.
         strict: --strict. Defaults to False.
+        engine: --engine, "local" or "ray". Defaults to "local".
+        ray_address: --ray-address. Defaults to None (RAY_ADDRESS, else a local cluster).
     """
 
     device: str = "auto"
@@ -117,6 +119,14 @@ class RunOptions:
     threads: int = 0
     preprocess: dict = field(default_factory=dict)
     strict: bool = False
+    engine: str = "local"
+    ray_address: str | None = None
+
+    def make_engine(self):
+        """The engine of --engine and --ray-address (:func:`asr_onnx.model.engine.make_engine`)."""
+        from asr_onnx.model.engine import make_engine
+
+        return make_engine(self.engine, address=self.ray_address, device=self.device)
 
     def open_data(self, path, model, limit: int | None = None, seed: int = 0, labels=None):
         """Loads a calibration or evaluation set for ``model``: its metadata preprocessing, overridden by the
@@ -130,7 +140,7 @@ class RunOptions:
 
 
 def run_options(*, device: str = "auto", batch_size: int | bool | None = None, batch_help: str | None = None,
-                threads: bool = False, preprocess: bool = True):
+                threads: bool = False, preprocess: bool = True, engine: bool = False):
     """The options shared by every command that runs a model, as one group: --device, --batch-size, --threads
     and the preprocessing options. The command gets them as one :class:`RunOptions` argument, ``run``.
 
@@ -141,6 +151,7 @@ def run_options(*, device: str = "auto", batch_size: int | bool | None = None, b
         batch_help: the --batch-size help. Defaults to None (none, or the calibration default's).
         threads: add --threads. Defaults to False.
         preprocess: add the preprocessing options (see :func:`preprocess_options`). Defaults to True.
+        engine: add --engine and --ray-address. Defaults to False.
     """
     options = [click.option("--device", default=device, show_default=True, type=click.Choice(DEVICES))]
     if batch_size is None:
@@ -151,12 +162,21 @@ def run_options(*, device: str = "auto", batch_size: int | bool | None = None, b
     if threads:
         options.append(click.option("--threads", default=0, show_default=True, type=NON_NEGATIVE,
                                     help="onnxruntime intra-op threads; 0 lets onnxruntime choose."))
+    if engine:
+        from asr_onnx.model.engine import ENGINES, EXTRA
+
+        options += [click.option("--engine", default="local", show_default=True, type=click.Choice(ENGINES),
+                                 help=f"Where the calibration and evaluation passes run: this process, or shards "
+                                      f"over a Ray cluster (needs pip install \"{EXTRA}\")."),
+                    click.option("--ray-address", help="With --engine ray, the cluster to join. Default: "
+                                                       "RAY_ADDRESS, else a local cluster started here.")]
 
     def decorate(command):
         @functools.wraps(command)
         def with_run(*args, **kwargs):
             run = RunOptions(device=kwargs.pop("device"), batch_size=kwargs.pop("batch_size", None),
                              threads=kwargs.pop("threads", 0), strict=kwargs.pop("strict", False),
+                             engine=kwargs.pop("engine", "local"), ray_address=kwargs.pop("ray_address", None),
                              preprocess={key: kwargs.pop(key) for key in PREPROCESS_KEYS if key in kwargs})
             return command(*args, run=run, **kwargs)
 

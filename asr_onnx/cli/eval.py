@@ -18,7 +18,7 @@ from asr_onnx.cli.common import COUNT, LABELS_HELP, run_options
 @click.option("--limit", type=COUNT, help="Evaluate only the first N samples of a seeded subset.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@run_options(batch_size=256)
+@run_options(batch_size=256, engine=True)
 def eval_command(model, data_path, reference, labels_path, limit, as_json, quiet, run):
     """Evaluate MODEL on labelled or unlabelled data."""
     from asr_onnx.calib.labels import chance_warning, model_class_count
@@ -31,7 +31,12 @@ def eval_command(model, data_path, reference, labels_path, limit, as_json, quiet
     data = run.open_data(data_path, proto, limit=limit, labels=labels_path)
     if data.labels is None and ref is None:
         raise AsrError(f"{data_path} has no labels; pass --reference to measure agreement instead")
-    result = evaluate(proto, data, reference=ref, batch_size=run.batch_size, device=run.device, progress=not quiet)
+    engine = run.make_engine()
+    try:
+        result = evaluate(proto, data, reference=ref, batch_size=run.batch_size, device=run.device,
+                          progress=not quiet, engine=engine)
+    finally:
+        engine.close()
     warning = chance_warning(result.get("top1"), data.labels, data.classes, model_class_count(proto))
     if warning:
         click.echo(f"warning: {warning}", err=True)

@@ -76,7 +76,7 @@ def default_output(model: str) -> Path:
 @click.option("--labels", "labels_path", type=click.Path(), help="With --eval: " + LABELS_HELP)
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
-@run_options(threads=True)
+@run_options(threads=True, engine=True)
 def repair_command(model, calib_path, output, sparsity, pattern, flops_target, allocation, score, reconstruct, refit_samples, max_gram_mb, method,
                    placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
                    seed, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io,
@@ -119,7 +119,10 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     model_out = plan.write(output, "-o", siblings=(f"{output.name}.data",), replaces=inputs if overwrite else ())
     report_out = plan.write(report_path, "--report") if report_path else None
     plan.check()
-    job = Repair(model, device=run.device, batch_size=run.batch_size, progress=not quiet, threads=run.threads)
+    engine = run.make_engine()
+    click.get_current_context().call_on_close(engine.close)  # the actors, and a local cluster started here
+    job = Repair(model, device=run.device, batch_size=run.batch_size, progress=not quiet, threads=run.threads,
+                 engine=engine)
     check_sparsity(sparsity)  # a bad pattern or score fails before any data is read
     if not channels:
         Pattern.parse(pattern)

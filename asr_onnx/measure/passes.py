@@ -82,7 +82,7 @@ class Measurement:
 
 
 def measure_pruned(model, calib, sites: SiteMap, dense: dict, reference: str, *, sequential: bool = False,
-                   **options) -> Measurement:
+                   engine=None, **options) -> Measurement:
     """Measures the pruned model with every touched site renormalised to its reference.
 
     Args:
@@ -91,7 +91,9 @@ def measure_pruned(model, calib, sites: SiteMap, dense: dict, reference: str, *,
         sites: the pruned graph's :class:`SiteMap`.
         dense: site key -> the dense model's ChannelStats; it must hold :func:`dense_keys`.
         reference: "calib" or "running".
-        sequential: level by level (:func:`measure_levels`) instead of one pass. Defaults to False.
+        sequential: level by level (:func:`measure_levels`) instead of one pass, always in this process.
+            Defaults to False.
+        engine: where the one pass runs (see :func:`measure`). Defaults to None (this process).
         **options: batch_size, device, progress and threads, as for :func:`measure`.
 
     Raises:
@@ -117,12 +119,12 @@ def measure_pruned(model, calib, sites: SiteMap, dense: dict, reference: str, *,
                                           levels=sites.levels, **options)
     else:
         pruned, provider = measure(model, calib, norms=norms, desc="pruned", scales=scales, levels=sites.levels,
-                                   **options)
+                                   engine=engine, **options)
     return Measurement(sites.sites, sites.touched, reference, refs, dense, pruned, provider)
 
 
 def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, progress: bool = True, desc="measure",
-            threads: int = 0, keys=None, kernel: str = "auto", source=None, scales=None, levels=None):
+            threads: int = 0, keys=None, kernel: str = "auto", source=None, scales=None, levels=None, engine=None):
     """Runs the calibration set through the augmented model.
 
     With ``norms`` and fewer than :data:`SMALL_BATCH` samples per run (a model that fixes a batch of 1),
@@ -146,6 +148,9 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
         scales: site key -> k, to measure x * 2**-k from the first batch on (see :func:`stats_model`); a
             site whose statistics overflow is scaled anyway, from the batch where they do. Defaults to None.
         levels: the model's :func:`site_levels`, if known, for a level-by-level measurement. Defaults to None.
+        engine: a :mod:`asr_onnx.model.engine` engine; a distributed one runs the one-pass measurement on
+            shards of whole batches and joins their per-batch statistics in shard order (the level-by-level
+            measurement stays in this process). Defaults to None (this process).
 
     Returns:
         (site key -> list of per-batch ChannelStats, the provider used).
@@ -159,10 +164,10 @@ def measure(model, calib, *, batch_size: int, device: str = "auto", norms=None, 
                               desc=desc, threads=threads, kernel=kernel, scales=scales, levels=levels)
     if norms is None and keys and set(keys) <= _matrix_outputs(model):  # e.g. only a classifier head
         return _run(lambda plan: StatsGraph(model, []), calib, batch_size, device, progress, desc, threads,
-                    outputs=sorted(keys), source=source, model=model)
+                    outputs=sorted(keys), source=source, model=model, engine=engine)
     kernel = _kernel(kernel, device)
     return _run(_builder(model, norms or None, keys, kernel), calib, batch_size, device, progress, desc, threads,
-                scales=scales)
+                scales=scales, engine=engine)
 
 
 def _builder(model, norms, keys, kernel, fixed=None):
@@ -276,7 +281,7 @@ class _Plan:
 
 
 def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, threads: int = 0,
-         outputs: list | None = None, source=None, scales=None, model=None):
+         outputs: list | None = None, source=None, scales=None, model=None, engine=None):
     """Per-batch statistics of every site over the set; a last partial batch is skipped when the batch is fixed.
 
     A batch whose statistics are not finite, or whose GlobalAveragePool moments would cancel, is diagnosed
@@ -290,7 +295,11 @@ def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, 
         source: the unchanged model's file, opened by onnxruntime instead of the proto. Defaults to None.
         scales: the plan's first scales. Defaults to None.
         model: with ``outputs``, the model, to probe when an output is not finite. Defaults to None.
+        engine: a distributed engine runs this on shards of whole batches (see :func:`_sharded`). Defaults
+            to None (this process).
     """
+    if engine is not None and engine.distributed:
+        return _sharded(engine, build, calib, batch_size, device, desc, threads, outputs, scales, model)
     from asr_onnx.calib.specs import fixed_batch, input_specs
     from asr_onnx.model.session import Runner, batches, providers
 
@@ -330,6 +339,23 @@ def _run(build, calib, batch_size: int, device: str, progress: bool, desc: str, 
     provider = session.provider
     session.close()
     return per_site, provider
+
+
+def _sharded(engine, build, calib, batch_size: int, device: str, desc: str, threads: int, outputs, scales, model):
+    """:func:`_run` on every shard of ``calib`` on ``engine``'s workers; the per-batch statistics joined in shard
+    order, so that each site's list is the single-process list, batch for batch.
+
+    Each worker runs its sessions with ``threads`` (0: one thread, its share of the cluster) and opens the
+    model from the proto it is sent, never from a path of this machine. A shard that replans (a batch whose
+    statistics overflow or cancel) replans from that batch to its own end only; the later shards start from
+    the first plan, which measures their batches the same up to float32 rounding.
+    """
+    def run(shard):
+        return _run(build, shard, batch_size, device, False, desc, threads or 1, outputs, scales=scales, model=model)
+
+    parts = engine.map(run, calib, batch_size, desc)
+    per_site = {key: [stats for found, _ in parts for stats in found[key]] for key in parts[0][0]}
+    return per_site, parts[0][1]
 
 
 def _trouble(batch: dict, values: dict, readers: list) -> dict:

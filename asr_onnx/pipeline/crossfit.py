@@ -201,7 +201,7 @@ def cross_fit(job, calib, fitted, count: int, *, folds: int, seed: int, batch_si
         dense_outputs: list = []  # filled by the first evaluation, reused by the others
         for i, model in enumerate(fitted(fit)):
             result = evaluate(model, held, reference=job.dense, device=job.device, progress=False,
-                              reference_logits=dense_outputs, per_sample=True, **sizing)
+                              reference_logits=dense_outputs, per_sample=True, engine=job.engine, **sizing)
             matches[i].append(result["matches"])
             err2[i].append(result["err2"])
         ref2 += result["ref2"]

@@ -39,6 +39,9 @@ class Repair:
             when that is smaller (see :class:`asr_onnx.model.batch.BatchPolicy`).
         progress: progress bars on a TTY. Defaults to True.
         threads: onnxruntime intra-op threads; 0 lets onnxruntime choose. Defaults to 0.
+        engine: where the calibration passes run, an :mod:`asr_onnx.model.engine` engine (``make_engine("ray")``
+            shards the one-pass statistics and the evaluations over a Ray cluster; the refit's Gram passes and
+            the level-by-level measurement stay in this process). Defaults to None: this process.
 
     Attributes:
         pruned: the model every later stage works on: as pruned, then as refitted.
@@ -48,10 +51,14 @@ class Repair:
     """
 
     def __init__(self, model, *, device: str = "auto", batch_size: int | None = None, progress: bool = True,
-                 threads: int = 0):
+                 threads: int = 0, engine=None):
+        from asr_onnx.model.engine import LocalEngine
+
         self.source = None if isinstance(model, onnx.ModelProto) else Path(model)
         self.dense = model if self.source is None else load_model(self.source)
         self.device, self.progress, self.threads = device, progress, threads
+        self.engine = engine or LocalEngine()
+        self.workers: list = []  # the engine's workers in the pruned pass: host, device, samples
         self.specs = input_specs(self.dense)
         try:
             self.batch = BatchPolicy.of(self.dense, fixed_batch(self.specs), batch_size, SMALL_BATCH)
@@ -91,7 +98,8 @@ class Repair:
         """A new Repair over the same dense model (its file and weights shared, nothing measured); with
         ``pruned``, from this one's pruned model (``refit`` False: from ``pruned_alone``)."""
         new = Repair(self.dense, device=self.device, batch_size=self._batch_arg if batch_size is None else batch_size,
-                     progress=self.progress if progress is None else progress, threads=self.threads)
+                     progress=self.progress if progress is None else progress, threads=self.threads,
+                     engine=self.engine)
         new.source, new._dense_weights = self.source, self._weights()
         if pruned:
             new.pruned_alone, new.layers = self.pruned_alone, self.layers
@@ -253,7 +261,7 @@ class Repair:
         self._check_size(calib)
         with self._timed("measure_dense"):
             batches, _ = measure(self.batch.for_stats(self.dense, self.dense), calib, desc="dense", keys=keys,
-                                 source=None if self.batch.plan else self.source,
+                                 source=None if self.batch.plan else self.source, engine=self.engine,
                                  **self._options(self.batch.stats_size(len(calib))))
         return {key: merge_all(b) for key, b in batches.items()}
 
@@ -277,7 +285,8 @@ class Repair:
             if pruned is None:  # the pruned graph's batch cannot be freed: its own batch, level by level
                 pruned, options = self.pruned, self._options()
             self.measurement = measure_pruned(pruned, calib, sites, dense_stats, reference, sequential=sequential,
-                                              **options)
+                                              engine=self.engine, **options)
+        self.workers = self.engine.workers(len(calib), self.measurement.provider)
         self.settings.update(calib_size=len(calib), batch_size=options["batch_size"], sequential=sequential,
                              symbolic_batch=pruned is not self.pruned, reference=reference)
         return self
@@ -382,7 +391,7 @@ class Repair:
 
         with self._timed("eval"):
             self.evaluation = score(self.result, self.dense, data, name=name, batch_size=batch_size,
-                                    device=self.device, progress=self.progress)
+                                    device=self.device, progress=self.progress, engine=self.engine)
         return self
 
     def verify(self) -> "Repair":
@@ -429,8 +438,8 @@ class Repair:
 
 def repair(model, calib, *, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
            keep_last: bool = False, batch_size: int | None = None, device: str = "auto", progress: bool = True,
-           threads: int = 0, **options) -> Repair:
+           threads: int = 0, engine=None, **options) -> Repair:
     """Prunes and repairs a model in one call: :class:`Repair`'s arguments, :meth:`Repair.prune`'s, and
     :meth:`Repair.run`'s (``recipe``, or the Recipe's fields). Returns the finished Repair."""
-    job = Repair(model, device=device, batch_size=batch_size, progress=progress, threads=threads)
+    job = Repair(model, device=device, batch_size=batch_size, progress=progress, threads=threads, engine=engine)
     return job.prune(sparsity, pattern, exclude, keep_first, keep_last).run(calib, **options)

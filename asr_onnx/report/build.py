@@ -84,7 +84,15 @@ def build_report(job) -> dict:
         "sparse_core": layer_rows(job.output if job.output is not None else job.pruned),
         "timings_s": {k: round(v, 4) for k, v in job.timings.items()},
     } | ({"eval": job.evaluation} if job.evaluation else {}) \
-      | ({"channels": job.channel_report} if job.channel_report else {})
+      | ({"channels": job.channel_report} if job.channel_report else {}) \
+      | engine_entry(job)
+
+
+def engine_entry(job) -> dict:
+    """Where the passes ran: the engine's name, its workers in the pruned pass (host, device, samples) and
+    each pass it sharded (label, samples, shards, seconds)."""
+    return {"engine": job.engine.name, "workers": job.workers,
+            "engine_passes": [record.entry() for record in job.engine.passes]}
 
 
 def write_json(report, path) -> Path:

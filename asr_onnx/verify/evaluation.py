@@ -111,7 +111,7 @@ def agreement(outputs: Iterable[Batch], kinds: list[OutputKind], labels=None, re
 
 
 def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str = "auto", progress: bool = True,
-             reference_logits: list | None = None, per_sample: bool = False) -> dict:
+             reference_logits: list | None = None, per_sample: bool = False, engine=None) -> dict:
     """Runs ``model`` (and ``reference``) on ``data`` and scores the outputs: :func:`agreement` of :func:`logits`.
 
     Args:
@@ -124,12 +124,16 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
         reference_logits: a list to fill with (or, when full, reuse as) the reference's per-batch
             outputs, so that a sweep runs the dense model once. Defaults to None.
         per_sample: see :func:`agreement`. Defaults to False.
+        engine: a distributed engine (:mod:`asr_onnx.model.engine`) scores shards on its workers
+            (:mod:`asr_onnx.verify.sharded`; ``reference_logits`` is then not used). Defaults to None (here).
 
     Returns:
         :func:`agreement`'s scores.
     """
     proto = load_model(model) if isinstance(model, (str, Path)) else model
     batch_size = fixed_batch(input_specs(proto)) or batch_size
+    if engine is not None and engine.distributed:
+        return _evaluate_sharded(engine, proto, data, reference, batch_size, device, per_sample)
     outputs = logits(proto, data, batch_size=batch_size, device=device, progress=progress)
     references = reference_logits or None
     if reference is not None and not reference_logits:
@@ -137,6 +141,21 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
         if reference_logits is not None:
             references = _kept(references, reference_logits)
     return agreement(outputs, output_kinds(proto), data.labels, references, per_sample=per_sample)
+
+
+def _evaluate_sharded(engine, proto, data, reference, batch_size: int, device: str, per_sample: bool) -> dict:
+    """:func:`evaluate` on shards of whole batches on ``engine``'s workers, the scores joined in shard order
+    (:func:`asr_onnx.verify.sharded.merge_scores`)."""
+    from asr_onnx.verify.sharded import merge_scores
+
+    dense = load_model(reference) if isinstance(reference, (str, Path)) else reference
+
+    def run(shard):
+        return evaluate(proto, shard, reference=dense, batch_size=batch_size, device=device, progress=False,
+                        per_sample=dense is not None)
+
+    parts = engine.map(run, data, batch_size, "eval")
+    return merge_scores(parts, reference=dense is not None, per_sample=per_sample, rel_l2=logit_rel_l2)
 
 
 def _kept(batches: Iterable[Batch], into: list) -> Iterator[Batch]:
@@ -147,7 +166,7 @@ def _kept(batches: Iterable[Batch], into: list) -> Iterator[Batch]:
 
 
 def score(model, dense, data, *, name: str | None = None, batch_size: int = 256, device: str = "auto",
-          progress: bool = True) -> dict:
+          progress: bool = True, engine=None) -> dict:
     """The report's ``eval`` entry: ``model`` scored against ``dense`` on ``data``; the dense model runs once,
     and its outputs also give its own top-1 where ``data`` has labels.
 
@@ -155,13 +174,16 @@ def score(model, dense, data, *, name: str | None = None, batch_size: int = 256,
         model, dense: onnx.ModelProto.
         data: a calib.CalibSet, labelled or not.
         name: what the report calls the data. Defaults to None ("given").
-        batch_size, device, progress: as for :func:`evaluate`. Defaults to 256, "auto" and True.
+        batch_size, device, progress, engine: as for :func:`evaluate`. Defaults to 256, "auto", True and None.
     """
     dense_logits: list = []
     scores = evaluate(model, data, reference=dense, batch_size=batch_size, device=device, progress=progress,
-                      reference_logits=dense_logits)
+                      reference_logits=dense_logits, engine=engine)
     dense_top1 = None
     if data.labels is not None and scores.get("top1") is not None:  # the first output is (N, classes)
-        dense_top1 = agreement(dense_logits, output_kinds(dense), data.labels)["top1"]
+        if dense_logits:
+            dense_top1 = agreement(dense_logits, output_kinds(dense), data.labels)["top1"]
+        else:  # scored on a distributed engine: the dense model's top-1 is a pass of its own
+            dense_top1 = evaluate(dense, data, batch_size=batch_size, device=device, engine=engine)["top1"]
     return {"data": name or "given", "samples": scores["samples"], "top1": scores.get("top1"),
             "dense_top1": dense_top1, "agreement": scores.get("agreement"), "logit_rel_l2": scores["logit_rel_l2"]}
