@@ -3,7 +3,8 @@
 The public surface is small and lazy, so that ``import asr_onnx`` stays cheap:
 :func:`repair` and :class:`Repair` (the pipeline), :func:`load_calib` (calibration data),
 :func:`evaluate` (accuracy and agreement), :func:`bench` (measured speed), :func:`load_model`,
-:func:`save_model`, :func:`write_report` and :class:`AsrError`.
+:func:`save_model`, :func:`write_report`, :func:`search` (the sparsest repair that keeps a target agreement)
+and :class:`AsrError`.
 """
 
 from asr_onnx.errors import AsrError
@@ -20,6 +21,7 @@ _LAZY = {
     "load_model": "asr_onnx.model.files",
     "save_model": "asr_onnx.model.files",
     "write_report": "asr_onnx.report.build",
+    "search": "asr_onnx.pipeline.sparsity_search",
 }
 __all__ = ["AsrError", *_LAZY, "__version__"]
 

@@ -12,13 +12,15 @@ from asr_onnx.cli.eval import eval_command
 from asr_onnx.cli.inspect import inspect_command
 from asr_onnx.cli.repair import repair_command
 from asr_onnx.cli.report import report_command
+from asr_onnx.cli.search import search_command
 from asr_onnx.cli.stats import stats_command
 from asr_onnx.cli.sweep import sweep_command
 from asr_onnx.cli.verify import verify_command
 
 COMMANDS = {"repair": repair_command, "eval": eval_command, "stats": stats_command,
             "sweep": sweep_command, "demo": demo_command, "inspect": inspect_command,
-            "verify": verify_command, "report": report_command, "bench": bench_command}
+            "verify": verify_command, "report": report_command, "bench": bench_command,
+            "search": search_command}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -124,8 +124,8 @@ def _within_one_se(diff: np.ndarray) -> bool:
     return bool(diff.mean() <= diff.std() / np.sqrt(max(len(diff), 1)))
 
 
-def held_out_scores(job, calib, variants, *, folds: int, seed: int, measure: dict, reconstruct: dict | None = None,
-                    batch_size: int | None = None):
+def held_out_scores(job, calib, variants, *, folds: int, seed: int, measure: dict | None,
+                    reconstruct: dict | None = None, batch_size: int | None = None, shared: list | None = None):
     """Scores every variant on every calibration sample, each time with a probe fitted on the other folds.
 
     Args:
@@ -135,22 +135,27 @@ def held_out_scores(job, calib, variants, *, folds: int, seed: int, measure: dic
             :meth:`Repair.fork` of ``job``, see :func:`fit_probe`).
         folds: how many parts; each sample is held out once.
         seed: the parts' seed, and the probes' batch order.
-        measure: keyword arguments of the probes' :meth:`Repair.measure`.
+        measure: keyword arguments of the probes' :meth:`Repair.measure`, or None to leave them unmeasured.
         reconstruct: keyword arguments of the probes' :meth:`Repair.reconstruct`, or None to share ``job``'s
             pruned model. Defaults to None.
         batch_size: samples per evaluation run. Defaults to None (evaluate's own default).
+        shared: as for :func:`cross_fit`; here each fold's entry also keeps the dense statistics of its fit
+            part ("dense_stats"), which every later call on the same folds reuses. Defaults to None.
 
     Returns:
         as for :func:`cross_fit`.
     """
-    def fitted(fit):
-        probe = fit_probe(job, fit, seed=seed, measure=measure, reconstruct=reconstruct)
+    def fitted(fit, cache=None):
+        dense_stats = None if cache is None else cache.get("dense_stats")
+        probe = fit_probe(job, fit, seed=seed, measure=measure, reconstruct=reconstruct, dense_stats=dense_stats)
+        if cache is not None and measure is not None:
+            cache["dense_stats"] = probe.measurement.dense
         return (variant(probe) for variant in variants)
 
-    return cross_fit(job, calib, fitted, len(variants), folds=folds, seed=seed, batch_size=batch_size)
+    return cross_fit(job, calib, fitted, len(variants), folds=folds, seed=seed, batch_size=batch_size, shared=shared)
 
 
-def fit_probe(job, fit, *, seed: int, measure: dict | None, reconstruct: dict | None = None):
+def fit_probe(job, fit, *, seed: int, measure: dict | None, reconstruct: dict | None = None, dense_stats=None):
     """A :meth:`Repair.fork` of ``job`` fitted on ``fit`` only.
 
     Args:
@@ -161,16 +166,19 @@ def fit_probe(job, fit, *, seed: int, measure: dict | None, reconstruct: dict | 
         reconstruct: keyword arguments of :meth:`Repair.reconstruct`: the probe starts from ``job.pruned_alone``
             and is refitted on ``fit`` (a refit on the whole set would have seen the held-out part). None
             shares ``job``'s pruned model. Defaults to None.
+        dense_stats: the dense statistics of ``fit``, measured earlier with the same seed (see
+            :meth:`Repair.measure`), or None to measure them. Defaults to None.
     """
     probe = job.fork(batch_size=min(job.batch.requested, len(fit)), progress=False, refit=reconstruct is None)
     if reconstruct is not None:
         probe.reconstruct(fit, **reconstruct)
     if measure is not None:
-        probe.measure(fit, seed=seed, **measure)
+        probe.measure(fit, dense_stats, seed=seed, **measure)
     return probe
 
 
-def cross_fit(job, calib, fitted, count: int, *, folds: int, seed: int, batch_size: int | None = None):
+def cross_fit(job, calib, fitted, count: int, *, folds: int, seed: int, batch_size: int | None = None,
+              shared: list | None = None):
     """The fold loop of :func:`held_out_scores`, for variants that each need their own probe (such as a refit).
 
     Args:
@@ -182,6 +190,10 @@ def cross_fit(job, calib, fitted, count: int, *, folds: int, seed: int, batch_si
         folds: how many parts; each sample is held out once.
         seed: the parts' seed.
         batch_size: samples per evaluation run. Defaults to None (evaluate's own default).
+        shared: one dict per fold that outlives this call, for several calls on the same folds, seed and
+            batch size (a search's probes at several sparsities): the dense model's outputs on each
+            held-out part are kept there by the first call and reused by the next, and ``fitted`` is then
+            called as ``fitted(fit, that fold's dict)``. Defaults to None (nothing kept).
 
     Returns:
         (matches, err2, ref2): per variant, each held-out sample's top-1 match with dense (None for every
@@ -197,9 +209,13 @@ def cross_fit(job, calib, fitted, count: int, *, folds: int, seed: int, batch_si
     if any(len(held) % fixed for _, held in parts):  # a fixed batch cannot run a partial one
         raise AsrError(f"the model fixes its batch at {fixed}, and {len(calib)} calibration samples do not cut into "
                        f"{folds} held-out parts of whole batches; give a multiple of {folds * fixed} samples")
-    for fit, held in parts:
-        dense_outputs: list = []  # filled by the first evaluation, reused by the others
-        for i, model in enumerate(fitted(fit)):
+    if shared is not None and len(shared) != len(parts):
+        raise AsrError(f"{len(shared)} shared fold entries for {len(parts)} folds")
+    for k, (fit, held) in enumerate(parts):
+        cache = None if shared is None else shared[k]
+        # filled by the first evaluation, reused by the others (and by later calls, when shared)
+        dense_outputs: list = [] if cache is None else cache.setdefault("dense_outputs", [])
+        for i, model in enumerate(fitted(fit) if cache is None else fitted(fit, cache)):
             result = evaluate(model, held, reference=job.dense, device=job.device, progress=False,
                               reference_logits=dense_outputs, per_sample=True, engine=job.engine, **sizing)
             matches[i].append(result["matches"])

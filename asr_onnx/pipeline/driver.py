@@ -24,7 +24,6 @@ from asr_onnx.pipeline.recipe import Recipe
 from asr_onnx.progress import stage_done
 from asr_onnx.prune.masks import Pattern, check_sparsity
 from asr_onnx.prune.stage import needs_data, prune_channels, prune_weights
-from asr_onnx.prune.wanda import input_norms
 
 
 class Repair:
@@ -137,7 +136,7 @@ class Repair:
 
     def prune(self, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
               keep_last: bool = False, allocation: str = "global", score: str = "magnitude",
-              calib=None, flops_target: float | None = None, channel_plan=None) -> "Repair":
+              calib=None, flops_target: float | None = None, channel_plan=None, input_norms=None) -> "Repair":
         """Zeroes weights of Conv, ConvTranspose, Gemm and MatMul layers (:func:`asr_onnx.prune.stage.prune_weights`),
         or under ``pattern="channels"`` removes whole channels (:func:`asr_onnx.prune.stage.prune_channels`), whose
         removed filters stay zeroed in the dense shapes until :meth:`shrink`.
@@ -153,6 +152,7 @@ class Repair:
             calib: the calibration set, for "wanda" and "greedy". Defaults to None.
             flops_target: under "channels", the fraction of multiply-accumulates to keep. Defaults to None.
             channel_plan: under "channels", a plan made earlier, reused. Defaults to None.
+            input_norms: with "wanda", norms from :meth:`input_norms` on ``calib``, reused. Defaults to None.
         """
         channels = str(pattern).strip().lower() == "channels"
         if not channels:
@@ -161,10 +161,7 @@ class Repair:
             if calib is None:
                 raise AsrError(f"the score {score} needs calibration data")
             self._check_size(calib)
-        norms = None
-        if score == "wanda" and not channels:
-            with self._timed("input_norms"):
-                norms = input_norms(self.dense, calib, **self._options(progress=False))
+        norms = self.input_norms(score, calib) if input_norms is None and not channels else input_norms
         with self._timed("prune"):
             if channels:
                 done = prune_channels(self.dense, sparsity, score=score, calib=calib, flops_target=flops_target,
@@ -177,6 +174,18 @@ class Repair:
         self.channel_data = calib if calib is not None else self.channel_data
         self.settings.update(done.settings)
         return self
+
+    def input_norms(self, score: str, calib):
+        """Wanda's per-layer input norms on the dense model, or None for a score that needs no data."""
+        from asr_onnx.prune.wanda import input_norms
+
+        if score != "wanda":
+            return None
+        if calib is None:
+            raise AsrError("the score wanda needs calibration data")
+        self._check_size(calib)
+        with self._timed("input_norms"):
+            return input_norms(self.dense, calib, **self._options(progress=False))
 
     def prune_channels(self, sparsity: float = 0.5, **options) -> "Repair":
         """:meth:`prune` with ``pattern="channels"``."""

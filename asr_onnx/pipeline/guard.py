@@ -80,11 +80,7 @@ def guard_repair(job, calib, recipe: Recipe, mode: str = "fallback", *, seed: in
     matches = found if has_top1 else [np.zeros(len(calib))] * 2
     scores = [{"agreement": float(m.mean()) if has_top1 else None, "logit_rel_l2": logit_rel_l2(e, ref2)}
               for m, e in zip(matches, errors)]
-    verdict = _verdict(matches[0] - matches[1], errors[1] - errors[0]) if has_top1 else \
-        _verdict(np.zeros(1), errors[1] - errors[0])
-    # within noise the point estimate decides, and only the error: per sample it is a real number, while top-1
-    # is a coin per sample (on 64 samples of a 2-class model a few flips move it by 5 points)
-    loses = verdict == "pruning alone better" or (verdict == "tie" and errors[0].sum() > errors[1].sum())
+    verdict, loses = judge(found, errors)
     kept = "pruned" if mode == "fallback" and loses else "repair"
     entry = {"mode": mode, "held_out": len(calib), "folds": FOLDS, "repair": scores[0], "pruned": scores[1],
              "repair_refitted": reconstruct is not None,
@@ -94,6 +90,25 @@ def guard_repair(job, calib, recipe: Recipe, mode: str = "fallback", *, seed: in
                      f"{Z:g} paired standard errors; within noise the repair is kept only when its held-out error is "
                      f"lower"}
     return GuardVerdict(entry, kept == "pruned")
+
+
+def judge(matches: list, errors: list) -> tuple[str, bool]:
+    """The guard's verdict on held-out scores of the repair (first) and pruning alone (second).
+
+    Args:
+        matches: per model, each held-out sample's top-1 match with the dense model, or [None, None] where
+            top-1 means nothing (as :func:`asr_onnx.pipeline.crossfit.cross_fit` returns them).
+        errors: per model, each held-out sample's squared error against the dense model.
+
+    Returns:
+        (the verdict, whether the repair loses: worse past noise, or within noise with the higher error).
+    """
+    has_top1 = matches[0] is not None
+    verdict = _verdict(matches[0] - matches[1], errors[1] - errors[0]) if has_top1 else \
+        _verdict(np.zeros(1), errors[1] - errors[0])
+    # within noise the point estimate decides, and only the error: per sample it is a real number, while top-1
+    # is a coin per sample (on 64 samples of a 2-class model a few flips move it by 5 points)
+    return verdict, verdict == "pruning alone better" or (verdict == "tie" and errors[0].sum() > errors[1].sum())
 
 
 def _verdict(top1_gain, err2_gain) -> str:

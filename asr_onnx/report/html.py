@@ -13,9 +13,6 @@ damaged sites, the layers in graph order) and MAX_PLOT_SITES strips a plot, each
 
 from __future__ import annotations
 
-import base64
-import re
-from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +27,8 @@ from asr_onnx.report.damage import (
     variance_ratio,
     worst,
 )
+from asr_onnx.report.markup import Markup, figure_tag, join, tag
+from asr_onnx.report.search_page import with_search
 
 SECTIONS = {"summary": "Summary", "settings": "Settings", "sparsity": "Per-layer sparsity",
             "damage": "Damage per site", "channels": "Channels of one site", "gains": "Gains applied",
@@ -61,65 +60,6 @@ code{font-size:12px;background:#eef1f4;padding:0 3px;border-radius:3px;overflow-
 .banner.degraded{background:#fff4d6;border-color:#9a6700;color:#6b4700}
 .banner.broken{background:#fde7e9;border-color:#cf222e;color:#82071e}
 """
-
-# ---------------------------------------------------------------- the only writers of markup
-
-TAGS = frozenset({"html", "head", "meta", "title", "style", "body", "main", "h1", "h2", "p", "nav", "a", "section",
-                  "div", "b", "span", "table", "tr", "th", "td", "img", "code"})
-VOID = frozenset({"meta", "img"})
-# attribute -> the pattern its whole value must match (the values are this module's, never a report's)
-ATTRIBUTES = {"lang": r"en", "charset": r"utf-8", "class": r"[a-z][a-z ]*", "id": r"[a-z_]+",
-              "href": r"#[a-z_]+", "style": r"width:\d+(\.\d+)?%", "src": r"data:image/svg\+xml;base64,[A-Za-z0-9+/=]*",
-              "title": r"[^\x00]*", "alt": r"[^\x00]*"}
-
-
-class Markup(str):
-    """HTML that :func:`tag` or :func:`text` made; any other str is text, and is escaped."""
-
-
-def text(value) -> Markup:
-    """A value as HTML text: the one place where anything from a report enters the page."""
-    return Markup(escape("" if value is None else str(value), quote=True))
-
-
-def _children(children) -> str:
-    parts = []
-    for child in children:
-        if isinstance(child, (list, tuple)):
-            parts.append(_children(child))
-        elif isinstance(child, Markup):
-            parts.append(child)
-        elif child is not None:
-            parts.append(text(child))
-    return "".join(parts)
-
-
-def tag(name: str, *children, **attributes) -> Markup:
-    """``<name attributes>children</name>``: children that are not Markup are text; ``class_`` is class.
-
-    Raises:
-        ValueError: a tag or attribute outside the allowlists, or a value that does not match its pattern
-            (a bug of this module: a report never chooses tags, attributes or their patterns).
-    """
-    if name not in TAGS:
-        raise ValueError(f"tag {name!r} is not allowed")
-    written = []
-    for key, value in attributes.items():
-        key = key.rstrip("_")
-        if value is None:
-            continue
-        if key not in ATTRIBUTES or not re.fullmatch(ATTRIBUTES[key], str(value)):
-            raise ValueError(f"attribute {key}={str(value)[:40]!r} is not allowed")
-        written.append(f' {key}="{text(value)}"')
-    opening = f"<{name}{''.join(written)}>"
-    if name in VOID:
-        return Markup(opening)
-    return Markup(f"{opening}{_children(children)}</{name}>")
-
-
-def join(*parts) -> Markup:
-    return Markup(_children(parts))
-
 
 # ---------------------------------------------------------------- pieces
 
@@ -171,13 +111,6 @@ def _plots_missing() -> str | None:
     except AsrError:
         return "matplotlib is not installed (pip install 'asr-onnx[plots]'), so tables stand in for the plots."
     return None
-
-
-def _image(fig, alt: str) -> Markup:
-    from asr_onnx.report.plots import svg
-
-    data = base64.b64encode(svg(fig).encode()).decode()
-    return tag("img", class_="plot", alt=alt, src=f"data:image/svg+xml;base64,{data}")
 
 
 def _model_name(report) -> str:
@@ -311,7 +244,7 @@ def _damage(report, why_no_plots: str | None, keys: list) -> Markup:
             if len(plotted) < len(with_variances):
                 title += f" (the {len(plotted)} most damaged of {len(with_variances):,} sites)"
             strips = [(short_name(site_label(sites[i])), variance_ratio(sites[i]), dead_mask(sites[i])) for i in plotted]
-            parts.append(_image(strip_figure(strips, "pruned / reference variance", title),
+            parts.append(figure_tag(strip_figure(strips, "pruned / reference variance", title),
                                 "per-channel variance ratio of every site"))
             if len(plotted) < len(with_variances):
                 parts.append(_note(f"The plot shows the {len(plotted)} most damaged of {len(with_variances):,} sites "
@@ -342,7 +275,7 @@ def _channels(report, why_no_plots: str | None, site_name: str | None, keys: lis
         from asr_onnx.report.plots import channel_figure
 
         title = channel_title(_model_name(report), short_name(label), s.sparsity, s.pattern or "")
-        parts.append(_image(channel_figure(series, title, site.eps), f"per-channel variance of {label}"))
+        parts.append(figure_tag(channel_figure(series, title, site.eps), f"per-channel variance of {label}"))
         return join(parts)
     ratio, dead = variance_ratio(site), dead_mask(site)
     if ratio is None:  # has_variances said otherwise; kept for the type checker
@@ -392,7 +325,7 @@ def _gains(report, why_no_plots: str | None) -> Markup:
             title = f"{_model_name(report)}: gains per channel"
             if len(plotted) < len(with_gains):
                 title += f" (the {len(plotted)} farthest from 1 of {len(with_gains):,} sites)"
-            parts.append(_image(strip_figure([(short_name(site_label(sites[i])), sites[i].gains, None)
+            parts.append(figure_tag(strip_figure([(short_name(site_label(sites[i])), sites[i].gains, None)
                                               for i in plotted], "gain", title), "per-channel gains"))
             if len(plotted) < len(with_gains):
                 parts.append(_note(f"The plot shows the {len(plotted)} sites whose gains stray farthest from 1, of "
@@ -488,8 +421,12 @@ def render(report, *, site: str | None = None, plots: bool = True) -> str:
     sparsity = _num(report.totals.sparsity if report.totals else None, 3, True)
     sub = (f"{sparsity} {s.pattern or ''} sparsity, method {s.method or '-'} · asr-onnx "
            f"{(report.tool.version if report.tool else None) or '?'}")
-    nav = tag("nav", [tag("a", title, href=f"#{key}") for key, title in SECTIONS.items()])
+    links = [tag("a", title, href=f"#{key}") for key, title in SECTIONS.items()]
     sections = [tag("section", tag("h2", SECTIONS[key]), body, id=key) for key, body in bodies.items()]
+    searched = with_search(report, why_no_plots)
+    if searched is not None:  # asr-onnx search's trade-off curve and table come first
+        links, sections = [searched[0], *links], [searched[1], *sections]
+    nav = tag("nav", links)
     head = tag("head", tag("meta", charset="utf-8"), tag("title", f"asr-onnx report: {name}"), tag("style", Markup(CSS)))
     body = tag("body", tag("main", _verdict(report), tag("h1", f"Repair report: {name}"), tag("p", sub, class_="sub"),
                            nav, sections))
