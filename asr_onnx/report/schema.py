@@ -617,6 +617,25 @@ class Verdict(_Base):
         return f"verdict: {self.label} - {self.reason}" + (f"; {self.suggestion}" if self.suggestion else "")
 
 
+@dataclass(frozen=True)
+class Worker(_Base):
+    """``--engine ray``: one worker of the sharded passes."""
+
+    host: str | None = spec(TEXT)
+    device: str | None = spec(TEXT)
+    samples: int | None = spec(COUNT)
+
+
+@dataclass(frozen=True)
+class EnginePass(_Base):
+    """``--engine ray``: one sharded pass, with its samples, shards and time."""
+
+    pass_: str | None = spec(TEXT, key="pass")
+    samples: int | None = spec(COUNT)
+    shards: int | None = spec(COUNT)
+    seconds: float | None = spec(Opt(Num(0.0, MAX_SECONDS)))
+
+
 @dataclass(frozen=True, eq=False)
 class Report(_Base):
     """A repair's report (see :func:`asr_onnx.report.build.build_report` for what each section holds)."""
@@ -633,6 +652,9 @@ class Report(_Base):
     timings_s: dict = spec(MapOf(Num(0.0, MAX_SECONDS)), factory=dict)
     eval: Eval | None = spec(Opt(Section(Eval)))
     channels: Channels | None = spec(Opt(Section(Channels)))
+    engine: str | None = spec(TEXT)
+    workers: tuple | None = spec(Opt(ListOf(Section(Worker), MAX_LAYERS)))
+    engine_passes: tuple | None = spec(Opt(ListOf(Section(EnginePass), MAX_LAYERS)))
 
     def check(self, where: str) -> None:
         if self.keys is not None and not {"settings", "layers", "sites"} & set(self.keys):

@@ -92,8 +92,9 @@ def sample_report(sites: int = 3) -> dict:
         "timings_s": {"prune": 0.02, "measure_dense": 0.25, "guard": 1.5},
         "eval": {"data": "eval.npz", "samples": 300, "top1": 0.9, "dense_top1": 0.95, "agreement": 0.92,
                  "logit_rel_l2": 0.31},
-        "channels": {"groups": [{"kind": "conv", "channels": 16, "removed": 8, "whole": None},
-                                {"kind": "residual", "channels": 32, "removed": 0, "whole": "reaches a graph output"}],
+        "channels": {"groups": [{"kind": "conv", "channels": 16, "removed": 8, "whole": False, "reason": None},
+                                {"kind": "residual", "channels": 32, "removed": 0, "whole": True,
+                                 "reason": "reaches a graph output"}],
                      "score": "magnitude", "params": [1000, 600], "macs": [50000, 30000]},
     }
 
@@ -283,7 +284,8 @@ def test_what_is_not_a_regular_file_is_refused_before_it_is_read(kind, tmp_path)
     if kind == "fifo":
         os.mkfifo(source)
     result = _cli(["report", source, "-o", str(tmp_path / "p.html")])
-    assert result.returncode == 1 and result.stderr.strip().endswith("is not a regular file: a JSON report is one")
+    # the CLI's plan refuses it first (outputs.Plan.read); read_json itself refuses it too (the API's path)
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and "not a regular file" in result.stderr
     assert result.stderr.count("\n") == 1 and not (tmp_path / "p.html").exists()
 
 
