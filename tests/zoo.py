@@ -591,6 +591,62 @@ def huge_activations(bn=False):
     return g.model([("input", ["N", 3, 8, 8], None)], g.head(h, 8)), {"input": random_inputs(N)}
 
 
+OVERFLOW_UP = 1e20  # the input's scale: every BN's dense variance is near 1e40, past float32's 3.4e38
+
+
+def overflowing_bn_weights(seed=25):
+    """The weights of :func:`overflowing_bn`: two 3x3 convs (3 -> 6 -> 8) with biases, each followed by a BN
+    with ordinary running statistics, and a Gemm head to 5 classes."""
+    rng = np.random.default_rng(seed)
+
+    def as_stored(values):  # float32 values, so that the oracle computes with what the graph holds
+        return values.astype(np.float32).astype(np.float64)
+
+    def conv(cin, cout):
+        return {key: as_stored(v) for key, v in (
+            ("w", rng.normal(0, (2 / (cin * 9)) ** 0.5, (cout, cin, 3, 3))), ("b", rng.normal(0, 0.1, cout)),
+            ("scale", rng.uniform(0.5, 1.5, cout)), ("shift", rng.normal(0, 0.1, cout)),
+            ("mean", rng.normal(0, 0.1, cout)), ("var", rng.uniform(0.5, 2.0, cout)))}
+
+    return {"convs": [conv(3, 6), conv(6, 8)], "fc": as_stored(rng.normal(0, 0.5, (5, 8))),
+            "fc_b": as_stored(rng.normal(0, 0.1, 5))}
+
+
+def overflowing_bn_oracle(weights, x, up=OVERFLOW_UP):
+    """The numpy forward pass (float64) of :func:`overflowing_bn` on NCHW ``x``: the logits, and each BN's input."""
+    h, bn_inputs = x.astype(np.float64) * np.float64(np.float32(up)), []
+    for layer in weights["convs"]:
+        padded = np.pad(h, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        size = h.shape[2]
+        patches = np.stack([padded[:, :, i:i + size, j:j + size] for i in range(3) for j in range(3)], axis=2)
+        y = np.einsum("ncphw,ocp->nohw", patches, layer["w"].reshape(*layer["w"].shape[:2], 9))
+        y = y + layer["b"][None, :, None, None]
+        bn_inputs.append(y)
+        view = (1, -1, 1, 1)
+        h = np.maximum((y - layer["mean"].reshape(view)) / np.sqrt(layer["var"].reshape(view) + 1e-5)
+                       * layer["scale"].reshape(view) + layer["shift"].reshape(view), 0)
+    pooled = h.mean(axis=(2, 3)) * np.float64(np.float32(1 / up))
+    return pooled @ weights["fc"].T + weights["fc_b"], bn_inputs
+
+
+def overflowing_bn(up=OVERFLOW_UP, seed=25):
+    """A Caffe-era graph like onnx's light ResNet-50: a Mul by 1e20 on the input (a constant Scale layer),
+    then Conv -> BN -> Relu twice, with BNs whose running statistics are ordinary, GlobalAveragePool, a Mul
+    by 1e-20 and a Gemm. The activations reach 1e20, finite in float32, but every BN's variance on the data
+    is near 1e40, which float32 cannot hold: a BN rewritten around it must keep the variance representable.
+    ``up=1e36`` puts the variances near 1e72. Oracle: :func:`overflowing_bn_oracle`."""
+    weights = overflowing_bn_weights(seed)
+    g = G(seed)
+    h = g.node("Mul", ["input", g.init("up", np.float32(up))])
+    for layer in weights["convs"]:
+        h = g.node("Conv", [h, g.init("w", layer["w"]), g.init("b", layer["b"])], "conv", pads=[1] * 4)
+        params = [layer[key] for key in ("scale", "shift", "mean", "var")]
+        h = g.relu(g.node("BatchNormalization", [h] + [g.init("bn", p) for p in params], "bn", epsilon=1e-5))
+    h = g.node("Mul", [g.node("Flatten", [g.node("GlobalAveragePool", [h])]), g.init("down", np.float32(1 / up))])
+    out = g.node("Gemm", [h, g.init("fc", weights["fc"]), g.init("fcb", weights["fc_b"])], "fc", transB=1)
+    return g.model([("input", ["N", 3, 8, 8], None)], out), {"input": random_inputs(N)}
+
+
 def wide_bn(after="conv"):
     """A Conv whose output has a standard deviation near 1e4 (a BN variance of about 1e8, as in a PP-OCRv4
     detector), renormalised by a BN, then Relu, GlobalAveragePool and Gemm. ``after="add"`` puts the BN
@@ -751,10 +807,14 @@ def one_layer(kind: str):
     kinds: "conv" (2 groups, stride 2, dilation 2, padding 2, bias), "depthwise", "conv_valid" (1x1, stride 2,
     no padding), "conv_shifted" (stride 1, 2 groups, dilation (2, 1), uneven padding: XᵀX summed by shifts),
     "conv5" (5x3 kernel, stride 1, padding 2 and 0), "gemm" (transB, alpha 0.5, beta 2), "gemm_t0" (transB 0),
-    "matmul" (a 3-D input).
+    "matmul" (a 3-D input), "conv21" (a 21x21 kernel, stride 1, padding 10, on 24x24 inputs, 8 samples: summed
+    by shifts it would need 29,261 segment products).
     """
     g = G(12)
     x = g.relu("input")
+    if kind == "conv21":
+        out = g.conv(x, 4, 4, k=21)
+        return g.model([("input", ["N", 4, 24, 24], None)], out), {"input": _feed((4, 24, 24), n=8)}
     if kind in ("conv", "depthwise", "conv_valid", "conv_shifted", "conv5"):
         if kind == "conv":
             out = g.conv(x, 4, 6, group=2, strides=[2, 2], dilations=[2, 2], pads=[2, 2, 2, 2])
@@ -778,6 +838,34 @@ def one_layer(kind: str):
 
 
 ONE_LAYER = ("conv", "depthwise", "conv_valid", "conv_shifted", "conv5", "gemm", "gemm_t0", "matmul")
+
+
+def endless_loop(trips=10**12):
+    """A Loop of ``trips`` iterations, each a MatMul of the 64x64 input by the identity: the input comes out
+    (the oracle) once it ends, which at 10^12 iterations it never does. For stopping a run halfway."""
+    x_in, x_out = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [64, 64]) for n in ("x_in", "x_out"))
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_in", "eye"], ["x_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), x_in],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), x_out], [_init("eye", np.eye(64, dtype=np.float32))])
+    loop = helper.make_node("Loop", ["trips", "go", "input"], ["output"], body=body)
+    return make_model([loop], [_init("trips", np.array(trips, np.int64)), _init("go", np.array(True))],
+                      [helper.make_tensor_value_info("input", TensorProto.FLOAT, [64, 64])],
+                      [helper.make_tensor_value_info("output", TensorProto.FLOAT, [64, 64])])
+
+
+def big_kernel_net(n=32, stride=1):
+    """input -> Relu -> Conv 3x3 -> Relu -> Conv 21x21 (padding 10): two depth levels, so that a refit keeps the
+    first level's output (its frontier, on disk) while it runs the second. ``stride=1``: 4 channels of 24x24,
+    the second Conv's Gram products about 1.8e9 multiply-adds per sample; ``stride=2``: 8 channels of 48x48
+    and a stride of 2, 7.2e9 per sample, which by im2col is one product of 2.3e11 for a batch of 32. The Gram
+    sums of such a kernel are checked against PyTorch's unfold on ``one_layer("conv21")``."""
+    g = G(13)
+    channels, size = (4, 24) if stride == 1 else (8, 48)
+    h = g.relu(g.conv(g.relu("input"), channels, channels))
+    out = g.conv(h, channels, channels, k=21, strides=[stride, stride])
+    return g.model([("input", ["N", channels, size, size], None)], out), {"input": _feed((channels, size, size), n=n)}
 
 
 # ---------------------------------------------------------------- 15. output layouts (issue 17)

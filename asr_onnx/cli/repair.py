@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
 from asr_onnx.cli.common import COUNT, LABELS_HELP, NON_NEGATIVE, regexes, run_options, say
 from asr_onnx.measure.norms import DEFAULT_REFERENCE, REFERENCES
+
+
+def _megabytes(value: float) -> float:
+    """A size bound is a finite number >= 0 (NaN would pass every comparison, a negative one no layer, and
+    neither NaN nor inf is a number in the JSON report)."""
+    if not math.isfinite(value) or value < 0:
+        raise click.BadParameter(f"must be a finite number of MB >= 0, got {value}")
+    return value
 
 
 def default_output(model: str) -> Path:
@@ -38,7 +47,7 @@ def default_output(model: str) -> Path:
 @click.option("--refit-samples", default=0, show_default=True, type=click.IntRange(min=0),
               help="With --reconstruct ls or auto, refit on a seeded N of the calibration samples (0: all); "
                    "the refit's cost falls in proportion, recalibration still uses them all.")
-@click.option("--max-gram-mb", default=256.0, show_default=True, type=float,
+@click.option("--max-gram-mb", default=256.0, show_default=True, type=float, callback=lambda ctx, param, value: _megabytes(value),
               help="With --reconstruct ls or auto, skip a layer whose Gram matrices would exceed this.")
 @click.option("--method", default="bn", show_default=True,
               type=click.Choice(["none", "bn", "lw", "naive", "asr", "auto"]),

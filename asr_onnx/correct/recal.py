@@ -104,7 +104,9 @@ def affine(ref: Norm, corr: Correction) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write(graph, site, ref: Norm, corr: Correction) -> str:
-    """Writes one correction; returns how: "bn", "folded" or "unchanged".
+    """Writes one correction; returns how: "bn", "bn-rescaled" (its scale, variance and epsilon divided by
+    powers of two, see :func:`bn_exponent`), "folded", "folded-bn" (the BN could not hold it and was folded
+    into its layer, and removed: ``site.bn`` is then None) or "unchanged".
 
     Raises:
         AsrError: a value written would not be finite in the weights' dtype (named by the site).
@@ -118,16 +120,72 @@ def write(graph, site, ref: Norm, corr: Correction) -> str:
         return "folded"
     scale_t, bias_t, mean_t, var_t = site.bn.inputs[1:5]
     dtype = scale_t.values.dtype
+    scale = ref.scale * corr.scale
+    k = bn_exponent(scale, corr.var, site.eps, dtype)
+    if k is None and site.layer is not None:  # no BN of this dtype computes it: the layer takes it
+        a, c = affine(ref, corr)
+        _check_finite(site, fold_affine(graph, site.layer, a, c))
+        _remove_bn(site)
+        return "folded-bn"
+    k = k or 0  # None, with no layer to fold into: written as it is, and refused by name below
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by name below
-        scale_t.values = (ref.scale * corr.scale).astype(dtype)
+        scale_t.values = (scale * 2.0**-k).astype(dtype)
         bias_t.values = np.asarray(ref.bias).astype(dtype)  # a calibration reference has its own bias
-    mean_t.values = np.asarray(corr.mean).astype(dtype)
-    var_t.values = np.asarray(corr.var).astype(dtype)
+        mean_t.values = np.asarray(corr.mean).astype(dtype)
+        var_t.values = (np.asarray(corr.var) * 4.0**-k).astype(dtype)
+    if k:
+        site.bn.attrs["epsilon"] = float(np.float32(site.eps * 4.0**-k))
     written = [scale_t, bias_t, mean_t, var_t]
     if corr.pre_gain is not None:
         written += fold_affine(graph, site.layer, corr.pre_gain, np.zeros_like(corr.pre_gain))
     _check_finite(site, written)
-    return "bn"
+    return "bn-rescaled" if k else "bn"
+
+
+def bn_exponent(scale, var, eps: float, dtype) -> int | None:
+    """The k for which a BN stores ``scale`` 2^-k, ``var`` 4^-k and epsilon ``eps`` 4^-k: 0 when ``scale`` and
+    ``var`` are finite in ``dtype``, else the smallest k that brings both under 2^-2 of its range, or None
+    when no k gives the BN's function.
+
+    A BN computes scale (x - mean) / sqrt(var + eps) + bias, which depends on scale and sqrt(var + eps) only
+    through their ratio: powers of two change neither that ratio nor any digit. A dense variance can pass
+    float32's range (3.4e38) while the activations, its square root, do not; the stored variance is then
+    that statistic times 4^-k. The epsilon attribute is a float32, so from eps 4^-k under 2^-126 on it
+    loses digits; the k is kept only while every channel's scale / sqrt(var + eps), recomputed from the
+    values as stored, is within 8 roundings of ``dtype`` of the intended one.
+
+    Args:
+        scale, var: the BN's scale and running variance, float64, per channel.
+        eps: its epsilon.
+        dtype: the dtype of its parameters.
+    """
+    scale, var = np.asarray(scale, np.float64), np.asarray(var, np.float64)
+    info = np.finfo(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(scale.astype(dtype)).all() and np.isfinite(var.astype(dtype)).all():
+            return 0
+    if not (np.isfinite(scale).all() and np.isfinite(var).all()) or np.any(var + eps <= 0):
+        return None
+    top = info.maxexp - 2  # room for var + eps, and for the kernel's own arithmetic
+    need = max(np.log2(max(float(np.max(var)), 1.0)) / 2 - top / 2, np.log2(max(float(np.max(np.abs(scale))), 1.0)) - top)
+    k = max(int(np.ceil(need)), 1)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        stored_scale = (scale * 2.0**-k).astype(dtype).astype(np.float64)
+        stored_var = (var * 4.0**-k).astype(dtype).astype(np.float64)
+        stored_eps = float(np.float32(eps * 4.0**-k))
+        ratio = stored_scale / np.sqrt(stored_var + stored_eps)
+    wanted = scale / np.sqrt(var + eps)
+    if not np.isfinite(ratio).all() or np.any(np.abs(ratio - wanted) > 8 * float(info.eps) * np.abs(wanted)):
+        return None
+    return k
+
+
+def _remove_bn(site) -> None:
+    """Takes a BN that directly follows its layer out of the graph: the layer writes the BN's output."""
+    out = site.bn.outputs[0]
+    site.bn.outputs.clear()
+    site.layer.node.outputs[0] = out
+    site.bn = None
 
 
 def fold_bn(graph, site) -> None:
@@ -139,9 +197,7 @@ def fold_bn(graph, site) -> None:
     scale, bias, mean, var = (np.asarray(t.values, np.float64) for t in site.bn.inputs[1:5])
     inv_std = scale / np.sqrt(var + floor_eps(var, site.eps))
     _check_finite(site, fold_affine(graph, site.layer, inv_std, bias - inv_std * mean))
-    out = site.bn.outputs[0]
-    site.bn.outputs.clear()
-    site.layer.node.outputs[0] = out
+    _remove_bn(site)
 
 
 def _check_finite(site, constants) -> None:

@@ -59,7 +59,7 @@ def to_model(graph, like: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def static_shapes(model: onnx.ModelProto, keep: int = 64) -> dict[str, tuple]:
+def static_shapes(model: onnx.ModelProto, keep: int = 64, dims: dict | None = None) -> dict[str, tuple]:
     """Tensor name -> dims (int, or a str for a symbolic one) from ONNX shape inference, {} if it fails.
 
     Inference runs on a copy whose large initializers carry no data (their dims are all it needs),
@@ -68,10 +68,21 @@ def static_shapes(model: onnx.ModelProto, keep: int = 64) -> dict[str, tuple]:
     Args:
         keep: initializers up to this many elements keep their data (Reshape targets and the like).
             Defaults to 64.
+        dims: graph input name -> the dims to infer from instead of the declared ones (such as the
+            calibration data's). Defaults to None.
     """
     stripped = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
     graph = stripped.graph
     graph.input.extend(model.graph.input)
+    for value in graph.input:
+        if dims and value.name in dims and value.type.HasField("tensor_type"):
+            value.type.tensor_type.shape.Clear()
+            for d in dims[value.name]:
+                entry = value.type.tensor_type.shape.dim.add()
+                if isinstance(d, int):
+                    entry.dim_value = d
+                elif d:
+                    entry.dim_param = d
     graph.output.extend(model.graph.output)
     graph.node.extend(model.graph.node)
     for init in model.graph.initializer:

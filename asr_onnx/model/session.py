@@ -20,7 +20,8 @@ from asr_onnx.errors import AsrError, first_line
 from asr_onnx.progress import bar
 
 DEVICES = ("auto", "cpu", "cuda")
-LOG_SEVERITY = 3  # onnxruntime logs errors only: its warnings would precede our one error line
+LOG_SEVERITY = 4  # onnxruntime logs only fatal errors: its warnings and errors (an allocation that failed) would
+# surround our one error line, which says the same from the exception
 
 
 def providers(device: str = "auto") -> list[str]:
@@ -205,15 +206,23 @@ class Runner:
         what: what a load error calls the model. Defaults to "the model".
         on: what a run error says failed. Defaults to "a calibration batch".
         io_binding: as for :func:`runner`. Defaults to None (on CUDA only).
+        stoppable: run in a worker thread that a signal stops between two nodes
+            (:func:`asr_onnx.model.stoppable.run`), for runs long enough to hold a signal back. Defaults to False.
     """
 
     def __init__(self, model, *, device: str = "auto", threads: int = 0, mem_pattern: bool = True,
-                 what: str = "the model", on: str = "a calibration batch", io_binding: bool | None = None):
+                 what: str = "the model", on: str = "a calibration batch", io_binding: bool | None = None,
+                 stoppable: bool = False):
         self.session = make_session(model, device, threads, mem_pattern=mem_pattern, what=what)
         self.inputs = self.session.get_inputs()
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.provider = provider_of(self.session)
         self.on, self._run = on, runner(self.session, io_binding)
+        if stoppable and self._run == self.session.run:
+            from asr_onnx.model import stoppable as stop
+
+            session = self.session
+            self._run = lambda names, feed: stop.run(session, names, feed)
 
     def run(self, names: list[str] | None, feed: dict) -> dict:
         """Output name -> value for ``names`` (None: every output) on ``feed``.
@@ -225,6 +234,7 @@ class Runner:
         try:
             return dict(zip(names, self._run(names, feed)))
         except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: a shape it cannot take, memory
+            # (a KeyboardInterrupt from a signal is no Exception: it goes on)
             raise AsrError(f"onnxruntime failed on {self.on}: {first_line(e)}") from None
 
     def close(self) -> None:

@@ -7,6 +7,8 @@ Gemm and MatMul) and reduced by a batched MatMul, so that only per-layer matrice
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from asr_onnx.calib.specs import fixed_batch, input_specs
@@ -109,14 +111,101 @@ def shifted_plan(size: int, kernel: int, dilation: int, pad: int, out: int):
     return plan
 
 
+MAX_SHIFT_PIECES = 1024  # segment products of a ShiftedGram: 29 for a 3x3 kernel, 505 for 7x7, 2,581 for 11x11
+# The multiply-adds of one node of a Gram graph, for one batch: well under a second at a CPU's 50-100 G/s, so that
+# a signal, which onnxruntime honours between nodes, stops a run at once. XᵀX by im2col is cut into blocks of
+# rows to stay under it; what cannot be cut (im2col itself, a segment product) bounds the batch instead.
+MAX_NODE_MACS = 3.2e10
+
+
 def _structured(layer, shape) -> bool:
-    """Whether XᵀX of this Conv's patches is summed by shifts (stride 1, 2-D, known spatial size)."""
+    """Whether XᵀX of this Conv's patches is summed by shifts (stride 1, 2-D, known spatial size), which pays
+    while the segment products stay few: their count grows as the fourth power of the kernel (29,261 for a
+    21x21 kernel, each a handful of nodes), and past :data:`MAX_SHIFT_PIECES` the patches are made by im2col."""
     node = layer.node
     return (layer.op == "Conv" and len(layer.weight.shape) == 4 and len(shape or ()) == 4
             and all(isinstance(d, int) and d > 0 for d in shape[2:])
             and all(s == 1 for s in node.attrs.get("strides", [1]))
             and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
-            and int(np.prod(layer.weight.shape[2:])) > 1)
+            and int(np.prod(layer.weight.shape[2:])) > 1
+            and len(_shift_pieces(_shift_geometry(layer, shape)[-1])) <= MAX_SHIFT_PIECES)
+
+
+def _shift_geometry(layer, shape):
+    """(kernel, dilations, pads, output size, per spatial axis its :func:`shifted_plan`) of a stride-1 2-D Conv."""
+    kernel = tuple(layer.weight.shape[2:])
+    attrs = layer.node.attrs
+    dil = list(attrs.get("dilations", [1, 1]))
+    pads = list(attrs.get("pads", [0, 0, 0, 0])) if attrs.get("auto_pad", "NOTSET") == "NOTSET" else [0] * 4
+    size = shape[2:]
+    out = [size[a] + pads[a] + pads[a + 2] - dil[a] * (kernel[a] - 1) for a in (0, 1)]
+    return kernel, dil, pads, out, [shifted_plan(size[a], kernel[a], dil[a], pads[a], out[a]) for a in (0, 1)]
+
+
+def _shift_pieces(plans) -> list[tuple]:
+    """Every segment product of a ShiftedGram: (ey, ex, sy, sx, rows of the segment, its columns); the shifts
+    −e are left out (their blocks are the transposes of those of e)."""
+    pieces = []
+    for ey, (cuts_y, _) in plans[0].items():
+        for ex, (cuts_x, _) in plans[1].items():
+            if ey < 0 or (ey == 0 and ex < 0):
+                continue
+            pieces += [(ey, ex, sy, sx, y1 - y0, x1 - x0) for sy, (y0, y1) in enumerate(zip(cuts_y, cuts_y[1:]))
+                       for sx, (x0, x1) in enumerate(zip(cuts_x, cuts_x[1:]))]
+    return pieces
+
+
+@dataclass(frozen=True)
+class GramWork:
+    """What the Gram outputs of one layer cost per calibration sample.
+
+    Attributes:
+        length: the patch length per group (input channels x kernel).
+        positions: the output positions (rows of the patch matrix) per sample.
+        macs: the multiply-adds.
+        node_macs: the multiply-adds of its largest node that cannot be cut into blocks (im2col, a segment
+            product; onnxruntime cannot stop a node halfway).
+        tensor_bytes: the bytes of the largest tensor made for them.
+    """
+
+    length: int
+    positions: int
+    macs: float
+    node_macs: float
+    tensor_bytes: float
+
+
+def gram_work(layer, in_shape, out_shape) -> GramWork | None:
+    """What the Gram outputs of one layer cost per calibration sample, or None when the shapes are not known.
+
+    By im2col, the patch matrix (patch length x output positions, float32) is the largest tensor, and XᵀX
+    takes positions x length² multiply-adds; summed by shifts, each segment product takes its area times
+    the input channels squared, and no tensor is larger than the input.
+
+    Args:
+        layer: a Conv, Gemm or MatMul.
+        in_shape, out_shape: the dims of its data input and of its output (the first one the batch).
+    """
+    groups, length, per_group = patch_size(layer)
+    dims = [d for shape in (in_shape, out_shape) for d in (shape or [None])[1:]]
+    if not in_shape or not out_shape or not all(isinstance(d, int) and d > 0 for d in dims):
+        return None
+    rows = int(np.prod(out_shape[2:])) if layer.op == "Conv" else int(np.prod(in_shape[1:-1]))
+    if _structured(layer, in_shape):
+        channels = layer.weight.shape[1]
+        kernel, _, _, out, plans = _shift_geometry(layer, in_shape)
+        area = sum(h * w for *_, h, w in _shift_pieces(plans))
+        cross = per_group * int(np.prod(kernel)) * out[0] * out[1]
+        largest = max(h * w for *_, h, w in _shift_pieces(plans))
+        macs = groups * channels * (channels * area + cross)
+        return GramWork(length, rows, float(macs), float(groups * channels * max(channels * largest, cross)),
+                        4.0 * float(np.prod(in_shape[1:])))
+    macs = rows * groups * length * (length + per_group)
+    uncut = rows * groups * max(length, per_group)  # one row of XᵀX and XᵀY
+    if layer.op == "Conv":
+        uncut = max(uncut, rows * groups * length * int(np.prod(layer.weight.shape[2:])))  # im2col, a one-hot Conv
+        macs += uncut
+    return GramWork(length, rows, float(macs), float(uncut), 4.0 * rows * groups * length)
 
 
 def _slice(b: GraphBuilder, x, starts, ends, axes):
@@ -138,14 +227,9 @@ class ShiftedGram:
     def __init__(self, b: GraphBuilder, layer, x, target, shape):
         groups, _, per_group = patch_size(layer)
         self.groups, self.channels = groups, layer.weight.shape[1]
-        kernel = tuple(layer.weight.shape[2:])
-        attrs = layer.node.attrs
-        dil = list(attrs.get("dilations", [1, 1]))
-        pads = list(attrs.get("pads", [0, 0, 0, 0])) if attrs.get("auto_pad", "NOTSET") == "NOTSET" else [0] * 4
+        kernel, dil, pads, out, self.plans = _shift_geometry(layer, shape)
         size = shape[2:]
-        out = [size[a] + pads[a] + pads[a + 2] - dil[a] * (kernel[a] - 1) for a in (0, 1)]
         self.kernel, self.dil, self.pads = kernel, dil, pads
-        self.plans = [shifted_plan(size[a], kernel[a], dil[a], pads[a], out[a]) for a in (0, 1)]
         self.per_group = per_group
         xt = b.op("Transpose", [x], {"perm": [1, 0, 2, 3]})  # (C, N, H, W)
         yt = b.op("Transpose", [target], {"perm": [1, 0, 2, 3]})  # (out channels, N, Ho, Wo)
@@ -159,16 +243,13 @@ class ShiftedGram:
             self.outputs.append(out)
             return out.name
 
-        for ey, (cuts_y, _) in self.plans[0].items():
-            for ex, (cuts_x, _) in self.plans[1].items():
-                if ey < 0 or (ey == 0 and ex < 0):
-                    continue  # the transposes of the blocks of −e
-                for sy, (y0, y1) in enumerate(zip(cuts_y, cuts_y[1:])):
-                    for sx, (x0, x1) in enumerate(zip(cuts_x, cuts_x[1:])):
-                        a = _slice(b, xt, [y0, x0], [y1, x1], [2, 3])
-                        c = a if (ey, ex) == (0, 0) else _slice(b, xt, [y0 + dil[0] * ey, x0 + dil[1] * ex],
-                                                                 [y1 + dil[0] * ey, x1 + dil[1] * ex], [2, 3])
-                        self.pieces[(ey, ex, sy, sx)] = product(a, self.channels, c, self.channels)
+        for ey, ex, sy, sx, _, _ in _shift_pieces(self.plans):
+            y0, y1 = self.plans[0][ey][0][sy:sy + 2]
+            x0, x1 = self.plans[1][ex][0][sx:sx + 2]
+            a = _slice(b, xt, [y0, x0], [y1, x1], [2, 3])
+            c = a if (ey, ex) == (0, 0) else _slice(b, xt, [y0 + dil[0] * ey, x0 + dil[1] * ex],
+                                                     [y1 + dil[0] * ey, x1 + dil[1] * ex], [2, 3])
+            self.pieces[(ey, ex, sy, sx)] = product(a, self.channels, c, self.channels)
         for iy in range(kernel[0]):
             for ix in range(kernel[1]):  # x at offset i against Y, over the output positions where x[p + D i] is in the image
                 p_y = (max(0, pads[0] - dil[0] * iy), min(out[0], size[0] + pads[0] - dil[0] * iy))
@@ -232,12 +313,24 @@ def _side_by_side(dense, pruned, dense_prefixed=None):
 
 
 class Im2colGram:
-    """The Gram outputs of any layer from its patches (im2col in-graph, or a reshape) and one product."""
+    """The Gram outputs of any layer from its patches (im2col in-graph, or a reshape) and one product, cut into
+    blocks of rows of XᵀX and XᵀY where one would exceed :data:`MAX_NODE_MACS`.
 
-    def __init__(self, b: GraphBuilder, layer, x, target):
+    Args:
+        rows: the patch rows of one run (batch x positions), or 0 when not known (one product).
+    """
+
+    def __init__(self, b: GraphBuilder, layer, x, target, rows: int = 0):
+        groups, length, _ = patch_size(layer)
         patches = _patches(b, layer, x)
-        xtx = b.op("MatMul", [patches, b.op("Transpose", [patches], {"perm": [0, 2, 1]})])
-        xty = b.op("MatMul", [patches, b.op("Transpose", [target], {"perm": [0, 2, 1]})])
+        across = [b.op("Transpose", [patches], {"perm": [0, 2, 1]}), b.op("Transpose", [target], {"perm": [0, 2, 1]})]
+        step = max(int(MAX_NODE_MACS // (groups * length * rows)), 1) if rows else length
+        if step >= length:
+            xtx, xty = (b.op("MatMul", [patches, other]) for other in across)
+        else:
+            blocks = [_slice(b, patches, [start], [min(start + step, length)], [1]) for start in range(0, length, step)]
+            xtx, xty = (b.op("Concat", [b.op("MatMul", [block, other]) for block in blocks], {"axis": 1})
+                        for other in across)
         yy = b.reduce("ReduceSumSquare", target, [2])
         rows = b.op("Shape", [target], dtype=np.int64)
         self.outputs = [xtx, xty, yy, rows]
@@ -249,8 +342,9 @@ class Im2colGram:
         return GramStats(float(rows[-1]), xtx.astype(np.float64), xty.astype(np.float64), yy.astype(np.float64).ravel())
 
 
-def _add_grams(b: GraphBuilder, layers, dense_layers, indices: list[int], shapes: dict):
-    """The Gram outputs of the layers ``indices``: (output tensors, per layer its ShiftedGram or Im2colGram)."""
+def _add_grams(b: GraphBuilder, layers, dense_layers, indices: list[int], shapes: dict, batch: int = 0):
+    """The Gram outputs of the layers ``indices``: (output tensors, per layer its ShiftedGram or Im2colGram);
+    ``batch``: the samples of one run, or 0 when not known."""
     outputs, grams = [], []
     for index in indices:
         layer, dense_layer = layers[index], dense_layers[index]
@@ -259,14 +353,22 @@ def _add_grams(b: GraphBuilder, layers, dense_layers, indices: list[int], shapes
             target = _target(b, layer, dense_layer.node.inputs[0], dense_layer.weight, as_rows=False)
             gram = ShiftedGram(b, layer, x, target, shapes[x.name])
         else:
-            gram = Im2colGram(b, layer, x, _target(b, layer, dense_layer.node.inputs[0], dense_layer.weight))
+            work = gram_work(layer, shapes.get(x.name), shapes.get(layer.output.name))
+            gram = Im2colGram(b, layer, x, _target(b, layer, dense_layer.node.inputs[0], dense_layer.weight),
+                              batch * work.positions if work else 0)
         outputs += gram.outputs
         grams.append(gram)
     return outputs, grams
 
 
-def gram_model(dense, pruned, indices: list[int]):
+def gram_model(dense, pruned, indices: list[int], shapes: dict | None = None, batch: int = 0):
     """Both models on the same inputs, with the Gram outputs of the layers ``indices`` (find_layers order).
+
+    Args:
+        shapes: tensor name -> dims of ``pruned`` (see :func:`asr_onnx.model.graph.static_shapes`). Defaults to
+            None: inferred from its declared inputs.
+        batch: the samples of one run, which sets how XᵀX is cut (see :class:`Im2colGram`). Defaults to 0:
+            not known, not cut.
 
     Returns:
         (onnx.ModelProto, per layer its outputs: an object with ``names`` and ``stats(values)``).
@@ -274,7 +376,8 @@ def gram_model(dense, pruned, indices: list[int]):
     from asr_onnx.model.graph import opset, static_shapes, to_model
 
     graph, layers, dense_layers = _side_by_side(dense, pruned)
-    outputs, grams = _add_grams(GraphBuilder(graph, opset(pruned)), layers, dense_layers, indices, static_shapes(pruned))
+    shapes = static_shapes(pruned) if shapes is None else shapes
+    outputs, grams = _add_grams(GraphBuilder(graph, opset(pruned)), layers, dense_layers, indices, shapes, batch)
     graph.outputs = outputs
     graph.cleanup().toposort()
     return to_model(graph, pruned), grams
@@ -287,13 +390,15 @@ class SideBySide:
 
     Args:
         dense, pruned: onnx.ModelProto of the same graph.
+        shapes: as for :func:`gram_model`. Defaults to None.
     """
 
-    def __init__(self, dense, pruned):
+    def __init__(self, dense, pruned, shapes: dict | None = None):
         from asr_onnx.model.graph import opset, static_shapes
         from asr_onnx.refit.frontier import tensor_depths
 
-        self.like, self.opset, self.shapes = pruned, opset(pruned), static_shapes(pruned)
+        self.like, self.opset = pruned, opset(pruned)
+        self.shapes = static_shapes(pruned) if shapes is None else shapes
         self.graph, self.layers, self.dense_layers = _side_by_side(dense, pruned)
         self.graph.toposort()
         self.depth = tensor_depths(self.graph, {id(layer.node) for layer in self.layers + self.dense_layers})
@@ -309,9 +414,11 @@ class SideBySide:
 
         return frontier(self.graph, self.depth, at)
 
-    def segment(self, low: int, high: int, indices: list[int], inputs: dict[str, np.dtype], kept: list[str]):
+    def segment(self, low: int, high: int, indices: list[int], inputs: dict[str, np.dtype], kept: list[str],
+                batch: int = 0):
         """The nodes of depth in (``low``, ``high``], fed with the tensors ``inputs`` (name -> dtype), with the
-        Gram outputs of the layers ``indices`` and the tensors ``kept`` as outputs.
+        Gram outputs of the layers ``indices`` (``batch`` as for :func:`gram_model`) and the tensors ``kept`` as
+        outputs.
 
         Returns:
             (onnx.ModelProto, per layer its outputs, as for :func:`gram_model`).
@@ -339,7 +446,8 @@ class SideBySide:
             feeds.append(tensor)
         sub = gs.Graph(nodes=[node for node in self.graph.nodes if id(node) in chosen], inputs=feeds,
                        opset=self.opset)
-        outputs, grams = _add_grams(GraphBuilder(sub, self.opset), self.layers, self.dense_layers, indices, self.shapes)
+        outputs, grams = _add_grams(GraphBuilder(sub, self.opset), self.layers, self.dense_layers, indices, self.shapes,
+                                    batch)
         added = [node for node in sub.nodes if id(node) not in chosen]
         for tensor in (tensors[name] for name in kept):
             tensor.dtype, tensor.shape = None, None  # onnxruntime infers them
@@ -355,8 +463,13 @@ class SideBySide:
 
 
 def accumulate(dense, pruned, indices: list[int], calib, *, batch_size: int, device: str = "auto",
-               threads: int = 0, progress: bool = False, desc: str = "gram") -> tuple[list[GramStats], str]:
-    """Runs the Gram graph over the calibration set; per-batch float32 sums are added up in float64.
+               threads: int = 0, progress: bool = False, desc: str = "gram",
+               shapes: dict | None = None) -> tuple[list[GramStats], str]:
+    """Runs the Gram graph over the calibration set; per-batch float32 sums are added up in float64. A signal
+    stops a batch's run at once (see :mod:`asr_onnx.model.stoppable`).
+
+    Args:
+        shapes: as for :func:`gram_model`. Defaults to None.
 
     Returns:
         (one GramStats per index, the provider used).
@@ -367,11 +480,12 @@ def accumulate(dense, pruned, indices: list[int], calib, *, batch_size: int, dev
     """
     from asr_onnx.model.session import Runner, batches
 
-    model, grams = gram_model(dense, pruned, indices)
-    fixed = fixed_batch(input_specs(model))
+    fixed = fixed_batch(input_specs(pruned))
+    model, grams = gram_model(dense, pruned, indices, shapes, fixed or batch_size)
     wanted = [name for gram in grams for name in gram.names]
     totals: list[GramStats | None] = [None] * len(indices)
-    with Runner(model, device=device, threads=threads, mem_pattern=False, what="the Gram graph") as session:
+    with Runner(model, device=device, threads=threads, mem_pattern=False, what="the Gram graph",
+                stoppable=True) as session:
         del model
         for _, feed in batches(calib, batch_size, fixed=fixed, desc=desc, progress=progress):
             add_batch(totals, grams, session.run(wanted, feed))

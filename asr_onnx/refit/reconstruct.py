@@ -21,15 +21,24 @@ from asr_onnx.calib.specs import fixed_batch, input_specs
 from asr_onnx.errors import AsrError
 from asr_onnx.measure.stats import GramStats
 from asr_onnx.refit.gram import (
+    MAX_NODE_MACS,
+    GramWork,
     accumulate,
     add_batch,
     from_rows,
+    gram_work,
     patch_size,
     weight_rows,
 )
 
 METHODS = ("none", "ls")
 DAMPING = 0.01  # 1% of the mean diagonal of XᵀX, as in the PyTorch reference
+# What one layer's Gram pass may cost (multiply-adds run at 50-100 G/s on a CPU core pair): 1e13 in all over the
+# refit's samples, minutes (the widest layers of a 224x224 ResNet-50 need 1.2e12 for 1,024 samples); 1 GiB in one
+# tensor of one batch (im2col's patch matrix); and MAX_NODE_MACS in one node. The refit's batch shrinks to keep
+# each batch under the last two.
+MAX_GRAM_MACS = 1e13
+MAX_BATCH_BYTES = 2**30
 
 
 def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, damping: float = DAMPING):
@@ -136,6 +145,56 @@ def skip_reason(layer, shared: bool, max_gram_mb: float) -> str | None:
     return None
 
 
+def work_reason(work: GramWork | None, samples: int, batch: int = 1) -> str | None:
+    """Why a layer's Gram pass is not run, whose cost ``work`` is per sample (see :func:`asr_onnx.refit.gram.gram_work`):
+    more than :data:`MAX_GRAM_MACS` multiply-adds over ``samples``, or, for the smallest batch it can run
+    (``batch``: 1, or a fixed batch), more than :data:`MAX_NODE_MACS` in one node or :data:`MAX_BATCH_BYTES` in
+    one tensor. None when it fits, or when the shapes are not known."""
+    if work is None:
+        return None
+    size = f"patch {work.length} x {work.positions} positions"
+    if work.macs * samples > MAX_GRAM_MACS:
+        return (f"its Gram pass needs {work.macs * samples:.2g} multiply-adds ({size} x {samples} samples), over "
+                f"the bound of {MAX_GRAM_MACS:.0g}: lower --refit-samples")
+    what = "one sample" if batch == 1 else f"a batch of {batch}"
+    if work.node_macs * batch > MAX_NODE_MACS:
+        return (f"its Gram products need {work.node_macs * batch:.2g} multiply-adds in one node for {what} ({size}), "
+                f"over the bound of {MAX_NODE_MACS:.2g}")
+    if work.tensor_bytes * batch > MAX_BATCH_BYTES:
+        return (f"its Gram pass makes a {work.tensor_bytes * batch / 2**30:.1f} GiB tensor for {what} ({size}), "
+                f"over the bound of {MAX_BATCH_BYTES / 2**30:g} GiB")
+    return None
+
+
+def refit_batch(works: list, batch: int) -> int:
+    """The largest batch up to ``batch`` in which every layer's Gram pass of ``works`` (None: not run, or shapes
+    unknown) stays under :data:`asr_onnx.refit.gram.MAX_NODE_MACS` in each node that cannot be cut into blocks, and
+    under :data:`MAX_BATCH_BYTES` per tensor."""
+    for work in works:
+        if work is not None:
+            batch = min(batch, int(MAX_NODE_MACS // max(work.node_macs, 1.0)),
+                        int(MAX_BATCH_BYTES // max(work.tensor_bytes, 1.0)))
+    return max(batch, 1)
+
+
+def calib_shapes(model, calib) -> dict:
+    """Tensor name -> dims of ``model``'s graph inputs and the tensors computed from them, fed with ``calib``:
+    each input's declared batch dim and the data's other dims (as declared where inference on those fails,
+    see :func:`asr_onnx.model.graph.static_shapes`)."""
+    from asr_onnx.model.graph import static_shapes
+
+    sample = next(iter(calib.batches(1)), None)
+    dims = {}
+    for value in model.graph.input:
+        if sample is not None and value.name in sample and value.type.HasField("tensor_type"):
+            declared = value.type.tensor_type.shape.dim
+            if len(declared) == sample[value.name].ndim >= 1:
+                first = declared[0].dim_value if declared[0].HasField("dim_value") else (declared[0].dim_param or "N")
+                dims[value.name] = (first,) + tuple(sample[value.name].shape[1:])
+    shapes = static_shapes(model, dims=dims) if dims else {}
+    return dict(dims, **shapes) if shapes else static_shapes(model)
+
+
 def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", threads: int = 0,
                 progress: bool = False, max_gram_mb: float = 256.0, damping: float = DAMPING, passes: int = 0,
                 frontier_mb: float = 0.0, max_frontier_mb: float = 8192.0, row_scales: list | None = None):
@@ -144,6 +203,12 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
     A layer is left as it is when it lost no weight and nothing upstream changed (its refit is itself).
     Each level's pass starts from the activations (pruned and dense) where the previous pass stopped, kept
     per batch (see :mod:`asr_onnx.refit.frontier`), and runs only the part of both networks up to that level.
+
+    The work is bounded by the sizes involved (:func:`work_reason`, :func:`refit_batch`): a layer whose Gram
+    pass would exceed :data:`MAX_GRAM_MACS` multiply-adds, or whose one sample would exceed the per-node or
+    per-tensor bound, is skipped with its sizes; the batch shrinks until every other one fits. Each batch runs
+    so that a signal stops it between nodes (:mod:`asr_onnx.model.stoppable`), and the kept frontier is removed on
+    the way out, whatever ends the refit.
 
     Args:
         dense, pruned: onnx.ModelProto of the same graph, ``pruned`` with zeroed weights.
@@ -178,7 +243,13 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
     uses: dict[str, int] = {}
     for layer in layers:
         uses[layer.weight.name] = uses.get(layer.weight.name, 0) + 1
-    reasons = [skip_reason(layer, uses[layer.weight.name] > 1, max_gram_mb) for layer in layers]
+    shapes = calib_shapes(pruned, calib)
+    works = [gram_work(layer, shapes.get(layer.node.inputs[0].name), shapes.get(layer.output.name)) for layer in layers]
+    fixed = fixed_batch(input_specs(pruned))
+    reasons = [skip_reason(layer, uses[layer.weight.name] > 1, max_gram_mb) or work_reason(work, len(calib), fixed or 1)
+               for layer, work in zip(layers, works)]
+    if not fixed:  # each batch's run stays short, so that a signal ends the refit at once
+        batch_size = refit_batch([w for w, r in zip(works, reasons) if r is None], min(batch_size, len(calib)))
     dense_values = [layer.weight.values for layer in find_layers(to_graph(dense))]
     refits: list[dict] = [{} for _ in layers]
     changed = [bool((layer.weight.values != d).any()) for layer, d in zip(layers, dense_values)]
@@ -202,10 +273,11 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
                 continue
             start = time.perf_counter()
             if passes:
-                grams, provider = accumulate(dense, model, todo, calib, desc=f"gram {level + 1}", **options)
+                grams, provider = accumulate(dense, model, todo, calib, desc=f"gram {level + 1}", shapes=shapes,
+                                             **options)
             else:
                 if walk is None:
-                    walk = _Walk(dense, pruned, options, frontier_mb, max_frontier_mb)
+                    walk = _Walk(dense, pruned, options, frontier_mb, max_frontier_mb, shapes)
                 later = any(levels[j] > level and reasons[j] is None for j in range(len(layers)))
                 grams, provider = walk.grams(todo, calib, level, keep=later)
             timings["gram"] += time.perf_counter() - start
@@ -304,13 +376,14 @@ class _Walk:
         dense, pruned: the models, as for :func:`reconstruct`.
         options: batch_size, device, threads, progress.
         frontier_mb, max_frontier_mb: as for :func:`reconstruct`.
+        shapes: tensor name -> dims of ``pruned`` on the calibration data (see :func:`calib_shapes`).
     """
 
-    def __init__(self, dense, pruned, options: dict, frontier_mb: float, max_frontier_mb: float):
+    def __init__(self, dense, pruned, options: dict, frontier_mb: float, max_frontier_mb: float, shapes: dict):
         from asr_onnx.refit.frontier import BatchStore
         from asr_onnx.refit.gram import SideBySide
 
-        self.both, self.options, self.at = SideBySide(dense, pruned), options, -1
+        self.both, self.options, self.at = SideBySide(dense, pruned, shapes), options, -1
         self.store, self.cap = BatchStore(frontier_mb), max_frontier_mb * 2**20
         self.held = [t.name for t in self.both.graph.inputs]
         self.fixed = fixed_batch(input_specs(pruned))
@@ -337,9 +410,9 @@ class _Walk:
                                                       total=total)):
                 if session is None:
                     segment, grams = self.both.segment(self.at, level, todo, {n: feed[n].dtype for n in self.held},
-                                                       produced)
+                                                       produced, fixed or batch_size)
                     session = Runner(segment, device=self.options["device"], threads=self.options["threads"],
-                                     mem_pattern=False, what="the Gram graph")
+                                     mem_pattern=False, what="the Gram graph", stoppable=True)
                     del segment
                     needed = [i.name for i in session.inputs]
                     outputs = [name for gram in grams for name in gram.names] + produced

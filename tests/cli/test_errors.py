@@ -159,6 +159,20 @@ def test_bad_input_gives_one_line_and_writes_nothing(name, tmp_path, bn_model, c
     assert {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()} == inputs
 
 
+# issue 25: a bound that is not a size is one usage line (status 2), before any work
+BAD_BOUNDS = [(["--max-gram-mb", "-1"], "--max-gram-mb"), (["--max-gram-mb", "nan"], "--max-gram-mb"),
+              (["--max-gram-mb", "inf"], "--max-gram-mb")]
+
+
+@pytest.mark.parametrize(("option", "message"), BAD_BOUNDS)
+def test_a_bound_that_is_not_a_size_is_one_usage_line(option, message, bn_model, calib_dir, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    code = main(["repair", str(bn_model), "--calib", str(calib_dir), "--reconstruct", "ls", "-o", str(out), *option])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert not out.exists()
+
+
 def test_corrupt_png_is_skipped_with_a_warning(tmp_path, bn_model):
     folder = images(tmp_path / "img", 6)
     (folder / "03.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 20)

@@ -1,8 +1,10 @@
 """Recalibration: BN running statistics and folded corrections, checked in the repaired network."""
 
 import json
+from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from activations import activations, sites_of
@@ -202,3 +204,115 @@ def test_under_the_calibration_reference_bn_sites_map_onto_the_dense_outputs(rec
     assert job.settings["reference"] == "calib"
     assert any(not np.allclose(s.bn.inputs[2].values, d.bn.inputs[2].values)
                for s, d in zip(bn_sites, [s for s in sites_of(dense) if s.bn is not None]))
+
+
+# ---------------------------------------------------------------- a dense variance past float32 (issue 25)
+
+OVERFLOW_SCALES = [1e20, 1e36]  # BN variances near 1e40 and 1e72; the activations stay finite in float32
+
+
+@pytest.mark.parametrize("up", OVERFLOW_SCALES)
+def test_the_overflowing_bn_graph_matches_its_numpy_oracle_and_its_variances_pass_float32(up):
+    import zoo
+
+    model, feeds = zoo.overflowing_bn(up)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    logits, bn_inputs = zoo.overflowing_bn_oracle(zoo.overflowing_bn_weights(), feeds["input"], up)
+    np.testing.assert_allclose(got, logits, rtol=1e-4, atol=1e-4 * np.abs(logits).max())
+    for x in bn_inputs:
+        assert np.abs(x).max() < np.finfo(np.float32).max < ChannelStats.of(x).var.max()
+
+
+@pytest.mark.parametrize("up", OVERFLOW_SCALES)
+def test_a_bn_whose_dense_variance_passes_float32_is_written_rescaled_and_keeps_the_dense_outputs(up):
+    """Under reference="calib" each BN is rewritten around its dense variance (near 1e40 or 1e72): it is
+    stored times 4^-k, with the scale times 2^-k and the epsilon times 4^-k, the same function. Every value
+    is finite, and each BN's output has the dense BN output's mean and variance (one batch: exact)."""
+    import zoo
+
+    dense, feeds = zoo.overflowing_bn(up)
+    x = feeds["input"]
+    job = repair(dense, zoo.DictSet(feeds), sparsity=0.5, method="bn", batch_size=len(x), device="cpu",
+                 progress=False)
+    assert [job.written[s.key] for s in sites_of(dense) if s.bn is not None] == ["bn-rescaled"] * 2
+    for init in job.output.graph.initializer:
+        assert np.isfinite(numpy_helper.to_array(init)).all(), init.name
+    assert np.isfinite(run(job.output, x)).all()
+    bn_sites = [s for s in sites_of(job.output) if s.bn is not None]
+    assert all(0 < s.eps < 1e-5 for s in bn_sites)  # the epsilon moved with the variance
+    outputs = [s.bn.outputs[0].name for s in bn_sites]
+    before, after = activations(dense, outputs, x), activations(job.output, outputs, x)
+    for name in outputs:
+        want, got = ChannelStats.of(before[name]), ChannelStats.of(after[name])
+        np.testing.assert_allclose(got.mean, want.mean, rtol=1e-3, atol=1e-3 * np.sqrt(want.var.mean()))
+        np.testing.assert_allclose(got.var, want.var, rtol=1e-3)
+
+
+@pytest.mark.parametrize("up", OVERFLOW_SCALES)
+def test_at_sparsity_0_the_overflowing_bn_graph_comes_out_as_it_went_in(up):
+    import zoo
+
+    dense, feeds = zoo.overflowing_bn(up)
+    job = repair(dense, zoo.DictSet(feeds), sparsity=0.0, method="bn", batch_size=8, device="cpu", progress=False)
+    assert {numpy_helper.to_array(t).tobytes() for t in job.output.graph.initializer} == \
+        {numpy_helper.to_array(t).tobytes() for t in dense.graph.initializer}
+    np.testing.assert_array_equal(run(job.output, feeds["input"]), run(dense, feeds["input"]))
+
+
+@pytest.mark.parametrize("var, eps, k", [
+    ([1.0, 2.0], 1e-5, 0),  # representable: nothing moves
+    ([1e40, 3e39], 1e-5, 4),  # the smallest k under 2^126: 4^-4 1e40 = 3.9e37
+    ([1e72, 1e60], 1e-5, 57),  # eps 4^-57 is subnormal in float32, and no channel feels it
+    ([1e76, 0.0], 1e-5, None),  # a channel of variance 0 divides by that subnormal epsilon: no k is exact
+])
+def test_bn_exponent_keeps_the_ratio_of_scale_and_deviation(var, eps, k):
+    from asr_onnx.correct.recal import bn_exponent
+
+    var = np.array(var)
+    scale = np.sqrt(var + eps)  # a BN rewritten around its variance: scale and deviation grow together
+    assert bn_exponent(scale, var, eps, np.float32) == k
+
+
+def test_a_bn_that_no_power_of_two_can_hold_is_folded_into_its_conv():
+    """A BN whose channels span 1e76 and 0 cannot be written exactly with a float32 epsilon: the correction
+    goes into the Conv's weight and bias, the BN is removed, and the layer computes a x + c."""
+    import zoo
+
+    from asr_onnx.correct.recal import Correction, Norm, write
+    from asr_onnx.model.graph import find_layers, find_sites, to_graph, to_model
+
+    dense, feeds = zoo.overflowing_bn()
+    graph = to_graph(dense)
+    site = next(s for s in find_sites(graph, find_layers(graph)) if s.bn is not None)
+    conv, bn_out, channels, eps = site.key, site.bn.outputs[0].name, site.channels, site.eps
+    var = np.where(np.arange(channels) == 0, 0.0, 1e76)
+    ref = Norm(np.sqrt(var + eps), np.full(channels, 0.25), np.full(channels, 3e20), var, eps)
+    corr = Correction(ref.mean, var * 1.5, np.ones(channels), None, np.ones(channels), None, np.zeros(0, np.int64))
+    assert write(graph, site, ref, corr) == "folded-bn" and site.bn is None
+    graph.cleanup().toposort()
+    out = to_model(graph, dense)
+    assert sum(n.op_type == "BatchNormalization" for n in out.graph.node) == 1
+    raw = activations(dense, [conv], feeds["input"])[conv].astype(np.float64)
+    folded = activations(out, [bn_out], feeds["input"])[bn_out].astype(np.float64)  # the Conv writes it now
+    a = ref.scale / np.sqrt(corr.var + eps)
+    want = a[None, :, None, None] * (raw - ref.mean[None, :, None, None]) + ref.bias[None, :, None, None]
+    np.testing.assert_allclose(folded, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+LIGHT_RESNET50 = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LIGHT_RESNET50.exists(), reason=f"this onnx ships no {LIGHT_RESNET50.name}")
+def test_onnx_light_resnet50_repairs_with_its_overflowing_bns_rescaled():
+    """onnx's own opset-9 ResNet-50 (every weight 0.02, built from ConstantOfShape): on inputs in [0, 100) its
+    activations pass 1e19 and the dense variance at its last BNs passes float32's range. The repair at 50%
+    writes those BNs rescaled, every value finite, and its output is finite."""
+    x = 100 * np.random.default_rng(0).random((2, 3, 224, 224), dtype=np.float32)
+    job = repair(str(LIGHT_RESNET50), ArraySet(x, name="gpu_0/data_0"), sparsity=0.5, method="bn", batch_size=1,
+                 device="cpu", progress=False)
+    assert "bn-rescaled" in job.written.values()
+    for init in job.output.graph.initializer:
+        assert np.isfinite(numpy_helper.to_array(init)).all(), init.name
+    session = ort.InferenceSession(job.output.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert all(np.isfinite(session.run(None, {"gpu_0/data_0": x[i:i + 1]})[0]).all() for i in range(len(x)))

@@ -1,5 +1,10 @@
 """The least-squares refit: Gram sums against PyTorch's unfold, the refit against a numpy lstsq oracle."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -12,6 +17,8 @@ from asr_onnx.model.session import make_session
 from asr_onnx.pipeline.driver import Repair
 from asr_onnx.refit.gram import accumulate, weight_rows
 from asr_onnx.refit.reconstruct import DAMPING, refit_rows
+
+REPO = str(Path(__file__).resolve().parents[1])
 
 
 def im2col(x, weight_shape, attrs):
@@ -120,11 +127,16 @@ def test_each_layer_is_refitted_on_the_input_of_the_network_refitted_so_far():
                                    err_msg=layer.name)
 
 
-@pytest.mark.parametrize("kind", ["conv", "depthwise", "conv_valid"])
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "conv_valid", "conv21"])
 def test_in_graph_gram_matches_torch_unfold(kind):
+    from asr_onnx.refit.gram import Im2colGram, gram_model
+
     torch = pytest.importorskip("torch")
     dense, feeds = zoo.one_layer(kind)
     layer = layers_of(dense)[0]
+    model, (built,) = gram_model(dense, dense, [0])
+    if kind == "conv21":  # stride 1, yet by im2col: summed by shifts it would take 29,261 segment products
+        assert isinstance(built, Im2colGram) and len(model.graph.node) < 20
     (gram,), _ = accumulate(dense, dense, [0], zoo.DictSet(feeds), batch_size=16, device="cpu")
     attrs, weight = layer.node.attrs, torch.from_numpy(layer.weight.values.astype(np.float64))
     x = torch.from_numpy(np.maximum(feeds["input"], 0).astype(np.float64))
@@ -338,3 +350,163 @@ def test_more_rounds_need_the_refit_and_a_method():
             job.run(zoo.DictSet(feeds), "bn", **options)
     with pytest.raises(AsrError, match="refit_rounds"):
         job.run(zoo.DictSet(feeds), "none", reconstruct="ls", refit_rounds=2)
+
+
+# ---------------------------------------------------------------- failures of the refit's own passes (issue 25)
+
+MEMORY_BOUND = '''
+import re, resource, sys
+import asr_onnx.pipeline.driver, asr_onnx.calib, asr_onnx.refit.gram, asr_onnx.refit.reconstruct  # loaded before the bound, as in a run
+from asr_onnx.cli.main import main
+size = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 300 * 2**20, resource.RLIM_INFINITY))
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the address-space bound is set through /proc")
+def test_a_refit_out_of_memory_is_one_error_line_without_onnxruntime_log(tmp_path):
+    """The refit's first Gram pass, 512 samples of 3x64x64 at once, cannot fit in 300 MB more than the process
+    holds: onnxruntime fails to allocate, and only our error line shows, not its coloured log line."""
+    onnx.save(zoo.conv_net(bn=True, size=64), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", zoo.random_inputs(512, shape=(3, 64, 64)))
+    result = subprocess.run([sys.executable, "-c", MEMORY_BOUND, "repair", str(tmp_path / "m.onnx"), "--calib",
+                             str(tmp_path / "x.npy"), "--reconstruct", "ls", "--method", "none", "--guard", "off",
+                             "--batch-size", "512", "--device", "cpu", "-q", "-o", str(tmp_path / "out.onnx")],
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error: onnxruntime failed") and len(result.stderr.splitlines()) == 1, \
+        result.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("kind", ["conv", "gemm", "conv21"])
+def test_xtx_cut_into_blocks_of_rows_gives_the_same_sums(kind, monkeypatch):
+    """Where one product would exceed the per-node bound, XᵀX and XᵀY are computed in blocks of rows and
+    concatenated: the same sums, in several nodes."""
+    import asr_onnx.refit.gram
+    from asr_onnx.refit.gram import gram_model
+
+    dense, feeds = zoo.one_layer(kind)
+    (whole,), _ = accumulate(dense, dense, [0], zoo.DictSet(feeds), batch_size=8, device="cpu")
+    groups, length = whole.xtx.shape[:2]
+    rows = 8 * whole.count / len(feeds["input"])  # the patch rows of a batch of 8
+    monkeypatch.setattr(asr_onnx.refit.gram, "MAX_NODE_MACS", groups * length * rows * (length // 3))  # 3 or 4 blocks
+    model, _ = gram_model(dense, dense, [0], batch=8)
+    concats = [node for node in model.graph.node if node.op_type == "Concat"]
+    assert len(concats) == 2 and all(len(node.input) in (3, 4) for node in concats)
+    (cut,), _ = accumulate(dense, dense, [0], zoo.DictSet(feeds), batch_size=8, device="cpu")
+    for got, want in ((cut.xtx, whole.xtx), (cut.xty, whole.xty), (cut.yy, whole.yy)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+def work(node_macs=4.5e8, tensor_bytes=4.1e6, macs=2.3e9):
+    """A GramWork per sample, by default about that of a 21x21 kernel on 4 channels of 24x24 by im2col."""
+    from asr_onnx.refit.gram import GramWork
+
+    return GramWork(1764, 576, macs, node_macs, tensor_bytes)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((work(), 8, 1), None),
+    ((None, 10**9, 1), None),  # shapes not known: nothing to bound by
+    ((work(), 10**4, 1), "needs 2.3e+13 multiply-adds (patch 1764 x 576 positions x 10000 samples), over the "
+                         "bound of 1e+13: lower --refit-samples"),
+    ((work(node_macs=4e10), 8, 1), "4e+10 multiply-adds in one node for one sample (patch 1764 x 576 positions)"),
+    ((work(tensor_bytes=2**31), 8, 1), "a 2.0 GiB tensor for one sample"),
+    ((work(tensor_bytes=2**27), 8, 16), "a 2.0 GiB tensor for a batch of 16"),  # a model that fixes its batch
+])
+def test_a_gram_pass_over_its_bounds_is_refused_with_its_sizes(args, message):
+    from asr_onnx.refit.reconstruct import work_reason
+
+    reason = work_reason(*args)
+    assert reason == message if message is None else message in reason
+
+
+@pytest.mark.parametrize(("works", "batch", "expected"), [
+    ([work()], 64, 64),
+    ([work(), None], 64, 64),
+    ([work(node_macs=1e9)], 64, 32),  # 3.2e10 multiply-adds in one node
+    ([work(tensor_bytes=1e8), work()], 64, 10),  # 1 GiB in one tensor
+    ([work(node_macs=1e12)], 64, 1),
+])
+def test_the_refit_batch_shrinks_until_every_batch_fits_its_bounds(works, batch, expected):
+    from asr_onnx.refit.reconstruct import refit_batch
+
+    assert refit_batch(works, batch) == expected
+
+
+def test_a_layer_over_the_work_bound_is_skipped_with_its_sizes(monkeypatch):
+    import asr_onnx.refit.reconstruct
+
+    dense, feeds = zoo.one_layer("conv21")
+    monkeypatch.setattr(asr_onnx.refit.reconstruct, "MAX_GRAM_MACS", 1e9)
+    job = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.5)
+    job.reconstruct(zoo.DictSet(feeds))
+    assert "(patch 1764 x 576 positions x 8 samples), over the bound of 1e+09" in job.refits[0]["skipped"]
+
+
+def test_a_run_stops_between_nodes_when_a_signal_arrives():
+    """A Loop of 10^12 MatMuls, which never ends: SIGINT half a second after it starts raises KeyboardInterrupt
+    within a moment, and onnxruntime has stopped (the worker thread is gone) when it does. A short loop runs
+    to its end and gives the oracle's output."""
+    import signal
+    import threading
+    import time
+
+    from asr_onnx.model.stoppable import run
+
+    feed = {"input": np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)}
+    np.testing.assert_allclose(run(make_session(zoo.endless_loop(3), "cpu"), ["output"], feed)[0], feed["input"])
+    session = make_session(zoo.endless_loop(), "cpu")
+    timer = threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    start = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        run(session, ["output"], feed)
+    assert time.monotonic() - start < 0.5 + 2.0
+    assert not any(t.name == "asr-onnx run" for t in threading.enumerate())
+
+
+STOP_S = 10  # SIGTERM to exit, the interpreter's own shutdown included (about 3 s on a 2-core machine at load 15)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_sigterm_during_a_refit_ends_it_at_once_and_leaves_nothing(stride, tmp_path):
+    """A refit of a 21x21 kernel, SIGTERM a second after its first level kept its frontier on disk (in a
+    TMPDIR of its own): the run ends with one error line within STOP_S, the frontier folder is gone, and no
+    output is written. With a stride of 2 the kernel's Gram pass is by im2col, a product of 2.3e11
+    multiply-adds for the batch of 32 were it one node."""
+    import signal
+    import time
+
+    model, feeds = zoo.big_kernel_net(stride=stride)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", feeds["input"])
+    temp, out = tmp_path / "tmp", tmp_path / "out"
+    temp.mkdir()
+    out.mkdir()
+    argv = [sys.executable, "-m", "asr_onnx.cli.main", "repair", str(tmp_path / "m.onnx"), "--calib",
+            str(tmp_path / "x.npy"), "--reconstruct", "ls", "--method", "none", "--guard", "off", "--device", "cpu",
+            "-q", "-o", str(out / "o.onnx")]
+    run = subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=REPO, TMPDIR=str(temp)), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(temp.glob("asr-onnx-frontier.*")):
+            assert run.poll() is None, run.communicate()
+            assert time.monotonic() < deadline, "the refit kept no frontier"
+            time.sleep(0.02)
+        time.sleep(1.0)
+        assert run.poll() is None
+        start = time.monotonic()
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+        took = time.monotonic() - start
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 1 and err.strip() == "error: aborted", err
+    assert took < STOP_S
+    assert not [p.name for p in temp.iterdir() if p.name.startswith("asr-onnx")]
+    assert list(out.iterdir()) == []
