@@ -39,15 +39,19 @@ class Repair:
             where shape inference proves that safe (see :mod:`asr_onnx.batch`), else with its own batch.
         progress: progress bars on a TTY. Defaults to True.
         threads: onnxruntime intra-op threads; 0 lets onnxruntime choose. Defaults to 0.
+        output_kind: {output name: kind} for outputs whose kind (classes, detection, map, regression) is
+            not to be recognised (:mod:`asr_onnx.output_kinds`). Defaults to None.
 
     Attributes:
         pruned: the model every later stage works on: as pruned, then as refitted by :meth:`reconstruct`.
         pruned_alone: the model as pruned, never refitted: the guard's "pruning alone" baseline.
         output: the finished model, once :meth:`run` or :meth:`fold` ran.
+        verdict: usable, degraded or broken (:class:`asr_onnx.verdict.Verdict`), once :meth:`run` or
+            :meth:`evaluate` ran.
     """
 
     def __init__(self, model, *, device: str = "auto", batch_size: int | None = None, progress: bool = True,
-                 threads: int = 0):
+                 threads: int = 0, output_kind: dict | None = None):
         self.source = None if isinstance(model, onnx.ModelProto) else Path(model)
         self.dense = model if self.source is None else load_model(self.source)
         self.device, self.progress, self.threads = device, progress, threads
@@ -64,7 +68,8 @@ class Repair:
         self.layers, self.refits, self.settings, self.timings = [], [], {}, {}
         self.measurement = None  # a measure.Measurement, once measured
         self.corrections, self.written, self.output = {}, {}, None
-        self.evaluation = None
+        self.evaluation = self.verdict = None
+        self.output_kind = dict(output_kind or {})
         self.channel_plan = self.channel_report = None
         self._batch_arg = batch_size
         self._dense_weights = None  # layer name -> dense weight, read once
@@ -83,7 +88,8 @@ class Repair:
                 refitted on other data. Defaults to True.
         """
         new = Repair(self.dense, device=self.device, batch_size=self._batch_arg if batch_size is None else batch_size,
-                     progress=self.progress if progress is None else progress, threads=self.threads)
+                     progress=self.progress if progress is None else progress, threads=self.threads,
+                     output_kind=self.output_kind)
         new.source, new._dense_weights = self.source, self._weights()
         if pruned:
             new.pruned_alone, new.layers = self.pruned_alone, self.layers
@@ -452,7 +458,7 @@ class Repair:
         if method == "none":
             self.output = self.pruned
             self.settings.update(method="none")
-            return self.shrink()
+            return self.judge(calib).shrink()
         for round_ in range(refit_rounds):
             if round_:
                 self.refit_corrected(calib, max_gram_mb=max_gram_mb, passes=refit_passes)
@@ -467,8 +473,16 @@ class Repair:
         self.settings.update(refit_rounds=refit_rounds)
         if guard == "off":
             self.settings.update(guard={"mode": "off", "held_out": 0, "kept": "repair"})
-            return self.shrink()
-        return self.guard(calib, guard, seed=seed).shrink()
+            return self.judge(calib).shrink()
+        return self.guard(calib, guard, seed=seed).judge(calib).shrink()
+
+    def judge(self, calib=None) -> "Repair":
+        """The verdict on the output, usable, degraded or broken (:func:`asr_onnx.verdict.of_repair`): from the
+        :meth:`evaluate` data when scored, else the guard's held-out samples, else ``calib`` itself."""
+        from .verdict import of_repair
+
+        self.verdict = of_repair(self, calib)
+        return self
 
     def guard(self, calib, mode: str = "fallback", *, seed: int = 0) -> "Repair":
         """Scores the repair and pruning alone against the dense model on held-out calibration samples
@@ -558,14 +572,17 @@ class Repair:
         with self._timed("eval"):
             scores = evaluate(self.output if self.output is not None else self.pruned, data, reference=self.dense,
                               batch_size=batch_size, device=self.device, progress=self.progress,
-                              reference_logits=dense_logits)
+                              reference_logits=dense_logits, output_kind=self.output_kind)
         dense_top1 = None
         if data.labels is not None and scores.get("top1") is not None:  # the first output is (N, classes)
-            dense_top1 = agreement(dense_logits, output_kinds(self.dense), data.labels)["top1"]
+            dense_top1 = agreement(dense_logits, output_kinds(self.dense), data.labels,
+                                   output_kind=self.output_kind)["top1"]
         self.evaluation = {"data": name or "given", "samples": scores["samples"], "top1": scores.get("top1"),
                            "dense_top1": dense_top1, "agreement": scores.get("agreement"),
-                           "logit_rel_l2": scores["logit_rel_l2"]}
-        return self
+                           "logit_rel_l2": scores["logit_rel_l2"]} | {
+            key: scores[key] for key in ("standardised_error", "detection", "output_kinds", "metric",
+                                         "agreement_classes")}
+        return self.judge()
 
     def verify(self) -> "Repair":
         """Runs onnx.checker on the output and loads it in onnxruntime."""

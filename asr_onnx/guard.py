@@ -2,12 +2,14 @@
 
 Cross-fitted like ``auto``: the calibration set is cut into two halves; each half is held out in turn
 while the same repair is fitted on the other half. Every sample is then scored once for the repaired
-and once for the pruning-only model against the dense one: top-1 agreement where it means something
-(see :mod:`asr_onnx.output_kinds`), and the relative L2 error of all outputs. Pruning alone is the
-baseline the tool promises never to lose to, so the burden of proof is on the repair: it is kept when it
-is better past two paired standard errors, or, within noise, when its held-out error is lower. A fit on
-half the set is a little weaker than the final fit on all of it, so the guard leans towards pruning
-alone, never towards the repair.
+and once for the pruning-only model against the dense one, on the score that matters for the model
+(:meth:`asr_onnx.evaluation.Scores.primary`): a classifier's top-1 agreement, then the relative L2 error of
+all outputs; a detector's detection F1 (each image's, paired), then the standardised error; anything else's
+standardised error. Pruning alone is the baseline the tool promises never to lose to, so the burden of proof
+is on the repair: it is kept when it is better past two paired standard errors, or, within noise, when its
+held-out error is lower; and a detector's repair is never kept with a lower held-out detection F1 (pooled
+per class) than pruning alone's, whatever its errors. A fit on half the set is a little weaker than the
+final fit on all of it, so the guard leans towards pruning alone, never towards the repair.
 """
 
 from __future__ import annotations
@@ -46,9 +48,8 @@ def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
         AsrError: an unknown mode.
     """
     from .calib.specs import fixed_batch
-    from .evaluation import logit_rel_l2
     from .recal import DEFAULT_REFERENCE
-    from .select import held_out_scores
+    from .select import held_out_scores, score_entry
 
     if mode not in GUARD_MODES:
         raise AsrError(f"unknown guard mode {mode!r}; choose one of {', '.join(GUARD_MODES)}")
@@ -69,29 +70,35 @@ def guard_repair(job, calib, mode: str = "fallback", *, seed: int = 0) -> dict:
                    "samples": s.get("refit_samples", 0), "seed": seed} if refit == "ls" else None
     start = time.perf_counter()
     variants = [lambda probe: probe.correct(method, **options).fold().output, lambda probe: job.pruned_alone]
-    found, errors, ref2 = held_out_scores(job, calib, variants, folds=FOLDS, seed=seed, batch_size=job.batch_size,
-                                          measure={"sequential": s.get("sequential", False),
-                                                   "reference": s.get("reference", DEFAULT_REFERENCE)},
-                                          reconstruct=reconstruct)
-    has_top1 = found[0] is not None
-    matches = found if has_top1 else [np.zeros(len(calib))] * 2
-    scores = [{"agreement": float(m.mean()) if has_top1 else None, "logit_rel_l2": logit_rel_l2(e, ref2)}
-              for m, e in zip(matches, errors)]
-    verdict = _verdict(matches[0] - matches[1], errors[1] - errors[0]) if has_top1 else \
-        _verdict(np.zeros(1), errors[1] - errors[0])
+    found = held_out_scores(job, calib, variants, folds=FOLDS, seed=seed, batch_size=job.batch_size,
+                            measure={"sequential": s.get("sequential", False),
+                                     "reference": s.get("reference", DEFAULT_REFERENCE)},
+                            reconstruct=reconstruct)
+    scores = [score_entry(f) for f in found]
+    (metric, repair_each, repair_total), (_, pruned_each, pruned_total) = (f.primary() for f in found)
+    # a classifier's ties are broken by its logit error, anything else's by the standardised error
+    errors = [f.err2 for f in found] if metric == "agreement" else [f.std_err2 for f in found]
+    primary_gain = repair_each - pruned_each if metric != "standardised_error" else np.zeros(1)
+    verdict = _verdict(primary_gain, errors[1] - errors[0])
+    if metric == "detection_f1" and verdict == "repair better" and repair_total < pruned_total:
+        verdict = "tie"  # better image by image, worse pooled per class: nothing is established
     # within noise the point estimate decides, and only the error: per sample it is a real number, while top-1
     # is a coin per sample (on 64 samples of a 2-class model a few flips move it by 5 points)
     loses = verdict == "pruning alone better" or (verdict == "tie" and errors[0].sum() > errors[1].sum())
+    # a detector's F1 is pooled per class: never keep a repair that finds fewer of the dense model's detections
+    loses = loses or (metric == "detection_f1" and repair_total < pruned_total)
     kept = "pruned" if mode == "fallback" and loses else "repair"
     if kept == "pruned":
         job.output, job.written = job.pruned_alone, {}
-    entry = {"mode": mode, "held_out": len(calib), "folds": FOLDS, "repair": scores[0], "pruned": scores[1],
-             "repair_refitted": reconstruct is not None,
+    entry = {"mode": mode, "held_out": len(calib), "folds": FOLDS, "metric": metric,
+             "agreement_classes": found[0].classes, "repair": scores[0],
+             "pruned": scores[1], "repair_refitted": reconstruct is not None,
              "verdict": verdict, "repair_loses": bool(loses), "kept": kept, "cost_s": round(time.perf_counter() - start, 4),
-             "rule": f"held out by {FOLDS}-fold cross-fitting; top-1 agreement first (where it means "
-                     f"something), then each sample's squared error over all outputs; a difference counts past "
-                     f"{Z:g} paired standard errors; within noise the repair is kept only when its held-out error is "
-                     f"lower"}
+             "rule": f"held out by {FOLDS}-fold cross-fitting; top-1 agreement first (a detector: detection F1; "
+                     f"where neither means something, none), then each sample's squared error over all outputs "
+                     f"(a detector and the rest: standardised per channel); a difference counts past {Z:g} paired "
+                     f"standard errors; within noise the repair is kept only when its held-out error is lower; a "
+                     f"detector's repair never with a lower held-out detection F1"}
     job.settings["guard"] = entry
     job.timings["guard"] = job.timings.get("guard", 0.0) + entry["cost_s"]
     return entry
@@ -120,7 +127,14 @@ def warning_line(entry: dict) -> str | None:
     then = "kept the pruned model (--guard fallback)" if entry["kept"] == "pruned" else "kept the repair (--guard warn)"
     agree = "" if r["agreement"] is None else \
         f", agreement {100 * r['agreement']:.1f}% against {100 * p['agreement']:.1f}%"
+    metric = entry.get("metric", "agreement")
     how = "worse than" if entry["verdict"] == "pruning alone better" else "no better than"
     noise = "" if entry["verdict"] == "pruning alone better" else ", within noise"
+    if metric == "agreement":
+        figures = f"relative error {r['logit_rel_l2']:.4g} against {p['logit_rel_l2']:.4g}{agree}"
+    else:
+        found = "" if r.get("detection_f1") is None else \
+            f"detection F1 {r['detection_f1']:.3f} against {p['detection_f1']:.3f}, "
+        figures = f"{found}standardised error {r['standardised_error']:.4g} against {p['standardised_error']:.4g}"
     return (f"warning: on {entry['held_out']} held-out calibration samples the repair is {how} pruning alone "
-            f"(relative error {r['logit_rel_l2']:.4g} against {p['logit_rel_l2']:.4g}{agree}{noise}); {then}")
+            f"({figures}{noise}); {then}")

@@ -1,9 +1,16 @@
-"""What a model's outputs hold: which axis is the batch, and whether top-1 agreement means anything.
+"""What a model's outputs hold: which axis is the batch, whether top-1 agreement means anything, and how each
+output is scored.
 
 A classifier returns (N, classes); a sequence recogniser may return (N, T, classes) or, time first,
 (T, N, classes); a detector returns boxes and scores mixed in one tensor ((N, 22, 2100)), where an argmax
 means nothing. The batch axis is read from the declared dims (the output dim named like the input's batch
 dim) or else from the calibration batch (the one axis whose size is the number of samples fed).
+
+Each output has one of :data:`KINDS` (:func:`plan_scoring`): ``classes`` (top-1 agreement, on the first
+output), ``detection`` (a head recognised by :mod:`asr_onnx.detection`: scored by detection F1), ``map``
+(channels on the axis after the batch, as NCHW) or ``regression`` (channels on the last axis). The user can
+name any output's kind (``--output-kind NAME:KIND``). Every float output is also compared channel by
+channel, each channel standardised by the dense model's spread (see :mod:`asr_onnx.evaluation`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from .errors import AsrError
 
 PER_SAMPLE = "per sample"  # (N, classes)
 PER_STEP = "per step"  # (N, T, classes) or (T, N, classes), class scores from a Softmax
+KINDS = ("classes", "detection", "map", "regression")
 
 
 @dataclass
@@ -106,3 +114,134 @@ def top1_matches(candidate: np.ndarray, reference: np.ndarray, axis: int, how: s
     a, b = np.moveaxis(candidate, axis, 0), np.moveaxis(reference, axis, 0)
     same = a.argmax(-1) == b.argmax(-1)
     return same.astype(np.float64) if how == PER_SAMPLE else same.reshape(len(same), -1).mean(1)
+
+
+def parse_output_kinds(values) -> dict[str, str]:
+    """``NAME:KIND`` strings (``--output-kind``) as {output name: kind}; the last colon splits, as output names
+    may hold colons.
+
+    Raises:
+        AsrError: no colon, an empty name, a kind not in KINDS, or one name given twice.
+    """
+    given: dict[str, str] = {}
+    for text in values or ():
+        name, colon, kind = str(text).rpartition(":")
+        kind = kind.strip().lower()
+        if not colon or not name:
+            raise AsrError(f"--output-kind {text!r}: expected NAME:KIND, KIND one of {'|'.join(KINDS)}")
+        if kind not in KINDS:
+            raise AsrError(f"--output-kind {text!r}: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+        if name in given and given[name] != kind:
+            raise AsrError(f"--output-kind names {name!r} twice, as {given[name]} and {kind}")
+        given[name] = kind
+    return given
+
+
+def check_output_kinds(model: onnx.ModelProto, given: dict[str, str]) -> None:
+    """Refuses a ``--output-kind`` name that is not one of the model's outputs.
+
+    Raises:
+        AsrError: an unknown output name (the model's are listed).
+    """
+    names = [v.name for v in model.graph.output]
+    unknown = [name for name in given if name not in names]
+    if unknown:
+        raise AsrError(f"--output-kind names {', '.join(map(repr, unknown))}, not an output of the model; its "
+                       f"outputs are {', '.join(map(repr, names))}")
+
+
+@dataclass
+class Scoring:
+    """How a model's outputs are scored, decided on the reference's first batch (:func:`plan_scoring`).
+
+    Attributes:
+        kinds: per output, one of KINDS, or None for an output that is not scored (not float, or a scalar).
+        agreement: the output whose top-1 agreement is scored, or None.
+        how: PER_SAMPLE or PER_STEP for that output, or None.
+        why: why there is no agreement, or what it is.
+        heads: the detection heads (:class:`asr_onnx.detection.Head`).
+        channel_axes: per output, the axis whose entries are standardised separately (None: the output is one
+            channel, or not scored).
+    """
+
+    kinds: list
+    agreement: int | None
+    how: str | None
+    why: str
+    heads: list
+    channel_axes: list
+
+    def named(self, kinds: list[OutputKind]) -> dict[str, str | None]:
+        """{output name: its kind}, for the report."""
+        return {k.name: kind for k, kind in zip(kinds, self.kinds)}
+
+
+def plan_scoring(kinds: list[OutputKind], arrays: list, axes: list[int], given: dict[str, str] | None = None) -> Scoring:
+    """Each output's kind, the agreement output and the detection heads, from one run of the reference.
+
+    Args:
+        kinds: the model's declared output layouts.
+        arrays: one run's outputs (the reference's: the dense model's values decide what a head is).
+        axes: each output's batch axis.
+        given: {output name: kind} the user named (``--output-kind``); the rest are recognised. Defaults to None.
+
+    Raises:
+        AsrError: an output named ``classes`` that is not (N, classes) or (N, T, classes), or one named
+            ``detection`` that no head layout fits.
+    """
+    from .detection import find_heads
+
+    given = given or {}
+    named = {i: given[k.name] for i, k in enumerate(kinds) if k.name in given}
+    softmax = {i for i, k in enumerate(kinds) if k.class_scores}
+    heads = find_heads(arrays, axes, named={i for i, kind in named.items() if kind == "detection"}, softmax=softmax,
+                       excluded={i for i, kind in named.items() if kind != "detection"})
+    in_head = {i: head for head in heads for i in head.outputs}
+    lost = [i for i, kind in named.items() if kind == "detection" and i not in in_head]
+    if lost:
+        raise AsrError(f"--output-kind {kinds[lost[0]].name}:detection: its shape {list(np.shape(arrays[lost[0]]))} "
+                       "is neither a YOLO head (N, 4+C, A) or (N, A, 4+C) nor half of an SSD pair "
+                       "(N, A, 4) + (N, A, C)")
+    chosen = [i for i, kind in named.items() if kind == "classes"]
+    if chosen:
+        first = min(chosen)
+        rank = np.ndim(arrays[first])
+        if rank not in (2, 3):
+            raise AsrError(f"--output-kind {kinds[first].name}:classes: the output {list(np.shape(arrays[first]))} is "
+                           "neither (N, classes) nor per-step (N, T, classes)")
+        agreement, how = first, PER_SAMPLE if rank == 2 else PER_STEP
+        why = "the output was named classes"
+    elif 0 in in_head:
+        agreement, how, why = None, None, "a detection head: scored by detection F1 against the dense model"
+    elif 0 in named:
+        agreement, how, why = None, None, f"the output was named {named[0]}"
+    else:
+        how, why = agreement_kind(kinds[0], np.shape(arrays[0]), axes[0])
+        agreement = 0 if how else None
+    labels, channel_axes = [], []
+    for i, (kind, array) in enumerate(zip(kinds, arrays)):
+        shape = np.shape(array)
+        label = "detection" if i in in_head else named.get(i) or _recognised(kind, shape, axes[i], i == agreement)
+        if not np.issubdtype(np.asarray(array).dtype, np.floating) or not shape:
+            label = None
+        labels.append(label)
+        channel_axes.append(_channel_axis(label, shape, axes[i], in_head.get(i), i))
+    return Scoring(labels, agreement, how, why, heads, channel_axes)
+
+
+def _recognised(kind: OutputKind, shape: tuple, axis: int, scored: bool) -> str:
+    if scored or (len(shape) == 2 and shape[1 - axis] > 1) or (len(shape) == 3 and kind.class_scores):
+        return "classes"
+    return "map" if len(shape) >= 3 else "regression"
+
+
+def _channel_axis(label: str | None, shape: tuple, axis: int, head, index: int) -> int | None:
+    """The axis of an output's channels: a head's features, a class or regression output's last axis, a map's
+    first axis after the batch; None for a single channel."""
+    if label is None or len(shape) < 2:
+        return None
+    if head is not None:
+        return 1 if head.channels_first and head.scores is None else 2
+    if label in ("classes", "regression"):
+        return len(shape) - 1 if axis != len(shape) - 1 else None
+    return next(i for i in range(len(shape)) if i != axis)

@@ -84,7 +84,8 @@ def build_report(job) -> dict:
         "sites": sites,
         "sparse_core": layer_rows(job.output if job.output is not None else job.pruned),
         "timings_s": {k: round(v, 4) for k, v in job.timings.items()},
-    } | ({"eval": job.evaluation} if job.evaluation else {}) \
+    } | ({"verdict": job.verdict.as_dict()} if getattr(job, "verdict", None) else {}) \
+      | ({"eval": job.evaluation} if job.evaluation else {}) \
       | ({"channels": job.channel_report} if job.channel_report else {})
 
 

@@ -147,7 +147,10 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
         if report_out:
             write_report(report, report_out.staged)
     if not quiet:
-        say(summary(report))
+        text = summary(report)
+        if job.verdict and not text.startswith("verdict:"):  # the verdict first, if the summary does not say it
+            text = f"{job.verdict.line()}\n{text}"
+        say(text)
         say(f"wrote {output}")
 
 
