@@ -1052,12 +1052,12 @@ def _detector_trunk(g, hint):
     return g.relu(g.bn(g.conv(a, 8, 16, strides=[2, 2]), 16))
 
 
-def _detector_branch(g, x, hint, out, bias):
-    """A named Conv-BN-Relu 3x3 then a 1x1 Conv to ``out`` channels with bias ``bias``."""
+def _detector_branch(g, x, hint, out, bias, gain=1.0):
+    """A named Conv-BN-Relu 3x3 then a 1x1 Conv to ``out`` channels with bias ``bias``, weights x ``gain``."""
     w = g.init(f"{hint}_w", g.weight((16, 16, 3, 3), 16 * 9))
     h = g.node("Conv", [x, w, g.init(f"{hint}_b", g.rng.normal(0, 0.1, 16))], f"{hint}_conv", pads=[1] * 4)
     h = g.relu(g.bn(h, 16))
-    head_w = g.init(f"{hint}_head_w", g.weight((out, 16, 1, 1), 16))
+    head_w = g.init(f"{hint}_head_w", gain * g.weight((out, 16, 1, 1), 16))
     return g.node("Conv", [h, head_w, g.init(f"{hint}_head_b", np.full(out, bias))], f"{hint}_head", pads=[0] * 4)
 
 
@@ -1107,15 +1107,16 @@ def _biased(model, feeds, head, quantile, logit):
 def yolo_detector(channels_first=True, classes=3, seed=31, n=48):
     """A YOLO-style detector, one output. ``channels_first``: (N, 4+C, 64) with no objectness, as Ultralytics
     YOLOv8 exports; else (N, 64, 5+C) with an objectness column, as YOLOv5 exports. Boxes cx, cy, w, h in
-    pixels; scores sigmoids, biased so that each class scores >= 0.25 on about 5% of the anchors (a few
-    detections per image). Returns (model, feeds)."""
+    pixels; scores sigmoids of logits spread over several units, biased so that each class scores >= 0.73 on
+    about 5% of the anchors (a few confident detections per image). Returns (model, feeds)."""
     g = G(seed)
     trunk = _detector_trunk(g, "trunk")
     xy, wh = _detector_centres(g, _detector_branch(g, trunk, "box", 4, 0.0))
     parts = [xy, wh]
     if not channels_first:
         parts.append(g.node("Sigmoid", [_detector_branch(g, trunk, "obj", 1, 1.0)], "obj_sigmoid"))
-    parts.append(g.node("Sigmoid", [_detector_branch(g, trunk, "cls", classes, -2.5)], "cls_sigmoid"))
+    # confident class scores, as a trained detector's: logits spread over several units
+    parts.append(g.node("Sigmoid", [_detector_branch(g, trunk, "cls", classes, -2.5, gain=4.0)], "cls_sigmoid"))
     features = 4 + classes + (not channels_first)
     joined = g.node("Concat", parts, "concat", axis=1)
     out = g.node("Reshape", [joined, g.init("shape", [0, features, 64], np.int64)], "output")
@@ -1130,7 +1131,7 @@ def yolo_detector(channels_first=True, classes=3, seed=31, n=48):
         return _biased(model, feeds, next(n.name for n in model.graph.node if n.name.startswith("cls_head")),
                        0.95, 0.4), feeds
     return _biased(model, feeds, next(n.name for n in model.graph.node if n.name.startswith("cls_head")),
-                   0.95, -1.1), feeds
+                   0.95, 1.0), feeds
 
 
 def ssd_detector(classes=3, seed=32, n=48):
@@ -1153,3 +1154,26 @@ def ssd_detector(classes=3, seed=32, n=48):
     g.nodes[-1].output[0] = "scores"
     return (_detector_model(g, [("boxes", ["N", 64, 4]), ("scores", ["N", 64, 1 + classes])]),
             {"input": _feed((3, 16, 16), n=n, seed=seed)})
+
+
+def detector_with_statistics(stale=("cls_",), shift=2.0, scale=9.0, n=96, seed=31):
+    """:func:`yolo_detector` (channels first) whose BN running statistics are the dense model's own on its
+    calibration samples, except, for the BNs after a Conv named with a prefix in ``stale``, far from them
+    (variance x ``scale``, mean shifted by ``shift`` standard deviations), as after training on other data.
+    Restoring the running statistics (``reference="running"``) then repairs the rest and moves that branch
+    away from the dense model. Returns (model, feeds)."""
+    model, feeds = yolo_detector(seed=seed, n=n)
+    bns = [node for node in model.graph.node if node.op_type == "BatchNormalization"]
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for bn in bns:  # in graph order: each BN's input depends on the statistics set before it
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.append(helper.make_tensor_value_info(bn.input[0], TensorProto.FLOAT, None))
+        pre = onnxruntime.InferenceSession(probe.SerializeToString()).run([bn.input[0]], feeds)[0].astype(np.float64)
+        mean, var = pre.mean((0, 2, 3)), pre.var((0, 2, 3))
+        if producers[bn.input[0]].name.startswith(tuple(stale)):
+            mean, var = mean + shift * np.sqrt(var), scale * var
+        inits = {t.name: t for t in model.graph.initializer}
+        inits[bn.input[3]].CopyFrom(numpy_helper.from_array(mean.astype(np.float32), bn.input[3]))
+        inits[bn.input[4]].CopyFrom(numpy_helper.from_array(var.astype(np.float32), bn.input[4]))
+    return model, feeds
