@@ -205,3 +205,63 @@ def test_output_kind_overrides(tmp_path):
     for bad, message in (("out", "expected NAME:KIND"), ("out:boxes", "unknown kind"), (":map", "expected")):
         with pytest.raises(AsrError, match=message):
             parse_output_kinds([bad])
+
+
+VERDICT_KEYS = ["label", "metric", "value", "threshold_usable", "threshold_broken", "reason", "suggestion"]
+
+
+def test_eval_cli_scores_a_detector_and_gives_a_verdict(tmp_path, capsys):
+    import json
+
+    import onnx
+
+    from asr_onnx.cli.main import main
+
+    dense, feeds = zoo.yolo_detector()
+    onnx.save(dense, tmp_path / "dense.onnx")
+    onnx.save(Repair(dense, device="cpu", progress=False).prune(0.5).pruned, tmp_path / "pruned.onnx")
+    np.save(tmp_path / "x.npy", feeds["input"])
+    argv = ["eval", str(tmp_path / "pruned.onnx"), "--data", str(tmp_path / "x.npy"), "--reference",
+            str(tmp_path / "dense.onnx"), "-q", "--device", "cpu"]
+    assert main(argv + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    verdict = result["verdict"]
+    assert list(verdict) == VERDICT_KEYS and verdict["metric"] == "detection_f1"
+    assert verdict["value"] == result["detection"]["f1"] and verdict["label"] in ("degraded", "broken")
+    assert verdict["suggestion"].startswith("if it was pruned") and result["output_kinds"] == {"output": "detection"}
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"verdict: {verdict['label']}: detection F1 ") and "held-out" not in lines[0]
+    assert any(line.startswith("detection F1 ") for line in lines)
+    assert main(argv + ["--output-kind", "output:map", "--json"]) == 0  # channels after the batch, as the head's
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["verdict"]["metric"] == "standardised_error" and plain["detection"] is None
+    assert plain["verdict"]["value"] == pytest.approx(result["standardised_error"], rel=1e-12)
+    assert main(argv + ["--output-kind", "boxes:detection"]) == 1
+    assert capsys.readouterr().err.strip() == ("error: --output-kind names 'boxes', not an output of the model; "
+                                               "its outputs are 'output'")
+
+
+def test_repair_cli_reports_the_verdict_first_and_at_the_top_of_the_json(tmp_path, capsys):
+    import json
+
+    import onnx
+
+    from asr_onnx.cli.main import main
+
+    dense, feeds = zoo.ssd_detector(n=64)
+    onnx.save(dense, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", feeds["input"])
+    argv = ["repair", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"), "--sparsity", "0.5",
+            "-o", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json"), "--device", "cpu"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    report = json.loads((tmp_path / "r.json").read_text())
+    verdict, guard = report["verdict"], report["settings"]["guard"]
+    assert list(verdict) == VERDICT_KEYS and verdict["metric"] == guard["metric"] == "detection_f1"
+    assert verdict["value"] == guard[guard["kept"]]["detection_f1"] and "64 held-out calibration samples" in first
+    assert first == f"verdict: {verdict['label']}: {verdict['reason']}" + (
+        f"; {verdict['suggestion']}" if verdict["suggestion"] else "")
+    assert main(argv + ["--output-kind", "scores:regression", "--output-kind", "boxes:map", "-q"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["settings"]["guard"]["metric"] == report["verdict"]["metric"] == "standardised_error"

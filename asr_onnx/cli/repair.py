@@ -74,25 +74,30 @@ def default_output(model: str) -> Path:
               help="Write the report here: JSON for .json, a self-contained page for .html.")
 @click.option("--eval", "eval_path", help="Score the output against the dense model on this data (top-1 with labels).")
 @click.option("--eval-size", type=COUNT, help="With --eval, a seeded subset of this size. Default: all.")
+@click.option("--output-kind", "output_kind", multiple=True, metavar="NAME:KIND",
+              help="Score output NAME as classes, detection, map or regression instead of as recognised "
+                   "(repeatable); the guard, auto and the verdict use it.")
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @run_options(threads=True)
 def repair_command(model, calib_path, output, sparsity, pattern, flops_target, allocation, score, reconstruct, refit_samples, max_gram_mb, method,
                    placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
                    seed, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io,
-                   stats_path, report_path, eval_path, eval_size, overwrite, quiet, run):
+                   stats_path, report_path, eval_path, eval_size, output_kind, overwrite, quiet, run):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.api import Repair
     from asr_onnx.cache import load_stats, stats_key
     from asr_onnx.channels import SCORES as CHANNEL_SCORES
     from asr_onnx.errors import AsrError
     from asr_onnx.guard import warning_line
+    from asr_onnx.output_kinds import check_output_kinds, parse_output_kinds
     from asr_onnx.outputs import Plan
     from asr_onnx.prune import SCORES as WEIGHT_SCORES
     from asr_onnx.prune import Pattern, check_sparsity
     from asr_onnx.report import report_format, summary, write_report
 
     recal, momentum = parse_recal(recal_mode)
+    kinds = parse_output_kinds(output_kind)
     if report_path:
         try:
             report_format(report_path)  # refuse an unknown extension before any work
@@ -112,7 +117,9 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     model_out = plan.write(output, "-o", siblings=(f"{output.name}.data",), replaces=inputs if overwrite else ())
     report_out = plan.write(report_path, "--report") if report_path else None
     plan.check()
-    job = Repair(model, device=run.device, batch_size=run.batch_size, progress=not quiet, threads=run.threads)
+    job = Repair(model, device=run.device, batch_size=run.batch_size, progress=not quiet, threads=run.threads,
+                 output_kind=kinds)
+    check_output_kinds(job.dense, kinds)
     channels = str(pattern).strip().lower() == "channels"
     check_sparsity(sparsity)  # a bad pattern or score fails before any data is read
     if not channels:

@@ -1,0 +1,38 @@
+"""The verdict (issue 29): usable, degraded or broken, from the score that matters, against stated thresholds."""
+
+import pytest
+
+from asr_onnx.verdict import AGREEMENT_USABLE, F1_BROKEN, F1_USABLE, STANDARDISED_BROKEN, STANDARDISED_USABLE, judge
+
+
+@pytest.mark.parametrize("metric, value, classes, label", [
+    ("agreement", 0.95, 10, "usable"), ("agreement", 0.949, 10, "degraded"), ("agreement", 0.55, 10, "degraded"),
+    ("agreement", 0.549, 10, "broken"), ("agreement", 0.76, 2, "degraded"), ("agreement", 0.74, 2, "broken"),
+    ("detection_f1", 0.9, None, "usable"), ("detection_f1", 0.5, None, "degraded"),
+    ("detection_f1", 0.49, None, "broken"), ("standardised_error", 0.2, None, "usable"),
+    ("standardised_error", 0.6, None, "degraded"), ("standardised_error", 0.61, None, "broken")])
+def test_labels_at_the_stated_thresholds(metric, value, classes, label):
+    verdict = judge(metric, value, data="8 samples", classes=classes)
+    assert verdict.label == label and verdict.metric == metric and verdict.value == value
+    assert (verdict.suggestion is None) == (label == "usable")
+    usable = {"agreement": AGREEMENT_USABLE, "detection_f1": F1_USABLE, "standardised_error": STANDARDISED_USABLE}
+    assert verdict.threshold_usable == usable[metric]
+    broken = {"agreement": 0.55 if classes == 10 else 0.75, "detection_f1": F1_BROKEN,
+              "standardised_error": STANDARDISED_BROKEN}
+    assert verdict.threshold_broken == pytest.approx(broken[metric])
+
+
+def test_the_reason_and_the_suggestion_say_what_was_measured_and_what_to_try():
+    settings = {"sparsity": 0.9, "pattern": "global", "reconstruct": "none", "exclude": [], "keep_last": False}
+    verdict = judge("agreement", 0.641, data="64 held-out calibration samples", classes=4, settings=settings)
+    assert verdict.label == "degraded"
+    assert verdict.reason == ("top-1 agreement 64.1% against the dense model on 64 held-out calibration samples "
+                              "(usable >= 95%, broken < 62%)")
+    assert verdict.suggestion == ("try --reconstruct ls, a lower --sparsity (0.7), --pattern 2:4 (50%, in every "
+                                  "group of 4) or leaving the head dense (--keep-last)")
+    refitted = dict(settings, reconstruct="ls", keep_last=True, pattern="2:4", sparsity=0.5)
+    assert judge("detection_f1", 0.3, data="x", settings=refitted, detector=True).suggestion == \
+        "try unstructured pruning at 50%"
+    line = judge("standardised_error", 0.7, data="x", settings=dict(settings, sparsity=0.6)).line()
+    assert line.startswith("verdict: broken: standardised error 0.7 against the dense model on x (usable <= 0.2, "
+                           "broken > 0.6); try --reconstruct ls, a lower --sparsity (0.5)")
