@@ -21,6 +21,7 @@ scores within [0, 1] and the boxes' extents non-negative (a CTC recogniser's raw
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,8 +65,8 @@ Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # (boxes (k, 4) x1 y1 x2
 # ------------------------------------------------------------------------------------------- recognition
 
 
-def find_heads(arrays: list, axes: list[int], named: set[int] = frozenset(), softmax: set[int] = frozenset(),
-               excluded: set[int] = frozenset()) -> list[Head]:
+def find_heads(arrays: list, axes: list[int], named: Collection[int] = (), softmax: Collection[int] = (),
+               excluded: Collection[int] = ()) -> list[Head]:
     """The detection heads among a model's outputs, from their shapes and the dense model's values.
 
     Args:
@@ -81,7 +82,8 @@ def find_heads(arrays: list, axes: list[int], named: set[int] = frozenset(), sof
     """
     rank3 = [i for i, a in enumerate(arrays) if i not in excluded and np.ndim(a) == 3 and axes[i] == 0
              and np.issubdtype(np.asarray(a).dtype, np.floating)]
-    heads, used = [], set()
+    heads: list[Head] = []
+    used: set[int] = set()
     for i in rank3:  # an SSD pair first: its scores tensor alone would also read as a one-tensor head
         a = arrays[i]
         if a.shape[2] != 4 or i in used:
@@ -92,7 +94,7 @@ def find_heads(arrays: list, axes: list[int], named: set[int] = frozenset(), sof
                 continue
             trusted = i in named and j in named
             box_format = _box_format(a.reshape(-1, 4)) or ("xyxy" if trusted else None)
-            if trusted or (box_format and _scores_in_unit(b)):
+            if box_format and (trusted or _scores_in_unit(b)):
                 heads.append(Head(i, j, False, box_format, False, j in softmax and b.shape[2] > 1,
                                   b.shape[2] - (j in softmax and b.shape[2] > 1)))
                 used.update((i, j))
@@ -210,15 +212,15 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def nms_per_class(boxes: np.ndarray, classes: np.ndarray, scores: np.ndarray, iou: float = NMS_IOU) -> np.ndarray:
     """Greedy NMS within each class: the indices kept, highest score first (ties in index order)."""
-    kept = []
+    kept: list[int] = []
     for cls in np.unique(classes):
         order = np.flatnonzero(classes == cls)
         order = order[np.argsort(-scores[order], kind="stable")]
         while order.size:
-            kept.append(order[0])
+            kept.append(int(order[0]))
             order = order[1:][box_iou(boxes[order[0]], boxes[order[1:]])[0] <= iou]
-    kept = np.asarray(kept, np.int64)
-    return kept[np.argsort(-scores[kept], kind="stable")]
+    survivors = np.asarray(kept, np.int64)
+    return survivors[np.argsort(-scores[survivors], kind="stable")]
 
 
 # ------------------------------------------------------------------------------------------- matching

@@ -86,21 +86,21 @@ def agreement(outputs: Iterable[Batch], kinds: list[OutputKind], labels=None, re
         AsrError: the model's and the reference's outputs differ in shape.
     """
     compare = reference is not None
-    references = iter(reference) if compare else None
+    references = iter(reference) if reference is not None else None
     correct = seen = 0
-    plan = None
+    plan: Scoring | None = None
     parts: list[Scores] = []
-    for i, (n, outs) in enumerate(outputs):
+    for n, outs in outputs:
         axes = [batch_axis(k, out.shape, n) for k, out in zip(kinds, outs)]
-        refs = None
-        if compare:
+        refs: list = outs
+        if references is not None:
             _, refs = next(references)
             if [r.shape for r in refs] != [out.shape for out in outs]:
                 raise AsrError(f"the model's outputs have shapes {[list(out.shape) for out in outs]} and the "
                                f"reference's {[list(r.shape) for r in refs]}: they cannot be compared")
-        if i == 0:
-            plan = plan_scoring(kinds, refs if compare else outs, axes, output_kind)
-        if labels is not None and plan.how == PER_SAMPLE:
+        if plan is None:
+            plan = plan_scoring(kinds, refs, axes, output_kind)  # the reference's values decide what a head is
+        if labels is not None and plan.how == PER_SAMPLE and plan.agreement is not None:
             j = plan.agreement
             correct += int((flat(outs[j], axes[j]).argmax(1) == labels[seen : seen + n]).sum())
         if compare:
@@ -109,7 +109,7 @@ def agreement(outputs: Iterable[Batch], kinds: list[OutputKind], labels=None, re
     result: dict = {"samples": seen}
     if labels is not None:
         result["top1"] = correct / seen if plan is not None and plan.how == PER_SAMPLE else None
-    if compare and parts:
+    if compare and parts and plan is not None:
         scores = Scores.pooled(parts)
         result.update(agreement=scores.agreement, agreement_kind=plan.how or plan.why,
                       logit_rel_l2=scores.logit_rel_l2,
@@ -129,7 +129,7 @@ def _batch_scores(plan: Scoring, outs: list, refs: list, axes: list[int], n: int
     err2 = sum(((flat(outs[j], axes[j]) - flat(refs[j], axes[j])) ** 2).sum(1) for j in floats)
     ref2 = sum((flat(refs[j], axes[j]) ** 2).sum(1) for j in floats)
     matches, classes = None, None
-    if plan.how is not None:
+    if plan.how is not None and plan.agreement is not None:
         j = plan.agreement
         matches = top1_matches(outs[j], refs[j], axes[j], plan.how)
         classes = int(np.shape(refs[j])[-1])
@@ -183,8 +183,9 @@ class ChannelErrors:
             m2.append(((values - values.mean(1, keepdims=True)) ** 2).sum(1))
             outputs.append(np.full(b.shape[1], index))
         if n is None:
-            return cls(np.zeros((0, 0)), *(np.zeros(0) for _ in range(3)), np.zeros(0, np.int64))
-        return cls(np.concatenate(err2, axis=1), *(np.concatenate(v) for v in (count, mean, m2, outputs)))
+            return cls(np.zeros((0, 0)), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
+        return cls(np.concatenate(err2, axis=1), np.concatenate(count), np.concatenate(mean), np.concatenate(m2),
+                   np.concatenate(outputs))
 
     @classmethod
     def pooled(cls, parts: list["ChannelErrors"]) -> "ChannelErrors":
@@ -288,19 +289,20 @@ class Scores:
 
     @property
     def detection_f1(self) -> float | None:
-        return None if self.counts is None else self.detection["f1"]
+        detection = self.detection
+        return None if detection is None else detection["f1"]
 
     def primary(self) -> tuple[str, np.ndarray, float]:
         """The score that matters for this model, higher better: (metric, per-sample values, pooled value).
 
         A detector: detection F1 (per sample, each image's F1 over its classes; pooled, the mean over classes),
-        when the reference detects anything (else nothing is there to find, and the next applies). A classifier: top-1 agreement. Anything else: the standardised
-        error, negated (higher is better here).
+        when the reference detects anything (else nothing is there to find, and the next applies). A classifier:
+        top-1 agreement. Anything else: the standardised error, negated (higher is better here).
         """
         from .detection import image_f1
 
         if self.counts is not None and self.counts[:, :, [0, 2]].sum() > 0:  # the reference detects something
-            return "detection_f1", image_f1(self.counts), self.detection["f1"]
+            return "detection_f1", image_f1(self.counts), float(self.detection_f1 or 0.0)
         if self.matches is not None:
             return "agreement", self.matches.astype(np.float64), float(self.matches.mean())
         return "standardised_error", -self.std_err2, -self.standardised_error
@@ -327,7 +329,7 @@ def evaluate(model, data, *, reference=None, batch_size: int = 256, device: str 
     proto = load_model(model) if isinstance(model, (str, Path)) else model
     batch_size = fixed_batch(input_specs(proto)) or batch_size
     outputs = logits(proto, data, batch_size=batch_size, device=device, progress=progress)
-    references = reference_logits or None
+    references: Iterable[Batch] | None = reference_logits or None
     if reference is not None and not reference_logits:
         references = logits(reference, data, batch_size=batch_size, device=device, progress=False)
         if reference_logits is not None:

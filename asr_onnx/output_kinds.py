@@ -218,10 +218,11 @@ def plan_scoring(kinds: list[OutputKind], arrays: list, axes: list[int], given: 
     else:
         how, why = agreement_kind(kinds[0], np.shape(arrays[0]), axes[0])
         agreement = 0 if how else None
-    labels, channel_axes = [], []
+    labels: list[str | None] = []
+    channel_axes: list[int | None] = []
     for i, (kind, array) in enumerate(zip(kinds, arrays)):
         shape = np.shape(array)
-        label = "detection" if i in in_head else named.get(i) or _recognised(kind, shape, axes[i], i == agreement)
+        label: str | None = "detection" if i in in_head else named.get(i) or _recognised(kind, shape, axes[i], i == agreement)
         if not np.issubdtype(np.asarray(array).dtype, np.floating) or not shape:
             label = None
         labels.append(label)

@@ -138,6 +138,8 @@ def from_result(result: dict, *, data: str, settings: dict | None = None) -> Ver
         return None
     value = {"detection_f1": (result.get("detection") or {}).get("f1"), "agreement": result.get("agreement"),
              "standardised_error": result.get("standardised_error")}[metric]
+    if value is None:
+        return None
     return judge(metric, value, data=data, classes=result.get("agreement_classes"), settings=settings,
                  detector=bool(result.get("detection")))
 
