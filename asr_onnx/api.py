@@ -458,7 +458,7 @@ class Repair:
         if method == "none":
             self.output = self.pruned
             self.settings.update(method="none")
-            return self.judge(calib).shrink()
+            return self.judge().shrink()
         for round_ in range(refit_rounds):
             if round_:
                 self.refit_corrected(calib, max_gram_mb=max_gram_mb, passes=refit_passes)
@@ -473,15 +473,20 @@ class Repair:
         self.settings.update(refit_rounds=refit_rounds)
         if guard == "off":
             self.settings.update(guard={"mode": "off", "held_out": 0, "kept": "repair"})
-            return self.judge(calib).shrink()
-        return self.guard(calib, guard, seed=seed).judge(calib).shrink()
+            return self.judge().shrink()
+        return self.guard(calib, guard, seed=seed).judge().shrink()
 
     def judge(self, calib=None) -> "Repair":
         """The verdict on the output, usable, degraded or broken (:func:`asr_onnx.verdict.of_repair`): from the
-        :meth:`evaluate` data when scored, else the guard's held-out samples, else ``calib`` itself."""
+        :meth:`evaluate` data when scored, else the guard's held-out samples, else, when given, ``calib`` scored
+        now (one pass of both models: :meth:`run` leaves the verdict None rather than pay it unasked)."""
         from .verdict import of_repair
 
-        self.verdict = of_repair(self, calib)
+        if calib is None:
+            self.verdict = of_repair(self)
+            return self
+        with self._timed("verdict"):
+            self.verdict = of_repair(self, calib)
         return self
 
     def guard(self, calib, mode: str = "fallback", *, seed: int = 0) -> "Repair":
@@ -629,11 +634,11 @@ class Repair:
 
 def repair(model, calib, *, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
            keep_last: bool = False, batch_size: int | None = None, device: str = "auto", progress: bool = True,
-           threads: int = 0, **options) -> Repair:
+           threads: int = 0, output_kind: dict | None = None, **options) -> Repair:
     """Prunes and repairs a model in one call.
 
     Args:
-        model, batch_size, device, progress, threads: as for :class:`Repair`.
+        model, batch_size, device, progress, threads, output_kind: as for :class:`Repair`.
         calib: the calibration set (unused with ``method="none"``).
         sparsity, pattern, exclude, keep_first, keep_last: as for :meth:`Repair.prune`.
         **options: as for :meth:`Repair.run` (method, placement, recal, momentum, lambda_rule,
@@ -642,5 +647,6 @@ def repair(model, calib, *, sparsity: float = 0.9, pattern: str = "global", excl
     Returns:
         the finished Repair: ``.output`` is the repaired onnx.ModelProto, ``.report()`` its report.
     """
-    job = Repair(model, device=device, batch_size=batch_size, progress=progress, threads=threads)
+    job = Repair(model, device=device, batch_size=batch_size, progress=progress, threads=threads,
+                 output_kind=output_kind)
     return job.prune(sparsity, pattern, exclude, keep_first, keep_last).run(calib, **options)

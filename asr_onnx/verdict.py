@@ -147,7 +147,7 @@ def from_result(result: dict, *, data: str, settings: dict | None = None) -> Ver
 def of_repair(job, calib=None) -> Verdict | None:
     """The verdict on a Repair's output, from the best evidence it has: its :meth:`Repair.evaluate` scores (data
     the user named), else the guard's held-out scores of the model it kept, else ``calib`` scored now (the data
-    it was fitted on: the reason says so); None with none of them.
+    it was fitted on: the reason says so); None with none of them (``calib`` None: nothing is run).
     """
     from .evaluation import evaluate
 

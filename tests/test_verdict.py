@@ -36,3 +36,28 @@ def test_the_reason_and_the_suggestion_say_what_was_measured_and_what_to_try():
     line = judge("standardised_error", 0.7, data="x", settings=dict(settings, sparsity=0.6)).line()
     assert line.startswith("verdict: broken: standardised error 0.7 against the dense model on x (usable <= 0.2, "
                            "broken > 0.6); try --reconstruct ls, a lower --sparsity (0.5)")
+
+
+def test_a_repair_is_judged_on_its_eval_data_else_the_guards_held_out_samples_else_its_calibration(tmp_path):
+    import numpy as np
+    import zoo
+
+    from asr_onnx.api import Repair
+    from asr_onnx.calib import input_specs, load_calib
+
+    dense, feeds = zoo.bn_with_statistics(stale=False)
+    np.save(tmp_path / "x.npy", feeds["input"])
+    np.save(tmp_path / "e.npy", zoo.random_inputs(40, seed=9))
+    calib = load_calib(tmp_path / "x.npy", input_specs(dense))
+    guarded = Repair(dense, device="cpu", progress=False).prune(0.7).run(calib, "bn", guard="fallback")
+    entry = guarded.settings["guard"]
+    assert guarded.verdict.metric == "agreement" and guarded.verdict.value == entry[entry["kept"]]["agreement"]
+    assert "96 held-out calibration samples (2 folds" in guarded.verdict.reason
+    guarded.evaluate(load_calib(tmp_path / "e.npy", input_specs(dense)), name="e.npy")
+    assert guarded.verdict.value == guarded.evaluation["agreement"] and "40 samples of e.npy" in guarded.verdict.reason
+    unguarded = Repair(dense, device="cpu", progress=False).prune(0.7).run(calib, "bn")
+    assert unguarded.verdict is None and "verdict" not in unguarded.report()  # nothing scored it, nothing ran
+    unguarded.judge(calib)
+    assert "the 96 calibration samples, not held out (the guard is off)" in unguarded.verdict.reason
+    assert unguarded.report()["verdict"] == unguarded.verdict.as_dict()
+    assert unguarded.verdict.threshold_broken == pytest.approx(0.6)  # 5 classes: half-way from chance (20%)

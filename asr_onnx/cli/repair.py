@@ -148,6 +148,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
         job.to_fp16(keep_io=not fp16_io, calib=calib)
     if eval_path:
         job.evaluate(run.open_data(eval_path, job.dense, limit=eval_size, seed=seed), name=eval_path)
+    if job.verdict is None and calib is not None:  # neither --eval nor the guard scored it: the calibration data
+        job.judge(calib)
     with plan.staged():  # every output is staged, then all are renamed into place together
         job.save(model_out.staged)
         report = job.report()
