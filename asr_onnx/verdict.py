@@ -8,12 +8,13 @@ One figure decides, the one that matters for what the model does (:meth:`asr_onn
   dense model's.
 - a detector: detection F1 against the dense model's detections (:mod:`asr_onnx.detection`). Usable from
   0.9: about one detection in ten missed or spurious. Broken below 0.5: as many wrong as right.
-- anything else: the standardised error (each output channel's RMS error in units of the dense model's
-  spread of that channel). Its thresholds were read off classifiers, where agreement is known: on held-out
-  Fashion-MNIST training images, across the sample models, sparsities and repairs
-  (benchmarks/verdict_thresholds.py, benchmarks/RESULTS.md section 9), agreement stays at 95% or more up to
-  a standardised logit error of about STANDARDISED_USABLE, and falls to the broken line (55% for 10
-  classes) by about STANDARDISED_BROKEN.
+- anything else: the standardised error e (each output channel's RMS error in units of the dense model's
+  spread of that channel; 1 - e^2 is about the share of the dense output's variance the model reproduces).
+  Its thresholds were read off classifiers, where agreement is known: on 1,000 held-out Fashion-MNIST
+  training images, for the 4 sample models at 0.5, 0.7, 0.8, 0.9, 0.95 and 2:4, pruned alone or repaired
+  (48 cells, benchmarks/verdict_thresholds.py, benchmarks/results/verdict_thresholds.json), every cell with
+  a standardised logit error <= 0.2 agrees 96.8% or more (the next, 0.237, 94.4%), and every cell above
+  0.8 agrees under 55% (the broken line for 10 classes; the highest below 0.8, 0.744, agrees 56.8%).
 
 The figure comes from data the repair did not fit: ``repair --eval`` data when given, else the guard's held-out
 calibration samples; only when neither exists is it the calibration data itself, and the reason says so.
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass
 LABELS = ("usable", "degraded", "broken")
 AGREEMENT_USABLE = 0.95
 F1_USABLE, F1_BROKEN = 0.9, 0.5
-STANDARDISED_USABLE, STANDARDISED_BROKEN = 0.2, 0.6
+STANDARDISED_USABLE, STANDARDISED_BROKEN = 0.2, 0.8
 METRIC_NAMES = {"agreement": "top-1 agreement", "detection_f1": "detection F1",
                 "standardised_error": "standardised error"}
 

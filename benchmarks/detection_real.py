@@ -13,7 +13,7 @@ Images (no training data of this model is at hand, and none is downloaded): the 
 scikit-image's data module (astronaut, coffee, chelsea the cat, a rocket, motorcycles, ...) and matplotlib's
 Grace Hopper, as random crops letterboxed to 320x320, and mosaics of 4x4 faces from scikit-image's LFW subset
 (the model's face classes are what these photos hold most). Calibration and evaluation: different crops and
-different people (LFW faces 0-99 against 100-199).
+different people (LFW faces 0-49 against 50-99).
 
     pip download --no-deps -d /tmp/wheels nudenet && unzip -o -d /tmp/nudenet /tmp/wheels/nudenet-*.whl
     OMP_NUM_THREADS=1 python benchmarks/detection_real.py --model /tmp/nudenet/nudenet/320n.onnx \\
@@ -102,7 +102,8 @@ def image_sets(folder: Path | None, calib_size: int, eval_size: int, seed: int) 
     photos = [Image.open(p).convert("RGB") for p in photo_paths(folder)]
     faces = np.load(folder / "lfw_subset.npy") if (folder / "lfw_subset.npy").exists() else None
     sets = []
-    for size, offset, half in ((calib_size, 1, slice(0, 100)), (eval_size, 2, slice(100, 200))):
+    # the LFW subset's first 100 images are faces (its last 100 are not): 50 people each
+    for size, offset, half in ((calib_size, 1, slice(0, 50)), (eval_size, 2, slice(50, 100))):
         rng = np.random.default_rng(seed * 10 + offset)
         n_faces = size // 2 if faces is not None else 0
         images = crops(photos, size - n_faces, rng) + (mosaics(faces[half], n_faces, rng) if n_faces else [])

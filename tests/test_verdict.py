@@ -10,7 +10,7 @@ from asr_onnx.verdict import AGREEMENT_USABLE, F1_BROKEN, F1_USABLE, STANDARDISE
     ("agreement", 0.549, 10, "broken"), ("agreement", 0.76, 2, "degraded"), ("agreement", 0.74, 2, "broken"),
     ("detection_f1", 0.9, None, "usable"), ("detection_f1", 0.5, None, "degraded"),
     ("detection_f1", 0.49, None, "broken"), ("standardised_error", 0.2, None, "usable"),
-    ("standardised_error", 0.6, None, "degraded"), ("standardised_error", 0.61, None, "broken")])
+    ("standardised_error", 0.8, None, "degraded"), ("standardised_error", 0.81, None, "broken")])
 def test_labels_at_the_stated_thresholds(metric, value, classes, label):
     verdict = judge(metric, value, data="8 samples", classes=classes)
     assert verdict.label == label and verdict.metric == metric and verdict.value == value
@@ -33,9 +33,9 @@ def test_the_reason_and_the_suggestion_say_what_was_measured_and_what_to_try():
     refitted = dict(settings, reconstruct="ls", keep_last=True, pattern="2:4", sparsity=0.5)
     assert judge("detection_f1", 0.3, data="x", settings=refitted, detector=True).suggestion == \
         "try unstructured pruning at 50%"
-    line = judge("standardised_error", 0.7, data="x", settings=dict(settings, sparsity=0.6)).line()
-    assert line.startswith("verdict: broken: standardised error 0.7 against the dense model on x (usable <= 0.2, "
-                           "broken > 0.6); try --reconstruct ls, a lower --sparsity (0.5)")
+    line = judge("standardised_error", 0.9, data="x", settings=dict(settings, sparsity=0.6)).line()
+    assert line.startswith("verdict: broken: standardised error 0.9 against the dense model on x (usable <= 0.2, "
+                           "broken > 0.8); try --reconstruct ls, a lower --sparsity (0.5)")
 
 
 def test_a_repair_is_judged_on_its_eval_data_else_the_guards_held_out_samples_else_its_calibration(tmp_path):
