@@ -260,7 +260,8 @@ def detection_scores(counts: np.ndarray) -> dict:
     where the candidate detects it, its recall where the reference does; each mean is over those classes.
 
     Returns:
-        {"f1", "precision", "recall" (means, None when no class counts), "classes_scored", "reference_detections",
+        {"f1", "precision", "recall" (means, None when no class counts), "f1_pooled" (every class's counts
+        summed: a frequent class weighs more; context, not the score), "classes_scored", "reference_detections",
         "detections", "per_class": {class: {"tp", "fp", "fn", "precision", "recall", "f1"}}}.
     """
     counts = np.asarray(counts, np.int64).reshape(-1, 3)
@@ -275,8 +276,9 @@ def detection_scores(counts: np.ndarray) -> dict:
         values = [c[key] for c in per_class.values() if c[key] is not None]
         return float(np.mean(values)) if values else None
 
+    tp, fp, fn = (int(v) for v in counts.sum(0))
     return {"f1": mean("f1"), "precision": mean("precision"), "recall": mean("recall"),
-            "classes_scored": len(per_class), "reference_detections": int(counts[:, 0].sum() + counts[:, 2].sum()),
+            "f1_pooled": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None, "classes_scored": len(per_class), "reference_detections": int(counts[:, 0].sum() + counts[:, 2].sum()),
             "detections": int(counts[:, 0].sum() + counts[:, 1].sum()), "per_class": per_class}
 
 

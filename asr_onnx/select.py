@@ -39,7 +39,7 @@ def choose(job, calib, candidates=AUTO_CANDIDATES, *, folds: int = 4, seed: int 
 
     Returns:
         (the picked score, every candidate's score): each score names its method, placement and
-        lambda_rule, with its held-out agreement (None where top-1 means nothing) and logit_rel_l2.
+        lambda_rule, with its held-out :func:`score_entry`.
     """
     def candidate(method, placement, rule):
         return lambda probe: probe.correct(method, placement=placement, recal=recal, momentum=momentum,
@@ -70,7 +70,7 @@ def choose_reconstruction(job, calib, correction: dict, *, measure: dict, folds:
 
     Returns:
         (the picked score, every candidate's score): each names its ``reconstruct``, with its held-out
-        agreement (None where top-1 means nothing) and logit_rel_l2.
+        :func:`score_entry`.
     """
     correct = correction.get("method") != "none"
 
@@ -104,7 +104,9 @@ def _pick_scored(names: list[dict], scored: list) -> tuple[dict, list[dict]]:
 
 
 def score_entry(scores) -> dict:
-    """A model's held-out scores for the report (an :class:`asr_onnx.evaluation.Scores`)."""
+    """A model's held-out scores for the report, from its :class:`asr_onnx.evaluation.Scores`: "agreement" (None
+    where top-1 means nothing), "logit_rel_l2", "standardised_error" and "detection_f1" (None but for a detector
+    whose dense model detects anything)."""
     metric, _, value = scores.primary()
     return {"agreement": scores.agreement, "logit_rel_l2": scores.logit_rel_l2,
             "standardised_error": scores.standardised_error,

@@ -152,9 +152,11 @@ def main() -> None:
         pattern, sparsity = ("2:4", 0.0) if cell == "2:4" else ("global", float(cell))
         pruned = Repair(dense, device="cpu", progress=False, threads=args.threads).prune(sparsity, pattern).pruned
         alone = scored(pruned)
-        row = {"cell": cell, "pruned": {"f1": alone["detection"]["f1"], "detections": alone["detection"]["detections"],
+        row = {"cell": cell, "pruned": {"f1": alone["detection"]["f1"], "f1_pooled": alone["detection"]["f1_pooled"],
+                                        "detections": alone["detection"]["detections"],
                                         "logit_rel_l2": alone["logit_rel_l2"],
-                                        "standardised_error": alone["standardised_error"]}}
+                                        "standardised_error": alone["standardised_error"],
+                                        "per_class": alone["detection"]["per_class"]}}
         for reconstruct in args.repairs:
             start = time.perf_counter()
             job = Repair(dense, device="cpu", progress=False, threads=args.threads).prune(sparsity, pattern)
@@ -170,7 +172,8 @@ def main() -> None:
                             settings=job.settings, detector=True)
             held_out = guard["pruned" if ships == "pruned" else "repair"]["detection_f1"]
             row[reconstruct] = {
-                "f1": repaired["detection"]["f1"], "precision": repaired["detection"]["precision"],
+                "f1": repaired["detection"]["f1"], "f1_pooled": repaired["detection"]["f1_pooled"],
+                "per_class": repaired["detection"]["per_class"], "precision": repaired["detection"]["precision"],
                 "recall": repaired["detection"]["recall"], "detections": repaired["detection"]["detections"],
                 "logit_rel_l2": repaired["logit_rel_l2"], "standardised_error": repaired["standardised_error"],
                 "guard": {"verdict": guard["verdict"], "ships": ships, "repair_f1": guard["repair"]["detection_f1"],
@@ -191,7 +194,9 @@ def _result(args, base: dict, rows: list) -> dict:
     return {"model": "nudenet 3.4.2 320n.onnx (Ultralytics YOLOv8n, 320x320, 18 classes, output (N, 22, 2100))",
             "calib": args.calib_size, "eval": args.eval_size, "seed": args.seed, "threads": args.threads,
             "refit_passes": args.refit_passes, "dense_detections": base["detection"]["reference_detections"],
-            "dense_classes": base["detection"]["classes_scored"], "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+            "dense_classes": base["detection"]["classes_scored"],
+            "dense_per_class": {c: v["tp"] for c, v in base["detection"]["per_class"].items()},
+            "omp_threads": os.environ.get("OMP_NUM_THREADS"),
             "rows": rows}
 
 
