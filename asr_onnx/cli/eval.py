@@ -68,11 +68,13 @@ def labels_unused(result: dict) -> bool:
 
 
 def detection_line(scores: dict) -> str:
-    """``detection F1 f (precision p, recall r) over k classes; the dense model's d detections, this one's m``."""
+    """``detection F1 f (precision p, recall r) over k classes, pooled F1 g; the reference's d detections,
+    this model's m``: the means are over classes, each class alike; the pooled F1 sums every class's counts."""
     def num(v):
         return "-" if v is None else f"{v:.3f}"
 
     return (f"detection F1 {num(scores['f1'])} (precision {num(scores['precision'])}, recall {num(scores['recall'])}) "
-            f"over {scores['classes_scored']} classes at IoU {scores['match_iou']:g}; the reference's "
+            f"over {scores['classes_scored']} classes at IoU {scores['match_iou']:g}, pooled F1 "
+            f"{num(scores.get('f1_pooled'))}; the reference's "
             f"{scores['reference_detections']} detections, this model's {scores['detections']} (score >= "
             f"{scores['score_threshold']:g}, NMS at IoU {scores['nms_iou']:g})")
