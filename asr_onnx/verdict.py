@@ -22,12 +22,13 @@ calibration samples; only when neither exists is it the calibration data itself,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 LABELS = ("usable", "degraded", "broken")
 AGREEMENT_USABLE = 0.95
 F1_USABLE, F1_BROKEN = 0.9, 0.5
 STANDARDISED_USABLE, STANDARDISED_BROKEN = 0.2, 0.8
+FEW_DETECTIONS = 5  # a class with fewer dense detections scores F1 by a coin or two: the reason says so
 METRIC_NAMES = {"agreement": "top-1 agreement", "detection_f1": "detection F1",
                 "standardised_error": "standardised error"}
 
@@ -141,8 +142,18 @@ def from_result(result: dict, *, data: str, settings: dict | None = None) -> Ver
              "standardised_error": result.get("standardised_error")}[metric]
     if value is None:
         return None
-    return judge(metric, value, data=data, classes=result.get("agreement_classes"), settings=settings,
-                 detector=bool(result.get("detection")))
+    verdict = judge(metric, value, data=data, classes=result.get("agreement_classes"), settings=settings,
+                    detector=bool(result.get("detection")))
+    if metric != "detection_f1":
+        return verdict
+    per_class = result["detection"]["per_class"].values()
+    thin = sum(c["tp"] + c["fn"] < FEW_DETECTIONS for c in per_class)
+    if not thin:
+        return verdict
+    # every class weighs alike in the mean: say when some rest on a handful of the dense model's detections
+    note = (f"; {thin} of its {len(per_class)} classes rest on fewer than {FEW_DETECTIONS} dense detections each, "
+            f"pooled over classes F1 {result['detection']['f1_pooled']:.3g}")
+    return replace(verdict, reason=verdict.reason + note)
 
 
 def of_repair(job, calib=None) -> Verdict | None:

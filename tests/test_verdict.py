@@ -61,3 +61,15 @@ def test_a_repair_is_judged_on_its_eval_data_else_the_guards_held_out_samples_el
     assert "the 96 calibration samples, not held out (the guard is off)" in unguarded.verdict.reason
     assert unguarded.report()["verdict"] == unguarded.verdict.as_dict()
     assert unguarded.verdict.threshold_broken == pytest.approx(0.6)  # 5 classes: half-way from chance (20%)
+
+
+def test_a_detection_verdict_says_when_classes_rest_on_a_few_dense_detections():
+    from asr_onnx.detection import detection_scores
+    from asr_onnx.verdict import from_result
+
+    # a frequent class found well, a rare one (2 dense detections) missed: the mean over classes is 0.48
+    detection = detection_scores([[95, 2, 5], [0, 0, 2]])
+    verdict = from_result({"metric": "detection_f1", "detection": detection}, data="9 images")
+    assert verdict.label == "broken" and verdict.value == pytest.approx(190 / 197 / 2)
+    assert verdict.reason.endswith("; 1 of its 2 classes rest on fewer than 5 dense detections each, pooled over "
+                                   f"classes F1 {190 / 199:.3g}")
