@@ -13,8 +13,8 @@ One figure decides, the one that matters for what the model does (:meth:`asr_onn
   Its thresholds were read off classifiers, where agreement is known: on 1,000 held-out Fashion-MNIST
   training images, for the 4 sample models at 0.5, 0.7, 0.8, 0.9, 0.95 and 2:4, pruned alone or repaired
   (48 cells, benchmarks/verdict_thresholds.py, benchmarks/results/verdict_thresholds.json), every cell with
-  a standardised logit error <= 0.2 agrees 96.8% or more (the next, 0.237, 94.4%), and every cell above
-  0.8 agrees under 55% (the broken line for 10 classes; the highest below 0.8, 0.744, agrees 56.8%).
+  a standardised logit error <= 0.2 agrees 96.8% or more (the next, 0.237, 94.4%), every cell above 0.8
+  agrees under 55% (the broken line for 10 classes), and every cell between agrees 56.8% or more.
 
 The figure comes from data the repair did not fit: ``repair --eval`` data when given, else the guard's held-out
 calibration samples; only when neither exists is it the calibration data itself, and the reason says so.

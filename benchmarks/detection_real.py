@@ -206,14 +206,16 @@ def print_table(rows: list, repairs: list) -> None:
 
     head = f"{'cell':>5} {'pruned F1':>9}"
     for r in repairs:
-        head += f" | {r + ' F1':>8} {'relL2':>6} {'stdErr':>6} {'held-out r/p':>12} {'ships':>6} {'verdict':>8}"
+        head += (f" | {r + ' F1':>8} {'pooled':>6} {'relL2':>6} {'stdErr':>6} {'held-out r/p':>12} {'ships':>6} "
+                 f"{'verdict':>8}")
     print(head)
     for row in rows:
         line = f"{row['cell']:>5} {f1(row['pruned']['f1']):>9}"
         for r in repairs:
             c = row[r]
             g = c["guard"]
-            line += (f" | {f1(c['f1']):>8} {c['logit_rel_l2']:>6.3f} {c['standardised_error']:>6.3f} "
+            line += (f" | {f1(c['f1']):>8} {f1(c.get('f1_pooled')):>6} {c['logit_rel_l2']:>6.3f} "
+                     f"{c['standardised_error']:>6.3f} "
                      f"{f1(g['repair_f1']) + '/' + f1(g['pruned_f1']):>12} {g['ships']:>6} {c['verdict']['label']:>8}")
         print(line)
 
