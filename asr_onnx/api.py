@@ -48,8 +48,13 @@ class Repair:
 
     def __init__(self, model, *, device: str = "auto", batch_size: int | None = None, progress: bool = True,
                  threads: int = 0):
+        from .quantize_correct import dequantize_weights
+
         self.source = None if isinstance(model, onnx.ModelProto) else Path(model)
-        self.dense = model if self.source is None else load_model(self.source)
+        given = model if self.source is None else load_model(self.source)
+        # a QDQ model's weights are held in float while it is repaired, and quantized again at the end
+        self.dense, self.qdq_tensors = dequantize_weights(given)
+        self.quantized_input = given if self.qdq_tensors else None
         self.device, self.progress, self.threads = device, progress, threads
         self.specs = input_specs(self.dense)
         fixed = fixed_batch(self.specs)
@@ -65,6 +70,7 @@ class Repair:
         self.measurement = None  # a measure.Measurement, once measured
         self.corrections, self.written, self.output = {}, {}, None
         self.evaluation = None
+        self.quantization = None  # the report's quantization entry, after to_int8 or a QDQ input's requantize
         self.channel_plan = self.channel_report = None
         self._batch_arg = batch_size
         self._dense_weights = None  # layer name -> dense weight, read once
@@ -157,6 +163,9 @@ class Repair:
         """
         from . import channels
 
+        if self.qdq_tensors:
+            raise AsrError("channel pruning of a quantized (QDQ) model is not supported: its integer weights and "
+                           "scales would have to be sliced too; prune its float model, then use --int8")
         sparsity = check_sparsity(sparsity)
         target = None if flops_target is None else channels.check_flops_target(flops_target)
         if score == "greedy" and channel_plan is None:
@@ -183,7 +192,7 @@ class Repair:
 
         masked = self.output if self.output is not None else self.pruned
         if self.channel_plan is None:
-            return self
+            return self.requantize()
         if not channels.masked(self.channel_plan, masked) and self.channel_report is not None:
             return self  # shrunk and counted already: the summary's shape inference is not repeated
         with self._timed("shrink"):
@@ -191,6 +200,22 @@ class Repair:
                 self.output = channels.shrink(masked, self.channel_plan.groups, self.channel_plan.keep)
             self.channel_report = channels.summary(self.channel_plan, self.dense,
                                                    masked if self.output is None else self.output)
+        return self
+
+    def requantize(self) -> "Repair":
+        """A QDQ input's output gets integer weights again (see :func:`asr_onnx.quantize_correct.requantize`:
+        the original scales where the repaired weights still fit them); an output that the repair left as
+        it was is the input model itself. :meth:`shrink` calls it; a float model is left as it is."""
+        from .quantize_correct import requantize, same_model
+
+        single = self.output if self.output is not None else self.pruned
+        if not self.qdq_tensors or single is self.quantized_input or self.quantization is not None:
+            return self
+        with self._timed("requantize"):
+            channels: list = []
+            same = same_model(single, self.dense)
+            self.output = self.quantized_input if same else requantize(single, self.qdq_tensors, channels)
+        self.quantization = {"format": "QDQ", "input": "quantized", "unchanged": same, "tensors": channels}
         return self
 
     def _input_norms(self, score: str, calib):
@@ -337,8 +362,10 @@ class Repair:
         """
         self._check_size(calib)
         with self._timed("measure_dense"):
+            # the file runs as given: a QDQ input's own file is not the float form the repair measures
             batches, _ = measure(self._for_stats(self.dense), calib, desc="dense", keys=keys,
-                                 source=None if self.batch_plan else self.source, **self._session_options(calib))
+                                 source=None if self.batch_plan or self.qdq_tensors else self.source,
+                                 **self._session_options(calib))
         return {key: merge_all(b) for key, b in batches.items()}
 
     def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False,
@@ -586,6 +613,8 @@ class Repair:
         """
         from .fp16 import check_fp16, to_fp16
 
+        if self.qdq_tensors or self.quantization is not None:
+            raise AsrError("fp16: the output is quantized (QDQ); it cannot be cast to float16 as well")
         self.shrink()  # the channel plan slices float32 constants
         with self._timed("fp16"):
             single = self.output if self.output is not None else self.pruned
@@ -593,6 +622,38 @@ class Repair:
             errors = check_fp16(single, half, calib, device=self.device) if calib is not None else None
             self.output = half
         self.settings.update(fp16=True, fp16_io=not keep_io, fp16_rel_l2=errors)
+        return self
+
+    def to_int8(self, calib, *, target: str = "cpu", calibration: str = "auto", correction: str = "auto",
+                seed: int = 0) -> "Repair":
+        """Quantizes the output to QDQ form with onnxruntime's static quantizer (see :mod:`asr_onnx.int8`):
+        per-channel symmetric int8 weights, activations calibrated on ``calib``, the calibration method
+        and the quantization correction chosen on held-out calibration data. Zeros and 2:4 patterns are
+        checked on the integer weights first; the report gains a ``quantization`` entry.
+
+        Args:
+            calib: the calibration set (a calib.CalibSet: it is cut in two for the held-out choices).
+            target: "cpu" (onnxruntime's integer kernels) or "tensorrt". Defaults to "cpu".
+            calibration: "auto", "MinMax", "Percentile" or "Entropy". Defaults to "auto".
+            correction: "auto", "none" or "bn". Defaults to "auto".
+            seed: the held-out split's seed. Defaults to 0.
+
+        Raises:
+            AsrError: an unknown option, a quantized model, or a check that fails (nothing is then set).
+        """
+        from .int8 import to_int8
+
+        if self.qdq_tensors:
+            raise AsrError("int8: the model is quantized already (QDQ weights); its repair keeps them int8 "
+                           "without --int8")
+        self.shrink()  # the channel plan slices float32 constants
+        with self._timed("int8"):
+            single = self.output if self.output is not None else self.pruned
+            self.output, self.quantization = to_int8(single, calib, target=target, calibration=calibration,
+                                                     correction=correction, seed=seed,
+                                                     batch_size=self.requested_batch, device="cpu",
+                                                     threads=self.threads, progress=self.progress)
+        self.settings.update(int8=True, int8_target=target)
         return self
 
     def save(self, path, *, overwrite: bool = False) -> "Repair":

@@ -37,7 +37,7 @@ def build_report(job) -> dict:
     import onnxruntime as ort
 
     from . import __version__
-    from .sparsecore import layer_rows
+    from .int8 import sparse_rows
     from .stats import merge_all
 
     sites, m = [], job.measurement
@@ -82,10 +82,11 @@ def build_report(job) -> dict:
         "totals": {"prunable_weights": total, "sparsity": round(float(zeros / total), 6) if total else 0.0},
         "layers": layers,
         "sites": sites,
-        "sparse_core": layer_rows(job.output if job.output is not None else job.pruned),
+        "sparse_core": sparse_rows(job.output if job.output is not None else job.pruned),
         "timings_s": {k: round(v, 4) for k, v in job.timings.items()},
     } | ({"eval": job.evaluation} if job.evaluation else {}) \
-      | ({"channels": job.channel_report} if job.channel_report else {})
+      | ({"channels": job.channel_report} if job.channel_report else {}) \
+      | ({"quantization": job.quantization} if job.quantization else {})
 
 
 def write_json(report: dict, path) -> Path:

@@ -14,6 +14,10 @@ from .errors import AsrError
 
 DEVICES = ("auto", "cpu", "cuda")
 LOG_SEVERITY = 3  # onnxruntime logs errors only: its warnings would precede our one error line
+#: onnxruntime's WeightBiasQuantization quantizes a float weight between a DequantizeLinear and a QuantizeLinear
+#: (8-bit, one scale per tensor): a QDQ model whose weights a repair holds in float (asr_onnx.quantize_correct)
+#: would not compute what it stands for. It changes nothing in a float model or a model with quantized weights.
+DISABLED_OPTIMIZERS = ["WeightBiasQuantization"]
 
 
 def providers(device: str = "auto") -> list[str]:
@@ -85,7 +89,7 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
     with contextlib.redirect_stdout(io.StringIO()) as printed:  # onnxruntime prints its fallback to the CPU
         try:
             session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                           providers=wanted)
+                                           providers=wanted, disabled_optimizers=DISABLED_OPTIMIZERS)
         except Exception as e:  # an unknown op, a bad graph: one line, for every caller
             raise load_error(e) from None
     if provider_of(session) == wanted[0] and printed.getvalue():
