@@ -146,38 +146,26 @@ class _Reader:
 
 @contextlib.contextmanager
 def _quiet():
-    """onnxruntime's quantizer prints its progress and logs warnings through the root logger (which
-    would install a stderr handler): both go to the ``asr_onnx`` logger at INFO instead."""
+    """onnxruntime's quantizer prints its progress (to the ``asr_onnx`` logger at INFO here) and logs warnings
+    through the root logger, which would install a stderr handler: they are dropped while it runs."""
     import onnxruntime as ort
 
     from .runtime import LOG_SEVERITY
 
     ort.set_default_logger_severity(LOG_SEVERITY)
-    root, log = logging.getLogger(), logging.getLogger("asr_onnx")
-    handler = _Forward(log)
-    root.addHandler(handler)
-    level, root_level = logging.root.manager.disable, root.level
+    root, handler = logging.getLogger(), logging.NullHandler()
+    root.addHandler(handler)  # logging.warning() configures a stderr handler on a root logger without one
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
             yield
     finally:
+        logging.disable(disabled)
         root.removeHandler(handler)
-        logging.disable(level)
-        root.setLevel(root_level)
         for line in printed.getvalue().splitlines():
-            log.info("onnxruntime quantizer: %s", line)
-
-
-class _Forward(logging.Handler):
-    """Passes the root logger's records to the ``asr_onnx`` logger at INFO, and stops them there."""
-
-    def __init__(self, log):
-        super().__init__()
-        self.log = log
-
-    def emit(self, record):
-        self.log.info("onnxruntime quantizer: %s", record.getMessage())
+            logging.getLogger("asr_onnx").info("onnxruntime quantizer: %s", line)
 
 
 def quantize(model: onnx.ModelProto, calib, recipe: Recipe, *, batch_size: int = CALIB_BATCH,
@@ -535,3 +523,41 @@ def _layer_error_rows(base, plain, corrected, keys: dict, data, device: str, bat
     ptq, fixed = layer_errors(twin, fakes, names, data, device=device, batch_size=batch_size)
     by_tensor = {tensor: layer for layer, tensor in keys.items()}
     return {by_tensor[k]: {"rel_l2_ptq": ptq[k], "rel_l2_corrected": fixed[k]} for k in names}
+
+
+# ---------------------------------------------------------------- the terminal summary
+
+
+def summary_lines(entry: dict) -> list[str]:
+    """A few lines for the terminal summary: what the output is quantized for, how, and what it costs."""
+    if entry.get("input") == "quantized":  # a QDQ input, pruned and repaired in float, quantized again
+        if entry["unchanged"]:
+            return ["int8: the quantized input model, unchanged"]
+        total = {k: sum(t[k] for t in entry["tensors"]) for k in ("kept", "rescaled", "rounded", "new_scale")}
+        return [f"int8 (QDQ input, quantized again): weight channels {total['kept']} as they were, "
+                f"{total['rescaled']} rescaled (codes kept),",
+                f"  {total['rounded']} rounded at their old scale, {total['new_scale']} with a new scale"]
+    weights, acts, picked = entry["weights"], entry["activations"], entry["calibration"]["picked"]
+    lines = [f"int8 QDQ for {entry['runtime']}",
+             f"  weights int8 per channel (up to {weights['range']}), activations {acts['type']}; calibration "
+             f"{picked['calibration']}, correction {entry['correction']['picked']}",
+             f"  (chosen on {entry['calibration']['held_out']} held-out calibration samples)"]
+    out = entry["output"]
+
+    def score(s):
+        agreement = "-" if s["agreement"] is None else f"{100 * s['agreement']:.1f}%"
+        return f"{agreement} / {s['logit_rel_l2']:.3g}"
+
+    lines.append(f"  against float on {out['samples']} calibration samples (top-1 agreement / rel err):")
+    text = f"    PTQ {score(out['ptq'])}"
+    if out["corrected"] is not None:
+        text += f", corrected {score(out['corrected'])}"
+    lines.append(text)
+    sparse = [row for row in entry["layers"] if row["float_nm_24"] == "yes"]
+    if sparse:
+        kept = sum(row["nm_24"] == "yes" for row in sparse)
+        lines.append(f"  2:4 in the int8 weights: {kept} of the {len(sparse)} 2:4 layers")
+    floats = [row["name"] for row in entry["layers"] if not row["quantized"]]
+    if floats:
+        lines.append(f"  left in float by the quantizer: {', '.join(floats[:3])}" + (" ..." if len(floats) > 3 else ""))
+    return lines

@@ -181,6 +181,10 @@ def summary(report: dict, width: int = 100) -> str:
 
     if report.get("sparse_core") is not None:
         lines.extend(eligibility_summary(report["sparse_core"]))
+    if report.get("quantization"):
+        from .int8 import summary_lines
+
+        lines.extend(summary_lines(report["quantization"]))
     if report.get("eval"):
         lines.append(eval_line(report["eval"]))
     timings = "  ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items())

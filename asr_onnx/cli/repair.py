@@ -69,6 +69,13 @@ def default_output(model: str) -> Path:
 @click.option("--fp16", is_flag=True, help="Cast weights and arithmetic to float16; float I/O stays float32. "
               "Checked against float32 on the calibration data first.")
 @click.option("--fp16-io", is_flag=True, help="With --fp16 (implied), make float inputs and outputs float16 too.")
+@click.option("--int8", is_flag=True,
+              help="Quantize the output to INT8 (QDQ, onnxruntime's static quantizer): per-channel symmetric int8 "
+                   "weights, so pruned weights stay 0; activations calibrated on --calib; the calibration method "
+                   "and a correction of the quantization damage chosen on held-out calibration data.")
+@click.option("--int8-target", type=click.Choice(["cpu", "tensorrt"]),
+              help="With --int8: cpu (default: onnxruntime's integer kernels, uint8 activations, the weight range "
+                   "this CPU needs) or tensorrt (symmetric int8 activations, as TensorRT requires).")
 @click.option("--stats", "stats_path", type=click.Path(), help="Dense statistics saved by `asr-onnx stats`.")
 @click.option("--report", "report_path",
               help="Write the report here: JSON for .json, a self-contained page for .html.")
@@ -79,7 +86,7 @@ def default_output(model: str) -> Path:
 @run_options(threads=True)
 def repair_command(model, calib_path, output, sparsity, pattern, flops_target, allocation, score, reconstruct, refit_samples, max_gram_mb, method,
                    placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
-                   seed, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io,
+                   seed, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io, int8, int8_target,
                    stats_path, report_path, eval_path, eval_size, overwrite, quiet, run):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.api import Repair
@@ -93,6 +100,10 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     from asr_onnx.report import report_format, summary, write_report
 
     recal, momentum = parse_recal(recal_mode)
+    if int8 and (fp16 or fp16_io):
+        raise click.UsageError("--int8 and --fp16 exclude each other: the output is int8 (QDQ) or float16, not both")
+    if int8_target and not int8:
+        raise click.UsageError("--int8-target needs --int8")
     if report_path:
         try:
             report_format(report_path)  # refuse an unknown extension before any work
@@ -103,6 +114,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     inputs = plan.read_model(model)
     plan.read(stats_path, "the --stats file")
     needs = [option for option, used in ((f"--method {method}", method != "none"), ("--fp16", fp16 or fp16_io),
+                                         ("--int8", int8),
                                          (f"--reconstruct {reconstruct}", reconstruct != "none"),
                                          (f"--score {score}", score in ("wanda", "greedy"))) if used]
     if needs and calib_path:  # --fp16 checks its output on the calibration data
@@ -113,6 +125,9 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     report_out = plan.write(report_path, "--report") if report_path else None
     plan.check()
     job = Repair(model, device=run.device, batch_size=run.batch_size, progress=not quiet, threads=run.threads)
+    if int8 and job.qdq_tensors:
+        raise AsrError("--int8: the model is quantized already (QDQ weights); its repair keeps them int8 "
+                       "without --int8")
     channels = str(pattern).strip().lower() == "channels"
     check_sparsity(sparsity)  # a bad pattern or score fails before any data is read
     if not channels:
@@ -139,6 +154,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
         click.echo(warning, err=True)
     if half:
         job.to_fp16(keep_io=not fp16_io, calib=calib)
+    if int8:
+        job.to_int8(calib, target=int8_target or "cpu", seed=seed)
     if eval_path:
         job.evaluate(run.open_data(eval_path, job.dense, limit=eval_size, seed=seed), name=eval_path)
     with plan.staged():  # every output is staged, then all are renamed into place together
