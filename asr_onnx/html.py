@@ -23,7 +23,7 @@ from .damage import collapsed, most_damaged, site_label, variance_ratio
 
 SECTIONS = {"summary": "Summary", "settings": "Settings", "sparsity": "Per-layer sparsity",
             "damage": "Damage per site", "channels": "Channels of one site", "gains": "Gains applied",
-            "refit": "Refit", "guard": "Guard", "eval": "Evaluation against dense"}
+            "refit": "Refit", "guard": "Guard", "quantization": "Quantization", "eval": "Evaluation against dense"}
 MAX_ROWS = 40  # channel rows shown in a table before "... more"
 
 CSS = """
@@ -292,6 +292,44 @@ def _guard(report: dict) -> str:
     return html + _table(["candidate", "agreement with dense", "logit rel-L2"], rows, numeric=(1, 2))
 
 
+def _quantization(report: dict) -> str:
+    """The INT8 stage: what the model is quantized for, the held-out choices, and per layer the weight scales,
+    the output error quantization added and what the correction gave back (or a QDQ input's requantization)."""
+    entry = report.get("quantization")
+    if not entry:
+        return '<p class="note">Not run: pass <code>--int8</code> to <code>repair</code>.</p>'
+    if entry.get("input") == "quantized":
+        rows = [[escape(str(t["layer"])), str(t["channels"]), str(t["kept"]), str(t["rescaled"]), str(t["rounded"]),
+                 str(t["new_scale"])] for t in entry.get("tensors") or []]
+        note = "unchanged: the input model as given" if entry.get("unchanged") else "pruned and repaired in float"
+        return (f"<p>A quantized (QDQ) input, {note}; its weights quantized again, channel by channel:</p>"
+                + _table(["layer", "channels", "as they were", "rescaled (codes kept)", "rounded (old scale)",
+                          "new scale"], rows, numeric=(1, 2, 3, 4, 5)))
+    calibration, correction, out = entry["calibration"], entry["correction"], entry["output"]
+    html = (f'<p class="verdict">QDQ for {escape(entry["runtime"])}</p><p>weights int8 per output channel, '
+            f'symmetric, up to {entry["weights"]["range"]}; activations {escape(entry["activations"]["type"])}. '
+            f'Chosen on {calibration["held_out"]} held-out calibration samples (fitted on {calibration["fit"]}): '
+            f'calibration {escape(calibration["picked"]["calibration"])}, correction {escape(correction["picked"])}.'
+            "</p>")
+    candidates = [[escape(f"{c['calibration']}, {c['weights']} weights"), _num(c["agreement"], 4, True),
+                   _num(c["logit_rel_l2"], 4)] for c in calibration["candidates"]]
+    candidates += [[escape(f"correction {c['correction']}"), _num(c["agreement"], 4, True), _num(c["logit_rel_l2"], 4)]
+                   for c in correction.get("candidates") or []]
+    html += _table(["held-out candidate", "agreement with float", "logit rel-L2"], candidates, numeric=(1, 2))
+    scores = [[name, _num((out.get(key) or {}).get("agreement"), 4, True), _num((out.get(key) or {}).get("logit_rel_l2"), 4)]
+              for name, key in (("plain PTQ", "ptq"), ("corrected", "corrected")) if out.get(key)]
+    html += f"<p>Against the float model on {out['samples']} calibration samples:</p>"
+    html += _table(["output", "agreement with float", "logit rel-L2"], scores, numeric=(1, 2))
+    layers = [[escape(r["name"]), "int8" if r["quantized"] else "float",
+               "-" if not r.get("scale") else f"{_num(r['scale']['min'])} - {_num(r['scale']['max'])}",
+               escape(r["nm_24"]), _num(r.get("rel_l2_ptq"), 3), _num(r.get("rel_l2_corrected"), 3)]
+              for r in entry["layers"][:MAX_ROWS]]
+    more = len(entry["layers"]) - MAX_ROWS
+    return html + _table(["layer", "weights", "weight scales", "2:4 (int8)", "output rel-L2, PTQ", "corrected"],
+                         layers, numeric=(4, 5)) + (f'<p class="note">... {more} more in the JSON report</p>'
+                                                    if more > 0 else "")
+
+
 def _eval(report: dict) -> str:
     scores = report.get("eval")
     if not scores:
@@ -330,7 +368,8 @@ def render(report: dict, *, site: str | None = None, plots: bool = True) -> str:
     bodies = {"summary": _summary(report, why_no_plots), "settings": _settings(report),
               "sparsity": _sparsity(report), "damage": _damage(report, why_no_plots),
               "channels": _channels(report, why_no_plots, site), "gains": _gains(report, why_no_plots),
-              "refit": _refit(report), "guard": _guard(report), "eval": _eval(report)}
+              "refit": _refit(report), "guard": _guard(report), "quantization": _quantization(report),
+              "eval": _eval(report)}
     name = _model_name(report)
     tool = report.get("tool") or {}
     sub = (f"{_num((report.get('totals') or {}).get('sparsity'), 3, True)} {s.get('pattern', '')} sparsity, "
