@@ -267,6 +267,18 @@ def check_rows(rows: list[dict]) -> None:
             raise AsrError(f"int8: the 2:4 pattern of {row['name']} is lost in its int8 weights; nothing was written")
 
 
+def runtime_of(model: onnx.ModelProto) -> str:
+    """Which runtimes a QDQ model's form is for: TensorRT takes only int8 activations with zero point 0."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    zeros = [numpy_helper.to_array(inits[n.input[2]]) for n in model.graph.node
+             if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits]
+    if zeros and all(z.dtype == np.int8 and not z.any() for z in zeros):
+        return "TensorRT (trtexec --int8) and onnxruntime"
+    return "onnxruntime (its uint8 activations have zero points: TensorRT takes int8 ones at zero point 0)"
+
+
 def sparse_rows(model: onnx.ModelProto) -> list[dict]:
     """:func:`asr_onnx.sparsecore.layer_rows` of a model; for a QDQ model, of its float form, with 2:4
     conformance read on the integer codes and ``precision`` "int8" for each layer whose weight is quantized."""

@@ -197,3 +197,31 @@ def test_the_cli_writes_an_int8_model_and_its_quantization_report(tmp_path, caps
     written = onnx.load(out)
     assert quantized_tensors(written) and json.loads(report.read_text())["quantization"]["format"] == "QDQ"
     assert onnx.load(source).graph.node[0].op_type == "Conv"  # the input is untouched
+
+
+def test_bench_times_int8_against_dense_and_float_and_says_what_each_is_for(repaired, tmp_path, capsys,
+                                                                           monkeypatch):
+    from asr_onnx.cli.main import main
+
+    float_model, job = repaired
+    paths = {key: tmp_path / f"{key}.onnx" for key in ("int8", "dense", "float")}
+    for key, model in (("int8", job.output), ("dense", job.dense), ("float", float_model)):
+        onnx.save(model, paths[key])
+    fake = tmp_path / "bin" / "trtexec"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    args = ["bench", str(paths["int8"]), "--reference", str(paths["dense"]), "--float", str(paths["float"]),
+            "--runs", "3", "--warmup", "1", "--threads", "1", "--batch-size", "4"]
+    assert main(args + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    models = result["models"]
+    assert [models[k]["precision"] for k in ("model", "reference", "float")] == ["int8 (QDQ)", "float32", "float32"]
+    assert models["model"]["runtime"].startswith("onnxruntime (its uint8 activations have zero points")
+    assert result["schedule"][:3] == ["model", "reference", "float"] and len(result["schedule"]) == 9
+    assert result["speedup_float"] > 0 and 0 < result["output_rel_l2_float"] < 0.1
+    assert "--int8" in result["trtexec"]["command"] and "--sparsity=enable" in result["trtexec"]["command"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "model     is int8 (QDQ), for onnxruntime" in text and "against float (float median / model median)" in text
