@@ -325,8 +325,12 @@ def score(models: list, reference, data, *, target: str, device: str = "cpu", ba
                       reference=cached, per_sample=True) for m in models]
 
 
-def _pick(names: list[dict], scored: list[dict], default: int = 0) -> tuple[dict, list[dict]]:
-    """:func:`asr_onnx.select.pick` over scored candidates (agreement None where top-1 means nothing)."""
+def _pick(names: list[dict], scored: list[dict], default: int = 0) -> tuple[int, list[dict]]:
+    """:func:`asr_onnx.select.pick` over scored candidates (agreement None where top-1 means nothing).
+
+    Returns:
+        (the picked candidate's index, every candidate's name with its scores and "tied").
+    """
     from .evaluation import logit_rel_l2
     from .select import pick
 
@@ -337,7 +341,7 @@ def _pick(names: list[dict], scored: list[dict], default: int = 0) -> tuple[dict
     picked = pick(rows, matches, [s["err2"] for s in scored], default=default)
     for row in rows:
         row["logit_rel_l2"] = float(f"{row['logit_rel_l2']:.6g}")
-    return picked, rows
+    return next(i for i, row in enumerate(rows) if row is picked), rows
 
 
 def choose_recipe(base, fit, held, *, target: str, calibration: str, batch_size: int, device: str):
@@ -360,12 +364,9 @@ def choose_recipe(base, fit, held, *, target: str, calibration: str, batch_size:
         scored.extend(score(made, base, held, target=target, device=device))
 
     add(first)
-    picked, _ = _pick([r.as_dict() for r in candidates], scored)
-    best = candidates[[r.as_dict() for r in candidates].index({k: picked[k] for k in ("calibration", "weights")})]
-    add([Recipe(method, best.weights, target) for method in methods[1:]])
-    default = candidates.index(best)
-    picked, rows = _pick([r.as_dict() for r in candidates], scored, default)
-    index = [r.as_dict() for r in candidates].index({k: picked[k] for k in ("calibration", "weights")})
+    best, _ = _pick([r.as_dict() for r in candidates], scored)
+    add([Recipe(method, candidates[best].weights, target) for method in methods[1:]])
+    index, rows = _pick([r.as_dict() for r in candidates], scored, default=best)
     return candidates[index], models[index], rows
 
 
@@ -413,7 +414,7 @@ def layer_errors(reference, models: list, keys: list[str], data, *, device: str 
 
 def to_int8(model: onnx.ModelProto, calib, *, target: str = "cpu", calibration: str = "auto",
             correction: str = "auto", seed: int = 0, batch_size: int = CALIB_BATCH, device: str = "cpu",
-            threads: int = 0, progress: bool = False) -> tuple[onnx.ModelProto, dict]:
+            threads: int = 0, progress: bool = False, keep: list | None = None) -> tuple[onnx.ModelProto, dict]:
     """Quantizes a float model to QDQ (see the module docstring), checked before it is returned.
 
     Args:
@@ -427,6 +428,8 @@ def to_int8(model: onnx.ModelProto, calib, *, target: str = "cpu", calibration: 
         device: where the calibration and the scores run. Defaults to "cpu" (the scores are of the CPU's kernels).
         threads: onnxruntime intra-op threads for the statistics. Defaults to 0.
         progress: progress bars. Defaults to False.
+        keep: a list to append the plain post-training quantized model to, beside the one returned (for a
+            benchmark of the correction). Defaults to None.
 
     Returns:
         (the QDQ model, the report's ``quantization`` entry).
@@ -454,10 +457,12 @@ def to_int8(model: onnx.ModelProto, calib, *, target: str = "cpu", calibration: 
     if correction == "auto":
         fitted = [fit_model] + [correct_quantization(base, fit_model, _part(fit, seed), method=m, **options)[0]
                                 for m in methods]
-        picked, correction_rows = _pick([{"correction": c} for c in CORRECTIONS[:1] + methods],
-                                        score(fitted, base, held, target=target, device=device))
-        picked_correction = picked["correction"]
+        index, correction_rows = _pick([{"correction": c} for c in CORRECTIONS[:1] + methods],
+                                       score(fitted, base, held, target=target, device=device))
+        picked_correction = correction_rows[index]["correction"]
     plain = quantize(base, calib, recipe, batch_size=batch_size, device=device)
+    if keep is not None:
+        keep.append(plain)
     corrected, fix = correct_quantization(base, plain, _part(calib, seed), method=picked_correction, **options)
     rows = layer_rows(base, corrected)
     check_rows(rows)
