@@ -57,6 +57,11 @@ def test_zeros_survive_quantization_exactly_and_keep_2_4(repaired):
     assert {name: row["nm_24"] for name, row in rows.items() if row["axis_24"] is not None} == \
         {name: "n.a." if name == "conv1" else "yes" for name in weights}  # 3 input channels: n.a.
     assert all(row["precision"] == "int8" for row in rows.values())
+    from asr_onnx.inspect import format_inspection, inspect_model
+
+    info = inspect_model(job.output)  # `asr-onnx inspect` reads the QDQ initializers too
+    assert info["totals"]["layers"] == 4 and info["totals"]["layers_24"] == 3
+    assert "conv2 Conv int8" in format_inspection(info)
 
 
 def test_the_int8_output_passes_the_checker_runs_and_stays_near_float(repaired):
