@@ -309,8 +309,8 @@ def _quantization(report: dict) -> str:
     html = (f'<p class="verdict">QDQ for {escape(entry["runtime"])}</p><p>weights int8 per output channel, '
             f'symmetric, up to {entry["weights"]["range"]}; activations {escape(entry["activations"]["type"])}. '
             f'Chosen on {calibration["held_out"]} held-out calibration samples (fitted on {calibration["fit"]}): '
-            f'calibration {escape(calibration["picked"]["calibration"])}, correction {escape(correction["picked"])}.'
-            "</p>")
+            f'calibration {escape(calibration["picked"]["calibration"])}, correction {escape(correction["picked"])}'
+            + (f' ({escape(correction["verdict"])}).' if correction.get("verdict") else ".") + "</p>")
     candidates = [[escape(f"{c['calibration']}, {c['weights']} weights"), _num(c["agreement"], 4, True),
                    _num(c["logit_rel_l2"], 4)] for c in calibration["candidates"]]
     candidates += [[escape(f"correction {c['correction']}"), _num(c["agreement"], 4, True), _num(c["logit_rel_l2"], 4)]

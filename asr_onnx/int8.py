@@ -18,7 +18,8 @@ held-out calibration data: each candidate is calibrated on half of the set and s
 repaired model on the other half (:func:`asr_onnx.select.pick`: top-1 agreement first, then logit error;
 MinMax where they tie). So is the quantization correction of :mod:`asr_onnx.quantize_correct` ("bn": each
 layer's per-channel mean and variance mapped back onto the float model's, folded into its bias and weight
-scales) against plain post-training quantization. The winner is then made with the whole set.
+scales), against plain post-training quantization, by the guard's rule (:func:`correction_verdict`).
+The winner is then made with the whole set.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ WEIGHT_RANGES = ("full", "reduced")
 CALIB_BATCH = 64  # samples per calibration run
 ERROR_SAMPLES = 256  # calibration samples the per-layer output errors are measured on
 CORRECTION_SAMPLES = 512  # samples the correction measures: its cost is one pass per depth of layers
+CORRECTION_RULE = ("as the guard decides a repair: the correction is kept when it is better than plain PTQ past two "
+                   "paired standard errors (top-1 agreement first, then each sample's squared error), or, within "
+                   "noise, when its held-out error is lower")
 RUNTIMES = {"cpu": "onnxruntime on the CPU (QDQ: integer kernels)",
             "tensorrt": "TensorRT (explicit quantization: trtexec --int8)"}
 
@@ -370,6 +374,32 @@ def choose_recipe(base, fit, held, *, target: str, calibration: str, batch_size:
     return candidates[index], models[index], rows
 
 
+def correction_verdict(scored: list[dict]) -> tuple[str, bool, list[dict]]:
+    """Plain PTQ against the corrected model on held-out samples, decided as the guard decides a repair
+    against pruning alone (:func:`asr_onnx.guard._verdict`): the correction is a repair of the quantization
+    damage, kept when it is better past two paired standard errors (agreement first, then each sample's
+    squared error), or, within noise, when its held-out error is lower.
+
+    Args:
+        scored: :func:`score` of [plain PTQ, corrected].
+
+    Returns:
+        (the verdict, whether the correction is kept, each candidate's scores).
+    """
+    from .evaluation import logit_rel_l2
+    from .guard import _verdict
+
+    plain, fixed = scored
+    has_top1 = plain["matches"] is not None
+    top1_gain = fixed["matches"] - plain["matches"] if has_top1 else np.zeros(1)
+    verdict = _verdict(top1_gain, plain["err2"] - fixed["err2"])
+    keep = verdict == "repair better" or (verdict == "tie" and fixed["err2"].sum() < plain["err2"].sum())
+    rows = [{"correction": name, "agreement": float(s["matches"].mean()) if has_top1 else None,
+             "logit_rel_l2": float(f"{logit_rel_l2(s['err2'], s['ref2']):.6g}")}
+            for name, s in (("none", plain), ("bn", fixed))]
+    return verdict.replace("repair", "correction").replace("pruning alone", "plain PTQ"), keep, rows
+
+
 # ---------------------------------------------------------------- per-layer output errors
 
 
@@ -451,15 +481,12 @@ def to_int8(model: onnx.ModelProto, calib, *, target: str = "cpu", calibration: 
     fit, held = calib.folds(2, seed)[0]
     recipe, fit_model, calibration_rows = choose_recipe(base, fit, held, target=target, calibration=calibration,
                                                         batch_size=batch_size, device=device)
-    methods = CORRECTIONS[1:] if correction == "auto" else (() if correction == "none" else (correction,))
-    correction_rows = None
-    picked_correction = "none" if correction == "auto" else correction
+    correction_rows, verdict, picked_correction = None, None, correction
     if correction == "auto":
-        fitted = [fit_model] + [correct_quantization(base, fit_model, _part(fit, seed), method=m, **options)[0]
-                                for m in methods]
-        index, correction_rows = _pick([{"correction": c} for c in CORRECTIONS[:1] + methods],
-                                       score(fitted, base, held, target=target, device=device))
-        picked_correction = correction_rows[index]["correction"]
+        fitted = correct_quantization(base, fit_model, _part(fit, seed), method="bn", **options)[0]
+        verdict, keep_it, correction_rows = correction_verdict(score([fit_model, fitted], base, held, target=target,
+                                                                     device=device))
+        picked_correction = "bn" if keep_it else "none"
     plain = quantize(base, calib, recipe, batch_size=batch_size, device=device)
     if keep is not None:
         keep.append(plain)
@@ -493,7 +520,8 @@ def to_int8(model: onnx.ModelProto, calib, *, target: str = "cpu", calibration: 
                         "symmetric": target == "tensorrt"},
         "calibration": {"picked": recipe.as_dict(), "fit": len(fit), "held_out": len(held),
                         "candidates": calibration_rows},
-        "correction": {"picked": picked_correction, "candidates": correction_rows, "sites": fix.sites},
+        "correction": {"picked": picked_correction, "candidates": correction_rows, "verdict": verdict,
+                       "rule": CORRECTION_RULE if verdict else None, "sites": fix.sites},
         "output": {"samples": final[0]["samples"],
                    "ptq": _summary(final[0]),
                    "corrected": _summary(final[1]) if len(final) > 1 else None},
