@@ -41,6 +41,7 @@ TARGETS = ("cpu", "tensorrt")
 CALIBRATIONS = ("MinMax", "Percentile", "Entropy")
 WEIGHT_RANGES = ("full", "reduced")
 CALIB_BATCH = 64  # samples per calibration run
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis
 ERROR_SAMPLES = 256  # calibration samples the per-layer output errors are measured on
 CORRECTION_SAMPLES = 512  # samples the correction measures: its cost is one pass per depth of layers
 CORRECTION_RULE = ("as the guard decides a repair: the correction is kept when it is better than plain PTQ past two "
@@ -86,12 +87,23 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` ready to quantize: every BatchNormalization that directly follows its layer folded
     into it (the quantized layer then computes the whole affine map), a zero bias for every Conv and Gemm
     that has none (onnxruntime quantizes it to int32, where a correction's shift can go), every node named
-    (layers are matched by name between the float and the quantized model)."""
+    (layers are matched by name between the float and the quantized model), and opset 13 at least (a
+    per-channel DequantizeLinear's ``axis``; onnxruntime's quantizer writes it whatever the opset).
+
+    Raises:
+        AsrError: the model's opset is under 13 and onnx cannot convert it.
+    """
     import onnx_graphsurgeon as gs
 
-    from .graph import find_layers, find_sites, to_graph, to_model
+    from .graph import find_layers, find_sites, opset, to_graph, to_model
     from .recal import fold_bn
 
+    if opset(model) < PER_CHANNEL_OPSET:
+        try:
+            model = onnx.version_converter.convert_version(model, PER_CHANNEL_OPSET)
+        except Exception as e:  # noqa: BLE001 - the converter's errors are many kinds: one line
+            raise AsrError(f"int8: per-channel QDQ needs opset {PER_CHANNEL_OPSET}, and converting opset "
+                           f"{opset(model)} failed: {first_line(e)}") from None
     graph = to_graph(model)
     layers = find_layers(graph)
     for site in find_sites(graph, layers):
