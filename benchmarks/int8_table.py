@@ -15,6 +15,9 @@ the upstream sites renormalised by batch statistics, every layer at once from on
 and the sequential one :func:`asr_onnx.quantize_correct.correct_quantization` uses; scored on 2,000 held-out
 training images (seed 7), never on the test set.
 
+``--kernels`` measures, on resnet20_bn 2:4, what onnxruntime's int8 kernels do on this CPU with full-range
+weights, and what its WeightBiasQuantization does to a QDQ model whose weights are held in float.
+
 ``--paddle PATH`` runs 2:4 + INT8 on the PP-OCR text-direction classifier (a MobileNetV3; see RESULTS.md,
 section 5, for the wheel it comes from), on rendered text lines (benchmarks/real_graphs.py): 1,024
 calibration images, 256 evaluation images, errors against dense.
@@ -204,6 +207,48 @@ def ablation(args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- onnxruntime's kernels on this CPU
+
+
+def kernels(args) -> list[dict]:
+    """resnet20_bn 2:4 (the float repair), quantized with MinMax and full or reduced weights: its error against
+    float on 1,000 held-out training images (seed 7) as onnxruntime runs it (integer kernels), with graph
+    optimisations off (the QDQ arithmetic in float), and its float-weight form (quantize_correct) with
+    onnxruntime's WeightBiasQuantization on and off."""
+    import onnx
+    import onnxruntime as ort
+
+    from asr_onnx.int8 import Recipe, prepare, quantize
+    from asr_onnx.quantize_correct import dequantize_weights
+
+    proto = onnx.load(str(ROOT / "sample_models" / "resnet20_bn.onnx"))
+    calib, _, train = data_sets(proto)
+    x = next(train.take(1000, 7).batches(1000))["input"]
+    job, _ = repair(proto, calib, "2:4", args.threads)
+    base = prepare(job.output)
+
+    def run(model, optimize=True, disabled=()):
+        options = ort.SessionOptions()
+        if not optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=list(disabled))
+        return session.run(None, {"input": x})[0]
+
+    want = run(base)
+    rows = []
+    for weights in ("full", "reduced"):
+        model = quantize(base, calib, Recipe("MinMax", weights))
+        fake, _ = dequantize_weights(model)
+        found = {"integer kernels": run(model), "optimisations off": run(model, optimize=False),
+                 "float form, WeightBiasQuantization on": run(fake),
+                 "float form, WeightBiasQuantization off": run(fake, disabled=["WeightBiasQuantization"])}
+        rows.append({"weights": weights} | {k: round(float(np.linalg.norm(v - want) / np.linalg.norm(want)), 5)
+                                           for k, v in found.items()})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------- the PP-OCR classifier
 
 
@@ -247,21 +292,33 @@ def paddle(path: str, args) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
+    """The accuracy and latency table, then the errors against the sparse FP32 model and the held-out choices."""
     def pct(v):
-        return "-" if v is None else f"{100 * v:.1f}"
+        return "-" if v is None else f"{100 * v:.2f}"
 
     lines = ["| model | cell | dense FP32 | dense INT8 | sparse FP32 | sparse INT8 (PTQ) | sparse INT8 corrected | "
-             "shipped | ms b32: dense FP32 / dense INT8 / sparse FP32 / PTQ / corrected | speed-up of the shipped |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "ms b32: dense FP32 / dense INT8 / sparse FP32 / PTQ / corrected | speed-up of the shipped |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "top1" not in r:
-            continue
         t, ms = r["top1"], r["latency_ms_b32"]
+        shipped = "corrected" if r["shipped"] == "corrected" else "PTQ"
         lines.append(f"| {r['model']} | {r['cell']} | {pct(t['dense_fp32'])} | {pct(t['dense_int8'])} | "
                      f"{pct(t['sparse_fp32'])} | {pct(t['sparse_int8'])} | {pct(t['corrected'])} | "
-                     f"{'corrected' if r['shipped'] == 'corrected' else 'PTQ'} | "
                      f"{' / '.join(f'{ms[k]:.1f}' for k in VARIANTS)} | "
-                     f"{r['speedup_vs_dense_fp32'][r['shipped']]:.2f}x |")
+                     f"{r['speedup_vs_dense_fp32'][r['shipped']]:.2f}x ({shipped}) |")
+    lines += ["", "| model | cell | calibration, weights | held out (512): PTQ / corrected, agreement and logit error | "
+              "verdict | test: PTQ / corrected against sparse FP32 | 2:4 Convs, float / int8 |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pick = r["int8"]["calibration"]["picked"]
+        held = r["int8"]["correction"]["candidates"]
+        err, agree = r["err_vs_sparse_fp32"], r["agree_vs_sparse_fp32"]
+        lines.append(f"| {r['model']} | {r['cell']} | {pick['calibration']}, {pick['weights']} | "
+                     + " / ".join(f"{100 * c['agreement']:.1f}%, {c['logit_rel_l2']:.4f}" for c in held)
+                     + f" | {r['int8']['correction']['verdict']} | "
+                     f"{100 * agree['sparse_int8']:.2f}%, {err['sparse_int8']:.4f} / "
+                     f"{100 * agree['corrected']:.2f}%, {err['corrected']:.4f} | "
+                     f"{r['conv_24']['float']} / {r['conv_24']['int8']} |")
     return "\n".join(lines)
 
 
@@ -270,13 +327,15 @@ def main() -> None:
     parser.add_argument("--cells", nargs="*", default=[], help="MODEL:CELL, CELL one of 2:4, 0.9, 0.9g, channels-F")
     parser.add_argument("--ablation", action="store_true", help="the correction's schedules on resnet20_bn 0.9")
     parser.add_argument("--paddle", help="the PP-OCR text-direction classifier's ONNX file")
+    parser.add_argument("--kernels", action="store_true", help="onnxruntime's int8 kernels on this CPU, and "
+                        "WeightBiasQuantization on a float-weight form")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per model")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--markdown", nargs="*", help="print the table of these JSON files and exit")
     args = parser.parse_args()
     if args.markdown:
-        rows = [row for path in args.markdown for row in json.loads(Path(path).read_text())["rows"]]
+        rows = [row for path in args.markdown for row in json.loads(Path(path).read_text()).get("rows", [])]
         print(markdown(rows))
         return
     rows, cache = [], {}
@@ -288,6 +347,8 @@ def main() -> None:
         result["ablation"] = ablation(args)
     if args.paddle:
         result["paddle"] = paddle(args.paddle, args)
+    if args.kernels:
+        result["kernels"] = kernels(args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 
