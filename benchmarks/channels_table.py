@@ -77,7 +77,7 @@ def run_model(name: str, args) -> list[dict]:
                 method, reconstruct = REPAIRS[repair]
                 start = time.perf_counter()
                 job = Repair(proto, device="cpu", progress=False)
-                job.prune_channels(fraction or 0.0, score=score, channel_plan=base, flops_target=target)
+                job.prune(fraction or 0.0, "channels", score=score, channel_plan=base, flops_target=target)
                 job.run(calib, method, reconstruct=reconstruct, guard="off")
                 seconds = time.perf_counter() - start
                 result = evaluate(job.output, test, reference=proto, device="cpu", progress=False)

@@ -86,7 +86,7 @@ def repair_time(model, calib, levels: bool = False) -> float:
     start = time.perf_counter()
     job = Repair(model, device="cpu", progress=False, batch_size=min(64, len(calib)))
     if levels:
-        job.batch_plan = None  # the level-by-level path
+        job.batch.plan = None  # the level-by-level path
     job.prune(0.5, "global").run(calib, "bn")
     return time.perf_counter() - start
 

@@ -113,7 +113,7 @@ def asr_channels(dense, calib, fraction: float, threads: int):
     from asr_onnx.pipeline.driver import Repair
 
     job = Repair(dense, device="cpu", batch_size=64, progress=False, threads=threads)
-    return job.prune_channels(fraction, score="magnitude").run(calib, "bn").output
+    return job.prune(fraction, "channels", score="magnitude").run(calib, "bn").output
 
 
 def timed(fn, *args):

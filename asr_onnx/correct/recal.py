@@ -43,6 +43,17 @@ class Correction:
     collapsed: np.ndarray
 
 
+def correct_sites(measurement, method: str, *, correct_head: bool = True, **options) -> dict:
+    """Every site's correction (:func:`correct`): site key -> Correction. A site the pruning did not touch,
+    and the classifier head unless ``correct_head``, gets method "none"; ``options`` are :func:`correct`'s."""
+    if method == "auto":
+        raise AsrError("method auto is a choice among corrections: use auto() or run()")
+    m = measurement
+    return {s.key: correct(s, m.references[s.key], m.pruned[s.key],
+                           "none" if (s.head and not correct_head) or s.key not in m.touched else method, **options)
+            for s in m.sites}
+
+
 def correct(site, ref: Norm, pruned: list[ChannelStats], method: str, *, placement: str = "recal",
             recal: str = "exact", momentum: float = 0.1, lambda_rule="median") -> Correction:
     """One site's correction.

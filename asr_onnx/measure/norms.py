@@ -41,6 +41,13 @@ class Norm:
     eps: float
 
 
+def check_reference(kind: str) -> str:
+    """Refuses a reference that is not one of REFERENCES; returns it."""
+    if kind not in REFERENCES:
+        raise AsrError(f"unknown reference {kind!r}; use {' or '.join(REFERENCES)}")
+    return kind
+
+
 def reference(site, dense: ChannelStats | None, kind: str = "calib") -> Norm:
     """A site's original normalisation, written with the statistics its correction restores.
 
@@ -52,8 +59,7 @@ def reference(site, dense: ChannelStats | None, kind: str = "calib") -> Norm:
             :func:`calibrated`); "running": its own running statistics (REFLOW's target). A layer
             without BN always gets the virtual BN that the dense statistics define. Defaults to "calib".
     """
-    if kind not in REFERENCES:
-        raise AsrError(f"unknown reference {kind!r}; use {' or '.join(REFERENCES)}")
+    check_reference(kind)
     if site.bn is not None:
         scale, bias, mean, var = (np.asarray(t.values, np.float64) for t in site.bn.inputs[1:5])
         own = Norm(scale, bias, mean, var, site.eps)

@@ -54,7 +54,10 @@ def dense_weights(model) -> dict:
 
 def dense_keys(sites: list, reference: str) -> set[str]:
     """The sites whose reference needs the dense statistics: every site under "calib", those without a BN
-    under "running" (a BN's reference is then its running statistics)."""
+    under "running" (a BN's reference is then its running statistics). Refuses an unknown reference."""
+    from asr_onnx.measure.norms import check_reference
+
+    check_reference(reference)
     return {s.key for s in sites if s.bn is None or reference == "calib"}
 
 
@@ -79,6 +82,32 @@ class Measurement:
     dense: dict
     pruned: dict
     provider: str
+
+
+def measure_dense(dense, calib, batch, *, keys=None, source=None, engine=None, **options) -> dict:
+    """The dense model's per-channel statistics over ``calib`` under a :class:`asr_onnx.model.batch.BatchPolicy`
+    (``keys``: these sites only; ``source``: the model's file, for an engine's workers): key -> ChannelStats."""
+    batches, _ = measure(batch.for_stats(dense, dense), calib, desc="dense", keys=keys,
+                         source=None if batch.plan else source, engine=engine,
+                         **options | {"batch_size": batch.stats_size(len(calib))})
+    return {key: merge_all(b) for key, b in batches.items()}
+
+
+def measure_batched(pruned, dense_model, calib, sites: SiteMap, dense: dict, reference: str, batch, *,
+                    sequential: bool = False, engine=None, **options) -> tuple:
+    """:func:`measure_pruned` under a :class:`asr_onnx.model.batch.BatchPolicy`: the statistics graphs are built
+    on a symbolic batch where the policy frees it, else on the pruned model's own batch, level by level
+    (``options``' batch size is then replaced by the policy's).
+
+    Returns:
+        (the Measurement, the samples per run, whether the batch was freed).
+    """
+    model, size = batch.for_stats(pruned, dense_model), batch.stats_size(len(calib))
+    if model is None:  # the pruned graph's batch cannot be freed: its own batch, level by level
+        model, size = pruned, batch.size
+    found = measure_pruned(model, calib, sites, dense, reference, sequential=sequential, engine=engine,
+                           **options | {"batch_size": size})
+    return found, size, model is not pruned
 
 
 def measure_pruned(model, calib, sites: SiteMap, dense: dict, reference: str, *, sequential: bool = False,

@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from asr_onnx.errors import AsrError
+
 BATCH = "asr_batch"
 #: ops that read the batch without carrying it.
 READS_BATCH = {"Shape", "Size"}
@@ -276,12 +278,12 @@ class BatchPolicy:
         """The policy for ``model`` (whose fixed batch is ``fixed``) and a requested ``batch_size`` (None: default).
 
         Raises:
-            ValueError: a batch size under 1 (the caller words the error).
+            AsrError: a batch size under 1.
         """
         requested = int(DEFAULT_BATCH if batch_size is None else batch_size)
         size = fixed or requested
         if size < 1 or requested < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+            raise AsrError(f"batch size must be >= 1, got {batch_size}")
         plan = free_batch(model, fixed) if fixed and fixed < small else None
         return cls(requested, size, not fixed and batch_size is None, plan)
 
@@ -290,6 +292,11 @@ class BatchPolicy:
         if self.adapt and samples >= 1:
             self.size = min(DEFAULT_BATCH, samples)
         return self.size if samples < self.size else None
+
+    def check(self, samples: int) -> None:
+        """Refuses a calibration set of fewer ``samples`` than a batch (a default size first adapts to it)."""
+        if self.fit(samples) is not None:
+            raise AsrError(f"the calibration set has {samples} samples, fewer than the batch size {self.size}")
 
     def stats_size(self, samples: int) -> int:
         """Samples per statistics run: the model's own batch, or with a symbolic batch as many as asked and held."""

@@ -59,14 +59,18 @@ def choose_reconstruction(job, calib, recipe, *, folds: int = RECONSTRUCT_FOLDS)
     Args:
         job: the Repair after prune, not yet refitted.
         calib: a calib.CalibSet (needs ``folds``).
-        recipe: a pipeline.Recipe: its correction (method "none": the probe as it is), measurement and refit
-            options, and seed.
+        recipe: a pipeline.Recipe: its correction (method "none": the probe as it is; "auto": "bn"), measurement
+            and refit options, and seed.
         folds: the parts. Defaults to RECONSTRUCT_FOLDS (2).
 
     Returns:
         (the picked reconstruction, the report's ``reconstruct_auto`` entry: the picked score and every
         candidate's, each naming its ``reconstruct`` with its held-out agreement and logit_rel_l2).
     """
+    if not hasattr(calib, "folds"):
+        raise AsrError("reconstruct auto needs a calibration set that can be cut into folds")
+    if recipe.method == "auto":  # the probes are corrected as the recipe says; "auto" scores them with "bn"
+        recipe = recipe.resolved(method="bn", placement="recal")
     correct = recipe.method != "none"
     measure = {"sequential": recipe.sequential, "reference": recipe.reference}
     seed = recipe.seed

@@ -11,19 +11,27 @@ import onnx
 
 from asr_onnx.calib.calibset import CalibSet
 from asr_onnx.calib.specs import fixed_batch, input_specs
-from asr_onnx.correct.recal import correct, write_all
+from asr_onnx.correct.recal import correct_sites, write_all
 from asr_onnx.errors import AsrError
-from asr_onnx.measure.norms import DEFAULT_REFERENCE, REFERENCES
-from asr_onnx.measure.passes import SMALL_BATCH, dense_keys, dense_weights, measure, measure_pruned, site_map
-from asr_onnx.measure.stats import merge_all
+from asr_onnx.measure.norms import DEFAULT_REFERENCE
+from asr_onnx.measure.passes import SMALL_BATCH, dense_keys, dense_weights, measure_batched, measure_dense, site_map
 from asr_onnx.model.batch import BatchPolicy
 from asr_onnx.model.check import check_output
+from asr_onnx.model.engine import LocalEngine
 from asr_onnx.model.files import load_model, save_model
-from asr_onnx.pipeline.crossfit import AUTO_CANDIDATES, PICK_RULE
+from asr_onnx.pipeline.crossfit import AUTO_CANDIDATES, PICK_RULE, choose, choose_reconstruction
+from asr_onnx.pipeline.guard import guard_repair
 from asr_onnx.pipeline.recipe import Recipe
 from asr_onnx.progress import stage_done
+from asr_onnx.prune.channels import masked
+from asr_onnx.prune.channels.check import written_check
 from asr_onnx.prune.masks import Pattern, check_sparsity
-from asr_onnx.prune.stage import needs_data, prune_channels, prune_weights
+from asr_onnx.prune.stage import is_channels, needs_data, prune_model, shrink_repaired
+from asr_onnx.prune.wanda import input_norms as wanda_norms
+from asr_onnx.refit.reconstruct import METHODS, reconstruct, refit_corrected
+from asr_onnx.report.build import build_report
+from asr_onnx.verify.evaluation import score as score_against_dense
+from asr_onnx.verify.fp16 import half_precision
 
 
 class Repair:
@@ -32,60 +40,39 @@ class Repair:
     >>> Repair("model.onnx").prune(0.9).measure(calib).correct("asr").fold().save("out.onnx")
 
     Args:
-        model: a path or an onnx.ModelProto. A path is read once and never written.
+        model: a path (read once, never written) or an onnx.ModelProto.
         device: "auto", "cpu" or "cuda". Defaults to "auto".
-        batch_size: calibration samples per session run. Defaults to None: 64, or the calibration set's size
-            when that is smaller (see :class:`asr_onnx.model.batch.BatchPolicy`).
+        batch_size: samples per session run. Defaults to None (:class:`asr_onnx.model.batch.BatchPolicy`).
         progress: progress bars on a TTY. Defaults to True.
         threads: onnxruntime intra-op threads; 0 lets onnxruntime choose. Defaults to 0.
-        engine: where the calibration passes run, an :mod:`asr_onnx.model.engine` engine (``make_engine("ray")``
-            shards the one-pass statistics and the evaluations over a Ray cluster; the refit's Gram passes and
-            the level-by-level measurement stay in this process). Defaults to None: this process.
+        engine: an :mod:`asr_onnx.model.engine` engine for the calibration passes. Defaults to None: this process.
 
-    Attributes:
-        pruned: the model every later stage works on: as pruned, then as refitted.
-        pruned_alone: the model as pruned, never refitted: the guard's "pruning alone" baseline.
-        output: the finished model, once :meth:`run` or :meth:`fold` ran.
-        recipe: the Recipe :meth:`run` ran, with ``auto``'s picks resolved.
+    ``pruned`` is the model as pruned, then as refitted; ``pruned_alone`` as pruned (the guard's baseline);
+    ``output`` the finished model; ``recipe`` the Recipe :meth:`run` ran, with ``auto``'s picks resolved.
     """
 
     def __init__(self, model, *, device: str = "auto", batch_size: int | None = None, progress: bool = True,
                  threads: int = 0, engine=None):
-        from asr_onnx.model.engine import LocalEngine
-
         self.source = None if isinstance(model, onnx.ModelProto) else Path(model)
         self.dense = model if self.source is None else load_model(self.source)
         self.device, self.progress, self.threads = device, progress, threads
         self.engine = engine or LocalEngine()
         self.workers: list = []  # the engine's workers in the pruned pass: host, device, samples
         self.specs = input_specs(self.dense)
-        try:
-            self.batch = BatchPolicy.of(self.dense, fixed_batch(self.specs), batch_size, SMALL_BATCH)
-        except ValueError as e:
-            raise AsrError(str(e)) from None
+        self.batch = BatchPolicy.of(self.dense, fixed_batch(self.specs), batch_size, SMALL_BATCH)
         self.pruned = self.pruned_alone = self.dense
-        self.layers, self.refits, self.settings, self.timings = [], [], {}, {}
-        self.measurement = None  # a measure.Measurement, once measured
-        self.corrections, self.written, self.output = {}, {}, None
-        self.evaluation = self.recipe = None
-        self.channel_plan = self.channel_report = None
-        self.channel_data = None  # calibration samples that a channel-pruned model is run on before it is written
-        self.half_io = False  # float16 inputs and outputs (to_fp16)
-        self._batch_arg = batch_size
-        self._dense_weights = None  # layer name -> dense weight, read once
+        self.layers, self.refits, self.settings, self.timings, self.corrections = [], [], {}, {}, {}
+        self.measurement, self.written, self.output = None, {}, None
+        self.evaluation = self.recipe = self.auto_pick = None  # auto_pick: auto()'s held-out pick with its scores
+        self.refit_method, self.half_io = "none", False  # the refit that ran ("ls" or "none"); float16 inputs, outputs
+        # channel pruning: the plan, the report's entry, and the samples the result is run on before it is written
+        self.channel_plan = self.channel_report = self.channel_data = None
+        self._batch_arg, self._dense_weights = batch_size, None  # layer name -> dense weight, read once
         self._site_map = None  # (pruned model, its measure.SiteMap): found once per pruned model
 
     @property
-    def batch_size(self) -> int:
+    def batch_size(self) -> int:  # samples per session run
         return self.batch.size
-
-    @property
-    def batch_plan(self):
-        return self.batch.plan
-
-    @batch_plan.setter
-    def batch_plan(self, plan) -> None:
-        self.batch.plan = plan
 
     @property
     def result(self) -> onnx.ModelProto:
@@ -96,79 +83,59 @@ class Repair:
              refit: bool = True) -> "Repair":
         """A new Repair over the same dense model (its file and weights shared, nothing measured); with
         ``pruned``, from this one's pruned model (``refit`` False: from ``pruned_alone``)."""
-        new = Repair(self.dense, device=self.device, batch_size=self._batch_arg if batch_size is None else batch_size,
-                     progress=self.progress if progress is None else progress, threads=self.threads,
-                     engine=self.engine)
-        new.source, new._dense_weights = self.source, self._weights()
-        if pruned:
-            new.pruned_alone, new.layers = self.pruned_alone, self.layers
+        new = Repair(self.dense, device=self.device, batch_size=batch_size or self._batch_arg, threads=self.threads,
+                     progress=self.progress if progress is None else progress, engine=self.engine)
+        new.source, new._dense_weights = self.source, self.dense_weights
+        if pruned:  # the site map is used only while it is of the same pruned model
+            new.pruned_alone, new.layers, new._site_map = self.pruned_alone, self.layers, self._site_map
             new.pruned = self.pruned if refit else self.pruned_alone
-            new._site_map = self._site_map  # kept only while it is of the same pruned model
         return new
 
-    def _weights(self) -> dict:
-        if self._dense_weights is None:
-            self._dense_weights = dense_weights(self.dense)
+    @property
+    def dense_weights(self) -> dict:
+        self._dense_weights = self._dense_weights or dense_weights(self.dense)
         return self._dense_weights
 
     def _pruned_sites(self):
         """The pruned model's measure.SiteMap, found on first use after each change of the pruned model."""
         if self._site_map is None or self._site_map[0] is not self.pruned:
-            self._site_map = (self.pruned, site_map(self.pruned, self._weights()))
+            self._site_map = (self.pruned, site_map(self.pruned, self.dense_weights))
         return self._site_map[1]
 
     @contextmanager
     def _timed(self, stage: str):
         start = time.perf_counter()
         yield
-        elapsed = time.perf_counter() - start
-        self.timings[stage] = self.timings.get(stage, 0.0) + elapsed
-        stage_done(stage, elapsed, enabled=self.progress)  # off a TTY, a line per stage instead of bars
+        self._took(stage, time.perf_counter() - start)
 
-    def _check_size(self, calib) -> None:
-        if self.batch.fit(len(calib)) is not None:
-            raise AsrError(f"the calibration set has {len(calib)} samples, fewer than the batch size {self.batch_size}")
+    def _took(self, stage: str, seconds: float, line: bool = True) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+        stage_done(stage, seconds, enabled=self.progress and line)  # off a TTY, a line per stage instead of bars
 
     def _options(self, batch_size: int | None = None, progress: bool = True) -> dict:
         """The session options of a pass: samples per run, device, threads, and (where it shows one) progress."""
-        options = dict(batch_size=batch_size or self.batch_size, device=self.device, threads=self.threads)
-        return options | {"progress": self.progress} if progress else options
+        shown = {"progress": self.progress} if progress else {}
+        return dict(batch_size=batch_size or self.batch_size, device=self.device, threads=self.threads, **shown)
 
     def prune(self, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
               keep_last: bool = False, allocation: str = "global", score: str = "magnitude",
               calib=None, flops_target: float | None = None, channel_plan=None, input_norms=None) -> "Repair":
-        """Zeroes weights of Conv, ConvTranspose, Gemm and MatMul layers (:func:`asr_onnx.prune.stage.prune_weights`),
-        or under ``pattern="channels"`` removes whole channels (:func:`asr_onnx.prune.stage.prune_channels`), whose
-        removed filters stay zeroed in the dense shapes until :meth:`shrink`.
-
-        Args:
-            sparsity: fraction of eligible weights to zero, in [0, 1); under "channels" of each group's channels.
-                Defaults to 0.9 (ignored for N:M and a FLOPs target).
-            pattern: "global", "uniform", "N:M" or "channels". Defaults to "global".
-            exclude, keep_first, keep_last: layers left dense (regexes of names, the first, the last).
-            allocation: "global", "lamp" or "uniform". Defaults to "global".
-            score: "magnitude", "wanda" (needs ``calib``) or "rownorm"; under "channels", "magnitude",
-                "bn-scale" or "greedy" (needs ``calib``). Defaults to "magnitude".
-            calib: the calibration set, for "wanda" and "greedy". Defaults to None.
-            flops_target: under "channels", the fraction of multiply-accumulates to keep. Defaults to None.
-            channel_plan: under "channels", a plan made earlier, reused. Defaults to None.
-            input_norms: with "wanda", norms from :meth:`input_norms` on ``calib``, reused. Defaults to None.
-        """
-        channels = str(pattern).strip().lower() == "channels"
+        """Zeroes weights (:func:`asr_onnx.prune.stage.prune_weights`) or, under ``pattern="channels"``, masks
+        whole channels until :meth:`shrink` (:func:`asr_onnx.prune.stage.prune_channels`); the arguments are theirs.
+        ``calib`` feeds the scores "wanda" and "greedy"; ``input_norms``: :meth:`input_norms`'s, reused."""
+        channels = is_channels(pattern)
         if not channels:
             check_sparsity(sparsity), Pattern.parse(pattern)  # refused before any data is read
         if needs_data(pattern, score, channel_plan):
             if calib is None:
                 raise AsrError(f"the score {score} needs calibration data")
-            self._check_size(calib)
+            self.batch.check(len(calib))
         norms = self.input_norms(score, calib) if input_norms is None and not channels else input_norms
         with self._timed("prune"):
-            if channels:
-                done = prune_channels(self.dense, sparsity, score=score, calib=calib, flops_target=flops_target,
-                                      exclude=exclude, channel_plan=channel_plan, **self._options(progress=False))
-            else:
-                done = prune_weights(self.dense, sparsity, pattern, exclude, keep_first, keep_last, allocation, score,
-                                     norms)
+            done = prune_model(self.dense, sparsity, pattern, exclude=exclude, keep_first=keep_first,
+                               keep_last=keep_last, allocation=allocation, score=score, calib=calib,
+                               flops_target=flops_target, channel_plan=channel_plan, norms=norms,
+                               **self._options(progress=False) if channels else {})
         self.pruned = self.pruned_alone = done.model
         self.layers, self.channel_plan, self.channel_report = done.layers, done.channel_plan, None
         self.channel_data = calib if calib is not None else self.channel_data
@@ -177,145 +144,97 @@ class Repair:
 
     def input_norms(self, score: str, calib):
         """Wanda's per-layer input norms on the dense model, or None for a score that needs no data."""
-        from asr_onnx.prune.wanda import input_norms
-
         if score != "wanda":
             return None
         if calib is None:
             raise AsrError("the score wanda needs calibration data")
-        self._check_size(calib)
+        self.batch.check(len(calib))
         with self._timed("input_norms"):
-            return input_norms(self.dense, calib, **self._options(progress=False))
-
-    def prune_channels(self, sparsity: float = 0.5, **options) -> "Repair":
-        """:meth:`prune` with ``pattern="channels"``."""
-        return self.prune(sparsity, "channels", **options)
+            return wanda_norms(self.dense, calib, **self._options(progress=False))
 
     def shrink(self) -> "Repair":
         """Slices the removed channels out of the result, after channel pruning; counted once."""
-        from asr_onnx.prune import channels
-
-        if self.channel_plan is None:
-            return self
-        masked = channels.masked(self.channel_plan, self.result)
-        if not masked and self.channel_report is not None:
+        if self.channel_plan is None or (self.channel_report is not None and not masked(self.channel_plan, self.result)):
             return self  # shrunk and counted already: the summary's shape inference is not repeated
         with self._timed("shrink"):
-            shrunk = channels.Shrunk(self.result)
-            if masked:  # groups found again on the repaired graph; checked against the masked model on samples
-                feeds = channels.sample_feeds(self.dense, self.channel_data, required=False)
-                shrunk = channels.shrink_model(self.result, *self.channel_plan.groups_keep(), feeds=feeds,
-                                               device=self.device)
-                self.output = shrunk.model
-            self.channel_report = channels.summary(self.channel_plan, self.dense, shrunk.model, shrunk.whole)
+            shrunk, self.channel_report = shrink_repaired(self.channel_plan, self.result, self.dense,
+                                                          self.channel_data, device=self.device)
+        self.output = self.output if shrunk is None else shrunk
         return self
 
     def reconstruct(self, calib, method: str = "ls", *, max_gram_mb: float = 256.0, passes: int = 0,
                     samples: int = 0, seed: int = 0, recipe: Recipe | None = None) -> "Repair":
-        """Refits the kept weights of every layer by least squares (:func:`asr_onnx.refit.reconstruct.reconstruct`).
-
-        ``method``: "ls" (default), "none", or "auto": refit or not, picked on 2 held-out folds with ``recipe``'s
-        correction (:func:`asr_onnx.pipeline.crossfit.choose_reconstruction`). ``max_gram_mb`` (256) skips a layer
-        with bigger Gram matrices; ``passes`` (0: one per depth level) the Gram passes; ``samples`` (0: all) a
-        seeded subset to refit on; ``seed`` its draw and auto's folds.
-        """
-        from asr_onnx.pipeline.crossfit import choose_reconstruction
-        from asr_onnx.refit.reconstruct import METHODS, reconstruct
-
+        """Refits the kept weights by least squares (:func:`asr_onnx.refit.reconstruct.reconstruct`); ``method``
+        "auto" picks "ls" or "none" on held-out folds (:func:`asr_onnx.pipeline.crossfit.choose_reconstruction`).
+        ``max_gram_mb``, ``passes``, ``samples`` and ``seed`` are the Recipe's refit fields."""
         if method not in METHODS + ("auto",):
             raise AsrError(f"unknown reconstruction {method!r}; choose one of {', '.join(METHODS + ('auto',))}")
         if samples < 0 or (samples and not hasattr(calib, "take")):
             raise AsrError(f"cannot refit on {samples} samples of this calibration set")
-        auto = None
+        self.settings.update(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples)
         if method == "auto":
-            if not hasattr(calib, "folds"):
-                raise AsrError("reconstruct auto needs a calibration set that can be cut into folds")
-            self._check_size(calib)
+            self.batch.check(len(calib))
             with self._timed("reconstruct_auto"):
                 recipe = recipe or Recipe(max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples, seed=seed)
-                # the probes are corrected as the recipe says; "auto" scores them with "bn"
-                probes = recipe if recipe.method != "auto" else recipe.resolved(method="bn", placement="recal")
-                method, auto = choose_reconstruction(self, calib, probes)
+                method, self.settings["reconstruct_auto"] = choose_reconstruction(self, calib, recipe)
+        self.refit_method = method
         if method == "ls":
             fit = calib.take(samples, seed) if 0 < samples < len(calib) else calib
-            self._check_size(fit)
+            self.batch.check(len(fit))
             with self._timed("reconstruct"):
                 self.pruned, self.refits, split, _ = reconstruct(self.dense, self.pruned, fit, max_gram_mb=max_gram_mb,
                                                                  passes=passes, **self._options())
             self.timings.update({f"reconstruct_{k}": v for k, v in split.items()})
-        self.settings.update(reconstruct=method if auto is None else "auto", max_gram_mb=max_gram_mb,
-                             refit_passes=passes, refit_samples=samples)
-        if auto is not None:
-            self.settings["reconstruct_auto"] = auto
         return self
 
     def refit_corrected(self, calib, *, max_gram_mb: float = 256.0, passes: int = 0) -> "Repair":
-        """Refits the kept weights again after :meth:`fold`, from the corrected output
-        (:func:`asr_onnx.refit.reconstruct.refit_corrected`); the pruned model is then measured and corrected again."""
-        from asr_onnx.refit.reconstruct import refit_corrected
-
+        """Refits again from the corrected output (:func:`asr_onnx.refit.reconstruct.refit_corrected`), after fold."""
         if self.output is None:
             raise AsrError("refit_corrected() needs a corrected output: run fold() first")
-        self._check_size(calib)
+        self.batch.check(len(calib))
         with self._timed("reconstruct"):
             self.pruned, self.refits, split = refit_corrected(self.dense, self.pruned, self.output, calib,
                                                               max_gram_mb=max_gram_mb, passes=passes, **self._options())
         self.measurement, self.output = None, None
         for k, v in split.items():
-            self.timings[f"reconstruct_{k}"] = self.timings.get(f"reconstruct_{k}", 0.0) + v
+            self._took(f"reconstruct_{k}", v, line=False)
         return self
 
     def measure_dense(self, calib, keys=None) -> dict:
         """The dense model's per-channel statistics over ``calib`` (``keys``: these sites only): key -> ChannelStats."""
-        self._check_size(calib)
+        self.batch.check(len(calib))
         with self._timed("measure_dense"):
-            batches, _ = measure(self.batch.for_stats(self.dense, self.dense), calib, desc="dense", keys=keys,
-                                 source=None if self.batch.plan else self.source, engine=self.engine,
-                                 **self._options(self.batch.stats_size(len(calib))))
-        return {key: merge_all(b) for key, b in batches.items()}
+            return measure_dense(self.dense, calib, self.batch, keys=keys, source=self.source, engine=self.engine,
+                                 **self._options())
 
     def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False,
                 all_dense: bool = False, seed: int = 0, reference: str = DEFAULT_REFERENCE) -> "Repair":
-        """Per-channel statistics of the dense model, then of the pruned one with upstream renormalised
-        (:func:`asr_onnx.measure.passes.measure_pruned`). ``calib``: a CalibSet, read in the seeded order ``seed``
-        (no one-class batches); ``dense_stats``: the stats cache's; ``sequential``: one pass per depth of sites;
-        ``all_dense``: every dense site, for the report; ``reference``: "calib" or "running" (REFLOW's target)."""
-        self._check_size(calib)
+        """Statistics of the dense model, then of the pruned one with upstream renormalised, as
+        :func:`asr_onnx.measure.passes.measure_pruned` says; ``seed``: a CalibSet's order; ``all_dense``: every site."""
+        self.batch.check(len(calib))
         calib = calib.shuffled(seed) if isinstance(calib, CalibSet) else calib
         sites = self._pruned_sites()
-        if reference not in REFERENCES:
-            raise AsrError(f"unknown reference {reference!r}; use {' or '.join(REFERENCES)}")
         needed = dense_keys(sites.sites, reference)
         if dense_stats is None:
             dense_stats = self.measure_dense(calib, None if all_dense else needed) if needed or all_dense else {}
-        options = self._options(self.batch.stats_size(len(calib)))
         with self._timed("measure_pruned"):
-            pruned = self.batch.for_stats(self.pruned, self.dense)
-            if pruned is None:  # the pruned graph's batch cannot be freed: its own batch, level by level
-                pruned, options = self.pruned, self._options()
-            self.measurement = measure_pruned(pruned, calib, sites, dense_stats, reference, sequential=sequential,
-                                              engine=self.engine, **options)
+            self.measurement, size, symbolic = measure_batched(self.pruned, self.dense, calib, sites, dense_stats,
+                                                               reference, self.batch, sequential=sequential,
+                                                               engine=self.engine, **self._options())
         self.workers = self.engine.workers(len(calib), self.measurement.provider)
-        self.settings.update(calib_size=len(calib), batch_size=options["batch_size"], sequential=sequential,
-                             symbolic_batch=pruned is not self.pruned, reference=reference)
+        self.settings.update(calib_size=len(calib), batch_size=size, sequential=sequential, symbolic_batch=symbolic,
+                             reference=reference)
         return self
 
     def correct(self, method: str = "bn", *, placement: str = "recal", recal: str = "exact", momentum: float = 0.1,
                 lambda_rule="median", correct_head: bool = True) -> "Repair":
-        """Computes every site's correction (:func:`asr_onnx.correct.recal.correct`); ``correct_head`` also matches
-        a classifier head's per-class logit mean and variance to the dense model's (REFLOW leaves it alone)."""
+        """Computes every site's correction (:func:`asr_onnx.correct.recal.correct_sites`, its arguments)."""
         Recipe(method=method, placement=placement, recal=recal, momentum=momentum)  # refuses an unknown choice
-        if method == "auto":
-            raise AsrError("method auto is a choice among corrections: use auto() or run()")
         if self.measurement is None:
             raise AsrError("measure() must run before correct()")
-        m = self.measurement
         with self._timed("correct"):
-            self.corrections = {
-                s.key: correct(s, m.references[s.key], m.pruned[s.key],
-                               "none" if (s.head and not correct_head) or s.key not in m.touched else method,
-                               placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule)
-                for s in m.sites}
+            self.corrections = correct_sites(self.measurement, method, correct_head=correct_head, placement=placement,
+                                             recal=recal, momentum=momentum, lambda_rule=lambda_rule)
         self.settings.update(method=method, placement=placement, recal=recal, momentum=momentum,
                              lambda_rule=lambda_rule, correct_head=correct_head)
         return self
@@ -324,16 +243,13 @@ class Repair:
             fold_bn_nodes: bool = False, **options) -> "Repair":
         """reconstruct -> measure -> correct (or auto) -> fold -> guard, after :meth:`prune`, as ``recipe`` says
         (default: ``Recipe(method, fold_bn=fold_bn_nodes, **options)``); ``dense_stats``: the stats cache's."""
-        recipe = recipe or Recipe(method=method, fold_bn=fold_bn_nodes, **options)
-        self.recipe = recipe
+        self.recipe = recipe = recipe or Recipe(method=method, fold_bn=fold_bn_nodes, **options)
         self.channel_data = calib if calib is not None else self.channel_data
         self.reconstruct(calib, recipe.reconstruct, max_gram_mb=recipe.max_gram_mb, passes=recipe.refit_passes,
                          samples=recipe.refit_samples, seed=recipe.seed, recipe=recipe)
-        if recipe.reconstruct == "auto":
-            self.recipe = recipe.resolved(reconstruct=self.settings["reconstruct_auto"]["picked"]["reconstruct"])
+        self.recipe = recipe.resolved(reconstruct=self.refit_method)  # auto's pick
         if recipe.method == "none":
-            self.output = self.pruned
-            self.settings.update(method="none")
+            self.output, self.settings["method"] = self.pruned, "none"
             return self.shrink()
         for round_ in range(recipe.refit_rounds):
             if round_:
@@ -349,44 +265,34 @@ class Repair:
         return self.guard(calib, recipe.guard, seed=recipe.seed).shrink()
 
     def guard(self, calib, mode: str = "fallback", *, seed: int = 0) -> "Repair":
-        """Scores the repair and pruning alone against the dense model on held-out calibration samples
-        (:mod:`asr_onnx.pipeline.guard`), and keeps the pruned model when the verdict says so ("fallback")."""
-        from asr_onnx.pipeline.guard import guard_repair
-
-        if mode != "off" and (self.recipe is None or self.output is None or not hasattr(calib, "folds")):
-            raise AsrError("the guard needs a repair finished by run() and a calibration set that can be cut into folds")
+        """Keeps pruning alone where the held-out verdict asks for it (:func:`asr_onnx.pipeline.guard.guard_repair`)."""
         verdict = guard_repair(self, calib, self.recipe, mode, seed=seed)
         if verdict.keep_pruned:
             self.output, self.written = self.pruned_alone, {}
         self.settings["guard"] = verdict.entry
-        if "cost_s" in verdict.entry:
-            self.timings["guard"] = self.timings.get("guard", 0.0) + verdict.entry["cost_s"]
-            stage_done("guard", verdict.entry["cost_s"], enabled=self.progress)
+        if "cost_s" in verdict.entry:  # the guard's runs are timed by the guard ("off" costs nothing)
+            self._took("guard", verdict.entry["cost_s"])
         return self
 
     def auto(self, calib, *, folds: int = 4, seed: int = 0, recal: str = "exact", momentum: float = 0.1,
              correct_head: bool = True, candidates=AUTO_CANDIDATES, reference: str | None = None) -> "Repair":
-        """Picks the correction that best agrees with the dense model on held-out calibration data, each of
-        ``folds`` parts held out once (:func:`asr_onnx.pipeline.crossfit.choose`), then applies it with the whole
-        set. ``reference``: None is the measured one's."""
-        from asr_onnx.pipeline.crossfit import choose
-
-        reference = reference or (self.measurement.reference if self.measurement is not None else DEFAULT_REFERENCE)
+        """Picks a correction on ``folds`` held-out parts (:func:`asr_onnx.pipeline.crossfit.choose`), then applies
+        it to the whole set; ``reference``: None is the measured one's."""
+        if self.measurement is None:
+            raise AsrError("measure() must run before auto()")
+        reference = reference or self.measurement.reference
         with self._timed("auto"):
             best, scores = choose(self, calib, candidates, folds=folds, seed=seed, recal=recal, momentum=momentum,
                                   correct_head=correct_head, reference=reference)
-        if self.measurement is None:
-            self.measure(calib, seed=seed, reference=reference)
-        picked = {"method": best["method"], "placement": best["placement"], "lambda_rule": best["lambda_rule"]}
+        picked = {key: best[key] for key in ("method", "placement", "lambda_rule")}
         self.correct(**picked, recal=recal, momentum=momentum, correct_head=correct_head)
-        self.recipe = self.recipe.resolved(**picked) if self.recipe is not None else None
+        self.recipe, self.auto_pick = self.recipe.resolved(**picked) if self.recipe is not None else None, best
         self.settings.update(method="auto", auto={"picked": best, "candidates": scores, "folds": folds,
                                                   "held_out": len(calib), "reason": PICK_RULE})
         return self
 
     def fold(self, fold_bn_nodes: bool = False) -> "Repair":
-        """Writes the corrections into a copy of the pruned graph (:func:`asr_onnx.correct.recal.write_all`);
-        ``fold_bn_nodes`` then folds every BN that directly follows its layer into it."""
+        """Writes the corrections into a copy of the pruned graph (:func:`asr_onnx.correct.recal.write_all`)."""
         with self._timed("fold"):
             self.output, self.written = write_all(self.pruned, self.measurement.references, self.corrections,
                                                   fold_bn_nodes, like=self.dense)
@@ -394,12 +300,9 @@ class Repair:
         return self
 
     def evaluate(self, data, *, name: str | None = None, batch_size: int = 256) -> "Repair":
-        """Scores the result against the dense model on ``data`` (:func:`asr_onnx.verify.evaluation.score`),
-        for the report's ``eval`` entry."""
-        from asr_onnx.verify.evaluation import score
-
+        """Scores the result against the dense model on ``data`` (:func:`asr_onnx.verify.evaluation.score`)."""
         with self._timed("eval"):
-            self.evaluation = score(self.result, self.dense, data, name=name, batch_size=batch_size,
+            self.evaluation = score_against_dense(self.result, self.dense, data, name=name, batch_size=batch_size,
                                     device=self.device, progress=self.progress, engine=self.engine)
         return self
 
@@ -410,38 +313,25 @@ class Repair:
         return self
 
     def to_fp16(self, keep_io: bool = True, calib=None) -> "Repair":
-        """Casts the result to float16 (``keep_io``: float32 inputs and outputs), first checked against float32
-        on up to 64 samples of ``calib`` when given (:func:`asr_onnx.verify.fp16.check_fp16`)."""
-        from asr_onnx.verify.fp16 import check_fp16, to_fp16
-
-        self.shrink()  # the channel plan slices float32 constants
+        """Casts the result to float16, checked on ``calib`` (:func:`asr_onnx.verify.fp16.half_precision`)."""
+        self.shrink()  # first: the channel plan slices float32 constants
         with self._timed("fp16"):
-            single = self.result
-            half = to_fp16(single, keep_io=keep_io)
-            errors = check_fp16(single, half, calib, device=self.device) if calib is not None else None
-            self.output = half
+            self.output, errors = half_precision(self.result, keep_io, calib, self.device)
         self.half_io = not keep_io
         self.settings.update(fp16=True, fp16_io=not keep_io, fp16_rel_l2=errors)
         return self
 
     def save(self, path, *, overwrite: bool = False) -> "Repair":
-        """Checks and writes the result atomically; the input model is never overwritten unless ``overwrite``.
-        A channel-pruned result is first run on a few calibration samples beside the input model and refused
-        unless its outputs have the input's names, dtypes and shapes (:func:`asr_onnx.prune.channels.check.save_check`)."""
-        from asr_onnx.prune.channels.check import save_check
-
-        self.shrink()
-        check = check_output
-        if self.channel_plan is not None and self.channel_plan.keep:
-            check = save_check(self.dense, self.channel_data, device=self.device, half_io=self.half_io)
+        """Checks (:func:`asr_onnx.prune.channels.check.written_check`) and writes the result atomically; the
+        input model is never overwritten unless ``overwrite``."""
+        check = written_check(self.shrink().channel_plan, self.dense, self.channel_data, device=self.device,
+                              half_io=self.half_io)
         with self._timed("save"):
             save_model(self.result, path, overwrite=overwrite, source=self.source, check=check)
         return self
 
     def report(self) -> dict:
         """The JSON-ready report (:mod:`asr_onnx.report.build`)."""
-        from asr_onnx.report.build import build_report
-
         return build_report(self.shrink())
 
 

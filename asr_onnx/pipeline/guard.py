@@ -53,7 +53,7 @@ def guard_repair(job, calib, recipe: Recipe, mode: str = "fallback", *, seed: in
         a GuardVerdict.
 
     Raises:
-        AsrError: an unknown mode.
+        AsrError: an unknown mode, no finished repair, or a calibration set that cannot be cut into folds.
     """
     from asr_onnx.calib.specs import fixed_batch
     from asr_onnx.pipeline.crossfit import held_out_scores
@@ -61,6 +61,8 @@ def guard_repair(job, calib, recipe: Recipe, mode: str = "fallback", *, seed: in
 
     if mode not in GUARD_MODES:
         raise AsrError(f"unknown guard mode {mode!r}; choose one of {', '.join(GUARD_MODES)}")
+    if mode != "off" and (recipe is None or job.output is None or not hasattr(calib, "folds")):
+        raise AsrError("the guard needs a repair finished by run() and a calibration set that can be cut into folds")
     if mode == "off":
         return GuardVerdict({"mode": mode, "held_out": 0, "kept": "repair"})
     fixed = fixed_batch(job.specs) or 1

@@ -406,7 +406,7 @@ class _PruneArgs:
             raise AsrError(f"the score {self.score} does not apply to the pattern {self.pattern}")
         if self.channels:
             if self.score == "greedy":
-                base._check_size(self.calib)  # greedy's Gram pass runs with the batch a repair would use
+                base.batch.check(len(self.calib))  # greedy's Gram pass runs with the batch a repair would use
             # any target below 1 orders every prunable group's channels; the orders do not depend on it
             self.plan = channels.plan(base.dense, flops_target=1 - resolution, score=self.score, calib=self.calib,
                                       exclude=self.exclude, batch_size=base.batch_size, device=base.device,
@@ -450,7 +450,7 @@ def _probe(base, calib, level: float, prune_args: _PruneArgs, table: SearchTable
         probe.note = f"not reached: {e}"  # a FLOPs target below what the groups' floors allow
         probe.seconds = time.perf_counter() - start
         return probe
-    job._check_size(calib)  # the batch that the guard's evaluations use, as after run()
+    job.batch.check(len(calib))  # the batch that the guard's evaluations use, as after run()
     recipe = Recipe(seed=seed, **{k: v for k, v in options.items() if k != "fold_bn_nodes"})
     method, reconstruct, correction = recipe.method, recipe.refit(), recipe.correction()
     first: dict = {}  # the first fold's repair, benched when it is the model kept

@@ -149,7 +149,7 @@ def run_sweep(model, calib, eval_data, grid: Grid | None = None, *, name: str | 
                        "placement": placement, "head": corrects_head, **scores, "variance_ratio": ratio,
                        "measure_s": round(measure_s, 3), "repair_s": round(repair_s, 3)}
                 if method == "auto":
-                    row["picked"] = job.settings["auto"]["picked"]
+                    row["picked"] = job.auto_pick
                 result.rows.append(row)
                 if watch and job.measurement is not None and (pattern, sparsity) == watched and (recal, placement, head) == regimes[0]:
                     _watch(result, job, output, method, calib, pattern, sparsity, device, watch_site)

@@ -30,8 +30,7 @@ class Pruned:
 
 def needs_data(pattern: str, score: str, channel_plan=None) -> bool:
     """Whether the pruning reads calibration data: Wanda's norms, or the greedy channel score."""
-    channels = str(pattern).strip().lower() == "channels"
-    return score == "wanda" if not channels else score == "greedy" and channel_plan is None
+    return score == "greedy" and channel_plan is None if is_channels(pattern) else score == "wanda"
 
 
 def prune_weights(dense, sparsity: float, pattern: str = "global", exclude=(), keep_first: bool = False,
@@ -69,3 +68,38 @@ def prune_channels(dense, sparsity: float, *, score: str = "magnitude", calib=No
                              calib=calib, exclude=exclude, batch_size=batch_size, device=device, threads=threads)
     return Pruned(channels.mask(dense, plan.groups, plan.keep), [], plan,
                   dict(sparsity=sparsity, pattern="channels", flops_target=target, exclude=list(exclude), score=score))
+
+
+def shrink_repaired(channel_plan, repaired, dense, data=None, *, device: str = "auto") -> tuple:
+    """Slices the planned channels out of the repaired, still dense-shaped model.
+
+    Groups are found again on the repaired graph and the result is checked against the masked model on a few
+    samples of ``data`` (:func:`asr_onnx.prune.channels.shrink_model`).
+
+    Returns:
+        (the shrunk model, or None when ``repaired`` has no dense shapes left to slice; the report's
+        ``channels`` entry).
+    """
+    from asr_onnx.prune import channels
+
+    if not channels.masked(channel_plan, repaired):
+        return None, channels.summary(channel_plan, dense, repaired)
+    feeds = channels.sample_feeds(dense, data, required=False)
+    shrunk = channels.shrink_model(repaired, *channel_plan.groups_keep(), feeds=feeds, device=device)
+    return shrunk.model, channels.summary(channel_plan, dense, shrunk.model, shrunk.whole)
+
+
+def prune_model(dense, sparsity: float, pattern: str = "global", *, exclude=(), keep_first: bool = False,
+                keep_last: bool = False, allocation: str = "global", score: str = "magnitude", calib=None,
+                flops_target: float | None = None, channel_plan=None, norms: dict | None = None, **options) -> Pruned:
+    """:func:`prune_channels` under ``pattern="channels"`` (``options``: its session options), else
+    :func:`prune_weights`."""
+    if is_channels(pattern):
+        return prune_channels(dense, sparsity, score=score, calib=calib, flops_target=flops_target, exclude=exclude,
+                              channel_plan=channel_plan, **options)
+    return prune_weights(dense, sparsity, pattern, exclude, keep_first, keep_last, allocation, score, norms)
+
+
+def is_channels(pattern) -> bool:
+    """Whether ``pattern`` names channel pruning."""
+    return str(pattern).strip().lower() == "channels"

@@ -374,3 +374,10 @@ def _cast_output(graph, name, inner, want) -> None:
         graph.ClearField("value_info")
         graph.value_info.extend(copies)
     graph.node.append(helper.make_node("Cast", [inner], [name], name=f"{name}_cast_out", to=want))
+
+
+def half_precision(model: onnx.ModelProto, keep_io: bool = True, calib=None, device: str = "auto") -> tuple:
+    """The model in float16 (:func:`to_fp16`) and, with ``calib``, its error against float32 on up to 64 of
+    its samples (:func:`check_fp16`; None without)."""
+    half = to_fp16(model, keep_io=keep_io)
+    return half, (check_fp16(model, half, calib, device=device) if calib is not None else None)

@@ -27,7 +27,7 @@ def test_a_fixed_batch_1_graph_is_measured_as_its_dynamic_twin(build):
     assert plan is not None and [list(t) for t in plan.targets.values()] == [[0, -1]]
     job, twin = repair(fixed, zoo.DictSet(feeds), **COMMON), repair(dynamic, zoo.DictSet(feeds), **COMMON)
     assert job.settings["symbolic_batch"] and job.settings["batch_size"] == zoo.N
-    assert twin.batch_plan is None and not twin.settings["symbolic_batch"]
+    assert twin.batch.plan is None and not twin.settings["symbolic_batch"]
     for stats, ref in ((job.measurement.pruned, twin.measurement.pruned), (job.measurement.dense, twin.measurement.dense)):
         assert stats.keys() == ref.keys() and stats
         for key in stats:

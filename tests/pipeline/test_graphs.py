@@ -173,7 +173,7 @@ def test_fixed_batch_skips_the_last_partial_batch():
     dense = conv_net(bn=True, batch=16)
     feeds = {"input": zoo.random_inputs(23)}
     job = repair(dense, zoo.DictSet(feeds), sparsity=SPARSITY, method="bn", device="cpu", progress=False)
-    assert job.batch_size == 16 and job.batch_plan is None and job.settings["calib_size"] == 23
+    assert job.batch_size == 16 and job.batch.plan is None and job.settings["calib_size"] == 23
     assert all(len(batches) == 1 for batches in job.measurement.pruned.values())
     check_statistics(dense, job, {"input": feeds["input"][:16]})
 

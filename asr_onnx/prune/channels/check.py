@@ -53,6 +53,16 @@ def sample_feeds(dense, data=None, samples: int = SAMPLES, *, required: bool = T
     return feeds
 
 
+def written_check(channel_plan, dense, data, *, device: str = "cpu", half_io: bool = False) -> Callable:
+    """The check a model is saved under: :func:`save_check` when ``channel_plan`` removes channels, else
+    onnx.checker and a load (:func:`asr_onnx.model.check.check_output`)."""
+    from asr_onnx.model.check import check_output
+
+    if channel_plan is None or not channel_plan.keep:
+        return check_output
+    return save_check(dense, data, device=device, half_io=half_io)
+
+
 def save_check(dense, data, *, device: str = "cpu", half_io: bool = False) -> Callable[[Path], None]:
     """The check that :func:`asr_onnx.model.files.save_model` runs on a staged channel-pruned model: onnx.checker
     and a load (:func:`asr_onnx.model.check.check_output`), then :func:`check_written` on a few samples of
