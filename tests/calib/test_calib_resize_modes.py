@@ -1,4 +1,4 @@
-"""--resize-mode crop|stretch|letterbox and --pad-value, the README's hook example, and the hints of a size
+"""--resize-mode crop|stretch|letterbox and --pad-value, the hook example of docs/commands.md, and the hints of a size
 mismatch (issue 29: there was no plain resize and no letterbox, and "pass --size" showed with --size given)."""
 
 import json
@@ -17,7 +17,7 @@ from asr_onnx.calib import METADATA_KEY, InputSpec, Preprocess, load_calib
 from asr_onnx.cli.main import main
 from asr_onnx.errors import AsrError
 
-README = ROOT / "README.md"
+COMMANDS_DOC = ROOT / "docs" / "commands.md"
 
 
 def test_stretch_is_a_plain_bilinear_resize(tmp_path):
@@ -98,20 +98,20 @@ def test_a_size_mismatch_hints_only_at_what_was_not_given(tmp_path, preprocess, 
     assert not_hint is None or not_hint not in str(caught.value)
 
 
-def readme_hook(tmp_path) -> Path:
-    """The README's YOLO letterbox hook, written to a file as a user would."""
-    blocks = re.findall(r"```python\n(# yolo_letterbox\.py.*?)```", README.read_text(), re.DOTALL)
+def documented_hook(tmp_path) -> Path:
+    """The YOLO letterbox hook of docs/commands.md, written to a file as a user would."""
+    blocks = re.findall(r"```python\n(# yolo_letterbox\.py.*?)```", COMMANDS_DOC.read_text(), re.DOTALL)
     assert len(blocks) == 1
     path = tmp_path / "yolo_letterbox.py"
     path.write_text(blocks[0])
     return path
 
 
-def test_the_readme_hook_gives_the_samples_of_resize_mode_letterbox(tmp_path):
+def test_the_documented_hook_gives_the_samples_of_resize_mode_letterbox(tmp_path):
     for seed, shape in enumerate([(20, 12, 3), (9, 30, 3), (16, 16), (5, 7, 3)]):
         save_png(tmp_path / "data" / f"{seed}.png", pixels(seed, shape))
     model, _ = detector_head(size=16)  # a static (N, 3, 16, 16) input: the hook reads its size from spec
-    hooked = all_batches(load_calib(tmp_path / "data", model, Preprocess(hook=f"{readme_hook(tmp_path)}:letterbox")))
+    hooked = all_batches(load_calib(tmp_path / "data", model, Preprocess(hook=f"{documented_hook(tmp_path)}:letterbox")))
     built = all_batches(load_calib(tmp_path / "data", model, Preprocess(resize_mode="letterbox")))
     np.testing.assert_allclose(hooked["input"], built["input"], rtol=1e-6, atol=1e-7)
 

@@ -130,7 +130,7 @@ def test_a_folded_weight_is_the_float64_product_rounded_once():
         assert np.array_equal(folded[f"{conv}.asr_bias"], (bias - inv_std * mean).astype(np.float32)), conv
 
 
-FOLD_BOUND = 1e-5  # README: the zoo's folded outputs are within this fraction of the output's largest magnitude
+FOLD_BOUND = 1e-5  # docs/deploy.md: the zoo's folded outputs are within this fraction of the output's largest magnitude
 
 
 @pytest.mark.parametrize("name", ["bn_kept", "bn_kept_opset9", "fixed_batch_1_bn", "inits_as_inputs",
