@@ -212,3 +212,25 @@ def parse_list(text: str, kind=str) -> list:
         return [kind(v.strip()) for v in str(text).split(",") if v.strip()]
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+
+
+def check_report_path(report_path) -> None:
+    """Refuses a ``--report`` path of a kind that cannot be written (by its extension), before any work."""
+    from asr_onnx.errors import AsrError
+    from asr_onnx.report.build import report_format
+
+    if report_path:
+        try:
+            report_format(report_path)
+        except AsrError as e:
+            raise click.BadParameter(str(e), param_hint="--report") from None
+
+
+def plan_model_outputs(plan, inputs: list, output, report_path, *, overwrite: bool) -> tuple:
+    """Registers a command's output model (with the ``.data`` file a model with external data keeps beside it)
+    and its report, then checks every path of ``plan``; ``inputs``: the input model's files, which ``-o`` may
+    replace only with ``overwrite``. Returns (the model's Output, the report's Output or None)."""
+    model_out = plan.write(output, "-o", siblings=(f"{output.name}.data",), replaces=inputs if overwrite else ())
+    report_out = plan.write(report_path, "--report") if report_path else None
+    plan.check()
+    return model_out, report_out

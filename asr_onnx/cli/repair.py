@@ -7,7 +7,16 @@ from pathlib import Path
 
 import click
 
-from asr_onnx.cli.common import COUNT, LABELS_HELP, NON_NEGATIVE, regexes, run_options, say
+from asr_onnx.cli.common import (
+    COUNT,
+    LABELS_HELP,
+    NON_NEGATIVE,
+    check_report_path,
+    plan_model_outputs,
+    regexes,
+    run_options,
+    say,
+)
 from asr_onnx.measure.norms import DEFAULT_REFERENCE, REFERENCES
 
 
@@ -101,15 +110,11 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     from asr_onnx.prune.channels import SCORES as CHANNEL_SCORES
     from asr_onnx.prune.masks import SCORES as WEIGHT_SCORES
     from asr_onnx.prune.masks import Pattern, check_sparsity
-    from asr_onnx.report.build import report_format, summary, write_report
+    from asr_onnx.report.build import summary, write_report
     from asr_onnx.report.schema import from_dict
 
     recal, momentum = parse_recal(recal_mode)
-    if report_path:
-        try:
-            report_format(report_path)  # refuse an unknown extension before any work
-        except AsrError as e:
-            raise click.BadParameter(str(e), param_hint="--report") from None
+    check_report_path(report_path)
     if labels_path and not eval_path:
         raise click.BadParameter("it numbers the classes of the --eval data; pass --eval", param_hint="--labels")
     output = Path(output) if output else default_output(model)
@@ -125,9 +130,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
         plan.read_data(calib_path, "the --calib data")
     if eval_path:
         plan.read_data(eval_path, "the --eval data")
-    model_out = plan.write(output, "-o", siblings=(f"{output.name}.data",), replaces=inputs if overwrite else ())
-    report_out = plan.write(report_path, "--report") if report_path else None
-    plan.check()
+    model_out, report_out = plan_model_outputs(plan, inputs, output, report_path, overwrite=overwrite)
     engine = run.make_engine()
     click.get_current_context().call_on_close(engine.close)  # the actors, and a local cluster started here
     job = Repair(model, device=run.device, batch_size=run.batch_size, progress=not quiet, threads=run.threads,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from asr_onnx.cli.common import run_options, say, tolerance
+from asr_onnx.cli.common import check_report_path, plan_model_outputs, run_options, say, tolerance
 from asr_onnx.cli.repair import repair_command
 
 # the options of `repair` that a search passes through to every probe and to the final repair, declared once
@@ -53,30 +53,23 @@ def search_command(model, calib_path, output, min_agreement, max_error, resoluti
     """Find the highest sparsity of MODEL whose repair keeps a target agreement on held-out calibration
     samples, and write that model, repaired on all of them, with the trade-off table."""
     from asr_onnx.cli.repair import parse_recal
-    from asr_onnx.errors import AsrError
     from asr_onnx.model.files import load_model
     from asr_onnx.outputs import Plan
     from asr_onnx.pipeline.sparsity_search import Target, search
-    from asr_onnx.report.build import report_format, write_report
+    from asr_onnx.report.build import write_report
 
     recal, momentum = parse_recal(recal_mode)
     if min_agreement is None and max_error is None:
         raise click.UsageError("give a target: --min-agreement A (classifiers) or --max-error E")
     Target(min_agreement, max_error).check()  # a target even the dense model misses: one line, no work
-    if report_path:
-        try:
-            report_format(report_path)
-        except AsrError as e:
-            raise click.BadParameter(str(e), param_hint="--report") from None
+    check_report_path(report_path)
     output = Path(output)
-    plan = Plan()
+    plan = Plan(final=True)  # the commit is the command's last act: a signal after it is ignored
     inputs = plan.read_model(model)
     plan.read_data(calib_path, "the --calib data")
     if eval_path:
         plan.read_data(eval_path, "the --eval data")
-    model_out = plan.write(output, "-o", siblings=(f"{output.name}.data",), replaces=inputs if overwrite else ())
-    report_out = plan.write(report_path, "--report") if report_path else None
-    plan.check()
+    model_out, report_out = plan_model_outputs(plan, inputs, output, report_path, overwrite=overwrite)
     # read here for the data's preprocessing, and again by the search's Repair, which keeps its path (a model
     # with external data is written with external data, as `repair` writes it)
     calib = run.open_data(calib_path, load_model(model), limit=calib_size, seed=seed)
