@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import onnx
@@ -41,16 +41,20 @@ class Repair:
         engine: where the calibration passes run, an :mod:`asr_onnx.model.engine` engine (``make_engine("ray")``
             shards the one-pass statistics and the evaluations over a Ray cluster; the refit's Gram passes and
             the level-by-level measurement stay in this process). Defaults to None: this process.
+        output_kind: {output name: kind} for outputs whose kind (classes, detection, map, regression) is not to
+            be recognised (:mod:`asr_onnx.verify.scoring`). Defaults to None.
 
     Attributes:
         pruned: the model every later stage works on: as pruned, then as refitted.
         pruned_alone: the model as pruned, never refitted: the guard's "pruning alone" baseline.
         output: the finished model, once :meth:`run` or :meth:`fold` ran.
         recipe: the Recipe :meth:`run` ran, with ``auto``'s picks resolved.
+        verdict: usable, degraded or broken (:class:`asr_onnx.verify.verdict.Verdict`), once :meth:`run` (with the
+            guard) or :meth:`evaluate` scored the output, or :meth:`judge` was given data.
     """
 
     def __init__(self, model, *, device: str = "auto", batch_size: int | None = None, progress: bool = True,
-                 threads: int = 0, engine=None):
+                 threads: int = 0, engine=None, output_kind: dict | None = None):
         from asr_onnx.model.engine import LocalEngine
 
         self.source = None if isinstance(model, onnx.ModelProto) else Path(model)
@@ -67,7 +71,8 @@ class Repair:
         self.layers, self.refits, self.settings, self.timings = [], [], {}, {}
         self.measurement = None  # a measure.Measurement, once measured
         self.corrections, self.written, self.output = {}, {}, None
-        self.evaluation = self.recipe = None
+        self.evaluation = self.recipe = self.verdict = None
+        self.output_kind = dict(output_kind or {})
         self.channel_plan = self.channel_report = None
         self.channel_data = None  # calibration samples that a channel-pruned model is run on before it is written
         self.half_io = False  # float16 inputs and outputs (to_fp16)
@@ -98,7 +103,7 @@ class Repair:
         ``pruned``, from this one's pruned model (``refit`` False: from ``pruned_alone``)."""
         new = Repair(self.dense, device=self.device, batch_size=self._batch_arg if batch_size is None else batch_size,
                      progress=self.progress if progress is None else progress, threads=self.threads,
-                     engine=self.engine)
+                     engine=self.engine, output_kind=self.output_kind)
         new.source, new._dense_weights = self.source, self._weights()
         if pruned:
             new.pruned_alone, new.layers = self.pruned_alone, self.layers
@@ -334,7 +339,7 @@ class Repair:
         if recipe.method == "none":
             self.output = self.pruned
             self.settings.update(method="none")
-            return self.shrink()
+            return self.judge().shrink()
         for round_ in range(recipe.refit_rounds):
             if round_:
                 self.refit_corrected(calib, max_gram_mb=recipe.max_gram_mb, passes=recipe.refit_passes)
@@ -346,7 +351,17 @@ class Repair:
                 self.correct(**recipe.correction())
             self.fold(recipe.fold_bn and round_ == recipe.refit_rounds - 1)  # the next round refits the same graph
         self.settings.update(refit_rounds=recipe.refit_rounds)
-        return self.guard(calib, recipe.guard, seed=recipe.seed).shrink()
+        return self.guard(calib, recipe.guard, seed=recipe.seed).judge().shrink()
+
+    def judge(self, calib=None) -> "Repair":
+        """The verdict on the result, usable, degraded or broken (:func:`asr_onnx.verify.verdict.of_repair`): from
+        the :meth:`evaluate` data when scored, else the guard's held-out samples, else, when given, ``calib``
+        scored now (one pass of both models: :meth:`run` leaves the verdict None rather than pay it unasked)."""
+        from asr_onnx.verify.verdict import of_repair
+
+        with self._timed("verdict") if calib is not None else nullcontext():
+            self.verdict = of_repair(self, calib)
+        return self
 
     def guard(self, calib, mode: str = "fallback", *, seed: int = 0) -> "Repair":
         """Scores the repair and pruning alone against the dense model on held-out calibration samples
@@ -395,13 +410,14 @@ class Repair:
 
     def evaluate(self, data, *, name: str | None = None, batch_size: int = 256) -> "Repair":
         """Scores the result against the dense model on ``data`` (:func:`asr_onnx.verify.evaluation.score`),
-        for the report's ``eval`` entry."""
+        for the report's ``eval`` entry, and judges it on that data (:meth:`judge`)."""
         from asr_onnx.verify.evaluation import score
 
         with self._timed("eval"):
             self.evaluation = score(self.result, self.dense, data, name=name, batch_size=batch_size,
-                                    device=self.device, progress=self.progress, engine=self.engine)
-        return self
+                                    device=self.device, progress=self.progress, engine=self.engine,
+                                    output_kind=self.output_kind)
+        return self.judge()
 
     def verify(self) -> "Repair":
         """Runs onnx.checker on the output and loads it in onnxruntime."""
@@ -447,8 +463,9 @@ class Repair:
 
 def repair(model, calib, *, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
            keep_last: bool = False, batch_size: int | None = None, device: str = "auto", progress: bool = True,
-           threads: int = 0, engine=None, **options) -> Repair:
+           threads: int = 0, engine=None, output_kind: dict | None = None, **options) -> Repair:
     """Prunes and repairs a model in one call: :class:`Repair`'s arguments, :meth:`Repair.prune`'s, and
     :meth:`Repair.run`'s (``recipe``, or the Recipe's fields). Returns the finished Repair."""
-    job = Repair(model, device=device, batch_size=batch_size, progress=progress, threads=threads, engine=engine)
+    job = Repair(model, device=device, batch_size=batch_size, progress=progress, threads=threads, engine=engine,
+                 output_kind=output_kind)
     return job.prune(sparsity, pattern, exclude, keep_first, keep_last).run(calib, **options)
