@@ -1306,3 +1306,215 @@ CHANNEL_HAZARDS = {
     "max_1": lambda: channels_variadic_max(1), "max_3": channels_variadic_max, "rank0": channels_rank0,
     "se_bias": channels_se_bias,
 }
+
+
+# ---------------------------------------------------------------- 18. detection heads (issue 29)
+# Two small detectors over a 16x16 image seen as a 320x320 one (an 8x8 anchor grid of stride 40), so that, as
+# in a real export, boxes are in pixels (0-320) and class scores in [0, 1]. Each branch's nodes are named
+# box_*, cls_* or obj_* (an --exclude regex can pick a branch). tests/verify/test_detection.py decodes, suppresses
+# and matches their outputs with a brute-force numpy oracle.
+
+DETECTOR_STRIDE, DETECTOR_ANCHOR = 40.0, 60.0
+
+
+def _detector_trunk(g, hint):
+    """Conv-BN-Relu 3 -> 8, then stride 2 to 16 channels: an (N, 16, 8, 8) grid."""
+    a = g.relu(g.bn(g.conv("input", 3, 8), 8))
+    return g.relu(g.bn(g.conv(a, 8, 16, strides=[2, 2]), 16))
+
+
+def _detector_branch(g, x, hint, out, bias, gain=1.0):
+    """A named Conv-BN-Relu 3x3 then a 1x1 Conv to ``out`` channels with bias ``bias``, weights x ``gain``."""
+    w = g.init(f"{hint}_w", g.weight((16, 16, 3, 3), 16 * 9))
+    h = g.node("Conv", [x, w, g.init(f"{hint}_b", g.rng.normal(0, 0.1, 16))], f"{hint}_conv", pads=[1] * 4)
+    h = g.relu(g.bn(h, 16))
+    head_w = g.init(f"{hint}_head_w", gain * g.weight((out, 16, 1, 1), 16))
+    return g.node("Conv", [h, head_w, g.init(f"{hint}_head_b", np.full(out, bias))], f"{hint}_head", pads=[0] * 4)
+
+
+def _detector_centres(g, t):
+    """Boxes from a (N, 4, 8, 8) raw map, YOLOv5's way: centre (grid + 2 sigmoid - 0.5) * stride, size
+    (2 sigmoid)^2 * anchor, both in pixels: (cx, cy) and (w, h) maps (N, 2, 8, 8)."""
+    ys, xs = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    grid = g.init("grid", np.stack([xs, ys])[None].astype(np.float64))
+    xy_raw, wh_raw = g.node("Split", [t, g.init("split", [2, 2], np.int64)], "box_split", axis=1), None
+    g.nodes[-1].output[:] = [xy_raw, xy_raw + ".wh"]
+    wh_raw = xy_raw + ".wh"
+    two = g.init("two", np.array(2.0))
+    xy = g.node("Mul", [g.node("Add", [g.node("Sub", [g.node("Mul", [g.node("Sigmoid", [xy_raw]), two]),
+                                                      g.init("half", np.array(0.5))]), grid]),
+                        g.init("stride", np.array(DETECTOR_STRIDE))])
+    wh2 = g.node("Mul", [g.node("Sigmoid", [wh_raw]), two])
+    wh = g.node("Mul", [g.node("Mul", [wh2, wh2]), g.init("anchor", np.array(DETECTOR_ANCHOR))])
+    return xy, wh
+
+
+def _detector_model(g, outputs):
+    """The graph with ``outputs``: (name, declared shape) pairs."""
+    ins = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])]
+    outs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs]
+    graph = helper.make_graph(g.nodes, "zoo", ins, outs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="zoo")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _biased(model, feeds, head, quantile, logit):
+    """``model`` with the bias of the 1x1 Conv ``head`` set so that, per output channel, the ``quantile`` of its
+    output over ``feeds`` lands on ``logit``: each class passes a score threshold on a set share of anchors."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    node = next(n for n in probe.graph.node if n.name == head)
+    probe.graph.output.append(helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None))
+    raw = onnxruntime.InferenceSession(probe.SerializeToString()).run([node.output[0]], feeds)[0].astype(np.float64)
+    bias = next(t for t in model.graph.initializer if t.name == node.input[2])
+    old = numpy_helper.to_array(bias).astype(np.float64)
+    shift = logit - np.quantile(np.moveaxis(raw, 1, 0).reshape(len(old), -1), quantile, axis=1)
+    bias.CopyFrom(numpy_helper.from_array((old + shift).astype(np.float32), bias.name))
+    return model
+
+
+def yolo_detector(channels_first=True, classes=3, seed=31, n=48):
+    """A YOLO-style detector, one output. ``channels_first``: (N, 4+C, 64) with no objectness, as Ultralytics
+    YOLOv8 exports; else (N, 64, 5+C) with an objectness column, as YOLOv5 exports. Boxes cx, cy, w, h in
+    pixels; scores sigmoids of logits spread over several units, biased so that each class scores >= 0.73 on
+    about 5% of the anchors (a few confident detections per image). Returns (model, feeds)."""
+    g = G(seed)
+    trunk = _detector_trunk(g, "trunk")
+    xy, wh = _detector_centres(g, _detector_branch(g, trunk, "box", 4, 0.0))
+    parts = [xy, wh]
+    if not channels_first:
+        parts.append(g.node("Sigmoid", [_detector_branch(g, trunk, "obj", 1, 1.0)], "obj_sigmoid"))
+    # confident class scores, as a trained detector's: logits spread over several units
+    parts.append(g.node("Sigmoid", [_detector_branch(g, trunk, "cls", classes, -2.5, gain=4.0)], "cls_sigmoid"))
+    features = 4 + classes + (not channels_first)
+    joined = g.node("Concat", parts, "concat", axis=1)
+    out = g.node("Reshape", [joined, g.init("shape", [0, features, 64], np.int64)], "output")
+    shape = ["N", features, 64]
+    if not channels_first:
+        out, shape = g.node("Transpose", [out], "output", perm=[0, 2, 1]), ["N", 64, features]
+    g.nodes[-1].output[0] = "output"
+    feeds = {"input": _feed((3, 16, 16), n=n, seed=seed)}
+    model = _detector_model(g, [("output", shape)])
+    if not channels_first:  # objectness above 0.5 on a fifth of the anchors, each class above 0.6 on 5%
+        _biased(model, feeds, next(n.name for n in model.graph.node if n.name.startswith("obj_head")), 0.8, 0.0)
+        return _biased(model, feeds, next(n.name for n in model.graph.node if n.name.startswith("cls_head")),
+                       0.95, 0.4), feeds
+    return _biased(model, feeds, next(n.name for n in model.graph.node if n.name.startswith("cls_head")),
+                   0.95, 1.0), feeds
+
+
+def ssd_detector(classes=3, seed=32, n=48):
+    """An SSD-style detector, two outputs: boxes (N, 64, 4) as x1, y1, x2, y2 in pixels, and scores
+    (N, 64, 1+C) from a Softmax whose class 0 is the background (biased up, so that most anchors are
+    background). Returns (model, feeds)."""
+    g = G(seed)
+    trunk = _detector_trunk(g, "trunk")
+    xy, wh = _detector_centres(g, _detector_branch(g, trunk, "box", 4, 0.0))
+    half = g.node("Mul", [wh, g.init("halve", np.array(0.5))])
+    corners = g.node("Concat", [g.node("Sub", [xy, half]), g.node("Add", [xy, half])], "box_concat", axis=1)
+    flat = g.node("Reshape", [corners, g.init("shape", [0, 4, 64], np.int64)])
+    g.node("Transpose", [flat], "boxes", perm=[0, 2, 1])
+    g.nodes[-1].output[0] = "boxes"
+    bias = np.concatenate([[2.0], np.zeros(classes)])  # the background wins most anchors
+    logits = _detector_branch(g, trunk, "cls", 1 + classes, 0.0)
+    g.inits[-1].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), g.inits[-1].name))
+    flat = g.node("Reshape", [logits, g.init("cls_shape", [0, 1 + classes, 64], np.int64)])
+    g.node("Softmax", [g.node("Transpose", [flat], perm=[0, 2, 1])], "scores", axis=-1)
+    g.nodes[-1].output[0] = "scores"
+    return (_detector_model(g, [("boxes", ["N", 64, 4]), ("scores", ["N", 64, 1 + classes])]),
+            {"input": _feed((3, 16, 16), n=n, seed=seed)})
+
+
+def detector_with_statistics(stale=("cls_",), shift=2.0, scale=9.0, n=96, seed=31):
+    """:func:`yolo_detector` (channels first) whose BN running statistics are the dense model's own on its
+    calibration samples, except, for the BNs after a Conv named with a prefix in ``stale``, far from them
+    (variance x ``scale``, mean shifted by ``shift`` standard deviations), as after training on other data.
+    Restoring the running statistics (``reference="running"``) then repairs the rest and moves that branch
+    away from the dense model. Returns (model, feeds)."""
+    model, feeds = yolo_detector(seed=seed, n=n)
+    bns = [node for node in model.graph.node if node.op_type == "BatchNormalization"]
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for bn in bns:  # in graph order: each BN's input depends on the statistics set before it
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.append(helper.make_tensor_value_info(bn.input[0], TensorProto.FLOAT, None))
+        pre = onnxruntime.InferenceSession(probe.SerializeToString()).run([bn.input[0]], feeds)[0].astype(np.float64)
+        mean, var = pre.mean((0, 2, 3)), pre.var((0, 2, 3))
+        if producers[bn.input[0]].name.startswith(tuple(stale)):
+            mean, var = mean + shift * np.sqrt(var), scale * var
+        inits = {t.name: t for t in model.graph.initializer}
+        inits[bn.input[3]].CopyFrom(numpy_helper.from_array(mean.astype(np.float32), bn.input[3]))
+        inits[bn.input[4]].CopyFrom(numpy_helper.from_array(var.astype(np.float32), bn.input[4]))
+    return model, feeds
+
+
+def _oracle_conv(x, w, b, stride=1):
+    """numpy's Conv (cross-correlation, zero padding k // 2) of (N, C, H, W) ``x`` in float64."""
+    k = w.shape[2]
+    padded = np.pad(x, ((0, 0), (0, 0), (k // 2, k // 2), (k // 2, k // 2)))
+    out_h, out_w = (x.shape[2] + 2 * (k // 2) - k) // stride + 1, (x.shape[3] + 2 * (k // 2) - k) // stride + 1
+    out = np.zeros((len(x), w.shape[0], out_h, out_w))
+    for i in range(k):
+        for j in range(k):
+            patch = padded[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride]
+            out += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
+    return out + b[None, :, None, None]
+
+
+def _oracle_sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def _detector_oracle_parts(model, x):
+    """numpy's forward pass of a zoo detector's trunk and branches on ``x``: {"box": (N, 4, 8, 8) raw box map,
+    "xy", "wh" (pixels), "cls", "obj" (raw 1x1 Conv outputs)}, every weight read from ``model`` in float64."""
+    values = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    bns = {n.input[0]: n for n in model.graph.node if n.op_type == "BatchNormalization"}
+
+    def conv(node, h):
+        stride = next((a.ints[0] for a in node.attribute if a.name == "strides"), 1)
+        return _oracle_conv(h, values[node.input[1]], values[node.input[2]], stride)
+
+    def bn_relu(node, h):
+        bn = bns[node.output[0]]
+        scale, bias, mean, var = (values[name][None, :, None, None] for name in bn.input[1:])
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        return np.maximum(scale * (h - mean) / np.sqrt(var + eps) + bias, 0)
+
+    h = x.astype(np.float64)
+    for node in [n for n in convs if n.name.startswith("conv")][:2]:  # the trunk
+        h = bn_relu(node, conv(node, h))
+    parts = {}
+    for hint in ("box", "cls", "obj"):
+        found = [n for n in convs if n.name.startswith(f"{hint}_conv")]
+        if found:
+            head = next(n for n in convs if n.name.startswith(f"{hint}_head"))
+            parts[hint] = conv(head, bn_relu(found[0], conv(found[0], h)))
+    ys, xs = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    box = parts["box"]
+    parts["xy"] = (2 * _oracle_sigmoid(box[:, :2]) - 0.5 + np.stack([xs, ys])[None]) * DETECTOR_STRIDE
+    parts["wh"] = (2 * _oracle_sigmoid(box[:, 2:])) ** 2 * DETECTOR_ANCHOR
+    return parts
+
+
+def yolo_detector_oracle(model, x, channels_first=True):
+    """numpy's forward pass of :func:`yolo_detector` (and :func:`detector_with_statistics`): (N, 4+C, 64), or
+    (N, 64, 5+C) with the objectness column when not ``channels_first``."""
+    p = _detector_oracle_parts(model, x)
+    maps = [p["xy"], p["wh"]] + ([] if channels_first else [_oracle_sigmoid(p["obj"])]) + [_oracle_sigmoid(p["cls"])]
+    joined = np.concatenate(maps, axis=1)
+    out = joined.reshape(len(x), joined.shape[1], 64)
+    return out if channels_first else out.transpose(0, 2, 1)
+
+
+def ssd_detector_oracle(model, x):
+    """numpy's forward pass of :func:`ssd_detector`: (boxes (N, 64, 4) as x1 y1 x2 y2, scores (N, 64, 1+C) from
+    a Softmax over the classes, the background first)."""
+    p = _detector_oracle_parts(model, x)
+    corners = np.concatenate([p["xy"] - p["wh"] / 2, p["xy"] + p["wh"] / 2], axis=1)
+    logits = p["cls"].reshape(len(x), p["cls"].shape[1], 64).transpose(0, 2, 1)
+    exp = np.exp(logits - logits.max(-1, keepdims=True))
+    return corners.reshape(len(x), 4, 64).transpose(0, 2, 1), exp / exp.sum(-1, keepdims=True)

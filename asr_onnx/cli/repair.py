@@ -92,17 +92,21 @@ def default_output(model: str) -> Path:
 @click.option("--eval", "eval_path", help="Score the output against the dense model on this data (top-1 with labels).")
 @click.option("--eval-size", type=COUNT, help="With --eval, a seeded subset of this size. Default: all.")
 @click.option("--labels", "labels_path", type=click.Path(), help="With --eval: " + LABELS_HELP)
+@click.option("--output-kind", "output_kind", multiple=True, metavar="NAME:KIND",
+              help="Score output NAME as classes, detection, map or regression instead of as recognised "
+                   "(repeatable); the guard, auto and the verdict use it.")
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @run_options(threads=True, engine=True)
 def repair_command(model, calib_path, output, sparsity, pattern, flops_target, allocation, score, reconstruct, refit_samples, max_gram_mb, method,
                    placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
                    seed, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io,
-                   stats_path, report_path, eval_path, eval_size, labels_path, overwrite, quiet, run):
+                   stats_path, report_path, eval_path, eval_size, labels_path, output_kind, overwrite, quiet, run):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.calib.labels import chance_warning, model_class_count
     from asr_onnx.errors import AsrError
     from asr_onnx.measure.cache import load_stats, stats_key
+    from asr_onnx.model.kinds import check_output_kinds, parse_output_kinds
     from asr_onnx.outputs import Plan
     from asr_onnx.pipeline.driver import Repair
     from asr_onnx.pipeline.guard import warning_line
@@ -114,6 +118,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     from asr_onnx.report.schema import from_dict
 
     recal, momentum = parse_recal(recal_mode)
+    kinds = parse_output_kinds(output_kind)
     check_report_path(report_path)
     if labels_path and not eval_path:
         raise click.BadParameter("it numbers the classes of the --eval data; pass --eval", param_hint="--labels")
@@ -134,7 +139,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     engine = run.make_engine()
     click.get_current_context().call_on_close(engine.close)  # the actors, and a local cluster started here
     job = Repair(model, device=run.device, batch_size=run.batch_size, progress=not quiet, threads=run.threads,
-                 engine=engine)
+                 engine=engine, output_kind=kinds)
+    check_output_kinds(job.dense, kinds)
     check_sparsity(sparsity)  # a bad pattern or score fails before any data is read
     if not channels:
         Pattern.parse(pattern)
@@ -168,6 +174,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
                                  model_class_count(job.dense), who="the dense model")
         if warning:
             click.echo(f"warning: {warning}", err=True)
+    if job.verdict is None and calib is not None:  # neither --eval nor the guard scored it: the calibration data
+        job.judge(calib)
     with plan.staged():  # every output is staged, then all are renamed into place together, as the last act
         job.save(model_out.staged)
         report = from_dict(job.report())  # typed and validated once, for the report and the summary

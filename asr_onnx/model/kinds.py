@@ -1,4 +1,5 @@
-"""What a model's outputs hold: which axis is the batch, and whether top-1 agreement means anything.
+"""What a model's outputs hold: which axis is the batch, whether top-1 agreement means anything, and the
+kinds a user may name (``--output-kind NAME:KIND``; how each kind is scored: :mod:`asr_onnx.verify.scoring`).
 
 A classifier returns (N, classes); a sequence recogniser may return (N, T, classes) or, time first,
 (T, N, classes); a detector returns boxes and scores mixed in one tensor ((N, 22, 2100)), where an argmax
@@ -17,6 +18,7 @@ from asr_onnx.errors import AsrError
 
 PER_SAMPLE = "per sample"  # (N, classes)
 PER_STEP = "per step"  # (N, T, classes) or (T, N, classes), class scores from a Softmax
+KINDS = ("classes", "detection", "map", "regression")
 
 
 @dataclass
@@ -106,3 +108,37 @@ def top1_matches(candidate: np.ndarray, reference: np.ndarray, axis: int, how: s
     a, b = np.moveaxis(candidate, axis, 0), np.moveaxis(reference, axis, 0)
     same = a.argmax(-1) == b.argmax(-1)
     return same.astype(np.float64) if how == PER_SAMPLE else same.reshape(len(same), -1).mean(1)
+
+
+def parse_output_kinds(values) -> dict[str, str]:
+    """``NAME:KIND`` strings (``--output-kind``) as {output name: kind}; the last colon splits, as output names
+    may hold colons.
+
+    Raises:
+        AsrError: no colon, an empty name, a kind not in KINDS, or one name given twice as two kinds.
+    """
+    given: dict[str, str] = {}
+    for text in values or ():
+        name, colon, kind = str(text).rpartition(":")
+        kind = kind.strip().lower()
+        if not colon or not name:
+            raise AsrError(f"--output-kind {text!r}: expected NAME:KIND, KIND one of {'|'.join(KINDS)}")
+        if kind not in KINDS:
+            raise AsrError(f"--output-kind {text!r}: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+        if name in given and given[name] != kind:
+            raise AsrError(f"--output-kind names {name!r} twice, as {given[name]} and {kind}")
+        given[name] = kind
+    return given
+
+
+def check_output_kinds(model: onnx.ModelProto, given: dict[str, str]) -> None:
+    """Refuses a ``--output-kind`` name that is not one of the model's outputs.
+
+    Raises:
+        AsrError: an unknown output name (the model's are listed).
+    """
+    names = [v.name for v in model.graph.output]
+    unknown = [name for name in given if name not in names]
+    if unknown:
+        raise AsrError(f"--output-kind names {', '.join(map(repr, unknown))}, not an output of the model; its "
+                       f"outputs are {', '.join(map(repr, names))}")

@@ -20,7 +20,9 @@ AUTO_CANDIDATES = (("bn", "recal", "median"), ("lw", "recal", "median"), ("asr",
 RECONSTRUCT_CANDIDATES = ("none", "ls")  # the first, the cheaper one, is the default
 RECONSTRUCT_FOLDS = 2  # a refit per fold: the refit is the expensive stage
 PICK_RULE = ("lowest held-out logit error among the candidates whose top-1 agreement with the dense model trails "
-             "the best by at most one paired standard error; the first candidate when it ties on both")
+             "the best by at most one paired standard error; the first candidate when it ties on both (a detector: "
+             "detection F1 for agreement and the standardised error for the logit error; anything else: the "
+             "standardised error alone)")
 
 
 def choose(job, calib, candidates=AUTO_CANDIDATES, *, folds: int = 4, seed: int = 0, recal: str = "exact",
@@ -37,7 +39,7 @@ def choose(job, calib, candidates=AUTO_CANDIDATES, *, folds: int = 4, seed: int 
 
     Returns:
         (the picked score, every candidate's score): each score names its method, placement and
-        lambda_rule, with its held-out agreement (None where top-1 means nothing) and logit_rel_l2.
+        lambda_rule, with its held-out :meth:`~asr_onnx.verify.scoring.Scores.entry`.
     """
     def candidate(method, placement, rule):
         return lambda probe: probe.correct(method, placement=placement, recal=recal, momentum=momentum,
@@ -45,7 +47,7 @@ def choose(job, calib, candidates=AUTO_CANDIDATES, *, folds: int = 4, seed: int 
 
     scored = held_out_scores(job, calib, [candidate(*c) for c in candidates], folds=folds, seed=seed,
                              measure={"reference": reference})
-    return _pick_scored([{"method": m, "placement": p, "lambda_rule": r} for m, p, r in candidates], *scored)
+    return _pick_scored([{"method": m, "placement": p, "lambda_rule": r} for m, p, r in candidates], scored)
 
 
 def choose_reconstruction(job, calib, recipe, *, folds: int = RECONSTRUCT_FOLDS) -> tuple[str, dict]:
@@ -65,7 +67,8 @@ def choose_reconstruction(job, calib, recipe, *, folds: int = RECONSTRUCT_FOLDS)
 
     Returns:
         (the picked reconstruction, the report's ``reconstruct_auto`` entry: the picked score and every
-        candidate's, each naming its ``reconstruct`` with its held-out agreement and logit_rel_l2).
+        candidate's, each naming its ``reconstruct`` with its held-out
+        :meth:`~asr_onnx.verify.scoring.Scores.entry`).
     """
     if not hasattr(calib, "folds"):
         raise AsrError("reconstruct auto needs a calibration set that can be cut into folds")
@@ -84,40 +87,52 @@ def choose_reconstruction(job, calib, recipe, *, folds: int = RECONSTRUCT_FOLDS)
             yield probe.correct(**recipe.correction()).fold().output if correct else probe.pruned
 
     scored = cross_fit(job, calib, fitted, len(RECONSTRUCT_CANDIDATES), folds=folds, seed=seed)
-    best, scores = _pick_scored([{"reconstruct": refit} for refit in RECONSTRUCT_CANDIDATES], *scored)
+    best, scores = _pick_scored([{"reconstruct": refit} for refit in RECONSTRUCT_CANDIDATES], scored)
     return best["reconstruct"], {"picked": best, "candidates": scores, "folds": folds, "held_out": len(calib),
                                  "scored_with": recipe.method, "reason": PICK_RULE}
 
 
-def _pick_scored(names: list[dict], matches, err2, ref2) -> tuple[dict, list[dict]]:
-    """Each candidate's held-out scores beside its name, and :func:`pick`'s choice (the first is the default)."""
-    from asr_onnx.verify.evaluation import logit_rel_l2
+def _pick_scored(names: list[dict], scored: list) -> tuple[dict, list[dict]]:
+    """Each candidate's held-out scores beside its name, and :func:`pick`'s choice (the first is the default).
 
-    no_top1 = matches[0] is None
-    # no agreement where it means nothing (a detector): every candidate ties on it
-    matches = [np.zeros(len(e)) for e in err2] if no_top1 else matches
-    scores = [name | {"agreement": None if no_top1 else float(m.mean()), "logit_rel_l2": logit_rel_l2(e, ref2)}
-              for name, m, e in zip(names, matches, err2)]
-    return pick(scores, matches, err2), scores
+    A classifier is ranked by top-1 agreement, ties broken by the logit error; a detector by detection F1
+    (the paired test on each image's F1, the pooled F1 naming the best), ties broken by the standardised error;
+    anything else by the standardised error alone.
+    """
+    metric = scored[0].primary()[0]
+    scores = [name | s.entry() for name, s in zip(names, scored)]
+    if metric == "agreement":
+        return pick(scores, [s.matches for s in scored], [s.err2 for s in scored]), scores
+    primaries = [s.primary() for s in scored]
+    # no agreement where it means nothing (a regression): every candidate ties on it
+    matches = [p[1] if metric == "detection_f1" else np.zeros(len(p[1])) for p in primaries]
+    return pick(scores, matches, [s.std_err2 for s in scored], totals=[p[2] for p in primaries],
+                error_key="standardised_error"), scores
 
 
-def pick(scores: list[dict], matches: list, errors: list | None = None, default: int = 0) -> dict:
+def pick(scores: list[dict], matches: list, errors: list | None = None, default: int = 0, *,
+         totals: list | None = None, error_key: str = "logit_rel_l2") -> dict:
     """The best candidate: top-1 agreement first, where a candidate that trails the best by at most one
     standard error of the paired difference (same held-out samples) ties; the lower logit error breaks ties.
     When the default candidate ties on agreement and its logit error too is within one paired standard
     error of the winner's, the held-out data cannot tell them apart, and the default is kept.
 
     Args:
-        scores: per candidate, a dict with "logit_rel_l2"; each gets "tied" (bool) set here.
-        matches: per candidate, a bool array over the held-out samples: agrees with the dense model.
-        errors: per candidate, the squared logit error of each held-out sample. Defaults to None (no
+        scores: per candidate, a dict with ``error_key``; each gets "tied" (bool) set here.
+        matches: per candidate, per held-out sample, how well it agrees with the dense model (top-1: 0/1; a
+            detector: the image's detection F1).
+        errors: per candidate, the squared error of each held-out sample. Defaults to None (no
             fallback to the default).
         default: the index of the default candidate. Defaults to 0.
+        totals: per candidate, the pooled score that names the best (a detector's F1 is pooled per class, not
+            averaged over images). Defaults to None: the mean of ``matches``.
+        error_key: the scores' key of the error that breaks ties. Defaults to "logit_rel_l2".
     """
-    best = max(range(len(matches)), key=lambda i: matches[i].mean())
+    totals = [float(np.mean(m)) for m in matches] if totals is None else totals
+    best = max(range(len(matches)), key=lambda i: totals[i])
     for score, agrees in zip(scores, matches):
-        score["tied"] = _within_one_se(matches[best].astype(np.float64) - agrees)
-    winner = min((i for i, s in enumerate(scores) if s["tied"]), key=lambda i: scores[i]["logit_rel_l2"])
+        score["tied"] = _within_one_se(np.asarray(matches[best], np.float64) - agrees)
+    winner = min((i for i, s in enumerate(scores) if s["tied"]), key=lambda i: scores[i][error_key])
     if errors is not None and scores[default]["tied"] and _within_one_se(errors[default] - errors[winner]):
         return scores[default]
     return scores[winner]
@@ -186,7 +201,7 @@ def cross_fit(job, calib, fitted, count: int, *, folds: int, seed: int, batch_si
     """The fold loop of :func:`held_out_scores`, for variants that each need their own probe (such as a refit).
 
     Args:
-        job: the Repair whose dense model is the reference.
+        job: the Repair whose dense model is the reference (its ``output_kind`` names outputs' kinds).
         calib: the calibration set (needs ``folds``).
         fitted: ``fit set -> iterable of count onnx.ModelProto``, each fitted on that set only (an
             iterator is evaluated model by model, so one variant's probe at a time is held).
@@ -200,15 +215,15 @@ def cross_fit(job, calib, fitted, count: int, *, folds: int, seed: int, batch_si
             called as ``fitted(fit, that fold's dict)``. Defaults to None (nothing kept).
 
     Returns:
-        (matches, err2, ref2): per variant, each held-out sample's top-1 match with dense (None for every
-        variant where top-1 means nothing, such as a detector's output) and its squared error; and the
-        dense outputs' squared norm, the same for every variant.
+        per variant, its :class:`asr_onnx.verify.scoring.Scores` on every held-out sample against the dense model
+        (top-1 matches, errors, standardised channel errors, detection counts), pooled over the folds.
     """
     from asr_onnx.calib.specs import fixed_batch
     from asr_onnx.verify.evaluation import evaluate
+    from asr_onnx.verify.scoring import Scores
 
     sizing = {} if batch_size is None else {"batch_size": batch_size}
-    matches, err2, ref2 = [[] for _ in range(count)], [[] for _ in range(count)], 0.0
+    found: list[list] = [[] for _ in range(count)]
     parts, fixed = calib.folds(folds, seed), fixed_batch(job.specs) or 1
     if any(len(held) % fixed for _, held in parts):  # a fixed batch cannot run a partial one
         raise AsrError(f"the model fixes its batch at {fixed}, and {len(calib)} calibration samples do not cut into "
@@ -221,10 +236,7 @@ def cross_fit(job, calib, fitted, count: int, *, folds: int, seed: int, batch_si
         dense_outputs: list = [] if cache is None else cache.setdefault("dense_outputs", [])
         for i, model in enumerate(fitted(fit) if cache is None else fitted(fit, cache)):
             result = evaluate(model, held, reference=job.dense, device=job.device, progress=False,
-                              reference_logits=dense_outputs, per_sample=True, engine=job.engine, **sizing)
-            matches[i].append(result["matches"])
-            err2[i].append(result["err2"])
-        ref2 += result["ref2"]
-    has_top1 = all(m is not None for per_fold in matches for m in per_fold)
-    return ([np.concatenate(m) for m in matches] if has_top1 else [None] * count,
-            [np.concatenate(e) for e in err2], ref2)
+                              reference_logits=dense_outputs, per_sample=True, engine=job.engine,
+                              output_kind=job.output_kind, **sizing)
+            found[i].append(result["scores"])
+    return [Scores.pooled(parts_of_one) for parts_of_one in found]

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import onnx
@@ -16,7 +16,6 @@ from asr_onnx.errors import AsrError
 from asr_onnx.measure.norms import DEFAULT_REFERENCE
 from asr_onnx.measure.passes import SMALL_BATCH, dense_keys, dense_weights, measure_batched, measure_dense, site_map
 from asr_onnx.model.batch import BatchPolicy
-from asr_onnx.model.check import check_output
 from asr_onnx.model.engine import LocalEngine
 from asr_onnx.model.files import load_model, save_model
 from asr_onnx.pipeline.crossfit import AUTO_CANDIDATES, PICK_RULE, choose, choose_reconstruction
@@ -28,10 +27,11 @@ from asr_onnx.prune.channels.check import written_check
 from asr_onnx.prune.masks import Pattern, check_sparsity
 from asr_onnx.prune.stage import is_channels, needs_data, prune_model, shrink_repaired
 from asr_onnx.prune.wanda import input_norms as wanda_norms
-from asr_onnx.refit.reconstruct import METHODS, reconstruct, refit_corrected
+from asr_onnx.refit.reconstruct import reconstruct, refit_corrected
 from asr_onnx.report.build import build_report
 from asr_onnx.verify.evaluation import score as score_against_dense
 from asr_onnx.verify.fp16 import half_precision
+from asr_onnx.verify.verdict import of_repair
 
 
 class Repair:
@@ -46,13 +46,15 @@ class Repair:
         progress: progress bars on a TTY. Defaults to True.
         threads: onnxruntime intra-op threads; 0 lets onnxruntime choose. Defaults to 0.
         engine: an :mod:`asr_onnx.model.engine` engine for the calibration passes. Defaults to None: this process.
+        output_kind: {output name: kind}, where the recognised kind is wrong (:mod:`asr_onnx.verify.scoring`).
 
     ``pruned`` is the model as pruned, then as refitted; ``pruned_alone`` as pruned (the guard's baseline);
-    ``output`` the finished model; ``recipe`` the Recipe :meth:`run` ran, with ``auto``'s picks resolved.
+    ``output`` the finished model; ``recipe`` the Recipe :meth:`run` ran, with ``auto``'s picks resolved;
+    ``verdict`` usable, degraded or broken (:class:`asr_onnx.verify.verdict.Verdict`) once the output is scored.
     """
 
     def __init__(self, model, *, device: str = "auto", batch_size: int | None = None, progress: bool = True,
-                 threads: int = 0, engine=None):
+                 threads: int = 0, engine=None, output_kind: dict | None = None):
         self.source = None if isinstance(model, onnx.ModelProto) else Path(model)
         self.dense = model if self.source is None else load_model(self.source)
         self.device, self.progress, self.threads = device, progress, threads
@@ -62,8 +64,8 @@ class Repair:
         self.batch = BatchPolicy.of(self.dense, fixed_batch(self.specs), batch_size, SMALL_BATCH)
         self.pruned = self.pruned_alone = self.dense
         self.layers, self.refits, self.settings, self.timings, self.corrections = [], [], {}, {}, {}
-        self.measurement, self.written, self.output = None, {}, None
-        self.evaluation = self.recipe = self.auto_pick = None  # auto_pick: auto()'s held-out pick with its scores
+        self.measurement, self.written, self.output, self.output_kind = None, {}, None, dict(output_kind or {})
+        self.evaluation = self.recipe = self.auto_pick = self.verdict = None  # auto_pick: auto()'s held-out pick
         self.refit_method, self.half_io = "none", False  # the refit that ran ("ls" or "none"); float16 inputs, outputs
         # channel pruning: the plan, the report's entry, and the samples the result is run on before it is written
         self.channel_plan = self.channel_report = self.channel_data = None
@@ -84,7 +86,8 @@ class Repair:
         """A new Repair over the same dense model (its file and weights shared, nothing measured); with
         ``pruned``, from this one's pruned model (``refit`` False: from ``pruned_alone``)."""
         new = Repair(self.dense, device=self.device, batch_size=batch_size or self._batch_arg, threads=self.threads,
-                     progress=self.progress if progress is None else progress, engine=self.engine)
+                     progress=self.progress if progress is None else progress, engine=self.engine,
+                     output_kind=self.output_kind)
         new.source, new._dense_weights = self.source, self.dense_weights
         if pruned:  # the site map is used only while it is of the same pruned model
             new.pruned_alone, new.layers, new._site_map = self.pruned_alone, self.layers, self._site_map
@@ -126,9 +129,7 @@ class Repair:
         channels = is_channels(pattern)
         if not channels:
             check_sparsity(sparsity), Pattern.parse(pattern)  # refused before any data is read
-        if needs_data(pattern, score, channel_plan):
-            if calib is None:
-                raise AsrError(f"the score {score} needs calibration data")
+        if needs_data(pattern, score, channel_plan, calib):
             self.batch.check(len(calib))
         norms = self.input_norms(score, calib) if input_norms is None and not channels else input_norms
         with self._timed("prune"):
@@ -167,8 +168,7 @@ class Repair:
         """Refits the kept weights by least squares (:func:`asr_onnx.refit.reconstruct.reconstruct`); ``method``
         "auto" picks "ls" or "none" on held-out folds (:func:`asr_onnx.pipeline.crossfit.choose_reconstruction`).
         ``max_gram_mb``, ``passes``, ``samples`` and ``seed`` are the Recipe's refit fields."""
-        if method not in METHODS + ("auto",):
-            raise AsrError(f"unknown reconstruction {method!r}; choose one of {', '.join(METHODS + ('auto',))}")
+        Recipe(reconstruct=method)  # refuses an unknown reconstruction
         if samples < 0 or (samples and not hasattr(calib, "take")):
             raise AsrError(f"cannot refit on {samples} samples of this calibration set")
         self.settings.update(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples)
@@ -250,7 +250,7 @@ class Repair:
         self.recipe = recipe.resolved(reconstruct=self.refit_method)  # auto's pick
         if recipe.method == "none":
             self.output, self.settings["method"] = self.pruned, "none"
-            return self.shrink()
+            return self.judge().shrink()
         for round_ in range(recipe.refit_rounds):
             if round_:
                 self.refit_corrected(calib, max_gram_mb=recipe.max_gram_mb, passes=recipe.refit_passes)
@@ -262,7 +262,14 @@ class Repair:
                 self.correct(**recipe.correction())
             self.fold(recipe.fold_bn and round_ == recipe.refit_rounds - 1)  # the next round refits the same graph
         self.settings.update(refit_rounds=recipe.refit_rounds)
-        return self.guard(calib, recipe.guard, seed=recipe.seed).shrink()
+        return self.guard(calib, recipe.guard, seed=recipe.seed).judge().shrink()
+
+    def judge(self, calib=None) -> "Repair":
+        """The verdict on the result (:func:`asr_onnx.verify.verdict.of_repair`): from the :meth:`evaluate` data,
+        else the guard's held-out samples, else ``calib`` scored now (:meth:`run` does not pay for it unasked)."""
+        with self._timed("verdict") if calib is not None else nullcontext():
+            self.verdict = of_repair(self, calib)
+        return self
 
     def guard(self, calib, mode: str = "fallback", *, seed: int = 0) -> "Repair":
         """Keeps pruning alone where the held-out verdict asks for it (:func:`asr_onnx.pipeline.guard.guard_repair`)."""
@@ -300,17 +307,12 @@ class Repair:
         return self
 
     def evaluate(self, data, *, name: str | None = None, batch_size: int = 256) -> "Repair":
-        """Scores the result against the dense model on ``data`` (:func:`asr_onnx.verify.evaluation.score`)."""
+        """Scores the result against dense on ``data`` (:func:`asr_onnx.verify.evaluation.score`), and judges it."""
         with self._timed("eval"):
             self.evaluation = score_against_dense(self.result, self.dense, data, name=name, batch_size=batch_size,
-                                    device=self.device, progress=self.progress, engine=self.engine)
-        return self
-
-    def verify(self) -> "Repair":
-        """Runs onnx.checker on the output and loads it in onnxruntime."""
-        with self._timed("verify"):
-            check_output(self.output)
-        return self
+                                                  device=self.device, progress=self.progress, engine=self.engine,
+                                                  output_kind=self.output_kind)
+        return self.judge()
 
     def to_fp16(self, keep_io: bool = True, calib=None) -> "Repair":
         """Casts the result to float16, checked on ``calib`` (:func:`asr_onnx.verify.fp16.half_precision`)."""
@@ -322,8 +324,7 @@ class Repair:
         return self
 
     def save(self, path, *, overwrite: bool = False) -> "Repair":
-        """Checks (:func:`asr_onnx.prune.channels.check.written_check`) and writes the result atomically; the
-        input model is never overwritten unless ``overwrite``."""
+        """Checks (:func:`asr_onnx.prune.channels.check.written_check`) and writes the result atomically."""
         check = written_check(self.shrink().channel_plan, self.dense, self.channel_data, device=self.device,
                               half_io=self.half_io)
         with self._timed("save"):
@@ -337,8 +338,9 @@ class Repair:
 
 def repair(model, calib, *, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
            keep_last: bool = False, batch_size: int | None = None, device: str = "auto", progress: bool = True,
-           threads: int = 0, engine=None, **options) -> Repair:
+           threads: int = 0, engine=None, output_kind: dict | None = None, **options) -> Repair:
     """Prunes and repairs a model in one call: :class:`Repair`'s arguments, :meth:`Repair.prune`'s, and
     :meth:`Repair.run`'s (``recipe``, or the Recipe's fields). Returns the finished Repair."""
-    job = Repair(model, device=device, batch_size=batch_size, progress=progress, threads=threads, engine=engine)
+    job = Repair(model, device=device, batch_size=batch_size, progress=progress, threads=threads, engine=engine,
+                 output_kind=output_kind)
     return job.prune(sparsity, pattern, exclude, keep_first, keep_last).run(calib, **options)

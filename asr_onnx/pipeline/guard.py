@@ -2,12 +2,14 @@
 
 Cross-fitted like ``auto``: the calibration set is cut into two halves; each half is held out in turn
 while the same repair is fitted on the other half. Every sample is then scored once for the repaired
-and once for the pruning-only model against the dense one: top-1 agreement where it means something
-(see :mod:`asr_onnx.model.kinds`), and the relative L2 error of all outputs. Pruning alone is the
-baseline the tool promises never to lose to, so the burden of proof is on the repair: it is kept when it
-is better past two paired standard errors, or, within noise, when its held-out error is lower. A fit on
-half the set is a little weaker than the final fit on all of it, so the guard leans towards pruning
-alone, never towards the repair.
+and once for the pruning-only model against the dense one, on the score that matters for the model
+(:meth:`asr_onnx.verify.scoring.Scores.primary`): a classifier's top-1 agreement, then the relative L2 error of
+all outputs; a detector's detection F1 (each image's, paired), then the standardised error; anything else's
+standardised error. Pruning alone is the baseline the tool promises never to lose to, so the burden of proof
+is on the repair: it is kept when it is better past two paired standard errors, or, within noise, when its
+held-out error is lower; and a detector's repair is never kept with a lower held-out detection F1 (pooled
+per class) than pruning alone's, whatever its errors. A fit on half the set is a little weaker than the
+final fit on all of it, so the guard leans towards pruning alone, never towards the repair.
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ def guard_repair(job, calib, recipe: Recipe, mode: str = "fallback", *, seed: in
     """
     from asr_onnx.calib.specs import fixed_batch
     from asr_onnx.pipeline.crossfit import held_out_scores
-    from asr_onnx.verify.evaluation import logit_rel_l2
 
     if mode not in GUARD_MODES:
         raise AsrError(f"unknown guard mode {mode!r}; choose one of {', '.join(GUARD_MODES)}")
@@ -75,42 +76,47 @@ def guard_repair(job, calib, recipe: Recipe, mode: str = "fallback", *, seed: in
         reconstruct["seed"] = seed
     start = time.perf_counter()
     variants = [lambda probe: probe.correct(**correction).fold().output, lambda probe: job.pruned_alone]
-    found, errors, ref2 = held_out_scores(job, calib, variants, folds=FOLDS, seed=seed, batch_size=job.batch_size,
-                                          measure={"sequential": recipe.sequential, "reference": recipe.reference},
-                                          reconstruct=reconstruct)
-    has_top1 = found[0] is not None
-    matches = found if has_top1 else [np.zeros(len(calib))] * 2
-    scores = [{"agreement": float(m.mean()) if has_top1 else None, "logit_rel_l2": logit_rel_l2(e, ref2)}
-              for m, e in zip(matches, errors)]
-    verdict, loses = judge(found, errors)
+    found = held_out_scores(job, calib, variants, folds=FOLDS, seed=seed, batch_size=job.batch_size,
+                            measure={"sequential": recipe.sequential, "reference": recipe.reference},
+                            reconstruct=reconstruct)
+    verdict, loses = judge(found)
     kept = "pruned" if mode == "fallback" and loses else "repair"
-    entry = {"mode": mode, "held_out": len(calib), "folds": FOLDS, "repair": scores[0], "pruned": scores[1],
+    entry = {"mode": mode, "held_out": len(calib), "folds": FOLDS, "metric": found[0].primary()[0],
+             "agreement_classes": found[0].classes, "repair": found[0].entry(), "pruned": found[1].entry(),
              "repair_refitted": reconstruct is not None,
              "verdict": verdict, "repair_loses": bool(loses), "kept": kept, "cost_s": round(time.perf_counter() - start, 4),
-             "rule": f"held out by {FOLDS}-fold cross-fitting; top-1 agreement first (where it means "
-                     f"something), then each sample's squared error over all outputs; a difference counts past "
-                     f"{Z:g} paired standard errors; within noise the repair is kept only when its held-out error is "
-                     f"lower"}
+             "rule": f"held out by {FOLDS}-fold cross-fitting; top-1 agreement first (a detector: detection F1; "
+                     f"where neither means something, none), then each sample's squared error over all outputs "
+                     f"(a detector and the rest: standardised per channel); a difference counts past {Z:g} paired "
+                     f"standard errors; within noise the repair is kept only when its held-out error is lower; a "
+                     f"detector's repair never with a lower held-out detection F1"}
     return GuardVerdict(entry, kept == "pruned")
 
 
-def judge(matches: list, errors: list) -> tuple[str, bool]:
-    """The guard's verdict on held-out scores of the repair (first) and pruning alone (second).
+def judge(found: list) -> tuple[str, bool]:
+    """The guard's verdict on the held-out scores of the repair (first) and of pruning alone (second).
 
     Args:
-        matches: per model, each held-out sample's top-1 match with the dense model, or [None, None] where
-            top-1 means nothing (as :func:`asr_onnx.pipeline.crossfit.cross_fit` returns them).
-        errors: per model, each held-out sample's squared error against the dense model.
+        found: per model, its :class:`asr_onnx.verify.scoring.Scores` on every held-out sample (as
+            :func:`asr_onnx.pipeline.crossfit.cross_fit` returns them).
 
     Returns:
-        (the verdict, whether the repair loses: worse past noise, or within noise with the higher error).
+        (the verdict, whether the repair loses: worse past noise, or within noise with the higher error, or, a
+        detector, with the lower pooled detection F1).
     """
-    has_top1 = matches[0] is not None
-    verdict = _verdict(matches[0] - matches[1], errors[1] - errors[0]) if has_top1 else \
-        _verdict(np.zeros(1), errors[1] - errors[0])
+    (metric, repair_each, repair_total), (_, pruned_each, pruned_total) = (f.primary() for f in found)
+    # a classifier's ties are broken by its logit error, anything else's by the standardised error
+    errors = [f.err2 for f in found] if metric == "agreement" else [f.std_err2 for f in found]
+    primary_gain = repair_each - pruned_each if metric != "standardised_error" else np.zeros(1)
+    verdict = _verdict(primary_gain, errors[1] - errors[0])
+    detector_loses = metric == "detection_f1" and repair_total < pruned_total
+    if verdict == "repair better" and detector_loses:
+        verdict = "tie"  # better image by image, worse pooled per class: nothing is established
     # within noise the point estimate decides, and only the error: per sample it is a real number, while top-1
     # is a coin per sample (on 64 samples of a 2-class model a few flips move it by 5 points)
-    return verdict, verdict == "pruning alone better" or (verdict == "tie" and errors[0].sum() > errors[1].sum())
+    loses = verdict == "pruning alone better" or (verdict == "tie" and errors[0].sum() > errors[1].sum())
+    # a detector's F1 is pooled per class: never keep a repair that finds fewer of the dense model's detections
+    return verdict, loses or detector_loses
 
 
 def _verdict(top1_gain, err2_gain) -> str:
@@ -138,5 +144,11 @@ def warning_line(entry: dict) -> str | None:
         f", agreement {100 * r['agreement']:.1f}% against {100 * p['agreement']:.1f}%"
     how = "worse than" if entry["verdict"] == "pruning alone better" else "no better than"
     noise = "" if entry["verdict"] == "pruning alone better" else ", within noise"
+    if entry.get("metric", "agreement") == "agreement":
+        figures = f"relative error {r['logit_rel_l2']:.4g} against {p['logit_rel_l2']:.4g}{agree}"
+    else:
+        found = "" if r.get("detection_f1") is None else \
+            f"detection F1 {r['detection_f1']:.3f} against {p['detection_f1']:.3f}, "
+        figures = f"{found}standardised error {r['standardised_error']:.4g} against {p['standardised_error']:.4g}"
     return (f"warning: on {entry['held_out']} held-out calibration samples the repair is {how} pruning alone "
-            f"(relative error {r['logit_rel_l2']:.4g} against {p['logit_rel_l2']:.4g}{agree}{noise}); {then}")
+            f"({figures}{noise}); {then}")

@@ -64,7 +64,7 @@ class Recipe:
         for name, value, allowed in (("method", self.method, METHODS + ("auto",)),
                                      ("placement", self.placement, PLACEMENTS), ("recal", self.recal, RECAL_MODES),
                                      ("reference", self.reference, REFERENCES),
-                                     ("reconstruct", self.reconstruct, RECONSTRUCTIONS),
+                                     ("reconstruction", self.reconstruct, RECONSTRUCTIONS),
                                      ("guard", self.guard, GUARD_MODES)):
             if value not in allowed:
                 raise AsrError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")

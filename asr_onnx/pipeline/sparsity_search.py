@@ -436,7 +436,6 @@ def _probe(base, calib, level: float, prune_args: _PruneArgs, table: SearchTable
     from asr_onnx.pipeline.crossfit import held_out_scores
     from asr_onnx.pipeline.guard import FOLDS, judge
     from asr_onnx.pipeline.recipe import Recipe
-    from asr_onnx.verify.evaluation import logit_rel_l2
 
     start = time.perf_counter()
     probe = Probe(level, sparsity=None if prune_args.channels else level,
@@ -465,16 +464,16 @@ def _probe(base, calib, level: float, prune_args: _PruneArgs, table: SearchTable
 
     variants = [repaired] + ([lambda fitted: job.pruned_alone] if method != "none" else [])
     measure = {"sequential": recipe.sequential, "reference": recipe.reference} if method != "none" else None
-    found, errors, ref2 = held_out_scores(job, calib, variants, folds=FOLDS, seed=seed, measure=measure,
-                                          reconstruct=reconstruct, batch_size=job.batch_size, shared=shared_folds)
-    scores: list[dict] = [{"agreement": None if m is None else float(m.mean()), "error": logit_rel_l2(e, ref2),
-                           "agreement_se": None if m is None else float(m.std() / np.sqrt(len(m)))}
-                          for m, e in zip(found, errors)]
+    found = held_out_scores(job, calib, variants, folds=FOLDS, seed=seed, measure=measure,
+                            reconstruct=reconstruct, batch_size=job.batch_size, shared=shared_folds)
+    scores: list[dict] = [{"agreement": s.agreement, "error": s.logit_rel_l2,
+                           "agreement_se": None if s.matches is None else float(s.matches.std() / np.sqrt(len(s.matches)))}
+                          for s in found]
     probe.repair = scores[0]
     kept = scores[0]
     if method != "none":
         probe.pruned = scores[1]
-        probe.guard, loses = judge(found, errors)
+        probe.guard, loses = judge(found)
         if falls_back and loses:
             probe.kept, kept = "pruned", scores[1]
     else:

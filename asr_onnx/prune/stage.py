@@ -28,9 +28,13 @@ class Pruned:
     settings: dict = field(default_factory=dict)
 
 
-def needs_data(pattern: str, score: str, channel_plan=None) -> bool:
-    """Whether the pruning reads calibration data: Wanda's norms, or the greedy channel score."""
-    return score == "greedy" and channel_plan is None if is_channels(pattern) else score == "wanda"
+def needs_data(pattern: str, score: str, channel_plan=None, calib=None) -> bool:
+    """Whether the pruning reads calibration data (Wanda's norms, or the greedy channel score); refuses a
+    missing ``calib`` then."""
+    needed = score == "greedy" and channel_plan is None if is_channels(pattern) else score == "wanda"
+    if needed and calib is None:
+        raise AsrError(f"the score {score} needs calibration data")
+    return needed
 
 
 def prune_weights(dense, sparsity: float, pattern: str = "global", exclude=(), keep_first: bool = False,

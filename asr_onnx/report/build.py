@@ -32,7 +32,8 @@ def repaired_variance(ref, corr, pruned_var) -> np.ndarray:
 
 
 def build_report(job) -> dict:
-    """The report of a Repair: settings, per-layer pruning, per-site statistics and gains, timings."""
+    """The report of a Repair: the verdict (when it has one), settings, per-layer pruning, per-site statistics and
+    gains, timings."""
     import onnxruntime as ort
 
     from asr_onnx import __version__
@@ -73,10 +74,12 @@ def build_report(job) -> dict:
         layer["refit"] = refit
     total = sum(int(np.prod(layer["shape"])) for layer in layers if layer["pruned"])
     zeros = sum(layer["sparsity"] * np.prod(layer["shape"]) for layer in layers if layer["pruned"])
+    verdict = getattr(job, "verdict", None)
     return {
         "tool": {"name": "asr-onnx", "version": __version__},
         "onnxruntime": {"version": ort.__version__, "provider": m.provider if m is not None else None},
         "input": str(job.source) if job.source else None,
+    } | ({"verdict": verdict.as_dict()} if verdict is not None else {}) | {
         "settings": job.settings,
         "totals": {"prunable_weights": total, "sparsity": round(float(zeros / total), 6) if total else 0.0},
         "layers": layers,
@@ -236,7 +239,8 @@ def _count(value) -> str:
 
 
 def eval_line(scores) -> str:
-    """``eval (N samples): top-1 a% (dense b%)  agreement c%  logit rel-L2 d`` (a dict or a typed Eval)."""
+    """``eval (N samples): top-1 a% (dense b%)  agreement c%  logit rel-L2 d  standardised error e  detection F1
+    f (pooled g)`` (a dict or a typed Eval; the last two where the report has them)."""
     from asr_onnx.report.schema import Eval, Section
 
     if isinstance(scores, dict):
@@ -247,7 +251,13 @@ def eval_line(scores) -> str:
 
     top1 = f"top-1 {pct(scores.top1)} (dense {pct(scores.dense_top1)})  " if scores.top1 is not None else ""
     error = "-" if scores.logit_rel_l2 is None else f"{scores.logit_rel_l2:.4f}"
-    return f"eval ({_count(scores.samples)} samples): {top1}agreement {pct(scores.agreement)}  logit rel-L2 {error}"
+    line = f"eval ({_count(scores.samples)} samples): {top1}agreement {pct(scores.agreement)}  logit rel-L2 {error}"
+    if scores.standardised_error is not None:
+        line += f"  standardised error {scores.standardised_error:.4f}"
+    found = scores.detection
+    if found is not None and found.f1 is not None:
+        line += f"  detection F1 {found.f1:.3f} (pooled {_err(found.f1_pooled)})"
+    return line
 
 
 def _refit_lines(layers) -> list[str]:
@@ -277,12 +287,16 @@ def _err(value, spec: str = ".3f") -> str:
 def _auto_lines(auto) -> list[str]:
     """What ``auto`` picked, each candidate's held-out scores, and the rule."""
     picked = auto.picked
+    # a detector is ranked by detection F1 and the standardised error: shown where the candidates have them
+    detector = any(c.detection_f1 is not None for c in auto.candidates)
+    extra = f" {'det F1':>6} {'std err':>7}" if detector else ""
     lines = [f"auto picked {_candidate_name(picked) if picked else '-'} on {_count(auto.held_out)} held-out "
              f"calibration samples ({_count(auto.folds)} folds)",
-             f"  {'candidate':<28} {'agreement':>9} {'logit err':>9}  tied"]
+             f"  {'candidate':<28} {'agreement':>9} {'logit err':>9}{extra}  tied"]
     for c in auto.candidates:
         mark = "  <- picked" if c == picked else ""
-        lines.append(f"  {_candidate_name(c):<28} {_pct1(c.agreement):>9} {_err(c.logit_rel_l2):>9}  "
+        found = f" {_err(c.detection_f1):>6} {_err(c.standardised_error):>7}" if detector else ""
+        lines.append(f"  {_candidate_name(c):<28} {_pct1(c.agreement):>9} {_err(c.logit_rel_l2):>9}{found}  "
                      f"{'yes' if c.tied else 'no':<4}{mark}".rstrip())
     return lines + textwrap.wrap(f"rule: {auto.reason}", 96, initial_indent="  ", subsequent_indent="    ")
 
@@ -291,7 +305,8 @@ def _reconstruct_auto_lines(entry) -> list[str]:
     """What ``--reconstruct auto`` picked and both candidates' held-out scores."""
     def score(c):
         agree = "" if c.agreement is None else f"agreement {100 * c.agreement:.1f}%, "
-        return f"{c.reconstruct} {agree}logit err {_err(c.logit_rel_l2)}"
+        found = "" if c.detection_f1 is None else f"detection F1 {c.detection_f1:.3f}, "
+        return f"{c.reconstruct} {agree}{found}logit err {_err(c.logit_rel_l2)}"
 
     picked = entry.picked.reconstruct if entry.picked else "-"
     return [f"reconstruct auto picked {picked} on {_count(entry.held_out)} held-out calibration "
@@ -305,7 +320,9 @@ def _guard_lines(guard) -> list[str]:
         if entry is None:
             return "-"
         agree = "" if entry.agreement is None else f"agreement {100 * entry.agreement:.1f}%, "
-        return f"{agree}rel err {_err(entry.logit_rel_l2, '.4g')}"
+        found = "" if entry.detection_f1 is None else f"detection F1 {entry.detection_f1:.3f}, "
+        standard = "" if entry.standardised_error is None else f", std err {entry.standardised_error:.4g}"
+        return f"{agree}{found}rel err {_err(entry.logit_rel_l2, '.4g')}{standard}"
 
     return [f"guard ({guard.mode}, {_count(guard.held_out)} held-out samples): {guard.verdict}, kept {guard.kept}"
             f" ({_err(guard.cost_s, '.2f')}s)", f"  repair {score(guard.repair)}; pruning alone {score(guard.pruned)}"]

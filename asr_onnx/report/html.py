@@ -183,19 +183,26 @@ def _settings(report) -> Markup:
         parts.append(tag("p", f"reconstruct auto scored the refit and no refit on {_count(refit.held_out)} held-out "
                               f"calibration samples ({_count(refit.folds)} folds, corrected with "
                               f"{refit.scored_with or '-'})"))
-        parts.append(_table(["reconstruct", "agreement", "logit rel-L2", "tied", ""],
-                            [[c.reconstruct or "-", _num(c.agreement, 3, True), _num(c.logit_rel_l2),
-                              "yes" if c.tied else "no", "picked" if c == refit.picked else ""]
-                             for c in refit.candidates], numeric=(1, 2)))
+        parts.append(_candidates(["reconstruct"], [[c.reconstruct or "-"] for c in refit.candidates],
+                                 refit.candidates, refit.picked))
     auto = s.auto
     if auto is not None and auto.candidates:
         parts.append(tag("p", f"auto scored every candidate on {_count(auto.held_out)} held-out calibration samples "
                               f"({_count(auto.folds)} folds); rule: {auto.reason or '-'}"))
-        parts.append(_table(["candidate", "agreement", "logit rel-L2", "tied", ""],
-                            [[f"{c.method} ({c.placement}, {c.lambda_rule})", _num(c.agreement, 3, True),
-                              _num(c.logit_rel_l2), "yes" if c.tied else "no", "picked" if c == auto.picked else ""]
-                             for c in auto.candidates], numeric=(1, 2)))
+        parts.append(_candidates(["candidate"], [[f"{c.method} ({c.placement}, {c.lambda_rule})"]
+                                                 for c in auto.candidates], auto.candidates, auto.picked))
     return join(parts)
+
+
+def _candidates(header: list, names: list, candidates, picked) -> Markup:
+    """The held-out scores of ``auto``'s (or the refit choice's) candidates, one row each; a detector's
+    detection F1 and standardised error, which rank it, where the candidates have them."""
+    detector = any(c.detection_f1 is not None for c in candidates)
+    rows = [name + [_num(c.agreement, 3, True), _num(c.logit_rel_l2)]
+            + ([_num(c.detection_f1), _num(c.standardised_error)] if detector else [])
+            + ["yes" if c.tied else "no", "picked" if c == picked else ""] for name, c in zip(names, candidates)]
+    scores = ["agreement", "logit rel-L2"] + (["detection F1", "standardised error"] if detector else [])
+    return _table(header + scores + ["tied", ""], rows, numeric=tuple(range(1, 1 + len(scores))))
 
 
 def _sparsity(report) -> Markup:
@@ -364,9 +371,16 @@ def _guard(report) -> Markup:
                       f"cost {_num(guard.cost_s)} s")]
     if guard.skipped:
         parts.append(_note(f"skipped: {guard.skipped}"))
-    rows = [[name, _num(scores.agreement if scores else None, 4, True), _num(scores.logit_rel_l2 if scores else None)]
-            for name, scores in (("repair", guard.repair), ("pruned", guard.pruned))]
-    return join(parts, _table(["candidate", "agreement with dense", "logit rel-L2"], rows, numeric=(1, 2)))
+    if guard.metric:
+        parts.append(tag("p", f"decided on {guard.metric.replace('_', ' ')}"))
+    pairs = (("repair", guard.repair), ("pruned", guard.pruned))
+    detector = any(scores is not None and scores.detection_f1 is not None for _, scores in pairs)
+    rows = [[name, _num(scores.agreement if scores else None, 4, True), _num(scores.logit_rel_l2 if scores else None),
+             _num(scores.standardised_error if scores else None)]
+            + ([_num(scores.detection_f1 if scores else None)] if detector else []) for name, scores in pairs]
+    header = ["candidate", "agreement with dense", "logit rel-L2", "standardised error"]
+    return join(parts, _table(header + (["detection F1"] if detector else []), rows,
+                              numeric=tuple(range(1, len(header) + detector))))
 
 
 def _eval(report) -> Markup:
@@ -378,7 +392,15 @@ def _eval(report) -> Markup:
             ["top-1", _num(top1, 4, True)], ["dense top-1", _num(dense, 4, True)],
             ["top-1 lost", "-" if top1 is None or dense is None else f"{100 * (dense - top1):.2f} points"],
             ["agreement with dense", _num(scores.agreement, 4, True)],
-            ["logit relative L2 error", _num(scores.logit_rel_l2, 4)]]
+            ["logit relative L2 error", _num(scores.logit_rel_l2, 4)],
+            ["standardised error", _num(scores.standardised_error, 4)]]
+    found = scores.detection
+    if found is not None:
+        rows += [["detection F1 (mean over classes)", _num(found.f1, 4)], ["detection F1 pooled", _num(found.f1_pooled, 4)],
+                 ["detection precision / recall", f"{_num(found.precision)} / {_num(found.recall)}"],
+                 ["detections (dense / this model)",
+                  f"{_count(found.reference_detections)} / {_count(found.detections)} in "
+                  f"{_count(found.classes_scored)} classes"]]
     return _table(["measure", "value"], rows, names=(1,))
 
 

@@ -345,10 +345,13 @@ class Runtime(_Base):
 
 @dataclass(frozen=True)
 class Scores(_Base):
-    """A candidate's held-out scores against the dense model."""
+    """A candidate's held-out scores against the dense model: the standardised error (every output channel in
+    units of the dense spread) and, for a detector, the detection F1 (the mean over classes)."""
 
     agreement: float | None = spec(SHARE)
     logit_rel_l2: float | None = spec(ERROR)
+    standardised_error: float | None = spec(ERROR)
+    detection_f1: float | None = spec(SHARE)
 
 
 @dataclass(frozen=True)
@@ -356,6 +359,8 @@ class Guard(_Base):
     mode: str | None = spec(TEXT)
     held_out: int | None = spec(COUNT)
     folds: int | None = spec(COUNT)
+    metric: str | None = spec(TEXT)  # the score that decided: agreement, detection_f1 or standardised_error
+    agreement_classes: int | None = spec(COUNT)
     repair: Scores | None = spec(Opt(Section(Scores)))
     pruned: Scores | None = spec(Opt(Section(Scores)))
     repair_refitted: bool | None = spec(Opt(Bool()))
@@ -379,6 +384,8 @@ class Candidate(_Base):
     lambda_rule: str | float | None = spec(LAMBDA_RULE)
     agreement: float | None = spec(SHARE)
     logit_rel_l2: float | None = spec(ERROR)
+    standardised_error: float | None = spec(ERROR)
+    detection_f1: float | None = spec(SHARE)
     tied: bool | None = spec(Opt(Bool()))
 
 
@@ -398,6 +405,8 @@ class RefitCandidate(_Base):
     reconstruct: str | None = spec(TEXT)
     agreement: float | None = spec(SHARE)
     logit_rel_l2: float | None = spec(ERROR)
+    standardised_error: float | None = spec(ERROR)
+    detection_f1: float | None = spec(SHARE)
     tied: bool | None = spec(Opt(Bool()))
 
 
@@ -589,8 +598,40 @@ class Channels(_Base):
 
 
 @dataclass(frozen=True)
+class ClassCounts(_Base):
+    """One class's detections matched to the dense model's: true and false positives, false negatives."""
+
+    tp: int | None = spec(COUNT)
+    fp: int | None = spec(COUNT)
+    fn: int | None = spec(COUNT)
+    precision: float | None = spec(SHARE)
+    recall: float | None = spec(SHARE)
+    f1: float | None = spec(SHARE)
+
+
+@dataclass(frozen=True)
+class Detection(_Base):
+    """A detector's detections against the dense model's (:mod:`asr_onnx.verify.detection`): the means over the
+    classes either model detects, the pooled (micro) F1, the counts per class (keyed by the class index), and
+    the decoding's settings."""
+
+    f1: float | None = spec(SHARE)
+    precision: float | None = spec(SHARE)
+    recall: float | None = spec(SHARE)
+    f1_pooled: float | None = spec(SHARE)
+    classes_scored: int | None = spec(COUNT)
+    reference_detections: int | None = spec(COUNT)
+    detections: int | None = spec(COUNT)
+    per_class: dict = spec(MapOf(Section(ClassCounts)), factory=dict)
+    score_threshold: float | None = spec(SHARE)
+    nms_iou: float | None = spec(SHARE)
+    match_iou: float | None = spec(SHARE)
+
+
+@dataclass(frozen=True)
 class Eval(_Base):
-    """``repair --eval``: the output against the dense model (and the labels, when the data has them)."""
+    """``repair --eval``: the output against the dense model (and the labels, when the data has them); the
+    standardised error, a detector's detections, each output's kind and the metric the verdict reads."""
 
     data: str | None = spec(TEXT)
     samples: int | None = spec(COUNT)
@@ -598,6 +639,11 @@ class Eval(_Base):
     dense_top1: float | None = spec(SHARE)
     agreement: float | None = spec(SHARE)
     logit_rel_l2: float | None = spec(ERROR)
+    standardised_error: float | None = spec(ERROR)
+    detection: Detection | None = spec(Opt(Section(Detection)))
+    output_kinds: dict | None = spec(Opt(MapOf(Opt(Str()))))
+    metric: str | None = spec(TEXT)
+    agreement_classes: int | None = spec(COUNT)
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,26 @@
 """Evaluation on a distributed engine: :func:`asr_onnx.verify.evaluation.evaluate` run on shards of whole
-batches, each worker scoring its own shard, and the shards' scores joined in shard order here.
+batches, each worker scoring its own shard by one scoring plan (decided on the whole set's first batch), and
+the shards' scores joined in shard order here.
 
-Every score is then the single-process one: top-1 and agreement are counts, the squared errors are per sample
-and joined in order, the worst sample is the worst of the shards' worst. Only the reference's squared norm
-is a sum of the shards' sums (a float64 rounding apart, about 1e-16 of it).
+Every score is then the single-process one, bit for bit: top-1 and agreement are counts, every per-sample
+figure (squared errors, the reference's squared norms, standardised errors, detection counts) is joined in
+sample order, and the reference's per-channel moments are kept per batch and merged in batch order
+(:class:`asr_onnx.verify.scoring.Scores`).
 """
 
 from __future__ import annotations
 
-import numpy as np
+from asr_onnx.verify.scoring import Scores, compared
 
 
-def merge_scores(parts: list[dict], *, reference: bool, per_sample: bool, rel_l2) -> dict:
+def merge_scores(parts: list[dict], *, reference: bool, per_sample: bool) -> dict:
     """The scores of the whole set from its shards' (each :func:`asr_onnx.verify.evaluation.evaluate`'s, with
-    ``per_sample`` where there is a reference), in shard order.
+    ``per_sample`` where there is a reference, all by the same plan), in shard order.
 
     Args:
         parts: the shards' scores, in shard order.
         reference: whether a reference was scored against.
         per_sample: return the per-sample scores too, as ``evaluate`` does.
-        rel_l2: ``logit_rel_l2(err2, ref2)``, the relative error of the pooled squared errors.
     """
     samples = sum(part["samples"] for part in parts)
     result: dict = {"samples": samples}
@@ -28,13 +29,5 @@ def merge_scores(parts: list[dict], *, reference: bool, per_sample: bool, rel_l2
             sum(round(part["top1"] * part["samples"]) for part in parts) / samples
     if not reference:
         return result
-    err2 = np.concatenate([part["err2"] for part in parts])
-    ref2 = float(sum(part["ref2"] for part in parts))
-    found = [part["matches"] for part in parts]
-    matches = None if any(m is None for m in found) else np.concatenate(found)
-    result.update(agreement=None if matches is None else float(matches.mean()),
-                  agreement_kind=parts[0]["agreement_kind"], logit_rel_l2=rel_l2(err2, ref2),
-                  max_rel_l2=max(part["max_rel_l2"] for part in parts))
-    if per_sample:
-        result.update(matches=matches, err2=err2, ref2=ref2)
-    return result
+    scores = Scores.pooled([part["scores"] for part in parts])
+    return result | compared(scores, parts[0]["agreement_kind"], parts[0]["output_kinds"], per_sample)

@@ -319,7 +319,7 @@ def _check_same_inputs(model_specs, reference_specs) -> None:
 
 def output_rel_l2(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float | None:
     """||model - reference|| / ||reference|| over all outputs together; None when their shapes differ."""
-    from asr_onnx.verify.evaluation import logit_rel_l2
+    from asr_onnx.verify.scoring import logit_rel_l2
 
     if len(outputs) != len(reference) or any(a.shape != b.shape for a, b in zip(outputs, reference, strict=True)):
         return None

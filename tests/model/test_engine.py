@@ -102,6 +102,42 @@ def test_a_sharded_statistics_pass_is_the_single_process_pass(tmp_path):
         assert np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b)), a.name
 
 
+def test_a_sharded_detector_evaluation_is_the_single_process_one(tmp_path):
+    """Issue 29 on an engine: the shards score by one plan (decided on the whole set's first batch) and their
+    per-sample scores and per-batch moments join in order, so every figure a sharded evaluation gives (detection
+    counts and F1, the standardised error, the relative errors) is the single-process one, bit for bit; and a
+    guard whose evaluations are sharded decides on the same held-out detection F1."""
+    from zoo import ssd_detector
+
+    from asr_onnx.verify.evaluation import evaluate
+
+    dense, feeds = ssd_detector(n=70)
+    np.save(tmp_path / "x.npy", feeds["input"])
+    calib = load_calib(tmp_path / "x.npy", input_specs(dense))
+    pruned = Repair(dense, device="cpu", progress=False).prune(0.6).pruned
+    options = dict(reference=dense, batch_size=16, device="cpu", progress=False, per_sample=True)
+    local = evaluate(pruned, calib, **options)
+    engine = InProcessShards(3)
+    sharded = evaluate(pruned, calib, engine=engine, **options)
+    assert engine.calls == 1 and local["metric"] == "detection_f1" and local["detection"]["reference_detections"] > 0
+    assert sharded.keys() == local.keys()
+    for key in local:
+        if key != "scores":
+            assert np.array_equal(sharded[key], local[key]) if isinstance(local[key], np.ndarray) \
+                else sharded[key] == local[key], key
+    mine, theirs = sharded["scores"], local["scores"]
+    assert np.array_equal(mine.counts, theirs.counts) and np.array_equal(mine.std_err2, theirs.std_err2)
+    assert sharded["standardised_error"] == local["standardised_error"]
+
+    def guarded(engine):
+        job = Repair(dense, device="cpu", batch_size=16, progress=False, threads=1, engine=engine)
+        return job.prune(0.6).run(calib, guard="fallback").settings["guard"]
+
+    one, two = guarded(None), guarded(InProcessShards(2))
+    assert one["metric"] == "detection_f1"
+    assert {k: v for k, v in one.items() if k != "cost_s"} == {k: v for k, v in two.items() if k != "cost_s"}
+
+
 def test_engine_ray_without_ray_is_one_error_line(tmp_path, monkeypatch, capsys):
     from asr_onnx.cli.main import main
 

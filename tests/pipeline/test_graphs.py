@@ -189,7 +189,7 @@ def test_external_data_in_and_out(tmp_path, monkeypatch):
     monkeypatch.setattr(asr_onnx.model.files, "LARGE_BYTES", 0)  # every model counts as over 2 GB
     job = repair(source, zoo.DictSet(feeds), sparsity=SPARSITY, method="bn", batch_size=zoo.N, device="cpu",
                  progress=False)
-    job.verify().save(tmp_path / "out.onnx")
+    job.save(tmp_path / "out.onnx")  # checked by onnx.checker and onnxruntime before it is written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.weights", "out.onnx", "out.onnx.data"]
     assert asr_onnx.model.files.has_external_data(tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx").stat().st_size < (tmp_path / "out.onnx.data").stat().st_size

@@ -58,13 +58,17 @@ def test_the_guard_keeps_a_repair_that_is_better(tmp_path):
     assert entry["repair"]["agreement"] > entry["pruned"]["agreement"]
 
 
-def test_the_guard_on_a_detector_scores_the_relative_error_only(tmp_path):
+def test_the_guard_on_a_raw_detector_map_scores_the_standardised_error(tmp_path):
+    """A raw conv map (N, 22, 64) with negative "scores" is no head it can decode: no agreement, no detection F1,
+    the standardised error decides (issue 29)."""
     dense, feeds = zoo.detector_head()
     calib = _set(tmp_path, "calib", dense, feeds["input"])
     entry = Repair(dense, device="cpu", progress=False).prune(0.5).run(calib, "bn", guard="warn").settings["guard"]
     assert entry["repair"]["agreement"] is None and entry["pruned"]["agreement"] is None
+    assert entry["metric"] == "standardised_error" and entry["repair"]["detection_f1"] is None
     assert entry["verdict"] in ("repair better", "pruning alone better", "tie")
     assert entry["repair"]["logit_rel_l2"] > 0 and entry["pruned"]["logit_rel_l2"] > 0
+    assert entry["repair"]["standardised_error"] > 0 and entry["pruned"]["standardised_error"] > 0
 
 
 def test_cli_warns_in_one_line_and_reports_the_guard(tmp_path, capsys):
@@ -168,3 +172,44 @@ def test_the_baseline_is_the_model_as_pruned_and_a_refit_worse_than_it_falls_bac
     assert entry["pruned"]["logit_rel_l2"] == pytest.approx(on_calib[0], rel=1e-6) != on_calib[1]
     assert entry["repair_refitted"] and entry["verdict"] == "pruning alone better" and entry["kept"] == "pruned"
     assert job.output is job.pruned_alone
+
+
+@pytest.mark.parametrize("shift, scale", [(1.0, 3.0), pytest.param(2.0, 9.0, marks=pytest.mark.slow)])
+def test_the_guard_never_keeps_a_detector_repair_with_a_lower_held_out_detection_f1(tmp_path, shift, scale):
+    """Issue 29: a YOLO-style detector whose class branch's BN running statistics are stale. Restoring them
+    (reference running) repairs the boxes, which in pixels dominate the raw output, so the repair's relative
+    error and even its standardised error are the lower; but it loses the dense model's detections. The guard
+    decides on held-out detection F1 and falls back, and fresh samples confirm the repair finds fewer."""
+    dense, feeds = zoo.detector_with_statistics(stale=("cls_",), shift=shift, scale=scale)
+    calib = _set(tmp_path, "calib", dense, feeds["input"])
+    job = Repair(dense, device="cpu", progress=False).prune(0.3).run(calib, "bn", guard="fallback", **RUNNING)
+    entry = job.settings["guard"]
+    repair, pruned = entry["repair"], entry["pruned"]
+    assert entry["metric"] == "detection_f1" and repair["agreement"] is None
+    assert repair["logit_rel_l2"] < pruned["logit_rel_l2"]  # the raw error would have kept the repair
+    assert repair["detection_f1"] < pruned["detection_f1"]
+    assert entry["repair_loses"] and entry["kept"] == "pruned" and job.output is job.pruned_alone
+    assert "detection F1" in warning_line(entry)
+    unguarded = Repair(dense, device="cpu", progress=False).prune(0.3).run(calib, "bn", **RUNNING).output
+    fresh = _set(tmp_path, "fresh", dense, zoo._feed((3, 16, 16), n=200, seed=77))
+    f1 = [evaluate(m, fresh, reference=dense, device="cpu", progress=False)["detection"]["f1"]
+          for m in (unguarded, job.pruned_alone)]
+    assert f1[0] < f1[1]  # the oracle: on fresh samples the repair finds fewer of the dense model's detections
+    assert job.verdict.metric == "detection_f1" and job.verdict.value == pruned["detection_f1"]
+
+
+@pytest.mark.parametrize("build", [lambda: zoo.yolo_detector(False, n=64), lambda: zoo.ssd_detector(n=64)],
+                         ids=["yolov5", "ssd"])
+@pytest.mark.parametrize("reconstruct", zoo.slow_except(["none", "ls"], ["none"]))
+def test_a_kept_detector_repair_never_has_the_lower_held_out_f1(tmp_path, build, reconstruct):
+    dense, feeds = build()
+    calib = _set(tmp_path, "calib", dense, feeds["input"])
+    for sparsity in (0.5, 0.9):
+        job = Repair(dense, device="cpu", progress=False).prune(sparsity).run(calib, "bn", reconstruct=reconstruct,
+                                                                            guard="fallback")
+        entry = job.settings["guard"]
+        assert entry["metric"] == "detection_f1"
+        if entry["kept"] == "repair":
+            assert entry["repair"]["detection_f1"] >= entry["pruned"]["detection_f1"]
+        else:
+            assert job.output is job.pruned_alone

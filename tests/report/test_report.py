@@ -1,6 +1,7 @@
 """The HTML repair report: rendered for a repaired sample model, opened in a real headless browser."""
 
 import base64
+import copy
 import io
 import json
 import re
@@ -204,25 +205,73 @@ def test_the_page_shows_the_refit_errors_the_refit_wrote():
         assert cells == [f"{layer['refit']['err_before']:.3g}", f"{layer['refit']['err_after']:.3g}"]
 
 
+def untyped(node, where="") -> list[str]:
+    """The keys of a typed report (or section) that its schema does not know, each by its path."""
+    from asr_onnx.report.schema import _Base
+
+    if isinstance(node, _Base):
+        found = [f"{where}.{key}" for key in node.extra]
+        for name in node.__dataclass_fields__:
+            found += untyped(getattr(node, name), f"{where}.{name}")
+        return found
+    if isinstance(node, tuple):
+        return [f for i, item in enumerate(node) for f in untyped(item, f"{where}[{i}]")]
+    if isinstance(node, dict):
+        return [f for key, item in node.items() for f in untyped(item, f"{where}.{key}")]
+    return []
+
+
 def test_every_key_of_a_live_report_is_typed(repaired):
     """The typed report knows every key a repair writes (an unknown one would be carried, untyped)."""
-    from asr_onnx.report.schema import _Base, from_dict, to_dict
+    from asr_onnx.report.schema import from_dict, to_dict
 
     saved = json.loads((repaired / "r.json").read_text())
     typed = from_dict(saved)
     assert to_dict(typed) == saved
-
-    def untyped(node, where=""):
-        if isinstance(node, _Base):
-            found = [f"{where}.{key}" for key in node.extra]
-            for name in node.__dataclass_fields__:
-                found += untyped(getattr(node, name), f"{where}.{name}")
-            return found
-        if isinstance(node, tuple):
-            return [f for i, item in enumerate(node) for f in untyped(item, f"{where}[{i}]")]
-        return []
-
     assert untyped(typed) == []
+    assert typed.verdict is not None and typed.verdict.metric == "agreement"  # judged on the --eval data
+    assert typed.eval.metric == "agreement" and typed.eval.detection is None and typed.eval.standardised_error > 0
+
+
+def test_a_detector_report_types_its_detection_fields_and_round_trips(tmp_path, capsys):
+    """Issue 29: a detector's report (the guard's held-out detection F1 and standardised errors, the --eval
+    detection counts per class, each output's kind, the verdict) is typed key for key, written and read back
+    unchanged; the summary and the page show the detection F1."""
+    import onnx
+    import zoo
+
+    from asr_onnx.report.schema import ClassCounts, from_dict, read_json, to_dict, write_json
+
+    dense, feeds = zoo.ssd_detector(n=64)
+    onnx.save(dense, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", feeds["input"])
+    np.save(tmp_path / "e.npy", zoo._feed((3, 16, 16), n=32, seed=5))
+    argv = ["repair", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"), "--sparsity", "0.5",
+            "--eval", str(tmp_path / "e.npy"), "-o", str(tmp_path / "o.onnx"), "--device", "cpu"]
+    assert main(argv + ["--report", str(tmp_path / "r.json")]) == 0
+    said = capsys.readouterr().out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    typed = from_dict(saved)
+    assert to_dict(typed) == saved and untyped(typed) == []
+    guard, scores = typed.settings.guard, typed.eval
+    assert guard.metric == "detection_f1" and guard.repair.detection_f1 is not None
+    assert guard.repair.standardised_error > 0 and guard.pruned.detection_f1 is not None
+    found = scores.detection
+    assert scores.metric == "detection_f1" and scores.output_kinds == {"boxes": "detection", "scores": "detection"}
+    assert all(isinstance(c, ClassCounts) for c in found.per_class.values()) and found.per_class
+    assert found.reference_detections == sum(c.tp + c.fn for c in found.per_class.values())
+    assert 0 <= found.f1 <= 1 and 0 <= found.f1_pooled <= 1 and typed.verdict.value == found.f1
+    write_json(typed, tmp_path / "again.json")
+    assert to_dict(read_json(tmp_path / "again.json")) == saved
+    assert f"detection F1 {found.f1:.3f} (pooled {found.f1_pooled:.3f})" in said
+    assert said.splitlines()[0] == typed.verdict.line()
+    page = render(typed, plots=False)
+    assert "<td>detection F1 pooled</td>" in page and "detection F1</th>" in page
+    broken = copy.deepcopy(saved)
+    broken["eval"]["detection"]["per_class"]["0"]["tp"] = -1
+    (tmp_path / "bad.json").write_text(json.dumps(broken))
+    assert main(["report", str(tmp_path / "bad.json"), "-o", str(tmp_path / "bad.html")]) == 1
+    assert "eval.detection.per_class" in capsys.readouterr().err and not (tmp_path / "bad.html").exists()
 
 
 # ---------------------------------------------------------------- issue 25: no active content, whatever the JSON

@@ -90,3 +90,32 @@ def test_evaluate_is_agreement_of_logits(labelled):
     assert [n for n, _ in runs[0]] == [16, 16, 16, 2]
     pure = agreement(runs[0], output_kinds(other), data.labels, runs[1])
     assert pure == evaluate(other, data, reference=model, batch_size=16, device="cpu", progress=False)
+
+
+def test_the_standardised_error_weighs_every_channel_alike_and_pools_batches():
+    """A (N, 3, 3, 3) map whose channel 0 is 1,000 times channel 1: a relative L2 error sees only channel 0,
+    the standardised error sees each channel in units of the reference's spread (numpy oracle), and batches
+    pool exactly; a constant channel is measured against the floored variance."""
+    from asr_onnx.model.kinds import OutputKind
+    from asr_onnx.verify.evaluation import agreement
+    from asr_onnx.verify.scoring import VARIANCE_FLOOR
+
+    rng = np.random.default_rng(4)
+    b = rng.normal(size=(10, 3, 3, 3))
+    b[:, 0] *= 1000
+    b[:, 2] = 5.0  # constant: no spread
+    a = b.copy()
+    a[:, 1] += rng.normal(0, 0.5, size=(10, 3, 3))  # half a standard deviation of error on channel 1 only
+    a[:, 2] += 0.01
+    kinds = [OutputKind("map", None, None, False)]
+    got = agreement([(6, [a[:6]]), (4, [a[6:]])], kinds, reference=[(6, [b[:6]]), (4, [b[6:]])], per_sample=True)
+    var = b.transpose(1, 0, 2, 3).reshape(3, -1).var(1)
+    var = np.maximum(var, VARIANCE_FLOOR * np.median(var))
+    per_channel = ((a - b) ** 2).mean((0, 2, 3)) / var
+    assert got["standardised_error"] == pytest.approx(np.sqrt(per_channel.mean()), rel=1e-9)
+    assert got["output_kinds"] == {"map": "map"} and got["agreement"] is None and got["metric"] == "standardised_error"
+    assert got["logit_rel_l2"] < 1e-3 < 0.2 < got["standardised_error"]
+    per_sample = (((a - b) ** 2).mean((2, 3)) / var).mean(1)
+    np.testing.assert_allclose(got["scores"].std_err2, per_sample, rtol=1e-9)
+    whole = agreement([(10, [a])], kinds, reference=[(10, [b])], per_sample=True)
+    assert whole["standardised_error"] == pytest.approx(got["standardised_error"], rel=1e-12)
