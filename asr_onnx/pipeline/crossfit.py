@@ -12,6 +12,7 @@ import numpy as np
 
 from asr_onnx.errors import AsrError
 from asr_onnx.measure.norms import DEFAULT_REFERENCE
+from asr_onnx.verify.paired import pick
 
 # every method in both placements (bn/naive coincide under recal; pre-bn bn is plain BN recalibration)
 AUTO_CANDIDATES = (("bn", "recal", "median"), ("lw", "recal", "median"), ("asr", "recal", "median"),
@@ -108,39 +109,6 @@ def _pick_scored(names: list[dict], scored: list) -> tuple[dict, list[dict]]:
     matches = [p[1] if metric == "detection_f1" else np.zeros(len(p[1])) for p in primaries]
     return pick(scores, matches, [s.std_err2 for s in scored], totals=[p[2] for p in primaries],
                 error_key="standardised_error"), scores
-
-
-def pick(scores: list[dict], matches: list, errors: list | None = None, default: int = 0, *,
-         totals: list | None = None, error_key: str = "logit_rel_l2") -> dict:
-    """The best candidate: top-1 agreement first, where a candidate that trails the best by at most one
-    standard error of the paired difference (same held-out samples) ties; the lower logit error breaks ties.
-    When the default candidate ties on agreement and its logit error too is within one paired standard
-    error of the winner's, the held-out data cannot tell them apart, and the default is kept.
-
-    Args:
-        scores: per candidate, a dict with ``error_key``; each gets "tied" (bool) set here.
-        matches: per candidate, per held-out sample, how well it agrees with the dense model (top-1: 0/1; a
-            detector: the image's detection F1).
-        errors: per candidate, the squared error of each held-out sample. Defaults to None (no
-            fallback to the default).
-        default: the index of the default candidate. Defaults to 0.
-        totals: per candidate, the pooled score that names the best (a detector's F1 is pooled per class, not
-            averaged over images). Defaults to None: the mean of ``matches``.
-        error_key: the scores' key of the error that breaks ties. Defaults to "logit_rel_l2".
-    """
-    totals = [float(np.mean(m)) for m in matches] if totals is None else totals
-    best = max(range(len(matches)), key=lambda i: totals[i])
-    for score, agrees in zip(scores, matches):
-        score["tied"] = _within_one_se(np.asarray(matches[best], np.float64) - agrees)
-    winner = min((i for i, s in enumerate(scores) if s["tied"]), key=lambda i: scores[i][error_key])
-    if errors is not None and scores[default]["tied"] and _within_one_se(errors[default] - errors[winner]):
-        return scores[default]
-    return scores[winner]
-
-
-def _within_one_se(diff: np.ndarray) -> bool:
-    """Does a candidate trail by at most one standard error? ``diff``: how much worse it is, sample by sample."""
-    return bool(diff.mean() <= diff.std() / np.sqrt(max(len(diff), 1)))
 
 
 def held_out_scores(job, calib, variants, *, folds: int, seed: int, measure: dict | None,

@@ -21,9 +21,9 @@ import numpy as np
 
 from asr_onnx.errors import AsrError
 from asr_onnx.pipeline.recipe import GUARD_MODES, Recipe
+from asr_onnx.verify.paired import Z, paired_sign
 
 FOLDS = 2
-Z = 2.0  # paired standard errors a difference must exceed to count
 
 
 @dataclass(frozen=True)
@@ -122,13 +122,7 @@ def judge(found: list) -> tuple[str, bool]:
 def _verdict(top1_gain, err2_gain) -> str:
     """Agreement first, then squared error: each per-sample gain of the repair over pruning alone counts
     only past ``Z`` paired standard errors (a fallback discards the repair, so noise must not trigger it)."""
-    for gain in (top1_gain, err2_gain):
-        se = gain.std() / np.sqrt(max(len(gain), 1))
-        if gain.mean() > Z * se and gain.mean() > 0:
-            return "repair better"
-        if gain.mean() < -Z * se and gain.mean() < 0:
-            return "pruning alone better"
-    return "tie"
+    return {1: "repair better", -1: "pruning alone better", 0: "tie"}[paired_sign(top1_gain, err2_gain)]
 
 
 def warning_line(entry: dict) -> str | None:
