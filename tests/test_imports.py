@@ -96,7 +96,7 @@ def test_the_graph_check_sees_a_cycle_inside_a_function(tmp_path):
 # the stage order, low to high: a module may import its own layer and the layers below it, never one above.
 # refit and correct are peers (neither imports the other).
 LAYERS = [{"errors", "progress", "filekinds", "tempdirs"}, {"calib"}, {"outputs"}, {"model"}, {"measure"}, {"refit", "correct"}, {"prune"},
-          {"verify"}, {"report"}, {"pipeline"}, {"cli"}]
+          {"verify"}, {"quantize"}, {"report"}, {"pipeline"}, {"cli"}]
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 
 

@@ -713,7 +713,64 @@ def integer_ops(opset=13):
     return g.model([("input", ["N", 3, 8, 8], None)], out, opset=opset), {"input": random_inputs(N)}
 
 
-QUANTIZED = {"qdq_conv": qdq_conv, "integer_ops": integer_ops}
+def qdq_residual(seed=31):
+    """A QDQ model as onnxruntime's static quantizer writes one with ``reduce_range`` (per-channel 7-bit int8
+    weights, axis 0, so that x86's AVX2 kernels do not saturate; int32 biases at input scale times weight
+    scale; uint8 activations whose zero point 0 is the Relu it removed):
+
+        Q/DQ(input) -> conv1 3x3 3->8 -> Q/DQ (zp 0: relu) -> conv2 3x3 8->8 -> Q/DQ -> Add(conv1's) ->
+        Q/DQ (zp 0: relu) -> GlobalAveragePool -> Q/DQ -> Flatten -> Gemm 8->5 -> Q/DQ -> logits
+
+    Initializers are named for the oracle in tests/pipeline/test_quantized.py: ``{layer}.w_q``/``.w_s`` (codes,
+    scales), ``{layer}.b_q``/``.b_s``, ``{tensor}.s``/``.z`` of each activation."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+    acts = {"x": (0.05, 128), "h1": (0.02, 0), "h2": (0.03, 128), "h3": (0.03, 0), "pool": (0.01, 0),
+            "logits": (0.05, 128)}
+
+    def qdq(tensor, name):
+        scale, zero = acts[name]
+        inits.extend([_init(f"{name}.s", np.float32(scale)), _init(f"{name}.z", np.uint8(zero))])
+        nodes.append(helper.make_node("QuantizeLinear", [tensor, f"{name}.s", f"{name}.z"], [f"{name}.q"],
+                                      name=f"{name}_QuantizeLinear"))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}.q", f"{name}.s", f"{name}.z"], [f"{name}.dq"],
+                                      name=f"{name}_DequantizeLinear"))
+        return f"{name}.dq"
+
+    def weights(layer, shape, fan_in, input_scale):
+        w = rng.normal(0, (2 / fan_in) ** 0.5, shape)
+        scale = (np.abs(w).reshape(shape[0], -1).max(axis=1) / 63).astype(np.float32)
+        codes = np.clip(np.round(w / scale.reshape((-1,) + (1,) * (len(shape) - 1))), -63, 63).astype(np.int8)
+        bias_scale = (np.float32(input_scale) * scale).astype(np.float32)
+        bias = np.round(rng.normal(0, 0.1, shape[0]) / bias_scale).astype(np.int32)
+        for part, (q, s) in {"w": (codes, scale), "b": (bias, bias_scale)}.items():
+            inits.extend([_init(f"{layer}.{part}_q", q), _init(f"{layer}.{part}_s", s),
+                          _init(f"{layer}.{part}_z", np.zeros(shape[0], q.dtype))])
+            nodes.append(helper.make_node("DequantizeLinear", [f"{layer}.{part}_q", f"{layer}.{part}_s",
+                                                               f"{layer}.{part}_z"], [f"{layer}.{part}"],
+                                          name=f"{layer}.{part}_DequantizeLinear", axis=0))
+        return [f"{layer}.w", f"{layer}.b"]
+
+    x = qdq("input", "x")
+    nodes.append(helper.make_node("Conv", [x] + weights("conv1", (8, 3, 3, 3), 27, acts["x"][0]), ["conv1.out"],
+                                  name="conv1", pads=[1] * 4))
+    h1 = qdq("conv1.out", "h1")
+    nodes.append(helper.make_node("Conv", [h1] + weights("conv2", (8, 8, 3, 3), 72, acts["h1"][0]), ["conv2.out"],
+                                  name="conv2", pads=[1] * 4))
+    nodes.append(helper.make_node("Add", [qdq("conv2.out", "h2"), h1], ["add.out"], name="add"))
+    nodes.append(helper.make_node("GlobalAveragePool", [qdq("add.out", "h3")], ["pool.out"], name="pool"))
+    nodes.append(helper.make_node("Flatten", [qdq("pool.out", "pool")], ["flat"], name="flatten"))
+    nodes.append(helper.make_node("Gemm", ["flat"] + weights("fc", (5, 8), 8, acts["pool"][0]), ["fc.out"],
+                                  name="fc", transB=1))
+    out = qdq("fc.out", "logits")
+    nodes.append(helper.make_node("Identity", [out], ["logits"], name="output"))
+    model = make_model(nodes, inits, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], opset=13)
+    return model, {"input": random_inputs(N)}
+
+
+QUANTIZED = {"qdq_conv": qdq_conv, "integer_ops": integer_ops, "qdq_residual": qdq_residual}
+QDQ = ("qdq_conv", "qdq_residual")  # the quantized graphs whose weights are integers behind a DequantizeLinear
 
 
 # ---------------------------------------------------------------- 14. Paddle MobileNetV3

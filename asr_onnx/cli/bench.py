@@ -16,6 +16,8 @@ _SHAPE_WORD = re.compile(r".+:(\[[\d,\s]*\]|\d+(x\d+)*)(,.+:(\[[\d,\s]*\]|\d+(x\
 @click.command("bench", context_settings={"allow_extra_args": True})
 @click.argument("model", type=click.Path())
 @click.option("--reference", type=click.Path(), help="The dense model, timed alternately with MODEL in the same run.")
+@click.option("--float", "float_path", type=click.Path(),
+              help="A second reference: the float model an int8 MODEL was quantized from, timed alternately too.")
 @click.option("--input-shapes", "input_shapes", multiple=True, metavar="NAME:[D,...]",
               help="The shape to feed an input whose axes are not all fixed (a detector's (N, 3, H, W)), "
                    "batch first, as Polygraphy writes it: images:[1,3,640,640]; several inputs separated by "
@@ -28,10 +30,10 @@ _SHAPE_WORD = re.compile(r".+:(\[[\d,\s]*\]|\d+(x\d+)*)(,.+:(\[[\d,\s]*\]|\d+(x\
 @run_options(device="cpu", batch_size=None, batch_help="Samples per run. Default: the batch of --input-shapes, "
              "else 1.", threads=True, preprocess=False)
 @click.pass_context
-def bench_command(ctx, model, reference, input_shapes, runs, warmup, seed, as_json, run):
+def bench_command(ctx, model, reference, float_path, input_shapes, runs, warmup, seed, as_json, run):
     """Time MODEL in onnxruntime on a random batch: median latency, interquartile range and throughput,
-    alternating with the --reference model and giving the speed-up; prints the trtexec command line
-    when TensorRT is installed."""
+    alternating with the --reference model (and the --float one) and giving the speed-ups; says what each
+    model computes in and which runtime it is for; prints the trtexec command line when TensorRT is installed."""
     from asr_onnx.errors import AsrError
     from asr_onnx.verify.timing import bench, format_bench, parse_input_shapes
 
@@ -40,8 +42,8 @@ def bench_command(ctx, model, reference, input_shapes, runs, warmup, seed, as_js
         shapes = parse_input_shapes([*input_shapes, *shape_words])
     except AsrError as e:
         raise click.BadParameter(str(e), param_hint="--input-shapes") from None
-    result = bench(model, reference, batch_size=run.batch_size, threads=run.threads, device=run.device, runs=runs,
-                   warmup=warmup, seed=seed, input_shapes=shapes)
+    result = bench(model, reference, float_model=float_path, batch_size=run.batch_size, threads=run.threads,
+                   device=run.device, runs=runs, warmup=warmup, seed=seed, input_shapes=shapes)
     click.echo(json.dumps(result) if as_json else format_bench(result))
 
 

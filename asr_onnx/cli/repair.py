@@ -86,6 +86,13 @@ def default_output(model: str) -> Path:
 @click.option("--fp16", is_flag=True, help="Cast weights and arithmetic to float16; float I/O stays float32. "
               "Checked against float32 on the calibration data first.")
 @click.option("--fp16-io", is_flag=True, help="With --fp16 (implied), make float inputs and outputs float16 too.")
+@click.option("--int8", is_flag=True,
+              help="Quantize the output to INT8 (QDQ, onnxruntime's static quantizer): per-channel symmetric int8 "
+                   "weights, so pruned weights stay 0; activations calibrated on --calib; the calibration method "
+                   "and a correction of the quantization damage chosen on held-out calibration data.")
+@click.option("--int8-target", type=click.Choice(["cpu", "tensorrt"]),
+              help="With --int8: cpu (default: onnxruntime's integer kernels, uint8 activations, the weight range "
+                   "this CPU needs) or tensorrt (symmetric int8 activations, as TensorRT requires).")
 @click.option("--stats", "stats_path", type=click.Path(), help="Dense statistics saved by `asr-onnx stats`.")
 @click.option("--report", "report_path",
               help="Write the report here: JSON for .json, a self-contained page for .html.")
@@ -100,7 +107,7 @@ def default_output(model: str) -> Path:
 @run_options(threads=True, engine=True)
 def repair_command(model, calib_path, output, sparsity, pattern, flops_target, allocation, score, reconstruct, refit_samples, max_gram_mb, method,
                    placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
-                   seed, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io,
+                   seed, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io, int8, int8_target,
                    stats_path, report_path, eval_path, eval_size, labels_path, output_kind, overwrite, quiet, run):
     """Prune MODEL and repair it with calibration data."""
     from asr_onnx.calib.labels import chance_warning, model_class_count
@@ -120,6 +127,10 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     recal, momentum = parse_recal(recal_mode)
     kinds = parse_output_kinds(output_kind)
     check_report_path(report_path)
+    if int8 and (fp16 or fp16_io):
+        raise click.UsageError("--int8 and --fp16 exclude each other: the output is int8 (QDQ) or float16, not both")
+    if int8_target and not int8:
+        raise click.UsageError("--int8-target needs --int8")
     if labels_path and not eval_path:
         raise click.BadParameter("it numbers the classes of the --eval data; pass --eval", param_hint="--labels")
     output = Path(output) if output else default_output(model)
@@ -128,6 +139,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     plan.read(stats_path, "the --stats file")
     plan.read(labels_path, "the --labels file")
     needs = [option for option, used in ((f"--method {method}", method != "none"), ("--fp16", fp16 or fp16_io),
+                                         ("--int8", int8),
                                          (f"--reconstruct {reconstruct}", reconstruct != "none"),
                                          (f"--score {score}", score in ("wanda", "greedy"))) if used]
     channels = str(pattern).strip().lower() == "channels"  # its output is run on calibration samples first
@@ -141,6 +153,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     job = Repair(model, device=run.device, batch_size=run.batch_size, progress=not quiet, threads=run.threads,
                  engine=engine, output_kind=kinds)
     check_output_kinds(job.dense, kinds)
+    if int8 and job.qdq is not None:
+        raise AsrError("--int8: the model is quantized already (QDQ weights); its repair keeps them int8 without --int8")
     check_sparsity(sparsity)  # a bad pattern or score fails before any data is read
     if not channels:
         Pattern.parse(pattern)
@@ -167,6 +181,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
         click.echo(warning, err=True)
     if half:
         job.to_fp16(keep_io=not fp16_io, calib=calib)
+    if int8:
+        job.to_int8(calib, target=int8_target or "cpu", seed=seed)
     if eval_path:
         eval_data = run.open_data(eval_path, job.dense, limit=eval_size, seed=seed, labels=labels_path)
         job.evaluate(eval_data, name=eval_path)

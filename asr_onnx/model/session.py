@@ -22,6 +22,10 @@ from asr_onnx.progress import bar
 DEVICES = ("auto", "cpu", "cuda")
 LOG_SEVERITY = 4  # onnxruntime logs only fatal errors: its warnings and errors (an allocation that failed) would
 # surround our one error line, which says the same from the exception
+#: onnxruntime's WeightBiasQuantization quantizes a float weight between a DequantizeLinear and a QuantizeLinear
+#: (8-bit, one scale per tensor): a QDQ model whose weights a repair holds in float (asr_onnx.model.qdq) would not
+#: compute what it stands for. It changes nothing in a float model or a model with quantized weights.
+DISABLED_OPTIMIZERS = ["WeightBiasQuantization"]
 
 
 def providers(device: str = "auto") -> list[str]:
@@ -69,7 +73,7 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
             batch on it allocates one more block beside the arena, up to 0.9 GB on a 224x224 ResNet-50,
             for no measurable speed. Defaults to True.
         optimize: onnxruntime's graph optimisations; a session that only checks a model turns them
-            off. Defaults to True.
+            off, and so does one that runs a QDQ model's arithmetic in float. Defaults to True.
         what: what a load error calls the model. Defaults to "the model".
     """
     import onnx
@@ -97,7 +101,7 @@ def make_session(model, device: str = "auto", threads: int = 0, mem_pattern: boo
     with contextlib.redirect_stdout(io.StringIO()) as printed:  # onnxruntime prints its fallback to the CPU
         try:
             session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                           providers=wanted)
+                                           providers=wanted, disabled_optimizers=DISABLED_OPTIMIZERS)
         except Exception as e:  # an unknown op, a bad graph: one line, for every caller
             raise load_error(e, what) from None
     if provider_of(session) == wanted[0] and printed.getvalue():
@@ -202,7 +206,7 @@ class Runner:
 
     Args:
         model: onnx.ModelProto, bytes or a path.
-        device, threads, mem_pattern: as for :func:`make_session`. Defaults to "auto", 0 and True.
+        device, threads, mem_pattern, optimize: as for :func:`make_session`. Defaults to "auto", 0, True and True.
         what: what a load error calls the model. Defaults to "the model".
         on: what a run error says failed. Defaults to "a calibration batch".
         io_binding: as for :func:`runner`. Defaults to None (on CUDA only).
@@ -212,8 +216,8 @@ class Runner:
 
     def __init__(self, model, *, device: str = "auto", threads: int = 0, mem_pattern: bool = True,
                  what: str = "the model", on: str = "a calibration batch", io_binding: bool | None = None,
-                 stoppable: bool = False):
-        self.session = make_session(model, device, threads, mem_pattern=mem_pattern, what=what)
+                 stoppable: bool = False, optimize: bool = True):
+        self.session = make_session(model, device, threads, mem_pattern=mem_pattern, optimize=optimize, what=what)
         self.inputs = self.session.get_inputs()
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.provider = provider_of(self.session)

@@ -18,6 +18,7 @@ from asr_onnx.measure.passes import SMALL_BATCH, dense_keys, dense_weights, meas
 from asr_onnx.model.batch import BatchPolicy
 from asr_onnx.model.engine import LocalEngine
 from asr_onnx.model.files import load_model, save_model
+from asr_onnx.model.requantize import QDQ_CHANNELS, HeldInFloat
 from asr_onnx.pipeline.crossfit import AUTO_CANDIDATES, PICK_RULE, choose, choose_reconstruction
 from asr_onnx.pipeline.guard import guard_repair
 from asr_onnx.pipeline.recipe import Recipe
@@ -56,7 +57,9 @@ class Repair:
     def __init__(self, model, *, device: str = "auto", batch_size: int | None = None, progress: bool = True,
                  threads: int = 0, engine=None, output_kind: dict | None = None):
         self.source = None if isinstance(model, onnx.ModelProto) else Path(model)
-        self.dense = model if self.source is None else load_model(self.source)
+        given = model if self.source is None else load_model(self.source)
+        self.qdq = HeldInFloat.of(given)  # a QDQ model is repaired on its weights in float, then quantized again
+        self.dense = given if self.qdq is None else self.qdq.float_form
         self.device, self.progress, self.threads = device, progress, threads
         self.engine = engine or LocalEngine()
         self.workers: list = []  # the engine's workers in the pruned pass: host, device, samples
@@ -66,6 +69,7 @@ class Repair:
         self.layers, self.refits, self.settings, self.timings, self.corrections = [], [], {}, {}, {}
         self.measurement, self.written, self.output, self.output_kind = None, {}, None, dict(output_kind or {})
         self.evaluation = self.recipe = self.auto_pick = self.verdict = None  # auto_pick: auto()'s held-out pick
+        self.quantization = None  # the report's entry, after to_int8 or a QDQ input's requantization
         self.refit_method, self.half_io = "none", False  # the refit that ran ("ls" or "none"); float16 inputs, outputs
         # channel pruning: the plan, the report's entry, and the samples the result is run on before it is written
         self.channel_plan = self.channel_report = self.channel_data = None
@@ -88,7 +92,7 @@ class Repair:
         new = Repair(self.dense, device=self.device, batch_size=batch_size or self._batch_arg, threads=self.threads,
                      progress=self.progress if progress is None else progress, engine=self.engine,
                      output_kind=self.output_kind)
-        new.source, new._dense_weights = self.source, self.dense_weights
+        new.source, new.qdq, new._dense_weights = self.source, self.qdq, self.dense_weights
         if pruned:  # the site map is used only while it is of the same pruned model
             new.pruned_alone, new.layers, new._site_map = self.pruned_alone, self.layers, self._site_map
             new.pruned = self.pruned if refit else self.pruned_alone
@@ -127,6 +131,8 @@ class Repair:
         whole channels until :meth:`shrink` (:func:`asr_onnx.prune.stage.prune_channels`); the arguments are theirs.
         ``calib`` feeds the scores "wanda" and "greedy"; ``input_norms``: :meth:`input_norms`'s, reused."""
         channels = is_channels(pattern)
+        if channels and self.qdq is not None:
+            raise AsrError(QDQ_CHANNELS)
         if not channels:
             check_sparsity(sparsity), Pattern.parse(pattern)  # refused before any data is read
         if needs_data(pattern, score, channel_plan, calib):
@@ -154,7 +160,11 @@ class Repair:
             return wanda_norms(self.dense, calib, **self._options(progress=False))
 
     def shrink(self) -> "Repair":
-        """Slices the removed channels out of the result, after channel pruning; counted once."""
+        """Slices the removed channels out of the result, after channel pruning; counted once. A QDQ input's result
+        is quantized again instead, once (:meth:`asr_onnx.model.requantize.HeldInFloat.quantize_again`)."""
+        if self.qdq is not None and self.quantization is None:
+            with self._timed("requantize"):
+                self.output, self.quantization = self.qdq.quantize_again(self.result)
         if self.channel_plan is None or (self.channel_report is not None and not masked(self.channel_plan, self.result)):
             return self  # shrunk and counted already: the summary's shape inference is not repeated
         with self._timed("shrink"):
@@ -204,8 +214,8 @@ class Repair:
         """The dense model's per-channel statistics over ``calib`` (``keys``: these sites only): key -> ChannelStats."""
         self.batch.check(len(calib))
         with self._timed("measure_dense"):
-            return measure_dense(self.dense, calib, self.batch, keys=keys, source=self.source, engine=self.engine,
-                                 **self._options())
+            return measure_dense(self.dense, calib, self.batch, keys=keys, engine=self.engine, **self._options(),
+                                 source=None if self.qdq else self.source)  # a QDQ file is not the float form
 
     def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False,
                 all_dense: bool = False, seed: int = 0, reference: str = DEFAULT_REFERENCE) -> "Repair":
@@ -316,11 +326,28 @@ class Repair:
 
     def to_fp16(self, keep_io: bool = True, calib=None) -> "Repair":
         """Casts the result to float16, checked on ``calib`` (:func:`asr_onnx.verify.fp16.half_precision`)."""
+        if self.qdq is not None or self.quantization is not None:
+            raise AsrError("fp16: the output is quantized (QDQ); it cannot be cast to float16 as well")
         self.shrink()  # first: the channel plan slices float32 constants
         with self._timed("fp16"):
             self.output, errors = half_precision(self.result, keep_io, calib, self.device)
         self.half_io = not keep_io
         self.settings.update(fp16=True, fp16_io=not keep_io, fp16_rel_l2=errors)
+        return self
+
+    def to_int8(self, calib, *, target: str = "cpu", calibration: str = "auto", correction: str = "auto",
+                seed: int = 0) -> "Repair":
+        """Quantizes the result to QDQ, its choices held out on ``calib`` (:func:`asr_onnx.quantize.int8.to_int8`)."""
+        from asr_onnx.quantize.int8 import to_int8
+
+        if self.qdq is not None:
+            raise AsrError("int8: the model is quantized already (QDQ weights); its repair keeps them int8 without --int8")
+        single = self.shrink().result  # first: the channel plan slices float32 constants
+        with self._timed("int8"):
+            self.output, self.quantization = to_int8(single, calib, target=target, calibration=calibration,
+                                                     correction=correction, seed=seed, batch_size=self.batch_size,
+                                                     threads=self.threads, progress=self.progress)
+        self.settings.update(int8=True, int8_target=target)
         return self
 
     def save(self, path, *, overwrite: bool = False) -> "Repair":

@@ -137,12 +137,18 @@ def layer_rows(model) -> list[dict]:
     Each row: name, op, weight, shape, params, zeros, sparsity, shared (the weight was counted at an
     earlier layer), nm_24 ("yes"/"no"/"n.a."), axis_24, eligible, eligibility ("yes": eligible with
     nothing against it, "maybe": eligible with advisory notes, "no"), reasons, norm (kind
-    "BatchNormalization"/"affine"/"none", node, ops).
+    "BatchNormalization"/"affine"/"none", node, ops). A QDQ model's layers are read through their
+    DequantizeLinear weights (:func:`asr_onnx.model.qdq.dequantize_weights`): each row then has
+    ``precision`` ("int8" where the weight is quantized, else "float") and 2:4 read on the integer codes.
     """
     import onnx
 
     from asr_onnx.model.graph import find_layers, find_sites, to_graph
+    from asr_onnx.model.qdq import dequantize_weights
 
+    tensors: dict = {}
+    if isinstance(model, onnx.ModelProto):
+        model, tensors = dequantize_weights(model)
     graph = to_graph(model) if isinstance(model, onnx.ModelProto) else model
     layers = find_layers(graph)
     bn_of = {id(site.layer.node): site.bn for site in find_sites(graph, layers)
@@ -169,6 +175,16 @@ def layer_rows(model) -> list[dict]:
             "norm": _norm_after(layer, bn_of),
         })
         seen.add(layer.weight.name)
+    return _on_codes(rows, tensors) if tensors else rows
+
+
+def _on_codes(rows: list[dict], tensors: dict) -> list[dict]:
+    """The rows of a QDQ model's float form with ``precision`` and 2:4 conformance read on the integer codes."""
+    for row in rows:
+        tensor = tensors.get(row["weight"])
+        row["precision"] = "int8" if tensor is not None else "float"
+        if tensor is not None and row["nm_24"] != "n.a.":
+            row["nm_24"] = "yes" if conforms_nm(tensor.signed(), 2, 4, row["axis_24"]) else "no"
     return rows
 
 

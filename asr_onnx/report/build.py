@@ -88,6 +88,7 @@ def build_report(job) -> dict:
         "timings_s": {k: round(v, 4) for k, v in job.timings.items()},
     } | ({"eval": job.evaluation} if job.evaluation else {}) \
       | ({"channels": job.channel_report} if job.channel_report else {}) \
+      | ({"quantization": job.quantization} if job.quantization else {}) \
       | engine_entry(job)
 
 
@@ -226,6 +227,8 @@ def summary(report, report_path=None) -> str:
 
         rows = [to_dict(row) for row in report.sparse_core]  # every ineligible layer when nowhere lists them
         lines.extend(eligibility_summary(rows, limit=5 if report_path else len(rows)))
+    if report.quantization is not None:
+        lines.extend(quantization_lines(report.quantization))
     if report.eval is not None:
         lines.append(eval_line(report.eval))
     timings = "  ".join(f"{k} {v:.2f}s" for k, v in report.timings_s.items())
@@ -236,6 +239,41 @@ def summary(report, report_path=None) -> str:
 
 def _count(value) -> str:
     return "-" if value is None else str(value)
+
+
+def quantization_lines(entry) -> list[str]:
+    """A few lines for the terminal summary: what the output is quantized for, how, and what it costs (a typed
+    :class:`~asr_onnx.report.schema.Quantization`)."""
+    if entry.input == "quantized":  # a QDQ input, pruned and repaired in float, quantized again
+        if entry.unchanged:
+            return ["int8: the quantized input model, unchanged"]
+        total = {k: sum(getattr(t, k) for t in entry.tensors) for k in ("kept", "rescaled", "rounded", "new_scale")}
+        return [f"int8 (QDQ input, quantized again): weight channels {total['kept']} as they were, "
+                f"{total['rescaled']} rescaled (codes kept),",
+                f"  {total['rounded']} rounded at their old scale, {total['new_scale']} with a new scale"]
+    weights, acts, calibration = entry.weights, entry.activations, entry.calibration
+    picked = calibration.picked if calibration is not None else None
+    lines = [f"int8 QDQ for {entry.runtime or '-'}",
+             f"  weights int8 per channel (up to {_count(weights.range if weights else None)}), activations "
+             f"{(acts.type if acts else None) or '-'}; calibration {(picked.calibration if picked else None) or '-'}, "
+             f"correction {(entry.correction.picked if entry.correction else None) or '-'}",
+             f"  (chosen on {_count(calibration.held_out if calibration else None)} held-out calibration samples)"]
+    out = entry.output
+
+    def score(s):
+        return f"{_pct1(s.agreement)} / {_err(s.logit_rel_l2, '.3g')}"
+
+    if out is not None and out.ptq is not None:
+        lines.append(f"  against float on {_count(out.samples)} calibration samples (top-1 agreement / rel err):")
+        lines.append(f"    PTQ {score(out.ptq)}" + (f", corrected {score(out.corrected)}" if out.corrected else ""))
+    sparse = [row for row in entry.layers if row.float_nm_24 == "yes"]
+    if sparse:
+        kept = sum(row.nm_24 == "yes" for row in sparse)
+        lines.append(f"  2:4 in the int8 weights: {kept} of the {len(sparse)} 2:4 layers")
+    floats = [row.name for row in entry.layers if row.quantized is False]
+    if floats:
+        lines.append(f"  left in float by the quantizer: {', '.join(floats[:3])}" + (" ..." if len(floats) > 3 else ""))
+    return lines
 
 
 def eval_line(scores) -> str:

@@ -32,7 +32,7 @@ from asr_onnx.report.search_page import with_search
 
 SECTIONS = {"summary": "Summary", "settings": "Settings", "sparsity": "Per-layer sparsity",
             "damage": "Damage per site", "channels": "Channels of one site", "gains": "Gains applied",
-            "refit": "Refit", "guard": "Guard", "eval": "Evaluation against dense"}
+            "refit": "Refit", "guard": "Guard", "quantization": "Quantization", "eval": "Evaluation against dense"}
 MAX_ROWS = 40  # channel rows shown in a table before "... more"
 MAX_TABLE_ROWS = 400  # site or layer rows of one table
 MAX_PLOT_SITES = 48  # a strip plot with more sites shows the PLOT_WORST most damaged
@@ -383,6 +383,52 @@ def _guard(report) -> Markup:
                               numeric=tuple(range(1, len(header) + detector))))
 
 
+def _quantization(report) -> Markup:
+    """The INT8 stage: what the model is quantized for, the held-out choices, and per layer the weight scales,
+    2:4 on the integer codes, the output error quantization added and what the correction gave back (or a QDQ
+    input's requantization, layer by layer)."""
+    entry = report.quantization
+    if entry is None:
+        return _note("Not run: pass ", tag("code", "--int8"), " to ", tag("code", "repair"), ".")
+    if entry.input == "quantized":
+        rows = [[t.layer or "-", _count(t.channels), _count(t.kept), _count(t.rescaled), _count(t.rounded),
+                 _count(t.new_scale)] for t in entry.tensors[:MAX_TABLE_ROWS]]
+        note = "unchanged: the input model as given" if entry.unchanged else "pruned and repaired in float"
+        return join(tag("p", f"A quantized (QDQ) input, {note}; its weights quantized again, channel by channel:"),
+                    _table(["layer", "channels", "as they were", "rescaled (codes kept)", "rounded (old scale)",
+                            "new scale"], rows, numeric=(1, 2, 3, 4, 5), names=(0,)),
+                    _left_out(len(rows), len(entry.tensors), "layers", "the first, in graph order"))
+    calibration, correction, out = entry.calibration, entry.correction, entry.output
+    picked = calibration.picked if calibration is not None else None
+    weights, acts = entry.weights, entry.activations
+    verdict = f" ({correction.verdict})" if correction is not None and correction.verdict else ""
+    parts = [tag("p", f"QDQ for {entry.runtime or '-'}", class_="verdict"),
+             tag("p", f"weights int8 per output channel, symmetric, up to {_count(weights.range if weights else None)}; "
+                      f"activations {(acts.type if acts else None) or '-'}. Chosen on "
+                      f"{_count(calibration.held_out if calibration else None)} held-out calibration samples "
+                      f"(fitted on {_count(calibration.fit if calibration else None)}): calibration "
+                      f"{(picked.calibration if picked else None) or '-'}, correction "
+                      f"{(correction.picked if correction else None) or '-'}{verdict}.")]
+    candidates = [[f"{c.calibration}, {c.weights} weights", _num(c.agreement, 4, True), _num(c.logit_rel_l2, 4)]
+                  for c in (calibration.candidates if calibration else ())]
+    candidates += [[f"correction {c.correction}", _num(c.agreement, 4, True), _num(c.logit_rel_l2, 4)]
+                   for c in ((correction.candidates or ()) if correction else ())]
+    parts.append(_table(["held-out candidate", "agreement with float", "logit rel-L2"], candidates, numeric=(1, 2)))
+    if out is not None:
+        scores = [[name, _num(s.agreement, 4, True), _num(s.logit_rel_l2, 4)]
+                  for name, s in (("plain PTQ", out.ptq), ("corrected", out.corrected)) if s is not None]
+        parts += [tag("p", f"Against the float model on {_count(out.samples)} calibration samples:"),
+                  _table(["output", "agreement with float", "logit rel-L2"], scores, numeric=(1, 2))]
+    layers = entry.layers
+    rows = [[r.name, "int8" if r.quantized else "float",
+             "-" if r.scale is None else f"{_num(r.scale.min)} - {_num(r.scale.max)}", r.nm_24 or "-",
+             _num(r.rel_l2_ptq), _num(r.rel_l2_corrected)] for r in layers[:MAX_TABLE_ROWS]]
+    parts += [_table(["layer", "weights", "weight scales", "2:4 (int8)", "output rel-L2, PTQ", "corrected"], rows,
+                     numeric=(4, 5), names=(0,)),
+              _left_out(len(rows), len(layers), "layers", "the first, in graph order")]
+    return join(parts)
+
+
 def _eval(report) -> Markup:
     scores = report.eval
     if scores is None:
@@ -438,7 +484,8 @@ def render(report, *, site: str | None = None, plots: bool = True) -> str:
     bodies = {"summary": _summary(report, why_no_plots), "settings": _settings(report),
               "sparsity": _sparsity(report), "damage": _damage(report, why_no_plots, keys),
               "channels": _channels(report, why_no_plots, site, keys), "gains": _gains(report, why_no_plots),
-              "refit": _refit(report), "guard": _guard(report), "eval": _eval(report)}
+              "refit": _refit(report), "guard": _guard(report), "quantization": _quantization(report),
+              "eval": _eval(report)}
     name, s = _model_name(report), report.settings
     sparsity = _num(report.totals.sparsity if report.totals else None, 3, True)
     sub = (f"{sparsity} {s.pattern or ''} sparsity, method {s.method or '-'} · asr-onnx "

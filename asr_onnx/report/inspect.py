@@ -14,7 +14,8 @@ def inspect_model(model) -> dict:
 
     Returns:
         {"model", "opset", "inputs", "outputs", "layers": sparsecore.layer_rows(...), "totals"}.
-        Totals count a weight shared by several layers once.
+        Totals count a weight shared by several layers once. A QDQ model's layers are read through their
+        DequantizeLinear weights, their 2:4 conformance on the integer codes (``precision`` "int8").
 
     Raises:
         AsrError: a path that is not a readable, valid ONNX model.
@@ -83,7 +84,8 @@ def format_inspection(info: dict, width: int = 160) -> str:
             lines.append(name)
             name = ""
         shared = " (shared)" if r["shared"] else ""
-        lines.append(f"{name:<{name_w}} {r['op']:<13} {shape:<18} {r['params']:>10,} {r['zeros']:>10,}"
+        op = f"{r['op']} int8" if r.get("precision") == "int8" else r["op"]
+        lines.append(f"{name:<{name_w}} {op:<13} {shape:<18} {r['params']:>10,} {r['zeros']:>10,}"
                      f" {r['sparsity']:>8.3f} {r['nm_24']:>4} {r['eligibility']:>9}  {_norm_text(r['norm']):<14}{shared}")
     t = info["totals"]
     if not info["layers"]:

@@ -455,6 +455,8 @@ class Settings(_Base):
     fp16: bool | None = spec(Opt(Bool()))
     fp16_io: bool | None = spec(Opt(Bool()))
     fp16_rel_l2: dict | None = spec(Opt(MapOf(ERROR)))
+    int8: bool | None = spec(Opt(Bool()))
+    int8_target: str | None = spec(TEXT)
 
     def picked_method(self) -> str | None:
         """The method that ran: ``auto``'s pick when the method is auto."""
@@ -576,6 +578,129 @@ class SparseCoreRow(_Base):
     eligibility: str | None = spec(TEXT)
     reasons: tuple = spec(TEXTS, ())
     norm: NormAfter | None = spec(Opt(Section(NormAfter)))
+    precision: str | None = spec(TEXT)  # a QDQ model's: "int8" (2:4 read on the codes) or "float"
+
+
+@dataclass(frozen=True)
+class ScaleRange(_Base):
+    """The smallest and largest of a layer's int8 weight scales."""
+
+    min: float | None = spec(Opt(Num(0.0, BIG)))
+    max: float | None = spec(Opt(Num(0.0, BIG)))
+
+
+@dataclass(frozen=True)
+class QuantLayer(_Base):
+    """One layer of an ``--int8`` output: where its weight went, its scales, 2:4 on the float weight and on the
+    integer codes, and its output error against the float model before and after the correction."""
+
+    name: str = spec(Str(), "", required=True)
+    op: str | None = spec(TEXT)
+    weight: str | None = spec(TEXT)
+    quantized: bool | None = spec(Opt(Bool()))
+    zeros: int | None = spec(COUNT)
+    zeros_kept: bool | None = spec(Opt(Bool()))
+    float_nm_24: str | None = spec(TEXT)
+    nm_24: str | None = spec(TEXT)
+    scale: ScaleRange | None = spec(Opt(Section(ScaleRange)))
+    rel_l2_ptq: float | None = spec(ERROR)
+    rel_l2_corrected: float | None = spec(ERROR)
+
+
+@dataclass(frozen=True)
+class Requantized(_Base):
+    """One layer weight of a QDQ input, quantized again after its repair: how many channels went which way."""
+
+    layer: str | None = spec(TEXT)
+    weight: str | None = spec(TEXT)
+    channels: int = spec(Int(0, MAX_SITE_CHANNELS), 0)
+    kept: int = spec(Int(0, MAX_SITE_CHANNELS), 0)
+    rescaled: int = spec(Int(0, MAX_SITE_CHANNELS), 0)
+    rounded: int = spec(Int(0, MAX_SITE_CHANNELS), 0)
+    new_scale: int = spec(Int(0, MAX_SITE_CHANNELS), 0)
+
+    def check(self, where: str) -> None:
+        if self.kept + self.rescaled + self.rounded + self.new_scale != self.channels:
+            _fail(where, f"{self.kept + self.rescaled + self.rounded + self.new_scale:,} channels counted of "
+                         f"{self.channels:,}")
+
+
+@dataclass(frozen=True)
+class WeightForm(_Base):
+    """What the int8 weights or activations are: their type, scales, symmetry and (weights) code range."""
+
+    type: str | None = spec(TEXT)
+    scales: str | None = spec(TEXT)
+    symmetric: bool | None = spec(Opt(Bool()))
+    range: int | None = spec(Opt(Int(0, 1 << 31)))
+
+
+@dataclass(frozen=True)
+class QuantCandidate(_Base):
+    """A held-out candidate of the INT8 stage: a calibration method and weight range, or a correction."""
+
+    calibration: str | None = spec(TEXT)
+    weights: str | None = spec(TEXT)
+    correction: str | None = spec(TEXT)
+    agreement: float | None = spec(SHARE)
+    logit_rel_l2: float | None = spec(ERROR)
+    tied: bool | None = spec(Opt(Bool()))
+
+
+@dataclass(frozen=True)
+class Calibration(_Base):
+    picked: QuantCandidate | None = spec(Opt(Section(QuantCandidate)))
+    fit: int | None = spec(COUNT)
+    held_out: int | None = spec(COUNT)
+    candidates: tuple = spec(ListOf(Section(QuantCandidate), 100), ())
+
+
+@dataclass(frozen=True)
+class CorrectedSite(_Base):
+    """One layer the quantization correction changed."""
+
+    layer: str | None = spec(TEXT)
+    channels: int | None = spec(Opt(Int(0, MAX_SITE_CHANNELS)))
+    gain: Spread | None = spec(Opt(Section(Spread)))
+    mean_shift: float | None = spec(ERROR)
+    var_ratio: float | None = spec(ERROR)
+
+
+@dataclass(frozen=True)
+class QuantCorrectionEntry(_Base):
+    picked: str | None = spec(TEXT)
+    candidates: tuple | None = spec(Opt(ListOf(Section(QuantCandidate), 100)))
+    verdict: str | None = spec(TEXT)
+    rule: str | None = spec(TEXT)
+    sites: dict = spec(MapOf(Section(CorrectedSite), MAX_SITES), factory=dict)
+
+
+@dataclass(frozen=True)
+class QuantOutput(_Base):
+    """The INT8 output against the float model on calibration samples: plain PTQ and corrected."""
+
+    samples: int | None = spec(COUNT)
+    ptq: Scores | None = spec(Opt(Section(Scores)))
+    corrected: Scores | None = spec(Opt(Section(Scores)))
+
+
+@dataclass(frozen=True)
+class Quantization(_Base):
+    """``--int8`` (the repaired model quantized by onnxruntime's static quantizer), or a QDQ input quantized
+    again after its repair (``input`` "quantized")."""
+
+    format: str | None = spec(TEXT)
+    input: str | None = spec(TEXT)
+    unchanged: bool | None = spec(Opt(Bool()))
+    tensors: tuple = spec(ListOf(Section(Requantized), MAX_LAYERS), ())
+    target: str | None = spec(TEXT)
+    runtime: str | None = spec(TEXT)
+    weights: WeightForm | None = spec(Opt(Section(WeightForm)))
+    activations: WeightForm | None = spec(Opt(Section(WeightForm)))
+    calibration: Calibration | None = spec(Opt(Section(Calibration)))
+    correction: QuantCorrectionEntry | None = spec(Opt(Section(QuantCorrectionEntry)))
+    output: QuantOutput | None = spec(Opt(Section(QuantOutput)))
+    layers: tuple = spec(ListOf(Section(QuantLayer), MAX_LAYERS), ())
 
 
 @dataclass(frozen=True)
@@ -698,6 +823,7 @@ class Report(_Base):
     timings_s: dict = spec(MapOf(Num(0.0, MAX_SECONDS)), factory=dict)
     eval: Eval | None = spec(Opt(Section(Eval)))
     channels: Channels | None = spec(Opt(Section(Channels)))
+    quantization: Quantization | None = spec(Opt(Section(Quantization)))
     engine: str | None = spec(TEXT)
     workers: tuple | None = spec(Opt(ListOf(Section(Worker), MAX_LAYERS)))
     engine_passes: tuple | None = spec(Opt(ListOf(Section(EnginePass), MAX_LAYERS)))

@@ -16,21 +16,23 @@ import onnx
 
 from asr_onnx.errors import AsrError, first_line
 
-MODEL, REFERENCE = "model", "reference"
+MODEL, REFERENCE, FLOAT = "model", "reference", "float"
 FEED_SHARE = 4  # the random batch may take this fraction (1/4) of the memory available: onnxruntime's activations
 # and the model's outputs need more beside it, usually several times the input of a CNN
 CGROUP_LIMITS = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
                  ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
 
 
-def bench(model, reference=None, *, batch_size: int | None = None, threads: int = 0, device: str = "cpu",
-          runs: int = 30, warmup: int = 5, seed: int = 0, input_shapes: dict | None = None) -> dict:
+def bench(model, reference=None, *, float_model=None, batch_size: int | None = None, threads: int = 0,
+          device: str = "cpu", runs: int = 30, warmup: int = 5, seed: int = 0, input_shapes: dict | None = None) -> dict:
     """Median latency and throughput of ``model`` in onnxruntime, and of ``reference`` alternating with it.
 
     Args:
         model: the model to time (an onnx.ModelProto or a path).
         reference: a model with the same inputs (the dense one) to time alternately in the same run, or
             None. Defaults to None.
+        float_model: a second reference, the float model an int8 ``model`` was quantized from (the sparse
+            float32 one), timed alternately too, or None. Defaults to None.
         batch_size: samples per run, for a dynamic batch axis; a fixed batch must equal it. Defaults to None:
             the batch of ``input_shapes``, else 1.
         threads: onnxruntime intra-op threads; 0 lets onnxruntime choose. Defaults to 0.
@@ -42,11 +44,13 @@ def bench(model, reference=None, *, batch_size: int | None = None, threads: int 
             not fixed, e.g. a detector's (N, 3, H, W); see :func:`parse_input_shapes`. Defaults to None.
 
     Returns:
-        {"settings", "models": {"model": stats[, "reference": stats]}, "schedule": the order of the timed
-        runs, "speedup": reference median / model median (or None), "output_rel_l2": relative L2
-        distance of the model's outputs from the reference's on the timed batch (or None), "trtexec"}.
-        Each stats dict has "path", "provider", "latency_ms" {"median", "q1", "q3", "iqr", "min"},
-        "throughput" (samples/s at the median), "runs_ms" (every timed run).
+        {"settings", "models": {"model": stats[, "reference": stats][, "float": stats]}, "schedule": the
+        order of the timed runs, "speedup": reference median / model median (or None), "output_rel_l2":
+        relative L2 distance of the model's outputs from the reference's on the timed batch (or None),
+        "speedup_float" and "output_rel_l2_float": the same against ``float_model`` (with one), "trtexec"}.
+        Each stats dict has "path", "provider", "precision" ("float32", "float16" or "int8 (QDQ)"), "runtime"
+        (the runtimes its form is for), "latency_ms" {"median", "q1", "q3", "iqr", "min"}, "throughput"
+        (samples/s at the median), "runs_ms" (every timed run).
 
     Raises:
         AsrError: a model that cannot be read or run, inputs that differ between the two models, a
@@ -61,7 +65,7 @@ def bench(model, reference=None, *, batch_size: int | None = None, threads: int 
     if batch_size < 1 or runs < 1 or warmup < 0 or threads < 0:
         raise AsrError("bench needs batch_size >= 1, runs >= 1, warmup >= 0 and threads >= 0")
     protos, paths = {}, {}
-    for key, value in ((MODEL, model), (REFERENCE, reference)):
+    for key, value in ((MODEL, model), (REFERENCE, reference), (FLOAT, float_model)):
         if value is None:
             continue
         paths[key] = None if isinstance(value, onnx.ModelProto) else str(value)
@@ -69,8 +73,9 @@ def bench(model, reference=None, *, batch_size: int | None = None, threads: int 
     specs = input_specs(protos[MODEL])
     check_feed_size(specs, batch_size, shapes=input_shapes)
     feed = random_feed(specs, batch_size, seed, input_shapes)
-    if REFERENCE in protos:
-        _check_same_inputs(specs, input_specs(protos[REFERENCE]))
+    for key in (REFERENCE, FLOAT):
+        if key in protos:
+            _check_same_inputs(specs, input_specs(protos[key]))
     sessions = {key: make_session(proto, device=device, threads=threads) for key, proto in protos.items()}
     run_fns = {key: runner(session) for key, session in sessions.items()}
     names = {key: [o.name for o in session.get_outputs()] for key, session in sessions.items()}
@@ -94,21 +99,34 @@ def bench(model, reference=None, *, batch_size: int | None = None, threads: int 
             timings[key].append(1e3 * (time.perf_counter() - start))
             schedule.append(key)
             outputs.setdefault(key, result)
-    stats = {key: {"path": paths[key], "provider": provider_of(sessions[key]),
+    stats = {key: {"path": paths[key], "provider": provider_of(sessions[key]), **precision_of(protos[key]),
                    **summarize(timings[key], batch_size)} for key in sessions}
-    speedup = rel_l2 = None
-    if REFERENCE in stats:
-        speedup = stats[REFERENCE]["latency_ms"]["median"] / stats[MODEL]["latency_ms"]["median"]
-        rel_l2 = output_rel_l2(outputs[MODEL], outputs[REFERENCE])
+    speedups, rel_l2 = {}, {}
+    for key in (REFERENCE, FLOAT):
+        if key in stats:
+            speedups[key] = stats[key]["latency_ms"]["median"] / stats[MODEL]["latency_ms"]["median"]
+            rel_l2[key] = output_rel_l2(outputs[MODEL], outputs[key])
     return {
         "settings": {"batch_size": batch_size, "threads": threads, "device": device, "runs": runs,
                      "warmup": warmup, "seed": seed, "onnxruntime": _ort_version()},
         "models": stats,
         "schedule": schedule,
-        "speedup": speedup,
-        "output_rel_l2": rel_l2,
+        "speedup": speedups.get(REFERENCE),
+        "output_rel_l2": rel_l2.get(REFERENCE),
+        **({"speedup_float": speedups[FLOAT], "output_rel_l2_float": rel_l2[FLOAT]} if FLOAT in stats else {}),
         "trtexec": trtexec_command(protos[MODEL], paths[MODEL], feed),
     }
+
+
+def precision_of(model: onnx.ModelProto) -> dict:
+    """{"precision", "runtime"}: what a model computes in, and the runtimes its form is for."""
+    from asr_onnx.model.qdq import quantized_tensors, runtime_of
+
+    if quantized_tensors(model):
+        return {"precision": "int8 (QDQ)", "runtime": runtime_of(model)}
+    half = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    return {"precision": "float16" if half else "float32",
+            "runtime": "any (TensorRT: --fp16)" if half else "any"}
 
 
 def alternating_schedule(keys: list[str], runs: int) -> list[list[str]]:
@@ -331,15 +349,18 @@ def trtexec_command(model: onnx.ModelProto, path: str | None, feed: dict) -> dic
     """Where ``trtexec`` is (None when it is not on PATH), and the command line to time the model with it.
 
     ``--sparsity=enable`` is added when some layer's weights already follow TensorRT's 2:4 pattern
-    (never ``force``, which would prune again without repair); ``--fp16`` because sparse tensor cores
-    need reduced precision.
+    (never ``force``, which would prune again without repair; for a QDQ model, read on its integer
+    codes); ``--fp16`` because sparse tensor cores need reduced precision, and ``--int8`` for a QDQ model.
     """
     from asr_onnx.prune.sparsecore import layer_rows
 
     found = shutil.which("trtexec")
     shapes = ",".join(f"{name}:{'x'.join(str(d) for d in value.shape)}" for name, value in feed.items())
-    has_24 = any(row["nm_24"] == "yes" and row["eligible"] for row in layer_rows(model))
+    rows = layer_rows(model)
+    has_24 = any(row["nm_24"] == "yes" and row["eligible"] for row in rows)
     parts = ["trtexec", f"--onnx={path or 'MODEL.onnx'}", f"--shapes={shapes}", "--fp16"]
+    if any(row.get("precision") == "int8" for row in rows):
+        parts.append("--int8")
     if has_24:
         parts.append("--sparsity=enable")
     parts += ["--warmUp=500", "--iterations=100"]
@@ -354,9 +375,15 @@ def format_bench(result: dict) -> str:
     for key, stats in result["models"].items():
         lat = stats["latency_ms"]
         lines.append(f"{key:9s} {lat['median']:9.3f} ms median (IQR {lat['q1']:.3f}-{lat['q3']:.3f})  "
-                     f"{stats['throughput']:10.1f} samples/s  {stats['provider']}  {stats['path'] or ''}".rstrip())
+                     f"{stats['throughput']:10.1f} samples/s  {stats['provider']}  {stats['precision']}  "
+                     f"{stats['path'] or ''}".rstrip())
+    for key, stats in result["models"].items():
+        if stats["precision"] != "float32":
+            lines.append(f"{key:9s} is {stats['precision']}, for {stats['runtime']}")
     if result["speedup"] is not None:
         lines.append(f"speed-up {result['speedup']:.2f}x (reference median / model median)")
+    if result.get("speedup_float") is not None:
+        lines.append(f"speed-up {result['speedup_float']:.2f}x against float (float median / model median)")
     trt = result["trtexec"]
     lines.append(f"TensorRT: {trt['command']}" if trt["found"] else "TensorRT: trtexec not found on PATH")
     return "\n".join(lines)

@@ -166,6 +166,11 @@ BAD_OPTIONS = [
     ("repair", ["--calib-size", "0"], "--calib-size"),
     ("repair", ["--reconstruct", "lsq"], "--reconstruct"),
     ("repair", ["--refit-samples", "-1"], "--refit-samples"),
+    # issue 31: the output is int8 or float16, never both; --int8-target only with --int8
+    ("repair", ["--int8", "--fp16"], "--int8 and --fp16 exclude each other"),
+    ("repair", ["--int8", "--fp16-io"], "--int8 and --fp16 exclude each other"),
+    ("repair", ["--int8-target", "tensorrt"], "--int8-target needs --int8"),
+    ("repair", ["--int8", "--int8-target", "gpu"], "--int8-target"),
     ("stats", ["--calib-size", "0"], "--calib-size"),
     ("sweep", ["--calib-size", "0"], "--calib-size"),
     ("sweep", ["--eval-size", "0"], "--eval-size"),

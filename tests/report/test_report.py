@@ -345,7 +345,11 @@ SHOWN = [".input", ".tool.version", ".onnxruntime.version", ".onnxruntime.provid
          ".settings.auto.candidates[1].lambda_rule", ".settings.guard.mode", ".settings.guard.verdict",
          ".settings.guard.kept", ".layers[0].name", ".layers[0].op", ".layers[1].reason", ".layers[2].refit.skipped",
          ".sites[0].tensor", ".sites[1].layer", ".sites[0].norm", ".sites[2].written", ".sites[3].tensor",
-         ".eval.data", ".timings_s:prune"]
+         ".eval.data", ".timings_s:prune", ".quantization.runtime", ".quantization.activations.type",
+         ".quantization.calibration.picked.calibration", ".quantization.calibration.candidates[0].weights",
+         ".quantization.correction.picked", ".quantization.correction.verdict",
+         ".quantization.correction.candidates[1].correction", ".quantization.layers[0].name",
+         ".quantization.layers[1].nm_24"]
 
 
 def test_a_script_payload_in_every_string_stays_text(tmp_path):

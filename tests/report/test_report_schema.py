@@ -77,7 +77,7 @@ def sample_report(sites: int = 3) -> dict:
                       "pruned": {"agreement": 0.5, "logit_rel_l2": 0.7}, "repair_refitted": True,
                       "verdict": "pruning alone better", "repair_loses": True, "kept": "pruned", "cost_s": 1.5,
                       "rule": "held out by 2-fold cross-fitting"},
-            "fp16": True, "fp16_io": False, "fp16_rel_l2": {"logits": 0.001},
+            "fp16": True, "fp16_io": False, "fp16_rel_l2": {"logits": 0.001}, "int8": True, "int8_target": "cpu",
             "resize_mode": "letterbox",  # a setting this schema does not know: kept, shown as text
         },
         "totals": {"prunable_weights": 576 * sites, "sparsity": 0.6},
@@ -88,7 +88,7 @@ def sample_report(sites: int = 3) -> dict:
                          "nm_24": "no", "axis_24": 1, "eligible": True, "eligibility": "maybe",
                          "reasons": ["fewer than 256 channels"],
                          "norm": {"kind": "BatchNormalization", "node": f"/block{i}/bn", "ops": ["BatchNormalization"],
-                                  "constant_params": True}} for i in range(sites)],
+                                  "constant_params": True}, "precision": "int8"} for i in range(sites)],
         "timings_s": {"prune": 0.02, "measure_dense": 0.25, "guard": 1.5},
         "eval": {"data": "eval.npz", "samples": 300, "top1": 0.9, "dense_top1": 0.95, "agreement": 0.92,
                  "logit_rel_l2": 0.31},
@@ -96,7 +96,42 @@ def sample_report(sites: int = 3) -> dict:
                                 {"kind": "residual", "channels": 32, "removed": 0, "whole": True,
                                  "reason": "reaches a graph output"}],
                      "score": "magnitude", "params": [1000, 600], "macs": [50000, 30000]},
+        "quantization": quantization(sites),
     }
+
+
+def quantization(sites: int = 3) -> dict:
+    """An ``--int8`` entry: the held-out candidates, the correction, the output errors and per layer the weight
+    scales, 2:4 on the codes and the output error before and after the correction."""
+    return {
+        "format": "QDQ", "target": "cpu", "runtime": "onnxruntime on the CPU (QDQ: integer kernels)",
+        "weights": {"type": "int8", "scales": "per output channel", "symmetric": True, "range": 63},
+        "activations": {"type": "uint8", "scales": "per tensor", "symmetric": False},
+        "calibration": {"picked": {"calibration": "Percentile", "weights": "reduced"}, "fit": 64, "held_out": 64,
+                        "candidates": [{"calibration": "MinMax", "weights": "full", "agreement": 0.9375,
+                                        "logit_rel_l2": 0.145, "tied": False},
+                                       {"calibration": "Percentile", "weights": "reduced", "agreement": 1.0,
+                                        "logit_rel_l2": 0.0157, "tied": True}]},
+        "correction": {"picked": "bn", "candidates": [{"correction": "none", "agreement": 1.0, "logit_rel_l2": 0.0157},
+                                                      {"correction": "bn", "agreement": 1.0, "logit_rel_l2": 0.012}],
+                       "verdict": "correction better", "rule": "as the guard decides a repair",
+                       "sites": {f"/block{i}/conv/Conv_output_0": {
+                           "layer": f"/block{i}/conv/Conv", "channels": 4, "gain": {"min": 0.98, "median": 1.0,
+                                                                                    "max": 1.02},
+                           "mean_shift": 0.05, "var_ratio": 1.01} for i in range(sites)}},
+        "output": {"samples": 128, "ptq": {"agreement": 0.9921875, "logit_rel_l2": 0.0157},
+                   "corrected": {"agreement": 0.99609375, "logit_rel_l2": 0.012}},
+        "layers": [{"name": f"/block{i}/conv/Conv", "op": "Conv", "weight": f"block{i}.weight", "quantized": True,
+                    "zeros": 130, "float_nm_24": "yes", "zeros_kept": True, "scale": {"min": 0.001, "max": 0.25},
+                    "nm_24": "yes", "rel_l2_ptq": 0.0213, "rel_l2_corrected": 0.0158} for i in range(sites)],
+    }
+
+
+def requantized_input() -> dict:
+    """A QDQ input's entry: its weights quantized again after the repair, channel by channel."""
+    return {"format": "QDQ", "input": "quantized", "unchanged": False,
+            "tensors": [{"layer": "conv2", "weight": "conv2.w", "channels": 8, "kept": 5, "rescaled": 1, "rounded": 1,
+                         "new_scale": 1}]}
 
 
 def test_a_report_round_trips_key_for_key(tmp_path):
@@ -111,6 +146,23 @@ def test_a_report_round_trips_key_for_key(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text()) == report
     assert list(json.loads((tmp_path / "r.json").read_text())["settings"]) == list(report["settings"])  # order
     assert to_dict(read_json(tmp_path / "r.json")) == report
+
+
+def test_the_quantization_section_is_typed_and_round_trips(tmp_path):
+    from asr_onnx.report.schema import Quantization
+
+    typed = from_dict(sample_report())
+    q = typed.quantization
+    assert isinstance(q, Quantization) and q.weights.range == 63 and q.calibration.picked.calibration == "Percentile"
+    assert q.layers[0].scale.max == 0.25 and q.layers[2].rel_l2_corrected == 0.0158 and q.output.ptq.agreement < 1
+    assert q.correction.sites["/block1/conv/Conv_output_0"].gain.median == 1.0
+    assert typed.sparse_core[0].precision == "int8" and typed.settings.int8_target == "cpu"
+    report = sample_report()
+    report["quantization"] = requantized_input()
+    typed = from_dict(report)
+    assert typed.quantization.tensors[0].new_scale == 1 and to_dict(typed) == report
+    write_json(typed, tmp_path / "q.json")
+    assert to_dict(read_json(tmp_path / "q.json")) == report
 
 
 def test_an_old_report_without_most_keys_still_loads(tmp_path):
@@ -221,6 +273,23 @@ MALFORMED = [
     ("verdict-label", _set("verdict.label", "fine"), "verdict.label: a string 'fine' is not one of usable, degraded"),
     ("verdict-value-str", _set("verdict.value", "0.8"), "verdict.value: a string '0.8' is not a number"),
     ("verdict-no-reason", _drop("verdict.reason"), "verdict.reason: is missing"),
+    # quantization (--int8, or a QDQ input quantized again)
+    ("quantization-list", _set("quantization", []), "report field quantization: a list is not an object"),
+    ("quantization-range-str", _set("quantization.weights.range", "127"),
+     "quantization.weights.range: a string '127' is not an integer"),
+    ("quantization-scale-negative", _set("quantization.layers.[1].scale.min", -0.5),
+     "quantization.layers[1].scale.min: -0.5 is outside"),
+    ("quantization-error-nan", _set("quantization.layers.[0].rel_l2_ptq", float("nan")),
+     "quantization.layers[0].rel_l2_ptq: nan is not a finite number"),
+    ("quantization-layer-xss", _set("quantization.layers.[0].quantized", XSS), "quantization.layers[0].quantized"),
+    ("quantization-no-layer-name", _drop("quantization.layers.[2].name"), "quantization.layers[2].name: is missing"),
+    ("quantization-candidate-agreement", _set("quantization.calibration.candidates.[1].agreement", 1.5),
+     "quantization.calibration.candidates[1].agreement: 1.5 is outside [0, 1]"),
+    ("quantization-output-samples", _set("quantization.output.samples", -3), "quantization.output.samples: -3"),
+    ("quantization-site-gain", _set("quantization.correction.sites./block0/conv/Conv_output_0.gain.max", "x"),
+     "quantization.correction.sites.'/block0/conv/Conv_output_0'.gain.max: a string 'x' is not a number"),
+    ("quantization-tensors-count", _set("quantization.tensors", requantized_input()["tensors"] + [
+        {"layer": "fc", "channels": 5, "kept": 5, "rescaled": 1}]), "quantization.tensors[1]: 6 channels counted of 5"),
     ("unknown-key-deep", _set("settings.later", json.loads("[" * 40 + "]" * 40)), "settings.later"),
     ("unknown-key-nan", _set("extra_section", {"x": float("inf")}), "extra_section.x: inf is not a finite number"),
     # the file itself
@@ -254,7 +323,7 @@ def test_a_malformed_report_is_one_error_line_and_writes_nothing(mutate, message
 def test_the_malformed_table_covers_every_section():
     ids = " ".join(case[0] for case in MALFORMED)
     for word in ("settings", "layer", "sites", "totals", "timing", "eval", "tool", "input", "gain", "collapsed",
-                 "eps", "refit", "nesting", "4301", "negative", "verdict"):
+                 "eps", "refit", "nesting", "4301", "negative", "verdict", "quantization"):
         assert word in ids, word
     assert len(MALFORMED) >= 39
 
