@@ -4,7 +4,8 @@ sparse INT8 corrected, top-1 on the full Fashion-MNIST test set and measured onn
 Every cell prunes a sample model (2:4; unstructured 0.9 with the LAMP allocation, or ``0.9g`` with one global
 threshold; or whole channels ranked by the greedy score, ``channels-F``) and repairs it in float (bn with a least-squares refit, ``--reconstruct ls``, guard off), then quantizes the
 repair with :func:`asr_onnx.quantize.to_int8` (onnxruntime's static quantizer, QDQ, per-channel symmetric int8
-weights; the calibration method, the weight range and the correction chosen on held-out calibration data).
+weights; the calibration method, the weight range, the layers left in float and the correction chosen on held-out
+calibration data).
 Calibration: 1,024 ``fashion-mnist:train`` images (seed 0) for everything. The plain PTQ model and the
 corrected one (the correction applied even where the held-out choice declined it) are both scored.
 Latency: the five models of a cell in onnxruntime on the CPU, one intra-op thread, batch 32, timed run by
@@ -132,7 +133,7 @@ def run_cell(name: str, cell: str, args, dense_cache: dict) -> dict:
         "agree_vs_sparse_fp32": {k: s["agreement"] for k, s in scores.items() if k != "sparse_fp32"},
         "shipped": "corrected" if entry["correction"]["picked"] != "none" else "sparse_int8",
         "latency_ms_b32": ms, "speedup_vs_dense_fp32": {k: round(ms["dense_fp32"] / v, 3) for k, v in ms.items()},
-        "int8": {k: entry[k] for k in ("weights", "activations", "calibration", "output")}
+        "int8": {k: entry[k] for k in ("weights", "activations", "calibration", "float_layers", "output")}
         | {"correction": {k: v for k, v in entry["correction"].items() if k != "sites"}},
         "dense_int8": {"calibration": dense_entry["calibration"]["picked"]},
         "conv_24": {"float": len(conv_24), "int8": sum(r["nm_24"] == "yes" for r in conv_24)},
@@ -304,14 +305,15 @@ def markdown(rows: list[dict]) -> str:
                      f"{pct(t['sparse_fp32'])} | {pct(t['sparse_int8'])} | {pct(t['corrected'])} | "
                      f"{' / '.join(f'{ms[k]:.1f}' for k in VARIANTS)} | "
                      f"{r['speedup_vs_dense_fp32'][r['shipped']]:.2f}x ({shipped}) |")
-    lines += ["", "| model | cell | calibration, weights | held out (512): PTQ / corrected, agreement and logit error | "
-              "verdict | test: PTQ / corrected against sparse FP32 | 2:4 Convs, float / int8 |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | cell | calibration, weights | layers left in float | held out (512): PTQ / corrected, "
+              "agreement and logit error | verdict | test: PTQ / corrected against sparse FP32 | 2:4 Convs, float / int8 |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pick = r["int8"]["calibration"]["picked"]
         held = r["int8"]["correction"]["candidates"]
         err, agree = r["err_vs_sparse_fp32"], r["agree_vs_sparse_fp32"]
-        lines.append(f"| {r['model']} | {r['cell']} | {pick['calibration']}, {pick['weights']} | "
+        floats = (r["int8"].get("float_layers") or {}).get("picked", [])
+        lines.append(f"| {r['model']} | {r['cell']} | {pick['calibration']}, {pick['weights']} | {len(floats)} | "
                      + " / ".join(f"{100 * c['agreement']:.1f}%, {c['logit_rel_l2']:.4f}" for c in held)
                      + f" | {r['int8']['correction']['verdict']} | "
                      f"{100 * agree['sparse_int8']:.2f}%, {err['sparse_int8']:.4f} / "

@@ -769,6 +769,34 @@ def qdq_residual(seed=31):
     return model, {"input": random_inputs(N)}
 
 
+def amplified_channel(seed=33, factor=1e3):
+    """A float model whose one channel is tiny where it is quantized and amplified by the next layer, as a float
+    repair leaves a near-dead channel it scaled back up (MobileNetV2's depthwise convs after pruning):
+
+        conv1 3x3 3->8 -> Relu -> conv2 3x3 8->8 -> Relu -> GlobalAveragePool -> Flatten -> Gemm 8->5
+
+    conv1's channel 0 (weights and bias) is divided by ``factor`` and conv2's input channel 0 multiplied by it:
+    by Relu's positive homogeneity the model computes what the unscaled one does (its oracle,
+    tests/quantize/test_int8.py), while a per-tensor quantization of conv1's output loses that channel."""
+    rng = np.random.default_rng(seed)
+    w1, b1 = rng.normal(0, (2 / 27) ** 0.5, (8, 3, 3, 3)), rng.normal(0, 0.1, 8)
+    w2, b2 = rng.normal(0, (2 / 72) ** 0.5, (8, 8, 3, 3)), rng.normal(0, 0.1, 8)
+    wf = rng.normal(0, (1 / 8) ** 0.5, (5, 8))
+    w1[0], b1[0], w2[:, 0] = w1[0] / factor, b1[0] / factor, w2[:, 0] * factor
+    inits = [_init(name, np.asarray(v, np.float32)) for name, v in
+             (("conv1.w", w1), ("conv1.b", b1), ("conv2.w", w2), ("conv2.b", b2), ("fc.w", wf), ("fc.b", np.zeros(5)))]
+    nodes = [helper.make_node("Conv", ["input", "conv1.w", "conv1.b"], ["h1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "conv2.w", "conv2.b"], ["h2"], name="conv2", pads=[1] * 4),
+             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["pool"], name="pool"),
+             helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc", transB=1)]
+    model = make_model(nodes, inits, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])])
+    return model, {"input": random_inputs(48, seed=3)}
+
+
 QUANTIZED = {"qdq_conv": qdq_conv, "integer_ops": integer_ops, "qdq_residual": qdq_residual}
 QDQ = ("qdq_conv", "qdq_residual")  # the quantized graphs whose weights are integers behind a DequantizeLinear
 

@@ -41,11 +41,14 @@ class QuantRecipe:
         calibration: "MinMax", "Percentile" or "Entropy".
         weights: "full" (int8 codes up to 127) or "reduced" (up to 63: onnxruntime's ``reduce_range``).
         target: "cpu" or "tensorrt" (see the module docstring).
+        float_nodes: nodes the quantizer leaves in float (onnxruntime's ``nodes_to_exclude``), see
+            :func:`asr_onnx.quantize.choose.choose_float_layers`. Defaults to none.
     """
 
     calibration: str = "MinMax"
     weights: str = "full"
     target: str = "cpu"
+    float_nodes: tuple = ()
 
     def as_dict(self) -> dict:
         return {"calibration": self.calibration, "weights": self.weights}
@@ -193,7 +196,8 @@ def quantize(model: onnx.ModelProto, calib, recipe: QuantRecipe, *, batch_size: 
                             reduce_range=recipe.weights == "reduced",
                             activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, recipe.calibration),
-                            calibration_providers=providers(device), extra_options=options)
+                            nodes_to_exclude=list(recipe.float_nodes), calibration_providers=providers(device),
+                            extra_options=options)
         except Exception as e:  # noqa: BLE001 - the quantizer's own errors are many kinds: one line
             raise AsrError(f"int8: onnxruntime's quantizer failed: {type(e).__name__}: {first_line(e)}") from None
         quantized = onnx.load(str(path))

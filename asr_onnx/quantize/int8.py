@@ -16,7 +16,7 @@ import onnx
 
 from asr_onnx.errors import AsrError, first_line
 from asr_onnx.quantize.calibrate import CALIB_BATCH, check_options, prepare, quantize
-from asr_onnx.quantize.choose import CORRECTION_RULE, choose_recipe, correction_verdict, score
+from asr_onnx.quantize.choose import CORRECTION_RULE, choose_float_layers, choose_recipe, correction_verdict, score
 from asr_onnx.quantize.correct import correct_quantization, correction_sample
 from asr_onnx.quantize.layers import check_rows, layer_error_rows, layer_rows
 
@@ -65,8 +65,11 @@ def to_int8(model: onnx.ModelProto, calib, *, target: str = "cpu", calibration: 
     batch_size = fixed_batch(input_specs(base)) or min(batch_size, len(calib))
     options = dict(batch_size=batch_size, device=device, threads=threads, progress=progress)
     fit, held = calib.folds(2, seed)[0]
-    recipe, fit_model, calibration_rows = choose_recipe(base, fit, held, target=target, calibration=calibration,
-                                                        batch_size=batch_size, device=device)
+    recipe, fit_model, calibration_rows, fit_scored = choose_recipe(base, fit, held, target=target,
+                                                                    calibration=calibration, batch_size=batch_size,
+                                                                    device=device)
+    recipe, fit_model, float_entry = choose_float_layers(base, fit, held, recipe, fit_model, fit_scored,
+                                                         batch_size=batch_size, device=device)
     correction_rows, verdict, picked_correction = None, None, correction
     if correction == "auto":
         fitted = correct_quantization(base, fit_model, correction_sample(fit, seed), method="bn", **options)[0]
@@ -104,6 +107,7 @@ def to_int8(model: onnx.ModelProto, calib, *, target: str = "cpu", calibration: 
                         "symmetric": target == "tensorrt"},
         "calibration": {"picked": recipe.as_dict(), "fit": len(fit), "held_out": len(held),
                         "candidates": calibration_rows},
+        "float_layers": float_entry,
         "correction": {"picked": picked_correction, "candidates": correction_rows, "verdict": verdict,
                        "rule": CORRECTION_RULE if verdict else None, "sites": fix.sites},
         "output": {"samples": final[0]["samples"], "ptq": _summary(final[0]),

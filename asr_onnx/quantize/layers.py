@@ -79,6 +79,18 @@ def layer_errors(reference, models: list, keys: list[str], data, *, device: str 
     Returns:
         per model, key -> relative L2 error (rounded to 4 significant digits).
     """
+    found = tensor_errors(reference, keys, models, [keys] * len(models), data, device=device, batch_size=batch_size)
+    return [{k: float(f"{e:.4g}") for k, e in zip(keys, errors)} for errors in found]
+
+
+def tensor_errors(reference, reference_keys: list[str], models: list, model_keys: list, data, *,
+                  device: str = "cpu", batch_size: int = 64) -> list[list[float]]:
+    """Relative L2 error of each model's tensors ``model_keys[m][i]`` against the reference's
+    ``reference_keys[i]`` on ``data``, every model run once with those tensors added as outputs.
+
+    Returns:
+        per model, per key, the relative L2 error.
+    """
     from contextlib import ExitStack
 
     from onnx import TensorProto, helper
@@ -86,28 +98,67 @@ def layer_errors(reference, models: list, keys: list[str], data, *, device: str 
     from asr_onnx.calib.specs import fixed_batch, input_specs
     from asr_onnx.model.session import Runner, batches
 
-    def exposed(model):
+    def exposed(model, keys):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         have = {o.name for o in copy.graph.output}
-        copy.graph.output.extend(helper.make_tensor_value_info(k, TensorProto.FLOAT, None) for k in keys
-                                 if k not in have)
+        copy.graph.output.extend(helper.make_tensor_value_info(k, TensorProto.FLOAT, None)
+                                 for k in dict.fromkeys(keys) if k not in have)
         return copy
 
     fixed = fixed_batch(input_specs(reference))
-    err2 = [dict.fromkeys(keys, 0.0) for _ in models]
-    ref2 = dict.fromkeys(keys, 0.0)
+    all_keys = [list(reference_keys)] + [list(k) for k in model_keys]
+    err2 = np.zeros((len(models), len(reference_keys)))
+    ref2 = np.zeros(len(reference_keys))
     with ExitStack() as stack:
-        sessions = [stack.enter_context(Runner(exposed(m), device=device, on="a calibration batch"))
-                    for m in [reference] + list(models)]
+        sessions = [stack.enter_context(Runner(exposed(m, k), device=device, on="a calibration batch"))
+                    for m, k in zip([reference] + list(models), all_keys)]
         for _, feed in batches(data, fixed or batch_size, fixed=fixed):
-            outs = [s.run(keys, feed) for s in sessions]
-            for key in keys:
+            outs = [s.run(list(dict.fromkeys(k)), feed) for s, k in zip(sessions, all_keys)]
+            for i, key in enumerate(reference_keys):
                 want = outs[0][key].astype(np.float64)
-                ref2[key] += float(np.sum(want**2))
-                for i, got in enumerate(outs[1:]):
-                    err2[i][key] += float(np.sum((got[key].astype(np.float64) - want) ** 2))
-    return [{k: float(f"{np.sqrt(e[k] / max(ref2[k], 1e-300)):.4g}") for k in keys} for e in err2]
+                ref2[i] += float(np.sum(want**2))
+                for m, keys in enumerate(all_keys[1:]):
+                    err2[m, i] += float(np.sum((outs[m + 1][keys[i]].astype(np.float64) - want) ** 2))
+    return [list(np.sqrt(e / np.maximum(ref2, 1e-300))) for e in err2]
+
+
+def added_errors(base, qdq_model, data, *, device: str = "cpu", batch_size: int = 64) -> dict[str, float]:
+    """Layer name -> how much relative output error each quantized layer adds to the error of its input: the
+    relative L2 error of its output against the float model's, less that of its input, on ``data``.
+
+    A layer whose input is quantized per tensor while its weights amplify some of its channels far more than
+    others (a near-dead channel that a float repair scaled back up, say) adds far more than the rest.
+    """
+    from asr_onnx.model.qdq import dequantize_weights, float_twin
+
+    fake, tensors = dequantize_weights(qdq_model)
+    twin, _ = float_twin(base, fake)
+    quantized = {reader for t in tensors.values() for reader, index in t.readers if index == 1}
+    fake_nodes = {n.name: n for n in fake.graph.node if n.name in quantized}
+    pairs = [(node.name, twin_node, fake_nodes[node.name]) for node, twin_node in zip(base.graph.node, twin.graph.node)
+             if node.name in fake_nodes]
+    if not pairs:
+        return {}
+    reference_keys = [k for _, t, _ in pairs for k in (t.input[0], t.output[0])]
+    model_keys = [k for _, _, f in pairs for k in (f.input[0], f.output[0])]
+    (errors,) = tensor_errors(twin, reference_keys, [fake], [model_keys], data, device=device, batch_size=batch_size)
+    return {name: float(errors[2 * i + 1] - errors[2 * i]) for i, (name, _, _) in enumerate(pairs)}
+
+
+def float_nodes_for(model: onnx.ModelProto, layer: str) -> list[str]:
+    """The nodes to leave in float so that ``layer`` runs in float on an input that is not quantized: the layer,
+    and, where its input is a Relu or Clip of another layer's output, that activation and that layer (onnxruntime
+    quantizes a tensor that a quantized node reads or writes)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    node = next(n for n in model.graph.node if n.name == layer)
+    chain = [node.name]
+    activation = producer.get(node.input[0])
+    if activation is not None and activation.op_type in ("Relu", "Clip"):
+        source = producer.get(activation.input[0])
+        if source is not None and source.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+            chain += [activation.name, source.name]
+    return chain
 
 
 def layer_error_rows(base, plain, corrected, data, *, device: str, batch_size: int) -> dict:

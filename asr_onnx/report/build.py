@@ -272,7 +272,7 @@ def quantization_lines(entry) -> list[str]:
         lines.append(f"  2:4 in the int8 weights: {kept} of the {len(sparse)} 2:4 layers")
     floats = [row.name for row in entry.layers if row.quantized is False]
     if floats:
-        lines.append(f"  left in float by the quantizer: {', '.join(floats[:3])}" + (" ..." if len(floats) > 3 else ""))
+        lines.append(f"  left in float: {', '.join(floats[:3])}" + (" ..." if len(floats) > 3 else ""))
     return lines
 
 

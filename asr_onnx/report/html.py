@@ -400,7 +400,7 @@ def _quantization(report) -> Markup:
                     _left_out(len(rows), len(entry.tensors), "layers", "the first, in graph order"))
     calibration, correction, out = entry.calibration, entry.correction, entry.output
     picked = calibration.picked if calibration is not None else None
-    weights, acts = entry.weights, entry.activations
+    weights, acts, floats = entry.weights, entry.activations, entry.float_layers
     verdict = f" ({correction.verdict})" if correction is not None and correction.verdict else ""
     parts = [tag("p", f"QDQ for {entry.runtime or '-'}", class_="verdict"),
              tag("p", f"weights int8 per output channel, symmetric, up to {_count(weights.range if weights else None)}; "
@@ -408,9 +408,12 @@ def _quantization(report) -> Markup:
                       f"{_count(calibration.held_out if calibration else None)} held-out calibration samples "
                       f"(fitted on {_count(calibration.fit if calibration else None)}): calibration "
                       f"{(picked.calibration if picked else None) or '-'}, correction "
-                      f"{(correction.picked if correction else None) or '-'}{verdict}.")]
+                      f"{(correction.picked if correction else None) or '-'}{verdict}; layers left in float: "
+                      f"{', '.join(floats.picked) if floats and floats.picked else 'none'}.")]
     candidates = [[f"{c.calibration}, {c.weights} weights", _num(c.agreement, 4, True), _num(c.logit_rel_l2, 4)]
                   for c in (calibration.candidates if calibration else ())]
+    candidates += [[f"{len(c.layers)} layers in float" + (f": {', '.join(c.layers)}" if c.layers else ""),
+                    _num(c.agreement, 4, True), _num(c.logit_rel_l2, 4)] for c in (floats.candidates if floats else ())]
     candidates += [[f"correction {c.correction}", _num(c.agreement, 4, True), _num(c.logit_rel_l2, 4)]
                    for c in ((correction.candidates or ()) if correction else ())]
     parts.append(_table(["held-out candidate", "agreement with float", "logit rel-L2"], candidates, numeric=(1, 2)))

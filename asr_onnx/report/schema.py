@@ -656,6 +656,25 @@ class Calibration(_Base):
 
 
 @dataclass(frozen=True)
+class FloatCandidate(_Base):
+    """Some layers left in float by the quantizer, as the INT8 stage scored them on held-out samples."""
+
+    layers: tuple = spec(TEXTS, ())
+    agreement: float | None = spec(SHARE)
+    logit_rel_l2: float | None = spec(ERROR)
+    picked: bool | None = spec(Opt(Bool()))
+
+
+@dataclass(frozen=True)
+class FloatLayers(_Base):
+    """Which layers the quantizer leaves in float (with their input), chosen on held-out samples."""
+
+    picked: tuple = spec(TEXTS, ())
+    candidates: tuple = spec(ListOf(Section(FloatCandidate), 100), ())
+    rule: str | None = spec(TEXT)
+
+
+@dataclass(frozen=True)
 class CorrectedSite(_Base):
     """One layer the quantization correction changed."""
 
@@ -698,6 +717,7 @@ class Quantization(_Base):
     weights: WeightForm | None = spec(Opt(Section(WeightForm)))
     activations: WeightForm | None = spec(Opt(Section(WeightForm)))
     calibration: Calibration | None = spec(Opt(Section(Calibration)))
+    float_layers: FloatLayers | None = spec(Opt(Section(FloatLayers)))
     correction: QuantCorrectionEntry | None = spec(Opt(Section(QuantCorrectionEntry)))
     output: QuantOutput | None = spec(Opt(Section(QuantOutput)))
     layers: tuple = spec(ListOf(Section(QuantLayer), MAX_LAYERS), ())

@@ -349,7 +349,8 @@ SHOWN = [".input", ".tool.version", ".onnxruntime.version", ".onnxruntime.provid
          ".quantization.calibration.picked.calibration", ".quantization.calibration.candidates[0].weights",
          ".quantization.correction.picked", ".quantization.correction.verdict",
          ".quantization.correction.candidates[1].correction", ".quantization.layers[0].name",
-         ".quantization.layers[1].nm_24"]
+         ".quantization.layers[1].nm_24", ".quantization.float_layers.picked[0]",
+         ".quantization.float_layers.candidates[1].layers[0]"]
 
 
 def test_a_script_payload_in_every_string_stays_text(tmp_path):

@@ -112,6 +112,10 @@ def quantization(sites: int = 3) -> dict:
                                         "logit_rel_l2": 0.145, "tied": False},
                                        {"calibration": "Percentile", "weights": "reduced", "agreement": 1.0,
                                         "logit_rel_l2": 0.0157, "tied": True}]},
+        "float_layers": {"picked": ["/block2/conv/Conv"], "rule": "kept past two paired standard errors",
+                         "candidates": [{"layers": [], "agreement": 0.96875, "logit_rel_l2": 0.0157, "picked": False},
+                                        {"layers": ["/block2/conv/Conv"], "agreement": 1.0, "logit_rel_l2": 0.009,
+                                         "picked": True}]},
         "correction": {"picked": "bn", "candidates": [{"correction": "none", "agreement": 1.0, "logit_rel_l2": 0.0157},
                                                       {"correction": "bn", "agreement": 1.0, "logit_rel_l2": 0.012}],
                        "verdict": "correction better", "rule": "as the guard decides a repair",
@@ -156,6 +160,7 @@ def test_the_quantization_section_is_typed_and_round_trips(tmp_path):
     assert isinstance(q, Quantization) and q.weights.range == 63 and q.calibration.picked.calibration == "Percentile"
     assert q.layers[0].scale.max == 0.25 and q.layers[2].rel_l2_corrected == 0.0158 and q.output.ptq.agreement < 1
     assert q.correction.sites["/block1/conv/Conv_output_0"].gain.median == 1.0
+    assert q.float_layers.picked == ("/block2/conv/Conv",) and q.float_layers.candidates[1].picked is True
     assert typed.sparse_core[0].precision == "int8" and typed.settings.int8_target == "cpu"
     report = sample_report()
     report["quantization"] = requantized_input()
@@ -285,6 +290,8 @@ MALFORMED = [
     ("quantization-no-layer-name", _drop("quantization.layers.[2].name"), "quantization.layers[2].name: is missing"),
     ("quantization-candidate-agreement", _set("quantization.calibration.candidates.[1].agreement", 1.5),
      "quantization.calibration.candidates[1].agreement: 1.5 is outside [0, 1]"),
+    ("quantization-float-layers", _set("quantization.float_layers.picked", "/block2/conv/Conv"),
+     "quantization.float_layers.picked: a string '/block2/conv/Conv' is not a list"),
     ("quantization-output-samples", _set("quantization.output.samples", -3), "quantization.output.samples: -3"),
     ("quantization-site-gain", _set("quantization.correction.sites./block0/conv/Conv_output_0.gain.max", "x"),
      "quantization.correction.sites.'/block0/conv/Conv_output_0'.gain.max: a string 'x' is not a number"),
