@@ -53,7 +53,7 @@ def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
             seed=args.seed)
     rounds = args.rounds if job.refits else 1
     passes = args.passes if args.round_passes is None else args.round_passes
-    for _ in range(rounds - 1):  # as Repair.run(refit_rounds=...), with the later rounds' own passes
+    for _ in range(rounds - 1):  # later rounds: refit from the corrected output, with their own passes
         job.refit_corrected(calib, passes=passes).measure(calib).correct("bn").fold()
     seconds = time.perf_counter() - start
     result = evaluate(job.output, eval_data, reference=proto, device="cpu", progress=False)

@@ -48,6 +48,8 @@ def correct_sites(measurement, method: str, *, correct_head: bool = True, **opti
     and the classifier head unless ``correct_head``, gets method "none"; ``options`` are :func:`correct`'s."""
     if method == "auto":
         raise AsrError("method auto is a choice among corrections: use auto() or run()")
+    if measurement is None:
+        raise AsrError("measure() must run before correct()")
     m = measurement
     return {s.key: correct(s, m.references[s.key], m.pruned[s.key],
                            "none" if (s.head and not correct_head) or s.key not in m.touched else method, **options)

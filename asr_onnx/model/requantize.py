@@ -208,6 +208,12 @@ class HeldInFloat:
     tensors: dict
 
     @classmethod
+    def split(cls, model: onnx.ModelProto) -> tuple[onnx.ModelProto, HeldInFloat | None]:
+        """(the model a repair works on: its float form for a QDQ model, else the model itself; the held form or None)."""
+        held = cls.of(model)
+        return (model, None) if held is None else (held.float_form, held)
+
+    @classmethod
     def of(cls, model: onnx.ModelProto) -> HeldInFloat | None:
         """The held form of a QDQ model; None for a model without quantized weights."""
         float_form, tensors = dequantize_weights(model)

@@ -28,6 +28,7 @@ from asr_onnx.prune.channels.check import written_check
 from asr_onnx.prune.masks import Pattern, check_sparsity
 from asr_onnx.prune.stage import is_channels, needs_data, prune_model, shrink_repaired
 from asr_onnx.prune.wanda import input_norms as wanda_norms
+from asr_onnx.quantize.int8 import to_int8
 from asr_onnx.refit.reconstruct import reconstruct, refit_corrected
 from asr_onnx.report.build import build_report
 from asr_onnx.verify.evaluation import score as score_against_dense
@@ -57,9 +58,8 @@ class Repair:
     def __init__(self, model, *, device: str = "auto", batch_size: int | None = None, progress: bool = True,
                  threads: int = 0, engine=None, output_kind: dict | None = None):
         self.source = None if isinstance(model, onnx.ModelProto) else Path(model)
-        given = model if self.source is None else load_model(self.source)
-        self.qdq = HeldInFloat.of(given)  # a QDQ model is repaired on its weights in float, then quantized again
-        self.dense = given if self.qdq is None else self.qdq.float_form
+        # a QDQ model is repaired on its weights in float, then quantized again
+        self.dense, self.qdq = HeldInFloat.split(model if self.source is None else load_model(self.source))
         self.device, self.progress, self.threads = device, progress, threads
         self.engine = engine or LocalEngine()
         self.workers: list = []  # the engine's workers in the pruned pass: host, device, samples
@@ -68,13 +68,13 @@ class Repair:
         self.pruned = self.pruned_alone = self.dense
         self.layers, self.refits, self.settings, self.timings, self.corrections = [], [], {}, {}, {}
         self.measurement, self.written, self.output, self.output_kind = None, {}, None, dict(output_kind or {})
-        self.evaluation = self.recipe = self.auto_pick = self.verdict = None  # auto_pick: auto()'s held-out pick
-        self.quantization = None  # the report's entry, after to_int8 or a QDQ input's requantization
+        # auto_pick: auto()'s held-out pick; quantization: the report's entry after to_int8 or a QDQ requantization
+        self.evaluation = self.recipe = self.auto_pick = self.verdict = self.quantization = None
         self.refit_method, self.half_io = "none", False  # the refit that ran ("ls" or "none"); float16 inputs, outputs
         # channel pruning: the plan, the report's entry, and the samples the result is run on before it is written
         self.channel_plan = self.channel_report = self.channel_data = None
-        self._batch_arg, self._dense_weights = batch_size, None  # layer name -> dense weight, read once
-        self._site_map = None  # (pruned model, its measure.SiteMap): found once per pruned model
+        # layer name -> dense weight, read once; (pruned model, its measure.SiteMap), found once per pruned model
+        self._batch_arg, self._dense_weights, self._site_map = batch_size, None, None
 
     @property
     def batch_size(self) -> int:  # samples per session run
@@ -87,8 +87,7 @@ class Repair:
 
     def fork(self, *, batch_size: int | None = None, progress: bool | None = None, pruned: bool = True,
              refit: bool = True) -> "Repair":
-        """A new Repair over the same dense model (its file and weights shared, nothing measured); with
-        ``pruned``, from this one's pruned model (``refit`` False: from ``pruned_alone``)."""
+        """A new Repair over the same dense model, nothing measured; ``pruned``: from this one's pruned model."""
         new = Repair(self.dense, device=self.device, batch_size=batch_size or self._batch_arg, threads=self.threads,
                      progress=self.progress if progress is None else progress, engine=self.engine,
                      output_kind=self.output_kind)
@@ -103,8 +102,7 @@ class Repair:
         self._dense_weights = self._dense_weights or dense_weights(self.dense)
         return self._dense_weights
 
-    def _pruned_sites(self):
-        """The pruned model's measure.SiteMap, found on first use after each change of the pruned model."""
+    def _pruned_sites(self):  # the pruned model's measure.SiteMap, found again after each change of the model
         if self._site_map is None or self._site_map[0] is not self.pruned:
             self._site_map = (self.pruned, site_map(self.pruned, self.dense_weights))
         return self._site_map[1]
@@ -127,9 +125,8 @@ class Repair:
     def prune(self, sparsity: float = 0.9, pattern: str = "global", exclude=(), keep_first: bool = False,
               keep_last: bool = False, allocation: str = "global", score: str = "magnitude",
               calib=None, flops_target: float | None = None, channel_plan=None, input_norms=None) -> "Repair":
-        """Zeroes weights (:func:`asr_onnx.prune.stage.prune_weights`) or, under ``pattern="channels"``, masks
-        whole channels until :meth:`shrink` (:func:`asr_onnx.prune.stage.prune_channels`); the arguments are theirs.
-        ``calib`` feeds the scores "wanda" and "greedy"; ``input_norms``: :meth:`input_norms`'s, reused."""
+        """Zeroes weights, or masks whole channels until :meth:`shrink`, as :func:`asr_onnx.prune.stage.prune_model`
+        says (its arguments); ``input_norms``: :meth:`input_norms`'s, reused."""
         channels = is_channels(pattern)
         if channels and self.qdq is not None:
             raise AsrError(QDQ_CHANNELS)
@@ -151,42 +148,38 @@ class Repair:
 
     def input_norms(self, score: str, calib):
         """Wanda's per-layer input norms on the dense model, or None for a score that needs no data."""
-        if score != "wanda":
+        if not needs_data("global", score, calib=calib):  # only wanda's weights are scored with data
             return None
-        if calib is None:
-            raise AsrError("the score wanda needs calibration data")
         self.batch.check(len(calib))
         with self._timed("input_norms"):
             return wanda_norms(self.dense, calib, **self._options(progress=False))
 
     def shrink(self) -> "Repair":
-        """Slices the removed channels out of the result, after channel pruning; counted once. A QDQ input's result
-        is quantized again instead, once (:meth:`asr_onnx.model.requantize.HeldInFloat.quantize_again`)."""
+        """Slices the removed channels out of the result, counted once; a QDQ input's result is quantized again."""
         if self.qdq is not None and self.quantization is None:
             with self._timed("requantize"):
                 self.output, self.quantization = self.qdq.quantize_again(self.result)
-        if self.channel_plan is None or (self.channel_report is not None and not masked(self.channel_plan, self.result)):
+        plan = self.channel_plan
+        if plan is None or (self.channel_report is not None and not masked(plan, self.result)):
             return self  # shrunk and counted already: the summary's shape inference is not repeated
         with self._timed("shrink"):
-            shrunk, self.channel_report = shrink_repaired(self.channel_plan, self.result, self.dense,
-                                                          self.channel_data, device=self.device)
+            shrunk, self.channel_report = shrink_repaired(plan, self.result, self.dense, self.channel_data,
+                                                          device=self.device)
         self.output = self.output if shrunk is None else shrunk
         return self
 
     def reconstruct(self, calib, method: str = "ls", *, max_gram_mb: float = 256.0, passes: int = 0,
                     samples: int = 0, seed: int = 0, recipe: Recipe | None = None) -> "Repair":
-        """Refits the kept weights by least squares (:func:`asr_onnx.refit.reconstruct.reconstruct`); ``method``
-        "auto" picks "ls" or "none" on held-out folds (:func:`asr_onnx.pipeline.crossfit.choose_reconstruction`).
-        ``max_gram_mb``, ``passes``, ``samples`` and ``seed`` are the Recipe's refit fields."""
-        Recipe(reconstruct=method)  # refuses an unknown reconstruction
+        """Refits the kept weights (:func:`asr_onnx.refit.reconstruct.reconstruct`); "auto" picks on held-out folds."""
         if samples < 0 or (samples and not hasattr(calib, "take")):
             raise AsrError(f"cannot refit on {samples} samples of this calibration set")
+        probes = Recipe(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples,
+                        seed=seed) if recipe is None else recipe  # refuses an unknown reconstruction
         self.settings.update(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples)
         if method == "auto":
             self.batch.check(len(calib))
             with self._timed("reconstruct_auto"):
-                recipe = recipe or Recipe(max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples, seed=seed)
-                method, self.settings["reconstruct_auto"] = choose_reconstruction(self, calib, recipe)
+                method, self.settings["reconstruct_auto"] = choose_reconstruction(self, calib, probes)
         self.refit_method = method
         if method == "ls":
             fit = calib.take(samples, seed) if 0 < samples < len(calib) else calib
@@ -199,8 +192,6 @@ class Repair:
 
     def refit_corrected(self, calib, *, max_gram_mb: float = 256.0, passes: int = 0) -> "Repair":
         """Refits again from the corrected output (:func:`asr_onnx.refit.reconstruct.refit_corrected`), after fold."""
-        if self.output is None:
-            raise AsrError("refit_corrected() needs a corrected output: run fold() first")
         self.batch.check(len(calib))
         with self._timed("reconstruct"):
             self.pruned, self.refits, split = refit_corrected(self.dense, self.pruned, self.output, calib,
@@ -219,8 +210,7 @@ class Repair:
 
     def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False,
                 all_dense: bool = False, seed: int = 0, reference: str = DEFAULT_REFERENCE) -> "Repair":
-        """Statistics of the dense model, then of the pruned one with upstream renormalised, as
-        :func:`asr_onnx.measure.passes.measure_pruned` says; ``seed``: a CalibSet's order; ``all_dense``: every site."""
+        """Statistics of the dense, then of the renormalised pruned model (:mod:`asr_onnx.measure.passes`)."""
         self.batch.check(len(calib))
         calib = calib.shuffled(seed) if isinstance(calib, CalibSet) else calib
         sites = self._pruned_sites()
@@ -240,8 +230,6 @@ class Repair:
                 lambda_rule="median", correct_head: bool = True) -> "Repair":
         """Computes every site's correction (:func:`asr_onnx.correct.recal.correct_sites`, its arguments)."""
         Recipe(method=method, placement=placement, recal=recal, momentum=momentum)  # refuses an unknown choice
-        if self.measurement is None:
-            raise AsrError("measure() must run before correct()")
         with self._timed("correct"):
             self.corrections = correct_sites(self.measurement, method, correct_head=correct_head, placement=placement,
                                              recal=recal, momentum=momentum, lambda_rule=lambda_rule)
@@ -251,8 +239,7 @@ class Repair:
 
     def run(self, calib, method: str = "bn", *, recipe: Recipe | None = None, dense_stats=None,
             fold_bn_nodes: bool = False, **options) -> "Repair":
-        """reconstruct -> measure -> correct (or auto) -> fold -> guard, after :meth:`prune`, as ``recipe`` says
-        (default: ``Recipe(method, fold_bn=fold_bn_nodes, **options)``); ``dense_stats``: the stats cache's."""
+        """reconstruct, measure, correct (or auto), fold and guard after :meth:`prune`, as ``recipe`` says."""
         self.recipe = recipe = recipe or Recipe(method=method, fold_bn=fold_bn_nodes, **options)
         self.channel_data = calib if calib is not None else self.channel_data
         self.reconstruct(calib, recipe.reconstruct, max_gram_mb=recipe.max_gram_mb, passes=recipe.refit_passes,
@@ -261,22 +248,17 @@ class Repair:
         if recipe.method == "none":
             self.output, self.settings["method"] = self.pruned, "none"
             return self.judge().shrink()
-        for round_ in range(recipe.refit_rounds):
-            if round_:
-                self.refit_corrected(calib, max_gram_mb=recipe.max_gram_mb, passes=recipe.refit_passes)
-            self.measure(calib, dense_stats, recipe.sequential, seed=recipe.seed, reference=recipe.reference)
-            if recipe.method == "auto":
-                self.auto(calib, recal=recipe.recal, momentum=recipe.momentum, seed=recipe.seed,
-                          correct_head=recipe.correct_head, reference=recipe.reference)
-            else:
-                self.correct(**recipe.correction())
-            self.fold(recipe.fold_bn and round_ == recipe.refit_rounds - 1)  # the next round refits the same graph
-        self.settings.update(refit_rounds=recipe.refit_rounds)
+        self.measure(calib, dense_stats, recipe.sequential, seed=recipe.seed, reference=recipe.reference)
+        if recipe.method == "auto":
+            self.auto(calib, recal=recipe.recal, momentum=recipe.momentum, seed=recipe.seed,
+                      correct_head=recipe.correct_head, reference=recipe.reference)
+        else:
+            self.correct(**recipe.correction())
+        self.fold(recipe.fold_bn)
         return self.guard(calib, recipe.guard, seed=recipe.seed).judge().shrink()
 
     def judge(self, calib=None) -> "Repair":
-        """The verdict on the result (:func:`asr_onnx.verify.verdict.of_repair`): from the :meth:`evaluate` data,
-        else the guard's held-out samples, else ``calib`` scored now (:meth:`run` does not pay for it unasked)."""
+        """The verdict on the result (:func:`asr_onnx.verify.verdict.of_repair`); ``calib``: scored now if need be."""
         with self._timed("verdict") if calib is not None else nullcontext():
             self.verdict = of_repair(self, calib)
         return self
@@ -293,8 +275,7 @@ class Repair:
 
     def auto(self, calib, *, folds: int = 4, seed: int = 0, recal: str = "exact", momentum: float = 0.1,
              correct_head: bool = True, candidates=AUTO_CANDIDATES, reference: str | None = None) -> "Repair":
-        """Picks a correction on ``folds`` held-out parts (:func:`asr_onnx.pipeline.crossfit.choose`), then applies
-        it to the whole set; ``reference``: None is the measured one's."""
+        """Picks a correction on ``folds`` held-out parts (:func:`asr_onnx.pipeline.crossfit.choose`) and applies it."""
         if self.measurement is None:
             raise AsrError("measure() must run before auto()")
         reference = reference or self.measurement.reference
@@ -326,8 +307,6 @@ class Repair:
 
     def to_fp16(self, keep_io: bool = True, calib=None) -> "Repair":
         """Casts the result to float16, checked on ``calib`` (:func:`asr_onnx.verify.fp16.half_precision`)."""
-        if self.qdq is not None or self.quantization is not None:
-            raise AsrError("fp16: the output is quantized (QDQ); it cannot be cast to float16 as well")
         self.shrink()  # first: the channel plan slices float32 constants
         with self._timed("fp16"):
             self.output, errors = half_precision(self.result, keep_io, calib, self.device)
@@ -338,10 +317,6 @@ class Repair:
     def to_int8(self, calib, *, target: str = "cpu", calibration: str = "auto", correction: str = "auto",
                 seed: int = 0) -> "Repair":
         """Quantizes the result to QDQ, its choices held out on ``calib`` (:func:`asr_onnx.quantize.int8.to_int8`)."""
-        from asr_onnx.quantize.int8 import to_int8
-
-        if self.qdq is not None:
-            raise AsrError("int8: the model is quantized already (QDQ weights); its repair keeps them int8 without --int8")
         single = self.shrink().result  # first: the channel plan slices float32 constants
         with self._timed("int8"):
             self.output, self.quantization = to_int8(single, calib, target=target, calibration=calibration,

@@ -38,7 +38,6 @@ class Recipe:
         max_gram_mb: skip a layer whose Gram matrices exceed this. Defaults to 256.
         refit_passes: Gram passes, 0 for one per depth level. Defaults to 0.
         refit_samples: refit on a seeded subset of this size, 0 for all. Defaults to 0.
-        refit_rounds: refit and correct this many times. Defaults to 1.
         guard: "fallback", "warn" or "off". Defaults to "off" (the CLI's default is "fallback").
         seed: the calibration batches' order, the folds and the refit subset. Defaults to 0.
     """
@@ -56,7 +55,6 @@ class Recipe:
     max_gram_mb: float = 256.0
     refit_passes: int = 0
     refit_samples: int = 0
-    refit_rounds: int = 1
     guard: str = "off"
     seed: int = 0
 
@@ -74,8 +72,6 @@ class Recipe:
             raise AsrError(f"max_gram_mb must be a positive number of MB, got {self.max_gram_mb}")
         if self.refit_samples < 0 or self.refit_passes < 0 or self.seed < 0:
             raise AsrError("refit_samples, refit_passes and seed must be >= 0")
-        if self.refit_rounds != 1 and (self.refit_rounds < 1 or self.reconstruct != "ls" or self.method == "none"):
-            raise AsrError(f"refit_rounds {self.refit_rounds}: more than one round needs reconstruct ls and a method")
 
     def correction(self) -> dict:
         """The keyword arguments of :meth:`Repair.correct`."""

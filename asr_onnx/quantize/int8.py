@@ -28,7 +28,8 @@ RUNTIMES = {"cpu": "onnxruntime on the CPU (QDQ: integer kernels)",
 def to_int8(model: onnx.ModelProto, calib, *, target: str = "cpu", calibration: str = "auto",
             correction: str = "auto", seed: int = 0, batch_size: int = CALIB_BATCH, device: str = "cpu",
             threads: int = 0, progress: bool = False, keep: list | None = None) -> tuple[onnx.ModelProto, dict]:
-    """Quantizes a float model to QDQ (see the module docstring), checked before it is returned.
+    """Quantizes a float model to QDQ (see the module docstring), checked before it is returned; a model whose
+    weights are quantized already is refused.
 
     Args:
         model: the float model (the repair's output); it is not modified.
@@ -52,6 +53,10 @@ def to_int8(model: onnx.ModelProto, calib, *, target: str = "cpu", calibration: 
             in two, a zero or a 2:4 pattern lost in the integer weights, an output that is not finite, or the
             quantizer's failure.
     """
+    from asr_onnx.model.qdq import quantized_tensors
+
+    if quantized_tensors(model):
+        raise AsrError("int8: the model is quantized already (QDQ weights); its repair keeps them int8 without --int8")
     from asr_onnx.calib.specs import fixed_batch, input_specs
     from asr_onnx.model.check import check_output
     from asr_onnx.model.qdq import quantized_tensors

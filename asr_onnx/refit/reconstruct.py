@@ -463,6 +463,8 @@ def refit_corrected(dense, pruned, corrected, calib, **options) -> tuple:
     Returns:
         (``pruned`` with the new weights and its masks unchanged, the refit records, the time split).
     """
+    if corrected is None:
+        raise AsrError("refit_corrected() needs a corrected output: run fold() first")
     scales = row_scales(pruned, corrected)
     refitted, refits, split, _ = reconstruct(dense, corrected, calib, row_scales=scales, **options)
     return unscaled_refit(pruned, refitted, scales, refits), refits, split

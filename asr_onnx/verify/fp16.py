@@ -378,6 +378,10 @@ def _cast_output(graph, name, inner, want) -> None:
 
 def half_precision(model: onnx.ModelProto, keep_io: bool = True, calib=None, device: str = "auto") -> tuple:
     """The model in float16 (:func:`to_fp16`) and, with ``calib``, its error against float32 on up to 64 of
-    its samples (:func:`check_fp16`; None without)."""
+    its samples (:func:`check_fp16`; None without). A quantized (QDQ) model is refused."""
+    from asr_onnx.model.qdq import quantized_tensors
+
+    if quantized_tensors(model):
+        raise AsrError("fp16: the output is quantized (QDQ); it cannot be cast to float16 as well")
     half = to_fp16(model, keep_io=keep_io)
     return half, (check_fp16(model, half, calib, device=device) if calib is not None else None)

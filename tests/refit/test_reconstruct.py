@@ -310,8 +310,7 @@ def test_a_second_round_refits_on_the_corrected_network_and_keeps_the_masks(name
     masks = [layer.weight.values == 0 for layer in layers_of(one.pruned)]
     one.run(calib, "bn", reconstruct="ls")
     two = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.6, allocation="lamp")
-    two.run(calib, "bn", reconstruct="ls", refit_rounds=2)
-    assert two.settings["refit_rounds"] == 2
+    two.run(calib, "bn", reconstruct="ls").refit_corrected(calib).measure(calib).correct("bn").fold()
     second = layers_of(two.pruned)
     assert all(np.array_equal(layer.weight.values == 0, mask) for layer, mask in zip(second, masks))
     # the first layer reads the graph input in both rounds: its second refit is its first
@@ -331,25 +330,25 @@ def test_a_second_round_on_one_layer_changes_nothing_and_at_sparsity_0_is_the_id
     dense, feeds = zoo.one_layer("gemm")  # the head gets the correction folded into its weight
     calib = zoo.DictSet(feeds)
     one = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.5).run(calib, "bn", reconstruct="ls")
-    two = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.5).run(calib, "bn", reconstruct="ls",
-                                                                                   refit_rounds=2)
+    two = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.5).run(calib, "bn", reconstruct="ls")
+    two.refit_corrected(calib).measure(calib).correct("bn").fold()
     for a, b in zip(layers_of(one.output), layers_of(two.output)):
         np.testing.assert_allclose(b.weight.values, a.weight.values, rtol=1e-4, atol=1e-6)
     dense, feeds = zoo.bn_kept()
     same = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.0).run(zoo.DictSet(feeds), "bn",
-                                                                                  reconstruct="ls", refit_rounds=2)
+                                                                                  reconstruct="ls")
+    same.refit_corrected(zoo.DictSet(feeds)).measure(zoo.DictSet(feeds)).correct("bn").fold()
     (got,), (want,) = (make_session(m, "cpu").run(None, feeds) for m in (same.output, dense))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_more_rounds_need_the_refit_and_a_method():
+def test_a_second_round_needs_a_corrected_output():
     dense, feeds = zoo.bn_kept()
-    job = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.5)
-    for options in ({"reconstruct": "none", "refit_rounds": 2}, {"reconstruct": "ls", "refit_rounds": 0}):
-        with pytest.raises(AsrError, match="refit_rounds"):
-            job.run(zoo.DictSet(feeds), "bn", **options)
-    with pytest.raises(AsrError, match="refit_rounds"):
-        job.run(zoo.DictSet(feeds), "none", reconstruct="ls", refit_rounds=2)
+    job = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.5).reconstruct(zoo.DictSet(feeds))
+    with pytest.raises(AsrError, match="needs a corrected output: run fold"):
+        job.refit_corrected(zoo.DictSet(feeds))
+    with pytest.raises(TypeError, match="refit_rounds"):  # a second round is refit_corrected() after run(), not a recipe
+        job.run(zoo.DictSet(feeds), "bn", reconstruct="ls", refit_rounds=2)
 
 
 # ---------------------------------------------------------------- failures of the refit's own passes (issue 25)
