@@ -16,6 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from asr_onnx.errors import AsrError, first_line
 from asr_onnx.progress import bar
 
@@ -26,6 +28,9 @@ LOG_SEVERITY = 4  # onnxruntime logs only fatal errors: its warnings and errors 
 #: (8-bit, one scale per tensor): a QDQ model whose weights a repair holds in float (asr_onnx.model.qdq) would not
 #: compute what it stands for. It changes nothing in a float model or a model with quantized weights.
 DISABLED_OPTIMIZERS = ["WeightBiasQuantization"]
+
+
+FLOAT_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
 
 
 def providers(device: str = "auto") -> list[str]:
@@ -219,6 +224,8 @@ class Runner:
                  stoppable: bool = False, optimize: bool = True):
         self.session = make_session(model, device, threads, mem_pattern=mem_pattern, optimize=optimize, what=what)
         self.inputs = self.session.get_inputs()
+        # float feeds take the float type of the input (float32 data into a --fp16-io model's float16 inputs)
+        self._floats = {i.name: FLOAT_TYPES[i.type] for i in self.inputs if i.type in FLOAT_TYPES}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.provider = provider_of(self.session)
         self.on, self._run = on, runner(self.session, io_binding)
@@ -235,6 +242,9 @@ class Runner:
             AsrError: onnxruntime failed on the feed (one line).
         """
         names = self.output_names if names is None else names
+        feed = {name: value.astype(self._floats[name]) if name in self._floats and isinstance(value, np.ndarray)
+                and value.dtype.kind == "f" and value.dtype != self._floats[name] else value
+                for name, value in feed.items()}
         try:
             return dict(zip(names, self._run(names, feed)))
         except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: a shape it cannot take, memory

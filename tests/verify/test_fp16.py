@@ -219,3 +219,18 @@ def test_control_flow_is_refused():
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     with pytest.raises(AsrError, match="control flow"):
         to_fp16(model)
+
+
+def test_a_model_with_float16_inputs_is_scored_on_float32_data():
+    """An --fp16-io model is evaluated (the verdict, --eval) on the same float32 data as its dense model: the one
+    batch loop gives each float feed the float type of the input; onnxruntime refused float32 for float16."""
+    from zoo import ArraySet
+
+    from asr_onnx.verify.evaluation import evaluate
+
+    dense = conv_net(bn=True)
+    half = to_fp16(dense, keep_io=False)
+    assert half.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    data = random_inputs(16)
+    scored = evaluate(half, ArraySet(data), reference=dense, device="cpu", progress=False)
+    assert scored["samples"] == 16 and scored["agreement"] == 1.0 and scored["logit_rel_l2"] < 1e-2
