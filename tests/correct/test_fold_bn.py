@@ -135,7 +135,7 @@ FOLD_BOUND = 1e-5  # docs/deploy.md: the zoo's folded outputs are within this fr
 
 @pytest.mark.parametrize("name", ["bn_kept", "bn_kept_opset9", "fixed_batch_1_bn", "inits_as_inputs",
                                   "huge_activations_bn"])  # every zoo graph with a BN right after its conv
-@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+@pytest.mark.parametrize("sparsity", [0.9, pytest.param(0.5, marks=pytest.mark.slow)])
 def test_folded_outputs_stay_within_the_stated_bound_on_the_zoo(name, sparsity):
     """The outputs differ only by float32 rounding in another order (measured: at most 4e-7 of the scale)."""
     model, feeds = zoo.CLASSES[name]()

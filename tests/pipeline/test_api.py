@@ -153,6 +153,7 @@ def test_reconstruct_auto_scores_both_candidates_held_out_and_applies_its_pick(t
     assert job.refits == same.refits
 
 
+@pytest.mark.slow  # reconstruct auto and method auto each run by default on their own
 def test_reconstruct_auto_with_auto_chooses_the_refit_with_bn_then_the_method_on_the_result(tmp_path):
     import zoo
 

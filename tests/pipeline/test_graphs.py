@@ -204,7 +204,8 @@ def test_external_data_in_and_out(tmp_path, monkeypatch):
 
 
 
-@pytest.mark.parametrize("name", ["odd_convs", "shared_branched", "nhwc", "two_inputs"])
+@pytest.mark.parametrize("name", zoo.slow_except(["odd_convs", "shared_branched", "nhwc", "two_inputs"],
+                                                  ("odd_convs", "two_inputs")))
 def test_one_sample_at_a_time_measures_what_one_full_batch_does(name):
     """Level-by-level measurement (batch of 1) gives the statistics of train-mode renormalisation over
     the whole set in one batch, on graphs with branches, shared weights, BNs behind Casts and two inputs."""
@@ -268,7 +269,7 @@ def shifted_sorted(feeds):
 
 
 # every class keeps its sparsity-0 check in test_graph_class; every method and pattern on each is slow
-@pytest.mark.parametrize("name", zoo.slow_except(zoo.CLASSES, ("bn_kept", "bn_folded")))
+@pytest.mark.parametrize("name", zoo.slow_except(zoo.CLASSES, ("bn_kept",)))
 def test_sparsity_zero_is_the_identity_for_every_method_and_pattern(name):
     """No layer pruned, no site touched: every method, pattern and flavour returns the input model's
     outputs (within 1e-4 relative), even from small, biased batches of data unlike the training data."""
