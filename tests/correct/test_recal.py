@@ -125,7 +125,7 @@ def eps0_dead_channel_model():
 
 @pytest.mark.parametrize("method, placement", [("bn", "recal"), ("naive", "pre-bn"), *(
     pytest.param(*case, marks=pytest.mark.slow) for case in (("lw", "recal"), ("lw", "pre-bn"), ("asr", "recal"))),
-    ("asr", "pre-bn"), pytest.param("none", "recal", marks=pytest.mark.slow), ("auto", "recal")])
+    ("asr", "pre-bn"), *(pytest.param(*case, marks=pytest.mark.slow) for case in (("none", "recal"), ("auto", "recal")))])
 def test_an_epsilon_0_bn_with_a_dead_channel_repairs_to_finite_weights(method, placement, tmp_path):
     from asr_onnx.calib import input_specs, load_calib
 

@@ -198,7 +198,8 @@ def test_the_guard_never_keeps_a_detector_repair_with_a_lower_held_out_detection
     assert job.verdict.metric == "detection_f1" and job.verdict.value == pruned["detection_f1"]
 
 
-@pytest.mark.parametrize("build", [lambda: zoo.yolo_detector(False, n=64), lambda: zoo.ssd_detector(n=64)],
+@pytest.mark.parametrize("build", [lambda: zoo.yolo_detector(False, n=64),
+                                   pytest.param(lambda: zoo.ssd_detector(n=64), marks=pytest.mark.slow)],
                          ids=["yolov5", "ssd"])
 @pytest.mark.parametrize("reconstruct", zoo.slow_except(["none", "ls"], ["none"]))
 def test_a_kept_detector_repair_never_has_the_lower_held_out_f1(tmp_path, build, reconstruct):
