@@ -267,12 +267,7 @@ def fold_affine(graph, layer, a: np.ndarray, c: np.ndarray) -> list:
         old = beta * _bias(node, a.size)
         with np.errstate(over="ignore", invalid="ignore"):
             bias = gs.Constant(f"{layer.name}.asr_bias", (a * old + c).astype(dtype))
-        if len(node.inputs) > 2:
-            node.inputs[2] = bias
-        else:
-            node.inputs.append(bias)
-        if layer.op == "Gemm":
-            node.attrs["beta"] = 1.0
+        set_bias(layer, bias)
         return [weight, bias]
     if np.any(c != 0):
         with np.errstate(over="ignore", invalid="ignore"):
@@ -345,3 +340,14 @@ def write_all(pruned, references: dict, corrections: dict, fold_bn_nodes: bool =
                 fold_bn(graph, site)
     graph.cleanup().toposort()
     return to_model(graph, like if like is not None else pruned), written
+
+
+def set_bias(layer, bias) -> None:
+    """Makes the gs.Constant ``bias`` the bias input of a Conv or Gemm layer (a Gemm's beta then 1)."""
+    node = layer.node
+    if len(node.inputs) > 2:
+        node.inputs[2] = bias
+    else:
+        node.inputs.append(bias)
+    if layer.op == "Gemm":
+        node.attrs["beta"] = 1.0

@@ -80,7 +80,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     import onnx_graphsurgeon as gs
 
-    from asr_onnx.correct.recal import fold_bn
+    from asr_onnx.correct.recal import fold_bn, set_bias
     from asr_onnx.model.graph import find_layers, find_sites, opset, to_graph, to_model
     from asr_onnx.model.qdq import unique_name
 
@@ -98,13 +98,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     for layer in layers:
         node = layer.node
         if layer.op in ("Conv", "Gemm") and (len(node.inputs) < 3 or not node.inputs[2].name):
-            bias = gs.Constant(f"{layer.name}.asr_bias", np.zeros(layer.channels, layer.weight.values.dtype))
-            if len(node.inputs) > 2:
-                node.inputs[2] = bias
-            else:
-                node.inputs.append(bias)
-            if layer.op == "Gemm":
-                node.attrs["beta"] = 1.0
+            set_bias(layer, gs.Constant(f"{layer.name}.asr_bias", np.zeros(layer.channels, layer.weight.values.dtype)))
     graph.cleanup().toposort()
     taken = {node.name for node in graph.nodes}
     for index, node in enumerate(graph.nodes):

@@ -27,6 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from asr_onnx.errors import AsrError, first_line
+from asr_onnx.model.qdq import unique_name
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -99,7 +100,7 @@ def to_fp16(model: onnx.ModelProto, keep_io: bool = True) -> onnx.ModelProto:
             target = want[name]
             key = (name, target)
             if key not in casts:
-                alias = _unique(f"{name}_{_SUFFIX[target]}", taken)
+                alias = unique_name(f"{name}_{_SUFFIX[target]}", taken)
                 if name in constants:
                     extra_inits[alias] = _constant_as(constants[name], alias, target)
                 else:
@@ -123,7 +124,7 @@ def to_fp16(model: onnx.ModelProto, keep_io: bool = True) -> onnx.ModelProto:
         if types.get(value.name) != FLOAT:
             continue
         if home.get(value.name, FLOAT) != io_precision:
-            inner = _unique(f"{value.name}_{_SUFFIX[home.get(value.name, FLOAT)]}", taken)
+            inner = unique_name(f"{value.name}_{_SUFFIX[home.get(value.name, FLOAT)]}", taken)
             _cast_output(graph, value.name, inner, io_precision)
         value.type.tensor_type.elem_type = io_precision
     for value in graph.value_info:
@@ -351,12 +352,6 @@ def _constant_as(tensor, name, precision):
     return numpy_helper.from_array(values, name)
 
 
-def _unique(name: str, taken: set) -> str:
-    candidate, i = name, 1
-    while candidate in taken:
-        candidate, i = f"{name}_{i}", i + 1
-    taken.add(candidate)
-    return candidate
 
 
 def _cast_output(graph, name, inner, want) -> None:
