@@ -75,7 +75,7 @@ def repair(proto, calib, cell: str, threads: int):
     job = Repair(proto, device="cpu", progress=False, threads=threads)
     start = time.perf_counter()
     if cell.startswith("channels"):
-        job.prune_channels(float(cell.split("-")[1]), score="greedy", calib=calib)
+        job.prune(float(cell.split("-")[1]), "channels", score="greedy", calib=calib)
     elif ":" in cell:
         job.prune(0.0, cell)
     elif cell.endswith("g"):  # one global |w| threshold
