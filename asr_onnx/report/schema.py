@@ -450,7 +450,7 @@ class Settings(_Base):
     correct_head: bool | None = spec(Opt(Bool()))
     auto: Auto | None = spec(Opt(Section(Auto)))
     fold_bn: bool | None = spec(Opt(Bool()))
-    refit_rounds: int | None = spec(COUNT)
+    refit_rounds: int | None = spec(COUNT)  # written by reports from before a second refit round left the Recipe
     guard: Guard | None = spec(Opt(Section(Guard)))
     fp16: bool | None = spec(Opt(Bool()))
     fp16_io: bool | None = spec(Opt(Bool()))
