@@ -190,7 +190,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
                                  model_class_count(job.dense), who="the dense model")
         if warning:
             click.echo(f"warning: {warning}", err=True)
-    if job.verdict is None and calib is not None:  # neither --eval nor the guard scored it: the calibration data
+    # neither --eval nor the guard scored the model shipped (the guard scores the float32 repair): the calibration data
+    if (job.verdict is None or half or int8) and not eval_path and calib is not None:
         job.judge(calib)
     with plan.staged():  # every output is staged, then all are renamed into place together, as the last act
         job.save(model_out.staged)

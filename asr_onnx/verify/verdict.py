@@ -171,7 +171,8 @@ def done(job) -> dict:
 def of_repair(job, calib=None) -> Verdict | None:
     """The verdict on a Repair's output, from the best evidence it has: its :meth:`Repair.evaluate` scores (data
     the user named), else the guard's held-out scores of the model it kept, else ``calib`` scored now (the data
-    it was fitted on: the reason says so); None with none of them (``calib`` None: nothing is run).
+    it was fitted on: the reason says so); None with none of them (``calib`` None: nothing is run). The guard
+    scored the float32 repair: after a cast to float16 or INT8, ``calib`` scores the model that is shipped.
     """
     from asr_onnx.verify.evaluation import evaluate
 
@@ -180,7 +181,8 @@ def of_repair(job, calib=None) -> Verdict | None:
     if scored and scored.get("metric"):
         return from_result(scored, data=f"{scored['samples']} samples of {scored['data']}", settings=settings)
     guard = job.settings.get("guard") or {}
-    if guard.get("metric"):
+    cast = "INT8" if job.settings.get("int8") else "float16" if job.settings.get("fp16") else None
+    if guard.get("metric") and not (cast and calib is not None):
         kept = guard["repair" if guard["kept"] == "repair" else "pruned"]
         metric = guard["metric"]
         return judge(metric, kept[metric], data=f"{guard['held_out']} held-out calibration samples ({guard['folds']} "
@@ -190,5 +192,6 @@ def of_repair(job, calib=None) -> Verdict | None:
         return None
     result = evaluate(job.result, calib, reference=job.dense, device=job.device, progress=False,
                       batch_size=job.batch_size, output_kind=job.output_kind, engine=job.engine)
-    why = guard.get("skipped") or ("the guard is off" if job.settings.get("method") != "none" else "nothing was repaired")
+    why = (f"the guard scored the float32 repair, before {cast}" if cast and guard.get("metric") else guard.get("skipped")
+           or ("the guard is off" if job.settings.get("method") != "none" else "nothing was repaired"))
     return from_result(result, data=f"the {len(calib)} calibration samples, not held out ({why})", settings=settings)
