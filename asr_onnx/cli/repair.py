@@ -120,7 +120,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     from asr_onnx.pipeline.recipe import Recipe
     from asr_onnx.prune.channels import SCORES as CHANNEL_SCORES
     from asr_onnx.prune.masks import SCORES as WEIGHT_SCORES
-    from asr_onnx.prune.masks import Pattern, check_sparsity
+    from asr_onnx.prune.masks import Pattern, check_sparsity, emptied_warning
     from asr_onnx.report.build import summary, write_report
     from asr_onnx.report.schema import from_dict
 
@@ -156,6 +156,9 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     if int8 and job.qdq is not None:
         raise AsrError("--int8: the model is quantized already (QDQ weights); its repair keeps them int8 without --int8")
     check_sparsity(sparsity)  # a bad pattern or score fails before any data is read
+    if allocation != "global" and (channels or Pattern.parse(pattern).kind == "nm"):
+        raise click.BadParameter(f"it splits an unstructured sparsity between layers; --pattern {pattern} fixes each "
+                                 "layer's own", param_hint=f"--allocation {allocation}")
     if not channels:
         Pattern.parse(pattern)
     if score not in (CHANNEL_SCORES if channels else WEIGHT_SCORES):
@@ -171,6 +174,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     if method != "none":
         dense_stats = load_stats(stats_path, stats_key(job.dense, calib)) if stats_path else None
     job.prune(sparsity, pattern, exclude, keep_first, keep_last, allocation, score, calib, flops_target)
+    if warning := emptied_warning(job.layers):
+        click.echo(warning, err=True)
     recipe = Recipe(method=method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
                     correct_head=not no_head, sequential=sequential, fold_bn=fold_bn, seed=seed, reference=reference,
                     reconstruct=reconstruct, max_gram_mb=max_gram_mb, refit_samples=refit_samples,

@@ -293,3 +293,21 @@ def _summary(layer, i, skipped, owner, allocation, score) -> LayerPrune:
         allocation=allocation,
         score=score,
     )
+
+
+EMPTIED = 0.99  # a layer left with under 1% of its weights: no correction or refit brings it back
+
+
+def emptied_warning(layers: list[LayerPrune]) -> str | None:
+    """One warning line when one global threshold left layers with under 1% of their weights, else None.
+
+    Under one |w| threshold a layer whose weights are small for reasons the network does not care about (a
+    LayerNorm or BN after it rescales them) loses nearly all of them; LAMP's allocation never empties a layer.
+    """
+    empty = [layer for layer in layers if layer.pruned and layer.allocation == "global" and layer.sparsity >= EMPTIED]
+    if not empty:
+        return None
+    named = ", ".join(f"{layer.name} {100 * layer.sparsity:.1f}%" for layer in empty[:3])
+    more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+    return (f"warning: one global threshold left {len(empty)} layer(s) with under 1% of their weights ({named}{more}); "
+            f"no repair brings such a layer back: --allocation lamp never empties a layer")

@@ -281,3 +281,32 @@ def test_auto_on_a_fixed_batch_that_the_folds_cannot_cut_is_one_error_line(optio
     assert code == 1 and err == [f"error: the model fixes its batch at 8, and 20 calibration samples do not cut into "
                                  f"{folds} held-out parts of whole batches; give a multiple of {8 * folds} samples"]
     assert files(tmp_path) == ["m.onnx", "x.npy"]
+
+
+def test_a_layer_emptied_by_one_global_threshold_is_named_and_lamp_suggested(tmp_path, capsys):
+    """Issue 30: one |w| threshold empties a layer whose weights are small for a reason the network ignores (a BN
+    after it rescales them), silently; the repair cannot bring it back. The run says so and names it; LAMP,
+    which never empties a layer, gives no such line."""
+    from zoo import conv_net
+
+    model = conv_net(bn=True)
+    small = next(t for t in model.graph.initializer if t.name == "conv2.weight")
+    small.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(small) * 1e-3, small.name))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    args = ["repair", str(path), "--method", "none", "--sparsity", "0.75", "-q", "-o", str(tmp_path / "o.onnx")]
+    assert main(args) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning: one global threshold left 1 layer(s)") and "conv2 100.0%" in err
+    assert "--allocation lamp" in err and len(err.splitlines()) == 1
+    assert main(args + ["--allocation", "lamp", "--overwrite"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "channels"])
+def test_an_allocation_with_a_pattern_that_fixes_each_layers_sparsity_is_refused(pattern, bn_model, capsys):
+    """Issue 30: --allocation lamp with --pattern 2:4 was ignored without a word."""
+    assert main(["repair", str(bn_model), "--pattern", pattern, "--allocation", "lamp", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--allocation lamp" in err and len(err.splitlines()) == 1
+    assert not (bn_model.parent / "bn.repaired.onnx").exists()
