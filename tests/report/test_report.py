@@ -484,3 +484,19 @@ def test_a_page_of_thousands_of_sites_is_bounded():
     assert sparsity.count("<tr") == 401 and "400 of 2,000 layers shown" in sparsity
     worst = report["sites"][1999]["layer"]  # the damage falls with the index: the last sites are the worst
     assert worst in damage and report["sites"][0]["layer"] not in damage
+
+
+@pytest.mark.parametrize(("pattern", "where"), [("global", "no stock runtime"), ("2:4", "TensorRT's sparse tensor cores"),
+                                                ("channels", "every runtime")])
+def test_the_summary_says_which_runtime_the_pattern_makes_faster(pattern, where):
+    """Issue 27: zeros make no dense kernel faster; nobody should wait for a speed-up the pattern cannot give."""
+    from zoo import ArraySet, conv_net, random_inputs
+
+    from asr_onnx.pipeline.driver import Repair
+    from asr_onnx.report.build import summary
+
+    calib = ArraySet(random_inputs(16))
+    job = Repair(conv_net(bn=True), device="cpu", batch_size=16, progress=False)
+    job.prune(0.5, pattern, calib=calib).run(calib, "none")
+    lines = [line for line in summary(job.report()).splitlines() if line.startswith("faster on: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"faster on: {where}")
