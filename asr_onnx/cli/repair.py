@@ -181,6 +181,10 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
                     reconstruct=reconstruct, max_gram_mb=max_gram_mb, refit_samples=refit_samples,
                     guard=guard_mode if method != "none" else "off")
     job.run(calib, recipe=recipe, dense_stats=dense_stats)
+    if channels and job.channel_report is not None and not any(g["removed"] for g in job.channel_report["groups"]):
+        asked = f"--sparsity {sparsity}" if flops_target is None else f"--flops-target {flops_target}"
+        click.echo(f"warning: --pattern channels removed no channel at {asked}: no group can shrink (each group's "
+                   "reason is in the summary and the report), so the output is no smaller", err=True)
     warning = warning_line(job.settings.get("guard", {}))
     if warning:
         click.echo(warning, err=True)

@@ -243,7 +243,10 @@ def speed_line(report) -> str:
     make no dense kernel faster; N:M runs sparse on TensorRT's tensor cores; fewer channels are faster anywhere."""
     pattern = str(report.settings.pattern or "global")
     quantization = report.quantization
-    if pattern == "channels":
+    channels = report.channels
+    if pattern == "channels" and channels is not None and not any(group.removed for group in channels.groups):
+        where = "no runtime: no channel was removed (each group's reason is in the channels lines)"
+    elif pattern == "channels":
         where = "every runtime: the graph is smaller (asr-onnx bench times it against dense)"
     elif ":" in pattern:
         where = (f"TensorRT's sparse tensor cores (trtexec --sparsity=enable), on the layers they take; onnxruntime "

@@ -561,3 +561,30 @@ def test_weights_in_constant_nodes_are_counted():
     job = Repair(model, device="cpu", progress=False).prune(0.5, "channels").run(zoo.DictSet(feeds), "none")
     before, after = job.report()["channels"]["params"]
     assert before == weights > after > 0
+
+
+def test_a_channels_run_that_removes_nothing_says_so(tmp_path, capsys):
+    """Issue 30: on a LayerNorm MLP the channel walk finds no group it can shrink, and the input came back with no
+    word; now one warning line says so, and the summary does not promise a speed-up."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from asr_onnx.cli.main import main
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (16, 32)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (32, 10)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.ones(32, np.float32), "g"), numpy_helper.from_array(np.zeros(32, np.float32), "b")]
+    nodes = [helper.make_node("MatMul", ["input", "w1"], ["h"], name="fc1"),
+             helper.make_node("LayerNormalization", ["h", "g", "b"], ["hn"], name="ln", axis=-1),
+             helper.make_node("Relu", ["hn"], ["hr"]), helper.make_node("MatMul", ["hr", "w2"], ["logits"], name="fc2")]
+    model = zoo.make_model(nodes, inits, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16])],
+                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], opset=17)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", rng.normal(0, 1, (32, 16)).astype(np.float32))
+    assert main(["repair", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"), "--pattern", "channels",
+                 "--sparsity", "0.5", "--batch-size", "16", "-o", str(tmp_path / "o.onnx")]) == 0
+    printed = capsys.readouterr()
+    warnings = [line for line in printed.err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: --pattern channels removed no channel at --sparsity 0.5: no group can shrink "
+                        "(each group's reason is in the summary and the report), so the output is no smaller"]
+    assert "faster on: no runtime: no channel was removed" in printed.out

@@ -500,3 +500,8 @@ def test_the_summary_says_which_runtime_the_pattern_makes_faster(pattern, where)
     job.prune(0.5, pattern, calib=calib).run(calib, "none")
     lines = [line for line in summary(job.report()).splitlines() if line.startswith("faster on: ")]
     assert len(lines) == 1 and lines[0].startswith(f"faster on: {where}")
+    if pattern == "channels":  # a plan that removes nothing makes nothing faster, and says so
+        job = Repair(conv_net(bn=True), device="cpu", batch_size=16, progress=False)
+        job.prune(0.01, pattern, calib=calib).run(calib, "none")
+        lines = [line for line in summary(job.report()).splitlines() if line.startswith("faster on: ")]
+        assert lines == ["faster on: no runtime: no channel was removed (each group's reason is in the channels lines)"]
