@@ -104,6 +104,14 @@ def shrunk(model, sparsity=0.5, score="magnitude", exclude=()):
     return plan, masked, channels.shrink(masked, plan.groups, plan.keep)
 
 
+@pytest.fixture
+def block_of_one(monkeypatch):
+    """The old floor rule at --sparsity: the zoo's groups are mostly 8 channels, one of onnxruntime's blocks, which
+    ``--sparsity`` keeps whole (:func:`select.aligned_nearest`); the tests that use this check surgery and scores,
+    not the allocation, on the channels they were written to remove."""
+    monkeypatch.setattr(select, "ALIGN", 1)
+
+
 def check_valid(model):
     onnx.checker.check_model(model)
     onnx.shape_inference.infer_shapes(model, strict_mode=True)
@@ -170,7 +178,7 @@ def zeroed_positions(model, small):
     return zero, numpy_helper.to_array(small.graph.initializer[0]).shape[0]
 
 
-def test_exact_zero_channels_pruned_and_refitted_reproduce_the_dense_outputs():
+def test_exact_zero_channels_pruned_and_refitted_reproduce_the_dense_outputs(block_of_one):
     model, feeds = zoo.channels_zero()
     calib = zoo.DictSet(feeds)
     later = [model.graph.node[2].name]  # the 3x3 conv's own channels stay
@@ -224,7 +232,7 @@ def test_greedy_error_matrix_matches_the_consumers_output_error():
     assert order[0] == first and steps[0] == pytest.approx(h[first, first]) and (steps >= 0).all()
 
 
-def test_greedy_removes_the_channels_that_change_nothing_first():
+def test_greedy_removes_the_channels_that_change_nothing_first(block_of_one):
     model, feeds = zoo.channels_zero()
     plan = channels.plan(model, sparsity=0.375, score="greedy", calib=zoo.ArraySet(feeds["input"]),
                          exclude=[model.graph.node[2].name])
@@ -234,7 +242,7 @@ def test_greedy_removes_the_channels_that_change_nothing_first():
     assert sorted(order[:3]) == [1, 4, 6] and np.allclose(steps[:3], 0) and steps[3] > 0
 
 
-def test_bn_scale_removes_the_smallest_summed_gammas():
+def test_bn_scale_removes_the_smallest_summed_gammas(block_of_one):
     model, _ = zoo.channels_depthwise()
     plan = channels.plan(model, sparsity=0.5, score="bn-scale")
     bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
@@ -290,6 +298,49 @@ def test_a_flops_target_keeps_channel_counts_in_blocks_of_eight():
     assert count.macs(small) <= 0.5 * count.macs(model)
 
 
+@pytest.mark.parametrize(("kept", "size", "want"), [
+    (24, 32, 24),  # already a multiple of 8
+    (23, 32, 24), (17, 32, 16),  # the nearest multiple, up or down
+    (20, 32, 24), (12, 24, 16),  # a tie keeps more
+    (12, 16, 16), (13, 16, 16), (20, 22, 22),  # rounded to the group's size (or past it): every channel kept
+    (11, 16, 8), (1, 16, 8), (3, 8, 8),  # never under 8 (a group of 8 keeps all)
+    (15, 20, 16), (19, 21, 16),  # groups that are not multiples of 8
+    (5, 7, 5), (1, 4, 1),  # a group under 8 channels keeps the floor rule's count
+])
+def test_aligned_nearest_rounds_kept_counts_to_blocks_of_eight(kept, size, want):
+    assert select.aligned_nearest(kept, size) == want
+
+
+@pytest.mark.parametrize(("sparsity", "want"), [
+    (0.25, {1: 24, 2: 5, 3: 16}),  # floor keeps 12, 24, 5, 15: 12 of 16 ties up to every channel
+    (0.375, {0: 8, 1: 24, 2: 4, 3: 16}),  # floor keeps 10, 20, 4, 12: 20 ties up to 24, 12 of 19 up to 16
+])
+def test_uniform_rounds_the_groups_that_lose_channels_and_small_groups_keep_the_floor_rule(sparsity, want):
+    sizes = [16, 32, 6, 19]
+    orders = {g: (np.arange(n)[::-1], np.ones(n)) for g, n in enumerate(sizes)}  # the last channel goes first
+    keep = select.uniform(orders, sizes, sparsity)
+    assert {g: len(k) for g, k in keep.items()} == want
+    for kept in keep.values():  # the first channels of the removal order are the ones that go
+        np.testing.assert_array_equal(kept, np.arange(len(kept)))
+
+
+@pytest.mark.parametrize(("sparsity", "removed"), [(0.25, {16: 0, 32: 8}), (0.375, {16: 8, 32: 8})])
+def test_a_sparsity_keeps_channel_counts_in_blocks_of_eight(sparsity, removed):
+    """--sparsity rounds each kept count to the nearest multiple of 8 (issue 27: off the block, the shrunk model
+    ran slower than dense); the report's groups say how many each lost, and the shrunk model has those widths."""
+    model = zoo.conv_net(channels=(3, 16, 32))
+    x = zoo.random_inputs(4)
+    plan, masked, small = shrunk(model, sparsity)
+    kept = {plan.groups.sizes[g]: len(k) for g, k in plan.keep.items()}
+    assert all(k % select.ALIGN == 0 for k in kept.values())
+    entries = channels.summary(plan, model, small)["groups"]
+    assert {e["channels"]: e["removed"] for e in entries if not e["whole"]} == removed
+    widths = {t.name: t.dims[0] for t in small.graph.initializer if t.name.endswith(".weight") and len(t.dims) == 4}
+    assert widths == {"conv1.weight": 16 - removed[16], "conv2.weight": 32 - removed[32],
+                      "proj.weight": 32 - removed[32]}
+    np.testing.assert_allclose(run(small, x), run(masked, x), rtol=1e-4, atol=1e-5)
+
+
 def run_all(model, x) -> list[np.ndarray]:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"input": x})
@@ -314,7 +365,7 @@ HAZARDS = {
 
 
 @pytest.mark.parametrize("name", list(HAZARDS))
-def test_channel_hazards_are_pruned_exactly_or_stay_whole_with_the_reason(name):
+def test_channel_hazards_are_pruned_exactly_or_stay_whole_with_the_reason(name, block_of_one):
     """Each graph class that once gave a wrong model or a traceback: the shrunk model computes every output that
     the masked model (the same graph with the removed channels zeroed) computes, with the dense shapes."""
     model, feeds = zoo.CHANNEL_HAZARDS[name]()
@@ -337,7 +388,7 @@ def test_channel_hazards_are_pruned_exactly_or_stay_whole_with_the_reason(name):
 # every hazard is planned (kept whole, with its reason) in the test above; through a whole repair, four by default
 @pytest.mark.parametrize(("name", "fold_bn"), [pytest.param(name, True, marks=() if i < 3 else pytest.mark.slow)
                                               for i, name in enumerate(HAZARDS)] + [("se_bias", False)])
-def test_channel_hazards_through_the_repair_give_the_repaired_masked_outputs(name, fold_bn, tmp_path):
+def test_channel_hazards_through_the_repair_give_the_repaired_masked_outputs(name, fold_bn, tmp_path, block_of_one):
     """The whole repair (BN correction, which gives bias-less layers a bias, and BN folding) then save: the
     written model computes what the repaired masked model computed, with the input model's output shapes."""
     model, feeds = zoo.CHANNEL_HAZARDS[name]()
@@ -468,7 +519,7 @@ def test_cli_channels_checks_the_output_on_calibration_samples(tmp_path, capsys)
     assert count.params(onnx.load(str(out))) < count.params(model)
 
 
-def test_a_group_the_repaired_model_still_uses_stays_whole_with_the_reason():
+def test_a_group_the_repaired_model_still_uses_stays_whole_with_the_reason(block_of_one):
     """A removed filter that is not zero any more (the repair changed it) cannot be sliced away: that group stays
     whole at shrinking, the report says why, and the shrunk model computes what the changed masked one does;
     check_shrunk refuses a model that computes something else."""
@@ -541,7 +592,7 @@ def test_real_graphs_are_pruned_into_models_that_run_with_the_input_shapes(name,
     assert {k: v.shape for k, v in outputs[1].items()} == {k: v.shape for k, v in outputs[0].items()}
 
 
-def test_silu_is_channel_wise_not_a_gate():
+def test_silu_is_channel_wise_not_a_gate(block_of_one):
     """x * Sigmoid(x) multiplies a group by itself: the groups are plain (not se-gate) and shrink exactly."""
     model, feeds = zoo.channels_silu()
     x = feeds["input"]
@@ -552,7 +603,7 @@ def test_silu_is_channel_wise_not_a_gate():
     np.testing.assert_allclose(run(small, x), torch_run(small, x), rtol=1e-4, atol=1e-5)
 
 
-def test_weights_in_constant_nodes_are_counted():
+def test_weights_in_constant_nodes_are_counted(block_of_one):
     """An old exporter's Constant-node weights count as parameters (they were 0 before, and the shrunk model's
     initializers made the count grow)."""
     model, feeds = zoo.constant_weights(9)
