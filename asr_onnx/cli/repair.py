@@ -38,7 +38,8 @@ def default_output(model: str) -> Path:
 @click.option("--calib", "calib_path", required=False, help="Calibration data: image folder, .npy/.npz, or IDX files.")
 @click.option("-o", "--output", help="Output model. Default: MODEL.repaired.onnx beside the input.")
 @click.option("--sparsity", default="0.9", show_default=True,
-              help="Fraction of prunable weights set to zero (--pattern channels: of each group's channels removed).")
+              help="Fraction of prunable weights set to zero (--pattern channels: of each group's channels removed, "
+                   "each kept count rounded to the nearest multiple of 8).")
 @click.option("--pattern", default="global", show_default=True,
               help="global, uniform, N:M (e.g. 2:4) or channels (remove whole output channels and shrink the graph).")
 @click.option("--flops-target", type=float,

@@ -64,8 +64,9 @@ def plan(model, *, sparsity: float | None = None, flops_target: float | None = N
 
     Args:
         model: the dense onnx.ModelProto.
-        sparsity: the fraction of each prunable group's channels removed (floor of it per group). Defaults to
-            None; exactly one of ``sparsity`` and ``flops_target`` is given.
+        sparsity: the fraction of each prunable group's channels removed (floor of it per group, then the kept
+            count rounded to a multiple of 8 by :func:`select.aligned_nearest`). Defaults to None; exactly one
+            of ``sparsity`` and ``flops_target`` is given.
         flops_target: the fraction of multiply-accumulates to keep; channels are removed globally in the
             order of their normalised score until it is reached. Defaults to None.
         score: "magnitude", "bn-scale" or "greedy" (see :mod:`asr_onnx.prune.channels.select`). Defaults to
@@ -167,7 +168,8 @@ def _greedy(model, graph, groups: Groups, prunable, calib, *, batch_size, device
 def summary(channel_plan: ChannelPlan, before, after, whole: dict | None = None) -> dict:
     """The report's ``channels`` entry: every group, and params and MACs of the dense and the shrunk model.
 
-    Each group says whether it stays ``whole`` and, when it does, the ``reason``.
+    Each group gives its ``channels`` and how many of them were ``removed`` (0 where rounding to a block of 8
+    kept them all), whether it stays ``whole`` and, when it does, the ``reason``.
 
     Args:
         whole: planned group -> why shrinking left it whole after all (:attr:`Shrunk.whole`). Defaults to none.
