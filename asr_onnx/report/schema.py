@@ -376,17 +376,19 @@ LAMBDA_RULE = Opt(AnyOf(Str(), Num(), what="a rule's name or a number"))
 
 
 @dataclass(frozen=True)
-class Candidate(_Base):
+class Picked(Scores):
+    """A candidate's held-out :class:`Scores`, and whether it tied with the best."""
+
+    tied: bool | None = spec(Opt(Bool()))
+
+
+@dataclass(frozen=True)
+class Candidate(Picked):
     """One method ``auto`` scored."""
 
     method: str | None = spec(TEXT)
     placement: str | None = spec(TEXT)
     lambda_rule: str | float | None = spec(LAMBDA_RULE)
-    agreement: float | None = spec(SHARE)
-    logit_rel_l2: float | None = spec(ERROR)
-    standardised_error: float | None = spec(ERROR)
-    detection_f1: float | None = spec(SHARE)
-    tied: bool | None = spec(Opt(Bool()))
 
 
 @dataclass(frozen=True)
@@ -399,15 +401,10 @@ class Auto(_Base):
 
 
 @dataclass(frozen=True)
-class RefitCandidate(_Base):
+class RefitCandidate(Picked):
     """The refit or no refit, as ``--reconstruct auto`` scored it."""
 
     reconstruct: str | None = spec(TEXT)
-    agreement: float | None = spec(SHARE)
-    logit_rel_l2: float | None = spec(ERROR)
-    standardised_error: float | None = spec(ERROR)
-    detection_f1: float | None = spec(SHARE)
-    tied: bool | None = spec(Opt(Bool()))
 
 
 @dataclass(frozen=True)
