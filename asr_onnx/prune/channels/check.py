@@ -78,12 +78,9 @@ def save_check(dense, data, *, device: str = "cpu", half_io: bool = False) -> Ca
     return check
 
 
-FLOATS = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
-
-
 def _run(model, feeds: dict, what: str, device: str) -> list:
     """(name, array) of every output; one ``error:`` line when the model cannot be loaded or run. Float feeds
-    take the float type of the model's input (a float16 model input under ``--fp16-io``)."""
+    take the float type of the model's input (a float16 model input under ``--fp16-io``: the Runner casts)."""
     from asr_onnx.model.session import Runner
 
     try:
@@ -91,8 +88,6 @@ def _run(model, feeds: dict, what: str, device: str) -> list:
     except AsrError as e:
         raise AsrError(f"{what} cannot be loaded in onnxruntime: {first_line(e)}") from None
     with session:
-        cast = {i.name: FLOATS[i.type] for i in session.inputs if i.type in FLOATS}
-        feeds = {k: v.astype(cast[k]) if k in cast and v.dtype.kind == "f" else v for k, v in feeds.items()}
         try:
             return list(session.run(None, feeds).items())
         except AsrError as e:
