@@ -192,6 +192,10 @@ def of_repair(job, calib=None) -> Verdict | None:
         return None
     result = evaluate(job.result, calib, reference=job.dense, device=job.device, progress=False,
                       batch_size=job.batch_size, output_kind=job.output_kind, engine=job.engine)
-    why = (f"the guard scored the float32 repair, before {cast}" if cast and guard.get("metric") else guard.get("skipped")
-           or ("the guard is off" if job.settings.get("method") != "none" else "nothing was repaired"))
+    if cast and guard.get("metric"):
+        why = f"the guard scored the float32 repair, before {cast}"
+    elif guard.get("skipped"):
+        why = guard["skipped"]
+    else:
+        why = "the guard is off" if job.settings.get("method") != "none" else "nothing was repaired"
     return from_result(result, data=f"the {len(calib)} calibration samples, not held out ({why})", settings=settings)
