@@ -79,7 +79,7 @@ def choose_reconstruction(job, calib, recipe, *, folds: int = RECONSTRUCT_FOLDS)
     measure = {"sequential": recipe.sequential, "reference": recipe.reference}
     seed = recipe.seed
 
-    def fitted(fit):
+    def fitted(_, fit):
         for refit in RECONSTRUCT_CANDIDATES:
             probe = fit_probe(job, fit, seed=seed, measure=measure if correct else None,
                               reconstruct={"method": refit, "max_gram_mb": recipe.max_gram_mb,
@@ -112,7 +112,8 @@ def _pick_scored(names: list[dict], scored: list) -> tuple[dict, list[dict]]:
 
 
 def held_out_scores(job, calib, variants, *, folds: int, seed: int, measure: dict | None,
-                    reconstruct: dict | None = None, batch_size: int | None = None, shared: list | None = None):
+                    reconstruct: dict | None = None, batch_size: int | None = None, shared: list | None = None,
+                    refitted: list | None = None):
     """Scores every variant on every calibration sample, each time with a probe fitted on the other folds.
 
     Args:
@@ -128,13 +129,20 @@ def held_out_scores(job, calib, variants, *, folds: int, seed: int, measure: dic
         batch_size: samples per evaluation run. Defaults to None (evaluate's own default).
         shared: as for :func:`cross_fit`; here each fold's entry also keeps the dense statistics of its fit
             part ("dense_stats"), which every later call on the same folds reuses. Defaults to None.
+        refitted: per fold, the model as pruned and refitted on that fold's fit part only, which its probe starts
+            from instead of refitting (see :func:`asr_onnx.refit.reconstruct.reconstruct`'s ``held_out``), or
+            None. Defaults to None.
 
     Returns:
         as for :func:`cross_fit`.
     """
-    def fitted(fit, cache=None):
+    if refitted is not None and (reconstruct is not None or len(refitted) != folds):
+        raise AsrError(f"{len(refitted)} refitted models for {folds} folds, or a refit asked for on top of them")
+
+    def fitted(k, fit, cache=None):
         dense_stats = None if cache is None else cache.get("dense_stats")
-        probe = fit_probe(job, fit, seed=seed, measure=measure, reconstruct=reconstruct, dense_stats=dense_stats)
+        probe = fit_probe(job, fit, seed=seed, measure=measure, reconstruct=reconstruct, dense_stats=dense_stats,
+                          start=None if refitted is None else refitted[k])
         if cache is not None and measure is not None:
             cache["dense_stats"] = probe.measurement.dense
         return (variant(probe) for variant in variants)
@@ -142,7 +150,8 @@ def held_out_scores(job, calib, variants, *, folds: int, seed: int, measure: dic
     return cross_fit(job, calib, fitted, len(variants), folds=folds, seed=seed, batch_size=batch_size, shared=shared)
 
 
-def fit_probe(job, fit, *, seed: int, measure: dict | None, reconstruct: dict | None = None, dense_stats=None):
+def fit_probe(job, fit, *, seed: int, measure: dict | None, reconstruct: dict | None = None, dense_stats=None,
+              start=None):
     """A :meth:`Repair.fork` of ``job`` fitted on ``fit`` only.
 
     Args:
@@ -155,8 +164,13 @@ def fit_probe(job, fit, *, seed: int, measure: dict | None, reconstruct: dict | 
             shares ``job``'s pruned model. Defaults to None.
         dense_stats: the dense statistics of ``fit``, measured earlier with the same seed (see
             :meth:`Repair.measure`), or None to measure them. Defaults to None.
+        start: the model as pruned and already refitted on ``fit`` only, which the probe starts from (with
+            ``reconstruct`` None), or None. Defaults to None.
     """
-    probe = job.fork(batch_size=min(job.batch.requested, len(fit)), progress=False, refit=reconstruct is None)
+    probe = job.fork(batch_size=min(job.batch.requested, len(fit)), progress=False,
+                     refit=reconstruct is None and start is None)
+    if start is not None:
+        probe.pruned = start
     if reconstruct is not None:
         probe.reconstruct(fit, **reconstruct)
     if measure is not None:
@@ -171,7 +185,7 @@ def cross_fit(job, calib, fitted, count: int, *, folds: int, seed: int, batch_si
     Args:
         job: the Repair whose dense model is the reference (its ``output_kind`` names outputs' kinds).
         calib: the calibration set (needs ``folds``).
-        fitted: ``fit set -> iterable of count onnx.ModelProto``, each fitted on that set only (an
+        fitted: ``(fold index, fit set) -> iterable of count onnx.ModelProto``, each fitted on that set only (an
             iterator is evaluated model by model, so one variant's probe at a time is held).
         count: how many models ``fitted`` gives.
         folds: how many parts; each sample is held out once.
@@ -180,7 +194,7 @@ def cross_fit(job, calib, fitted, count: int, *, folds: int, seed: int, batch_si
         shared: one dict per fold that outlives this call, for several calls on the same folds, seed and
             batch size (a search's probes at several sparsities): the dense model's outputs on each
             held-out part are kept there by the first call and reused by the next, and ``fitted`` is then
-            called as ``fitted(fit, that fold's dict)``. Defaults to None (nothing kept).
+            called as ``fitted(k, fit, that fold's dict)``. Defaults to None (nothing kept).
 
     Returns:
         per variant, its :class:`asr_onnx.verify.scoring.Scores` on every held-out sample against the dense model
@@ -202,7 +216,7 @@ def cross_fit(job, calib, fitted, count: int, *, folds: int, seed: int, batch_si
         cache = None if shared is None else shared[k]
         # filled by the first evaluation, reused by the others (and by later calls, when shared)
         dense_outputs: list = [] if cache is None else cache.setdefault("dense_outputs", [])
-        for i, model in enumerate(fitted(fit) if cache is None else fitted(fit, cache)):
+        for i, model in enumerate(fitted(k, fit) if cache is None else fitted(k, fit, cache)):
             result = evaluate(model, held, reference=job.dense, device=job.device, progress=False,
                               reference_logits=dense_outputs, per_sample=True, engine=job.engine,
                               output_kind=job.output_kind, **sizing)

@@ -20,7 +20,7 @@ from asr_onnx.model.engine import LocalEngine
 from asr_onnx.model.files import load_model, save_model
 from asr_onnx.model.requantize import QDQ_CHANNELS, HeldInFloat
 from asr_onnx.pipeline.crossfit import AUTO_CANDIDATES, PICK_RULE, choose, choose_reconstruction
-from asr_onnx.pipeline.guard import guard_repair
+from asr_onnx.pipeline.guard import HeldOutRefits, guard_repair, held_out_parts
 from asr_onnx.pipeline.recipe import Recipe
 from asr_onnx.progress import stage_done
 from asr_onnx.prune.channels import masked
@@ -71,6 +71,7 @@ class Repair:
         # auto_pick: auto()'s held-out pick; quantization: the report's entry after to_int8 or a QDQ requantization
         self.evaluation = self.recipe = self.auto_pick = self.verdict = self.quantization = None
         self.refit_method, self.half_io = "none", False  # the refit that ran ("ls" or "none"); float16 inputs, outputs
+        self.held_out_refits: HeldOutRefits | None = None  # the guard's fold refits, from the refit's own passes
         # channel pruning: the plan, the report's entry, and the samples the result is run on before it is written
         self.channel_plan = self.channel_report = self.channel_data = None
         # layer name -> dense weight, read once; (pruned model, its measure.SiteMap), found once per pruned model
@@ -184,9 +185,12 @@ class Repair:
         if method == "ls":
             fit = calib.take(samples, seed) if 0 < samples < len(calib) else calib
             self.batch.check(len(fit))
+            parts = held_out_parts(fit, probes, self.specs)
             with self._timed("reconstruct"):
-                self.pruned, self.refits, split, _ = reconstruct(self.dense, self.pruned, fit, max_gram_mb=max_gram_mb,
-                                                                 passes=passes, **self._options())
+                self.pruned, self.refits, split, _, without = reconstruct(
+                    self.dense, self.pruned, fit, max_gram_mb=max_gram_mb, passes=passes, held_out=parts,
+                    **self._options())
+            self.held_out_refits = HeldOutRefits(fit, seed, without) if parts else None
             self.timings.update({f"reconstruct_{k}": v for k, v in split.items()})
         return self
 

@@ -27,6 +27,38 @@ FOLDS = 2
 
 
 @dataclass(frozen=True)
+class HeldOutRefits:
+    """The repair's refit without each held-out part of ``calib.folds(FOLDS, seed)``, solved from the Gram sums
+    of its own passes (:func:`asr_onnx.refit.reconstruct.reconstruct`'s ``held_out``): the guard's probes start
+    from them instead of refitting on each fit half.
+
+    Attributes:
+        calib: the calibration set the parts are of.
+        seed: the folds' seed.
+        models: per fold, the pruned model refitted on its fit part.
+    """
+
+    calib: object
+    seed: int
+    models: list
+
+    def serve(self, calib, seed: int) -> list | None:
+        """The models, when the guard holds out the same parts of the same set; else None."""
+        return self.models if calib is self.calib and seed == self.seed else None
+
+
+def held_out_parts(calib, recipe: Recipe, specs) -> list | None:
+    """The parts the guard will hold out, when the refit can fit the guard's models in its own passes (the
+    guard on, one pass per level, every sample refitted on, any batch size, enough samples), else None."""
+    from asr_onnx.calib.specs import fixed_batch
+
+    if (recipe.guard == "off" or recipe.refit_passes or recipe.refit_samples or not hasattr(calib, "folds")
+            or fixed_batch(specs) or len(calib) < 2 * FOLDS):
+        return None
+    return [held for _, held in calib.folds(FOLDS, recipe.seed)]
+
+
+@dataclass(frozen=True)
 class GuardVerdict:
     """What the guard found: the report's ``settings["guard"]`` entry, and whether to keep pruning alone."""
 
@@ -72,18 +104,19 @@ def guard_repair(job, calib, recipe: Recipe, mode: str = "fallback", *, seed: in
     if skipped:
         return GuardVerdict({"mode": mode, "held_out": 0, "kept": "repair", "skipped": skipped})
     correction, reconstruct = recipe.correction(), recipe.refit()
+    refitted = None if reconstruct is None or job.held_out_refits is None else job.held_out_refits.serve(calib, seed)
     if reconstruct is not None:
         reconstruct["seed"] = seed
     start = time.perf_counter()
     variants = [lambda probe: probe.correct(**correction).fold().output, lambda probe: job.pruned_alone]
     found = held_out_scores(job, calib, variants, folds=FOLDS, seed=seed, batch_size=job.batch_size,
                             measure={"sequential": recipe.sequential, "reference": recipe.reference},
-                            reconstruct=reconstruct)
+                            reconstruct=None if refitted else reconstruct, refitted=refitted)
     verdict, loses = judge(found)
     kept = "pruned" if mode == "fallback" and loses else "repair"
     entry = {"mode": mode, "held_out": len(calib), "folds": FOLDS, "metric": found[0].primary()[0],
              "agreement_classes": found[0].classes, "repair": found[0].entry(), "pruned": found[1].entry(),
-             "repair_refitted": reconstruct is not None,
+             "repair_refitted": reconstruct is not None, "refit_in_repair_passes": refitted is not None,
              "verdict": verdict, "repair_loses": bool(loses), "kept": kept, "cost_s": round(time.perf_counter() - start, 4),
              "rule": f"held out by {FOLDS}-fold cross-fitting; top-1 agreement first (a detector: detection F1; "
                      f"where neither means something, none), then each sample's squared error over all outputs "

@@ -41,7 +41,8 @@ MAX_GRAM_MACS = 1e13
 MAX_BATCH_BYTES = 2**30
 
 
-def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, damping: float = DAMPING):
+def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, damping: float = DAMPING,
+               with_cond: bool = True):
     """The ridge refit of every output row on its kept inputs.
 
     Args:
@@ -49,6 +50,8 @@ def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, dampin
         keep: the same shape, True where a weight survives pruning.
         gram: the layer's sums, groups along the first axis of ``xtx`` and ``xty``.
         damping: λ as a fraction of the mean diagonal of each group's XᵀX. Defaults to 0.01.
+        with_cond: compute the damped Gram's condition number (an eigendecomposition, as costly as the solve).
+            Defaults to True; without it ``cond`` is None.
 
     Returns:
         (refitted rows, zero where ``keep`` is False; a dict with err_before, err_after and cond).
@@ -57,7 +60,7 @@ def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, dampin
     dense_rows = dense_rows.astype(np.float64)
     rows = np.where(keep, dense_rows, 0.0)
     before = after = 0.0
-    cond = 1.0
+    cond: float | None = 1.0 if with_cond else None
     for g in range(groups):
         xtx, xty = gram.xtx[g], gram.xty[g]
         lam = damping * float(np.mean(np.diag(xtx)))
@@ -71,8 +74,9 @@ def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, dampin
             for m, kept in enumerate(masks):  # rows with one mask (all of them, after channel pruning) share a solve
                 same = np.flatnonzero(which.reshape(-1) == m)
                 rows[g * per_group + same] = _solve_kept(damped, inverse, rhs[same], kept)
-            eig = np.linalg.eigvalsh(damped)
-            cond = max(cond, float(eig[-1] / max(eig[0], lam)))
+            if cond is not None:
+                eig = np.linalg.eigvalsh(damped)
+                cond = max(cond, float(eig[-1] / max(eig[0], lam)))
         before += _residual(old, xtx, xty)
         after += _residual(rows[block], xtx, xty)
     total = float(gram.yy.sum())
@@ -197,7 +201,8 @@ def calib_shapes(model, calib) -> dict:
 
 def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", threads: int = 0,
                 progress: bool = False, max_gram_mb: float = 256.0, damping: float = DAMPING, passes: int = 0,
-                frontier_mb: float = 0.0, max_frontier_mb: float = 8192.0, row_scales: list | None = None):
+                frontier_mb: float = 0.0, max_frontier_mb: float = 8192.0, row_scales: list | None = None,
+                held_out: list | None = None):
     """Refits every prunable layer of ``pruned``, level by level, against ``dense``.
 
     A layer is left as it is when it lost no weight and nothing upstream changed (its refit is itself).
@@ -227,13 +232,22 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
         row_scales: per layer, a factor per output row (or None) by which ``pruned``'s weights differ from
             the dense frame the refit solves in (a correction folded into the layer, see :func:`row_scales`):
             each refitted row is written times it, so that the layer keeps its correction. Defaults to None.
+        held_out: ``calib`` cut into disjoint parts that cover it (the held-out parts of ``calib.folds``), or
+            None. The passes then run part by part and keep each part's Gram sums, and every layer is also
+            refitted, for each part, on the other parts' sums alone: the models a cross-fitted check holds that
+            part out from, for the price of their solves and no pass more. Their layers' inputs are those of the
+            network refitted on every part (docs/methods.md, "The guard's refits"). Needs ``passes`` 0.
+            Defaults to None.
 
     Returns:
         (the refitted onnx.ModelProto, per layer a dict: err_before, err_after, gram_size, cond, or
-        skipped; timings {"gram": s, "solve": s}; the provider, or None when no pass ran).
+        skipped; timings {"gram": s, "solve": s}; the provider, or None when no pass ran; per part of
+        ``held_out``, ``pruned`` refitted without that part, or [] without ``held_out``).
     """
     from asr_onnx.model.graph import find_layers, to_graph, to_model
 
+    if held_out is not None and (passes or row_scales is not None or sum(map(len, held_out)) != len(calib)):
+        raise AsrError("held-out refits need one pass per level, no row scales, and parts that cover the set")
     graph = to_graph(pruned)
     layers = find_layers(graph)
     levels = layer_levels(graph, layers)
@@ -246,6 +260,8 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
     shapes = calib_shapes(pruned, calib)
     works = [gram_work(layer, shapes.get(layer.node.inputs[0].name), shapes.get(layer.output.name)) for layer in layers]
     fixed = fixed_batch(input_specs(pruned))
+    if held_out is not None and fixed:
+        raise AsrError("held-out refits need a model that takes any batch size")
     reasons = [skip_reason(layer, uses[layer.weight.name] > 1, max_gram_mb) or work_reason(work, len(calib), fixed or 1)
                for layer, work in zip(layers, works)]
     if not fixed:  # each batch's run stays short, so that a signal ends the refit at once
@@ -254,6 +270,8 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
     refits: list[dict] = [{} for _ in layers]
     changed = [bool((layer.weight.values != d).any()) for layer, d in zip(layers, dense_values)]
     timings, provider, model = {"gram": 0.0, "solve": 0.0}, None, pruned
+    parts = [calib] if held_out is None else list(held_out)
+    held_rows: list[dict] = [{} for _ in (held_out or [])]  # per part, layer index -> rows refitted without it
     options = dict(batch_size=batch_size, device=device, threads=threads, progress=progress)
     walk = None
     try:
@@ -275,14 +293,16 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
             if passes:
                 grams, provider = accumulate(dense, model, todo, calib, desc=f"gram {level + 1}", shapes=shapes,
                                              **options)
+                per_part = [grams]
             else:
                 if walk is None:
                     walk = _Walk(dense, pruned, options, frontier_mb, max_frontier_mb, shapes)
                 later = any(levels[j] > level and reasons[j] is None for j in range(len(layers)))
-                grams, provider = walk.grams(todo, calib, level, keep=later)
+                per_part, provider = walk.grams(todo, parts, level, keep=later)
+                grams = [_merged(sums) for sums in zip(*per_part)]
             timings["gram"] += time.perf_counter() - start
             start = time.perf_counter()
-            for i, gram in zip(todo, grams):
+            for n, (i, gram) in enumerate(zip(todo, grams)):
                 layer = layers[i]
                 if not all(np.isfinite(a).all() for a in (gram.xtx, gram.xty, gram.yy)):
                     refits[i] = {"skipped": "its Gram sums overflow float32 (activations too large to square)"}
@@ -294,6 +314,12 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
                     raise AsrError(f"the refit of layer {layer.name} is not finite")
                 if row_scales is not None and row_scales[i] is not None:
                     new_rows = new_rows * row_scales[i][:, None]
+                for k, rows_without in enumerate(held_rows):  # the same refit, on the sums of the other parts
+                    rest = _merged([sums[n] for j, sums in enumerate(per_part) if j != k])
+                    fitted = refit_rows(rows, keep, rest, damping, with_cond=False)[0].astype(np.float32)
+                    if not np.isfinite(fitted).all():
+                        raise AsrError(f"the held-out refit of layer {layer.name} is not finite")
+                    rows_without[i] = from_rows(layer, fitted)
                 layer.weight.values = from_rows(layer, new_rows.astype(np.float32))
                 if walk is not None:
                     walk.both.set_weight(i, layer.weight.values)
@@ -305,7 +331,27 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
     finally:
         if walk is not None:
             walk.store.close()
-    return (to_model(graph, pruned) if any(changed) else pruned), refits, timings, provider
+    without = [_with_weights(pruned, rows_without) for rows_without in held_rows]
+    return (to_model(graph, pruned) if any(changed) else pruned), refits, timings, provider, without
+
+
+def _merged(sums: list[GramStats]) -> GramStats:
+    """The Gram sums of several disjoint parts of the rows."""
+    total = sums[0]
+    for more in sums[1:]:
+        total = total.merge(more)
+    return total
+
+
+def _with_weights(model, weights: dict):
+    """``model`` with the weights ``weights`` (layer index in find_layers order -> values) in place of its own."""
+    from asr_onnx.model.graph import find_layers, to_graph, to_model
+
+    graph = to_graph(model)
+    for i, layer in enumerate(find_layers(graph)):
+        if i in weights:
+            layer.weight.values = weights[i]
+    return to_model(graph, model)
 
 
 def _rows(layer):
@@ -387,23 +433,26 @@ class _Walk:
         self.store, self.cap = BatchStore(frontier_mb), max_frontier_mb * 2**20
         self.held = [t.name for t in self.both.graph.inputs]
         self.fixed = fixed_batch(input_specs(pruned))
+        self.part_of: list[int] = []  # per batch of the passes, the part of the calibration set it is from
 
 
-    def grams(self, todo: list[int], calib, level: int, keep: bool):
-        """Runs both networks from the held frontier to depth ``level``, returns the Gram sums of ``todo``
-        and, with ``keep``, holds the frontier at ``level`` for the next pass (unless it would exceed
-        ``max_frontier_mb``: the next pass then starts from the frontier held now)."""
+    def grams(self, todo: list[int], parts: list, level: int, keep: bool):
+        """Runs both networks from the held frontier to depth ``level``, returns per part of the calibration set
+        (``parts``, run one after the other) the Gram sums of ``todo`` and, with ``keep``, holds the frontier at
+        ``level`` for the next pass (unless it would exceed ``max_frontier_mb``: the next pass then starts from
+        the frontier held now)."""
         from asr_onnx.model.session import Runner, batches
 
         wanted = self.both.frontier(level) if keep else []
         produced = [n for n in wanted if n not in self.held]
         batch_size, fixed = self.options["batch_size"], self.fixed
         if self.at < 0:
-            feeds, total = calib, -(-len(calib) // batch_size)
+            self.part_of = []  # the part of each batch, in the order the store keeps them
+            feeds, total = self._from_parts(parts, batch_size), sum(-(-len(part) // batch_size) for part in parts)
         else:
             feeds, total = (self.store.get(i) for i in range(len(self.store))), len(self.store)
         session = grams = None
-        totals: list = [None] * len(todo)
+        totals: list = [[None] * len(todo) for _ in parts]
         try:
             for index, (_, feed) in enumerate(batches(feeds, batch_size, fixed=fixed if self.at < 0 else None,
                                                       desc=f"gram {level + 1}", progress=self.options["progress"],
@@ -417,7 +466,7 @@ class _Walk:
                     needed = [i.name for i in session.inputs]
                     outputs = [name for gram in grams for name in gram.names] + produced
                 values = session.run(outputs, {n: feed[n] for n in needed})
-                add_batch(totals, grams, values)
+                add_batch(totals[self.part_of[index]], grams, values)
                 if keep and index == 0:  # the frontier of every batch is about the size of the first one's
                     size = sum((values[n] if n in produced else feed[n]).nbytes for n in wanted)
                     keep = size * total <= self.cap
@@ -431,7 +480,16 @@ class _Walk:
                 session.close()
         if keep:
             self.held, self.at = wanted, level
+        if any(total is None for sums in totals for total in sums):
+            raise AsrError("a part of the calibration set has no batch to refit on")
         return totals, provider
+
+    def _from_parts(self, parts: list, batch_size: int):
+        """The batches of every part in turn, the part of each recorded in ``part_of`` as it is read."""
+        for k, part in enumerate(parts):
+            for feed in part.batches(batch_size):
+                self.part_of.append(k)
+                yield feed
 
 
 def _upstream_changed(layer, graph, layers, changed) -> bool:
@@ -466,5 +524,5 @@ def refit_corrected(dense, pruned, corrected, calib, **options) -> tuple:
     if corrected is None:
         raise AsrError("refit_corrected() needs a corrected output: run fold() first")
     scales = row_scales(pruned, corrected)
-    refitted, refits, split, _ = reconstruct(dense, corrected, calib, row_scales=scales, **options)
+    refitted, refits, split, _, _ = reconstruct(dense, corrected, calib, row_scales=scales, **options)
     return unscaled_refit(pruned, refitted, scales, refits), refits, split

@@ -364,6 +364,7 @@ class Guard(_Base):
     repair: Scores | None = spec(Opt(Section(Scores)))
     pruned: Scores | None = spec(Opt(Section(Scores)))
     repair_refitted: bool | None = spec(Opt(Bool()))
+    refit_in_repair_passes: bool | None = spec(Opt(Bool()))  # the fold refits solved from the repair's own passes
     verdict: str | None = spec(TEXT)
     repair_loses: bool | None = spec(Opt(Bool()))
     kept: str | None = spec(TEXT)
