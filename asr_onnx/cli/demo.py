@@ -17,8 +17,9 @@ from asr_onnx.cli.common import run_options
 @click.option("--eval-size", type=click.IntRange(min=1), help="Evaluate on the first N bundled test images. Default: all 2,000.")
 @run_options(batch_size=False, preprocess=False)
 def demo_command(model, sparsity, pattern, models_dir, eval_size, run):
-    """Prune a sample model and compare none, bn, lw, naive and asr on the bundled eval set."""
-    from asr_onnx.pipeline.demo import load_demo
+    """Prune a sample model, compare none, bn, lw, naive and asr on the bundled eval set, then run `repair`'s
+    default (LAMP, the least-squares refit, exact BN recalibration and the guard)."""
+    from asr_onnx.pipeline.demo import default_repair, load_demo
     from asr_onnx.pipeline.sweep import Grid, run_sweep
 
     proto, calib, eval_data = load_demo(model, models_dir, eval_size)
@@ -32,3 +33,8 @@ def demo_command(model, sparsity, pattern, models_dir, eval_size, run):
         seconds = row["repair_s"] + (row["measure_s"] if row["method"] != "none" else 0)
         click.echo(f"{row['method']:<8} {100 * row['top1']:>6.2f}% {100 * row['agreement']:>6.1f}% {seconds:>6.2f}s")
     click.echo("time = measurement (shared by the methods) + correction + fold; top-1 on the bundled test subset")
+    job, seconds = default_repair(proto, calib, eval_data, sparsity, pattern, device=run.device)
+    click.echo(f"{'default':<8} {100 * job.evaluation['top1']:>6.2f}% {100 * job.evaluation['agreement']:>6.1f}% "
+               f"{seconds:>6.2f}s")
+    click.echo(f"default = `asr-onnx repair`'s: {job.settings['allocation']} allocation, least-squares refit, exact BN "
+               f"recalibration, the guard (kept: {job.settings['guard']['kept']}); time = the whole repair")

@@ -44,16 +44,18 @@ def default_output(model: str) -> Path:
               help="global, uniform, N:M (e.g. 2:4) or channels (remove whole output channels and shrink the graph).")
 @click.option("--flops-target", type=float,
               help="With --pattern channels: the fraction of multiply-accumulates to keep, instead of --sparsity.")
-@click.option("--allocation", default="global", show_default=True, type=click.Choice(["global", "lamp", "uniform"]),
-              help="How the sparsity is split between layers: one |w| threshold, LAMP scores, or per layer.")
-@click.option("--score", default="magnitude", show_default=True,
-              type=click.Choice(["magnitude", "wanda", "rownorm", "bn-scale", "greedy"]),
+@click.option("--allocation", type=click.Choice(["global", "lamp", "uniform"]),
+              help="How the sparsity is split between layers: one |w| threshold, LAMP scores, or per layer. "
+                   "Default: lamp for --pattern global (N:M and channels fix each layer's own).")
+@click.option("--score", type=click.Choice(["magnitude", "wanda", "rownorm", "bn-scale", "greedy"]),
               help="How weights are ranked: |w|, Wanda's |w| times its input channel's norm (needs --calib), or "
                    "rownorm, |w| over its output channel's weight norm (blind to a folded BN's gamma/sigma); "
-                   "channels: the L1 of their filters, |gamma| of their BN, or greedy (ThiNet, needs --calib).")
-@click.option("--reconstruct", default="none", show_default=True, type=click.Choice(["none", "ls", "auto"]),
+                   "channels: the L1 of their filters, |gamma| of their BN, or greedy (ThiNet, needs --calib). "
+                   "Default: magnitude; greedy for --pattern channels with --calib.")
+@click.option("--reconstruct", type=click.Choice(["none", "ls", "auto"]),
               help="ls: refit the kept weights of each layer by least squares on the calibration set; auto: "
-                   "refit only when that is better on held-out calibration data (2 folds).")
+                   "refit only when that is better on held-out calibration data (2 folds); none: the statistics "
+                   "alone. Default: ls, or none with --method none (pruning alone).")
 @click.option("--refit-samples", default=0, show_default=True, type=click.IntRange(min=0),
               help="With --reconstruct ls or auto, refit on a seeded N of the calibration samples (0: all); "
                    "the refit's cost falls in proportion, recalibration still uses them all.")
@@ -126,6 +128,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     from asr_onnx.report.schema import from_dict
 
     recal, momentum = parse_recal(recal_mode)
+    allocation, score, reconstruct = resolved_defaults(pattern, method, allocation, score, reconstruct,
+                                                       has_data=bool(calib_path))
     kinds = parse_output_kinds(output_kind)
     check_report_path(report_path)
     if int8 and (fp16 or fp16_io):
@@ -157,7 +161,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     if int8 and job.qdq is not None:
         raise AsrError("--int8: the model is quantized already (QDQ weights); its repair keeps them int8 without --int8")
     check_sparsity(sparsity)  # a bad pattern or score fails before any data is read
-    if allocation != "global" and (channels or Pattern.parse(pattern).kind == "nm"):
+    if allocation not in ("global", None) and (channels or Pattern.parse(pattern).kind == "nm"):
         raise click.BadParameter(f"it splits an unstructured sparsity between layers; --pattern {pattern} fixes each "
                                  "layer's own", param_hint=f"--allocation {allocation}")
     if not channels:
@@ -174,7 +178,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
         calib = run.open_data(calib_path, job.dense, limit=calib_size, seed=seed)
     if method != "none":
         dense_stats = load_stats(stats_path, stats_key(job.dense, calib)) if stats_path else None
-    job.prune(sparsity, pattern, exclude, keep_first, keep_last, allocation, score, calib, flops_target)
+    job.prune(sparsity, pattern, exclude, keep_first, keep_last, allocation or "global", score, calib, flops_target)
     if warning := emptied_warning(job.layers):
         click.echo(warning, err=True)
     recipe = Recipe(method=method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
@@ -211,6 +215,23 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
         if not quiet:
             say(summary(report, report_path))
             say(f"wrote {output}")
+
+
+def resolved_defaults(pattern: str, method: str, allocation: str | None, score: str | None,
+                      reconstruct: str | None, has_data: bool) -> tuple[str | None, str, str]:
+    """The defaults of the options left out: the best repair measured (benchmarks/RESULTS.md, "The default"),
+    LAMP's per-layer budget and the least-squares refit; for channels the greedy selection (given data) and
+    the refit; pruning alone (``--method none``) refits nothing unless asked. An allocation that the pattern
+    fixes stays None, so that only an explicit one is refused."""
+    kind = str(pattern).strip().lower()
+    channels = kind == "channels"
+    if allocation is None:
+        allocation = "lamp" if kind == "global" else None
+    if score is None:
+        score = "greedy" if channels and has_data else "magnitude"
+    if reconstruct is None:
+        reconstruct = "none" if method == "none" else "ls"
+    return allocation, score, reconstruct
 
 
 def parse_recal(text: str) -> tuple[str, float]:

@@ -52,13 +52,14 @@ def search_command(model, calib_path, output, min_agreement, max_error, resoluti
                    fold_bn, guard_mode, report_path, eval_path, eval_size, overwrite, quiet, run):
     """Find the highest sparsity of MODEL whose repair keeps a target agreement on held-out calibration
     samples, and write that model, repaired on all of them, with the trade-off table."""
-    from asr_onnx.cli.repair import parse_recal
+    from asr_onnx.cli.repair import parse_recal, resolved_defaults
     from asr_onnx.model.files import load_model
     from asr_onnx.outputs import Plan
     from asr_onnx.pipeline.sparsity_search import Target, search
     from asr_onnx.report.build import write_report
 
     recal, momentum = parse_recal(recal_mode)
+    allocation, score, reconstruct = resolved_defaults(pattern, method, allocation, score, reconstruct, has_data=True)
     if min_agreement is None and max_error is None:
         raise click.UsageError("give a target: --min-agreement A (classifiers) or --max-error E")
     Target(min_agreement, max_error).check()  # a target even the dense model misses: one line, no work
@@ -84,7 +85,7 @@ def search_command(model, calib_path, output, min_agreement, max_error, resoluti
     # a target no probe meets raises TargetMissed, an AsrError: one line, and nothing is written
     job, table = search(model, calib, min_agreement=min_agreement, max_error=max_error, resolution=resolution,
                         pattern=pattern, exclude=exclude, keep_first=keep_first, keep_last=keep_last,
-                        allocation=allocation, score=score, guard=guard_mode if method != "none" else "off",
+                        allocation=allocation or "global", score=score, guard=guard_mode if method != "none" else "off",
                         seed=seed, bench_batch=bench_batch, bench_runs=bench_runs, batch_size=run.batch_size,
                         device=run.device, progress=not quiet, threads=run.threads, on_probe=show,
                         method=method, placement=placement, recal=recal, momentum=momentum,

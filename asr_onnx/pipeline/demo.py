@@ -58,3 +58,23 @@ def load_demo(model: str = DEFAULT_MODEL, folder=None, eval_size: int | None = N
     calib = load_calib(root / "data" / "calib", proto)
     eval_data = load_calib(root / "data" / "eval.npz", proto)
     return proto, calib, eval_data.take(eval_size) if eval_size else eval_data
+
+
+def default_repair(model, calib, eval_data, sparsity: float, pattern: str, device: str = "auto"):
+    """`asr-onnx repair`'s default on ``model``: LAMP (for a global pattern), the least-squares refit, exact BN
+    recalibration with the head correction, and the guard; scored on ``eval_data``.
+
+    Returns:
+        (the finished, evaluated Repair, the repair's seconds without the evaluation).
+    """
+    import time
+
+    from asr_onnx.pipeline.driver import Repair
+    from asr_onnx.pipeline.recipe import Recipe
+
+    start = time.perf_counter()
+    job = Repair(model, device=device, progress=False)
+    job.prune(sparsity, pattern, allocation="lamp" if pattern == "global" else "global")
+    job.run(calib, recipe=Recipe(method="bn", reconstruct="ls", guard="fallback"))
+    seconds = time.perf_counter() - start
+    return job.evaluate(eval_data), seconds

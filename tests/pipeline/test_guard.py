@@ -171,7 +171,26 @@ def test_the_baseline_is_the_model_as_pruned_and_a_refit_worse_than_it_falls_bac
                 for m in (raw, job.pruned)]
     assert entry["pruned"]["logit_rel_l2"] == pytest.approx(on_calib[0], rel=1e-6) != on_calib[1]
     assert entry["repair_refitted"] and entry["verdict"] == "pruning alone better" and entry["kept"] == "pruned"
+    assert entry["refit_in_repair_passes"]  # one layer: its fold refits are exactly refits on each half
     assert job.output is job.pruned_alone
+
+
+def test_the_fold_refits_come_from_the_repair_passes_unless_the_refit_used_a_subset(tmp_path):
+    """The guard's fold models are solved from the repair's own Gram sums of each half; a refit on a subset
+    (--refit-samples) has no sums of the held-out half to leave out, so the guard refits each half itself."""
+    dense, _ = zoo.one_layer("gemm")
+    calib = _set(tmp_path, "calib", dense, np.random.default_rng(7).normal(0, 1, (40, 12)).astype(np.float32))
+    shared = Repair(dense, device="cpu", progress=False).prune(0.5).run(calib, "bn", reconstruct="ls", guard="warn")
+    subset = Repair(dense, device="cpu", progress=False).prune(0.5).run(calib, "bn", reconstruct="ls", guard="warn",
+                                                                         refit_samples=30)
+    assert shared.settings["guard"]["refit_in_repair_passes"] and shared.held_out_refits is not None
+    assert not subset.settings["guard"]["refit_in_repair_passes"] and subset.held_out_refits is None
+    from_passes = shared.settings["guard"]
+    shared.held_out_refits = None  # the same repair, the guard refitting each half from the model as pruned
+    halves = shared.guard(calib, "warn", seed=0).settings["guard"]
+    assert not halves["refit_in_repair_passes"]
+    for key in ("logit_rel_l2", "agreement"):  # one layer: the same fold models either way
+        assert halves["repair"][key] == pytest.approx(from_passes["repair"][key], rel=1e-4)
 
 
 @pytest.mark.parametrize("shift, scale", [(1.0, 3.0), pytest.param(2.0, 9.0, marks=pytest.mark.slow)])

@@ -271,7 +271,7 @@ def test_the_frontier_in_memory_on_disk_or_not_kept_gives_the_same_refit(tmp_pat
     dense, feeds = zoo.bn_kept()
     pruned = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.6).pruned
     runs = [reconstruct(dense, pruned, zoo.DictSet(feeds), batch_size=8, device="cpu", **options)[0]
-            for options in ({}, {"frontier_mb": 64}, {"max_frontier_mb": 0}, {"passes": 99})]
+            for options in ({"frontier_mb": 0}, {"frontier_mb": 64}, {"max_frontier_mb": 0}, {"passes": 99})]
     assert list(tmp_path.iterdir()) == []  # the folder is removed
     on_disk, in_memory = layers_of(runs[0]), layers_of(runs[1])
     assert all(np.array_equal(a.weight.values, b.weight.values) for a, b in zip(on_disk, in_memory))
@@ -509,3 +509,56 @@ def test_sigterm_during_a_refit_ends_it_at_once_and_leaves_nothing(stride, tmp_p
     assert took < STOP_S
     assert not [p.name for p in temp.iterdir() if p.name.startswith("asr-onnx")]
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["conv_shifted", "gemm"])
+def test_held_out_refits_of_one_layer_are_the_refits_on_the_other_part(kind):
+    """With ``held_out``, each part's model is refitted on the other parts' sums alone: for a layer whose
+    input no refit changes, exactly the refit on the other part (the oracle: reconstruct on that part alone),
+    while the model refitted on every part is the same as without parts."""
+    from asr_onnx.refit.reconstruct import reconstruct
+
+    dense, feeds = zoo.one_layer(kind)
+    whole = zoo.DictSet(feeds)
+    (_, first), (_, second) = whole.folds(2, seed=3)
+    pruned = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.6).pruned
+    options = {"batch_size": 8, "device": "cpu"}
+    refitted, _, _, _, without = reconstruct(dense, pruned, whole, held_out=[first, second], **options)
+    assert len(without) == 2
+    expected = [reconstruct(dense, pruned, part, **options)[0] for part in (second, first)]
+    for got, want in zip(without + [refitted], expected + [reconstruct(dense, pruned, whole, **options)[0]]):
+        (layer,), (oracle,) = layers_of(got), layers_of(want)
+        np.testing.assert_allclose(layer.weight.values, oracle.weight.values, rtol=1e-4, atol=1e-6)
+        assert not layer.weight.values[layers_of(pruned)[0].weight.values == 0].any()  # the mask holds
+    assert not np.array_equal(layers_of(without[0])[0].weight.values, layers_of(without[1])[0].weight.values)
+
+
+def test_held_out_refits_of_a_deep_network_keep_the_masks_and_fit_the_first_level_on_the_other_part():
+    from asr_onnx.refit.reconstruct import layer_levels, reconstruct
+
+    dense, feeds = zoo.bn_kept()
+    whole = zoo.DictSet(feeds)
+    parts = [held for _, held in whole.folds(2)]
+    pruned = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.6).pruned
+    _, refits, _, _, without = reconstruct(dense, pruned, whole, held_out=parts, batch_size=8, device="cpu")
+    graph = to_graph(pruned)
+    levels = layer_levels(graph, find_layers(graph))
+    for k, model in enumerate(without):
+        alone = reconstruct(dense, pruned, parts[1 - k], batch_size=8, device="cpu")[0]
+        for level, layer, mask, oracle in zip(levels, layers_of(model), layers_of(pruned), layers_of(alone)):
+            assert not layer.weight.values[mask.weight.values == 0].any()
+            if level == 0:  # the network's input: no upstream refit, so exactly the other part's refit
+                np.testing.assert_allclose(layer.weight.values, oracle.weight.values, rtol=1e-4, atol=1e-6)
+    assert sum("err_after" in r for r in refits) >= 2
+
+
+def test_held_out_refits_refuse_parts_that_do_not_cover_the_set_and_shared_passes():
+    from asr_onnx.refit.reconstruct import reconstruct
+
+    dense, feeds = zoo.one_layer("gemm")
+    whole = zoo.DictSet(feeds)
+    pruned = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.6).pruned
+    (_, first), _ = whole.folds(2)
+    for options in ({"held_out": [first]}, {"held_out": [first, first], "passes": 1}):
+        with pytest.raises(AsrError, match="held-out refits"):
+            reconstruct(dense, pruned, whole, batch_size=8, device="cpu", **options)
