@@ -114,6 +114,31 @@ class CalibSet:
             for i, part in enumerate(parts)
         ]
 
+    def take_across_folds(self, n: int, k: int, seed: int = 0) -> "CalibSet":
+        """``n`` samples drawn evenly from the ``k`` held-out parts of :meth:`folds` (same ``k`` and seed), each
+        part's share a seeded draw from it, kept in source order: every fit set of those folds holds its share.
+
+        Args:
+            n: How many samples to keep (>= 0; all if n >= len).
+            k: Number of folds (2 <= k <= len).
+            seed: The folds' seed; default 0.
+        """
+        if n < 0 or not 2 <= k <= len(self._indices):
+            raise AsrError(f"cannot take {n} samples across {k} folds of {len(self._indices)}")
+        parts = np.array_split(self._permuted(seed), k)
+        shares = [len(share) for share in np.array_split(np.arange(min(n, len(self._indices))), k)]
+        return self._subset(np.concatenate([part[:share] for part, share in zip(parts, shares)]))
+
+    def within(self, other: "CalibSet") -> "CalibSet":
+        """The samples of this set that ``other`` (a set over the same source) holds too, in source order.
+
+        Args:
+            other: Another subset of the same source, such as a held-out part of :meth:`folds`.
+        """
+        if other._source is not self._source:
+            raise AsrError("the two sets are not subsets of one source")
+        return self._subset(self._indices[np.isin(self._indices, other._indices)])
+
     def shuffled(self, seed: int = 0) -> "CalibSet":
         """The same samples in a seeded random order, so that every batch mixes the classes.
 

@@ -20,7 +20,7 @@ from asr_onnx.model.engine import LocalEngine
 from asr_onnx.model.files import load_model, save_model
 from asr_onnx.model.requantize import QDQ_CHANNELS, HeldInFloat
 from asr_onnx.pipeline.crossfit import AUTO_CANDIDATES, PICK_RULE, choose, choose_reconstruction
-from asr_onnx.pipeline.guard import HeldOutRefits, guard_repair, held_out_parts
+from asr_onnx.pipeline.guard import HeldOutRefits, guard_repair, held_out_parts, refit_subset
 from asr_onnx.pipeline.recipe import Recipe
 from asr_onnx.progress import stage_done
 from asr_onnx.prune.channels import masked
@@ -183,14 +183,14 @@ class Repair:
                 method, self.settings["reconstruct_auto"] = choose_reconstruction(self, calib, probes)
         self.refit_method = method
         if method == "ls":
-            fit = calib.take(samples, seed) if 0 < samples < len(calib) else calib
+            fit = refit_subset(calib, samples, seed)
             self.batch.check(len(fit))
-            parts = held_out_parts(fit, probes, self.specs)
+            parts = held_out_parts(calib, fit, probes, self.specs)
             with self._timed("reconstruct"):
                 self.pruned, self.refits, split, _, without = reconstruct(
                     self.dense, self.pruned, fit, max_gram_mb=max_gram_mb, passes=passes, held_out=parts,
                     **self._options())
-            self.held_out_refits = HeldOutRefits(fit, seed, without) if parts else None
+            self.held_out_refits = HeldOutRefits(calib, seed, without) if parts else None
             self.timings.update({f"reconstruct_{k}": v for k, v in split.items()})
         return self
 

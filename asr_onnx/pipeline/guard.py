@@ -47,15 +47,28 @@ class HeldOutRefits:
         return self.models if calib is self.calib and seed == self.seed else None
 
 
-def held_out_parts(calib, recipe: Recipe, specs) -> list | None:
-    """The parts the guard will hold out, when the refit can fit the guard's models in its own passes (the
-    guard on, one pass per level, every sample refitted on, any batch size, enough samples), else None."""
+def refit_subset(calib, samples: int, seed: int):
+    """The refit's ``samples`` of ``calib`` (all of it for 0 or at least its size): drawn evenly from the parts the
+    guard holds out, so that each fold's refit has its share (a plain seeded draw would take its first part's)."""
+    if not 0 < samples < len(calib):
+        return calib
+    if hasattr(calib, "take_across_folds") and len(calib) >= 2 * FOLDS:
+        return calib.take_across_folds(samples, FOLDS, seed)
+    return calib.take(samples, seed)
+
+
+def held_out_parts(calib, fit, recipe: Recipe, specs) -> list | None:
+    """The refit set ``fit`` (``calib``, or a subset of it) cut along the parts the guard will hold out of
+    ``calib``, when the refit can fit the guard's models in its own passes (the guard on, one pass per level,
+    any batch size, enough samples in every part), else None."""
     from asr_onnx.calib.specs import fixed_batch
 
-    if (recipe.guard == "off" or recipe.refit_passes or recipe.refit_samples or not hasattr(calib, "folds")
-            or fixed_batch(specs) or len(calib) < 2 * FOLDS):
+    if (recipe.guard == "off" or recipe.refit_passes or not hasattr(calib, "folds") or fixed_batch(specs)
+            or len(calib) < 2 * FOLDS):
         return None
-    return [held for _, held in calib.folds(FOLDS, recipe.seed)]
+    held = [part for _, part in calib.folds(FOLDS, recipe.seed)]
+    parts = held if fit is calib else [fit.within(part) for part in held] if hasattr(fit, "within") else None
+    return parts if parts and all(len(part) for part in parts) else None
 
 
 @dataclass(frozen=True)

@@ -192,3 +192,17 @@ def test_folds_hold_out_every_sample_exactly_once(calib_and_eval):
         assert len(fit) + len(h) == len(calib)
     with pytest.raises(AsrError):
         calib.folds(len(calib) + 1)
+
+
+def test_a_draw_across_folds_takes_an_even_share_of_every_held_out_part(calib_and_eval):
+    calib, _ = calib_and_eval
+    subset = calib.take_across_folds(7, 2, seed=3)
+    held = [h for _, h in calib.folds(2, seed=3)]
+    shares = sorted(len(subset.within(h)) for h in held)
+    assert len(subset) == 7 and shares == [3, 4]  # a plain take(7, 3) would draw from the first part only
+    assert sorted(len(calib.take(7, 3).within(h)) for h in held) == [0, 7]
+    assert set(subset._indices.tolist()) <= set(calib._indices.tolist())
+    assert np.array_equal(subset._indices, calib.take_across_folds(7, 2, seed=3)._indices)  # seeded
+    assert len(calib.take_across_folds(10**6, 2)) == len(calib)
+    with pytest.raises(AsrError):
+        calib.take_across_folds(3, 1)

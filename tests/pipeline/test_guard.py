@@ -175,22 +175,36 @@ def test_the_baseline_is_the_model_as_pruned_and_a_refit_worse_than_it_falls_bac
     assert job.output is job.pruned_alone
 
 
-def test_the_fold_refits_come_from_the_repair_passes_unless_the_refit_used_a_subset(tmp_path):
-    """The guard's fold models are solved from the repair's own Gram sums of each half; a refit on a subset
-    (--refit-samples) has no sums of the held-out half to leave out, so the guard refits each half itself."""
+def test_the_fold_refits_come_from_the_repair_passes_and_equal_refits_of_each_half_on_one_layer(tmp_path):
+    """The guard's fold models are solved from the repair's own Gram sums of each half: for one layer (no upstream
+    refit) they are the refits of each half, so the guard scores what it scored when it refitted each half."""
     dense, _ = zoo.one_layer("gemm")
     calib = _set(tmp_path, "calib", dense, np.random.default_rng(7).normal(0, 1, (40, 12)).astype(np.float32))
-    shared = Repair(dense, device="cpu", progress=False).prune(0.5).run(calib, "bn", reconstruct="ls", guard="warn")
-    subset = Repair(dense, device="cpu", progress=False).prune(0.5).run(calib, "bn", reconstruct="ls", guard="warn",
-                                                                         refit_samples=30)
-    assert shared.settings["guard"]["refit_in_repair_passes"] and shared.held_out_refits is not None
-    assert not subset.settings["guard"]["refit_in_repair_passes"] and subset.held_out_refits is None
-    from_passes = shared.settings["guard"]
-    shared.held_out_refits = None  # the same repair, the guard refitting each half from the model as pruned
-    halves = shared.guard(calib, "warn", seed=0).settings["guard"]
+    job = Repair(dense, device="cpu", progress=False).prune(0.5).run(calib, "bn", reconstruct="ls", guard="warn")
+    from_passes = job.settings["guard"]
+    assert from_passes["refit_in_repair_passes"] and job.held_out_refits is not None
+    job.held_out_refits = None  # the same repair, the guard refitting each half from the model as pruned
+    halves = job.guard(calib, "warn", seed=0).settings["guard"]
     assert not halves["refit_in_repair_passes"]
-    for key in ("logit_rel_l2", "agreement"):  # one layer: the same fold models either way
+    for key in ("logit_rel_l2", "agreement"):
         assert halves["repair"][key] == pytest.approx(from_passes["repair"][key], rel=1e-4)
+
+
+def test_on_a_refit_subset_each_fold_model_is_refitted_on_the_subset_outside_its_held_out_half(tmp_path):
+    from asr_onnx.model.graph import find_layers, to_graph
+    from asr_onnx.refit.reconstruct import reconstruct
+
+    dense, _ = zoo.one_layer("gemm")
+    calib = _set(tmp_path, "calib", dense, np.random.default_rng(7).normal(0, 1, (40, 12)).astype(np.float32))
+    job = Repair(dense, device="cpu", progress=False).prune(0.5).run(calib, "bn", reconstruct="ls", guard="warn",
+                                                                      refit_samples=30)
+    assert job.settings["guard"]["refit_in_repair_passes"]
+    subset, halves = calib.take_across_folds(30, 2, 0), [held for _, held in calib.folds(2, 0)]
+    for k, model in enumerate(job.held_out_refits.models):
+        oracle = reconstruct(dense, job.pruned_alone, subset.within(halves[1 - k]), batch_size=8, device="cpu")[0]
+        (got,), (want,) = (find_layers(to_graph(m)) for m in (model, oracle))
+        np.testing.assert_allclose(got.weight.values, want.weight.values, rtol=1e-4, atol=1e-6)
+        assert len(subset.within(halves[1 - k])) == 15
 
 
 @pytest.mark.parametrize("shift, scale", [(1.0, 3.0), pytest.param(2.0, 9.0, marks=pytest.mark.slow)])
