@@ -14,6 +14,7 @@ for the cost table.
 
     python benchmarks/default_cost.py sample_models/resnet50s_bn.onnx --calib-size 4096 --json out.json
     python benchmarks/default_cost.py sample_models/resnet20_bn.onnx --eval --json out.json
+    python benchmarks/default_cost.py sample_models/resnet50s_bn.onnx --args "--reconstruct none" --json out.json
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def child(args: list[str]) -> tuple[float, float, float, str]:
     return cpu, wall, after.ru_maxrss / 1024, done.stdout
 
 
-def run_model(path: str, size: int, sparsity: float, runs: int, with_eval: bool, folder: Path) -> dict:
+def run_model(path: str, size: int, sparsity: float, runs: int, with_eval: bool, folder: Path,
+              extra: list[str]) -> dict:
     startup, plain, repair = [], [], []
     report: dict = {}
     for _ in range(runs):
@@ -74,14 +76,15 @@ def run_model(path: str, size: int, sparsity: float, runs: int, with_eval: bool,
         plain.append(json.loads(child([sys.executable, "-c", PLAIN, path, str(size)])[3]))
         out, report_path = folder / "out.onnx", folder / "report.json"
         args = ["asr-onnx", "repair", path, "--calib", "fashion-mnist:train", "--calib-size", str(size),
-                "--sparsity", str(sparsity), "--report", str(report_path), "-q", "-o", str(out), "--overwrite"]
+                "--sparsity", str(sparsity), "--report", str(report_path), "-q", "-o", str(out), "--overwrite",
+                *extra]
         cpu, wall, peak, _ = child(args + (["--eval", "fashion-mnist:test"] if with_eval else []))
         report = json.loads(report_path.read_text())
         repair.append({"cpu_s": cpu, "wall_s": wall, "peak_mb": peak})
     med = statistics.median
     plain_cpu, repair_cpu = med(p["cpu_s"] for p in plain), med(r["cpu_s"] for r in repair)
     settings, evaluation = report["settings"], report.get("eval") or {}
-    row = {"model": Path(path).stem, "calib": size, "sparsity": sparsity, "runs": runs, "eval": with_eval,
+    row = {"model": Path(path).stem, "calib": size, "sparsity": sparsity, "args": extra, "runs": runs, "eval": with_eval,
            "startup_cpu_s": round(med(startup), 2), "plain_cpu_s": round(plain_cpu, 3),
            "plain_wall_s": round(med(p["wall_s"] for p in plain), 3),
            "plain_peak_mb": round(med(p["peak_mb"] for p in plain)), "repair_cpu_s": round(repair_cpu, 2),
@@ -108,11 +111,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--eval", action="store_true", help="score on the full Fashion-MNIST test set")
     parser.add_argument("--json", default="default_cost.json")
+    parser.add_argument("--args", default="", help="more repair options, e.g. '--method none' (one string)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for path in args.models:
-            rows.append(run_model(path, args.calib_size, args.sparsity, args.runs, args.eval, Path(tmp)))
+            rows.append(run_model(path, args.calib_size, args.sparsity, args.runs, args.eval, Path(tmp),
+                                  args.args.split()))
             print(json.dumps(rows[-1]), flush=True)
             Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     print("| model | calib | top-1 (dense) | guard kept | plain CPU s | repair CPU s | ratio | less start-up | "

@@ -37,9 +37,9 @@ def default_output(model: str) -> Path:
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("--calib", "calib_path", required=False, help="Calibration data: image folder, .npy/.npz, or IDX files.")
 @click.option("-o", "--output", help="Output model. Default: MODEL.repaired.onnx beside the input.")
-@click.option("--sparsity", default="0.9", show_default=True,
+@click.option("--sparsity",
               help="Fraction of prunable weights set to zero (--pattern channels: of each group's channels removed, "
-                   "each kept count rounded to the nearest multiple of 8).")
+                   "each kept count rounded to the nearest multiple of 8). Default: 0.9; 0.3 for --pattern channels.")
 @click.option("--pattern", default="global", show_default=True,
               help="global, uniform, N:M (e.g. 2:4) or channels (remove whole output channels and shrink the graph).")
 @click.option("--flops-target", type=float,
@@ -61,6 +61,9 @@ def default_output(model: str) -> Path:
                    "the refit's cost falls in proportion, recalibration still uses them all.")
 @click.option("--max-gram-mb", default=256.0, show_default=True, type=float, callback=lambda ctx, param, value: _megabytes(value),
               help="With --reconstruct ls or auto, skip a layer whose Gram matrices would exceed this.")
+@click.option("--frontier-mb", default=1024.0, show_default=True, type=click.FloatRange(min=0),
+              help="With --reconstruct ls or auto, MB of the refit's activations held in memory between its passes; "
+                   "the rest waits in a temporary folder (0: all on disk, the least memory).")
 @click.option("--method", default="bn", show_default=True,
               type=click.Choice(["none", "bn", "lw", "naive", "asr", "auto"]),
               help="How lost variance is given back; auto picks on held-out calibration data.")
@@ -108,8 +111,8 @@ def default_output(model: str) -> Path:
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @run_options(threads=True, engine=True)
-def repair_command(model, calib_path, output, sparsity, pattern, flops_target, allocation, score, reconstruct, refit_samples, max_gram_mb, method,
-                   placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
+def repair_command(model, calib_path, output, sparsity, pattern, flops_target, allocation, score, reconstruct,
+                   refit_samples, max_gram_mb, frontier_mb, method, placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
                    seed, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io, int8, int8_target,
                    stats_path, report_path, eval_path, eval_size, labels_path, output_kind, overwrite, quiet, run):
     """Prune MODEL and repair it with calibration data."""
@@ -128,8 +131,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     from asr_onnx.report.schema import from_dict
 
     recal, momentum = parse_recal(recal_mode)
-    allocation, score, reconstruct = resolved_defaults(pattern, method, allocation, score, reconstruct,
-                                                       has_data=bool(calib_path))
+    sparsity, allocation, score, reconstruct = resolved_defaults(pattern, method, sparsity, allocation, score,
+                                                                 reconstruct, has_data=bool(calib_path))
     kinds = parse_output_kinds(output_kind)
     check_report_path(report_path)
     if int8 and (fp16 or fp16_io):
@@ -184,12 +187,16 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     recipe = Recipe(method=method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
                     correct_head=not no_head, sequential=sequential, fold_bn=fold_bn, seed=seed, reference=reference,
                     reconstruct=reconstruct, max_gram_mb=max_gram_mb, refit_samples=refit_samples,
-                    guard=guard_mode if method != "none" else "off")
+                    frontier_mb=frontier_mb, guard=guard_mode if method != "none" else "off")
     job.run(calib, recipe=recipe, dense_stats=dense_stats)
     if channels and job.channel_report is not None and not any(g["removed"] for g in job.channel_report["groups"]):
         asked = f"--sparsity {sparsity}" if flops_target is None else f"--flops-target {flops_target}"
         click.echo(f"warning: --pattern channels removed no channel at {asked}: no group can shrink (each group's "
                    "reason is in the summary and the report), so the output is no smaller", err=True)
+    elif channels and (speedup := job.time_channels(threads=run.threads or 1)) is not None and speedup < 1.0:
+        click.echo(f"warning: the channel-pruned model ran at {speedup:.2f}x the dense model's speed here (batch "
+                   f"{job.channel_report['speedup_batch']}, onnxruntime CPU): removing these channels did not make it "
+                   "faster; time it with `asr-onnx bench` on the target, or remove more (--flops-target)", err=True)
     warning = warning_line(job.settings.get("guard", {}))
     if warning:
         click.echo(warning, err=True)
@@ -217,21 +224,25 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
             say(f"wrote {output}")
 
 
-def resolved_defaults(pattern: str, method: str, allocation: str | None, score: str | None,
-                      reconstruct: str | None, has_data: bool) -> tuple[str | None, str, str]:
+def resolved_defaults(pattern: str, method: str, sparsity: str | None, allocation: str | None, score: str | None,
+                      reconstruct: str | None, has_data: bool) -> tuple[str, str | None, str, str]:
     """The defaults of the options left out: the best repair measured (benchmarks/RESULTS.md, "The default"),
-    LAMP's per-layer budget and the least-squares refit; for channels the greedy selection (given data) and
-    the refit; pruning alone (``--method none``) refits nothing unless asked. An allocation that the pattern
-    fixes stays None, so that only an explicit one is refused."""
+    0.9 with LAMP's per-layer budget and the least-squares refit; for channels 0.3 of each group, the greedy
+    selection (given data) and the refit; pruning alone (``--method none``) refits nothing unless asked. An
+    allocation that the pattern fixes stays None, so that only an explicit one is refused."""
+    from asr_onnx.prune.channels import DEFAULT_SPARSITY
+
     kind = str(pattern).strip().lower()
     channels = kind == "channels"
+    if sparsity is None:
+        sparsity = str(DEFAULT_SPARSITY if channels else 0.9)
     if allocation is None:
         allocation = "lamp" if kind == "global" else None
     if score is None:
         score = "greedy" if channels and has_data else "magnitude"
     if reconstruct is None:
         reconstruct = "none" if method == "none" else "ls"
-    return allocation, score, reconstruct
+    return sparsity, allocation, score, reconstruct
 
 
 def parse_recal(text: str) -> tuple[str, float]:

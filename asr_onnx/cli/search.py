@@ -59,7 +59,8 @@ def search_command(model, calib_path, output, min_agreement, max_error, resoluti
     from asr_onnx.report.build import write_report
 
     recal, momentum = parse_recal(recal_mode)
-    allocation, score, reconstruct = resolved_defaults(pattern, method, allocation, score, reconstruct, has_data=True)
+    _, allocation, score, reconstruct = resolved_defaults(pattern, method, None, allocation, score, reconstruct,
+                                                          has_data=True)
     if min_agreement is None and max_error is None:
         raise click.UsageError("give a target: --min-agreement A (classifiers) or --max-error E")
     Target(min_agreement, max_error).check()  # a target even the dense model misses: one line, no work

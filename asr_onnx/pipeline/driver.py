@@ -189,7 +189,7 @@ class Repair:
             with self._timed("reconstruct"):
                 self.pruned, self.refits, split, _, without = reconstruct(
                     self.dense, self.pruned, fit, max_gram_mb=max_gram_mb, passes=passes, held_out=parts,
-                    **self._options())
+                    frontier_mb=probes.frontier_mb, **self._options())
             self.held_out_refits = HeldOutRefits(calib, seed, without) if parts else None
             self.timings.update({f"reconstruct_{k}": v for k, v in split.items()})
         return self
@@ -308,6 +308,25 @@ class Repair:
                                                   device=self.device, progress=self.progress, engine=self.engine,
                                                   output_kind=self.output_kind)
         return self.judge()
+
+    def time_channels(self, *, batch_size: int = 32, runs: int = 10, threads: int = 1) -> float | None:
+        """Times the shrunk output against dense (:func:`asr_onnx.verify.timing.bench`, alternating runs) and
+        keeps the speed-up in the channel report. A fixed batch is timed as it is; an input with other free axes
+        (a detector's H and W) is not timed: None."""
+        from asr_onnx.verify.timing import bench
+
+        self.shrink()
+        if self.channel_report is None or not any(g["removed"] for g in self.channel_report["groups"]):
+            return None
+        batch = fixed_batch(input_specs(self.dense)) or batch_size
+        try:
+            with self._timed("bench"):
+                timed = bench(self.result, self.dense, batch_size=batch, threads=threads, runs=runs, warmup=2,
+                              device=self.device)
+        except AsrError:
+            return None
+        self.channel_report.update(speedup=timed["speedup"], speedup_batch=batch)
+        return timed["speedup"]
 
     def to_fp16(self, keep_io: bool = True, calib=None) -> "Repair":
         """Casts the result to float16, checked on ``calib`` (:func:`asr_onnx.verify.fp16.half_precision`)."""

@@ -38,6 +38,7 @@ class Recipe:
         max_gram_mb: skip a layer whose Gram matrices exceed this. Defaults to 256.
         refit_passes: Gram passes, 0 for one per depth level. Defaults to 0.
         refit_samples: refit on a seeded subset of this size, 0 for all. Defaults to 0.
+        frontier_mb: MB of the refit's kept activations held in memory, the rest on disk. Defaults to 1024.
         guard: "fallback", "warn" or "off". Defaults to "off" (the CLI's default is "fallback").
         seed: the calibration batches' order, the folds and the refit subset. Defaults to 0.
     """
@@ -55,6 +56,7 @@ class Recipe:
     max_gram_mb: float = 256.0
     refit_passes: int = 0
     refit_samples: int = 0
+    frontier_mb: float = 1024.0
     guard: str = "off"
     seed: int = 0
 
@@ -70,6 +72,8 @@ class Recipe:
             raise AsrError(f"momentum must be in (0, 1], got {self.momentum}")
         if not self.max_gram_mb > 0:  # also refuses NaN
             raise AsrError(f"max_gram_mb must be a positive number of MB, got {self.max_gram_mb}")
+        if not self.frontier_mb >= 0:
+            raise AsrError(f"frontier_mb must be a number of MB >= 0, got {self.frontier_mb}")
         if self.refit_samples < 0 or self.refit_passes < 0 or self.seed < 0:
             raise AsrError("refit_samples, refit_passes and seed must be >= 0")
 

@@ -4,7 +4,10 @@ A probe prunes at one sparsity (under ``--pattern channels``, at one kept-FLOPs 
 calibration samples it did not see, exactly as the guard does (:mod:`asr_onnx.pipeline.guard`): 2-fold cross-fitting,
 the repair fitted on one half (refit, measure, correct) and scored against the dense model on the other half,
 beside pruning alone; the probe's score is that of the model the repair keeps (under ``--guard fallback``,
-pruning alone where the guard prefers it). Never the test set.
+pruning alone where the guard prefers it). Never the test set. With the refit, a probe refits each half on its
+own, from the start; the final repair's guard fits its halves in the refit's own passes (each layer solved on
+the other half's sums, upstream of it the full refit), which chose the same in all 19 cells of
+benchmarks/results/guard_shared*.json, so the two scores are close but not equal.
 
 The search bisects a grid, the multiples of the resolution: the sparsities k·r below 1 (kept FLOPs 1 − k·r
 above 0). It assumes that the held-out score falls as the sparsity rises, and ends with the highest grid point

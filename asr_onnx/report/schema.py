@@ -738,6 +738,8 @@ class Channels(_Base):
     score: str | None = spec(TEXT)
     params: tuple = spec(ListOf(Int(), length=2), (0, 0))
     macs: tuple = spec(ListOf(Int(), length=2), (0, 0))
+    speedup: float | None = spec(Opt(Num(0.0, BIG)))  # dense median latency over the output's, timed alternately
+    speedup_batch: int | None = spec(COUNT)
 
 
 @dataclass(frozen=True)

@@ -180,15 +180,18 @@ def test_an_unknown_reconstruction_and_auto_without_folds_are_refused():
 
 
 def test_a_refit_on_part_of_the_calibration_set_is_the_refit_on_that_seeded_part(tmp_path):
-    """refit_samples=N refits on calib.take(N, seed), and the recalibration after it still sees every sample."""
+    """refit_samples=N refits on N seeded samples drawn evenly from the guard's folds
+    (CalibSet.take_across_folds), and the recalibration after it still sees every sample."""
     import zoo
+
+    from asr_onnx.pipeline.guard import FOLDS
 
     dense, feeds = zoo.bn_kept()
     calib = _calib(tmp_path, feeds["input"], dense)
     part = Repair(dense, device="cpu", progress=False).prune(0.9).run(calib, "bn", reconstruct="ls", refit_samples=16,
                                                                        seed=3)
     assert part.settings["refit_samples"] == 16
-    by_hand = Repair(dense, device="cpu", progress=False).prune(0.9).reconstruct(calib.take(16, 3), "ls")
+    by_hand = Repair(dense, device="cpu", progress=False).prune(0.9).reconstruct(calib.take_across_folds(16, FOLDS, 3), "ls")
     by_hand.run(calib, "bn", seed=3)
     np.testing.assert_allclose(_outputs(part.output, feeds["input"]), _outputs(by_hand.output, feeds["input"]),
                                rtol=1e-6, atol=1e-6)

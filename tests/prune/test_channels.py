@@ -639,3 +639,22 @@ def test_a_channels_run_that_removes_nothing_says_so(tmp_path, capsys):
     assert warnings == ["warning: --pattern channels removed no channel at --sparsity 0.5: no group can shrink "
                         "(each group's reason is in the summary and the report), so the output is no smaller"]
     assert "faster on: no runtime: no channel was removed" in printed.out
+
+
+def test_cli_channels_default_amount_and_measured_speedup(tmp_path, capsys):
+    """Issue 27: --pattern channels takes its own default amount (not --sparsity 0.9), and the summary and the
+    report carry the shrunk model's measured speed-up over dense."""
+    from asr_onnx.cli.main import main
+    from asr_onnx.prune.channels import DEFAULT_SPARSITY
+
+    model, feeds = zoo.channels_residual()
+    path, calib, out, report = tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(model, path)
+    np.save(calib, feeds["input"])
+    assert main(["repair", str(path), "--calib", str(calib), "-o", str(out), "--pattern", "channels",
+                 "--device", "cpu", "--report", str(report), "--guard", "off"]) == 0
+    saved = json.loads(report.read_text())
+    assert saved["settings"]["sparsity"] == DEFAULT_SPARSITY
+    entry = saved["channels"]
+    assert entry["params"][1] < entry["params"][0] and entry["speedup"] > 0 and entry["speedup_batch"] >= 1
+    assert f"measured speed-up: {entry['speedup']:.2f}x dense" in capsys.readouterr().out

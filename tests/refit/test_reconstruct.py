@@ -487,7 +487,7 @@ def test_sigterm_during_a_refit_ends_it_at_once_and_leaves_nothing(stride, tmp_p
     out.mkdir()
     argv = [sys.executable, "-m", "asr_onnx.cli.main", "repair", str(tmp_path / "m.onnx"), "--calib",
             str(tmp_path / "x.npy"), "--reconstruct", "ls", "--method", "none", "--guard", "off", "--device", "cpu",
-            "-q", "-o", str(out / "o.onnx")]
+            "--frontier-mb", "0", "-q", "-o", str(out / "o.onnx")]  # the frontier on disk
     run = subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=REPO, TMPDIR=str(temp)), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:

@@ -18,7 +18,11 @@ from asr_onnx.prune.channels.groups import Groups, find_groups
 from asr_onnx.prune.channels.select import SCORES
 from asr_onnx.prune.channels.surgery import Shrunk, mask, shrink, shrink_model
 
-__all__ = ["ChannelPlan", "plan", "choose", "mask", "shrink", "shrink_model", "Shrunk", "summary", "SCORES",
+# The CLI's --sparsity for --pattern channels: the largest of 0.2-0.5 that kept held-out training images within
+# 2 points of dense and ran no slower than dense on both resnet20_bn and vgg_bn_bn (benchmarks/channels_default.py)
+DEFAULT_SPARSITY = 0.3
+
+__all__ = ["DEFAULT_SPARSITY", "ChannelPlan", "plan", "choose", "mask", "shrink", "shrink_model", "Shrunk", "summary", "SCORES",
            "find_groups", "check_written", "sample_feeds"]
 
 
