@@ -34,8 +34,8 @@ import json, resource, sys, time
 import onnxruntime as ort
 from asr_onnx.calib import load_calib
 from asr_onnx.model.files import load_model
-path, size = sys.argv[1], int(sys.argv[2])
-calib = load_calib("fashion-mnist:train", load_model(path)).take(size, 0)
+path, size, source = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+calib = load_calib(source, load_model(path)).take(size, 0)
 batches = list(calib.batches(64))
 options = ort.SessionOptions()
 session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -68,14 +68,14 @@ def child(args: list[str]) -> tuple[float, float, float, str]:
 
 
 def run_model(path: str, size: int, sparsity: float, runs: int, with_eval: bool, folder: Path,
-              extra: list[str]) -> dict:
+              extra: list[str], source: str = "fashion-mnist:train") -> dict:
     startup, plain, repair = [], [], []
     report: dict = {}
     for _ in range(runs):
         startup.append(child([sys.executable, "-c", STARTUP, path])[0])
-        plain.append(json.loads(child([sys.executable, "-c", PLAIN, path, str(size)])[3]))
+        plain.append(json.loads(child([sys.executable, "-c", PLAIN, path, str(size), source])[3]))
         out, report_path = folder / "out.onnx", folder / "report.json"
-        args = ["asr-onnx", "repair", path, "--calib", "fashion-mnist:train", "--calib-size", str(size),
+        args = ["asr-onnx", "repair", path, "--calib", source, "--calib-size", str(size), "--seed", "0",
                 "--sparsity", str(sparsity), "--report", str(report_path), "-q", "-o", str(out), "--overwrite",
                 *extra]
         cpu, wall, peak, _ = child(args + (["--eval", "fashion-mnist:test"] if with_eval else []))
@@ -107,6 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="+")
     parser.add_argument("--calib-size", type=int, default=1024)
+    parser.add_argument("--calib", default="fashion-mnist:train", help="the calibration data, as repair's --calib")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--eval", action="store_true", help="score on the full Fashion-MNIST test set")
@@ -117,7 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for path in args.models:
             rows.append(run_model(path, args.calib_size, args.sparsity, args.runs, args.eval, Path(tmp),
-                                  args.args.split()))
+                                  args.args.split(), args.calib))
             print(json.dumps(rows[-1]), flush=True)
             Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     print("| model | calib | top-1 (dense) | guard kept | plain CPU s | repair CPU s | ratio | less start-up | "
