@@ -10,9 +10,9 @@ something, detection F1 for a detector) of:
 - the statistics-only repair: global allocation, ``Recipe(method="bn", reconstruct="none")``;
 - the new default: LAMP allocation, ``Recipe(method="bn", reconstruct="ls")``.
 
-Each repair runs with ``guard="warn"`` so that the repair itself can be scored; ``guard="fallback"`` keeps
-pruning alone exactly when the warn verdict says the repair loses (pipeline/guard.py), so the shipped model
-("kept") is that one, and its scores are the pruned model's.
+Each repair runs with ``guard="warn"`` so that the repair itself can be scored; ``guard="fallback"`` ships what
+the warn entry calls ``best`` (pipeline/guard.py): the repair, the refit alone, or pruning alone, so the shipped
+model ("kept") is that one, scored here.
 
     python benchmarks/default_real.py cls=.../ch_ppocr_mobile_v2.0_cls_infer.onnx@64,64 --cells global:0.8
 
@@ -57,8 +57,10 @@ def repaired(dense, calib, data, ref: list, pattern: str, sparsity: float, alloc
     seconds = time.perf_counter() - start
     guard = job.settings["guard"]
     pruned, repair = scores(job.pruned_alone, dense, data, ref), scores(job.output, dense, data, ref)
-    kept = "pruned" if guard.get("repair_loses") else "repair"  # what guard="fallback" ships
-    return {"pruned": pruned, "repair": repair, "kept": kept, "shipped": pruned if kept == "pruned" else repair,
+    kept = guard.get("best", "pruned" if guard.get("repair_loses") else "repair")  # what guard="fallback" ships
+    refit = scores(job.pruned, dense, data, ref) if kept == "refit" else None  # the refit alone, uncorrected
+    return {"pruned": pruned, "repair": repair, "kept": kept,
+            "shipped": {"pruned": pruned, "repair": repair, "refit": refit}[kept],
             "verdict": guard.get("verdict"), "seconds": round(seconds, 1)}
 
 

@@ -270,8 +270,8 @@ class Repair:
     def guard(self, calib, mode: str = "fallback", *, seed: int = 0) -> "Repair":
         """Keeps pruning alone where the held-out verdict asks for it (:func:`asr_onnx.pipeline.guard.guard_repair`)."""
         verdict = guard_repair(self, calib, self.recipe, mode, seed=seed)
-        if verdict.keep_pruned:
-            self.output, self.written = self.pruned_alone, {}
+        if verdict.keep != "repair":  # the refit alone is the pruned model as refitted, before any correction
+            self.output, self.written = (self.pruned_alone if verdict.keep == "pruned" else self.pruned), {}
         self.settings["guard"] = verdict.entry
         if "cost_s" in verdict.entry:  # the guard's runs are timed by the guard ("off" costs nothing)
             self._took("guard", verdict.entry["cost_s"])

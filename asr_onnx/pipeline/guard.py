@@ -10,6 +10,12 @@ is on the repair: it is kept when it is better past two paired standard errors, 
 held-out error is lower; and a detector's repair is never kept with a lower held-out detection F1 (pooled
 per class) than pruning alone's, whatever its errors. A fit on half the set is a little weaker than the
 final fit on all of it, so the guard leans towards pruning alone, never towards the repair.
+
+With the least-squares refit and a correction, the refit alone (the model refitted, before the correction) is
+scored too, and the correction bears the same burden against it: on few calibration samples, recalibrating
+a refitted network can undo what the refit gained. The guard keeps the corrected repair when it loses to
+neither; else the refit alone when it does not lose to pruning alone; else the repair when it beats pruning
+alone; else pruning alone.
 """
 
 from __future__ import annotations
@@ -73,10 +79,11 @@ def held_out_parts(calib, fit, recipe: Recipe, specs) -> list | None:
 
 @dataclass(frozen=True)
 class GuardVerdict:
-    """What the guard found: the report's ``settings["guard"]`` entry, and whether to keep pruning alone."""
+    """What the guard found: the report's ``settings["guard"]`` entry, and the model to ship: "repair", "refit"
+    (the refit alone, without the correction) or "pruned"."""
 
     entry: dict
-    keep_pruned: bool = False
+    keep: str = "repair"
 
 
 def guard_repair(job, calib, recipe: Recipe, mode: str = "fallback", *, seed: int = 0) -> GuardVerdict:
@@ -121,22 +128,43 @@ def guard_repair(job, calib, recipe: Recipe, mode: str = "fallback", *, seed: in
     if reconstruct is not None:
         reconstruct["seed"] = seed
     start = time.perf_counter()
+    measure = {"sequential": recipe.sequential, "reference": recipe.reference}
     variants = [lambda probe: probe.correct(**correction).fold().output, lambda probe: job.pruned_alone]
+    if reconstruct is not None and not refitted:  # the fold's refit before its correction (the probe's pruned)
+        variants.append(refit_alone)
     found = held_out_scores(job, calib, variants, folds=FOLDS, seed=seed, batch_size=job.batch_size,
-                            measure={"sequential": recipe.sequential, "reference": recipe.reference},
-                            reconstruct=None if refitted else reconstruct, refitted=refitted)
-    verdict, loses = judge(found)
-    kept = "pruned" if mode == "fallback" and loses else "repair"
+                            measure=measure, reconstruct=None if refitted else reconstruct, refitted=refitted)
+    verdict, loses = judge(found[:2])
+    if reconstruct is not None and refitted and loses:
+        # a rescue, paid only when the repair lost: the refit alone, refitted on each half from the start (the
+        # fold models of the refit's passes see the full refit's activations upstream, which a correction absorbs
+        # and the refit alone does not: cls at 0.8 scored 1.12 so, 0.60 refitted per half)
+        found += held_out_scores(job, calib, [refit_alone], folds=FOLDS, seed=seed, batch_size=job.batch_size,
+                                 measure=None, reconstruct=reconstruct)
+    best, refit_entry = "pruned" if loses else "repair", {}
+    if len(found) == 3:
+        correction_loses, refit_loses = judge([found[0], found[2]])[1], judge([found[2], found[1]])[1]
+        if (loses or correction_loses) and not refit_loses:
+            best = "refit"
+        refit_entry = {"refit": found[2].entry(), "correction_loses": bool(correction_loses)}
+    kept = best if mode == "fallback" else "repair"
     entry = {"mode": mode, "held_out": len(calib), "folds": FOLDS, "metric": found[0].primary()[0],
              "agreement_classes": found[0].classes, "repair": found[0].entry(), "pruned": found[1].entry(),
-             "repair_refitted": reconstruct is not None, "refit_in_repair_passes": refitted is not None,
-             "verdict": verdict, "repair_loses": bool(loses), "kept": kept, "cost_s": round(time.perf_counter() - start, 4),
+             **refit_entry, "repair_refitted": reconstruct is not None, "refit_in_repair_passes": refitted is not None,
+             "verdict": verdict, "repair_loses": bool(loses), "best": best, "kept": kept,
+             "cost_s": round(time.perf_counter() - start, 4),
              "rule": f"held out by {FOLDS}-fold cross-fitting; top-1 agreement first (a detector: detection F1; "
                      f"where neither means something, none), then each sample's squared error over all outputs "
                      f"(a detector and the rest: standardised per channel); a difference counts past {Z:g} paired "
                      f"standard errors; within noise the repair is kept only when its held-out error is lower; a "
-                     f"detector's repair never with a lower held-out detection F1"}
-    return GuardVerdict(entry, kept == "pruned")
+                     f"detector's repair never with a lower held-out detection F1; with a refit, the correction "
+                     f"bears the same burden against the refit alone"}
+    return GuardVerdict(entry, kept)
+
+
+def refit_alone(probe):
+    """A guard probe's model refitted on its fit part, before any correction (its ``pruned``)."""
+    return probe.pruned
 
 
 def judge(found: list) -> tuple[str, bool]:
@@ -176,19 +204,28 @@ def warning_line(entry: dict) -> str | None:
     with the higher error), or when the guard could not run; else None."""
     if entry.get("skipped"):
         return f"warning: the guard did not run: {entry['skipped']}"
+    if entry.get("best", "pruned" if entry.get("repair_loses") else "repair") == "refit":
+        r, f = entry["repair"], entry["refit"]
+        then = ("kept the refit without it (--guard fallback)" if entry["kept"] == "refit"
+                else "kept the corrected repair (--guard warn)")
+        return (f"warning: on {entry['held_out']} held-out calibration samples the correction made the refitted model "
+                f"worse (the repair against the refit alone: {_figures(entry, r, f)}); {then}")
     if not entry.get("repair_loses"):
         return None
     r, p = entry["repair"], entry["pruned"]
     then = "kept the pruned model (--guard fallback)" if entry["kept"] == "pruned" else "kept the repair (--guard warn)"
-    agree = "" if r["agreement"] is None else \
-        f", agreement {100 * r['agreement']:.1f}% against {100 * p['agreement']:.1f}%"
     how = "worse than" if entry["verdict"] == "pruning alone better" else "no better than"
     noise = "" if entry["verdict"] == "pruning alone better" else ", within noise"
-    if entry.get("metric", "agreement") == "agreement":
-        figures = f"relative error {r['logit_rel_l2']:.4g} against {p['logit_rel_l2']:.4g}{agree}"
-    else:
-        found = "" if r.get("detection_f1") is None else \
-            f"detection F1 {r['detection_f1']:.3f} against {p['detection_f1']:.3f}, "
-        figures = f"{found}standardised error {r['standardised_error']:.4g} against {p['standardised_error']:.4g}"
     return (f"warning: on {entry['held_out']} held-out calibration samples the repair is {how} pruning alone "
-            f"({figures}{noise}); {then}")
+            f"({_figures(entry, r, p)}{noise}); {then}")
+
+
+def _figures(entry: dict, r: dict, p: dict) -> str:
+    """Two held-out scores as the guard weighed them: the error and agreement, or a detector's F1 and errors."""
+    agree = "" if r["agreement"] is None else \
+        f", agreement {100 * r['agreement']:.1f}% against {100 * p['agreement']:.1f}%"
+    if entry.get("metric", "agreement") == "agreement":
+        return f"relative error {r['logit_rel_l2']:.4g} against {p['logit_rel_l2']:.4g}{agree}"
+    found = "" if r.get("detection_f1") is None else \
+        f"detection F1 {r['detection_f1']:.3f} against {p['detection_f1']:.3f}, "
+    return f"{found}standardised error {r['standardised_error']:.4g} against {p['standardised_error']:.4g}"

@@ -387,4 +387,5 @@ def _guard_lines(guard) -> list[str]:
         return f"{agree}{found}rel err {_err(entry.logit_rel_l2, '.4g')}{standard}"
 
     return [f"guard ({guard.mode}, {_count(guard.held_out)} held-out samples): {guard.verdict}, kept {guard.kept}"
-            f" ({_err(guard.cost_s, '.2f')}s)", f"  repair {score(guard.repair)}; pruning alone {score(guard.pruned)}"]
+            f" ({_err(guard.cost_s, '.2f')}s)", f"  repair {score(guard.repair)}; pruning alone {score(guard.pruned)}"
+            + ("" if guard.refit is None else f"; the refit alone {score(guard.refit)}")]

@@ -373,7 +373,8 @@ def _guard(report) -> Markup:
         parts.append(_note(f"skipped: {guard.skipped}"))
     if guard.metric:
         parts.append(tag("p", f"decided on {guard.metric.replace('_', ' ')}"))
-    pairs = (("repair", guard.repair), ("pruned", guard.pruned))
+    pairs = (("repair", guard.repair), ("pruned", guard.pruned)) + ((("refit alone", guard.refit),)
+                                                                    if guard.refit is not None else ())
     detector = any(scores is not None and scores.detection_f1 is not None for _, scores in pairs)
     rows = [[name, _num(scores.agreement if scores else None, 4, True), _num(scores.logit_rel_l2 if scores else None),
              _num(scores.standardised_error if scores else None)]

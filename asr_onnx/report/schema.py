@@ -363,10 +363,13 @@ class Guard(_Base):
     agreement_classes: int | None = spec(COUNT)
     repair: Scores | None = spec(Opt(Section(Scores)))
     pruned: Scores | None = spec(Opt(Section(Scores)))
+    refit: Scores | None = spec(Opt(Section(Scores)))  # the refit alone, before the correction
+    correction_loses: bool | None = spec(Opt(Bool()))
     repair_refitted: bool | None = spec(Opt(Bool()))
     refit_in_repair_passes: bool | None = spec(Opt(Bool()))  # the fold refits solved from the repair's own passes
     verdict: str | None = spec(TEXT)
     repair_loses: bool | None = spec(Opt(Bool()))
+    best: str | None = spec(TEXT)  # what fallback keeps: repair, refit or pruned
     kept: str | None = spec(TEXT)
     cost_s: float | None = spec(Opt(Num(0.0, MAX_SECONDS)))
     rule: str | None = spec(TEXT)

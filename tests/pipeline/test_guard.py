@@ -47,6 +47,24 @@ def test_the_guard_catches_a_repair_worse_than_pruning_alone_and_falls_back(tmp_
     assert warned.settings["guard"]["kept"] == "repair" and warned.output is not warned.pruned
 
 
+def test_when_the_correction_spoils_a_refit_the_guard_ships_the_refit_alone(tmp_path):
+    """The refit is good, the correction after it (towards stale running statistics) is not: the guard, which
+    lost the repair to pruning alone, scores the refit alone refitted on each half, and ships the refit alone,
+    the better of the three on fresh samples (the oracle)."""
+    dense, feeds = zoo.bn_with_statistics(stale=True)
+    calib = _set(tmp_path, "calib", dense, feeds["input"])
+    job = Repair(dense, device="cpu", progress=False).prune(0.3)
+    job.run(calib, "bn", reconstruct="ls", guard="fallback", **RUNNING)
+    entry = job.settings["guard"]
+    assert entry["refit_in_repair_passes"] and entry["repair_loses"] and entry["kept"] == entry["best"] == "refit"
+    assert job.output is job.pruned and job.written == {}
+    warned = Repair(dense, device="cpu", progress=False).prune(0.3)
+    warned.run(calib, "bn", reconstruct="ls", guard="warn", **RUNNING)
+    assert warned.settings["guard"]["best"] == "refit" and warned.settings["guard"]["kept"] == "repair"
+    refit_err, repair_err, pruned_err = _fresh_errors([job.output, warned.output, job.pruned_alone], dense, tmp_path)
+    assert refit_err < min(repair_err, pruned_err)
+
+
 def test_the_guard_keeps_a_repair_that_is_better(tmp_path):
     dense, feeds = zoo.bn_with_statistics(stale=False)
     calib = _set(tmp_path, "calib", dense, feeds["input"])
@@ -71,20 +89,28 @@ def test_the_guard_on_a_raw_detector_map_scores_the_standardised_error(tmp_path)
     assert entry["repair"]["standardised_error"] > 0 and entry["pruned"]["standardised_error"] > 0
 
 
-def test_cli_warns_in_one_line_and_reports_the_guard(tmp_path, capsys):
+@pytest.mark.parametrize("refit", [False, True])
+def test_cli_warns_in_one_line_and_reports_the_guard(tmp_path, capsys, refit):
+    """A correction towards stale running statistics loses on held-out samples: without the refit the guard
+    keeps pruning alone; with it (the default), the refit alone, which the correction made worse."""
     dense, feeds = zoo.bn_with_statistics(stale=True)
     onnx.save(dense, tmp_path / "m.onnx")
     np.save(tmp_path / "x.npy", feeds["input"])
     argv = ["repair", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"), "--sparsity", "0.3",
-            "--reference", "running", "--device", "cpu", "-q"]
+            "--reference", "running", "--device", "cpu", "-q"] + ([] if refit else ["--reconstruct", "none"])
     assert main(argv + ["-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")]) == 0
     err = capsys.readouterr().err
-    warnings = [line for line in err.splitlines() if line.startswith("warning: ") and "pruning alone" in line]
-    assert len(warnings) == 1 and "kept the pruned model" in warnings[0]
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ") and "held-out" in line]
+    kept = "kept the refit without it" if refit else "kept the pruned model"
+    assert len(warnings) == 1 and kept in warnings[0]
     guard = json.loads((tmp_path / "r.json").read_text())["settings"]["guard"]
-    assert guard["mode"] == "fallback" and guard["kept"] == "pruned"  # the CLI's default
+    assert guard["mode"] == "fallback" and guard["kept"] == ("refit" if refit else "pruned")  # the CLI's default
+    assert guard["repair_loses"] and ("refit" in guard) == refit
+    if refit:  # the refit alone is the better of the three on held-out samples
+        assert guard["refit"]["logit_rel_l2"] < min(guard["pruned"]["logit_rel_l2"], guard["repair"]["logit_rel_l2"])
+        assert "the model refit kept by the guard" in json.dumps(json.loads((tmp_path / "r.json").read_text())["verdict"])
     assert main(argv + ["-o", str(tmp_path / "off.onnx"), "--guard", "off"]) == 0
-    assert "pruning alone" not in capsys.readouterr().err
+    assert "held-out" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("given", [None, "64"])
