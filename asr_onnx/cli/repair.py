@@ -61,9 +61,10 @@ def default_output(model: str) -> Path:
                    "the refit's cost falls in proportion, recalibration still uses them all.")
 @click.option("--max-gram-mb", default=256.0, show_default=True, type=float, callback=lambda ctx, param, value: _megabytes(value),
               help="With --reconstruct ls or auto, skip a layer whose Gram matrices would exceed this.")
-@click.option("--frontier-mb", default=1024.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--frontier-mb", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="With --reconstruct ls or auto, MB of the refit's activations held in memory between its passes; "
-                   "the rest waits in a temporary folder (0: all on disk, the least memory).")
+                   "the rest waits in a temporary folder (0: all of it, the least memory; 1024 saved about 9% of "
+                   "the time at 7x the memory on 4,096 small images).")
 @click.option("--method", default="bn", show_default=True,
               type=click.Choice(["none", "bn", "lw", "naive", "asr", "auto"]),
               help="How lost variance is given back; auto picks on held-out calibration data.")

@@ -38,7 +38,7 @@ class Recipe:
         max_gram_mb: skip a layer whose Gram matrices exceed this. Defaults to 256.
         refit_passes: Gram passes, 0 for one per depth level. Defaults to 0.
         refit_samples: refit on a seeded subset of this size, 0 for all. Defaults to 0.
-        frontier_mb: MB of the refit's kept activations held in memory, the rest on disk. Defaults to 1024.
+        frontier_mb: MB of the refit's kept activations held in memory, the rest on disk. Defaults to 0.
         guard: "fallback", "warn" or "off". Defaults to "off" (the CLI's default is "fallback").
         seed: the calibration batches' order, the folds and the refit subset. Defaults to 0.
     """
@@ -56,7 +56,7 @@ class Recipe:
     max_gram_mb: float = 256.0
     refit_passes: int = 0
     refit_samples: int = 0
-    frontier_mb: float = 1024.0
+    frontier_mb: float = 0.0
     guard: str = "off"
     seed: int = 0
 

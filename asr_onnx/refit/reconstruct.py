@@ -39,9 +39,10 @@ DAMPING = 0.01  # 1% of the mean diagonal of XᵀX, as in the PyTorch reference
 # each batch under the last two.
 MAX_GRAM_MACS = 1e13
 MAX_BATCH_BYTES = 2**30
-# The frontier held in memory between passes; beyond it, a temporary folder. Writing and reading it back cost a
-# quarter of the refit on the bottleneck sample (13.1 s against 9.6 s, RESULTS section 4, "Cost").
-FRONTIER_MB = 1024.0
+# The frontier held in memory between passes; beyond it, a temporary folder. On disk by default: on the bottleneck
+# sample with 4,096 images a 1 GiB frontier in memory saved 9% of the CPU time at 6.7x the peak memory (RESULTS,
+# "The default (issue 27)"); --frontier-mb trades one for the other.
+FRONTIER_MB = 0.0
 
 
 def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, damping: float = DAMPING,
