@@ -33,7 +33,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from real_graphs import KINDS, images  # noqa: E402
+from real_graphs import KINDS, images, parse_cells, parse_spec  # noqa: E402
 
 
 def scores(model, dense, data, reference_logits: list) -> dict:
@@ -110,12 +110,11 @@ def main() -> None:
     parser.add_argument("--cells", default="global:0.8", help="pattern:sparsity, comma-separated")
     parser.add_argument("--json", default=str(HERE / "results" / "default_real.json"))
     args = parser.parse_args()
-    cells = [(c.rpartition(":")[0], float(c.rpartition(":")[2])) for c in args.cells.split(",")]
+    cells = parse_cells(args.cells)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models:
-            kind, _, rest = spec.partition("=")
-            path, _, counts = rest.partition("@")
+            kind, path, counts = parse_spec(spec)
             if kind not in KINDS or not path:
                 parser.error(f"not KIND=PATH[@CALIB,EVAL]: {spec}")
             sizes = tuple(int(v) for v in counts.split(",")) if counts else KINDS[kind][4:]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,17 +27,15 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # real_graphs, beside this file
 
 
 def calibration(label: str, path: str, count: str, calib_size: int, folder: Path):
     """The calibration set of a model: real-graph kinds get their synthetic images, the rest Fashion-MNIST."""
-    import sys
+    from real_graphs import KINDS, images
 
     from asr_onnx.calib import input_specs, load_calib
     from asr_onnx.model.files import load_model
-
-    sys.path.insert(0, str(HERE))
-    from real_graphs import KINDS, images
 
     kind = label.partition(".")[0]
     model = load_model(path)
@@ -81,12 +80,13 @@ def main() -> None:
     parser.add_argument("--calib-size", type=int, default=1024)
     parser.add_argument("--json", default="guard_shared.json")
     args = parser.parse_args()
-    cells = [(c.rpartition(":")[0], float(c.rpartition(":")[2])) for c in args.cells.split(",")]
+    from real_graphs import parse_cells, parse_spec
+
+    cells = parse_cells(args.cells)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models:
-            label, _, rest = spec.partition("=")
-            path, _, count = rest.partition("@")
+            label, path, count = parse_spec(spec)
             calib = calibration(label, path, count, args.calib_size, Path(tmp))
             for pattern, sparsity in cells:
                 row = {"model": label, "cell": pattern if pattern != "global" else f"{sparsity:g}",

@@ -125,6 +125,18 @@ def images(kind: str, n: int, seed: int) -> np.ndarray:
     return (x / 255 if norm == "unit" else x).astype(np.float32)
 
 
+def parse_cells(text: str) -> list[tuple[str, float]]:
+    """"global:0.8,2:4:0" -> [("global", 0.8), ("2:4", 0.0)]: pattern and sparsity, comma-separated."""
+    return [(cell.rpartition(":")[0], float(cell.rpartition(":")[2])) for cell in text.split(",")]
+
+
+def parse_spec(spec: str) -> tuple[str, str, str]:
+    """"KIND=PATH[@COUNTS]" -> (KIND, PATH, COUNTS or "")."""
+    kind, _, rest = spec.partition("=")
+    path, _, counts = rest.partition("@")
+    return kind, path, counts
+
+
 def plain_pass(path, calib) -> float:
     """Seconds for one plain pass of the dense model over the calibration set."""
     from asr_onnx.calib import fixed_batch, input_specs
