@@ -94,6 +94,25 @@ def test_refit_matches_a_numpy_least_squares_oracle_and_keeps_the_mask(kind, spa
     assert refit["err_after"] < refit["err_before"] and refit["gram_size"] == x_patches.shape[1] // groups
 
 
+def test_2_4_on_a_token_matmul_runs_along_the_reduction_axis_and_refits_on_every_token():
+    """Issue 30: a Linear layer on (N, T, C) tokens (MatMul with a constant (C, D) weight). 2:4 keeps 2 of each 4
+    consecutive weights along C, the axis the MatMul sums over, for every output column; the refit solves on all
+    N·T tokens (the numpy oracle flattens them) and keeps the pattern."""
+    dense, feeds = zoo.one_layer("matmul")  # (N, 3, 12) tokens -> MatMul (12, 5)
+    job = Repair(dense, device="cpu", batch_size=16, progress=False).prune(0.0, "2:4")
+    pruned = layers_of(job.pruned)[0].weight.values
+    assert pruned.shape == (12, 5) and np.all((pruned.reshape(3, 4, 5) != 0).sum(axis=1) == 2)
+    job.reconstruct(zoo.DictSet(feeds))
+    layer, dense_layer = layers_of(job.pruned)[0], layers_of(dense)[0]
+    x_tokens, _ = patches(dense_layer, np.maximum(feeds["input"], 0))
+    assert x_tokens.shape == (len(feeds["input"]) * 3, 12)
+    dense_rows = weight_rows(dense_layer, dense_layer.weight.values).astype(np.float64)
+    expected = lstsq_refit(dense_rows, weight_rows(layer, pruned) != 0, x_tokens, x_tokens, 1)
+    got = weight_rows(layer, layer.weight.values)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert np.array_equal(layer.weight.values != 0, pruned != 0)
+
+
 def test_both_solve_paths_give_the_ridge_solution_on_the_kept_weights():
     """Rows keeping 1, a third, two thirds and all but one of 12 inputs: each against lstsq of its own
     augmented system (the direct path below half kept, the inverse path above)."""
