@@ -978,6 +978,28 @@ def time_first_oracle(model, x):
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
+def attention_block(tokens=6, width=8):
+    """One single-head self-attention block on (N, T, C) tokens, as torch.onnx writes a ViT's: Q, K and V
+    projections (MatMul with constant weights), Q·Kᵀ/√C (a MatMul of two activations), Softmax, the product with
+    V (another), and an output projection."""
+    g = G(41)
+    q, k, v = (g.node("MatMul", ["input", g.init(hint, g.weight((width, width), width))]) for hint in "qkv")
+    scores = g.node("Div", [g.node("MatMul", [q, g.node("Transpose", [k], perm=[0, 2, 1])]),
+                            g.init("scale", np.float32(np.sqrt(width)))])
+    mixed = g.node("MatMul", [g.node("Softmax", [scores], axis=-1), v])
+    out = g.node("MatMul", [mixed, g.init("o", g.weight((width, width), width))])
+    return g.model([("input", ["N", tokens, width], None)], out), {"input": _feed((tokens, width), seed=41)}
+
+
+def attention_oracle(model, x):
+    """numpy's forward pass of :func:`attention_block`."""
+    w = {t.name.rstrip("0123456789"): numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    q, k, v = (x.astype(np.float64) @ w[name] for name in "qkv")
+    scores = q @ k.transpose(0, 2, 1) / np.sqrt(x.shape[-1])
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    return (weights / weights.sum(-1, keepdims=True)) @ v @ w["o"]
+
+
 def detector_head(channels=22, size=8):
     """A detector-like output: a 1x1 Conv head reshaped to (N, channels, H*W), boxes and scores mixed."""
     g = G(22)

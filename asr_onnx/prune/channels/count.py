@@ -46,6 +46,30 @@ def layer_macs(model: onnx.ModelProto, shapes: dict | None = None) -> dict[str, 
     return macs
 
 
+def activation_macs(model: onnx.ModelProto, shapes: dict | None = None) -> int:
+    """Multiply-accumulates per sample of the MatMuls whose two inputs are both computed (attention's Q·Kᵀ and
+    its product with V): the output elements times the reduction length, from ONNX shape inference (a node
+    whose shapes it cannot find counts 0)."""
+    from asr_onnx.model.graph import static_shapes
+
+    shapes = static_shapes(model) if shapes is None else shapes
+    constants = {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
+                                                              for o in n.output}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or any(name in constants for name in node.input[:2]):
+            continue
+        a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if a is None or out is None or not all(isinstance(d, int) for d in (*out[1:], a[-1])):
+            continue
+        total += int(np.prod(out[1:], dtype=np.int64)) * int(a[-1])
+    return total
+
+
 def macs(model: onnx.ModelProto) -> int:
-    """Multiply-accumulates per sample of the model's Conv, ConvTranspose, Gemm and MatMul layers."""
-    return int(sum(layer_macs(model).values()))
+    """Multiply-accumulates per sample of the model's Conv, ConvTranspose, Gemm and MatMul layers, and of the
+    MatMuls between two activations (attention)."""
+    from asr_onnx.model.graph import static_shapes
+
+    shapes = static_shapes(model)
+    return int(sum(layer_macs(model, shapes).values())) + activation_macs(model, shapes)
