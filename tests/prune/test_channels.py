@@ -658,3 +658,19 @@ def test_cli_channels_default_amount_and_measured_speedup(tmp_path, capsys):
     entry = saved["channels"]
     assert entry["params"][1] < entry["params"][0] and entry["speedup"] > 0 and entry["speedup_batch"] >= 1
     assert f"measured speed-up: {entry['speedup']:.2f}x dense" in capsys.readouterr().out
+
+
+def test_linear_layers_on_tokens_are_listed_whole_with_their_reason(tmp_path, capsys):
+    """Issue 30: the channel walk did not list the MatMul layers of a transformer at all, so no reason was given
+    for leaving them. Each is now a whole group with its reason, and the run says that nothing could shrink."""
+    from asr_onnx.cli.main import main
+
+    model, feeds = zoo.attention_block()
+    path, calib, out, report = tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(model, path)
+    np.save(calib, feeds["input"])
+    assert main(["repair", str(path), "--calib", str(calib), "-o", str(out), "--pattern", "channels", "-q",
+                 "--device", "cpu", "--report", str(report), "--guard", "off"]) == 0
+    groups = json.loads(report.read_text())["channels"]["groups"]
+    assert len(groups) == 4 and all(g["whole"] and "Linear on channel-last tokens" in g["reason"] for g in groups)
+    assert "removed no channel" in capsys.readouterr().err

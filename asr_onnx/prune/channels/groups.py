@@ -207,7 +207,7 @@ def find_groups(graph, shapes: dict) -> Groups:
 
 
 def _rank(shapes, t) -> int | None:
-    dims = shapes.get(t.name)
+    dims = shapes.get(t.name, getattr(t, "shape", None))  # a graph input's declared shape where inference has none
     return None if dims is None else len(dims)
 
 
@@ -307,7 +307,12 @@ def _layer(node, x, shapes, walk, span, param, where):
             param(node, 2, bias.values.ndim - 1, lay)
         return lay
     # MatMul: reads rows of a 2-D constant; its channel-last output starts a group that stays whole
-    if len(shape) != 2 or _rank(shapes, node.inputs[0]) != 2:
+    if len(shape) != 2:
+        return None
+    rank = _rank(shapes, node.inputs[0])
+    if rank != 2:  # a Linear on tokens: listed with its reason, its layout not followed (the walk's channels are axis 1)
+        walk.new(shape[1], f"{where}: a Linear on channel-last tokens (rank {rank or '?'}); attention heads and "
+                           "MLP units are not pruned yet")
         return None
     if x:
         if span(x) != shape[0]:
