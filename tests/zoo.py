@@ -1000,6 +1000,62 @@ def attention_oracle(model, x):
     return (weights / weights.sum(-1, keepdims=True)) @ v @ w["o"]
 
 
+def convnext_like(widths=(8, 16), size=16):
+    """A ConvNeXt-style net as torch.onnx writes one: a 2x2 stride-2 patchify stem, then per stage blocks of a 7x7
+    depthwise conv, a Transpose to channel-last, LayerNormalization, a Linear (MatMul) to 4x the width, Erf-GELU,
+    a Linear back, a Transpose to NCHW and the residual Add; a 2x2 stride-2 conv between the stages."""
+    g = G(51)
+
+    def block(x, c):
+        h = g.node("Transpose", [g.conv(x, c, c, k=7, group=c)], perm=[0, 2, 3, 1])
+        h = g.node("LayerNormalization", [h, g.init("lnw", g.rng.uniform(0.5, 1.5, c)),
+                                          g.init("lnb", g.rng.normal(0, 0.1, c))], axis=-1, epsilon=1e-6)
+        h = g.node("MatMul", [h, g.init("fc1", g.weight((c, 4 * c), c))])
+        erf = g.node("Erf", [g.node("Div", [h, g.init("sqrt2", np.float32(np.sqrt(2)))])])
+        h = g.node("Mul", [g.node("Mul", [h, g.node("Add", [erf, g.init("one", np.float32(1))])]),
+                           g.init("half", np.float32(0.5))])
+        h = g.node("MatMul", [h, g.init("fc2", g.weight((4 * c, c), 4 * c))])
+        return g.node("Add", [x, g.node("Transpose", [h], perm=[0, 3, 1, 2])])
+
+    x, cin = "input", 3
+    for c in widths:
+        x = block(block(g.conv(x, cin, c, k=2, strides=[2, 2], pads=[0, 0, 0, 0]), c), c)
+        cin = c
+    return g.model([("input", ["N", 3, size, size], None)], x), {"input": _feed((3, size, size), n=8, seed=51)}
+
+
+def convnext_oracle(model, x):
+    """numpy's forward pass of :func:`convnext_like`, node by node (the graph's own order, every op by hand)."""
+    import math
+
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    values = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    values["input"] = x.astype(np.float64)
+    attr = {n.output[0]: {a.name: helper.get_attribute_value(a) for a in n.attribute} for n in model.graph.node}
+    erf = np.vectorize(math.erf)
+    for node in model.graph.node:
+        a, out, at = [values[i] for i in node.input], node.output[0], attr[node.output[0]]
+        if node.op_type == "Conv":
+            (w, b), stride, pad, group = a[1:], at.get("strides", [1])[0], at["pads"][0], at["group"]
+            padded = np.pad(a[0], ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+            win = sliding_window_view(padded, w.shape[2:], axis=(2, 3))[:, :, ::stride, ::stride]
+            if group == 1:
+                values[out] = np.einsum("nchwij,ocij->nohw", win, w) + b[None, :, None, None]
+            else:  # depthwise
+                values[out] = np.einsum("nchwij,cij->nchw", win, w[:, 0]) + b[None, :, None, None]
+        elif node.op_type == "Transpose":
+            values[out] = a[0].transpose(at["perm"])
+        elif node.op_type == "LayerNormalization":
+            mean, var = a[0].mean(-1, keepdims=True), a[0].var(-1, keepdims=True)
+            values[out] = (a[0] - mean) / np.sqrt(var + at["epsilon"]) * a[1] + a[2]
+        elif node.op_type == "Erf":
+            values[out] = erf(a[0])
+        else:
+            values[out] = {"MatMul": np.matmul, "Div": np.divide, "Mul": np.multiply, "Add": np.add}[node.op_type](*a)
+    return values[model.graph.output[0].name]
+
+
 def detector_head(channels=22, size=8):
     """A detector-like output: a 1x1 Conv head reshaped to (N, channels, H*W), boxes and scores mixed."""
     g = G(22)

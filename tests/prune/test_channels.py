@@ -674,3 +674,17 @@ def test_linear_layers_on_tokens_are_listed_whole_with_their_reason(tmp_path, ca
     groups = json.loads(report.read_text())["channels"]["groups"]
     assert len(groups) == 4 and all(g["whole"] and "Linear on channel-last tokens" in g["reason"] for g in groups)
     assert "removed no channel" in capsys.readouterr().err
+
+
+def test_a_convnext_like_net_runs_as_its_oracle_and_its_depthwise_convs_are_not_called_grouped():
+    """Issue 30: 4 of ConvNeXt's 6 depthwise convs were reported as "grouped" (those whose input, a residual Add
+    of a LayerNorm-MLP branch, the walk had stopped following). Each is a depthwise group now, with its reason."""
+    from asr_onnx.model.session import make_session
+
+    model, feeds = zoo.convnext_like()
+    got = make_session(model, "cpu").run(None, feeds)[0]
+    np.testing.assert_allclose(got, zoo.convnext_oracle(model, feeds["input"]), rtol=1e-4, atol=1e-4)
+    groups = channels.plan(model, sparsity=0.5).groups
+    depthwise = [g for g, kinds in groups.kinds.items() if "depthwise" in kinds]
+    assert len(depthwise) == 4 and not any("grouped" in kinds for kinds in groups.kinds.values())
+    assert all(not groups.whole[g].startswith("grouped") for g in groups.whole)

@@ -270,6 +270,12 @@ def _layer(node, x, shapes, walk, span, param, where):
                 walk.depthwise[node.outputs[0].name] = x
                 walk.mark(x, "depthwise")
             return x
+        if groups > 1 and shape[1] == 1 and shape[0] == groups and not x:
+            # a depthwise conv keeps its input's channels, which an earlier node stopped following
+            reason = f"depthwise {where}: its input's channels are not followed (an earlier group's reason says why)"
+            lay = ((walk.new(shape[0], reason), 1),)
+            walk.mark(lay, "depthwise")
+            return lay
         if groups > 1:
             reason = f"grouped {where} (group={groups}): each group would need the same channels removed"
             walk.stop(x, reason)
