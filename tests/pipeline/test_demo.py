@@ -13,6 +13,8 @@ def test_demo_prints_every_method_next_to_dense(capsys):
     assert all(0 <= v <= 100 for v in rows.values())
     assert rows["bn"] == rows["naive"]  # identical in the default placement
     assert "200 test images" in out
+    default = re.search(r"^default\s+([\d.]+)%", out, re.M)  # `repair`'s default, which the demo ends with
+    assert default and float(default[1]) > rows["bn"] and "least-squares refit" in out
 
 
 def test_demo_refuses_an_unknown_model(capsys):

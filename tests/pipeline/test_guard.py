@@ -53,15 +53,13 @@ def test_when_the_correction_spoils_a_refit_the_guard_ships_the_refit_alone(tmp_
     the better of the three on fresh samples (the oracle)."""
     dense, feeds = zoo.bn_with_statistics(stale=True)
     calib = _set(tmp_path, "calib", dense, feeds["input"])
-    job = Repair(dense, device="cpu", progress=False).prune(0.3)
-    job.run(calib, "bn", reconstruct="ls", guard="fallback", **RUNNING)
-    entry = job.settings["guard"]
-    assert entry["refit_in_repair_passes"] and entry["repair_loses"] and entry["kept"] == entry["best"] == "refit"
-    assert job.output is job.pruned and job.written == {}
     warned = Repair(dense, device="cpu", progress=False).prune(0.3)
-    warned.run(calib, "bn", reconstruct="ls", guard="warn", **RUNNING)
-    assert warned.settings["guard"]["best"] == "refit" and warned.settings["guard"]["kept"] == "repair"
-    refit_err, repair_err, pruned_err = _fresh_errors([job.output, warned.output, job.pruned_alone], dense, tmp_path)
+    warned.run(calib, "bn", reconstruct="ls", guard="warn", **RUNNING)  # keeps the repair: all three to score
+    entry = warned.settings["guard"]
+    assert entry["refit_in_repair_passes"] and entry["repair_loses"] and entry["best"] == "refit"
+    assert entry["kept"] == "repair" and warned.output is not warned.pruned  # fallback ships warned.pruned (CLI test)
+    refit_err, repair_err, pruned_err = _fresh_errors([warned.pruned, warned.output, warned.pruned_alone], dense,
+                                                      tmp_path)
     assert refit_err < min(repair_err, pruned_err)
 
 
