@@ -23,7 +23,7 @@ def test_repair_off_a_tty_prints_each_stage_with_its_time(bn_model, calib_dir, t
     parts = {"reconstruct_gram", "reconstruct_solve"}  # the refit's own split of its stage, not stages
     assert set(printed) == set(timings) - parts and {"prune", "reconstruct", "measure_dense", "guard", "save"} <= set(printed)
     assert sum(float(m.group(2)) for m in matches) > 0
-    assert main([*argv, "-q"]) == 0
+    assert main([*argv, "-q", "--reconstruct", "none", "--guard", "off"]) == 0  # a cheaper run will do
     assert capsys.readouterr().err == ""
 
 

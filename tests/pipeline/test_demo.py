@@ -6,13 +6,13 @@ from asr_onnx.cli.main import main
 
 
 def test_demo_prints_every_method_next_to_dense(capsys):
-    assert main(["demo", "--eval-size", "200", "--device", "cpu"]) == 0
+    assert main(["demo", "--eval-size", "100", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     rows = {m[0]: float(m[1]) for m in re.findall(r"^(dense|none|bn|lw|naive|asr)\s+([\d.]+)%", out, re.M)}
     assert set(rows) == {"dense", "none", "bn", "lw", "naive", "asr"}
     assert all(0 <= v <= 100 for v in rows.values())
     assert rows["bn"] == rows["naive"]  # identical in the default placement
-    assert "200 test images" in out
+    assert "100 test images" in out
     default = re.search(r"^default\s+([\d.]+)%", out, re.M)  # `repair`'s default, which the demo ends with
     assert default and float(default[1]) > rows["bn"] and "least-squares refit" in out
 
