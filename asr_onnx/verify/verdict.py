@@ -35,6 +35,8 @@ FEW_DETECTIONS = 5  # a class with fewer dense detections scores F1 by a coin or
 METRIC_NAMES = {"agreement": "top-1 agreement", "detection_f1": "detection F1",
                 "standardised_error": "standardised error"}
 
+KEPT_NAMES = {"repair": "repair", "refit": "refit alone", "pruned": "pruned model"}  # the guard's "kept"
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -186,7 +188,8 @@ def of_repair(job, calib=None) -> Verdict | None:
         kept = guard[guard["kept"] if guard["kept"] in ("repair", "refit") else "pruned"]
         metric = guard["metric"]
         return judge(metric, kept[metric], data=f"{guard['held_out']} held-out calibration samples ({guard['folds']} "
-                     f"folds; the model {guard['kept']} kept by the guard)", classes=guard.get("agreement_classes"),
+                     f"folds; the {KEPT_NAMES.get(guard['kept'], guard['kept'])} kept by the guard)",
+                     classes=guard.get("agreement_classes"),
                      settings=settings, detector=metric == "detection_f1")
     if calib is None:
         return None

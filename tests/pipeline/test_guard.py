@@ -106,7 +106,7 @@ def test_cli_warns_in_one_line_and_reports_the_guard(tmp_path, capsys, refit):
     assert guard["repair_loses"] and ("refit" in guard) == refit
     if refit:  # the refit alone is the better of the three on held-out samples
         assert guard["refit"]["logit_rel_l2"] < min(guard["pruned"]["logit_rel_l2"], guard["repair"]["logit_rel_l2"])
-        assert "the model refit kept by the guard" in json.dumps(json.loads((tmp_path / "r.json").read_text())["verdict"])
+        assert "the refit alone kept by the guard" in json.dumps(json.loads((tmp_path / "r.json").read_text())["verdict"])
     assert main(argv + ["-o", str(tmp_path / "off.onnx"), "--guard", "off"]) == 0
     assert "held-out" not in capsys.readouterr().err
 
