@@ -132,15 +132,17 @@ def guard_repair(job, calib, recipe: Recipe, mode: str = "fallback", *, seed: in
     variants = [lambda probe: probe.correct(**correction).fold().output, lambda probe: job.pruned_alone]
     if reconstruct is not None and not refitted:  # the fold's refit before its correction (the probe's pruned)
         variants.append(refit_alone)
+    shared: list = [{} for _ in range(FOLDS)]  # the dense model's held-out outputs, run once for both calls
     found = held_out_scores(job, calib, variants, folds=FOLDS, seed=seed, batch_size=job.batch_size,
-                            measure=measure, reconstruct=None if refitted else reconstruct, refitted=refitted)
+                            measure=measure, reconstruct=None if refitted else reconstruct, refitted=refitted,
+                            shared=shared)
     verdict, loses = judge(found[:2])
     if reconstruct is not None and refitted and loses:
         # a rescue, paid only when the repair lost: the refit alone, refitted on each half from the start (the
         # fold models of the refit's passes see the full refit's activations upstream, which a correction absorbs
         # and the refit alone does not: cls at 0.8 scored 1.12 so, 0.60 refitted per half)
         found += held_out_scores(job, calib, [refit_alone], folds=FOLDS, seed=seed, batch_size=job.batch_size,
-                                 measure=None, reconstruct=reconstruct)
+                                 measure=None, reconstruct=reconstruct, shared=shared)
     best, refit_entry = "pruned" if loses else "repair", {}
     if len(found) == 3:
         correction_loses, refit_loses = judge([found[0], found[2]])[1], judge([found[2], found[1]])[1]

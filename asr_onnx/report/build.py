@@ -387,7 +387,9 @@ def _guard_lines(guard) -> list[str]:
         return f"{agree}{found}rel err {_err(entry.logit_rel_l2, '.4g')}{standard}"
 
     verdict = guard.verdict if guard.refit is None else f"{guard.verdict} (the repair against pruning alone)"
-    kept = "the refit alone" if guard.kept == "refit" else guard.kept
-    return [f"guard ({guard.mode}, {_count(guard.held_out)} held-out samples): {verdict}, kept {kept}"
+    from asr_onnx.verify.verdict import KEPT_NAMES
+
+    kept = KEPT_NAMES.get(guard.kept or "", guard.kept)
+    return [f"guard ({guard.mode}, {_count(guard.held_out)} held-out samples): {verdict}, kept the {kept}"
             f" ({_err(guard.cost_s, '.2f')}s)", f"  repair {score(guard.repair)}; pruning alone {score(guard.pruned)}"
             + ("" if guard.refit is None else f"; the refit alone {score(guard.refit)}")]

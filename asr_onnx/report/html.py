@@ -151,7 +151,10 @@ def _summary(report, why_no_plots: str | None) -> Markup:
     if scores is not None and scores.agreement is not None:
         cards.append((_num(scores.agreement, 4, pct=True), "agreement with dense"))
     if s.guard is not None:
-        cards.append((s.guard.verdict or "-", f"guard (kept {s.guard.kept or '-'})"))
+        from asr_onnx.verify.verdict import KEPT_NAMES
+
+        kept = KEPT_NAMES.get(s.guard.kept or "", s.guard.kept or "-")  # "refit alone" says what was shipped
+        cards.append((s.guard.verdict or "-", f"guard (kept {kept})"))
     html = tag("div", [tag("div", tag("b", value), tag("span", label), class_="card") for value, label in cards],
                class_="cards")
     return join(html, tag("p", why_no_plots, class_="warn") if why_no_plots else None)

@@ -185,7 +185,7 @@ def of_repair(job, calib=None) -> Verdict | None:
     guard = job.settings.get("guard") or {}
     cast = "INT8" if job.settings.get("int8") else "float16" if job.settings.get("fp16") else None
     if guard.get("metric") and not (cast and calib is not None):
-        kept = guard[guard["kept"] if guard["kept"] in ("repair", "refit") else "pruned"]
+        kept = guard[guard["kept"]]  # "repair", "refit" or "pruned": each has its held-out scores
         metric = guard["metric"]
         return judge(metric, kept[metric], data=f"{guard['held_out']} held-out calibration samples ({guard['folds']} "
                      f"folds; the {KEPT_NAMES.get(guard['kept'], guard['kept'])} kept by the guard)",
