@@ -46,12 +46,13 @@ def scores(model, dense, data, reference_logits: list) -> dict:
             "f1": None if not detection else round(detection["f1"], 4)}
 
 
-def repaired(dense, calib, data, ref: list, pattern: str, sparsity: float, allocation: str, reconstruct: str) -> dict:
+def repaired(dense, calib, data, ref: list, pattern: str, sparsity: float, allocation: str, reconstruct: str,
+             score: str = "magnitude") -> dict:
     """One repair's pruned model, repair and shipped model scored, with the guard's verdict and the time."""
     from asr_onnx.pipeline.driver import Repair
     from asr_onnx.pipeline.recipe import Recipe
 
-    job = Repair(dense, device="cpu", progress=False).prune(sparsity, pattern, allocation=allocation)
+    job = Repair(dense, device="cpu", progress=False).prune(sparsity, pattern, allocation=allocation, score=score)
     start = time.perf_counter()
     job.run(calib, recipe=Recipe(method="bn", reconstruct=reconstruct, guard="warn"))
     seconds = time.perf_counter() - start
@@ -64,7 +65,8 @@ def repaired(dense, calib, data, ref: list, pattern: str, sparsity: float, alloc
             "verdict": guard.get("verdict"), "seconds": round(seconds, 1)}
 
 
-def run_model(kind: str, path: str, sizes: tuple[int, int], cells, folder: Path) -> list[dict]:
+def run_model(kind: str, path: str, sizes: tuple[int, int], cells, folder: Path,
+              scores_: tuple = ("obs",)) -> list[dict]:
     from asr_onnx.calib import input_specs, load_calib
     from asr_onnx.model.files import load_model
 
@@ -78,9 +80,11 @@ def run_model(kind: str, path: str, sizes: tuple[int, int], cells, folder: Path)
     for pattern, sparsity in cells:
         lamp = "lamp" if pattern == "global" else "global"  # LAMP allocates across layers; N:M has no allocation
         stats = repaired(dense, sets["calib"], sets["eval"], ref, pattern, sparsity, "global", "none")
-        default = repaired(dense, sets["calib"], sets["eval"], ref, pattern, sparsity, lamp, "ls")
+        by_score = {score: repaired(dense, sets["calib"], sets["eval"], ref, pattern, sparsity, lamp, "ls", score)
+                    for score in scores_}
         row = {"model": kind, "cell": f"{sparsity:g}" if pattern == "global" else pattern, "calib": sizes[0],
-               "eval": sizes[1], "statistics_only": stats, "default": default}
+               "eval": sizes[1], "statistics_only": stats, "default": by_score[scores_[0]], "score": scores_[0],
+               "by_score": by_score}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -109,6 +113,8 @@ def main() -> None:
     parser.add_argument("models", nargs="+", help=f"KIND=PATH[@CALIB,EVAL], KIND one of {', '.join(KINDS)}")
     parser.add_argument("--cells", default="global:0.8", help="pattern:sparsity, comma-separated")
     parser.add_argument("--json", default=str(HERE / "results" / "default_real.json"))
+    parser.add_argument("--scores", default="obs", help="the default repair's masks, one run per score; the first "
+                        "is the row's default")
     args = parser.parse_args()
     cells = parse_cells(args.cells)
     rows = []
@@ -118,7 +124,7 @@ def main() -> None:
             if kind not in KINDS or not path:
                 parser.error(f"not KIND=PATH[@CALIB,EVAL]: {spec}")
             sizes = tuple(int(v) for v in counts.split(",")) if counts else KINDS[kind][4:]
-            rows += run_model(kind, path, sizes, cells, Path(tmp))
+            rows += run_model(kind, path, sizes, cells, Path(tmp), tuple(args.scores.split(",")))
             Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     print(markdown(rows))
     print(f"wrote {args.json}")

@@ -123,7 +123,7 @@ def main() -> int:
     parser.add_argument("--calib-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--score", default="magnitude", choices=("magnitude", "wanda", "rownorm"))
+    parser.add_argument("--score", default="magnitude", choices=("magnitude", "wanda", "rownorm", "obs"))
     parser.add_argument("--passes", type=int, default=0, help="Gram passes (0: one per depth level).")
     parser.add_argument("--refit-size", type=int, default=0,
                         help="refit on this many of the calibration samples (0: all of them).")

@@ -47,9 +47,11 @@ def default_output(model: str) -> Path:
 @click.option("--allocation", type=click.Choice(["global", "lamp", "uniform"]),
               help="How the sparsity is split between layers: one |w| threshold, LAMP scores, or per layer. "
                    "Default: lamp for --pattern global (N:M and channels fix each layer's own).")
-@click.option("--score", type=click.Choice(["magnitude", "wanda", "rownorm", "bn-scale", "greedy"]),
-              help="How weights are ranked: |w|, Wanda's |w| times its input channel's norm (needs --calib), or "
-                   "rownorm, |w| over its output channel's weight norm (blind to a folded BN's gamma/sigma); "
+@click.option("--score", type=click.Choice(["magnitude", "wanda", "rownorm", "obs", "bn-scale", "greedy"]),
+              help="How weights are ranked: |w|, Wanda's |w| times its input channel's norm (needs --calib), "
+                   "rownorm, |w| over its output channel's weight norm (blind to a folded BN's gamma/sigma), or "
+                   "obs, the refit's own error of dropping each weight (OBS, chosen in the refit: needs "
+                   "--reconstruct ls); "
                    "channels: the L1 of their filters, |gamma| of their BN, or greedy (ThiNet, needs --calib). "
                    "Default: magnitude; greedy for --pattern channels with --calib.")
 @click.option("--reconstruct", type=click.Choice(["none", "ls", "auto"]),
@@ -150,7 +152,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     needs = [option for option, used in ((f"--method {method}", method != "none"), ("--fp16", fp16 or fp16_io),
                                          ("--int8", int8),
                                          (f"--reconstruct {reconstruct}", reconstruct != "none"),
-                                         (f"--score {score}", score in ("wanda", "greedy"))) if used]
+                                         (f"--score {score}", score in ("wanda", "greedy", "obs"))) if used]
     channels = str(pattern).strip().lower() == "channels"  # its output is run on calibration samples first
     if (needs or channels) and calib_path:  # --fp16 checks its output on the calibration data
         plan.read_data(calib_path, "the --calib data")
@@ -172,6 +174,9 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
         Pattern.parse(pattern)
     if score not in (CHANNEL_SCORES if channels else WEIGHT_SCORES):
         raise click.BadParameter(f"--score {score} does not apply to --pattern {pattern}", param_hint="--score")
+    if score == "obs" and reconstruct != "ls":
+        raise click.BadParameter(f"it chooses the masks in the least-squares refit; --reconstruct {reconstruct} "
+                                 "does not refit by least squares", param_hint="--score obs")
     if flops_target is not None and not channels:
         raise click.BadParameter("--flops-target needs --pattern channels", param_hint="--flops-target")
     calib = dense_stats = None

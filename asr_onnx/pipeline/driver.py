@@ -74,6 +74,7 @@ class Repair:
         self.held_out_refits: HeldOutRefits | None = None  # the guard's fold refits, from the refit's own passes
         # channel pruning: the plan, the report's entry, and the samples the result is run on before it is written
         self.channel_plan = self.channel_report = self.channel_data = None
+        self.mask_rules: list | None = None  # the score obs: how the refit chooses each layer's mask again
         # layer name -> dense weight, read once; (pruned model, its measure.SiteMap), found once per pruned model
         self._batch_arg, self._dense_weights, self._site_map = batch_size, None, None
 
@@ -95,6 +96,7 @@ class Repair:
         new.source, new.qdq, new._dense_weights = self.source, self.qdq, self.dense_weights
         if pruned:  # the site map is used only while it is of the same pruned model
             new.pruned_alone, new.layers, new._site_map = self.pruned_alone, self.layers, self._site_map
+            new.mask_rules = self.mask_rules
             new.pruned = self.pruned if refit else self.pruned_alone
         return new
 
@@ -143,6 +145,7 @@ class Repair:
                                **self._options(progress=False) if channels else {})
         self.pruned = self.pruned_alone = done.model
         self.layers, self.channel_plan, self.channel_report = done.layers, done.channel_plan, None
+        self.mask_rules = done.mask_rules
         self.channel_data = calib if calib is not None else self.channel_data
         self.settings.update(done.settings)
         return self
@@ -176,6 +179,9 @@ class Repair:
             raise AsrError(f"cannot refit on {samples} samples of this calibration set")
         probes = Recipe(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples,
                         seed=seed) if recipe is None else recipe  # refuses an unknown reconstruction
+        if self.mask_rules is not None and method != "ls":
+            raise AsrError(f"the score obs chooses its masks in the least-squares refit: it needs --reconstruct ls, "
+                           f"not {method}")
         self.settings.update(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples)
         if method == "auto":
             self.batch.check(len(calib))
@@ -189,7 +195,7 @@ class Repair:
             with self._timed("reconstruct"):
                 self.pruned, self.refits, split, _, without = reconstruct(
                     self.dense, self.pruned, fit, max_gram_mb=max_gram_mb, passes=passes, held_out=parts,
-                    frontier_mb=probes.frontier_mb, **self._options())
+                    frontier_mb=probes.frontier_mb, masks=self.mask_rules, **self._options())
             self.held_out_refits = HeldOutRefits(calib, seed, without) if parts else None
             self.timings.update({f"reconstruct_{k}": v for k, v in split.items()})
         return self

@@ -75,7 +75,7 @@ def global_masks(weights: list[np.ndarray], sparsity: float) -> list[np.ndarray]
 
 
 ALLOCATIONS = ("global", "lamp", "uniform")
-SCORES = ("magnitude", "wanda", "rownorm")
+SCORES = ("magnitude", "wanda", "rownorm", "obs")
 
 
 def lamp_scores(weight: np.ndarray) -> np.ndarray:
@@ -185,8 +185,9 @@ def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_fir
             The pattern "uniform" is the allocation "uniform". Ignored for N:M. Defaults to "global".
         input_norms: layer index -> the L2 norm of each input channel of the layer's dense input: weights
             are then ranked by Wanda's score |w| · ||x|| (Sun et al., 2023) instead of |w|. Defaults to None.
-        score: "magnitude" (|w|, or Wanda's score with ``input_norms``) or "rownorm" (|w| over the L2 norm of
-            its output channel's weights, see :func:`rownorm_scores`). Defaults to "magnitude".
+        score: "magnitude" (|w|, or Wanda's score with ``input_norms``), "rownorm" (|w| over the L2 norm of
+            its output channel's weights, see :func:`rownorm_scores`) or "obs" (magnitude here: the refit chooses
+            the masks again, with these counts, see :func:`mask_rules`). Defaults to "magnitude".
 
     Raises:
         AsrError: no prunable layer, and something to prune (a sparsity above 0 or an N:M pattern); an
@@ -221,7 +222,7 @@ def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_fir
     for i, keep in zip(chosen, keeps):
         weight = layers[i].weight
         weight.values = np.where(keep, weight.values, np.zeros((), weight.values.dtype))
-    score = "rownorm" if score == "rownorm" else "magnitude" if input_norms is None else "wanda"
+    score = score if score in ("rownorm", "obs") else "magnitude" if input_norms is None else "wanda"
     return [_summary(layer, i, skipped, owner, allocation, score) for i, layer in enumerate(layers)]
 
 
@@ -311,3 +312,13 @@ def emptied_warning(layers: list[LayerPrune]) -> str | None:
     more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
     return (f"warning: one global threshold left {len(empty)} layer(s) with under 1% of their weights ({named}{more}); "
             f"no repair brings such a layer back: --allocation lamp never empties a layer")
+
+
+def mask_rules(layers: list[LayerPrune], pattern: Pattern) -> list:
+    """Per layer, the :class:`asr_onnx.refit.obs.MaskRule` by which the refit chooses its mask again (the score
+    "obs"), or None for a layer left dense."""
+    from asr_onnx.refit.obs import MaskRule
+
+    nm = (pattern.n, pattern.m) if pattern.kind == "nm" else None
+    return [MaskRule(nm, int(np.prod(layer.shape[2:])) if layer.op == "Conv" else 1) if layer.pruned else None
+            for layer in layers]

@@ -8,7 +8,7 @@ import onnx
 
 from asr_onnx.errors import AsrError
 from asr_onnx.model.graph import find_layers, to_graph, to_model
-from asr_onnx.prune.masks import SCORES, Pattern, check_sparsity, prune_layers
+from asr_onnx.prune.masks import SCORES, Pattern, check_sparsity, mask_rules, prune_layers
 
 
 @dataclass
@@ -20,12 +20,15 @@ class Pruned:
         layers: the pruned layers with their masks (none under channels).
         channel_plan: under channels, the prune.channels.ChannelPlan; else None.
         settings: what the report records of the pruning.
+        mask_rules: with the score "obs", per layer how the refit chooses its mask again (see
+            :func:`asr_onnx.prune.masks.mask_rules`); else None.
     """
 
     model: onnx.ModelProto
     layers: list = field(default_factory=list)
     channel_plan: object = None
     settings: dict = field(default_factory=dict)
+    mask_rules: list | None = None
 
 
 def needs_data(pattern: str, score: str, channel_plan=None, calib=None) -> bool:
@@ -53,7 +56,8 @@ def prune_weights(dense, sparsity: float, pattern: str = "global", exclude=(), k
     used = layers[0].allocation if layers else allocation  # "uniform" for the pattern uniform
     return Pruned(to_model(graph, dense), layers, None,
                   dict(sparsity=sparsity, pattern=str(parsed), exclude=list(exclude), keep_first=keep_first,
-                       keep_last=keep_last, allocation=used, score=score))
+                       keep_last=keep_last, allocation=used, score=score),
+                  mask_rules(layers, parsed) if score == "obs" else None)
 
 
 def prune_channels(dense, sparsity: float, *, score: str = "magnitude", calib=None, flops_target: float | None = None,

@@ -30,6 +30,7 @@ from asr_onnx.refit.gram import (
     patch_size,
     weight_rows,
 )
+from asr_onnx.refit.obs import MaskRule
 
 METHODS = ("none", "ls")
 DAMPING = 0.01  # 1% of the mean diagonal of XᵀX, as in the PyTorch reference
@@ -46,7 +47,7 @@ FRONTIER_MB = 0.0
 
 
 def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, damping: float = DAMPING,
-               with_cond: bool = True):
+               with_cond: bool = True, rule: MaskRule | None = None):
     """The ridge refit of every output row on its kept inputs.
 
     Args:
@@ -56,13 +57,17 @@ def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, dampin
         damping: λ as a fraction of the mean diagonal of each group's XᵀX. Defaults to 0.01.
         with_cond: compute the damped Gram's condition number (an eigendecomposition, as costly as the solve).
             Defaults to True; without it ``cond`` is None.
+        rule: None to refit on ``keep``; else the masks are chosen again from these sums by OBS
+            (:mod:`asr_onnx.refit.obs`), with ``keep``'s count of zeros per group, or the rule's N:M pattern.
+            Defaults to None.
 
     Returns:
-        (refitted rows, zero where ``keep`` is False; a dict with err_before, err_after and cond).
+        (refitted rows, zero where the kept mask is False; a dict with err_before, err_after and cond).
     """
     groups, per_group = gram.xtx.shape[0], dense_rows.shape[0] // gram.xtx.shape[0]
     dense_rows = dense_rows.astype(np.float64)
     rows = np.where(keep, dense_rows, 0.0)
+    keep = keep.copy() if rule is not None else keep
     before = after = 0.0
     cond: float | None = 1.0 if with_cond else None
     for g in range(groups):
@@ -73,7 +78,13 @@ def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, dampin
         if lam > 0:
             damped = xtx + lam * np.eye(len(xtx))
             rhs = xty.T + lam * dense_rows[block]  # (rows, patch): each row's right-hand side on every input
-            inverse = _inverse(damped) if (~keep[block]).sum(axis=1).min() < keep[block].sum(axis=1).max() else None
+            if rule is not None and not keep[block].all():
+                inverse = _inverse(damped)
+                keep[block] = rule.keep(rhs @ inverse, inverse, int((~keep[block]).sum()))
+            elif (~keep[block]).sum(axis=1).min() < keep[block].sum(axis=1).max():
+                inverse = _inverse(damped)
+            else:
+                inverse = None
             masks, which = np.unique(keep[block], axis=0, return_inverse=True)
             for m, kept in enumerate(masks):  # rows with one mask (all of them, after channel pruning) share a solve
                 same = np.flatnonzero(which.reshape(-1) == m)
@@ -206,7 +217,7 @@ def calib_shapes(model, calib) -> dict:
 def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", threads: int = 0,
                 progress: bool = False, max_gram_mb: float = 256.0, damping: float = DAMPING, passes: int = 0,
                 frontier_mb: float = FRONTIER_MB, max_frontier_mb: float = 8192.0, row_scales: list | None = None,
-                held_out: list | None = None):
+                held_out: list | None = None, masks: list | None = None):
     """Refits every prunable layer of ``pruned``, level by level, against ``dense``.
 
     A layer is left as it is when it lost no weight and nothing upstream changed (its refit is itself).
@@ -242,6 +253,9 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
             part out from, for the price of their solves and no pass more. Their layers' inputs are those of the
             network refitted on every part (docs/methods.md, "The guard's refits"). Needs ``passes`` 0.
             Defaults to None.
+        masks: per layer (find_layers order), a :class:`asr_onnx.refit.obs.MaskRule` by which its mask is chosen
+            again from its Gram sums (each held-out refit chooses its own from its sums), or None to keep the
+            pruned mask; None for all keeps every mask. Defaults to None.
 
     Returns:
         (the refitted onnx.ModelProto, per layer a dict: err_before, err_after, gram_size, cond, or
@@ -254,6 +268,8 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
         raise AsrError("held-out refits need one pass per level, no row scales, and parts that cover the set")
     graph = to_graph(pruned)
     layers = find_layers(graph)
+    if masks is not None and len(masks) != len(layers):
+        raise AsrError(f"{len(masks)} mask rules for {len(layers)} layers")
     levels = layer_levels(graph, layers)
     count = max(levels, default=-1) + 1
     if 0 < passes < count:  # consecutive levels share a pass
@@ -313,14 +329,15 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
                     continue
                 rows = weight_rows(layer, dense_values[i])
                 keep = weight_rows(layer, layer.weight.values) != 0
-                new_rows, info = refit_rows(rows, keep, gram, damping)
+                rule = None if masks is None else masks[i]
+                new_rows, info = refit_rows(rows, keep, gram, damping, rule=rule)
                 if not np.isfinite(new_rows).all():
                     raise AsrError(f"the refit of layer {layer.name} is not finite")
                 if row_scales is not None and row_scales[i] is not None:
                     new_rows = new_rows * row_scales[i][:, None]
                 for k, rows_without in enumerate(held_rows):  # the same refit, on the sums of the other parts
                     rest = _merged([sums[n] for j, sums in enumerate(per_part) if j != k])
-                    fitted = refit_rows(rows, keep, rest, damping, with_cond=False)[0].astype(np.float32)
+                    fitted = refit_rows(rows, keep, rest, damping, with_cond=False, rule=rule)[0].astype(np.float32)
                     if not np.isfinite(fitted).all():
                         raise AsrError(f"the held-out refit of layer {layer.name} is not finite")
                     rows_without[i] = from_rows(layer, fitted)
