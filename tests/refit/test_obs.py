@@ -88,7 +88,7 @@ def test_n_m_obs_keeps_n_of_every_m_input_channels_at_each_kernel_offset(n, m, k
 
 def test_obs_masks_refit_better_than_magnitude_where_input_scales_mislead_magnitude():
     d, rows, drop = 24, 8, 120
-    scales = np.geomspace(0.05, 20, d)  # a weight's size says little of its output: its input's scale varies
+    scales = np.random.default_rng(5).permutation(np.geomspace(0.05, 20, d))  # |w| says little: input scales vary
     h, b, optimum = problem(d=d, rows=rows, scales=scales, seed=3)
     keep_obs = obs_prune(optimum, np.linalg.inv(h), drop=drop)[0]
     magnitude = np.ones(rows * d, bool)
@@ -104,7 +104,7 @@ def test_obs_masks_refit_better_than_magnitude_where_input_scales_mislead_magnit
 def test_refit_rows_with_a_rule_keeps_each_groups_count_and_refits_exactly_on_its_mask():
     rng = np.random.default_rng(1)
     groups, length, per_group = 2, 12, 3
-    x = rng.normal(size=(400, groups * length)) * np.geomspace(0.1, 10, groups * length)
+    x = rng.normal(size=(400, groups * length)) * rng.permutation(np.geomspace(0.1, 10, groups * length))
     dense_rows = rng.normal(size=(groups * per_group, length))
     y = np.concatenate([x[:, g * length:(g + 1) * length] @ dense_rows[g * per_group:(g + 1) * per_group].T
                         for g in range(groups)], axis=1)
