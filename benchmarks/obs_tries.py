@@ -97,7 +97,11 @@ def equal_error(proto, calib, held, sparsity, args) -> list[dict]:
 
     low, high = 0.0, max(e[-1] for e in curves)
     for _ in range(100):
-        low, high = ((tau := (low + high) / 2), high) if at(tau) @ sizes < sparsity * sizes.sum() else (low, tau)
+        tau = (low + high) / 2
+        if at(tau) @ sizes < sparsity * sizes.sum():
+            low = tau
+        else:
+            high = tau
     chosen = at(high)
     masks = [uniform_mask(layer.weight.values, s) for layer, s in zip(layers, chosen)]
     return [{"per_layer": np.round(chosen, 3).tolist(), "top1": repaired(proto, calib, held, sparsity, masks)}]
