@@ -4,14 +4,15 @@ Every run prunes a sample model with LAMP's budget, chooses the masks by OBS in 
 BN exactly with the head correction (the CLI's default, without the guard), and scores top-1 on 2,000 training
 images disjoint from the 1,024 calibration images (``reconstruct_table.data_sets``). One JSON line per run:
 
-* ``block``: the OBS mask's block of columns and how a block's count is set: ``uniform`` (SparseGPT: each block
-  drops its share of the layer's count) or ``ahead`` (each block drops those of its weights that are among the
-  cheapest of all columns not taken yet);
+* ``block``: the OBS mask's block of columns (each block drops its share of the layer's count, as in SparseGPT).
+  The rows with ``"spread": "ahead"`` in results/obs_tries.json were run at commit 0491f17, whose
+  ``asr_onnx.refit.obs.SPREAD = "ahead"`` let each block drop those of its weights among the cheapest of all
+  the columns not taken yet; it lost and is gone;
 * ``depthwise``: MobileNetV2's depthwise convs left dense, the same total count of zeros taken from the others;
 * ``equal-error``: per-layer sparsities from each layer's OBS + refit error curve on the dense network's inputs,
   chosen so that every layer has the same relative output error under the global budget (instead of LAMP's).
 
-    python benchmarks/obs_tries.py block resnet50s_bn:0.95,mobilenetv2:0.9 --blocks 8,32 --spread ahead
+    python benchmarks/obs_tries.py block resnet50s_bn:0.95,mobilenetv2:0.9 --blocks 4,8,16
     python benchmarks/obs_tries.py depthwise mobilenetv2_bn:0.9
     python benchmarks/obs_tries.py equal-error resnet50s_bn:0.9
 """
@@ -54,8 +55,7 @@ def block(proto, calib, held, sparsity, args) -> list[dict]:
     rows = []
     for size in map(int, args.blocks.split(",")):
         obs.obs_prune.__defaults__ = (0, None, None, size)  # the block MaskRule.keep uses
-        obs.SPREAD = args.spread
-        rows.append({"block": size, "spread": args.spread, "top1": repaired(proto, calib, held, sparsity)})
+        rows.append({"block": size, "spread": "uniform", "top1": repaired(proto, calib, held, sparsity)})
     return rows
 
 
@@ -112,7 +112,6 @@ def main() -> None:
     parser.add_argument("try_", choices=("block", "depthwise", "equal-error"), metavar="TRY")
     parser.add_argument("cells", help="MODEL:SPARSITY, comma-separated")
     parser.add_argument("--blocks", default="8")
-    parser.add_argument("--spread", choices=("uniform", "ahead"), default="ahead")
     args = parser.parse_args()
     run = {"block": block, "depthwise": depthwise, "equal-error": equal_error}[args.try_]
     from asr_onnx.model.files import load_model

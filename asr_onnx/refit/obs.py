@@ -11,7 +11,8 @@ the columns not taken yet (``w[j:] −= (w_j / U_jj) · U[j, j:]``, the exact re
 taken before held), and which weights drop is decided a block of columns at a time by that refit's error,
 w_j² / U_jj², on the weights updated so far (U_jj² is [H⁻¹]_jj of the columns not taken yet). Only the
 mask is kept: the refit then solves exactly on it. The count of dropped weights (per group of a Conv) is the
-one the pruning allocated, or, for N:M, ``m − n`` in each run of ``m`` along the input-channel axis.
+one the pruning allocated, each block of :data:`BLOCK` columns taking its share, or, for N:M, ``m − n`` in each
+run of ``m`` along the input-channel axis.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SPREAD = "uniform"
-BLOCK = 8  # columns whose mask is chosen together (SparseGPT: 128; 8 and 16 did best on held-out images, RESULTS)
+BLOCK = 8  # columns whose count is set together (SparseGPT: 128; 8 and 16 did best on held-out images, RESULTS)
 
 
 def upper_factor(inverse: np.ndarray) -> np.ndarray:
@@ -60,24 +60,16 @@ def obs_prune(optimum: np.ndarray, inverse: np.ndarray, drop: int = 0, nm: tuple
     if nm is not None:
         block = nm[1] * -(-block // nm[1])
     dropped = np.zeros((rows, d), dtype=bool)
-    left = drop  # unstructured: still to drop in this block and the ones after it
+    # unstructured: the blocks share the count in proportion to their columns, so that the total is exact
     bounds = [round(drop * min(start, d) / d) for start in range(0, d + block, block)]
     for k, i1 in enumerate(range(0, d, block)):
         i2 = min(i1 + block, d)
         part = w[:, i1:i2]  # a view: the updates below land in w
-        if nm is None and SPREAD == "uniform":
+        if nm is None:
             errors = part**2 / diag[i1:i2] ** 2
             chosen = np.zeros(errors.size, dtype=bool)
             chosen[np.argsort(errors.ravel(), kind="stable")[: bounds[k + 1] - bounds[k]]] = True
             dropped[:, i1:i2] = chosen.reshape(errors.shape)
-        elif nm is None and left > 0:
-            # the ``left`` cheapest of every column not taken yet, on the weights as updated so far: those in this
-            # block drop now, the others are scored again once this block's errors are carried to them
-            errors = w[:, i1:] ** 2 / diag[i1:] ** 2
-            chosen = np.zeros(errors.size, dtype=bool)
-            chosen[np.argpartition(errors.ravel(), left - 1)[:left]] = True
-            dropped[:, i1:i2] = chosen.reshape(errors.shape)[:, : i2 - i1]
-            left -= int(dropped[:, i1:i2].sum())
         carried = np.zeros((rows, i2 - i1))
         for j in range(i2 - i1):
             col = i1 + j
