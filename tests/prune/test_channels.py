@@ -318,8 +318,9 @@ def test_aligned_nearest_rounds_kept_counts_to_blocks_of_eight(kept, size, want)
 def test_uniform_rounds_the_groups_that_lose_channels_and_small_groups_keep_the_floor_rule(sparsity, want):
     sizes = [16, 32, 6, 19]
     orders = {g: (np.arange(n)[::-1], np.ones(n)) for g, n in enumerate(sizes)}  # the last channel goes first
-    keep = select.uniform(orders, sizes, sparsity)
+    keep, rounded = select.uniform(orders, sizes, sparsity)
     assert {g: len(k) for g, k in keep.items()} == want
+    assert rounded == ({0} if sparsity == 0.25 else set())  # 12 of 16 rounds back to 16: kept whole, and said
     for kept in keep.values():  # the first channels of the removal order are the ones that go
         np.testing.assert_array_equal(kept, np.arange(len(kept)))
 
@@ -334,7 +335,9 @@ def test_a_sparsity_keeps_channel_counts_in_blocks_of_eight(sparsity, removed):
     kept = {plan.groups.sizes[g]: len(k) for g, k in plan.keep.items()}
     assert all(k % select.ALIGN == 0 for k in kept.values())
     entries = channels.summary(plan, model, small)["groups"]
-    assert {e["channels"]: e["removed"] for e in entries if not e["whole"]} == removed
+    assert {e["channels"]: e["removed"] for e in entries if not e["whole"] or e["channels"] == 16} == removed
+    rounded = [e for e in entries if e["reason"] and "rounds back" in e["reason"]]
+    assert [e["channels"] for e in rounded] == ([16] if removed[16] == 0 else [])  # the summary says why
     widths = {t.name: t.dims[0] for t in small.graph.initializer if t.name.endswith(".weight") and len(t.dims) == 4}
     assert widths == {"conv1.weight": 16 - removed[16], "conv2.weight": 32 - removed[32],
                       "proj.weight": 32 - removed[32]}

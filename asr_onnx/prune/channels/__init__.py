@@ -8,14 +8,14 @@ which computes what the masked one computes) -> :func:`summary` (the report's ``
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from asr_onnx.errors import AsrError
 from asr_onnx.prune.channels.check import check_written, sample_feeds
 from asr_onnx.prune.channels.groups import Groups, find_groups
-from asr_onnx.prune.channels.select import SCORES
+from asr_onnx.prune.channels.select import ALIGN, SCORES
 from asr_onnx.prune.channels.surgery import Shrunk, mask, shrink, shrink_model
 
 # The CLI's --sparsity for --pattern channels: the largest of 0.2-0.5 that kept held-out training images within
@@ -37,6 +37,8 @@ class ChannelPlan:
         orders: group -> (removal order, each step's cost), for :func:`choose`.
         macs: node -> its dense multiply-accumulates per sample.
         inputs: node -> the name of its data input.
+        rounded: the groups that would lose channels, kept whole because their kept count rounds back to their
+            size (see :func:`asr_onnx.prune.channels.select.aligned_nearest`).
     """
 
     groups: Groups
@@ -45,6 +47,7 @@ class ChannelPlan:
     orders: dict
     macs: dict
     inputs: dict
+    rounded: set = field(default_factory=set)
 
     def groups_keep(self) -> tuple:
         """(groups, keep), the arguments of :func:`mask` and :func:`shrink`."""
@@ -116,15 +119,16 @@ def choose(channel_plan: ChannelPlan, *, sparsity: float | None = None,
     from asr_onnx.prune.channels import select
 
     orders, sizes = channel_plan.orders, channel_plan.groups.sizes
+    rounded: set[int] = set()
     if flops_target is None:
-        keep = select.uniform(orders, sizes, float(sparsity or 0.0))
+        keep, rounded = select.uniform(orders, sizes, float(sparsity or 0.0))
     elif flops_target >= 1.0:
         keep = {}
     else:
         cost = select.MacModel(channel_plan.groups, channel_plan.macs, channel_plan.inputs,
                                set(channel_plan.groups.depthwise))
         keep = select.by_flops(orders, sizes, cost, flops_target)
-    return replace(channel_plan, keep=keep)
+    return replace(channel_plan, keep=keep, rounded=rounded)
 
 
 def _exclude(groups: Groups, nodes: dict, patterns) -> None:
@@ -169,6 +173,10 @@ def _greedy(model, graph, groups: Groups, prunable, calib, *, batch_size, device
     return {g: greedy_order(hg) for g, hg in h.items()}
 
 
+ROUNDED = ("its kept count rounds back to all {size} channels: onnxruntime's CPU convs work in blocks of {block}, "
+           "and removing fewer than {block} would not run faster")
+
+
 def summary(channel_plan: ChannelPlan, before, after, whole: dict | None = None) -> dict:
     """The report's ``channels`` entry: every group, and params and MACs of the dense and the shrunk model.
 
@@ -183,7 +191,8 @@ def summary(channel_plan: ChannelPlan, before, after, whole: dict | None = None)
     groups, whole = channel_plan.groups, whole or {}
     entries = []
     for g, size in enumerate(groups.sizes):
-        reason = groups.whole.get(g) or whole.get(g)
+        reason = groups.whole.get(g) or whole.get(g) or (ROUNDED.format(size=int(size), block=ALIGN)
+                                                          if g in channel_plan.rounded else None)
         kept = None if reason else channel_plan.keep.get(g)
         entries.append({"kind": groups.kind(g), "channels": int(size),
                         "removed": 0 if kept is None else int(size - len(kept)), "whole": reason is not None,

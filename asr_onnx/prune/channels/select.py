@@ -116,18 +116,24 @@ def consumer_h(weight_rows: np.ndarray, xtx: np.ndarray, yy: float, patch: np.nd
     return product.reshape(n, m, n, m).sum(axis=(1, 3)) / max(yy, np.finfo(np.float64).tiny)
 
 
-def uniform(orders: dict, sizes, sparsity: float) -> dict[int, np.ndarray]:
+def uniform(orders: dict, sizes, sparsity: float) -> tuple[dict[int, np.ndarray], set[int]]:
     """Each group loses floor(sparsity * channels) of its channels, first in its removal order; then, in a
-    group of at least ALIGN channels that loses some, the kept count is rounded by :func:`aligned_nearest`
-    (a group it rounds back to its size keeps every channel)."""
-    keep = {}
+    group of at least ALIGN channels that loses some, the kept count is rounded by :func:`aligned_nearest`.
+
+    Returns:
+        (group -> its kept channels, for the groups that lose some; the groups that rounding kept whole: a count
+        off the 8-channel block would not run faster than the whole group).
+    """
+    keep, rounded = {}, set()
     for g, (order, _) in orders.items():
         k = min(int(np.floor(sparsity * sizes[g] + 1e-9)), sizes[g] - 1)
         if k > 0:
             k = sizes[g] - aligned_nearest(sizes[g] - k, sizes[g])
+            if k == 0:
+                rounded.add(g)
         if k > 0:
             keep[g] = np.sort(order[k:])
-    return keep
+    return keep, rounded
 
 
 def by_flops(orders: dict, sizes, layer_cost, target: float) -> dict[int, np.ndarray]:
