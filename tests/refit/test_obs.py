@@ -76,9 +76,10 @@ def test_the_count_of_dropped_weights_is_exact_over_uneven_blocks(d, drop):
     assert (~keep).sum() == drop and (weights[~keep] == 0).all() and np.isfinite(weights).all()
 
 
-@pytest.mark.parametrize("n, m, kernel", [(2, 4, 9), (2, 4, 1), (1, 4, 4), (4, 8, 1)])
-def test_n_m_obs_keeps_n_of_every_m_input_channels_at_each_kernel_offset(n, m, kernel):
-    channels, out = 16, 6
+@pytest.mark.parametrize("n, m, kernel, channels", [(2, 4, 9, 16), (2, 4, 1, 16), (1, 4, 4, 16), (4, 8, 1, 16),
+                                                     (3, 6, 1, 132)])  # 6 does not divide the 128-column spans
+def test_n_m_obs_keeps_n_of_every_m_input_channels_at_each_kernel_offset(n, m, kernel, channels):
+    out = 6
     h, _, optimum = problem(d=channels * kernel, rows=out)
     keep = MaskRule((n, m), kernel).keep(optimum, np.linalg.inv(h), drop=0)
     weight = keep.reshape(out, channels, kernel)  # a Conv's rows: input channel-major, kernel offset minor
