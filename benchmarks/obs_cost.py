@@ -2,7 +2,8 @@
 mask kept against the mask chosen again by OBS, for the 3x3 convs of a ResNet (C in and out channels, patch 9C),
 at 90% LAMP-like sparsity and under 2:4. Random Gram sums of correlated patches; medians of ``--runs``.
 
-    python benchmarks/obs_cost.py --channels 64,128,256,512 --runs 3
+    python benchmarks/obs_cost.py --channels 64,128,256 --runs 3
+    python benchmarks/obs_cost.py --channels 512 --runs 1 --patterns 0.9
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--channels", default="64,128,256,512")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--patterns", default="0.9,2:4")
     args = parser.parse_args()
     print("| channels | patch | pattern | kept mask s | OBS mask s | ratio |\n|---|---|---|---|---|---|")
     for channels in map(int, args.channels.split(",")):
@@ -40,6 +42,8 @@ def main() -> None:
         nm = np.abs(w.reshape(channels, channels // 4, 4, 9))
         two_four = (nm >= np.sort(nm, axis=2)[:, :, 2:3]).reshape(channels, -1)
         for name, keep, rule in (("0.9", magnitude, MaskRule()), ("2:4", two_four, MaskRule((2, 4), 9))):
+            if name not in args.patterns.split(","):
+                continue
             times = {}
             for label, used in (("kept", None), ("obs", rule)):
                 runs = []

@@ -18,7 +18,7 @@ from asr_onnx.cli.common import run_options
 @run_options(batch_size=False, preprocess=False)
 def demo_command(model, sparsity, pattern, models_dir, eval_size, run):
     """Prune a sample model, compare none, bn, lw, naive and asr on the bundled eval set, then run `repair`'s
-    default (LAMP, the least-squares refit, exact BN recalibration and the guard)."""
+    default (LAMP, the least-squares refit with OBS masks, exact BN recalibration and the guard)."""
     from asr_onnx.pipeline.demo import default_repair, load_demo
     from asr_onnx.pipeline.sweep import Grid, run_sweep
 
@@ -36,5 +36,5 @@ def demo_command(model, sparsity, pattern, models_dir, eval_size, run):
     job, seconds = default_repair(proto, calib, eval_data, sparsity, pattern, device=run.device)
     click.echo(f"{'default':<8} {100 * job.evaluation['top1']:>6.2f}% {100 * job.evaluation['agreement']:>6.1f}% "
                f"{seconds:>6.2f}s")
-    click.echo(f"default = `asr-onnx repair`'s: {job.settings['allocation']} allocation, least-squares refit, exact BN "
-               f"recalibration, the guard (kept: {job.settings['guard']['kept']}); time = the whole repair")
+    click.echo(f"default = `asr-onnx repair`'s: {job.settings['allocation']} allocation, least-squares refit with "
+               f"{job.settings['score']} masks, exact BN recalibration, the guard (kept: {job.settings['guard']['kept']}); time = the whole repair")

@@ -53,7 +53,7 @@ def default_output(model: str) -> Path:
                    "obs, the refit's own error of dropping each weight (OBS, chosen in the refit: needs "
                    "--reconstruct ls); "
                    "channels: the L1 of their filters, |gamma| of their BN, or greedy (ThiNet, needs --calib). "
-                   "Default: magnitude; greedy for --pattern channels with --calib.")
+                   "Default: obs with the refit (magnitude without it); greedy for --pattern channels with --calib.")
 @click.option("--reconstruct", type=click.Choice(["none", "ls", "auto"]),
               help="ls: refit the kept weights of each layer by least squares on the calibration set; auto: "
                    "refit only when that is better on held-out calibration data (2 folds); none: the statistics "
@@ -233,8 +233,8 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
 def resolved_defaults(pattern: str, method: str, sparsity: str | None, allocation: str | None, score: str | None,
                       reconstruct: str | None, has_data: bool) -> tuple[str, str | None, str, str]:
     """The defaults of the options left out: the best repair measured (benchmarks/RESULTS.md, "The default"),
-    0.9 with LAMP's per-layer budget and the least-squares refit; for channels 0.3 of each group, the greedy
-    selection (given data) and the refit; pruning alone (``--method none``) refits nothing unless asked. An
+    0.9 with LAMP's per-layer budget and the least-squares refit, its masks chosen by OBS; for channels 0.3 of
+    each group, the greedy selection (given data) and the refit; pruning alone (``--method none``) refits nothing unless asked. An
     allocation that the pattern fixes stays None, so that only an explicit one is refused."""
     from asr_onnx.prune.channels import DEFAULT_SPARSITY
 
@@ -244,10 +244,10 @@ def resolved_defaults(pattern: str, method: str, sparsity: str | None, allocatio
         sparsity = str(DEFAULT_SPARSITY if channels else 0.9)
     if allocation is None:
         allocation = "lamp" if kind == "global" else None
-    if score is None:
-        score = "greedy" if channels and has_data else "magnitude"
     if reconstruct is None:
         reconstruct = "none" if method == "none" else "ls"
+    if score is None:
+        score = ("greedy" if has_data else "magnitude") if channels else "obs" if reconstruct == "ls" else "magnitude"
     return sparsity, allocation, score, reconstruct
 
 

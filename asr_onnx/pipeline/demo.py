@@ -61,8 +61,8 @@ def load_demo(model: str = DEFAULT_MODEL, folder=None, eval_size: int | None = N
 
 
 def default_repair(model, calib, eval_data, sparsity: float, pattern: str, device: str = "auto"):
-    """`asr-onnx repair`'s default on ``model``: LAMP (for a global pattern), the least-squares refit, exact BN
-    recalibration with the head correction, and the guard; scored on ``eval_data``.
+    """`asr-onnx repair`'s default on ``model``: LAMP (for a global pattern), the least-squares refit with OBS masks,
+    exact BN recalibration with the head correction, and the guard; scored on ``eval_data``.
 
     Returns:
         (the finished, evaluated Repair, the repair's seconds without the evaluation).
@@ -74,7 +74,7 @@ def default_repair(model, calib, eval_data, sparsity: float, pattern: str, devic
 
     start = time.perf_counter()
     job = Repair(model, device=device, progress=False)
-    job.prune(sparsity, pattern, allocation="lamp" if pattern == "global" else "global")
+    job.prune(sparsity, pattern, allocation="lamp" if pattern == "global" else "global", score="obs")
     job.run(calib, recipe=Recipe(method="bn", reconstruct="ls", guard="fallback"))
     seconds = time.perf_counter() - start
     return job.evaluate(eval_data), seconds

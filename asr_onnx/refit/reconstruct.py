@@ -57,9 +57,9 @@ def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, dampin
         damping: λ as a fraction of the mean diagonal of each group's XᵀX. Defaults to 0.01.
         with_cond: compute the damped Gram's condition number (an eigendecomposition, as costly as the solve).
             Defaults to True; without it ``cond`` is None.
-        rule: None to refit on ``keep``; else the masks are chosen again from these sums by OBS
-            (:mod:`asr_onnx.refit.obs`), with ``keep``'s count of zeros per group, or the rule's N:M pattern.
-            Defaults to None.
+        rule: None to refit on ``keep``; else each group's mask is chosen again from these sums by OBS
+            (:mod:`asr_onnx.refit.obs`), with ``keep``'s count of zeros in the group, or the rule's N:M pattern,
+            and kept where its refit fits the sums better than the refit on ``keep``. Defaults to None.
 
     Returns:
         (refitted rows, zero where the kept mask is False; a dict with err_before, err_after and cond).
@@ -78,17 +78,17 @@ def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, dampin
         if lam > 0:
             damped = xtx + lam * np.eye(len(xtx))
             rhs = xty.T + lam * dense_rows[block]  # (rows, patch): each row's right-hand side on every input
-            if rule is not None and not keep[block].all():
-                inverse = _inverse(damped)
-                keep[block] = rule.keep(rhs @ inverse, inverse, int((~keep[block]).sum()))
-            elif (~keep[block]).sum(axis=1).min() < keep[block].sum(axis=1).max():
-                inverse = _inverse(damped)
-            else:
-                inverse = None
-            masks, which = np.unique(keep[block], axis=0, return_inverse=True)
-            for m, kept in enumerate(masks):  # rows with one mask (all of them, after channel pruning) share a solve
-                same = np.flatnonzero(which.reshape(-1) == m)
-                rows[g * per_group + same] = _solve_kept(damped, inverse, rhs[same], kept)
+            choose = rule is not None and not keep[block].all()
+            fewer_pruned = (~keep[block]).sum(axis=1).min() < keep[block].sum(axis=1).max()
+            inverse = _inverse(damped) if choose or fewer_pruned else None
+            fitted = _solve_masks(damped, inverse, rhs, keep[block])
+            if choose:
+                chosen = rule.keep(rhs @ inverse, inverse, int((~keep[block]).sum()))
+                refitted = _solve_masks(damped, inverse, rhs, chosen)
+                # OBS chooses greedily: its mask is kept only where it fits the calibration data better
+                if _residual(refitted, xtx, xty) < _residual(fitted, xtx, xty):
+                    fitted, keep[block] = refitted, chosen
+            rows[block] = fitted
             if cond is not None:
                 eig = np.linalg.eigvalsh(damped)
                 cond = max(cond, float(eig[-1] / max(eig[0], lam)))
@@ -98,6 +98,17 @@ def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, dampin
     scale = max(total, np.finfo(np.float64).tiny)
     return rows, {"err_before": float(np.sqrt(max(before + total, 0.0) / scale)),
                   "err_after": float(np.sqrt(max(after + total, 0.0) / scale)), "cond": cond}
+
+
+def _solve_masks(damped: np.ndarray, inverse: np.ndarray | None, rhs: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """:func:`_solve_kept` for every row of ``rhs`` on its own mask (a row of ``keep``); rows that share a mask
+    (all of them, after channel pruning) share a solve."""
+    rows = np.zeros_like(rhs)
+    masks, which = np.unique(keep, axis=0, return_inverse=True)
+    for m, kept in enumerate(masks):
+        same = np.flatnonzero(which.reshape(-1) == m)
+        rows[same] = _solve_kept(damped, inverse, rhs[same], kept)
+    return rows
 
 
 def _solve_kept(damped: np.ndarray, inverse: np.ndarray | None, rhs: np.ndarray, kept: np.ndarray) -> np.ndarray:

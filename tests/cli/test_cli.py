@@ -239,6 +239,30 @@ def test_repair_with_lamp_and_a_refit_reports_each_layer(bn_model, calib_dir, tm
     assert all(r["err_after"] <= r["err_before"] for r in refits)
 
 
+def test_the_default_chooses_obs_masks_in_the_refit_and_magnitude_without_it(bn_model, calib_dir, tmp_path):
+    """Issue 28: with the refit (the default) the masks are OBS's, with each layer's LAMP budget; pruning alone
+    (--method none, no refit) and --reconstruct none rank by magnitude."""
+    settings = {}
+    for name, extra in (("default", []), ("alone", ["--method", "none"]), ("stats", ["--reconstruct", "none"])):
+        report = tmp_path / f"{name}.json"
+        code = main(["repair", str(bn_model), "--calib", str(calib_dir), "-o", str(tmp_path / f"{name}.onnx"),
+                     "--sparsity", "0.7", "--batch-size", "16", "--report", str(report), "-q", "--device", "cpu",
+                     "--guard", "off", *extra])
+        assert code == 0
+        settings[name] = json.loads(report.read_text())
+    assert settings["default"]["settings"]["score"] == "obs"
+    assert settings["alone"]["settings"]["score"] == settings["stats"]["settings"]["score"] == "magnitude"
+    default = onnx.load(str(tmp_path / "default.onnx"))
+    alone = onnx.load(str(tmp_path / "alone.onnx"))
+    zeros = {name: {t.name: int((onnx.numpy_helper.to_array(t) == 0).sum()) for t in model.graph.initializer
+                    if len(t.dims) == 4} for name, model in (("default", default), ("alone", alone))}
+    assert zeros["default"] == zeros["alone"]  # the same budget per layer, placed by OBS
+    moved = [name for name in zeros["alone"]
+             if not np.array_equal(*(onnx.numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == name))
+                                     == 0 for m in (default, alone)))]
+    assert moved
+
+
 def test_the_rownorm_score_needs_no_data_and_reaches_the_report(bn_model, tmp_path):
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
     code = main(["repair", str(bn_model), "--method", "none", "--score", "rownorm", "--allocation", "lamp",

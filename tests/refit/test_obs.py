@@ -182,3 +182,15 @@ def test_the_score_obs_without_the_refit_is_one_error_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--score obs" in lines[0] and "--reconstruct none" in lines[0], result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy", "m.onnx"]
+
+
+@pytest.mark.parametrize("seed, length, per_group, share", [(0, 27, 16, 0.7), (1, 9, 4, 0.6), (2, 40, 8, 0.9)])
+def test_a_rule_never_fits_a_group_worse_than_the_refit_on_the_allocations_mask(seed, length, per_group, share):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(200, length)) @ rng.normal(size=(length, length))
+    dense_rows = rng.normal(size=(per_group, length))
+    gram = GramStats.of(x, x @ dense_rows.T + rng.normal(size=(200, per_group)))
+    keep = np.abs(dense_rows) > np.quantile(np.abs(dense_rows), share)
+    plain = refit_rows(dense_rows, keep, gram)[1]["err_after"]
+    rows, info = refit_rows(dense_rows, keep, gram, rule=MaskRule())
+    assert info["err_after"] <= plain + 1e-12 and (rows == 0).sum() == (~keep).sum()
