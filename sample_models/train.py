@@ -5,6 +5,7 @@ Dev tool only: needs PyTorch, which the asr_onnx library itself does not use.
 Examples:
     python sample_models/train.py --make-data
     python sample_models/train.py --model resnet20 --epochs 6
+    python sample_models/train.py --model vit --epochs 12 --threads 1
     python sample_models/train.py --model all --export-only
     python sample_models/train.py --report
 """
@@ -33,6 +34,7 @@ OPSET = 17
 SEED = 0
 NUM_CALIB, NUM_EVAL = 512, 2000
 MODEL_NAMES = ["resnet20", "vgg_bn", "resnet50s", "mobilenetv2"]
+TRANSFORMER_NAMES = ["vit", "convnext"]  # no BN: one ONNX file each, AdamW
 
 
 # --------------------------------------------------------------------------- data
@@ -221,11 +223,139 @@ def mobilenetv2():
     return MobileNetV2()
 
 
+# ------------------------------------------------------------ transformer-style
+
+
+def init_transformer_weights(module):
+    """Truncated-normal (std 0.02) weights and zero biases for Linear/Conv2d."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention written out: q/k/v Linear, per-head MatMuls."""
+
+    def __init__(self, dim, heads, tokens):
+        super().__init__()
+        self.dim, self.heads, self.tokens = dim, heads, tokens
+        self.head_dim = dim // heads
+        self.scale = self.head_dim ** -0.5
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def split_heads(self, x):
+        """(N, T, C) -> (N, heads, T, head_dim) with constant reshape sizes."""
+        x = x.reshape(-1, self.tokens, self.heads, self.head_dim)
+        return x.transpose(1, 2)
+
+    def forward(self, x):
+        q, k, v = self.split_heads(self.q(x)), self.split_heads(self.k(x)), self.split_heads(self.v(x))
+        attn = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * self.scale, dim=-1)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(-1, self.tokens, self.dim)
+        return self.proj(out)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm ViT block: x + attn(LN(x)), then x + MLP(LN(x)) with GELU."""
+
+    def __init__(self, dim, heads, tokens, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, tokens)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(),
+                                 nn.Linear(dim * mlp_ratio, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Small ViT for 1x28x28: 4x4 conv patches (49 tokens), mean-pooled head."""
+
+    def __init__(self, dim=64, depth=6, heads=4, mlp_ratio=2, patch=4, num_classes=10):
+        super().__init__()
+        self.dim, self.tokens = dim, (28 // patch) ** 2
+        self.patch_embed = nn.Conv2d(1, dim, patch, patch)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.tokens, dim))
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, self.tokens, mlp_ratio)
+                                      for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.apply(init_transformer_weights)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def forward(self, x):
+        x = self.patch_embed(x).reshape(-1, self.dim, self.tokens).transpose(1, 2)
+        x = self.norm(self.blocks(x + self.pos_embed))
+        return self.head(x.mean(1))
+
+
+def vit():
+    """ViT: patch 4, dim 64, 6 pre-norm blocks, 4 heads, MLP ratio 2."""
+    return ViT()
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of an NCHW tensor (permute to NHWC and back)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt block: dw 7x7, channel-last LN, Linear x4 + GELU + Linear, residual."""
+
+    def __init__(self, dim, expand=4):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * expand), nn.GELU(),
+                                 nn.Linear(dim * expand, dim))
+
+    def forward(self, x):
+        y = self.mlp(self.norm(self.dwconv(x).permute(0, 2, 3, 1)))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXt(nn.Module):
+    """Small ConvNeXt for 1x28x28: 2x2 patchify stem, LN+2x2/s2 downsampling."""
+
+    def __init__(self, widths=(32, 64, 128), depths=(2, 2, 2), stem=2, num_classes=10):
+        super().__init__()
+        layers = [nn.Conv2d(1, widths[0], stem, stem), LayerNorm2d(widths[0])]
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            if i > 0:
+                layers += [LayerNorm2d(widths[i - 1]), nn.Conv2d(widths[i - 1], width, 2, 2)]
+            layers += [ConvNeXtBlock(width) for _ in range(depth)]
+        self.features = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(widths[-1])
+        self.head = nn.Linear(widths[-1], num_classes)
+        self.apply(init_transformer_weights)
+
+    def forward(self, x):
+        return self.head(self.norm(self.features(x).mean((2, 3))))
+
+
+def convnext():
+    """ConvNeXt-style net: widths 32/64/128 at 14/7/3 px, depths 2/2/2."""
+    return ConvNeXt()
+
+
 BUILDERS = {
     "resnet20": resnet20,
     "vgg_bn": vgg_bn,
     "resnet50s": resnet50s,
     "mobilenetv2": mobilenetv2,
+    "vit": vit,
+    "convnext": convnext,
 }
 
 
@@ -255,11 +385,16 @@ def load_trained(name, models_dir=HERE):
 # ----------------------------------------------------------------------- training
 
 
-def augment(x, gen):
-    """Random horizontal flip and random crop with padding 2 (per sample)."""
+NO_CROP = ["vit"]  # the ViT underfits in a short schedule with random crops
+
+
+def augment(x, gen, crop=True):
+    """Random horizontal flip and (if `crop`) random crop with padding 2."""
     n = x.shape[0]
     flip = torch.rand(n, generator=gen) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if not crop:
+        return x
     padded = F.pad(x, (2, 2, 2, 2), value=float((0.0 - MEAN) / STD))
     oy = torch.randint(0, 5, (n,), generator=gen)
     ox = torch.randint(0, 5, (n,), generator=gen)
@@ -280,8 +415,26 @@ def evaluate_torch(model, x, y, batch=1000):
     return correct / len(x)
 
 
+def default_lr(name):
+    """OneCycle max learning rate: 0.1 for the SGD CNNs, 2e-3 for AdamW models."""
+    return 2e-3 if name in TRANSFORMER_NAMES else 0.1
+
+
+def make_optimizer(name, model, lr):
+    """SGD-nesterov (wd 5e-4) for the CNNs; AdamW (wd 0.05, none on 1-D params)
+    for the transformer-style models."""
+    if name not in TRANSFORMER_NAMES:
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9,
+                               nesterov=True, weight_decay=5e-4)
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
 def train_model(name, epochs, fmnist_dir, batch=256, max_lr=0.1, max_batches=None):
-    """Train one model with SGD-nesterov + OneCycleLR; return (model, stats)."""
+    """Train one model with OneCycleLR (optimiser per `make_optimizer`; label
+    smoothing 0.1 for the transformer-style models); return (model, stats)."""
     torch.manual_seed(SEED)
     np.random.seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
@@ -289,8 +442,8 @@ def train_model(name, epochs, fmnist_dir, batch=256, max_lr=0.1, max_batches=Non
     x_all = torch.from_numpy(normalize(train_u8))
     y_all = torch.from_numpy(train_y)
     model = build_model(name).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=max_lr, momentum=0.9,
-                          nesterov=True, weight_decay=5e-4)
+    opt = make_optimizer(name, model, max_lr)
+    smoothing = 0.1 if name in TRANSFORMER_NAMES else 0.0
     steps = len(x_all) // batch
     if max_batches:
         steps = min(steps, max_batches)
@@ -302,8 +455,9 @@ def train_model(name, epochs, fmnist_dir, batch=256, max_lr=0.1, max_batches=Non
         order = torch.randperm(len(x_all), generator=gen)
         for step in range(steps):
             idx = order[step * batch : (step + 1) * batch]
-            xb = augment(x_all[idx], gen).contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(xb), y_all[idx])
+            xb = augment(x_all[idx], gen, crop=name not in NO_CROP)
+            xb = xb.contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(model(xb), y_all[idx], label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -423,6 +577,19 @@ def export_both(name, model, check_x, tol=1e-4):
     return diffs
 
 
+def export_single(name, model, check_x, tol=1e-4):
+    """Write the one ONNX file of a BN-free model, check it; return max diffs."""
+    path = os.path.join(HERE, f"{name}.onnx")
+    export_onnx(model, path, keep_bn=False)
+    check_bn_nodes(path, 0)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(check_x)).numpy()
+    diff = float(np.abs(onnx_logits(path, check_x) - ref).max())
+    assert diff <= tol, f"{path}: max abs diff {diff} > {tol}"
+    print(f"[{name}] exported, max abs diff vs torch: {diff}", flush=True)
+    return {os.path.basename(path): diff}
+
+
 # ---------------------------------------------------------------------- metrics
 
 
@@ -447,7 +614,10 @@ def onnx_accuracy(path, x, y):
 
 
 def evaluate_onnx_models(name, test_x, test_y):
-    """Full test-set accuracy for both ONNX flavours of a model."""
+    """Full test-set accuracy for both ONNX flavours (or the single file)."""
+    if name in TRANSFORMER_NAMES:
+        return {"onnx_top1": onnx_accuracy(os.path.join(HERE, f"{name}.onnx"),
+                                           test_x, test_y)}
     bn_path, folded_path = onnx_paths(name)
     return {"onnx_bn_top1": onnx_accuracy(bn_path, test_x, test_y),
             "onnx_folded_top1": onnx_accuracy(folded_path, test_x, test_y)}
@@ -460,13 +630,15 @@ def run_model(name, args, test_x, test_y):
     if args.export_only:
         model = load_trained(name)
     else:
+        lr = args.lr if args.lr is not None else default_lr(name)
         model, stats = train_model(name, args.epochs, args.fmnist_dir,
-                                   max_lr=args.lr, max_batches=args.max_batches)
+                                   max_lr=lr, max_batches=args.max_batches)
         torch.save(model.state_dict(), os.path.join(HERE, f"{name}.pt"))
-        entry = dict(stats, lr=args.lr)
+        entry = dict(stats, lr=lr)
     entry["params"] = count_params(model)
     entry["torch_top1"] = float(evaluate_torch(model, test_x, test_y))
-    entry["max_abs_diff"] = export_both(name, model, test_x[:256])
+    export = export_single if name in TRANSFORMER_NAMES else export_both
+    entry["max_abs_diff"] = export(name, model, test_x[:256])
     entry.update(evaluate_onnx_models(name, test_x, test_y))
     print(f"[{name}] {json.dumps(entry)}", flush=True)
     metrics = load_metrics()
@@ -582,15 +754,32 @@ def report():
         print(f"| {name} | {m['params']:,} | {bns} | {m['torch_top1']:.2%} "
               f"| {m['onnx_bn_top1']:.2%} | {m['onnx_folded_top1']:.2%} "
               f"| {m['epochs']} | {m['train_seconds'] / 60:.1f} min |")
+    report_transformers(metrics)
+
+
+def report_transformers(metrics):
+    """Print the BN-free models (one ONNX file each) as a second table."""
+    names = [n for n in TRANSFORMER_NAMES if n in metrics]
+    if not names:
+        return
+    print("\n| model | params | torch top-1 | ONNX top-1 | epochs | train time |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in names:
+        m = metrics[name]
+        print(f"| {name} | {m['params']:,} | {m['torch_top1']:.2%} | {m['onnx_top1']:.2%} "
+              f"| {m['epochs']} | {m['train_seconds'] / 60:.1f} min |")
 
 
 def parse_args():
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="all", help="|".join(MODEL_NAMES) + "|all")
+    p.add_argument("--model", default="all",
+                   help="|".join(MODEL_NAMES + TRANSFORMER_NAMES)
+                   + "|all (all = the four CNNs); comma-separated list allowed")
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--lr", type=float, default=0.1, help="OneCycle max learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help="OneCycle max learning rate (default 0.1 CNNs, 2e-3 vit/convnext)")
     p.add_argument("--max-batches", type=int, default=None,
                    help="cap batches per epoch (timing/smoke tests only)")
     p.add_argument("--export-only", action="store_true",

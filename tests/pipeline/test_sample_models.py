@@ -20,6 +20,8 @@ MODEL_NAMES = ["resnet20", "vgg_bn", "resnet50s", "mobilenetv2"]
 # (file name, keeps BatchNormalization nodes)
 ONNX_FILES = [(f"{name}_bn.onnx", True) for name in MODEL_NAMES]
 ONNX_FILES += [(f"{name}.onnx", False) for name in MODEL_NAMES]
+TRANSFORMER_NAMES = ["vit", "convnext"]  # LayerNorm networks (issue 30): one file each, no BN
+ONNX_FILES += [(f"{name}.onnx", False) for name in TRANSFORMER_NAMES]
 PREPROCESS = {"mean": [0.286], "std": [0.353], "scale": 1.0 / 255.0}
 
 
@@ -103,9 +105,22 @@ def test_onnx_file_valid(filename, keeps_bn):
         assert not bn_nodes
 
 
-# the two ResNet-20s (the demo's) by default; the other sample models with -m slow
+@pytest.mark.parametrize("name", TRANSFORMER_NAMES)
+def test_the_transformer_samples_normalise_by_layernorm_and_run_linear_layers_as_matmul(name):
+    model = onnx.load(os.path.join(MODELS_DIR, f"{name}.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("LayerNormalization") >= 10 and ops.count("MatMul") >= 12 and "Erf" in ops
+    if name == "vit":  # attention written out: per-head reshapes and a softmax per block
+        assert ops.count("Softmax") == 6 and ops.count("Reshape") >= 24
+    else:  # depthwise 7x7 convs
+        assert sum(n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+                   for n in model.graph.node) == 6
+
+
+# the two ResNet-20s (the demo's) and the two LayerNorm networks by default; the others with -m slow
 @pytest.mark.parametrize("filename", zoo.slow_except([filename for filename, _ in ONNX_FILES],
-                                                    ("resnet20_bn.onnx", "resnet20.onnx")))
+                                                    ("resnet20_bn.onnx", "resnet20.onnx", "vit.onnx",
+                                                     "convnext.onnx")))
 def test_onnx_accuracy_on_bundled_eval(filename, eval_data):
     x, y = eval_data
     accuracy = (onnx_logits(filename, x).argmax(1) == y).mean()
@@ -126,7 +141,7 @@ def train_module():
     return module
 
 
-@pytest.mark.parametrize("name", zoo.slow_except(MODEL_NAMES, ("resnet20",)))  # the demo's by default
+@pytest.mark.parametrize("name", zoo.slow_except(MODEL_NAMES + TRANSFORMER_NAMES, ("resnet20", "vit", "convnext")))
 def test_torch_matches_onnx(name, train_module, eval_data):
     import torch
 
@@ -134,7 +149,7 @@ def test_torch_matches_onnx(name, train_module, eval_data):
     model = train_module.load_trained(name, MODELS_DIR)
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
-    for filename in (f"{name}_bn.onnx", f"{name}.onnx"):
+    for filename in (f"{name}_bn.onnx", f"{name}.onnx") if name in MODEL_NAMES else (f"{name}.onnx",):
         diff = np.abs(onnx_logits(filename, x) - expected).max()
         assert diff <= 1e-4, f"{filename}: max abs diff {diff}"
 
@@ -158,3 +173,25 @@ def test_sparsity_zero_leaves_a_sample_model_as_it_was_on_brightened_class_sorte
         session = ort.InferenceSession(job.output.SerializeToString(), providers=["CPUExecutionProvider"])
         got = session.run(["logits"], {"input": x})[0].astype(np.float64)
         assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-4, method
+
+
+@pytest.mark.parametrize("name", TRANSFORMER_NAMES)
+def test_sparsity_zero_with_the_default_refit_leaves_a_layernorm_sample_as_it_was(name):
+    """Issue 30: the LayerNorm networks at --sparsity 0 through the CLI's default repair (LAMP, OBS masks, refit,
+    BN recalibration, head correction): every weight as it was, the logits within 1e-5 relative."""
+    from asr_onnx.calib import input_specs, load_calib
+    from asr_onnx.model.files import load_model
+    from asr_onnx.model.graph import find_layers, to_graph
+    from asr_onnx.pipeline.driver import Repair
+
+    filename = f"{name}.onnx"
+    model = load_model(os.path.join(MODELS_DIR, filename))
+    calib = load_calib(os.path.join(DATA_DIR, "calib"), input_specs(model)).take(64)
+    job = Repair(model, batch_size=32, device="cpu", progress=False).prune(0.0, allocation="lamp", score="obs")
+    job.run(calib, "bn", reconstruct="ls")
+    for got, want in zip(find_layers(to_graph(job.output)), find_layers(to_graph(model)), strict=True):
+        assert np.array_equal(got.weight.values, want.weight.values), got.name
+    x = np.concatenate([b["input"] for b in calib.batches(64)])
+    session = ort.InferenceSession(job.output.SerializeToString(), providers=["CPUExecutionProvider"])
+    got, expected = session.run(["logits"], {"input": x})[0], onnx_logits(filename, x)
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5
