@@ -168,6 +168,14 @@ def _where_all(report_path) -> str:
     return f"{'the page' if report_format(report_path) == 'html' else 'the JSON report'} {report_path} lists them all"
 
 
+def _masks(settings) -> str:
+    """How the weights' masks were chosen, for the summary's pattern line ("" under channels or when unknown)."""
+    if settings.pattern == "channels" or not settings.score:
+        return ""
+    allocation = f"{settings.allocation} budget, " if settings.allocation not in (None, str(settings.pattern)) else ""
+    return f" ({allocation}{settings.score} masks)"
+
+
 def summary(report, report_path=None) -> str:
     """A short, human-readable summary; no line is cut (a long name makes a long line).
 
@@ -188,7 +196,7 @@ def summary(report, report_path=None) -> str:
     lines += [
         f"asr-onnx {tool.version if tool else '?'}  onnxruntime {ort.version if ort else '?'}"
         f" ({(ort.provider if ort else None) or 'no session'})",
-        f"pattern {s.pattern}  sparsity {totals.sparsity if totals and totals.sparsity is not None else 0:.3f} over "
+        f"pattern {s.pattern}{_masks(s)}  sparsity {totals.sparsity if totals and totals.sparsity is not None else 0:.3f} over "
         f"{totals.prunable_weights if totals and totals.prunable_weights is not None else 0:,} prunable weights  "
         f"method {s.method}" + (f" (placement {s.placement}, recal {s.recal})" if s.method != "none" else ""),
     ]

@@ -194,3 +194,19 @@ def test_a_rule_never_fits_a_group_worse_than_the_refit_on_the_allocations_mask(
     plain = refit_rows(dense_rows, keep, gram)[1]["err_after"]
     rows, info = refit_rows(dense_rows, keep, gram, rule=MaskRule())
     assert info["err_after"] <= plain + 1e-12 and (rows == 0).sum() == (~keep).sum()
+
+
+def test_the_summary_names_the_budget_and_the_masks():
+    from asr_onnx.report.build import summary
+
+    dense, feeds = zoo.bn_kept()
+    lines = {}
+    for score, pattern in (("obs", "global"), ("magnitude", "global"), ("obs", "2:4")):
+        job = Repair(dense, device="cpu", batch_size=8, progress=False).prune(0.6, pattern, allocation="lamp"
+                                                                              if pattern == "global" else "global",
+                                                                              score=score)
+        job.run(zoo.DictSet(feeds), "bn", reconstruct="ls")
+        lines[score, pattern] = next(line for line in summary(job.report()).splitlines() if line.startswith("pattern"))
+    assert lines["obs", "global"].startswith("pattern global (lamp budget, obs masks)  sparsity")
+    assert lines["magnitude", "global"].startswith("pattern global (lamp budget, magnitude masks)")
+    assert lines["obs", "2:4"].startswith("pattern 2:4 (obs masks)")
