@@ -74,7 +74,8 @@ def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, dampin
         xtx, xty = gram.xtx[g], gram.xty[g]
         lam = damping * float(np.mean(np.diag(xtx)))
         block = slice(g * per_group, (g + 1) * per_group)
-        old = rows[block].copy()
+        error = _residual(rows[block], xtx, xty)  # the pruned rows' own; the refit's below
+        before += error
         if lam > 0:
             damped = xtx + lam * np.eye(len(xtx))
             rhs = xty.T + lam * dense_rows[block]  # (rows, patch): each row's right-hand side on every input
@@ -82,18 +83,18 @@ def refit_rows(dense_rows: np.ndarray, keep: np.ndarray, gram: GramStats, dampin
             fewer_pruned = (~keep[block]).sum(axis=1).min() < keep[block].sum(axis=1).max()
             inverse = _inverse(damped) if choose or fewer_pruned else None
             fitted = _solve_masks(damped, inverse, rhs, keep[block])
+            error = _residual(fitted, xtx, xty)
             if choose:
                 chosen = rule.keep(rhs @ inverse, inverse, int((~keep[block]).sum()))
                 refitted = _solve_masks(damped, inverse, rhs, chosen)
-                # OBS chooses greedily: its mask is kept only where it fits the calibration data better
-                if _residual(refitted, xtx, xty) < _residual(fitted, xtx, xty):
-                    fitted, keep[block] = refitted, chosen
+                chosen_error = _residual(refitted, xtx, xty)
+                if chosen_error < error:  # OBS chooses greedily: its mask is kept only where it fits better
+                    fitted, error, keep[block] = refitted, chosen_error, chosen
             rows[block] = fitted
             if cond is not None:
                 eig = np.linalg.eigvalsh(damped)
                 cond = max(cond, float(eig[-1] / max(eig[0], lam)))
-        before += _residual(old, xtx, xty)
-        after += _residual(rows[block], xtx, xty)
+        after += error
     total = float(gram.yy.sum())
     scale = max(total, np.finfo(np.float64).tiny)
     return rows, {"err_before": float(np.sqrt(max(before + total, 0.0) / scale)),
