@@ -66,7 +66,7 @@ def repaired(dense, calib, data, ref: list, pattern: str, sparsity: float, alloc
 
 
 def run_model(kind: str, path: str, sizes: tuple[int, int], cells, folder: Path,
-              scores_: tuple = ("obs",)) -> list[dict]:
+              mask_scores: tuple = ("obs",)) -> list[dict]:
     from asr_onnx.calib import input_specs, load_calib
     from asr_onnx.model.files import load_model
 
@@ -81,9 +81,9 @@ def run_model(kind: str, path: str, sizes: tuple[int, int], cells, folder: Path,
         lamp = "lamp" if pattern == "global" else "global"  # LAMP allocates across layers; N:M has no allocation
         stats = repaired(dense, sets["calib"], sets["eval"], ref, pattern, sparsity, "global", "none")
         by_score = {score: repaired(dense, sets["calib"], sets["eval"], ref, pattern, sparsity, lamp, "ls", score)
-                    for score in scores_}
+                    for score in mask_scores}
         row = {"model": kind, "cell": f"{sparsity:g}" if pattern == "global" else pattern, "calib": sizes[0],
-               "eval": sizes[1], "statistics_only": stats, "default": by_score[scores_[0]], "score": scores_[0],
+               "eval": sizes[1], "statistics_only": stats, "default": by_score[mask_scores[0]], "score": mask_scores[0],
                "by_score": by_score}
         print(json.dumps(row), flush=True)
         rows.append(row)

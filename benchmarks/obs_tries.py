@@ -33,13 +33,18 @@ from reconstruct_table import data_sets  # noqa: E402
 LEVELS = np.array([0, .3, .5, .6, .7, .8, .85, .9, .93, .95, .97, .98, .99])
 
 
-def repaired(proto, calib, held, sparsity: float, masks=None) -> float:
-    """Held-out top-1 of the default repair; ``masks``: the pruned weights per layer to start from instead."""
+def repaired(proto, calib, held, sparsity: float, masks=None, block: int | None = None) -> float:
+    """Held-out top-1 of the default repair; ``masks``: the pruned weights per layer to start from instead;
+    ``block``: the OBS mask's block of columns instead of the default."""
+    from dataclasses import replace
+
     from asr_onnx.model.graph import find_layers, to_graph, to_model
     from asr_onnx.pipeline.driver import Repair
     from asr_onnx.verify.evaluation import evaluate
 
     job = Repair(proto, device="cpu", batch_size=64, progress=False).prune(sparsity, allocation="lamp", score="obs")
+    if block is not None:
+        job.mask_rules = [rule and replace(rule, block=block) for rule in job.mask_rules]
     if masks is not None:
         graph = to_graph(proto)
         for layer, keep in zip(find_layers(graph), masks):
@@ -50,12 +55,9 @@ def repaired(proto, calib, held, sparsity: float, masks=None) -> float:
 
 
 def block(proto, calib, held, sparsity, args) -> list[dict]:
-    from asr_onnx.refit import obs
-
     rows = []
     for size in map(int, args.blocks.split(",")):
-        obs.obs_prune.__defaults__ = (0, None, None, size)  # the block MaskRule.keep uses
-        rows.append({"block": size, "spread": "uniform", "top1": repaired(proto, calib, held, sparsity)})
+        rows.append({"block": size, "spread": "uniform", "top1": repaired(proto, calib, held, sparsity, block=size)})
     return rows
 
 

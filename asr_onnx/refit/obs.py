@@ -97,12 +97,14 @@ class MaskRule:
         nm: (n, m) for an N:M pattern along the input-channel axis, or None: the count of zeros the pruning
             allocated to each group, placed anywhere.
         kernel: columns per input channel in a row (a Conv's kernel size, 1 for Gemm and MatMul).
+        block: columns whose unstructured count is set together (see :func:`obs_prune`).
     """
 
     nm: tuple[int, int] | None = None
     kernel: int = 1
+    block: int = BLOCK
 
     def keep(self, optimum: np.ndarray, inverse: np.ndarray, drop: int) -> np.ndarray:
         """The keep-mask of one group's rows (see :func:`obs_prune`); ``drop``: zeros in all, without N:M."""
         order = nm_columns(optimum.shape[1], self.kernel) if self.nm is not None else None
-        return obs_prune(optimum, inverse, drop, self.nm, order)[0]
+        return obs_prune(optimum, inverse, drop, self.nm, order, self.block)[0]
