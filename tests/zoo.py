@@ -9,6 +9,7 @@ well under a second.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -1681,3 +1682,197 @@ def ssd_detector_oracle(model, x):
     logits = p["cls"].reshape(len(x), p["cls"].shape[1], 64).transpose(0, 2, 1)
     exp = np.exp(logits - logits.max(-1, keepdims=True))
     return corners.reshape(len(x), 4, 64).transpose(0, 2, 1), exp / exp.sum(-1, keepdims=True)
+
+
+# ---------------------------------------------------------------- transformer graphs exported by torch.onnx (issue 30)
+# Four blocks written as torch.nn.Modules with seeded, non-trivial weights (random LayerNorm gains and shifts,
+# nonzero biases), exported by torch.onnx with sample_models/train.py's settings (the TorchScript exporter, opset
+# 17, constant folding: each Linear becomes a MatMul by a constant (C_in, C_out) weight and an Add of its bias;
+# Reshape targets stay Constant nodes, as the exporter writes them). The PyTorch module, run in float64, is each
+# graph's oracle (transformer_oracle). torch is a test-only dependency: it is imported when a graph is first built,
+# and a test that builds one is skipped without it. A builder's ``seed`` draws the weights (the oracle takes the
+# same one) and the calibration tokens. TRANSFORMERS lists them.
+
+TRANSFORMER_OPSET = 17
+
+
+@lru_cache(maxsize=None)
+def _torch_blocks() -> dict:
+    """name -> (module factory, input shape without the batch), the modules defined once torch is imported."""
+    import importlib.util
+
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    path = Path(__file__).resolve().parents[1] / "sample_models" / "train.py"
+    spec = importlib.util.spec_from_file_location("sample_models_train", path)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)  # its TransformerBlock and ConvNeXtBlock, as the sample models use them
+
+    class LinearLayerNorm(nn.Module):
+        """Tokens -> Linear -> LayerNorm (last axis) -> GELU -> Linear."""
+
+        def __init__(self, dim=8, hidden=16):
+            super().__init__()
+            self.fc1, self.norm, self.fc2 = nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.Linear(hidden, dim)
+
+        def forward(self, x):
+            return self.fc2(nn.functional.gelu(self.norm(self.fc1(x))))
+
+    class WindowBlock(nn.Module):
+        """A Swin block without the shift: LN, window partition, multi-head attention in each window with a
+        relative-position bias (a learned table gathered by a constant index, as Swin's), window reverse,
+        proj, residual; then LN, MLP, residual. Tokens (N, grid², C) in row-major order."""
+
+        def __init__(self, dim=16, heads=2, window=4, grid=8, mlp_ratio=2):
+            super().__init__()
+            self.dim, self.heads, self.window, self.grid = dim, heads, window, grid
+            self.scale = (dim // heads) ** -0.5
+            self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads) * 0.5)
+            coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+            rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+            self.register_buffer("index", rel[..., 0] * (2 * window - 1) + rel[..., 1])
+            self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
+
+        def bias(self):
+            """(heads, window², window²): the table gathered by the relative-position index."""
+            n = self.window**2
+            return self.table[self.index.reshape(-1)].reshape(n, n, self.heads).permute(2, 0, 1)
+
+        def forward(self, x):
+            w, g, c, n = self.window, self.grid, self.dim, self.window**2
+            h = self.norm1(x).reshape(-1, g // w, w, g // w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, n, c)
+            qkv = self.qkv(h).reshape(-1, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+            attn = torch.softmax(q @ k.transpose(-2, -1) + self.bias(), dim=-1)
+            h = self.proj((attn @ v).transpose(1, 2).reshape(-1, n, c))
+            h = h.reshape(-1, g // w, g // w, w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, g * g, c)
+            x = x + h
+            return x + self.mlp(self.norm2(x))
+
+    return {"ln_after_linear": (LinearLayerNorm, (6, 8)),
+            "mha_heads": (lambda: train.TransformerBlock(16, 4, 6, 2), (6, 16)),
+            "convnext_block": (lambda: train.ConvNeXtBlock(8), (8, 8, 8)),
+            "window_attention": (WindowBlock, (64, 16))}
+
+
+def transformer_module(name: str, seed: int = 0):
+    """The eval-mode float32 torch module of the transformer graph ``name``, its weights drawn from ``seed``
+    (PyTorch's default init, then every LayerNorm's gain in [0.5, 1.5] and shift N(0, 0.1)); the global torch
+    RNG is left as it was."""
+    import torch
+
+    factory, _ = _torch_blocks()[name]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        module = factory()
+        for norm in (m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)):
+            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+            torch.nn.init.normal_(norm.bias, 0, 0.1)
+    return module.eval()
+
+
+def transformer_oracle(name: str, x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """PyTorch's output of the transformer graph ``name`` (its module in float64) on ``x``."""
+    import torch
+
+    with torch.no_grad():
+        return transformer_module(name, seed).double()(torch.from_numpy(np.asarray(x, np.float64))).numpy()
+
+
+@lru_cache(maxsize=None)
+def _exported(name: str, seed: int, fold: bool = True) -> bytes:
+    """The serialised ONNX export of ``transformer_module(name, seed)``, once per process; ``fold``: the
+    exporter's constant folding."""
+    import io
+    import warnings
+
+    import torch
+
+    module, (_, shape) = transformer_module(name, seed), _torch_blocks()[name]
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice, on every call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(module, (torch.zeros(2, *shape),), buffer, dynamo=False, opset_version=TRANSFORMER_OPSET,
+                          input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, do_constant_folding=fold,
+                          export_params=True, keep_initializers_as_inputs=False)
+    onnx.checker.check_model(onnx.load_from_string(buffer.getvalue()))
+    return buffer.getvalue()
+
+
+def _transformer(name: str, seed: int, n: int, fold: bool = True):
+    model = onnx.load_from_string(_exported(name, seed, fold))  # a fresh copy: callers may change it
+    return model, {"input": _feed(_torch_blocks()[name][1], n=n, seed=seed + 1)}
+
+
+def ln_after_linear(seed=0, n=N):
+    """(N, 6, 8) tokens -> Linear to 16 (MatMul, Add) -> LayerNormalization (axis -1) -> GELU (Div √2, Erf, Add 1,
+    Mul, Mul 0.5) -> Linear to 8. Oracle: ``transformer_oracle("ln_after_linear", x)``."""
+    return _transformer("ln_after_linear", seed, n)
+
+
+def mha_heads(seed=0, n=N):
+    """sample_models/train.py's pre-norm ViT TransformerBlock (C=16, 4 heads of 4, T=6, MLP ratio 2) on (N, 6, 16)
+    tokens: LayerNormalization; q, k and v Linears, each Reshape to the constant (-1, 6, 4, 4) and Transpose
+    (0, 2, 1, 3), k's (0, 2, 3, 1) instead; MatMul q·kᵀ, Mul by the scale 0.5 after it, Softmax, MatMul with v,
+    Transpose (0, 2, 1, 3), Reshape (-1, 6, 16); proj, residual Add; LayerNormalization, fc1, Erf-GELU, fc2,
+    residual Add. Oracle: ``transformer_oracle("mha_heads", x)``."""
+    return _transformer("mha_heads", seed, n)
+
+
+def convnext_block(seed=0, n=N):
+    """sample_models/train.py's ConvNeXtBlock (C=8) on (N, 8, 8, 8) NCHW: 7x7 depthwise Conv (group 8, pads 3,
+    bias), Transpose (0, 2, 3, 1), LayerNormalization (axis -1), Linear to 32, Erf-GELU, Linear to 8, Transpose
+    (0, 3, 1, 2), residual Add. Oracle: ``transformer_oracle("convnext_block", x)``."""
+    return _transformer("convnext_block", seed, n)
+
+
+def window_attention(seed=0, n=N, fold=True):
+    """A Swin block (no shift) on (N, 64, 16) tokens of an 8x8 grid: LayerNormalization; window partition as
+    Reshape (-1, 2, 4, 2, 4, 16), Transpose (0, 1, 3, 2, 4, 5), Reshape (-1, 16, 16) (4x4 windows); one qkv
+    Linear to 48, Reshape (-1, 16, 3, 2, 8), Transpose (2, 0, 3, 1, 4), Gather 0/1/2 on axis 0; q Mul by the scale
+    8^-0.5 before the MatMul with kᵀ (Transpose (0, 1, 3, 2)); Add of the relative-position bias, a (2, 16, 16)
+    constant (constant folding gathers the table by its index at export); Softmax, MatMul with v, Transpose
+    (0, 2, 1, 3), Reshape (-1, 16, 16), proj; window reverse as Reshape (-1, 2, 2, 4, 4, 16), Transpose
+    (0, 1, 3, 2, 4, 5), Reshape (-1, 64, 16); residual Add; LayerNormalization, MLP, residual Add.
+    Oracle: ``transformer_oracle("window_attention", x)``.
+
+    ``fold=False``: exported without constant folding, as Swin's table is then kept: the bias is
+    Gather(table (49, 2), Reshape(index (16, 16) int64, [-1])), Reshape (16, 16, 2), Transpose (2, 0, 1), and each
+    Linear a MatMul by Transpose(weight (C_out, C_in), perm (1, 0))."""
+    return _transformer("window_attention", seed, n, fold)
+
+
+TRANSFORMERS = {"ln_after_linear": ln_after_linear, "mha_heads": mha_heads, "convnext_block": convnext_block,
+                "window_attention": window_attention}
+
+
+# ---------------------------------------------------------------- LayerNorm sites (issue 30)
+
+
+def linear_layernorm(tokens=5, width=8, axis=-1, bias=True, computed_scale=False, seed=61):
+    """Linear (MatMul + Add) -> LayerNormalization over ``axis`` -> Linear on (N, T, C) tokens, as torch.onnx
+    writes a pre-norm block's first steps. ``bias``: LayerNorm's β is given (else the optional input is absent);
+    ``computed_scale``: its γ is computed at run time (a constant times 1), so it is no site. Shapes are inferred,
+    so that the LayerNorm's input rank is known."""
+    g = G(seed)
+    h = g.node("Add", [g.node("MatMul", ["input", g.init("w_in", g.weight((width, width), width))]),
+                       g.init("b_in", g.rng.normal(0, 0.5, width))])
+    scale = g.init("lnw", g.rng.uniform(0.5, 1.5, width))
+    if computed_scale:
+        scale = g.node("Mul", [scale, g.init("one", np.float32(1))])
+    ln_inputs = [h, scale] + ([g.init("lnb", g.rng.normal(0, 0.2, width))] if bias else [])
+    normed = g.node("LayerNormalization", ln_inputs, "ln", axis=axis, epsilon=1e-5)
+    out = g.node("MatMul", [normed, g.init("w_out", g.weight((width, 3), width))])
+    model = onnx.shape_inference.infer_shapes(g.model([("input", ["N", tokens, width], None)], out))
+    return model, {"input": _feed((tokens, width), n=48, seed=seed)}
+
+
+def linear_layernorm_oracle(model, x):
+    """numpy's forward pass of :func:`linear_layernorm` (a last-axis LayerNorm): (LayerNorm output, output)."""
+    w = {t.name.rstrip("0123456789"): numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    h = x.astype(np.float64) @ w["w_in"] + w["b_in"]
+    normed = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5) * w["lnw"] + w.get("lnb", 0.0)
+    return normed, normed @ w["w_out"]
