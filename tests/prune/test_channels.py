@@ -82,11 +82,16 @@ def torch_op(op, ins, a):
         return torch.clamp(ins[0], float(ins[1]), float(ins[2]))
     if op == "Softmax":
         return torch.softmax(ins[0], a.get("axis", -1))
+    if op == "LayerNormalization":
+        axis = a.get("axis", -1) % ins[0].dim()
+        return F.layer_norm(ins[0], ins[0].shape[axis:], ins[1], ins[2], a.get("epsilon", 1e-5))
+    if op == "Transpose":
+        return ins[0].permute(a["perm"])
     if op == "Concat":
         return torch.cat(ins, a["axis"])
     if op == "MaxPool":
         return F.max_pool2d(ins[0], a["kernel_shape"], a["strides"])
-    unary = {"Relu": F.relu, "Sigmoid": torch.sigmoid, "Flatten": lambda t: t.flatten(1),
+    unary = {"Relu": F.relu, "Sigmoid": torch.sigmoid, "Flatten": lambda t: t.flatten(1), "Erf": torch.erf,
              "GlobalAveragePool": lambda t: t.mean((2, 3), keepdim=True)}
     if op in unary:
         return unary[op](ins[0])
@@ -663,25 +668,82 @@ def test_cli_channels_default_amount_and_measured_speedup(tmp_path, capsys):
     assert f"measured speed-up: {entry['speedup']:.2f}x dense" in capsys.readouterr().out
 
 
-def test_linear_layers_on_tokens_are_listed_whole_with_their_reason(tmp_path, capsys):
-    """Issue 30: the channel walk did not list the MatMul layers of a transformer at all, so no reason was given
-    for leaving them. Each is now a whole group with its reason, and the run says that nothing could shrink."""
-    from asr_onnx.cli.main import main
 
+def test_attention_keeps_q_and_k_whole_and_prunes_v_with_the_output_projection(block_of_one):
+    """Issue 30: the channel walk did not list a transformer's MatMul layers at all. In single-head attention Q·Kᵀ
+    sums over the channels of Q and K (they stay whole, with that reason); V's channels pass through the product
+    with the attention weights to the output projection's rows, so V's group shrinks, exactly."""
     model, feeds = zoo.attention_block()
-    path, calib, out, report = tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "o.onnx", tmp_path / "r.json"
-    onnx.save(model, path)
-    np.save(calib, feeds["input"])
-    assert main(["repair", str(path), "--calib", str(calib), "-o", str(out), "--pattern", "channels", "-q",
-                 "--device", "cpu", "--report", str(report), "--guard", "off"]) == 0
-    groups = json.loads(report.read_text())["channels"]["groups"]
-    assert len(groups) == 4 and all(g["whole"] and "Linear on channel-last tokens" in g["reason"] for g in groups)
-    assert "removed no channel" in capsys.readouterr().err
+    x = feeds["input"]
+    plan, masked, small = shrunk(model)
+    reasons = [plan.groups.whole.get(g, "") for g in range(len(plan.groups.sizes))]
+    assert sorted("sums over these channels" in r for r in reasons) == [False, False, True, True]
+    assert [plan.groups.kind(g) for g in plan.keep] == ["tokens"] and len(next(iter(plan.keep.values()))) == 4
+    check_valid(small)
+    assert [list(t.dims) for t in small.graph.initializer if t.name.startswith("v")] == [[8, 4]]
+    np.testing.assert_allclose(run(small, x), run(masked, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run(small, x), torch_run(small, x), rtol=1e-4, atol=1e-5)
+
+
+def transformer_sample(name):
+    model = onnx.load(SAMPLES / f"{name}.onnx")
+    x = np.random.default_rng(3).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    return model, x
+
+
+def test_the_vit_loses_whole_heads_with_q_k_v_and_proj_and_half_of_each_mlp():
+    """Issue 30: Q, K and V of a block lose the same heads (their two MatMuls join them; the Reshape into heads
+    makes each head one channel of the group), the output projection the matching rows, the Reshape targets the
+    heads; fc1 loses half its units and fc2 the matching rows. The residual stream stays, with the LayerNorm
+    reason. The shrunk graph computes what the masked one does, and what an independent interpreter computes."""
+    model, x = transformer_sample("vit")
+    plan, masked, small = shrunk(model)
+    groups = plan.groups
+    heads = [g for g in plan.keep if groups.kind(g) == "heads"]
+    units = [g for g in plan.keep if groups.kind(g) == "tokens"]
+    assert len(heads) == 6 and all(groups.sizes[g] == 4 and len(plan.keep[g]) == 2 for g in heads)
+    assert len(units) == 6 and all(groups.sizes[g] == 128 and len(plan.keep[g]) == 64 for g in units)
+    assert set(plan.keep) == set(heads + units)
+    assert all("LayerNorm" in why or why.startswith("graph output") for why in groups.whole.values())
+    check_valid(small)
+    dims = {t.name: list(t.dims) for t in small.graph.initializer}
+    assert dims["onnx::MatMul_394"] == [64, 32] and dims["onnx::MatMul_397"] == [32, 64]  # block 0: q and proj
+    assert dims["onnx::MatMul_398"] == [64, 64] and dims["onnx::MatMul_399"] == [64, 64]  # fc1 and fc2
+    targets = {tuple(numpy_helper.to_array(t).tolist()) for t in small.graph.initializer
+               if t.data_type == onnx.TensorProto.INT64}
+    assert {(-1, 49, 2, 16), (-1, 49, 32)} <= targets and (-1, 49, 4, 16) not in targets
+    assert count.params(small) <= 0.55 * count.params(model)
+    np.testing.assert_allclose(run(small, x), run(masked, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run(small, x), torch_run(small, x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_convnext_loses_half_of_each_pointwise_mlp_and_keeps_its_stream():
+    """Issue 30: ConvNeXt's pointwise MLPs (on channel-last tokens, after a Transpose and a LayerNorm) lose half
+    their units, fc2 the matching rows; the stream its depthwise convs and the residual Adds share stays whole."""
+    model, x = transformer_sample("convnext")
+    plan, masked, small = shrunk(model)
+    groups = plan.groups
+    assert sorted(groups.sizes[g] for g in plan.keep) == [128, 128, 256, 256, 512, 512]
+    assert all(groups.kind(g) == "tokens" and 2 * len(k) == groups.sizes[g] for g, k in plan.keep.items())
+    depthwise = [g for g, kinds in groups.kinds.items() if "depthwise" in kinds]
+    assert len(depthwise) == 3 and all("LayerNorm" in groups.whole[g] for g in depthwise)
+    check_valid(small)
+    assert count.params(small) <= 0.6 * count.params(model)
+    np.testing.assert_allclose(run(small, x), run(masked, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run(small, x), torch_run(small, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vit", "convnext"])
+def test_transformers_at_sparsity_zero_are_left_as_they_are(name):
+    model, _ = transformer_sample(name)
+    plan = channels.plan(model, sparsity=0.0)
+    assert plan.keep == {} and channels.mask(model, plan.groups, plan.keep) is model
 
 
 def test_a_convnext_like_net_runs_as_its_oracle_and_its_depthwise_convs_are_not_called_grouped():
     """Issue 30: 4 of ConvNeXt's 6 depthwise convs were reported as "grouped" (those whose input, a residual Add
-    of a LayerNorm-MLP branch, the walk had stopped following). Each is a depthwise group now, with its reason."""
+    of a LayerNorm-MLP branch, the walk had stopped following). Each stage's stream, which its depthwise convs
+    and residual Adds share, is one depthwise group now, whole for its LayerNorm; the MLPs are prunable."""
     from asr_onnx.model.session import make_session
 
     model, feeds = zoo.convnext_like()
@@ -689,5 +751,53 @@ def test_a_convnext_like_net_runs_as_its_oracle_and_its_depthwise_convs_are_not_
     np.testing.assert_allclose(got, zoo.convnext_oracle(model, feeds["input"]), rtol=1e-4, atol=1e-4)
     groups = channels.plan(model, sparsity=0.5).groups
     depthwise = [g for g, kinds in groups.kinds.items() if "depthwise" in kinds]
-    assert len(depthwise) == 4 and not any("grouped" in kinds for kinds in groups.kinds.values())
-    assert all(not groups.whole[g].startswith("grouped") for g in groups.whole)
+    assert len(depthwise) == 2 and not any("grouped" in kinds for kinds in groups.kinds.values())
+    assert all("LayerNorm" in groups.whole[g] for g in depthwise)
+    assert sorted(groups.sizes[g] for g in groups.prunable()) == [32, 32, 64, 64]
+
+
+TRANSFORMER_GROUPS = {  # zoo graph -> (size, kind) of the groups that shrink; every other group names its reason
+    "ln_after_linear": [],
+    "mha_heads": [(4, "heads"), (32, "tokens")],
+    "convnext_block": [(32, "tokens")],
+    "window_attention": [(32, "tokens")],
+}
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMER_GROUPS))
+def test_transformer_blocks_exported_by_torch_shrink_to_what_the_masked_model_computes(name, block_of_one):
+    """Issue 30: on the zoo's torch.onnx exports, the heads and the MLP units shrink; the shrunk graph computes what
+    the masked model computes (within 1e-4) and what the torch module computes where nothing is removed. The
+    residual stream (LayerNorm) and Swin's fused QKV projection (a split into (3, heads, head_dim)) stay whole,
+    each with its reason."""
+    model, feeds = zoo.TRANSFORMERS[name]()
+    x = feeds["input"]
+    np.testing.assert_allclose(run(model, x), zoo.transformer_oracle(name, x), rtol=1e-4, atol=1e-5)
+    plan, masked, small = shrunk(model)
+    groups = plan.groups
+    assert sorted((groups.sizes[g], groups.kind(g)) for g in plan.keep) == sorted(TRANSFORMER_GROUPS[name])
+    assert all(2 * len(k) == groups.sizes[g] for g, k in plan.keep.items())
+    assert set(groups.whole) == set(range(len(groups.sizes))) - set(plan.keep)
+    if name == "window_attention":
+        assert any("splits the channels into more than two axes" in why for why in groups.whole.values())
+    if plan.keep:
+        check_valid(small)
+        assert count.params(small) < count.params(model)
+    else:
+        assert small is masked is model
+    np.testing.assert_allclose(run(small, x), run(masked, x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_reshape_that_puts_an_axis_of_one_before_the_channels_keeps_them_whole_channels():
+    """(N, T, C) -> (N, T, 1, C) is not a split into one head of C channels: the MLP behind it shrinks by units."""
+    g = zoo.G(7)
+    h = g.node("MatMul", ["input", g.init("fc1", g.weight((8, 16), 8))])
+    h = g.node("Reshape", [g.node("Relu", [h]), g.init("target", np.array([-1, 6, 1, 16]), np.int64)])
+    out = g.node("MatMul", [h, g.init("fc2", g.weight((16, 8), 16))])
+    model = g.model([("input", ["N", 6, 8], None)], out)
+    x = np.random.default_rng(2).standard_normal((5, 6, 8)).astype(np.float32)
+    plan, masked, small = shrunk(model)
+    assert [len(k) for k in plan.keep.values()] == [8] and [plan.groups.sizes[g] for g in plan.keep] == [16]
+    check_valid(small)
+    np.testing.assert_allclose(run(small, x), run(masked, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run(small, x), torch_run(small, x), rtol=1e-4, atol=1e-5)

@@ -27,8 +27,8 @@ ACTIVATIONS = {
     "Neg": lambda v, n: -v,
     "Abs": lambda v, n: np.abs(v),
 }
-PASS = ("Identity", "Dropout", "Cast", "MaxPool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax",
-        "ReduceMin", "Squeeze", "Unsqueeze")
+PASS = ("Identity", "Dropout", "Cast", "Transpose", "MaxPool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
+        "ReduceMax", "ReduceMin", "Squeeze", "Unsqueeze")
 BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Max": np.maximum,
           "Min": np.minimum}
 
@@ -101,8 +101,8 @@ def _constant(node, ins, span, depthwise, axes):
         if len(node.inputs) < 3 or not isinstance(node.inputs[2], gs.Constant):
             return np.zeros(span)
         return float(node.attrs.get("beta", 1.0)) * np.ravel(node.inputs[2].values).astype(np.float64)
-    if op == "MatMul":
-        return np.zeros(span)
+    if op == "MatMul":  # a Linear's removed output is zero; a product of two activations is not one constant
+        return np.zeros(span) if isinstance(node.inputs[1], gs.Constant) else nan
     if x is None and op not in BINARY:
         return nan
     if op == "BatchNormalization":
@@ -125,8 +125,8 @@ def _constant(node, ins, span, depthwise, axes):
         return functools.reduce(BINARY[op], operands)
     if op == "Concat":
         return np.concatenate(ins)
-    if op in ("Flatten", "Reshape"):
-        return np.repeat(x, span // len(x))
+    if op in ("Flatten", "Reshape"):  # each channel fills more positions; a split into heads is not per position
+        return np.repeat(x, span // len(x)) if span >= len(x) and span % len(x) == 0 else nan
     return nan
 
 
@@ -291,12 +291,11 @@ def shrink_model(model, groups: Groups, keep: dict, *, feeds: dict | None = None
         const.values = _take(const.values, edit.axis, positions(edit.layout, kept, now.sizes))
     for name, layout in now.depthwise.items():
         nodes[name].attrs["group"] = int(len(positions(layout, kept, now.sizes)))
-    for name, layout in now.reshapes.items():
+    for name, (axis, layout) in now.reshapes.items():
         node = nodes[name]
         target = np.array(node.inputs[1].values, np.int64)
-        if target[1] != -1:
-            target[1] = len(positions(layout, kept, now.sizes))
-            node.inputs[1] = gs.Constant(f"{name}_target", target)
+        target[axis] = len(positions(layout, kept, now.sizes))
+        node.inputs[1] = gs.Constant(f"{name}_target", target)
     keep_shapes = {t.name for t in graph.inputs + graph.outputs}
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor.name not in keep_shapes:
