@@ -44,8 +44,10 @@ def default_output(model: str) -> Path:
               help="global, uniform, N:M (e.g. 2:4) or channels (remove whole output channels and shrink the graph).")
 @click.option("--flops-target", type=float,
               help="With --pattern channels: the fraction of multiply-accumulates to keep, instead of --sparsity.")
-@click.option("--allocation", type=click.Choice(["global", "lamp", "uniform"]),
-              help="How the sparsity is split between layers: one |w| threshold, LAMP scores, or per layer. "
+@click.option("--allocation", type=click.Choice(["global", "lamp", "uniform", "error"]),
+              help="How the sparsity is split between layers: one |w| threshold, LAMP scores, per layer, or "
+                   "error: the levels of least summed network-output error, measured per layer and level on "
+                   "256 calibration samples (OBC/SPDY; needs --calib, one pass per layer and level). "
                    "Default: lamp for --pattern global (N:M and channels fix each layer's own).")
 @click.option("--score", type=click.Choice(["magnitude", "wanda", "rownorm", "obs", "bn-scale", "greedy"]),
               help="How weights are ranked: |w|, Wanda's |w| times its input channel's norm (needs --calib), "
@@ -124,6 +126,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     from asr_onnx.measure.cache import load_stats, stats_key
     from asr_onnx.model.kinds import check_output_kinds, parse_output_kinds
     from asr_onnx.outputs import Plan
+    from asr_onnx.pipeline.defaults import resolved_defaults
     from asr_onnx.pipeline.driver import Repair
     from asr_onnx.pipeline.guard import warning_line
     from asr_onnx.pipeline.recipe import Recipe
@@ -152,6 +155,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     needs = [option for option, used in ((f"--method {method}", method != "none"), ("--fp16", fp16 or fp16_io),
                                          ("--int8", int8),
                                          (f"--reconstruct {reconstruct}", reconstruct != "none"),
+                                         ("--allocation error", allocation == "error"),
                                          (f"--score {score}", score in ("wanda", "greedy", "obs"))) if used]
     channels = str(pattern).strip().lower() == "channels"  # its output is run on calibration samples first
     if (needs or channels) and calib_path:  # --fp16 checks its output on the calibration data
@@ -228,27 +232,6 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
         if not quiet:
             say(summary(report, report_path))
             say(f"wrote {output}")
-
-
-def resolved_defaults(pattern: str, method: str, sparsity: str | None, allocation: str | None, score: str | None,
-                      reconstruct: str | None, has_data: bool) -> tuple[str, str | None, str, str]:
-    """The defaults of the options left out: the best repair measured (benchmarks/RESULTS.md, "The default"),
-    0.9 with LAMP's per-layer budget and the least-squares refit, its masks chosen by OBS; for channels 0.3 of
-    each group, the greedy selection (given data) and the refit; pruning alone (``--method none``) refits nothing unless asked. An
-    allocation that the pattern fixes stays None, so that only an explicit one is refused."""
-    from asr_onnx.prune.channels import DEFAULT_SPARSITY
-
-    kind = str(pattern).strip().lower()
-    channels = kind == "channels"
-    if sparsity is None:
-        sparsity = str(DEFAULT_SPARSITY if channels else 0.9)
-    if allocation is None:
-        allocation = "lamp" if kind == "global" else None
-    if reconstruct is None:
-        reconstruct = "none" if method == "none" else "ls"
-    if score is None:
-        score = ("greedy" if has_data else "magnitude") if channels else "obs" if reconstruct == "ls" else "magnitude"
-    return sparsity, allocation, score, reconstruct
 
 
 def parse_recal(text: str) -> tuple[str, float]:

@@ -52,9 +52,10 @@ def search_command(model, calib_path, output, min_agreement, max_error, resoluti
                    fold_bn, guard_mode, report_path, eval_path, eval_size, overwrite, quiet, run):
     """Find the highest sparsity of MODEL whose repair keeps a target agreement on held-out calibration
     samples, and write that model, repaired on all of them, with the trade-off table."""
-    from asr_onnx.cli.repair import parse_recal, resolved_defaults
+    from asr_onnx.cli.repair import parse_recal
     from asr_onnx.model.files import load_model
     from asr_onnx.outputs import Plan
+    from asr_onnx.pipeline.defaults import resolved_defaults
     from asr_onnx.pipeline.sparsity_search import Target, search
     from asr_onnx.report.build import write_report
 

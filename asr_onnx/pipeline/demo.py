@@ -69,12 +69,14 @@ def default_repair(model, calib, eval_data, sparsity: float, pattern: str, devic
     """
     import time
 
+    from asr_onnx.pipeline.defaults import resolved_defaults
     from asr_onnx.pipeline.driver import Repair
     from asr_onnx.pipeline.recipe import Recipe
 
+    _, allocation, score, reconstruct = resolved_defaults(pattern, "bn", str(sparsity), None, None, None, True)
     start = time.perf_counter()
     job = Repair(model, device=device, progress=False)
-    job.prune(sparsity, pattern, allocation="lamp" if pattern == "global" else "global", score="obs")
-    job.run(calib, recipe=Recipe(method="bn", reconstruct="ls", guard="fallback"))
+    job.prune(sparsity, pattern, allocation=allocation or "global", score=score)
+    job.run(calib, recipe=Recipe(method="bn", reconstruct=reconstruct, guard="fallback"))
     seconds = time.perf_counter() - start
     return job.evaluate(eval_data), seconds

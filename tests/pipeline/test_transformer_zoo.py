@@ -14,8 +14,8 @@ import pytest
 import zoo
 from onnx import helper, numpy_helper
 
-from asr_onnx.cli.repair import resolved_defaults
 from asr_onnx.model.graph import find_layers, to_graph
+from asr_onnx.pipeline.defaults import resolved_defaults
 from asr_onnx.pipeline.driver import Repair
 from asr_onnx.refit.gram import accumulate
 
@@ -178,7 +178,7 @@ def test_window_attention_exported_without_constant_folding_keeps_swins_table_ga
 @pytest.mark.parametrize("recipe", ["default", "bn"])
 @pytest.mark.parametrize("name", NAMES)
 def test_a_repair_at_sparsity_0_leaves_a_transformer_graph_as_it_was(name, recipe):
-    """The CLI's default repair (its allocation, score and refit: cli.repair.resolved_defaults) and method "bn"
+    """The CLI's default repair (its allocation, score and refit: pipeline.defaults.resolved_defaults) and method "bn"
     without the refit, at sparsity 0 on random calibration tokens: every weight as it was, the outputs too."""
     model, feeds = zoo.TRANSFORMERS[name]()
     calib = zoo.DictSet(feeds)
