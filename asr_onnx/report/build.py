@@ -157,7 +157,13 @@ def _channel_lines(entry) -> list[str]:
     if entry.speedup is not None:
         lines.append(f"  measured speed-up: {entry.speedup:.2f}x dense (onnxruntime, batch {entry.speedup_batch}, "
                      "one thread, median of alternating runs on this machine)")
-    lines += [f"  whole: {g.kind} group of {g.channels} ({g.reason})" for g in whole[:5]]
+    alike: dict[tuple, int] = {}  # a LayerNorm's stream and its output give one reason twice: count, not repeat
+    for g in whole:
+        alike[(g.kind, g.channels, g.reason)] = alike.get((g.kind, g.channels, g.reason), 0) + 1
+    for (kind, channels, reason), times in list(alike.items())[:5]:
+        lines.append(f"  whole: {f'{times} x ' if times > 1 else ''}{kind} group of {channels} ({reason})")
+    if len(alike) > 5:
+        lines.append(f"  ... {sum(list(alike.values())[5:])} more whole groups: the report gives each one's reason")
     return lines
 
 
