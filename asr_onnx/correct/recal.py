@@ -4,7 +4,8 @@ Every site is treated as a BatchNormalization. A real BN keeps its own parameter
 BN after it gets a *virtual* BN, ``scale = sqrt(dense_var + eps)``, ``bias = dense_mean``, running
 statistics equal to the dense ones, which is the identity on the dense model. Recalibrating a
 virtual BN and folding it into the layer's weight and bias is then the same operation as for a
-real BN, and the dense model's per-channel statistics are the target.
+real BN, and the dense model's per-channel statistics are the target. A LayerNorm site's virtual BN
+sits on the LayerNorm's output and folds into its γ and β.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def affine(ref: Norm, corr: Correction) -> tuple[np.ndarray, np.ndarray]:
 def write(graph, site, ref: Norm, corr: Correction) -> str:
     """Writes one correction; returns how: "bn", "bn-rescaled" (its scale, variance and epsilon divided by
     powers of two, see :func:`bn_exponent`), "folded", "folded-bn" (the BN could not hold it and was folded
-    into its layer, and removed: ``site.bn`` is then None) or "unchanged".
+    into its layer, and removed: ``site.bn`` is then None), "layernorm" (into a LayerNorm's γ and β, see
+    :func:`fold_layernorm`) or "unchanged".
 
     Raises:
         AsrError: a value written would not be finite in the weights' dtype (named by the site).
@@ -127,6 +129,9 @@ def write(graph, site, ref: Norm, corr: Correction) -> str:
     if corr.pre_gain is None and np.array_equal(corr.mean, ref.mean) and np.array_equal(corr.var, ref.var) \
             and np.all(corr.scale == 1):
         return "unchanged"
+    if site.ln is not None:
+        _check_finite(site, fold_layernorm(site.ln, *affine(ref, corr)))
+        return "layernorm"
     if site.bn is None:
         a, c = affine(ref, corr)
         _check_finite(site, fold_affine(graph, site.layer, a, c))
@@ -211,6 +216,41 @@ def fold_bn(graph, site) -> None:
     inv_std = scale / np.sqrt(var + floor_eps(var, site.eps))
     _check_finite(site, fold_affine(graph, site.layer, inv_std, bias - inv_std * mean))
     _remove_bn(site)
+
+
+def fold_layernorm(node, a: np.ndarray, c: np.ndarray) -> list:
+    """Makes a LayerNormalization output ``a * y + c`` per channel (y its output): γ' = a γ, β' = a β + c.
+
+    With the exact recalibration's a = σ_dense / σ_pruned and c = μ_dense - a μ_pruned this is
+    β' = a (β - μ_pruned) + μ_dense. Each value is computed in float64 and rounded once.
+
+    Returns:
+        the gs.Constants written.
+    """
+    scale = node.inputs[1]
+    has_bias = len(node.inputs) > 2 and node.inputs[2].name
+    bias = node.inputs[2].values.astype(np.float64) if has_bias else np.zeros(scale.values.size)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by name, not warned about
+        gamma = (a * scale.values.astype(np.float64)).astype(scale.values.dtype)
+        beta = (a * bias + c).astype(scale.values.dtype)
+    return [_own_input(node, 1, gamma, "scale"), _own_input(node, 2, beta, "bias")]
+
+
+def _own_input(node, index: int, value: np.ndarray, suffix: str):
+    """Puts ``value`` into input ``index`` of ``node``: into its constant when no other node reads it, else (and
+    where the optional input is absent) into a new one, so that a fold stays local. Returns the gs.Constant."""
+    import onnx_graphsurgeon as gs
+
+    current = node.inputs[index] if index < len(node.inputs) and node.inputs[index].name else None
+    if current is not None and len(current.outputs) == 1:
+        current.values = value
+        return current
+    const = gs.Constant(f"{node.name or node.outputs[0].name}.asr_{suffix}", value)
+    if index < len(node.inputs):
+        node.inputs[index] = const
+    else:
+        node.inputs.append(const)
+    return const
 
 
 def _check_finite(site, constants) -> None:

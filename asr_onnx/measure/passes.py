@@ -33,13 +33,14 @@ class SiteMap:
     levels: dict
 
 
-def site_map(pruned, dense_weights: dict) -> SiteMap:
-    """The :class:`SiteMap` of a pruned onnx.ModelProto; ``dense_weights``: layer name -> the dense weight."""
+def site_map(pruned, dense_weights: dict, layernorm: bool = True) -> SiteMap:
+    """The :class:`SiteMap` of a pruned onnx.ModelProto; ``dense_weights``: layer name -> the dense weight;
+    ``layernorm``: with the LayerNorm sites (False: without them, as before they were sites). Defaults to True."""
     from asr_onnx.model.graph import find_layers, find_sites, to_graph
 
     graph = to_graph(pruned)
     layers = find_layers(graph)
-    sites = find_sites(graph, layers)
+    sites = [s for s in find_sites(graph, layers) if layernorm or s.ln is None]
     changed = {id(layer.node) for layer in layers
                if not np.array_equal(dense_weights.get(layer.name), layer.weight.values)}
     return SiteMap(sites, frozenset(touched_sites(graph, sites, changed)), site_levels(graph, sites))
@@ -148,7 +149,7 @@ def measure_pruned(model, calib, sites: SiteMap, dense: dict, reference: str, *,
                                           levels=sites.levels, **options)
     else:
         pruned, provider = measure(model, calib, norms=norms, desc="pruned", scales=scales, levels=sites.levels,
-                                   engine=engine, **options)
+                                   engine=engine, keys={s.key for s in sites.sites}, **options)
     return Measurement(sites.sites, sites.touched, reference, refs, dense, pruned, provider)
 
 

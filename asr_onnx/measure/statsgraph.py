@@ -150,7 +150,7 @@ def bn_kernel_fits(site, opset: int, fixed: bool = False) -> bool:
     It needs opset >= 14 (the ``training_mode`` attribute), a float32 tensor with its channels on axis 1
     (a Gemm's 2-D output qualifies) and no renormalisation with ``fixed`` statistics. Defaults: ``fixed`` False.
     """
-    on_axis_1 = not site.channel_last or site.layer.op == "Gemm"
+    on_axis_1 = not site.channel_last or (site.layer is not None and site.layer.op == "Gemm")
     return opset >= 14 and site.dtype == np.float32 and on_axis_1 and not fixed
 
 
@@ -265,7 +265,7 @@ def _onnx_type(dtype) -> int:
 
 
 def _channels(site) -> int:
-    return site.bn.inputs[1].shape[0] if site.bn is not None else site.layer.channels
+    return site.bn.inputs[1].shape[0] if site.bn is not None else site.channels
 
 
 def _replace_uses(graph, site, new):

@@ -184,15 +184,18 @@ def find_layers(graph) -> list[Layer]:
 class Site:
     """A point whose per-channel statistics are measured and corrected.
 
-    Either a BatchNormalization node (``bn``), whose input is recalibrated, or the output of a
-    layer with no BN after it, which gets a *virtual* BN folded into the layer's weight and bias.
+    Either a BatchNormalization node (``bn``), whose input is recalibrated; or the output of a
+    layer with no BN after it, which gets a *virtual* BN folded into the layer's weight and bias; or the
+    output of a LayerNormalization over the last axis (``ln``), which gets a virtual BN folded into its
+    γ and β (LayerNorm normalises each token; what the next layer sees per channel is its output).
 
     Attributes:
-        tensor: the measured tensor (the BN's input, or the layer's output).
+        tensor: the measured tensor (the BN's input, the layer's output, or the LayerNorm's output).
         layer: the layer that produces ``tensor``, or None.
         bn: the BatchNormalization node, or None for a virtual site.
         after: what follows a virtual site's layer, for the report: "none" or "affine" (Mul/Add chain).
         head: a virtual site whose output reaches a graph output (a classifier head).
+        ln: the LayerNormalization node of a LayerNorm site (see :func:`layernorm_site`), else None.
     """
 
     tensor: object
@@ -200,6 +203,7 @@ class Site:
     bn: object | None
     after: str = "none"
     head: bool = False
+    ln: object | None = None
     key: str = field(init=False)
 
     def __post_init__(self):
@@ -207,25 +211,32 @@ class Site:
 
     @property
     def channel_last(self) -> bool:
-        return self.bn is None and self.layer.channel_last
+        return self.ln is not None or (self.bn is None and self.layer.channel_last)
 
     @property
     def eps(self) -> float:
-        """The BN's own epsilon; 0 for a virtual site, whose floor comes from the data."""
+        """The BN's own epsilon; 0 for a virtual site, whose floor comes from the data (a LayerNorm's own
+        epsilon acts inside each token, before the output that is corrected)."""
         return float(self.bn.attrs.get("epsilon", 1e-5)) if self.bn is not None else 0.0
 
     @property
     def channels(self) -> int:
+        if self.ln is not None:
+            return int(self.ln.inputs[1].values.size)
         return int(self.bn.inputs[1].values.size) if self.bn is not None else self.layer.channels
 
     @property
     def dtype(self) -> np.dtype:
+        if self.ln is not None:
+            return self.ln.inputs[1].values.dtype
         if self.bn is not None:
             return self.bn.inputs[1].values.dtype
         return self.layer.weight.values.dtype
 
     @property
     def kind(self) -> str:
+        if self.ln is not None:
+            return "layernorm"
         if self.bn is not None:
             return "bn"
         return "folded-affine" if self.after == "affine" else "folded"
@@ -266,8 +277,32 @@ def _per_channel(shape: tuple, layer: Layer) -> bool:
     return full[axis] == layer.channels and int(np.prod(full)) == layer.channels
 
 
+def layernorm_site(node) -> bool:
+    """Whether a LayerNormalization can be a site: it normalises the last axis only (``axis`` -1, or the
+    input's rank - 1 where that is known), over an input of rank 2 or more, with a constant 1-D float γ and
+    a constant β of the same shape or none. Then each channel of its output is an affine function of the
+    normalised token, γ_c x̂_c + β_c, and a per-channel correction folds into γ and β."""
+    import onnx_graphsurgeon as gs
+
+    if node.op != "LayerNormalization" or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return False
+    scale, shape = node.inputs[1], node.inputs[0].shape
+    if not isinstance(scale, gs.Constant) or scale.values.ndim != 1 or scale.values.dtype.kind != "f":
+        return False
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        bias = node.inputs[2]
+        if not isinstance(bias, gs.Constant) or bias.values.shape != scale.values.shape:
+            return False
+    axis, rank = int(node.attrs.get("axis", -1)), len(shape) if shape is not None else None
+    if rank is not None and (rank < 2 or axis not in (-1, rank - 1)
+                             or (isinstance(shape[-1], int) and shape[-1] != scale.values.size)):
+        return False
+    return axis == -1 or rank is not None
+
+
 def find_sites(graph, layers: list[Layer]) -> list[Site]:
-    """Every BatchNormalization, and every layer output that no BN normalises, in graph order."""
+    """Every BatchNormalization, every layer output that no BN normalises, and every LayerNormalization's
+    output that :func:`layernorm_site` accepts, in graph order."""
     import onnx_graphsurgeon as gs
 
     by_node = {id(layer.node): layer for layer in layers}
@@ -276,12 +311,15 @@ def find_sites(graph, layers: list[Layer]) -> list[Site]:
     for node in graph.nodes:
         if node.op == "BatchNormalization" and all(isinstance(t, gs.Constant) for t in node.inputs[1:5]):
             sites.append(Site(node.inputs[0], bn_layer.get(id(node)), node))
+        if layernorm_site(node):
+            sites.append(Site(node.outputs[0], None, None, ln=node))
         layer = by_node.get(id(node))
         if layer is not None and _bn_after(layer) is None:
             consumers = layer.output.outputs
             after = "affine" if len(consumers) == 1 and _is_affine(consumers[0], layer) else "none"
             sites.append(Site(layer.output, layer, None, after, _reaches_output(layer.output, graph)))
-    return sites
+    bn_inputs = {s.key for s in sites if s.bn is not None}  # a BN that reads a LayerNorm recalibrates it itself
+    return [s for s in sites if s.ln is None or s.key not in bn_inputs]
 
 
 HEAD_PASS_THROUGH = ("Identity", "Softmax", "LogSoftmax", "Flatten", "Reshape", "Squeeze", "Cast", "Add", "Mul")

@@ -27,7 +27,8 @@ PICK_RULE = ("lowest held-out logit error among the candidates whose top-1 agree
 
 
 def choose(job, calib, candidates=AUTO_CANDIDATES, *, folds: int = 4, seed: int = 0, recal: str = "exact",
-           momentum: float = 0.1, correct_head: bool = True, reference: str = DEFAULT_REFERENCE) -> tuple[dict, list[dict]]:
+           momentum: float = 0.1, correct_head: bool = True, reference: str = DEFAULT_REFERENCE,
+           layernorm: bool | None = None) -> tuple[dict, list[dict]]:
     """Scores every candidate of ``auto`` on held-out calibration data and picks one (see :func:`pick`).
 
     Args:
@@ -36,7 +37,7 @@ def choose(job, calib, candidates=AUTO_CANDIDATES, *, folds: int = 4, seed: int 
         candidates: (method, placement, lambda_rule) triples. Defaults to AUTO_CANDIDATES.
         folds, seed: the parts and their seed. Defaults to 4 and 0.
         recal, momentum, correct_head: as for :meth:`Repair.correct`. Defaults to "exact", 0.1 and True.
-        reference: as for :meth:`Repair.measure`. Defaults to DEFAULT_REFERENCE.
+        reference, layernorm: as for :meth:`Repair.measure`. Defaults to DEFAULT_REFERENCE and None.
 
     Returns:
         (the picked score, every candidate's score): each score names its method, placement and
@@ -47,7 +48,7 @@ def choose(job, calib, candidates=AUTO_CANDIDATES, *, folds: int = 4, seed: int 
                                            lambda_rule=rule, correct_head=correct_head).fold().output
 
     scored = held_out_scores(job, calib, [candidate(*c) for c in candidates], folds=folds, seed=seed,
-                             measure={"reference": reference})
+                             measure={"reference": reference, "layernorm": layernorm})
     return _pick_scored([{"method": m, "placement": p, "lambda_rule": r} for m, p, r in candidates], scored)
 
 
@@ -81,7 +82,8 @@ def choose_reconstruction(job, calib, recipe, *, folds: int = RECONSTRUCT_FOLDS)
 
     def fitted(_, fit):
         for refit in RECONSTRUCT_CANDIDATES:
-            probe = fit_probe(job, fit, seed=seed, measure=measure if correct else None,
+            sites = {"layernorm": recipe.layernorm_for(refit, job.pattern)}
+            probe = fit_probe(job, fit, seed=seed, measure=measure | sites if correct else None,
                               reconstruct={"method": refit, "max_gram_mb": recipe.max_gram_mb,
                                            "passes": recipe.refit_passes, "samples": recipe.refit_samples,
                                            "seed": seed})

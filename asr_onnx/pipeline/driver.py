@@ -21,12 +21,12 @@ from asr_onnx.model.files import load_model, save_model
 from asr_onnx.model.requantize import QDQ_CHANNELS, HeldInFloat
 from asr_onnx.pipeline.crossfit import AUTO_CANDIDATES, PICK_RULE, choose, choose_reconstruction
 from asr_onnx.pipeline.guard import HeldOutRefits, guard_repair, held_out_parts, refit_subset
-from asr_onnx.pipeline.recipe import Recipe
+from asr_onnx.pipeline.recipe import Recipe, layernorm_default
 from asr_onnx.progress import stage_done
 from asr_onnx.prune.channels import masked
 from asr_onnx.prune.channels.check import written_check
 from asr_onnx.prune.masks import Pattern, check_sparsity
-from asr_onnx.prune.stage import is_channels, needs_data, prune_model, shrink_repaired
+from asr_onnx.prune.stage import is_channels, measures_errors, needs_data, prune_model, shrink_repaired
 from asr_onnx.prune.wanda import input_norms as wanda_norms
 from asr_onnx.quantize.int8 import to_int8
 from asr_onnx.refit.reconstruct import reconstruct, refit_corrected
@@ -75,8 +75,13 @@ class Repair:
         # channel pruning: the plan, the report's entry, and the samples the result is run on before it is written
         self.channel_plan = self.channel_report = self.channel_data = None
         self.mask_rules: list | None = None  # the score obs: how the refit chooses each layer's mask again
-        # layer name -> dense weight, read once; (pruned model, its measure.SiteMap), found once per pruned model
+        # layer name -> dense weight, read once; (pruned model, its measure.SiteMap, with LayerNorm sites or not),
+        # found once per pruned model
         self._batch_arg, self._dense_weights, self._site_map = batch_size, None, None
+
+    @property
+    def pattern(self) -> str:  # the pruning pattern, as the settings hold it
+        return str(self.settings.get("pattern", "global"))
 
     @property
     def batch_size(self) -> int:  # samples per session run
@@ -98,6 +103,8 @@ class Repair:
             new.pruned_alone, new.layers, new._site_map = self.pruned_alone, self.layers, self._site_map
             new.mask_rules = self.mask_rules
             new.pruned = self.pruned if refit else self.pruned_alone
+            new.refit_method = self.refit_method if refit else "none"
+            new.settings["pattern"] = self.pattern  # what the LayerNorm rule reads
         return new
 
     @property
@@ -105,9 +112,10 @@ class Repair:
         self._dense_weights = self._dense_weights or dense_weights(self.dense)
         return self._dense_weights
 
-    def _pruned_sites(self):  # the pruned model's measure.SiteMap, found again after each change of the model
-        if self._site_map is None or self._site_map[0] is not self.pruned:
-            self._site_map = (self.pruned, site_map(self.pruned, self.dense_weights))
+    def _pruned_sites(self, layernorm: bool = True):  # the pruned model's measure.SiteMap, found again after each
+        # change of the model (or of whether LayerNorms are sites)
+        if self._site_map is None or self._site_map[0] is not self.pruned or self._site_map[2] != layernorm:
+            self._site_map = (self.pruned, site_map(self.pruned, self.dense_weights, layernorm), layernorm)
         return self._site_map[1]
 
     @contextmanager
@@ -135,14 +143,15 @@ class Repair:
             raise AsrError(QDQ_CHANNELS)
         if not channels:
             check_sparsity(sparsity), Pattern.parse(pattern)  # refused before any data is read
-        if needs_data(pattern, score, channel_plan, calib):
+        if needs_data(pattern, score, channel_plan, calib, allocation):
             self.batch.check(len(calib))
         norms = self.input_norms(score, calib) if input_norms is None and not channels else input_norms
+        measured = not channels and measures_errors(pattern, allocation)  # its passes show progress
         with self._timed("prune"):
             done = prune_model(self.dense, sparsity, pattern, exclude=exclude, keep_first=keep_first,
                                keep_last=keep_last, allocation=allocation, score=score, calib=calib,
                                flops_target=flops_target, channel_plan=channel_plan, norms=norms,
-                               **self._options(progress=False) if channels else {})
+                               **self._options(progress=measured) if channels or measured else {})
         self.pruned = self.pruned_alone = done.model
         self.layers, self.channel_plan, self.channel_report = done.layers, done.channel_plan, None
         self.mask_rules = done.mask_rules
@@ -219,11 +228,16 @@ class Repair:
                                  source=None if self.qdq else self.source)  # a QDQ file is not the float form
 
     def measure(self, calib, dense_stats: dict | None = None, sequential: bool = False,
-                all_dense: bool = False, seed: int = 0, reference: str = DEFAULT_REFERENCE) -> "Repair":
-        """Statistics of the dense, then of the renormalised pruned model (:mod:`asr_onnx.measure.passes`)."""
+                all_dense: bool = False, seed: int = 0, reference: str = DEFAULT_REFERENCE,
+                layernorm: bool | None = None) -> "Repair":
+        """Statistics of the dense, then of the renormalised pruned model (:mod:`asr_onnx.measure.passes`);
+        ``layernorm``: LayerNorm outputs are sites too (:func:`asr_onnx.model.graph.layernorm_site`); None: as
+        :func:`asr_onnx.pipeline.recipe.layernorm_default` says for the refit that ran and the pattern."""
         self.batch.check(len(calib))
+        if layernorm is None:
+            layernorm = layernorm_default(self.refit_method, self.pattern)
         calib = calib.shuffled(seed) if isinstance(calib, CalibSet) else calib
-        sites = self._pruned_sites()
+        sites = self._pruned_sites(layernorm)
         needed = dense_keys(sites.sites, reference)
         if dense_stats is None:
             dense_stats = self.measure_dense(calib, None if all_dense else needed) if needed or all_dense else {}
@@ -233,7 +247,7 @@ class Repair:
                                                                engine=self.engine, **self._options())
         self.workers = self.engine.workers(len(calib), self.measurement.provider)
         self.settings.update(calib_size=len(calib), batch_size=size, sequential=sequential, symbolic_batch=symbolic,
-                             reference=reference)
+                             reference=reference, layernorm=layernorm)
         return self
 
     def correct(self, method: str = "bn", *, placement: str = "recal", recal: str = "exact", momentum: float = 0.1,
@@ -254,14 +268,17 @@ class Repair:
         self.channel_data = calib if calib is not None else self.channel_data
         self.reconstruct(calib, recipe.reconstruct, max_gram_mb=recipe.max_gram_mb, passes=recipe.refit_passes,
                          samples=recipe.refit_samples, seed=recipe.seed, recipe=recipe)
-        self.recipe = recipe.resolved(reconstruct=self.refit_method)  # auto's pick
+        # auto's pick, and whether LayerNorms are sites after that refit
+        self.recipe = recipe = recipe.resolved(reconstruct=self.refit_method,
+                                               layernorm=recipe.layernorm_for(self.refit_method, self.pattern))
         if recipe.method == "none":
             self.output, self.settings["method"] = self.pruned, "none"
             return self.judge().shrink()
-        self.measure(calib, dense_stats, recipe.sequential, seed=recipe.seed, reference=recipe.reference)
+        self.measure(calib, dense_stats, recipe.sequential, seed=recipe.seed, reference=recipe.reference,
+                     layernorm=bool(recipe.layernorm))
         if recipe.method == "auto":
             self.auto(calib, recal=recipe.recal, momentum=recipe.momentum, seed=recipe.seed,
-                      correct_head=recipe.correct_head, reference=recipe.reference)
+                      correct_head=recipe.correct_head, reference=recipe.reference, layernorm=bool(recipe.layernorm))
         else:
             self.correct(**recipe.correction())
         self.fold(recipe.fold_bn)
@@ -284,14 +301,17 @@ class Repair:
         return self
 
     def auto(self, calib, *, folds: int = 4, seed: int = 0, recal: str = "exact", momentum: float = 0.1,
-             correct_head: bool = True, candidates=AUTO_CANDIDATES, reference: str | None = None) -> "Repair":
-        """Picks a correction on ``folds`` held-out parts (:func:`asr_onnx.pipeline.crossfit.choose`) and applies it."""
+             correct_head: bool = True, candidates=AUTO_CANDIDATES, reference: str | None = None,
+             layernorm: bool | None = None) -> "Repair":
+        """Picks a correction on ``folds`` held-out parts (:func:`asr_onnx.pipeline.crossfit.choose`) and applies it;
+        ``reference`` and ``layernorm`` default to the measurement's."""
         if self.measurement is None:
             raise AsrError("measure() must run before auto()")
         reference = reference or self.measurement.reference
+        layernorm = self.settings.get("layernorm", True) if layernorm is None else layernorm
         with self._timed("auto"):
             best, scores = choose(self, calib, candidates, folds=folds, seed=seed, recal=recal, momentum=momentum,
-                                  correct_head=correct_head, reference=reference)
+                                  correct_head=correct_head, reference=reference, layernorm=layernorm)
         picked = {key: best[key] for key in ("method", "placement", "lambda_rule")}
         self.correct(**picked, recal=recal, momentum=momentum, correct_head=correct_head)
         self.recipe, self.auto_pick = self.recipe.resolved(**picked) if self.recipe is not None else None, best
@@ -344,13 +364,14 @@ class Repair:
         return self
 
     def to_int8(self, calib, *, target: str = "cpu", calibration: str = "auto", correction: str = "auto",
-                seed: int = 0) -> "Repair":
+                seed: int = 0, float_layers: str = "auto") -> "Repair":
         """Quantizes the result to QDQ, its choices held out on ``calib`` (:func:`asr_onnx.quantize.int8.to_int8`)."""
         single = self.shrink().result  # first: the channel plan slices float32 constants
         with self._timed("int8"):
             self.output, self.quantization = to_int8(single, calib, target=target, calibration=calibration,
                                                      correction=correction, seed=seed, batch_size=self.batch_size,
-                                                     threads=self.threads, progress=self.progress)
+                                                     threads=self.threads, progress=self.progress,
+                                                     float_layers=float_layers)
         self.settings.update(int8=True, int8_target=target)
         return self
 

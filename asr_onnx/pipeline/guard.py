@@ -128,7 +128,7 @@ def guard_repair(job, calib, recipe: Recipe, mode: str = "fallback", *, seed: in
     if reconstruct is not None:
         reconstruct["seed"] = seed
     start = time.perf_counter()
-    measure = {"sequential": recipe.sequential, "reference": recipe.reference}
+    measure = {"sequential": recipe.sequential, "reference": recipe.reference, "layernorm": recipe.layernorm}
     variants = [lambda probe: probe.correct(**correction).fold().output, lambda probe: job.pruned_alone]
     if reconstruct is not None and not refitted:  # the fold's refit before its correction (the probe's pruned)
         variants.append(refit_alone)

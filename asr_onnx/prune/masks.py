@@ -1,5 +1,5 @@
-"""Pruning masks: how the sparsity is allocated between layers (global, LAMP, uniform), and N:M along the
-input-channel axis."""
+"""Pruning masks: how the sparsity is allocated between layers (global, LAMP, uniform, or from measured errors:
+:mod:`asr_onnx.prune.error_budget`), and N:M along the input-channel axis."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def global_masks(weights: list[np.ndarray], sparsity: float) -> list[np.ndarray]
     return [~drop[a:b].reshape(w.shape) for w, a, b in zip(weights, bounds[:-1], bounds[1:])]
 
 
-ALLOCATIONS = ("global", "lamp", "uniform")
+ALLOCATIONS = ("global", "lamp", "uniform", "error")
 SCORES = ("magnitude", "wanda", "rownorm", "obs")
 
 
@@ -168,7 +168,7 @@ def exclusion(layers, exclude=(), keep_first: bool = False, keep_last: bool = Fa
 
 def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_first=False, keep_last=False,
                  allocation: str = "global", input_norms: dict | None = None,
-                 score: str = "magnitude") -> list[LayerPrune]:
+                 score: str = "magnitude", measured=None) -> list[LayerPrune]:
     """Zeroes weights in place of the graph (new arrays, never in-place writes).
 
     A weight shared by several layers is pruned once.
@@ -181,17 +181,22 @@ def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_fir
         keep_first: leave the first layer dense. Defaults to False.
         keep_last: leave the last layer dense. Defaults to False.
         allocation: how an unstructured pattern splits the sparsity between layers: "global" (one |w|
-            threshold), "lamp" (one threshold on LAMP scores) or "uniform" (the same fraction per layer).
-            The pattern "uniform" is the allocation "uniform". Ignored for N:M. Defaults to "global".
+            threshold), "lamp" (one threshold on LAMP scores), "uniform" (the same fraction per layer) or
+            "error" (from each layer's measured effect on the network's output: ``measured``). The pattern
+            "uniform" is the allocation "uniform". Ignored for N:M. Defaults to "global".
         input_norms: layer index -> the L2 norm of each input channel of the layer's dense input: weights
             are then ranked by Wanda's score |w| · ||x|| (Sun et al., 2023) instead of |w|. Defaults to None.
         score: "magnitude" (|w|, or Wanda's score with ``input_norms``), "rownorm" (|w| over the L2 norm of
             its output channel's weights, see :func:`rownorm_scores`) or "obs" (magnitude here: the refit chooses
             the masks again, with these counts, see :func:`mask_rules`). Defaults to "magnitude".
+        measured: for the allocation "error", ``measured(chosen, scores)`` -> the keep-mask of each chosen
+            layer (by index into ``layers``, one per distinct weight) from its scores (see
+            :func:`asr_onnx.prune.error_budget.error_masks`). Defaults to None.
 
     Raises:
         AsrError: no prunable layer, and something to prune (a sparsity above 0 or an N:M pattern); an
-            unknown allocation, or the pattern uniform with another allocation.
+            unknown allocation, or the pattern uniform with another allocation; the allocation "error"
+            without ``measured``.
     """
     allocation = check_allocation(allocation, pattern)
     if not layers and (sparsity > 0 or pattern.kind == "nm"):  # at sparsity 0 there is nothing to do: the identity
@@ -217,6 +222,10 @@ def prune_layers(layers, sparsity: float, pattern: Pattern, exclude=(), keep_fir
         keeps = lamp_masks(weights, sparsity) if weights else []
     elif allocation == "uniform":
         keeps = [uniform_mask(w, sparsity) for w in weights]
+    elif allocation == "error":
+        if measured is None:
+            raise AsrError("the allocation error measures each layer's effect on the output: it needs calibration data")
+        keeps = measured(chosen, weights) if weights else []
     else:
         keeps = [nm_mask(w, pattern.n, pattern.m, layers[i].in_axis) for w, i in zip(weights, chosen)]
     for i, keep in zip(chosen, keeps):

@@ -31,28 +31,52 @@ class Pruned:
     mask_rules: list | None = None
 
 
-def needs_data(pattern: str, score: str, channel_plan=None, calib=None) -> bool:
-    """Whether the pruning reads calibration data (Wanda's norms, or the greedy channel score); refuses a
-    missing ``calib`` then."""
-    needed = score == "greedy" and channel_plan is None if is_channels(pattern) else score == "wanda"
+def needs_data(pattern: str, score: str, channel_plan=None, calib=None, allocation: str = "global") -> bool:
+    """Whether the pruning reads calibration data (Wanda's norms, the greedy channel score, or the allocation
+    "error"'s measured errors); refuses a missing ``calib`` then."""
+    if is_channels(pattern):
+        needed, what = score == "greedy" and channel_plan is None, f"the score {score}"
+    else:
+        measured = measures_errors(pattern, allocation)
+        needed, what = score == "wanda" or measured, "the allocation error" if measured else f"the score {score}"
     if needed and calib is None:
-        raise AsrError(f"the score {score} needs calibration data")
+        raise AsrError(f"{what} needs calibration data")
     return needed
+
+
+def measures_errors(pattern: str, allocation: str) -> bool:
+    """Whether the allocation "error" applies: it splits an unstructured sparsity (N:M and uniform fix each
+    layer's own)."""
+    return str(allocation).strip().lower() == "error" and Pattern.parse(pattern).kind == "global"
 
 
 def prune_weights(dense, sparsity: float, pattern: str = "global", exclude=(), keep_first: bool = False,
                   keep_last: bool = False, allocation: str = "global", score: str = "magnitude",
-                  norms: dict | None = None) -> Pruned:
+                  norms: dict | None = None, calib=None, **options) -> Pruned:
     """Zeroes weights of Conv, ConvTranspose, Gemm and MatMul layers (:func:`asr_onnx.prune.masks.prune_layers`);
-    ``norms``: Wanda's per-layer input norms (:func:`asr_onnx.prune.wanda.input_norms`) for the score "wanda"."""
+    ``norms``: Wanda's per-layer input norms (:func:`asr_onnx.prune.wanda.input_norms`) for the score "wanda";
+    ``calib`` and ``options`` (batch_size, device, threads, progress): the allocation "error"'s passes
+    (:func:`asr_onnx.prune.error_budget.error_masks`; with the score "obs" its layers are refitted as the refit
+    will)."""
     sparsity, parsed = check_sparsity(sparsity), Pattern.parse(pattern)
     if score not in SCORES:
         raise AsrError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     if score == "wanda" and norms is None:
         raise AsrError("the score wanda needs calibration data")
     graph = to_graph(dense)
-    layers = prune_layers(find_layers(graph), sparsity, parsed, exclude, keep_first, keep_last, allocation,
-                          norms, score)
+    found = find_layers(graph)
+    measured = None
+    if measures_errors(pattern, allocation):
+        if calib is None:
+            raise AsrError("the allocation error needs calibration data")
+
+        def measured(chosen: list[int], scores: list):
+            from asr_onnx.prune.error_budget import error_masks
+
+            return error_masks(dense, found, chosen, scores, sparsity, calib, refit=score == "obs", **options)[0]
+
+    layers = prune_layers(found, sparsity, parsed, exclude, keep_first, keep_last, allocation, norms, score,
+                          measured)
     used = layers[0].allocation if layers else allocation  # "uniform" for the pattern uniform
     return Pruned(to_model(graph, dense), layers, None,
                   dict(sparsity=sparsity, pattern=str(parsed), exclude=list(exclude), keep_first=keep_first,
@@ -101,11 +125,12 @@ def prune_model(dense, sparsity: float, pattern: str = "global", *, exclude=(), 
                 keep_last: bool = False, allocation: str = "global", score: str = "magnitude", calib=None,
                 flops_target: float | None = None, channel_plan=None, norms: dict | None = None, **options) -> Pruned:
     """:func:`prune_channels` under ``pattern="channels"`` (``options``: its session options), else
-    :func:`prune_weights`."""
+    :func:`prune_weights` (``options``: the allocation "error"'s)."""
     if is_channels(pattern):
         return prune_channels(dense, sparsity, score=score, calib=calib, flops_target=flops_target, exclude=exclude,
                               channel_plan=channel_plan, **options)
-    return prune_weights(dense, sparsity, pattern, exclude, keep_first, keep_last, allocation, score, norms)
+    return prune_weights(dense, sparsity, pattern, exclude, keep_first, keep_last, allocation, score, norms,
+                         calib, **options)
 
 
 def is_channels(pattern) -> bool:

@@ -85,7 +85,8 @@ def correct_quantization(float_model, qdq_model, calib, *, method: str = "bn", b
     fake, tensors = dequantize_weights(qdq_model)
     twin, matched = float_twin(float_model, fake)
     graph = to_graph(fake)
-    sites = find_sites(graph, find_layers(graph))
+    # a LayerNorm's output is no quantized layer's: it is neither corrected nor measured here
+    sites = [s for s in find_sites(graph, find_layers(graph)) if s.ln is None]
     quantized = {r[0] for t in tensors.values() for r in t.readers if r[1] == 1}
     corrected = [s for s in sites if s.bn is None and s.key in matched and s.layer.op in CORRECTED_OPS
                  and s.layer.name in quantized]

@@ -27,7 +27,8 @@ RUNTIMES = {"cpu": "onnxruntime on the CPU (QDQ: integer kernels)",
 
 def to_int8(model: onnx.ModelProto, calib, *, target: str = "cpu", calibration: str = "auto",
             correction: str = "auto", seed: int = 0, batch_size: int = CALIB_BATCH, device: str = "cpu",
-            threads: int = 0, progress: bool = False, keep: list | None = None) -> tuple[onnx.ModelProto, dict]:
+            threads: int = 0, progress: bool = False, keep: list | None = None,
+            float_layers: str = "auto") -> tuple[onnx.ModelProto, dict]:
     """Quantizes a float model to QDQ (see the module docstring), checked before it is returned; a model whose
     weights are quantized already is refused.
 
@@ -44,6 +45,9 @@ def to_int8(model: onnx.ModelProto, calib, *, target: str = "cpu", calibration: 
         progress: progress bars. Defaults to False.
         keep: a list to append the plain post-training quantized model to, beside the one returned (for a
             benchmark of the correction). Defaults to None.
+        float_layers: "auto" (leave the layers in float that are better so on held-out samples) or "none" (every
+            layer int8: the choice depends on the CPU's int8 kernels, and a model built for another runtime or a
+            reproducible build may want none). Defaults to "auto".
 
     Returns:
         (the QDQ model, the report's ``quantization`` entry).
@@ -62,6 +66,8 @@ def to_int8(model: onnx.ModelProto, calib, *, target: str = "cpu", calibration: 
     from asr_onnx.model.qdq import quantized_tensors
 
     check_options(target, calibration, correction)
+    if float_layers not in ("auto", "none"):
+        raise AsrError(f"int8: float_layers must be auto or none, got {float_layers!r}")
     if quantized_tensors(model):
         raise AsrError("int8: the model is quantized already (QDQ weights); its repair keeps them int8 without --int8")
     if not hasattr(calib, "folds"):
@@ -73,8 +79,10 @@ def to_int8(model: onnx.ModelProto, calib, *, target: str = "cpu", calibration: 
     recipe, fit_model, calibration_rows, fit_scored = choose_recipe(base, fit, held, target=target,
                                                                     calibration=calibration, batch_size=batch_size,
                                                                     device=device)
-    recipe, fit_model, float_entry = choose_float_layers(base, fit, held, recipe, fit_model, fit_scored,
-                                                         batch_size=batch_size, device=device)
+    float_entry: dict = {"picked": [], "candidates": [], "rule": "none: every layer int8, as asked"}
+    if float_layers == "auto":
+        recipe, fit_model, float_entry = choose_float_layers(base, fit, held, recipe, fit_model, fit_scored,
+                                                             batch_size=batch_size, device=device)
     correction_rows, verdict, picked_correction = None, None, correction
     if correction == "auto":
         fitted = correct_quantization(base, fit_model, correction_sample(fit, seed), method="bn", **options)[0]

@@ -443,6 +443,7 @@ class Settings(_Base):
     sequential: bool | None = spec(Opt(Bool()))
     symbolic_batch: bool | None = spec(Opt(Bool()))
     reference: str | None = spec(TEXT)
+    layernorm: bool | None = spec(Opt(Bool()))  # LayerNorm outputs were sites (absent: reports from before)
     method: str | None = spec(TEXT)
     placement: str | None = spec(TEXT)
     recal: str | None = spec(TEXT)

@@ -507,3 +507,25 @@ def test_the_summary_says_which_runtime_the_pattern_makes_faster(pattern, where)
         job.prune(0.01, pattern, calib=calib).run(calib, "none")
         lines = [line for line in summary(job.report()).splitlines() if line.startswith("faster on: ")]
         assert lines == ["faster on: no runtime: no channel was removed (each group's reason is in the channels lines)"]
+
+
+def test_layernorm_sites_are_reported_like_the_others(tmp_path):
+    """Issue 30: a LayerNorm site is in the typed report (norm and written "layernorm", its statistics and gains),
+    in the summary's site rows and on the page, named by its output tensor (it has no layer)."""
+    import zoo
+
+    from asr_onnx.pipeline.driver import repair
+    from asr_onnx.report.build import write_json
+    from asr_onnx.report.schema import from_dict, to_dict
+
+    model, feeds = zoo.linear_layernorm()
+    job = repair(model, zoo.DictSet(feeds), sparsity=0.6, batch_size=48, device="cpu", progress=False)
+    report = json.loads(write_json(job.report(), tmp_path / "r.json").read_text())
+    site = next(s for s in report["sites"] if s["norm"] == "layernorm")
+    assert site["written"] == "layernorm" and site["layer"] is None and site["channels"] == 8
+    assert len(site["gains"]) == len(site["dense_var"]) == len(site["pruned_var"]) == 8 and site["pruned_upstream"]
+    assert report["settings"]["layernorm"] is True
+    typed = from_dict(report)
+    assert to_dict(typed) == report and untyped(typed) == []
+    assert [site["tensor"], "layernorm"] in [line.split()[:2] for line in summary(report).splitlines()]
+    assert f'title="{escape(site["tensor"])}">{escape(site["tensor"])}</span>' in render(report, plots=False)
