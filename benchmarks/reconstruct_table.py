@@ -1,6 +1,6 @@
 """Allocation x reconstruction on the sample models, produced by the tool itself.
 
-Every cell prunes (global 0.8/0.9/0.95 or 2:4) with an allocation (global, lamp, uniform), refits or not
+Every cell prunes (global 0.8/0.9/0.95 or 2:4) with an allocation (global, lamp, uniform, error), refits or not
 (--reconstruct none|ls), then repairs with the default method (exact BN recalibration and the head
 correction) and reports top-1 and agreement with the dense model. Calibration: --calib-size training images.
 Evaluation: the test set, or with --eval heldout a slice of the training set disjoint from the calibration
@@ -49,8 +49,9 @@ def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
     start = time.perf_counter()
     job = Repair(proto, device="cpu", batch_size=64, progress=False, threads=args.threads)
     job.prune(sparsity, pattern, allocation=allocation, score=args.score, calib=calib)
+    target = {} if args.refit_target == "layer" else {"refit_target": args.refit_target}
     job.run(calib, "bn", reconstruct=reconstruct, refit_passes=args.passes, refit_samples=args.refit_size,
-            seed=args.seed)
+            seed=args.seed, **target)
     rounds = args.rounds if job.refits else 1
     passes = args.passes if args.round_passes is None else args.round_passes
     for _ in range(rounds - 1):  # later rounds: refit from the corrected output, with their own passes
@@ -59,7 +60,7 @@ def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
     result = evaluate(job.output, eval_data, reference=proto, device="cpu", progress=False)
     refits = [r for r in job.refits if "err_after" in r]
     return {"cell": cell, "allocation": allocation,
-            "reconstruct": reconstruct, "score": args.score,
+            "reconstruct": reconstruct, "score": args.score, "refit_target": args.refit_target,
             "passes": args.passes, "refit_size": args.refit_size if job.refits else 0,
             "rounds": rounds, "round_passes": args.round_passes if rounds > 1 else None, "top1": result.get("top1"),
             "agreement": result["agreement"], "seconds": round(seconds, 1),
@@ -78,9 +79,9 @@ def _plain(row: dict) -> bool:
 
 def markdown(rows: list[dict]) -> str:
     """The table: one line per model and cell, top-1 (%) per allocation x reconstruct, and the refit's cost."""
-    allocations = ("global", "lamp", "uniform")
+    allocations = ("global", "lamp", "uniform") + (("error",) if any(r["allocation"] == "error" for r in rows) else ())
     columns = [(a, r) for r in ("none", "ls") for a in allocations]
-    names = {"global": "global", "lamp": "LAMP", "uniform": "uniform"}
+    names = {"global": "global", "lamp": "LAMP", "uniform": "uniform", "error": "error"}
     header = [names[a] + (" + LS" if r == "ls" else "") for a, r in columns]
     lines = ["| model | dense | cell | " + " | ".join(header) + " | LS Gram / solve (s) |",
              "|---|---|---|" + "---|" * len(columns) + "---|"]
@@ -124,6 +125,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--score", default="magnitude", choices=("magnitude", "wanda", "rownorm", "obs"))
+    parser.add_argument("--refit-target", default="layer", choices=("layer", "block"),
+                        help="what each layer is refitted towards (issue 28's block-wise targets).")
     parser.add_argument("--passes", type=int, default=0, help="Gram passes (0: one per depth level).")
     parser.add_argument("--refit-size", type=int, default=0,
                         help="refit on this many of the calibration samples (0: all of them).")
@@ -159,10 +162,11 @@ def main() -> int:
                     print(f"  {cell} {allocation} {reconstruct}: top-1 {row['top1']:.4f} agreement "
                           f"{row['agreement']:.4f} ({row['seconds']} s; {row['timings']})", flush=True)
                     key = (name, cell, allocation, reconstruct, args.score, args.passes, row["refit_size"],
-                           row["rounds"], row["round_passes"])
+                           row["rounds"], row["round_passes"], args.refit_target)
                     rows = [r for r in rows if (r["model"], r["cell"], r["allocation"], r["reconstruct"],
                                                 r.get("score", "magnitude"), r.get("passes", 0), r.get("refit_size", 0),
-                                                r.get("rounds", 1), r.get("round_passes")) != key] + [row]
+                                                r.get("rounds", 1), r.get("round_passes"),
+                                                r.get("refit_target", "layer")) != key] + [row]
                     out.parent.mkdir(exist_ok=True)
                     out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     return 0

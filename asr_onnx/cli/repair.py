@@ -69,6 +69,9 @@ def default_output(model: str) -> Path:
               help="With --reconstruct ls or auto, MB of the refit's activations held in memory between its passes; "
                    "the rest waits in a temporary folder (0: all of it, the least memory; 1024 saved about 9% of "
                    "the time at 7x the memory on 4,096 small images).")
+@click.option("--refit-target", default="layer", show_default=True, type=click.Choice(["layer", "block"]), hidden=True,
+              help="With --reconstruct ls, what each layer is refitted towards: its dense output, or, for the last "
+                   "layer of a residual branch, the dense block output (an experiment, issue 28).")
 @click.option("--method", default="bn", show_default=True,
               type=click.Choice(["none", "bn", "lw", "naive", "asr", "auto"]),
               help="How lost variance is given back; auto picks on held-out calibration data.")
@@ -117,7 +120,7 @@ def default_output(model: str) -> Path:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 @run_options(threads=True, engine=True)
 def repair_command(model, calib_path, output, sparsity, pattern, flops_target, allocation, score, reconstruct,
-                   refit_samples, max_gram_mb, frontier_mb, method, placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
+                   refit_samples, max_gram_mb, frontier_mb, refit_target, method, placement, recal_mode, reference, lambda_rule, exclude, keep_first, keep_last, calib_size,
                    seed, no_head, sequential, fold_bn, guard_mode, fp16, fp16_io, int8, int8_target,
                    stats_path, report_path, eval_path, eval_size, labels_path, output_kind, overwrite, quiet, run):
     """Prune MODEL and repair it with calibration data."""
@@ -197,7 +200,7 @@ def repair_command(model, calib_path, output, sparsity, pattern, flops_target, a
     recipe = Recipe(method=method, placement=placement, recal=recal, momentum=momentum, lambda_rule=lambda_rule,
                     correct_head=not no_head, sequential=sequential, fold_bn=fold_bn, seed=seed, reference=reference,
                     reconstruct=reconstruct, max_gram_mb=max_gram_mb, refit_samples=refit_samples,
-                    frontier_mb=frontier_mb, guard=guard_mode if method != "none" else "off")
+                    frontier_mb=frontier_mb, refit_target=refit_target, guard=guard_mode if method != "none" else "off")
     job.run(calib, recipe=recipe, dense_stats=dense_stats)
     if channels and job.channel_report is not None and not any(g["removed"] for g in job.channel_report["groups"]):
         asked = f"--sparsity {sparsity}" if flops_target is None else f"--flops-target {flops_target}"

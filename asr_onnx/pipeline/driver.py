@@ -182,16 +182,19 @@ class Repair:
         return self
 
     def reconstruct(self, calib, method: str = "ls", *, max_gram_mb: float = 256.0, passes: int = 0,
-                    samples: int = 0, seed: int = 0, recipe: Recipe | None = None) -> "Repair":
-        """Refits the kept weights (:func:`asr_onnx.refit.reconstruct.reconstruct`); "auto" picks on held-out folds."""
+                    samples: int = 0, seed: int = 0, recipe: Recipe | None = None, target: str = "layer") -> "Repair":
+        """Refits the kept weights (:func:`asr_onnx.refit.reconstruct.reconstruct`, ``target`` its target);
+        "auto" picks on held-out folds."""
         if samples < 0 or (samples and not hasattr(calib, "take")):
             raise AsrError(f"cannot refit on {samples} samples of this calibration set")
         probes = Recipe(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples,
-                        seed=seed) if recipe is None else recipe  # refuses an unknown reconstruction
+                        seed=seed, refit_target=target) if recipe is None else recipe  # refuses an unknown choice
         if self.mask_rules is not None and method != "ls":
             raise AsrError(f"the score obs chooses its masks in the least-squares refit: it needs --reconstruct ls, "
                            f"not {method}")
         self.settings.update(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples)
+        if target != "layer":  # recorded only when set, so that default reports keep their keys
+            self.settings["refit_target"] = target
         if method == "auto":
             self.batch.check(len(calib))
             with self._timed("reconstruct_auto"):
@@ -204,7 +207,7 @@ class Repair:
             with self._timed("reconstruct"):
                 self.pruned, self.refits, split, _, without = reconstruct(
                     self.dense, self.pruned, fit, max_gram_mb=max_gram_mb, passes=passes, held_out=parts,
-                    frontier_mb=probes.frontier_mb, masks=self.mask_rules, **self._options())
+                    frontier_mb=probes.frontier_mb, masks=self.mask_rules, target=target, **self._options())
             self.held_out_refits = HeldOutRefits(calib, seed, without) if parts else None
             self.timings.update({f"reconstruct_{k}": v for k, v in split.items()})
         return self
@@ -267,7 +270,7 @@ class Repair:
         self.recipe = recipe = recipe or Recipe(method=method, fold_bn=fold_bn_nodes, **options)
         self.channel_data = calib if calib is not None else self.channel_data
         self.reconstruct(calib, recipe.reconstruct, max_gram_mb=recipe.max_gram_mb, passes=recipe.refit_passes,
-                         samples=recipe.refit_samples, seed=recipe.seed, recipe=recipe)
+                         samples=recipe.refit_samples, seed=recipe.seed, recipe=recipe, target=recipe.refit_target)
         # auto's pick, and whether LayerNorms are sites after that refit
         self.recipe = recipe = recipe.resolved(reconstruct=self.refit_method,
                                                layernorm=recipe.layernorm_for(self.refit_method, self.pattern))

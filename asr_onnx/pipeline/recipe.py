@@ -16,6 +16,7 @@ from asr_onnx.errors import AsrError
 from asr_onnx.measure.norms import DEFAULT_REFERENCE, REFERENCES
 
 RECONSTRUCTIONS = ("none", "ls", "auto")
+REFIT_TARGETS = ("layer", "block")  # asr_onnx.refit.reconstruct.TARGETS (pipeline reads refit through the driver)
 GUARD_MODES = ("fallback", "warn", "off")
 # whether LayerNorm outputs are sites when the recipe leaves it open, chosen on held-out training images
 # (benchmarks/layernorm_sites.py, results/layernorm_sites_heldout.json, 2 seeds): statistics only after unstructured
@@ -50,6 +51,9 @@ class Recipe:
         max_gram_mb: skip a layer whose Gram matrices exceed this. Defaults to 256.
         refit_passes: Gram passes, 0 for one per depth level. Defaults to 0.
         refit_samples: refit on a seeded subset of this size, 0 for all. Defaults to 0.
+        refit_target: what the refit matches: "layer" (each layer's dense output) or "block" (a residual
+            branch's last layer, its dense block output; :func:`asr_onnx.refit.gram.block_targets`). Defaults
+            to "layer".
         frontier_mb: MB of the refit's kept activations held in memory, the rest on disk. Defaults to 0.
         guard: "fallback", "warn" or "off". Defaults to "off" (the CLI's default is "fallback").
         seed: the calibration batches' order, the folds and the refit subset. Defaults to 0.
@@ -69,6 +73,7 @@ class Recipe:
     max_gram_mb: float = 256.0
     refit_passes: int = 0
     refit_samples: int = 0
+    refit_target: str = "layer"
     frontier_mb: float = 0.0
     guard: str = "off"
     seed: int = 0
@@ -78,6 +83,7 @@ class Recipe:
                                      ("placement", self.placement, PLACEMENTS), ("recal", self.recal, RECAL_MODES),
                                      ("reference", self.reference, REFERENCES),
                                      ("reconstruction", self.reconstruct, RECONSTRUCTIONS),
+                                     ("refit target", self.refit_target, REFIT_TARGETS),
                                      ("guard", self.guard, GUARD_MODES)):
             if value not in allowed:
                 raise AsrError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
@@ -100,7 +106,7 @@ class Recipe:
         if self.reconstruct != "ls":
             return None
         return {"method": "ls", "max_gram_mb": self.max_gram_mb, "passes": self.refit_passes,
-                "samples": self.refit_samples, "seed": self.seed}
+                "samples": self.refit_samples, "seed": self.seed, "target": self.refit_target}
 
     def layernorm_for(self, refit: str, pattern: str = "global") -> bool:
         """Whether LayerNorm outputs are sites when ``refit`` ("none" or "ls") runs after ``pattern``: ``layernorm``,

@@ -68,14 +68,19 @@ def _patches(b: GraphBuilder, layer, x):
     return b.op("Reshape", [moved, b.const(np.array([0, length, -1], np.int64), "shape")])
 
 
-def _target(b: GraphBuilder, layer, x, weight, as_rows: bool = True):
+def _target(b: GraphBuilder, layer, x, weight, as_rows: bool = True, skips: tuple | None = None):
     """The dense layer's output without bias, as (groups, channels per group, rows), or a Conv's as it is
-    (N, channels, ...) when not ``as_rows``."""
+    (N, channels, ...) when not ``as_rows``.
+
+    Args:
+        skips: (dense skip tensor, pruned skip tensor, :class:`BlockTarget`) for a block target: the output
+            then gains (dense_skip − pruned_skip) / a per output channel. Defaults to None (the layer's own).
+    """
     groups, _, per_group = patch_size(layer)
     if layer.op == "Conv":
         attrs = {key: layer.node.attrs[key] for key in ("strides", "pads", "dilations", "auto_pad", "group")
                  if key in layer.node.attrs}
-        y = b.op("Conv", [x, weight], attrs)
+        y = _with_skip(b, b.op("Conv", [x, weight], attrs), skips, len(layer.weight.shape))
         if not as_rows:
             return y
         view = b.op("Reshape", [y, b.const(np.array([0, groups, per_group, -1], np.int64), "shape")])
@@ -83,9 +88,123 @@ def _target(b: GraphBuilder, layer, x, weight, as_rows: bool = True):
         return b.op("Reshape", [moved, b.const(np.array([0, per_group, -1], np.int64), "shape")])
     if layer.out_axis == 0:  # Gemm with transB: the weight is (out, in)
         weight = b.op("Transpose", [weight], {"perm": [1, 0]})
-    y = b.op("MatMul", [x, weight])
+    y = _with_skip(b, b.op("MatMul", [x, weight]), skips, 0)
     flat = b.op("Reshape", [y, b.const(np.array([1, -1, per_group], np.int64), "shape")])
     return b.op("Transpose", [flat], {"perm": [0, 2, 1]})
+
+
+MIN_BLOCK_SCALE = 1e-3  # |a| below this fraction of the BN's largest |a|: that channel keeps its layer target
+
+
+@dataclass(frozen=True)
+class BlockTarget:
+    """A layer whose output reaches a residual Add (through a BN or directly): its refit target becomes the
+    dense block output less the pruned skip, z_d + (s_d − s_p) / a per output channel, so that the pruned
+    block output a·z + b + s_p matches the dense one a·z_d + b + s_d (the BN, a·z + b, is the same in both).
+
+    Attributes:
+        skip: the Add's other input, by its name in the pruned graph (the dense one's is prefixed).
+        inverse_scale: float64 1/a per output channel (1 without a BN), 0 where |a| is under
+            :data:`MIN_BLOCK_SCALE` of the largest (the correction is left out there).
+    """
+
+    skip: str
+    inverse_scale: np.ndarray
+
+
+def _bn_scale(node) -> np.ndarray | None:
+    """a = γ / sqrt(var + ε) of a BatchNormalization with constant parameters, float64, or None."""
+    import onnx_graphsurgeon as gs
+
+    if node.op != "BatchNormalization" or len(node.inputs) < 5 or not all(
+            isinstance(t, gs.Constant) for t in node.inputs[1:5]):
+        return None
+    gamma, var = (node.inputs[i].values.astype(np.float64).ravel() for i in (1, 4))
+    return gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+
+
+def _from_layer(tensor, layer_nodes: set[int]) -> bool:
+    """Whether ``tensor`` is a layer's output, or a BN's over a layer's output."""
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is not None and producer.op == "BatchNormalization" and producer.inputs[0].inputs:
+        producer = producer.inputs[0].inputs[0]
+    return producer is not None and id(producer) in layer_nodes
+
+
+def _reads(tensor, wanted) -> bool:
+    """Whether ``tensor`` is ``wanted`` or is computed from it."""
+    seen, stack = set(), [tensor]
+    while stack:
+        t = stack.pop()
+        if t is wanted:
+            return True
+        if id(t) not in seen:
+            seen.add(id(t))
+            stack.extend(i for node in t.inputs for i in node.inputs)
+    return False
+
+
+def block_targets(graph, layers, shapes: dict) -> dict[int, BlockTarget]:
+    """The layers (find_layers index) that are the last layer of a residual branch: L -> [BN] -> Add(branch,
+    skip), each with one consumer, where the skip is computed (not a constant), has the branch's known
+    shape (no broadcast), is no deeper than L's input (it is on hand, pruned and dense, when L is refitted),
+    and, where it is a layer's output (or a BN's over one), is what the branch reads (the identity path of a
+    block after one without a skip, as in MobileNetV2), not a branch of its own (a projection shortcut: two
+    branches with layers keep the layer target).
+
+    Args:
+        graph: the pruned gs graph (toposorted here).
+        layers: its find_layers.
+        shapes: tensor name -> dims (see :func:`asr_onnx.model.graph.static_shapes`).
+    """
+    import onnx_graphsurgeon as gs
+
+    from asr_onnx.refit.frontier import tensor_depths
+
+    graph.toposort()
+    layer_nodes = {id(layer.node) for layer in layers}
+    depth = tensor_depths(graph, layer_nodes)
+    found = {}
+    for index, layer in enumerate(layers):
+        if layer.op not in ("Conv", "Gemm", "MatMul") or len(layer.output.outputs) != 1:
+            continue
+        branch, scale = layer.output, np.ones(layer.channels)
+        node = branch.outputs[0]
+        if node.op == "BatchNormalization":
+            scale = _bn_scale(node)
+            if scale is None or len(scale) != layer.channels or len(node.outputs[0].outputs) != 1:
+                continue
+            branch = node.outputs[0]
+            node = branch.outputs[0]
+        if node.op != "Add" or len(node.inputs) != 2:
+            continue
+        skip = node.inputs[1] if node.inputs[0] is branch else node.inputs[0]
+        if (skip is branch or isinstance(skip, gs.Constant) or skip.name not in depth
+                or depth[skip.name] > depth.get(layer.node.inputs[0].name, -1)
+                or (_from_layer(skip, layer_nodes) and not _reads(layer.node.inputs[0], skip))):
+            continue
+        known = shapes.get(skip.name), shapes.get(branch.name)
+        if known[0] is None or tuple(known[0]) != tuple(known[1] or ()):
+            continue
+        magnitude = np.abs(scale)
+        floor = MIN_BLOCK_SCALE * float(magnitude.max(initial=0.0))
+        inverse = np.where(magnitude > floor, 1.0 / np.where(magnitude > floor, scale, 1.0), 0.0)
+        if np.isfinite(inverse).all() and inverse.any():
+            found[index] = BlockTarget(skip.name, inverse)
+    return found
+
+
+def _with_skip(b: GraphBuilder, y, skips: tuple | None, rank: int):
+    """``y`` (a layer's output, channels on axis 1 for a Conv of weight rank ``rank``, else last) plus
+    (dense_skip − pruned_skip) / a per channel; ``y`` itself without ``skips``."""
+    if skips is None:
+        return y
+    dense_skip, pruned_skip, target = skips
+    inverse = target.inverse_scale.astype(np.float32)
+    if rank:  # a Conv: (C, 1, ...) broadcasts over (N, C, spatial)
+        inverse = inverse.reshape((-1,) + (1,) * (rank - 2))
+    gap = b.op("Sub", [dense_skip, pruned_skip])
+    return b.op("Add", [y, b.op("Mul", [gap, b.const(inverse, "inverse_scale")])])
 
 
 def shifted_plan(size: int, kernel: int, dilation: int, pad: int, out: int):
@@ -342,26 +461,34 @@ class Im2colGram:
         return GramStats(float(rows[-1]), xtx.astype(np.float64), xty.astype(np.float64), yy.astype(np.float64).ravel())
 
 
-def _add_grams(b: GraphBuilder, layers, dense_layers, indices: list[int], shapes: dict, batch: int = 0):
+def _add_grams(b: GraphBuilder, layers, dense_layers, indices: list[int], shapes: dict, batch: int = 0,
+               blocks: dict | None = None, tensors: dict | None = None):
     """The Gram outputs of the layers ``indices``: (output tensors, per layer its ShiftedGram or Im2colGram);
-    ``batch``: the samples of one run, or 0 when not known."""
+    ``batch``: the samples of one run, or 0 when not known; ``blocks``: index -> :class:`BlockTarget` of the
+    layers refitted towards the block output, whose skips are found in ``tensors`` (name -> tensor)."""
     outputs, grams = [], []
     for index in indices:
         layer, dense_layer = layers[index], dense_layers[index]
         x = layer.node.inputs[0]
+        skips = None
+        if blocks and index in blocks:
+            block = blocks[index]
+            skips = (tensors[DENSE_PREFIX + block.skip], tensors[block.skip], block)
         if _structured(layer, shapes.get(x.name)):
-            target = _target(b, layer, dense_layer.node.inputs[0], dense_layer.weight, as_rows=False)
+            target = _target(b, layer, dense_layer.node.inputs[0], dense_layer.weight, as_rows=False, skips=skips)
             gram = ShiftedGram(b, layer, x, target, shapes[x.name])
         else:
             work = gram_work(layer, shapes.get(x.name), shapes.get(layer.output.name))
-            gram = Im2colGram(b, layer, x, _target(b, layer, dense_layer.node.inputs[0], dense_layer.weight),
+            gram = Im2colGram(b, layer, x, _target(b, layer, dense_layer.node.inputs[0], dense_layer.weight,
+                                                   skips=skips),
                               batch * work.positions if work else 0)
         outputs += gram.outputs
         grams.append(gram)
     return outputs, grams
 
 
-def gram_model(dense, pruned, indices: list[int], shapes: dict | None = None, batch: int = 0):
+def gram_model(dense, pruned, indices: list[int], shapes: dict | None = None, batch: int = 0,
+               blocks: dict | None = None):
     """Both models on the same inputs, with the Gram outputs of the layers ``indices`` (find_layers order).
 
     Args:
@@ -369,6 +496,8 @@ def gram_model(dense, pruned, indices: list[int], shapes: dict | None = None, ba
             None: inferred from its declared inputs.
         batch: the samples of one run, which sets how XᵀX is cut (see :class:`Im2colGram`). Defaults to 0:
             not known, not cut.
+        blocks: index -> :class:`BlockTarget` of the layers refitted towards the block output (see
+            :func:`block_targets`). Defaults to None: every layer towards its own output.
 
     Returns:
         (onnx.ModelProto, per layer its outputs: an object with ``names`` and ``stats(values)``).
@@ -377,7 +506,8 @@ def gram_model(dense, pruned, indices: list[int], shapes: dict | None = None, ba
 
     graph, layers, dense_layers = _side_by_side(dense, pruned)
     shapes = static_shapes(pruned) if shapes is None else shapes
-    outputs, grams = _add_grams(GraphBuilder(graph, opset(pruned)), layers, dense_layers, indices, shapes, batch)
+    outputs, grams = _add_grams(GraphBuilder(graph, opset(pruned)), layers, dense_layers, indices, shapes, batch,
+                                blocks, graph.tensors() if blocks else None)
     graph.outputs = outputs
     graph.cleanup().toposort()
     return to_model(graph, pruned), grams
@@ -415,10 +545,10 @@ class SideBySide:
         return frontier(self.graph, self.depth, at)
 
     def segment(self, low: int, high: int, indices: list[int], inputs: dict[str, np.dtype], kept: list[str],
-                batch: int = 0):
+                batch: int = 0, blocks: dict | None = None):
         """The nodes of depth in (``low``, ``high``], fed with the tensors ``inputs`` (name -> dtype), with the
-        Gram outputs of the layers ``indices`` (``batch`` as for :func:`gram_model`) and the tensors ``kept`` as
-        outputs.
+        Gram outputs of the layers ``indices`` (``batch`` and ``blocks`` as for :func:`gram_model`) and the
+        tensors ``kept`` as outputs.
 
         Returns:
             (onnx.ModelProto, per layer its outputs, as for :func:`gram_model`).
@@ -447,7 +577,7 @@ class SideBySide:
         sub = gs.Graph(nodes=[node for node in self.graph.nodes if id(node) in chosen], inputs=feeds,
                        opset=self.opset)
         outputs, grams = _add_grams(GraphBuilder(sub, self.opset), self.layers, self.dense_layers, indices, self.shapes,
-                                    batch)
+                                    batch, blocks, tensors)
         added = [node for node in sub.nodes if id(node) not in chosen]
         for tensor in (tensors[name] for name in kept):
             tensor.dtype, tensor.shape = None, None  # onnxruntime infers them
@@ -464,12 +594,12 @@ class SideBySide:
 
 def accumulate(dense, pruned, indices: list[int], calib, *, batch_size: int, device: str = "auto",
                threads: int = 0, progress: bool = False, desc: str = "gram",
-               shapes: dict | None = None) -> tuple[list[GramStats], str]:
+               shapes: dict | None = None, blocks: dict | None = None) -> tuple[list[GramStats], str]:
     """Runs the Gram graph over the calibration set; per-batch float32 sums are added up in float64. A signal
     stops a batch's run at once (see :mod:`asr_onnx.model.stoppable`).
 
     Args:
-        shapes: as for :func:`gram_model`. Defaults to None.
+        shapes, blocks: as for :func:`gram_model`. Defaults to None.
 
     Returns:
         (one GramStats per index, the provider used).
@@ -481,7 +611,7 @@ def accumulate(dense, pruned, indices: list[int], calib, *, batch_size: int, dev
     from asr_onnx.model.session import Runner, batches
 
     fixed = fixed_batch(input_specs(pruned))
-    model, grams = gram_model(dense, pruned, indices, shapes, fixed or batch_size)
+    model, grams = gram_model(dense, pruned, indices, shapes, fixed or batch_size, blocks)
     wanted = [name for gram in grams for name in gram.names]
     totals: list[GramStats | None] = [None] * len(indices)
     with Runner(model, device=device, threads=threads, mem_pattern=False, what="the Gram graph",

@@ -33,6 +33,7 @@ from asr_onnx.refit.gram import (
 from asr_onnx.refit.obs import MaskRule
 
 METHODS = ("none", "ls")
+TARGETS = ("layer", "block")  # what each layer's refit matches: its dense output, or its residual block's
 DAMPING = 0.01  # 1% of the mean diagonal of XᵀX, as in the PyTorch reference
 # What one layer's Gram pass may cost (multiply-adds run at 50-100 G/s on a CPU core pair): 1e13 in all over the
 # refit's samples, minutes (the widest layers of a 224x224 ResNet-50 need 1.2e12 for 1,024 samples); 1 GiB in one
@@ -229,7 +230,7 @@ def calib_shapes(model, calib) -> dict:
 def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", threads: int = 0,
                 progress: bool = False, max_gram_mb: float = 256.0, damping: float = DAMPING, passes: int = 0,
                 frontier_mb: float = FRONTIER_MB, max_frontier_mb: float = 8192.0, row_scales: list | None = None,
-                held_out: list | None = None, masks: list | None = None):
+                held_out: list | None = None, masks: list | None = None, target: str = "layer"):
     """Refits every prunable layer of ``pruned``, level by level, against ``dense``.
 
     A layer is left as it is when it lost no weight and nothing upstream changed (its refit is itself).
@@ -268,6 +269,10 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
         masks: per layer (find_layers order), a :class:`asr_onnx.refit.obs.MaskRule` by which its mask is chosen
             again from its Gram sums (each held-out refit chooses its own from its sums), or None to keep the
             pruned mask; None for all keeps every mask. Defaults to None.
+        target: "layer": each layer towards the dense layer's output; "block": the last layer of a residual
+            branch (:func:`asr_onnx.refit.gram.block_targets`) towards the dense block output less the pruned
+            skip, so that it also absorbs the error its skip carries, the others towards their own. Defaults
+            to "layer".
 
     Returns:
         (the refitted onnx.ModelProto, per layer a dict: err_before, err_after, gram_size, cond, or
@@ -275,7 +280,10 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
         ``held_out``, ``pruned`` refitted without that part, or [] without ``held_out``).
     """
     from asr_onnx.model.graph import find_layers, to_graph, to_model
+    from asr_onnx.refit.gram import block_targets
 
+    if target not in TARGETS:
+        raise AsrError(f"unknown refit target {target!r}; choose one of {', '.join(TARGETS)}")
     if held_out is not None and (passes or row_scales is not None or sum(map(len, held_out)) != len(calib)):
         raise AsrError("held-out refits need one pass per level, no row scales, and parts that cover the set")
     graph = to_graph(pruned)
@@ -290,6 +298,7 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
     for layer in layers:
         uses[layer.weight.name] = uses.get(layer.weight.name, 0) + 1
     shapes = calib_shapes(pruned, calib)
+    blocks = block_targets(graph, layers, shapes) if target == "block" else {}
     works = [gram_work(layer, shapes.get(layer.node.inputs[0].name), shapes.get(layer.output.name)) for layer in layers]
     fixed = fixed_batch(input_specs(pruned))
     if held_out is not None and fixed:
@@ -324,11 +333,11 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
             start = time.perf_counter()
             if passes:
                 grams, provider = accumulate(dense, model, todo, calib, desc=f"gram {level + 1}", shapes=shapes,
-                                             **options)
+                                             blocks=blocks, **options)
                 per_part = [grams]
             else:
                 if walk is None:
-                    walk = _Walk(dense, pruned, options, frontier_mb, max_frontier_mb, shapes)
+                    walk = _Walk(dense, pruned, options, frontier_mb, max_frontier_mb, shapes, blocks)
                 later = any(levels[j] > level and reasons[j] is None for j in range(len(layers)))
                 per_part, provider = walk.grams(todo, parts, level, keep=later)
                 grams = [_merged(sums) for sums in zip(*per_part)]
@@ -358,6 +367,8 @@ def reconstruct(dense, pruned, calib, *, batch_size: int, device: str = "auto", 
                     walk.both.set_weight(i, layer.weight.values)
                 changed[i] = True
                 refits[i] = dict(info, gram_size=int(gram.xtx.shape[-1]))
+                if i in blocks:
+                    refits[i]["target"] = "block"
             timings["solve"] += time.perf_counter() - start
             if passes:  # the next pass runs the whole network as refitted so far
                 model = to_model(graph, pruned)
@@ -456,9 +467,11 @@ class _Walk:
         options: batch_size, device, threads, progress.
         frontier_mb, max_frontier_mb: as for :func:`reconstruct`.
         shapes: tensor name -> dims of ``pruned`` on the calibration data (see :func:`calib_shapes`).
+        blocks: index -> BlockTarget of the layers refitted towards their block output. Defaults to None.
     """
 
-    def __init__(self, dense, pruned, options: dict, frontier_mb: float, max_frontier_mb: float, shapes: dict):
+    def __init__(self, dense, pruned, options: dict, frontier_mb: float, max_frontier_mb: float, shapes: dict,
+                 blocks: dict | None = None):
         from asr_onnx.refit.frontier import BatchStore
         from asr_onnx.refit.gram import SideBySide
 
@@ -467,6 +480,7 @@ class _Walk:
         self.held = [t.name for t in self.both.graph.inputs]
         self.fixed = fixed_batch(input_specs(pruned))
         self.part_of: list[int] = []  # per batch of the passes, the part of the calibration set it is from
+        self.blocks = blocks
 
 
     def grams(self, todo: list[int], parts: list, level: int, keep: bool):
@@ -492,7 +506,7 @@ class _Walk:
                                                       total=total)):
                 if session is None:
                     segment, grams = self.both.segment(self.at, level, todo, {n: feed[n].dtype for n in self.held},
-                                                       produced, fixed or batch_size)
+                                                       produced, fixed or batch_size, self.blocks)
                     session = Runner(segment, device=self.options["device"], threads=self.options["threads"],
                                      mem_pattern=False, what="the Gram graph", stoppable=True)
                     del segment
