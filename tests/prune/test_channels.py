@@ -801,3 +801,15 @@ def test_a_reshape_that_puts_an_axis_of_one_before_the_channels_keeps_them_whole
     check_valid(small)
     np.testing.assert_allclose(run(small, x), run(masked, x), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(run(small, x), torch_run(small, x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_linear_whose_input_has_no_known_rank_is_listed_whole_with_its_reason():
+    """Real Paddle recognisers flatten through a Reshape with a computed target: shape inference gives the token
+    MatMuls behind it no rank. Such a layer was left out of the walk with no reason given; it is a whole group."""
+    g = zoo.G(9)
+    flat = g.node("Reshape", ["input", "target"])  # a target of unknown length: the output's rank is unknown
+    out = g.node("MatMul", [flat, g.init("fc", g.weight((8, 4), 8))])
+    model = g.model([("input", ["N", 6, 8], None), ("target", [None], onnx.TensorProto.INT64)], out,
+                    out_shape=["N", 6, 4])
+    groups = channels.plan(model, sparsity=0.5).groups
+    assert groups.sizes == [4] and "shape inference gives its input no rank" in groups.whole[0]

@@ -391,7 +391,11 @@ def _layer(node, x, axis, ins, axes, shapes, walk, span, param, where):
         return lay, 1
     # MatMul with a constant (in, out) weight: a Linear on the last axis (rank 2, or channel-last tokens)
     rank = _rank(shapes, node.inputs[0])
-    if len(shape) != 2 or not rank or rank < 2:
+    if len(shape) != 2:
+        return None
+    if not rank or rank < 2:  # listed whole with its reason: a Paddle export's computed Reshape hides the rank
+        walk.new(shape[1], f"{where}: ONNX shape inference gives its input no rank, so the walk cannot tell which "
+                           "axis holds the channels")
         return None
     if x and (axis != rank - 1 or span(x) != shape[0]):
         walk.stop(x, f"{where} reads {shape[0]} rows on its last axis, the layout has {span(x)} on axis {axis}")
