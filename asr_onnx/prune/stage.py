@@ -114,11 +114,12 @@ def shrink_repaired(channel_plan, repaired, dense, data=None, *, device: str = "
     """
     from asr_onnx.prune import channels
 
-    if not channels.masked(channel_plan, repaired):
-        return None, channels.summary(channel_plan, dense, repaired)
     feeds = channels.sample_feeds(dense, data, required=False)
+    dims = {name: tuple(value.shape) for name, value in feeds.items()} if feeds else None
+    if not channels.masked(channel_plan, repaired):
+        return None, channels.summary(channel_plan, dense, repaired, dims=dims)
     shrunk = channels.shrink_model(repaired, *channel_plan.groups_keep(), feeds=feeds, device=device)
-    return shrunk.model, channels.summary(channel_plan, dense, shrunk.model, shrunk.whole)
+    return shrunk.model, channels.summary(channel_plan, dense, shrunk.model, shrunk.whole, dims=dims)
 
 
 def prune_model(dense, sparsity: float, pattern: str = "global", *, exclude=(), keep_first: bool = False,

@@ -3,6 +3,7 @@
 import numpy as np
 import zoo
 
+from asr_onnx.model.graph import static_shapes
 from asr_onnx.model.session import make_session
 from asr_onnx.prune.channels import count
 
@@ -22,3 +23,16 @@ def test_the_mac_count_includes_the_matmuls_of_two_activations():
     assert count.activation_macs(model) == 2 * t * t * c
     assert count.macs(model) == 4 * t * c * c + 2 * t * t * c
     assert count.activation_macs(zoo.conv_net()) == 0  # a CNN's count is unchanged
+
+
+def test_macs_of_a_model_with_a_dynamic_height_and_width_are_counted_at_the_calibration_dims():
+    """With a dynamic H and W shape inference leaves the convs without output shapes, and the channels summary
+    counted 0 MACs for them (on a real recogniser, "0 -> 40,960"); it counts both models at a batch's dims."""
+    from asr_onnx.prune import channels
+
+    model, feeds = zoo.dynamic_hw_detector()
+    dims = {name: value.shape for name, value in feeds.items()}
+    plan = channels.plan(model, sparsity=0.5)
+    assert channels.summary(plan, model, model)["macs"] == [0, 0]
+    counted = channels.summary(plan, model, model, dims=dims)["macs"]
+    assert counted[0] == counted[1] == sum(count.layer_macs(model, static_shapes(model, dims=dims)).values()) > 0

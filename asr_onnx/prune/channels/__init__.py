@@ -177,7 +177,7 @@ ROUNDED = ("its kept count rounds back to all {size} channels: onnxruntime's CPU
            "and removing fewer than {block} would not run faster")
 
 
-def summary(channel_plan: ChannelPlan, before, after, whole: dict | None = None) -> dict:
+def summary(channel_plan: ChannelPlan, before, after, whole: dict | None = None, dims: dict | None = None) -> dict:
     """The report's ``channels`` entry: every group, and params and MACs of the dense and the shrunk model.
 
     Each group gives its ``channels`` and how many of them were ``removed`` (0 where rounding to a block of 8
@@ -185,6 +185,8 @@ def summary(channel_plan: ChannelPlan, before, after, whole: dict | None = None)
 
     Args:
         whole: planned group -> why shrinking left it whole after all (:attr:`Shrunk.whole`). Defaults to none.
+        dims: graph input name -> the dims both models' MACs are counted at (a calibration batch's), so that
+            a dynamic dimension does not leave layers uncounted. Defaults to None (the declared ones).
     """
     from asr_onnx.prune.channels import count
 
@@ -198,7 +200,8 @@ def summary(channel_plan: ChannelPlan, before, after, whole: dict | None = None)
                         "removed": 0 if kept is None else int(size - len(kept)), "whole": reason is not None,
                         "reason": reason})
     return {"groups": entries, "score": channel_plan.score,
-            "params": [count.params(before), count.params(after)], "macs": [count.macs(before), count.macs(after)]}
+            "params": [count.params(before), count.params(after)],
+            "macs": [count.macs(before, dims), count.macs(after, dims)]}
 
 
 def masked(channel_plan: ChannelPlan, model) -> bool:

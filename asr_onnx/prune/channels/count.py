@@ -66,10 +66,15 @@ def activation_macs(model: onnx.ModelProto, shapes: dict | None = None) -> int:
     return total
 
 
-def macs(model: onnx.ModelProto) -> int:
+def macs(model: onnx.ModelProto, dims: dict | None = None) -> int:
     """Multiply-accumulates per sample of the model's Conv, ConvTranspose, Gemm and MatMul layers, and of the
-    MatMuls between two activations (attention)."""
+    MatMuls between two activations (attention).
+
+    Args:
+        dims: graph input name -> the dims to infer shapes from (a calibration batch's), where the declared
+            ones leave some layers without shapes (a dynamic width, say); those would count 0. Defaults to None.
+    """
     from asr_onnx.model.graph import static_shapes
 
-    shapes = static_shapes(model)
+    shapes = static_shapes(model, dims=dims)
     return int(sum(layer_macs(model, shapes).values())) + activation_macs(model, shapes)
