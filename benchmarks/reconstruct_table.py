@@ -49,7 +49,7 @@ def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
     start = time.perf_counter()
     job = Repair(proto, device="cpu", batch_size=64, progress=False, threads=args.threads)
     job.prune(sparsity, pattern, allocation=allocation, score=args.score, calib=calib)
-    target = {} if args.refit_target == "layer" else {"refit_target": args.refit_target}
+    target = {} if args.refit_target == "default" else {"refit_target": args.refit_target}
     job.run(calib, "bn", reconstruct=reconstruct, refit_passes=args.passes, refit_samples=args.refit_size,
             seed=args.seed, **target)
     rounds = args.rounds if job.refits else 1
@@ -60,7 +60,8 @@ def run_cell(proto, calib, eval_data, cell, allocation, reconstruct, args):
     result = evaluate(job.output, eval_data, reference=proto, device="cpu", progress=False)
     refits = [r for r in job.refits if "err_after" in r]
     return {"cell": cell, "allocation": allocation,
-            "reconstruct": reconstruct, "score": args.score, "refit_target": args.refit_target,
+            "reconstruct": reconstruct, "score": args.score,
+            "refit_target": job.recipe.refit_target if job.recipe.reconstruct == "ls" else "layer",
             "passes": args.passes, "refit_size": args.refit_size if job.refits else 0,
             "rounds": rounds, "round_passes": args.round_passes if rounds > 1 else None, "top1": result.get("top1"),
             "agreement": result["agreement"], "seconds": round(seconds, 1),
@@ -125,8 +126,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--score", default="magnitude", choices=("magnitude", "wanda", "rownorm", "obs"))
-    parser.add_argument("--refit-target", default="layer", choices=("layer", "block"),
-                        help="what each layer is refitted towards (issue 28's block-wise targets).")
+    parser.add_argument("--refit-target", default="layer", choices=("layer", "block", "default"),
+                        help="what each layer is refitted towards (issue 28's block-wise targets); default: the "
+                             "recipe's rule (block from 0.95 on).")
     parser.add_argument("--passes", type=int, default=0, help="Gram passes (0: one per depth level).")
     parser.add_argument("--refit-size", type=int, default=0,
                         help="refit on this many of the calibration samples (0: all of them).")
@@ -162,7 +164,7 @@ def main() -> int:
                     print(f"  {cell} {allocation} {reconstruct}: top-1 {row['top1']:.4f} agreement "
                           f"{row['agreement']:.4f} ({row['seconds']} s; {row['timings']})", flush=True)
                     key = (name, cell, allocation, reconstruct, args.score, args.passes, row["refit_size"],
-                           row["rounds"], row["round_passes"], args.refit_target)
+                           row["rounds"], row["round_passes"], row["refit_target"])
                     rows = [r for r in rows if (r["model"], r["cell"], r["allocation"], r["reconstruct"],
                                                 r.get("score", "magnitude"), r.get("passes", 0), r.get("refit_size", 0),
                                                 r.get("rounds", 1), r.get("round_passes"),

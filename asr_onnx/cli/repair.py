@@ -69,9 +69,10 @@ def default_output(model: str) -> Path:
               help="With --reconstruct ls or auto, MB of the refit's activations held in memory between its passes; "
                    "the rest waits in a temporary folder (0: all of it, the least memory; 1024 saved about 9% of "
                    "the time at 7x the memory on 4,096 small images).")
-@click.option("--refit-target", default="layer", show_default=True, type=click.Choice(["layer", "block"]), hidden=True,
+@click.option("--refit-target", default=None, type=click.Choice(["layer", "block"]),
               help="With --reconstruct ls, what each layer is refitted towards: its dense output, or, for the last "
-                   "layer of a residual branch, the dense block output (an experiment, issue 28).")
+                   "layer of a residual branch, the dense block output. Default: block from --sparsity 0.95 on "
+                   "(unstructured) in a network that keeps its BatchNorms, layer otherwise.")
 @click.option("--method", default="bn", show_default=True,
               type=click.Choice(["none", "bn", "lw", "naive", "asr", "auto"]),
               help="How lost variance is given back; auto picks on held-out calibration data.")

@@ -21,7 +21,7 @@ from asr_onnx.model.files import load_model, save_model
 from asr_onnx.model.requantize import QDQ_CHANNELS, HeldInFloat
 from asr_onnx.pipeline.crossfit import AUTO_CANDIDATES, PICK_RULE, choose, choose_reconstruction
 from asr_onnx.pipeline.guard import HeldOutRefits, guard_repair, held_out_parts, refit_subset
-from asr_onnx.pipeline.recipe import Recipe, layernorm_default
+from asr_onnx.pipeline.recipe import Recipe, layernorm_default, refit_target_default
 from asr_onnx.progress import stage_done
 from asr_onnx.prune.channels import masked
 from asr_onnx.prune.channels.check import written_check
@@ -82,6 +82,10 @@ class Repair:
     @property
     def pattern(self) -> str:  # the pruning pattern, as the settings hold it
         return str(self.settings.get("pattern", "global"))
+
+    @property
+    def keeps_batchnorm(self) -> bool:  # whether the dense model has BatchNormalization nodes (the block target's rule)
+        return any(node.op_type == "BatchNormalization" for node in self.dense.graph.node)
 
     @property
     def batch_size(self) -> int:  # samples per session run
@@ -182,11 +186,16 @@ class Repair:
         return self
 
     def reconstruct(self, calib, method: str = "ls", *, max_gram_mb: float = 256.0, passes: int = 0,
-                    samples: int = 0, seed: int = 0, recipe: Recipe | None = None, target: str = "layer") -> "Repair":
-        """Refits the kept weights (:func:`asr_onnx.refit.reconstruct.reconstruct`, ``target`` its target);
-        "auto" picks on held-out folds."""
+                    samples: int = 0, seed: int = 0, recipe: Recipe | None = None,
+                    target: str | None = None) -> "Repair":
+        """Refits the kept weights (:func:`asr_onnx.refit.reconstruct.reconstruct`, ``target`` its target; None:
+        :func:`asr_onnx.pipeline.recipe.refit_target_default` for the pruning's sparsity and pattern); "auto"
+        picks on held-out folds."""
         if samples < 0 or (samples and not hasattr(calib, "take")):
             raise AsrError(f"cannot refit on {samples} samples of this calibration set")
+        if target is None:
+            target = refit_target_default(float(self.settings.get("sparsity") or 0.0), self.pattern,
+                                          self.keeps_batchnorm)
         probes = Recipe(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples,
                         seed=seed, refit_target=target) if recipe is None else recipe  # refuses an unknown choice
         if self.mask_rules is not None and method != "ls":
@@ -267,7 +276,10 @@ class Repair:
     def run(self, calib, method: str = "bn", *, recipe: Recipe | None = None, dense_stats=None,
             fold_bn_nodes: bool = False, **options) -> "Repair":
         """reconstruct, measure, correct (or auto), fold and guard after :meth:`prune`, as ``recipe`` says."""
-        self.recipe = recipe = recipe or Recipe(method=method, fold_bn=fold_bn_nodes, **options)
+        recipe = recipe or Recipe(method=method, fold_bn=fold_bn_nodes, **options)
+        sparsity = float(self.settings.get("sparsity") or 0.0)
+        target = recipe.refit_target_for(sparsity, self.pattern, self.keeps_batchnorm)
+        self.recipe = recipe = recipe.resolved(refit_target=target)
         self.channel_data = calib if calib is not None else self.channel_data
         self.reconstruct(calib, recipe.reconstruct, max_gram_mb=recipe.max_gram_mb, passes=recipe.refit_passes,
                          samples=recipe.refit_samples, seed=recipe.seed, recipe=recipe, target=recipe.refit_target)

@@ -17,12 +17,24 @@ from asr_onnx.measure.norms import DEFAULT_REFERENCE, REFERENCES
 
 RECONSTRUCTIONS = ("none", "ls", "auto")
 REFIT_TARGETS = ("layer", "block")  # asr_onnx.refit.reconstruct.TARGETS (pipeline reads refit through the driver)
+# the block target by default from this unstructured sparsity on, in a network that keeps its BatchNorms, chosen
+# on held-out training images (results/block_target_heldout.json, 2 seeds, resnet20_bn, resnet50s_bn,
+# mobilenetv2_bn: at 0.95 it won 5 of 6 cells, +16.9 points summed; at 0.9 2 of 6, -3.1. Folded into their convs,
+# results/block_target_folded_heldout.json: resnet50s -2.4 and mobilenetv2 -13.2 at 0.95)
+BLOCK_TARGET_FROM = 0.95
 GUARD_MODES = ("fallback", "warn", "off")
 # whether LayerNorm outputs are sites when the recipe leaves it open, chosen on held-out training images
 # (benchmarks/layernorm_sites.py, results/layernorm_sites_heldout.json, 2 seeds): statistics only after unstructured
 # pruning they bought ViT +0.9 and +1.2 points at 90% (mean +0.3); after 2:4 they lost 0.03 points of agreement
 # on average, after the refit 0.01 of top-1; channel pruning was not measured, so it keeps them off too
 LAYERNORM_PATTERNS = ("global", "uniform")
+
+
+def refit_target_default(sparsity: float, pattern: str, batchnorm: bool = True) -> str:
+    """The refit's target by default: "block" from BLOCK_TARGET_FROM on after unstructured pruning of a network
+    that keeps BatchNormalization nodes (``batchnorm``), else "layer"."""
+    unstructured = str(pattern) in LAYERNORM_PATTERNS
+    return "block" if unstructured and batchnorm and sparsity >= BLOCK_TARGET_FROM else "layer"
 
 
 def layernorm_default(refit: str, pattern: str) -> bool:
@@ -52,8 +64,9 @@ class Recipe:
         refit_passes: Gram passes, 0 for one per depth level. Defaults to 0.
         refit_samples: refit on a seeded subset of this size, 0 for all. Defaults to 0.
         refit_target: what the refit matches: "layer" (each layer's dense output) or "block" (a residual
-            branch's last layer, its dense block output; :func:`asr_onnx.refit.gram.block_targets`). Defaults
-            to "layer".
+            branch's last layer, its dense block output; :func:`asr_onnx.refit.gram.block_targets`); None: as
+            :func:`refit_target_default` says for the sparsity and the pattern (:meth:`refit_target_for`).
+            Defaults to None.
         frontier_mb: MB of the refit's kept activations held in memory, the rest on disk. Defaults to 0.
         guard: "fallback", "warn" or "off". Defaults to "off" (the CLI's default is "fallback").
         seed: the calibration batches' order, the folds and the refit subset. Defaults to 0.
@@ -73,7 +86,7 @@ class Recipe:
     max_gram_mb: float = 256.0
     refit_passes: int = 0
     refit_samples: int = 0
-    refit_target: str = "layer"
+    refit_target: str | None = None
     frontier_mb: float = 0.0
     guard: str = "off"
     seed: int = 0
@@ -83,7 +96,7 @@ class Recipe:
                                      ("placement", self.placement, PLACEMENTS), ("recal", self.recal, RECAL_MODES),
                                      ("reference", self.reference, REFERENCES),
                                      ("reconstruction", self.reconstruct, RECONSTRUCTIONS),
-                                     ("refit target", self.refit_target, REFIT_TARGETS),
+                                     ("refit target", self.refit_target or "layer", REFIT_TARGETS),
                                      ("guard", self.guard, GUARD_MODES)):
             if value not in allowed:
                 raise AsrError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
@@ -107,6 +120,12 @@ class Recipe:
             return None
         return {"method": "ls", "max_gram_mb": self.max_gram_mb, "passes": self.refit_passes,
                 "samples": self.refit_samples, "seed": self.seed, "target": self.refit_target}
+
+    def refit_target_for(self, sparsity: float, pattern: str = "global", batchnorm: bool = True) -> str:
+        """The refit's target after ``pattern`` at ``sparsity``: ``refit_target``, or :func:`refit_target_default`."""
+        if self.refit_target is not None:
+            return self.refit_target
+        return refit_target_default(sparsity, pattern, batchnorm)
 
     def layernorm_for(self, refit: str, pattern: str = "global") -> bool:
         """Whether LayerNorm outputs are sites when ``refit`` ("none" or "ls") runs after ``pattern``: ``layernorm``,
