@@ -16,7 +16,7 @@ model ("kept") is that one, scored here.
 
     python benchmarks/default_real.py cls=.../ch_ppocr_mobile_v2.0_cls_infer.onnx@64,64 --cells global:0.8
 
-KIND=PATH[@CALIB,EVAL] as in benchmarks/real_graphs.py (its synthetic images: calibration seed 1,
+KIND[.NAME]=PATH[@CALIB,EVAL] as in benchmarks/real_graphs.py (its synthetic images: calibration seed 1,
 evaluation seed 2).
 """
 
@@ -66,7 +66,7 @@ def repaired(dense, calib, data, ref: list, pattern: str, sparsity: float, alloc
 
 
 def run_model(kind: str, path: str, sizes: tuple[int, int], cells, folder: Path,
-              mask_scores: tuple = ("obs",)) -> list[dict]:
+              mask_scores: tuple = ("obs",), label: str = "") -> list[dict]:
     from asr_onnx.calib import input_specs, load_calib
     from asr_onnx.model.files import load_model
 
@@ -82,7 +82,8 @@ def run_model(kind: str, path: str, sizes: tuple[int, int], cells, folder: Path,
         stats = repaired(dense, sets["calib"], sets["eval"], ref, pattern, sparsity, "global", "none")
         by_score = {score: repaired(dense, sets["calib"], sets["eval"], ref, pattern, sparsity, lamp, "ls", score)
                     for score in mask_scores}
-        row = {"model": kind, "cell": f"{sparsity:g}" if pattern == "global" else pattern, "calib": sizes[0],
+        row = {"model": label or kind, "path": Path(path).name,
+               "cell": f"{sparsity:g}" if pattern == "global" else pattern, "calib": sizes[0],
                "eval": sizes[1], "statistics_only": stats, "default": by_score[mask_scores[0]], "score": mask_scores[0],
                "by_score": by_score}
         print(json.dumps(row), flush=True)
@@ -110,7 +111,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("models", nargs="+", help=f"KIND=PATH[@CALIB,EVAL], KIND one of {', '.join(KINDS)}")
+    parser.add_argument("models", nargs="+", help=f"KIND[.NAME]=PATH[@CALIB,EVAL], KIND one of {', '.join(KINDS)} "
+                        "(.NAME tells two models of one kind apart)")
     parser.add_argument("--cells", default="global:0.8", help="pattern:sparsity, comma-separated")
     parser.add_argument("--json", default=str(HERE / "results" / "default_real.json"))
     parser.add_argument("--scores", default="obs", help="the default repair's masks, one run per score; the first "
@@ -120,11 +122,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models:
-            kind, path, counts = parse_spec(spec)
+            label, path, counts = parse_spec(spec)
+            kind = label.partition(".")[0]
             if kind not in KINDS or not path:
-                parser.error(f"not KIND=PATH[@CALIB,EVAL]: {spec}")
+                parser.error(f"not KIND[.NAME]=PATH[@CALIB,EVAL]: {spec}")
             sizes = tuple(int(v) for v in counts.split(",")) if counts else KINDS[kind][4:]
-            rows += run_model(kind, path, sizes, cells, Path(tmp), tuple(args.scores.split(",")))
+            rows += run_model(kind, path, sizes, cells, Path(tmp), tuple(args.scores.split(",")), label)
             Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     print(markdown(rows))
     print(f"wrote {args.json}")
