@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -60,36 +59,21 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> int:
-    from reconstruct_table import data_sets
+    from reconstruct_table import data_arguments, sample_model, stored_rows
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="vit,convnext")
     parser.add_argument("--cells", default="0.5,0.9,2:4")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--eval", choices=("test", "heldout"), default="heldout")
-    parser.add_argument("--eval-size", type=int, default=0, help="0: the whole test set (heldout: 5000).")
-    parser.add_argument("--calib-size", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None, help="JSON file to add rows to.")
-    parser.add_argument("--markdown", action="store_true", help="print the table of --out; run nothing")
+    data_arguments(parser, 5000)
+    parser.set_defaults(eval="heldout")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    if args.eval == "heldout" and not args.eval_size:
-        args.eval_size = 5000
-    from asr_onnx.model.files import load_model
-    from asr_onnx.verify.evaluation import evaluate
-
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"layernorm_sites_{args.eval}.json")
-    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    out, rows = stored_rows(args, "layernorm_sites", 5000)
     if args.markdown:
         print(markdown(rows))
         return 0
     for name in args.models.split(","):
-        proto = load_model(ROOT / "sample_models" / f"{name}.onnx")
-        calib, eval_data = data_sets(proto, args)
-        dense = evaluate(proto, eval_data, device="cpu", progress=False)["top1"]
-        print(f"{name}: dense {dense:.4f} on {len(eval_data)} {args.eval} samples", flush=True)
+        proto, calib, eval_data, dense = sample_model(name, args)
         for cell in args.cells.split(","):
             for variant in args.variants.split(","):
                 row = dict(model=name, dense=dense, eval=args.eval, samples=len(eval_data), seed=args.seed,

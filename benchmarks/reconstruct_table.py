@@ -114,17 +114,45 @@ def every_row(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def data_arguments(parser, heldout_size: int) -> None:
+    """The data options every sample-model table shares (this one and layernorm_sites.py)."""
+    parser.add_argument("--eval", choices=("test", "heldout"), default="test")
+    parser.add_argument("--eval-size", type=int, default=0, help=f"0: the whole test set (heldout: {heldout_size}).")
+    parser.add_argument("--calib-size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="JSON file to add rows to.")
+    parser.add_argument("--markdown", action="store_true", help="print the table of --out (or --eval's file); run nothing")
+
+
+def sample_model(name: str, args) -> tuple:
+    """(the sample model, its calibration set, its evaluation set, its dense top-1), the dense figure printed."""
+    from asr_onnx.model.files import load_model
+    from asr_onnx.verify.evaluation import evaluate
+
+    proto = load_model(ROOT / "sample_models" / f"{name}.onnx")
+    calib, eval_data = data_sets(proto, args)
+    dense = evaluate(proto, eval_data, device="cpu", progress=False)["top1"]
+    print(f"{name}: dense {dense:.4f} on {len(eval_data)} {args.eval} samples", flush=True)
+    return proto, calib, eval_data, dense
+
+
+def stored_rows(args, stem: str, heldout_size: int) -> tuple[Path, list]:
+    """Sets the threads and the held-out size from ``args``; returns the results file and the rows it holds."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if args.eval == "heldout" and not args.eval_size:
+        args.eval_size = heldout_size
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"{stem}_{args.eval}.json")
+    return out, json.loads(out.read_text())["rows"] if out.exists() else []
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--cells", default="0.9,0.8,0.95,2:4")
     parser.add_argument("--allocations", default="global,lamp")
     parser.add_argument("--reconstructs", default="none,ls")
-    parser.add_argument("--eval", choices=("test", "heldout"), default="test")
-    parser.add_argument("--eval-size", type=int, default=0, help="0: the whole test set (heldout: 2000).")
-    parser.add_argument("--calib-size", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    data_arguments(parser, 2000)
     parser.add_argument("--score", default="magnitude", choices=("magnitude", "wanda", "rownorm", "obs"))
     parser.add_argument("--refit-target", default="layer", choices=("layer", "block", "default"),
                         help="what each layer is refitted towards (issue 28's block-wise targets); default: the "
@@ -135,27 +163,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1, help="refit + correction rounds (ls only; see Repair.run).")
     parser.add_argument("--round-passes", type=int, default=None,
                         help="Gram passes of the rounds after the first (default: those of --passes).")
-    parser.add_argument("--out", default=None, help="JSON file to append rows to.")
-    parser.add_argument("--markdown", action="store_true", help="print the table of --out (or --eval's file); run nothing")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    if args.eval == "heldout" and not args.eval_size:
-        args.eval_size = 2000
-    from asr_onnx.model.files import load_model
-    from asr_onnx.verify.evaluation import evaluate
-
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"reconstruct_{args.eval}.json")
-    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    out, rows = stored_rows(args, "reconstruct", 2000)
     if args.markdown:
         print(markdown(rows))
         if not all(_plain(r) for r in rows):
             print("\n" + every_row(rows))
         return 0
     for name in args.models.split(","):
-        proto = load_model(ROOT / "sample_models" / f"{name}.onnx")
-        calib, eval_data = data_sets(proto, args)
-        dense = evaluate(proto, eval_data, device="cpu", progress=False)["top1"]
-        print(f"{name}: dense {dense:.4f} on {len(eval_data)} {args.eval} samples", flush=True)
+        proto, calib, eval_data, dense = sample_model(name, args)
         for cell in args.cells.split(","):
             for allocation in args.allocations.split(",") if cell != "2:4" else ["global"]:
                 for reconstruct in args.reconstructs.split(","):
