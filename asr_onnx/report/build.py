@@ -221,7 +221,7 @@ def summary(report, report_path=None) -> str:
     lines.append(f"layers: {len(report.layers)} prunable, {len(skipped)} left dense")
     for layer in skipped[:5]:
         lines.append(f"  dense: {layer.name} ({layer.reason})")
-    lines.extend(_refit_lines(report.layers))
+    lines.extend(_refit_lines(report.layers, s.refit_target))
     if report.sites:
         from asr_onnx.report.damage import collapsed
 
@@ -336,8 +336,9 @@ def eval_line(scores) -> str:
     return line
 
 
-def _refit_lines(layers) -> list[str]:
-    """How many layers the least-squares refit changed, their median relative output errors, and the skips."""
+def _refit_lines(layers, target: str | None = None) -> list[str]:
+    """How many layers the least-squares refit changed, their median relative output errors, what the last layer
+    of each residual branch was refitted towards (``target`` "block"), and the skips."""
     done = [layer.refit for layer in layers if layer.refit is not None and layer.refit.err_after is not None
             and layer.refit.err_before is not None]
     skips = [(layer.name, layer.refit.skipped) for layer in layers if layer.refit is not None and layer.refit.skipped]
@@ -345,6 +346,8 @@ def _refit_lines(layers) -> list[str]:
         return []
     lines = [f"refit: {len(done)} layers, median output error {np.median([r.err_before for r in done]):.3f}"
              f" -> {np.median([r.err_after for r in done]):.3f}" if done else "refit: no layer"]
+    if done and target == "block":
+        lines[0] += " (each residual branch's last layer against the dense block output)"
     return lines + [f"  not refitted: {name} ({reason})" for name, reason in skips[:5]]
 
 

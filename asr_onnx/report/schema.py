@@ -444,6 +444,7 @@ class Settings(_Base):
     symbolic_batch: bool | None = spec(Opt(Bool()))
     reference: str | None = spec(TEXT)
     layernorm: bool | None = spec(Opt(Bool()))  # LayerNorm outputs were sites (absent: reports from before)
+    refit_target: str | None = spec(TEXT)  # "block" when residual branches were refitted to their block (else absent)
     method: str | None = spec(TEXT)
     placement: str | None = spec(TEXT)
     recal: str | None = spec(TEXT)

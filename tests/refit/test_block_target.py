@@ -168,3 +168,16 @@ def test_a_network_without_batchnorm_keeps_the_layer_target_by_default():
     assert job.recipe.refit_target == "layer" and not any(r.get("target") == "block" for r in job.refits)
     assert refit_target_default(0.95, "global", batchnorm=False) == "layer"
     assert refit_target_default(0.95, "global", batchnorm=True) == "block"
+
+
+def test_the_summary_says_when_residual_branches_were_refitted_to_their_block():
+    from asr_onnx.report.build import summary
+
+    model, feeds = zoo.CHANNEL_CLASSES["residual"]()
+    lines = {}
+    for sparsity in (0.95, 0.9):
+        job = Repair(model, device="cpu", batch_size=16, progress=False).prune(sparsity, "global")
+        job.run(zoo.DictSet(feeds), "bn", reconstruct="ls")
+        lines[sparsity] = next(line for line in summary(job.report()).splitlines() if line.startswith("refit: "))
+    assert lines[0.95].endswith("(each residual branch's last layer against the dense block output)")
+    assert "block" not in lines[0.9]
