@@ -813,3 +813,13 @@ def test_a_linear_whose_input_has_no_known_rank_is_listed_whole_with_its_reason(
                     out_shape=["N", 6, 4])
     groups = channels.plan(model, sparsity=0.5).groups
     assert groups.sizes == [4] and "shape inference gives its input no rank" in groups.whole[0]
+
+
+def test_a_softmax_without_an_axis_attribute_keeps_its_channels_whole():
+    """Its default axis is 1 before opset 13 and -1 after; the walk does not assume which."""
+    g = zoo.G(11)
+    h = g.node("Softmax", [g.node("MatMul", ["input", g.init("fc1", g.weight((8, 16), 8))])])
+    out = g.node("MatMul", [h, g.init("fc2", g.weight((16, 8), 16))])
+    model = g.model([("input", ["N", 6, 8], None)], out)
+    groups = channels.plan(model, sparsity=0.5).groups
+    assert groups.sizes == [16, 8] and groups.whole[0].startswith("read by Softmax")

@@ -291,6 +291,8 @@ def _normalise(node, x, axis, rank, walk, where):
     output depends on the others); along another axis it passes on. LayerNorm's output starts a whole group."""
     if not rank:
         return None
+    if node.op != "LayerNormalization" and "axis" not in node.attrs:
+        return None  # the default axis is 1 before opset 13 and -1 after: the walk does not know the opset
     first = int(node.attrs.get("axis", -1)) % rank
     if node.op != "LayerNormalization":
         return (x, axis) if axis < first else None  # older opsets normalise over first..rank-1: stay safe
