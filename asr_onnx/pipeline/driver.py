@@ -84,8 +84,9 @@ class Repair:
         return str(self.settings.get("pattern", "global"))
 
     @property
-    def keeps_batchnorm(self) -> bool:  # whether the dense model has BatchNormalization nodes (the block target's rule)
-        return any(node.op_type == "BatchNormalization" for node in self.dense.graph.node)
+    def default_refit_target(self) -> str:  # refit_target_default for this pruning and this dense model
+        batchnorm = any(node.op_type == "BatchNormalization" for node in self.dense.graph.node)
+        return refit_target_default(float(self.settings.get("sparsity") or 0.0), self.pattern, batchnorm)
 
     @property
     def batch_size(self) -> int:  # samples per session run
@@ -193,9 +194,7 @@ class Repair:
         picks on held-out folds."""
         if samples < 0 or (samples and not hasattr(calib, "take")):
             raise AsrError(f"cannot refit on {samples} samples of this calibration set")
-        if target is None:
-            target = refit_target_default(float(self.settings.get("sparsity") or 0.0), self.pattern,
-                                          self.keeps_batchnorm)
+        target = target or self.default_refit_target
         probes = Recipe(reconstruct=method, max_gram_mb=max_gram_mb, refit_passes=passes, refit_samples=samples,
                         seed=seed, refit_target=target) if recipe is None else recipe  # refuses an unknown choice
         if self.mask_rules is not None and method != "ls":
@@ -277,9 +276,7 @@ class Repair:
             fold_bn_nodes: bool = False, **options) -> "Repair":
         """reconstruct, measure, correct (or auto), fold and guard after :meth:`prune`, as ``recipe`` says."""
         recipe = recipe or Recipe(method=method, fold_bn=fold_bn_nodes, **options)
-        sparsity = float(self.settings.get("sparsity") or 0.0)
-        target = recipe.refit_target_for(sparsity, self.pattern, self.keeps_batchnorm)
-        self.recipe = recipe = recipe.resolved(refit_target=target)
+        self.recipe = recipe = recipe.resolved(refit_target=recipe.refit_target or self.default_refit_target)
         self.channel_data = calib if calib is not None else self.channel_data
         self.reconstruct(calib, recipe.reconstruct, max_gram_mb=recipe.max_gram_mb, passes=recipe.refit_passes,
                          samples=recipe.refit_samples, seed=recipe.seed, recipe=recipe, target=recipe.refit_target)

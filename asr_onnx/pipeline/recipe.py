@@ -17,30 +17,29 @@ from asr_onnx.measure.norms import DEFAULT_REFERENCE, REFERENCES
 
 RECONSTRUCTIONS = ("none", "ls", "auto")
 REFIT_TARGETS = ("layer", "block")  # asr_onnx.refit.reconstruct.TARGETS (pipeline reads refit through the driver)
+GUARD_MODES = ("fallback", "warn", "off")
+RECAL_MODES = ("exact", "momentum")
+UNSTRUCTURED = ("global", "uniform")  # the patterns whose defaults below were measured
 # the block target by default from this unstructured sparsity on, in a network that keeps its BatchNorms, chosen
 # on held-out training images (results/block_target_heldout.json, 2 seeds, resnet20_bn, resnet50s_bn,
 # mobilenetv2_bn: at 0.95 it won 5 of 6 cells, +16.9 points summed; at 0.9 2 of 6, -3.1. Folded into their convs,
 # results/block_target_folded_heldout.json: resnet50s -2.4 and mobilenetv2 -13.2 at 0.95)
 BLOCK_TARGET_FROM = 0.95
-GUARD_MODES = ("fallback", "warn", "off")
-# whether LayerNorm outputs are sites when the recipe leaves it open, chosen on held-out training images
-# (benchmarks/layernorm_sites.py, results/layernorm_sites_heldout.json, 2 seeds): statistics only after unstructured
-# pruning they bought ViT +0.9 and +1.2 points at 90% (mean +0.3); after 2:4 they lost 0.03 points of agreement
-# on average, after the refit 0.01 of top-1; channel pruning was not measured, so it keeps them off too
-LAYERNORM_PATTERNS = ("global", "uniform")
 
 
 def refit_target_default(sparsity: float, pattern: str, batchnorm: bool = True) -> str:
     """The refit's target by default: "block" from BLOCK_TARGET_FROM on after unstructured pruning of a network
     that keeps BatchNormalization nodes (``batchnorm``), else "layer"."""
-    unstructured = str(pattern) in LAYERNORM_PATTERNS
-    return "block" if unstructured and batchnorm and sparsity >= BLOCK_TARGET_FROM else "layer"
+    return "block" if str(pattern) in UNSTRUCTURED and batchnorm and sparsity >= BLOCK_TARGET_FROM else "layer"
 
 
+# whether LayerNorm outputs are sites when the recipe leaves it open, chosen on held-out training images
+# (benchmarks/layernorm_sites.py, results/layernorm_sites_heldout.json, 2 seeds): statistics only after unstructured
+# pruning they bought ViT +0.9 and +1.2 points at 90% (mean +0.3); after 2:4 they lost 0.03 points of agreement
+# on average, after the refit 0.01 of top-1; channel pruning was not measured, so it keeps them off too
 def layernorm_default(refit: str, pattern: str) -> bool:
     """Whether LayerNorms are sites by default: statistics only (``refit`` "none"), after unstructured pruning."""
-    return refit == "none" and str(pattern) in LAYERNORM_PATTERNS
-RECAL_MODES = ("exact", "momentum")
+    return refit == "none" and str(pattern) in UNSTRUCTURED
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class Recipe:
         refit_samples: refit on a seeded subset of this size, 0 for all. Defaults to 0.
         refit_target: what the refit matches: "layer" (each layer's dense output) or "block" (a residual
             branch's last layer, its dense block output; :func:`asr_onnx.refit.gram.block_targets`); None: as
-            :func:`refit_target_default` says for the sparsity and the pattern (:meth:`refit_target_for`).
+            :func:`refit_target_default` says for the sparsity and the pattern (:meth:`Repair.reconstruct`).
             Defaults to None.
         frontier_mb: MB of the refit's kept activations held in memory, the rest on disk. Defaults to 0.
         guard: "fallback", "warn" or "off". Defaults to "off" (the CLI's default is "fallback").
@@ -120,12 +119,6 @@ class Recipe:
             return None
         return {"method": "ls", "max_gram_mb": self.max_gram_mb, "passes": self.refit_passes,
                 "samples": self.refit_samples, "seed": self.seed, "target": self.refit_target}
-
-    def refit_target_for(self, sparsity: float, pattern: str = "global", batchnorm: bool = True) -> str:
-        """The refit's target after ``pattern`` at ``sparsity``: ``refit_target``, or :func:`refit_target_default`."""
-        if self.refit_target is not None:
-            return self.refit_target
-        return refit_target_default(sparsity, pattern, batchnorm)
 
     def layernorm_for(self, refit: str, pattern: str = "global") -> bool:
         """Whether LayerNorm outputs are sites when ``refit`` ("none" or "ls") runs after ``pattern``: ``layernorm``,

@@ -554,8 +554,8 @@ def _target(node, target, b, axis, layout, walk):
     (-1 is inferred, and 0 copies the input's channel count, which shrinks with it)."""
     if target is None:
         return layout, b
-    if len(target) <= b or (target[b] == 0 and b != axis) or any(v == 0 for i, v in enumerate(target)
-                                                                  if i == axis != b):
+    copied = any(i < len(target) and target[i] == 0 for i in (b, axis))  # 0 copies the input's entry i
+    if len(target) <= b or (copied and b != axis):  # a channel count copied to or from another axis
         return None
     if target[b] > 0:
         walk.reshapes[node.outputs[0].name] = (b, layout)
