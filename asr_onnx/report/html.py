@@ -31,7 +31,8 @@ from asr_onnx.report.markup import Markup, figure_tag, join, tag
 from asr_onnx.report.search_page import with_search
 
 SECTIONS = {"summary": "Summary", "settings": "Settings", "sparsity": "Per-layer sparsity",
-            "damage": "Damage per site", "channels": "Channels of one site", "gains": "Gains applied",
+            "groups": "Channel groups", "damage": "Damage per site", "channels": "Channels of one site",
+            "gains": "Gains applied",
             "refit": "Refit", "guard": "Guard", "quantization": "Quantization", "eval": "Evaluation against dense"}
 MAX_ROWS = 40  # channel rows shown in a table before "... more"
 MAX_TABLE_ROWS = 400  # site or layer rows of one table
@@ -138,13 +139,25 @@ def _verdict(report) -> Markup | str:
                tag("div", detail, class_="note"), class_=f"banner {verdict.label}")
 
 
+def _removed(entry) -> tuple[int, int]:
+    """(channels removed, channels) over every group of a ``channels`` entry."""
+    return sum(g.removed for g in entry.groups), sum(g.channels for g in entry.groups)
+
+
 def _summary(report, why_no_plots: str | None) -> Markup:
-    s, totals, layers, sites = report.settings, report.totals, report.layers, report.sites
-    cards = [(_num(totals.sparsity if totals else None, 3, pct=True), "sparsity reached"),
-             (_count(totals.prunable_weights if totals else None), "prunable weights"),
-             (s.pattern or "-", "pattern"), (_method(s), "method"),
-             (f"{sum(1 for x in layers if x.pruned)} / {len(layers)}", "layers pruned"),
-             (f"{sum(collapsed(x) for x in sites):,}", f"collapsed channels in {len(sites):,} sites")]
+    s, totals, layers, sites, entry = report.settings, report.totals, report.layers, report.sites, report.channels
+    if entry is not None:  # whole channels: the weights left are dense, so their sparsity says nothing
+        removed, total = _removed(entry)
+        (p0, p1), (m0, m1) = entry.params, entry.macs
+        cards = [(f"{removed:,} / {total:,}", "channels removed"), (_num(p1 / max(p0, 1), 3), "parameters kept"),
+                 (_num(m1 / max(m0, 1), 3), "multiply-accumulates kept"),
+                 (f"{entry.speedup:.2f}x" if entry.speedup is not None else "-", "measured speed-up")]
+    else:
+        cards = [(_num(totals.sparsity if totals else None, 3, pct=True), "sparsity reached"),
+                 (_count(totals.prunable_weights if totals else None), "prunable weights"),
+                 (f"{sum(1 for x in layers if x.pruned)} / {len(layers)}", "layers pruned")]
+    cards += [(s.pattern or "-", "pattern"), (_method(s), "method"),
+              (f"{sum(collapsed(x) for x in sites):,}", f"collapsed channels in {len(sites):,} sites")]
     scores = report.eval
     if scores is not None and scores.top1 is not None:
         cards.append((_num(scores.top1, 4, pct=True), f"top-1 (dense {_num(scores.dense_top1, 4, True)})"))
@@ -387,6 +400,24 @@ def _guard(report) -> Markup:
                               numeric=tuple(range(1, len(header) + detector))))
 
 
+def _groups(report) -> Markup:
+    """``--pattern channels``: every dependency group, what it lost, and why a group stays whole."""
+    entry = report.channels
+    if entry is None:
+        return _note("Not run: pass ", tag("code", "--pattern channels"), " to ", tag("code", "repair"), ".")
+    removed, total = _removed(entry)
+    (p0, p1), (m0, m1) = entry.params, entry.macs
+    speed = (f"; measured {entry.speedup:.2f}x faster than dense at batch {entry.speedup_batch} (onnxruntime, one "
+             "thread)" if entry.speedup is not None else "")
+    line = (f"{removed:,} of {total:,} channels removed (score {entry.score or '-'}); parameters {p0:,} -> {p1:,}, "
+            f"multiply-accumulates {m0:,} -> {m1:,}{speed}. A group is a set of tensors whose channels must go "
+            "together; heads count as one channel each.")
+    rows = [[g.kind or "-", f"{g.channels:,}", f"{g.removed:,}", g.reason or ""] for g in entry.groups[:MAX_TABLE_ROWS]]
+    return join(tag("p", line), _table(["kind", "channels", "removed", "why it stays whole"], rows, numeric=(1, 2),
+                                       names=(3,)),
+                _left_out(MAX_TABLE_ROWS, len(entry.groups), "groups", "in graph order"))
+
+
 def _quantization(report) -> Markup:
     """The INT8 stage: what the model is quantized for, the held-out choices, and per layer the weight scales,
     2:4 on the integer codes, the output error quantization added and what the correction gave back (or a QDQ
@@ -489,13 +520,17 @@ def render(report, *, site: str | None = None, plots: bool = True) -> str:
     s = report.settings
     keys = [damage_key(s) for s in report.sites]  # each site's damage, computed once
     bodies = {"summary": _summary(report, why_no_plots), "settings": _settings(report),
-              "sparsity": _sparsity(report), "damage": _damage(report, why_no_plots, keys),
+              "sparsity": _sparsity(report), "groups": _groups(report), "damage": _damage(report, why_no_plots, keys),
               "channels": _channels(report, why_no_plots, site, keys), "gains": _gains(report, why_no_plots),
               "refit": _refit(report), "guard": _guard(report), "quantization": _quantization(report),
               "eval": _eval(report)}
     name, s = _model_name(report), report.settings
-    sparsity = _num(report.totals.sparsity if report.totals else None, 3, True)
-    sub = (f"{sparsity} {s.pattern or ''} sparsity, method {s.method or '-'} · asr-onnx "
+    if report.channels is not None:
+        removed, total = _removed(report.channels)
+        amount = f"{removed:,} of {total:,} channels removed"
+    else:
+        amount = f"{_num(report.totals.sparsity if report.totals else None, 3, True)} {s.pattern or ''} sparsity"
+    sub = (f"{amount}, method {s.method or '-'} · asr-onnx "
            f"{(report.tool.version if report.tool else None) or '?'}")
     links = [tag("a", title, href=f"#{key}") for key, title in SECTIONS.items()]
     sections = [tag("section", tag("h2", SECTIONS[key]), body, id=key) for key, body in bodies.items()]

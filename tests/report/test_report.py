@@ -481,7 +481,7 @@ def test_a_page_of_thousands_of_sites_is_bounded():
     report = sample_report(sites=2000)
     page = render(report, plots=False)
     damage = page[page.index('<section id="damage">'):page.index('<section id="channels">')]
-    sparsity = page[page.index('<section id="sparsity">'):page.index('<section id="damage">')]
+    sparsity = page[page.index('<section id="sparsity">'):page.index('<section id="groups">')]
     assert damage.count("<tr>") == 401 and "400 of 2,001 sites shown (the most damaged, in graph order)" in damage
     assert sparsity.count("<tr") == 401 and "400 of 2,000 layers shown" in sparsity
     worst = report["sites"][1999]["layer"]  # the damage falls with the index: the last sites are the worst
@@ -529,3 +529,29 @@ def test_layernorm_sites_are_reported_like_the_others(tmp_path):
     assert to_dict(typed) == report and untyped(typed) == []
     assert [site["tensor"], "layernorm"] in [line.split()[:2] for line in summary(report).splitlines()]
     assert f'title="{escape(site["tensor"])}">{escape(site["tensor"])}</span>' in render(report, plots=False)
+
+
+def test_a_channel_report_page_lists_every_group_with_why_it_stays_whole():
+    """Issue 30: the page showed a channel-pruned model as "0.0% sparsity" with no word on its groups; it now gives
+    what was removed, the parameters and MACs kept, and every group with the reason a whole one stays whole (the
+    reason, which names graph nodes, is escaped)."""
+    import zoo
+
+    from asr_onnx.pipeline.driver import Repair
+    from asr_onnx.report.schema import from_dict
+
+    model, feeds = zoo.TRANSFORMERS["mha_heads"]()
+    job = Repair(model, device="cpu", batch_size=24, progress=False).prune(0.5, "channels")
+    report = job.run(zoo.DictSet(feeds), "none").report()
+    entry = report["channels"]
+    removed = sum(g["removed"] for g in entry["groups"])
+    whole = [g for g in entry["groups"] if g["whole"]]
+    assert removed > 0 and whole
+    whole[0]["reason"] = "<script>alert(1)</script> " + whole[0]["reason"]
+    page = render(from_dict(report))
+    groups = page[page.index('<section id="groups">'):page.index('<section id="damage">')]
+    assert groups.count("<tr>") == len(entry["groups"]) + 1
+    assert escape(whole[0]["reason"]) in groups and "<script>" not in page
+    total = sum(g["channels"] for g in entry["groups"])
+    assert f"<b>{removed:,} / {total:,}</b><span>channels removed</span>" in page
+    assert f"{removed:,} of {total:,} channels removed, method none" in page and "sparsity reached" not in page
